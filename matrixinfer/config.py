@@ -1,0 +1,228 @@
+"""Model configuration parsed from a Hugging Face ``config.json`` (the one source of model facts).
+
+Both the runtime and the simulator read model dimensions through :class:`ModelConfig`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
+
+
+class ConfigError(ValueError):
+    """A config.json that cannot describe a supported model."""
+
+
+@dataclass
+class ModelConfig:
+    """DeepSeek-V2/V3 family dimensions, with the checkpoint's field names.
+
+    Attributes:
+        architecture: ``DeepseekV3ForCausalLM`` or ``DeepseekV2ForCausalLM``.
+        vocab_size: tokenizer vocabulary size (rows of the embedding and the head).
+        hidden_size: model width.
+        intermediate_size: hidden width of the dense MLP layers.
+        moe_intermediate_size: hidden width of one routed (or shared) expert.
+        num_hidden_layers: transformer blocks, not counting MTP modules.
+        num_attention_heads: MLA query heads.
+        q_lora_rank: rank of the query down-projection; None means a direct q_proj.
+        kv_lora_rank: width of the compressed KV latent (what the KV cache stores, with the rope key).
+        qk_nope_head_dim: per-head query/key dims without rotary embedding.
+        qk_rope_head_dim: per-head decoupled rotary dims (one shared rotary key per token).
+        v_head_dim: per-head value dims.
+        n_routed_experts: routed experts per MoE layer (None: dense model).
+        n_shared_experts: shared experts per MoE layer (fused into one MLP of n x width).
+        num_experts_per_tok: routed experts chosen per token (top-k).
+        first_k_dense_replace: the first k layers use the dense MLP.
+        moe_layer_freq: a layer >= first_k_dense_replace is MoE when ``idx % freq == 0``.
+        n_group / topk_group: group-limited routing (choose topk_group of n_group expert groups).
+        norm_topk_prob: renormalise the chosen experts' weights to sum to one.
+        routed_scaling_factor: multiplier on the routed experts' weights.
+        scoring_func: ``sigmoid`` (V3) or ``softmax`` (V2).
+        topk_method: ``noaux_tc`` (V3), ``greedy`` or ``group_limited_greedy`` (V2).
+        rms_norm_eps: RMSNorm epsilon.
+        rope_theta: RoPE base.
+        rope_scaling: YaRN parameters dict (``factor``, ``mscale``, ``mscale_all_dim``, ...) or None.
+        max_position_embeddings: longest context the model accepts.
+        num_nextn_predict_layers: MTP modules stored after the main layers.
+        tie_word_embeddings: whether the head shares the embedding matrix.
+        bos_token_id / eos_token_id: special token ids (eos may be a list).
+        quantization_config: the checkpoint's quantization block (FP8 block scales), or None.
+        torch_dtype: the checkpoint's stored dtype name.
+        raw: the full parsed config.json, for fields not modelled here.
+    """
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    n_routed_experts: int | None = None
+    n_shared_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    scoring_func: str = "softmax"
+    topk_method: str = "greedy"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 4096
+    num_nextn_predict_layers: int = 0
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    quantization_config: dict[str, Any] | None = None
+    torch_dtype: str = "bfloat16"
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def is_v3(self) -> bool:
+        return self.architecture == "DeepseekV3ForCausalLM"
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def kv_cache_dim(self) -> int:
+        """Values cached per token per layer: the latent plus the shared rotary key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        if isinstance(self.eos_token_id, list):
+            return list(self.eos_token_id)
+        return [self.eos_token_id]
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether block ``layer_idx`` (MTP blocks included) uses routed experts."""
+        return (
+            self.n_routed_experts is not None
+            and layer_idx >= self.first_k_dense_replace
+            and layer_idx % self.moe_layer_freq == 0
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        archs = data.get("architectures") or []
+        arch = archs[0] if archs else {
+            "deepseek_v3": "DeepseekV3ForCausalLM",
+            "deepseek_v2": "DeepseekV2ForCausalLM",
+        }.get(data.get("model_type", ""), "")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"{source}: unsupported architecture {arch or data.get('model_type')!r}; "
+                f"expected one of {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        required = (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+            "v_head_dim",
+        )
+        missing = [k for k in required if data.get(k) is None]
+        if missing:
+            raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")
+        rope_scaling = data.get("rope_scaling")
+        # transformers 5 writes rope settings under rope_parameters (rope_type "default" = none).
+        params = data.get("rope_parameters")
+        if rope_scaling is None and isinstance(params, dict) and params.get("rope_type") == "yarn":
+            rope_scaling = dict(params)
+        if isinstance(rope_scaling, dict):
+            kind = rope_scaling.get("type", rope_scaling.get("rope_type"))
+            if kind not in ("yarn", None, "default"):
+                raise ConfigError(f"{source}: rope_scaling type {kind!r} is not supported (yarn only)")
+            if kind in (None, "default"):
+                rope_scaling = None
+        rope_theta = data.get("rope_theta")
+        if rope_theta is None and isinstance(params, dict):
+            rope_theta = params.get("rope_theta")
+        defaults_v3 = arch == "DeepseekV3ForCausalLM"
+        return cls(
+            architecture=arch,
+            vocab_size=int(data["vocab_size"]),
+            hidden_size=int(data["hidden_size"]),
+            intermediate_size=int(data["intermediate_size"]),
+            moe_intermediate_size=int(data.get("moe_intermediate_size") or data["intermediate_size"]),
+            num_hidden_layers=int(data["num_hidden_layers"]),
+            num_attention_heads=int(data["num_attention_heads"]),
+            q_lora_rank=data.get("q_lora_rank"),
+            kv_lora_rank=int(data["kv_lora_rank"]),
+            qk_nope_head_dim=int(data["qk_nope_head_dim"]),
+            qk_rope_head_dim=int(data["qk_rope_head_dim"]),
+            v_head_dim=int(data["v_head_dim"]),
+            n_routed_experts=data.get("n_routed_experts"),
+            n_shared_experts=data.get("n_shared_experts"),
+            num_experts_per_tok=data.get("num_experts_per_tok"),
+            first_k_dense_replace=int(data.get("first_k_dense_replace", 0) or 0),
+            moe_layer_freq=int(data.get("moe_layer_freq", 1) or 1),
+            n_group=int(data.get("n_group", 1) or 1),
+            topk_group=int(data.get("topk_group", 1) or 1),
+            norm_topk_prob=bool(data.get("norm_topk_prob", defaults_v3)),
+            routed_scaling_factor=float(data.get("routed_scaling_factor", 1.0) or 1.0),
+            scoring_func=data.get("scoring_func", "sigmoid" if defaults_v3 else "softmax"),
+            topk_method=data.get("topk_method", "noaux_tc" if defaults_v3 else "greedy"),
+            rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(data.get("max_position_embeddings", 4096)),
+            num_nextn_predict_layers=int(data.get("num_nextn_predict_layers", 0) or 0),
+            tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
+            bos_token_id=data.get("bos_token_id"),
+            eos_token_id=data.get("eos_token_id"),
+            quantization_config=data.get("quantization_config"),
+            torch_dtype=str(data.get("torch_dtype", data.get("dtype", "bfloat16"))),
+            raw=data,
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        """Parse ``path`` (a config.json, or a checkpoint directory holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: no such file (a checkpoint needs config.json)") from exc
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+        return cls.from_dict(data, source=str(path))
+
+    def num_params(self, include_mtp: bool = False) -> int:
+        """Total parameter count implied by the dimensions (embeddings and head included)."""
+        h = self.hidden_size
+        q = (h * self.q_lora_rank + self.q_lora_rank
+             + self.q_lora_rank * self.num_attention_heads * self.qk_head_dim) if self.q_lora_rank \
+            else h * self.num_attention_heads * self.qk_head_dim
+        kv = (h * self.kv_cache_dim + self.kv_lora_rank
+              + self.kv_lora_rank * self.num_attention_heads * (self.qk_nope_head_dim + self.v_head_dim))
+        attn = q + kv + self.num_attention_heads * self.v_head_dim * h + 2 * h
+        layers = self.num_hidden_layers + (self.num_nextn_predict_layers if include_mtp else 0)
+        total = 0
+        for i in range(layers):
+            if self.is_moe_layer(i):
+                e = self.n_routed_experts + (self.n_shared_experts or 0)
+                mlp = e * 3 * h * self.moe_intermediate_size + self.n_routed_experts * h
+            else:
+                mlp = 3 * h * self.intermediate_size
+            total += attn + mlp
+        total += self.vocab_size * h * (1 if self.tie_word_embeddings else 2) + h
+        return total
