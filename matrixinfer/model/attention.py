@@ -1,0 +1,171 @@
+"""Per-batch attention metadata and the latent KV-cache interface the serving engine implements.
+
+A batch is flattened: the new tokens of all sequences are concatenated (no padding) and each
+sequence contributes ``query_lens[s]`` tokens that see the first ``context_lens[s]`` tokens of
+that sequence (cached ones plus the new ones). Keys live in a flat table of *slots*: either cache
+slots (``block_table[pos // block_size] * block_size + pos % block_size``) or, without a cache,
+the indices of the batch's own new tokens.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+
+class KVCache(ABC):
+    """Storage for MLA latents: one ``[num_slots, kv_lora_rank + qk_rope_head_dim]`` table per layer."""
+
+    @abstractmethod
+    def write(self, layer: int, slots: torch.Tensor, latent: torch.Tensor) -> None:
+        """Store ``latent[i]`` at slot ``slots[i]`` of ``layer``."""
+
+    @abstractmethod
+    def layer_slots(self, layer: int) -> torch.Tensor:
+        """The ``[num_slots, dim]`` table of ``layer`` that key slots index into."""
+
+
+class PagedLatentCache(KVCache):
+    """A paged latent cache: ``num_blocks`` blocks of ``block_size`` tokens per layer, one tensor."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.dim = dim
+        self.data = torch.zeros(num_layers, num_blocks * block_size, dim, dtype=dtype, device=device)
+
+    def write(self, layer: int, slots: torch.Tensor, latent: torch.Tensor) -> None:
+        self.data[layer].index_copy_(0, slots, latent.to(self.data.dtype))
+
+    def layer_slots(self, layer: int) -> torch.Tensor:
+        return self.data[layer]
+
+    def block_view(self, block_id: int) -> torch.Tensor:
+        """All layers' latents of one block, ``[num_layers, block_size, dim]`` (a view)."""
+        start = block_id * self.block_size
+        return self.data[:, start:start + self.block_size]
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, dim: int, dtype: torch.dtype) -> int:
+        return num_layers * block_size * dim * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences attended together as one padded batch.
+
+    ``token_index`` ``[S, Q]`` picks each query row from the flat batch, ``key_slots`` ``[S, L]``
+    picks each key from the slot table, ``mask`` ``[S, Q, L]`` is True where a query may attend.
+    ``valid`` ``[S, Q]`` marks real (non-padding) query rows. ``decode`` groups hold one new token
+    per sequence and use the weight-absorbed path in ``auto`` mode.
+    """
+
+    token_index: torch.Tensor
+    key_slots: torch.Tensor
+    mask: torch.Tensor
+    valid: torch.Tensor
+    decode: bool
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs about a flattened batch, built once and passed to every layer.
+
+    Attributes:
+        query_lens: new tokens per sequence (their sum is the flat batch size).
+        context_lens: tokens each sequence attends to after this step (cached + new).
+        slot_mapping: ``[T]`` cache slot where each new token's latent is written, or None when
+            the batch runs without a cache (keys are then the batch's own tokens).
+        groups: how sequences are batched for attention.
+        mode: ``auto`` (naive for prefill groups, absorbed for decode groups), ``naive`` or ``absorbed``.
+    """
+
+    query_lens: list[int]
+    context_lens: list[int]
+    slot_mapping: torch.Tensor | None
+    groups: list[AttentionGroup] = field(default_factory=list)
+    mode: str = "auto"
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens)
+
+    @classmethod
+    def build(cls, query_lens: list[int], context_lens: list[int] | None = None,
+              block_tables: torch.Tensor | None = None, block_size: int | None = None,
+              device: torch.device | str = "cpu", mode: str = "auto") -> "AttentionMetadata":
+        """Metadata for sequences with ``query_lens`` new tokens each.
+
+        Without ``block_tables`` the batch is cache-free: ``context_lens`` must equal
+        ``query_lens``. With them (``[S, max_blocks]`` block ids, ``block_size`` tokens each), the
+        new tokens are the last ``query_lens[s]`` of ``context_lens[s]`` and are written to the cache.
+        """
+        if mode not in ("auto", "naive", "absorbed"):
+            raise ValueError(f"attention mode must be auto, naive or absorbed, got {mode!r}")
+        if context_lens is None:
+            context_lens = list(query_lens)
+        if len(context_lens) != len(query_lens):
+            raise ValueError("query_lens and context_lens must have one entry per sequence")
+        for q, c in zip(query_lens, context_lens):
+            if q < 1 or c < q:
+                raise ValueError(f"each sequence needs 1 <= query_len <= context_len, got {q}, {c}")
+        starts = [0]
+        for q in query_lens:
+            starts.append(starts[-1] + q)
+        device = torch.device(device)
+        if block_tables is None:
+            if list(context_lens) != list(query_lens):
+                raise ValueError("a cache-free batch attends only to its own tokens: context_lens must equal query_lens")
+            slot_mapping = None
+        else:
+            if block_size is None:
+                raise ValueError("block_tables need block_size")
+            block_tables = block_tables.to(device=device, dtype=torch.long)
+            seq_idx = torch.repeat_interleave(torch.arange(len(query_lens), device=device),
+                                              torch.tensor(query_lens, device=device))
+            pos = torch.cat([torch.arange(c - q, c, device=device) for q, c in zip(query_lens, context_lens)])
+            slot_mapping = block_tables[seq_idx, pos // block_size] * block_size + pos % block_size
+        meta = cls(list(query_lens), list(context_lens), slot_mapping, mode=mode)
+        decode = [s for s, q in enumerate(query_lens) if q == 1]
+        prefill = [s for s, q in enumerate(query_lens) if q > 1]
+        # Decodes batch together; prefills batch together when their shapes agree (training, tests).
+        batches: list[tuple[list[int], bool]] = []
+        if decode:
+            batches.append((decode, True))
+        if prefill:
+            shapes = {(query_lens[s], context_lens[s]) for s in prefill}
+            batches += [(prefill, False)] if len(shapes) == 1 else [([s], False) for s in prefill]
+        for seqs, is_decode in batches:
+            meta.groups.append(cls._group(seqs, is_decode, query_lens, context_lens, starts,
+                                          block_tables, block_size, device))
+        return meta
+
+    @staticmethod
+    def _group(seqs: list[int], decode: bool, query_lens: list[int], context_lens: list[int],
+               starts: list[int], block_tables: torch.Tensor | None, block_size: int | None,
+               device: torch.device) -> AttentionGroup:
+        q = torch.tensor([query_lens[s] for s in seqs], device=device)
+        c = torch.tensor([context_lens[s] for s in seqs], device=device)
+        st = torch.tensor([starts[s] for s in seqs], device=device)
+        qmax, lmax = int(q.max()), int(c.max())
+        qi = torch.arange(qmax, device=device)
+        kj = torch.arange(lmax, device=device)
+        valid = qi[None, :] < q[:, None]
+        token_index = torch.where(valid, st[:, None] + qi[None, :], torch.zeros_like(qi)[None, :])
+        if block_tables is None:
+            key_slots = st[:, None] + kj[None, :]
+        else:
+            bt = block_tables[torch.tensor(seqs, device=device)]
+            blocks = bt.gather(1, (kj // block_size).clamp(max=bt.shape[1] - 1)[None, :].expand(len(seqs), -1))
+            key_slots = blocks * block_size + (kj % block_size)[None, :]
+        key_ok = kj[None, :] < c[:, None]
+        key_slots = torch.where(key_ok, key_slots, torch.zeros_like(key_slots))
+        # Query i of a sequence sits at position context_len - query_len + i and sees keys up to it.
+        qpos = (c - q)[:, None] + qi[None, :]
+        mask = (kj[None, None, :] <= qpos[:, :, None]) & key_ok[:, None, :] & valid[:, :, None]
+        # Padding rows attend to key 0 only, so their (discarded) softmax stays finite.
+        mask = mask | (~valid[:, :, None] & (kj == 0)[None, None, :])
+        return AttentionGroup(token_index, key_slots, mask, valid, decode)

@@ -1,0 +1,123 @@
+"""Small building blocks shared by the DeepSeek-V2/V3 blocks: RMSNorm, the dense MLP, YaRN RoPE."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from matrixinfer.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, as the reference implementation does."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` (dense layers and shared experts)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention-temperature correction ``0.1 * mscale * ln(scale) + 1`` (1 when unscaled)."""
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(cfg: ModelConfig, dim: int) -> tuple[torch.Tensor, float]:
+    rs = cfg.rope_scaling or {}
+    base = cfg.rope_theta
+    original = rs.get("original_max_position_embeddings", cfg.max_position_embeddings)
+    factor = rs.get("factor") or cfg.max_position_embeddings / original
+    beta_fast = rs.get("beta_fast") or 32
+    beta_slow = rs.get("beta_slow") or 1
+    mscale, mscale_all = rs.get("mscale"), rs.get("mscale_all_dim")
+    attention_factor = rs.get("attention_factor")
+    if attention_factor is None:
+        if mscale and mscale_all:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+        else:
+            attention_factor = yarn_mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    extrapolation = 1.0 - ramp  # 1 for high-frequency dims that keep their original frequency
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+def softmax_scale(cfg: ModelConfig) -> float:
+    """Attention logit scale: ``1/sqrt(qk_head_dim)``, times mscale_all_dim's correction squared."""
+    scale = cfg.qk_head_dim ** -0.5
+    rs = cfg.rope_scaling
+    if rs and rs.get("mscale_all_dim"):
+        factor = rs.get("factor") or cfg.max_position_embeddings / rs["original_max_position_embeddings"]
+        m = yarn_mscale(factor, rs["mscale_all_dim"])
+        scale *= m * m
+    return scale
+
+
+class RotaryEmbedding(nn.Module):
+    """Decoupled RoPE over the ``qk_rope_head_dim`` dims, with YaRN scaling when configured.
+
+    Rotates interleaved pairs ``(x0, x1), (x2, x3), ...`` (the DeepSeek checkpoint layout) and
+    returns them de-interleaved (evens' rotation then odds'); queries and keys get the same
+    permutation, so attention scores are unchanged.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        dim = cfg.qk_rope_head_dim
+        if cfg.rope_scaling:
+            inv_freq, self.attention_factor = _yarn_inv_freq(cfg, dim)
+        else:
+            inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+            self.attention_factor = 1.0
+        # V3 checkpoints may set rope_interleave=false (rotate-half layout); V2 is always interleaved.
+        self.interleaved = bool(cfg.raw.get("rope_interleave", True)) if cfg.is_v3 else True
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Half-width cos/sin tables ``[T, dim/2]`` for integer ``positions`` ``[T]``."""
+        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` of shape ``[T, ..., dim]`` with tables from :meth:`cos_sin` (``[T, dim/2]``)."""
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
+        c, s = cos.view(shape).to(x.dtype), sin.view(shape).to(x.dtype)
+        if self.interleaved:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+        else:
+            half = x.shape[-1] // 2
+            x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)

@@ -1,0 +1,223 @@
+"""Load Hugging Face DeepSeek-V2/V3 checkpoints (safetensors, FP8 block-scaled included).
+
+Tensors are streamed one at a time from memory-mapped files into a model whose storage was
+allocated uninitialised, so peak memory stays near one copy of the model. Every problem names the
+file and tensor involved and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from matrixinfer.config import ModelConfig
+from matrixinfer.model.deepseek import DeepseekForCausalLM
+from matrixinfer.model.fp8 import FP8_DTYPE, dequantize_fp8_blocks
+from matrixinfer.model.layers import RotaryEmbedding
+from matrixinfer.model.moe import Gate
+
+log = logging.getLogger(__name__)
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^(.*mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_MTP_OWN = ("embed_tokens.", "enorm.", "hnorm.", "eh_proj.", "shared_head.")
+_MTP_OPTIONAL = ("embed_tokens.weight", "shared_head.head.weight")  # may be shared with the main model
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded: the message names the file and tensor."""
+
+
+def _index(ckpt: Path) -> dict[str, Path]:
+    """Map every tensor name to the safetensors file holding it."""
+    index_file = ckpt / "model.safetensors.index.json"
+    if index_file.exists():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index_file}: not a valid safetensors index ({exc})") from exc
+        return {name: ckpt / fname for name, fname in weight_map.items()}
+    files = [ckpt / "model.safetensors"] if (ckpt / "model.safetensors").exists() else sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{ckpt}: no model.safetensors, model.safetensors.index.json or *.safetensors file")
+    names: dict[str, Path] = {}
+    for f in files:
+        for name in _open(f).keys():
+            names[name] = f
+    return names
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: file listed by the checkpoint does not exist") from exc
+    except Exception as exc:  # safetensors raises SafetensorError for truncated/corrupt headers
+        raise CheckpointError(f"{path}: unreadable safetensors file ({exc}); is it truncated or corrupt?") from exc
+
+
+def _target_name(name: str, n_layers: int) -> str | None:
+    """Our parameter name for checkpoint tensor ``name`` (None: not part of the model)."""
+    m = _LAYER.match(name)
+    if not m:
+        return name if name.startswith(("model.embed_tokens.", "model.norm.", "lm_head.")) else None
+    idx, rest = int(m.group(1)), m.group(2)
+    if idx < n_layers:
+        return name
+    k = idx - n_layers
+    if rest.startswith(_MTP_OWN):
+        return f"mtp.{k}.{rest}"
+    return f"mtp.{k}.block.{rest}"
+
+
+def _expected(model: DeepseekForCausalLM) -> dict[str, tuple[int, ...]]:
+    """Checkpoint-side names (experts unstacked) and shapes the model needs."""
+    n_layers = model.config.num_hidden_layers
+    out: dict[str, tuple[int, ...]] = {}
+    tensors = dict(model.named_parameters())
+    tensors.update((n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+    for ours, t in tensors.items():
+        ck = ours
+        if ours.startswith("mtp."):
+            _, k, rest = ours.split(".", 2)
+            rest = rest[len("block."):] if rest.startswith("block.") else rest
+            ck = f"model.layers.{n_layers + int(k)}.{rest}"
+        if ck.endswith("experts.gate_up_proj"):
+            e, two_i, h = t.shape
+            for j in range(e):
+                out[f"{ck[:-len('gate_up_proj')]}{j}.gate_proj.weight"] = (two_i // 2, h)
+                out[f"{ck[:-len('gate_up_proj')]}{j}.up_proj.weight"] = (two_i // 2, h)
+        elif ck.endswith("experts.down_proj"):
+            for j in range(t.shape[0]):
+                out[f"{ck[:-len('down_proj')]}{j}.down_proj.weight"] = tuple(t.shape[1:])
+        else:
+            out[ck] = tuple(t.shape)
+    if model.config.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               with_mtp: bool | None = None, progress: bool = True) -> DeepseekForCausalLM:
+    """Build the model described by ``path/config.json`` and fill it from the checkpoint's tensors.
+
+    MTP modules are loaded when the config declares them and the checkpoint holds their tensors;
+    ``with_mtp=True`` makes missing MTP tensors an error, ``False`` skips them.
+    """
+    ckpt = Path(path)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: not a checkpoint directory")
+    cfg = ModelConfig.from_file(ckpt)
+    names = _index(ckpt)
+    n_layers = cfg.num_hidden_layers
+    has_mtp = any((m := _LAYER.match(n)) and int(m.group(1)) >= n_layers for n in names)
+    if with_mtp is None:
+        with_mtp = cfg.num_nextn_predict_layers > 0 and has_mtp
+        if cfg.num_nextn_predict_layers > 0 and not has_mtp:
+            log.info("%s: config declares %d MTP module(s) but the checkpoint has no MTP tensors; "
+                     "loading without MTP", ckpt, cfg.num_nextn_predict_layers)
+    with torch.device("meta"):
+        model = DeepseekForCausalLM(cfg, with_mtp=with_mtp)
+        _cast(model, dtype)
+    model = model.to_empty(device=device)
+    model.rope = RotaryEmbedding(cfg).to(device)
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    expected = _expected(model)
+    quant = cfg.quantization_config or {}
+    block = tuple(quant.get("weight_block_size", (128, 128)))
+    handles: dict[Path, object] = {}
+    filled: set[str] = set()
+    todo = [n for n in names if not n.endswith("weight_scale_inv") and _target_name(n, n_layers) is not None]
+    for name in tqdm(todo, desc=f"loading {ckpt.name}", unit="tensor", disable=not progress):
+        target = _target_name(name, n_layers)
+        if target.startswith("mtp.") and int(target.split(".")[1]) >= len(model.mtp):
+            continue
+        fpath = names[name]
+        fh = handles.get(fpath) or handles.setdefault(fpath, _open(fpath))
+        try:
+            t = fh.get_tensor(name)
+        except Exception as exc:
+            raise CheckpointError(f"{fpath}: cannot read tensor {name} ({exc})") from exc
+        if t.dtype == FP8_DTYPE:
+            sname = name[: -len("weight")] + "weight_scale_inv"
+            if sname not in names:
+                raise CheckpointError(f"{fpath}: fp8 tensor {name} has no {sname}")
+            sfile = names[sname]
+            sh = handles.get(sfile) or handles.setdefault(sfile, _open(sfile))
+            try:
+                t = dequantize_fp8_blocks(t, sh.get_tensor(sname), block, torch.float32, name)
+            except ValueError as exc:
+                raise CheckpointError(f"{fpath}: {exc}") from exc
+        _assign(params, expected, name, target, t, fpath, filled)
+    missing = [n for n in expected if n not in filled]
+    optional = {f"model.layers.{n_layers + k}.{o}" for k in range(len(model.mtp)) for o in _MTP_OPTIONAL}
+    for n in [n for n in missing if n in optional]:
+        k = int(n.split(".")[2]) - n_layers
+        src = model.model.embed_tokens if "embed_tokens" in n else model.lm_head
+        dst = model.mtp[k].embed_tokens if "embed_tokens" in n else model.mtp[k].shared_head.head
+        dst.weight = src.weight  # MTP shares the main model's embedding / head
+        missing.remove(n)
+    if missing:
+        where = ", ".join(sorted({str(p.name) for p in names.values()}))
+        raise CheckpointError(f"{ckpt}: checkpoint ({where}) is missing {len(missing)} tensor(s), e.g. "
+                              + ", ".join(f"{n} (expected shape {list(expected[n])})" for n in missing[:5]))
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def _cast(model: DeepseekForCausalLM, dtype: torch.dtype) -> None:
+    """Cast to the runtime dtype, except routers, which stay float32 as in the reference."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, Gate) or isinstance(mod, RotaryEmbedding):
+            continue
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            setattr(mod, pname, torch.nn.Parameter(p.to(dtype), requires_grad=False))
+
+
+def _assign(params: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], name: str, target: str,
+            t: torch.Tensor, fpath: Path, filled: set[str]) -> None:
+    em = _EXPERT.match(target)
+    if em:
+        base, e, part = em.group(1), int(em.group(2)), em.group(3)
+        if name not in expected:
+            raise CheckpointError(f"{fpath}: unexpected tensor {name} (the config has fewer experts or layers)")
+        if tuple(t.shape) != expected[name]:
+            raise CheckpointError(f"{fpath}: tensor {name} has shape {list(t.shape)}, expected {list(expected[name])}")
+        with torch.no_grad():
+            if part == "down_proj":
+                params[f"{base}.down_proj"][e].copy_(t)
+            else:
+                gu = params[f"{base}.gate_up_proj"]
+                inter = gu.shape[1] // 2
+                gu[e, :inter].copy_(t) if part == "gate_proj" else gu[e, inter:].copy_(t)
+        filled.add(name)
+        return
+    if target.endswith(("experts.gate_up_proj", "experts.down_proj")):  # fused (stacked) layout
+        dest = params.get(target)
+        if dest is None or tuple(t.shape) != tuple(dest.shape):
+            raise CheckpointError(f"{fpath}: tensor {name} has shape {list(t.shape)}, expected "
+                                  f"{list(dest.shape) if dest is not None else 'no such tensor'}")
+        with torch.no_grad():
+            dest.copy_(t)
+        prefix = name.rsplit(".", 1)[0]
+        parts = ("gate_proj", "up_proj") if target.endswith("gate_up_proj") else ("down_proj",)
+        filled.update(f"{prefix}.{e}.{p}.weight" for e in range(t.shape[0]) for p in parts)
+        return
+    dest = params.get(target)
+    if dest is None:
+        if name.endswith(("rotary_emb.inv_freq",)):
+            return
+        raise CheckpointError(f"{fpath}: unexpected tensor {name} (not part of the model this config describes)")
+    if tuple(t.shape) != tuple(dest.shape):
+        raise CheckpointError(f"{fpath}: tensor {name} has shape {list(t.shape)}, expected {list(dest.shape)}")
+    with torch.no_grad():
+        dest.copy_(t)
+    filled.add(name)

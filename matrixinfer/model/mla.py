@@ -1,0 +1,103 @@
+"""Multi-head Latent Attention (MLA) with the naive (prefill) and weight-absorbed (decode) paths.
+
+The cache holds one latent per token: ``kv_lora_rank`` normalised compressed-KV values followed by
+the ``qk_rope_head_dim`` rotated shared key. The naive path expands the latent to per-head K/V with
+``kv_b_proj``; the absorbed path folds ``kv_b_proj`` into the query and the output instead, so
+attention runs in the latent space and never materialises per-head keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from matrixinfer.config import ModelConfig
+from matrixinfer.model.attention import AttentionGroup, AttentionMetadata, KVCache
+from matrixinfer.model.layers import RMSNorm, RotaryEmbedding, softmax_scale
+
+
+class MLA(nn.Module):
+    """MLA of DeepSeek-V2/V3; parameter names follow the Hugging Face checkpoints."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope_dim = cfg.qk_nope_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
+        self.qk_dim = cfg.qk_head_dim
+        bias = bool(cfg.raw.get("attention_bias", False))
+        h = cfg.hidden_size
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, self.n_heads * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=bias)
+        self.scale = softmax_scale(cfg)
+
+    def _kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``kv_b_proj`` split per head: ``W_UK [H, nope, R]`` and ``W_UV [H, v, R]``."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, :self.nope_dim], w[:, self.nope_dim:]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RotaryEmbedding,
+                meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
+        """Attention over a flat batch ``x`` ``[T, hidden]``; returns ``[T, hidden]``."""
+        t = x.shape[0]
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(t, self.n_heads, self.qk_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = rope.apply(q_pe, cos, sin)
+        ckv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = torch.cat([self.kv_a_layernorm(ckv), rope.apply(k_pe, cos, sin)], dim=-1)
+        if kv_cache is None or meta.slot_mapping is None:
+            slots = latent
+        else:
+            kv_cache.write(self.layer_idx, meta.slot_mapping, latent)
+            slots = kv_cache.layer_slots(self.layer_idx)
+        out = x.new_empty(t, self.n_heads, self.v_dim)
+        for group in meta.groups:
+            absorbed = meta.mode == "absorbed" or (meta.mode == "auto" and group.decode)
+            attend = self._absorbed if absorbed else self._naive
+            o = attend(q_nope[group.token_index], q_pe[group.token_index], slots[group.key_slots].to(x.dtype), group)
+            out[group.token_index[group.valid]] = o[group.valid]
+        return self.o_proj(out.reshape(t, self.n_heads * self.v_dim))
+
+    def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor,
+               group: AttentionGroup) -> torch.Tensor:
+        """Expand latents to per-head K/V (MHA with ``qk_head_dim`` keys); inputs ``[S, Q, H, *]``, ``[S, L, D]``."""
+        s, l_ = ctx.shape[:2]
+        kv = self.kv_b_proj(ctx[..., :self.kv_lora_rank]).view(s, l_, self.n_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k_pe = ctx[..., self.kv_lora_rank:][:, :, None, :].expand(-1, -1, self.n_heads, -1)
+        k = torch.cat([k_nope, k_pe], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=group.mask[:, None], scale=self.scale)
+        return o.transpose(1, 2)  # [S, Q, H, v]
+
+    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor,
+                  group: AttentionGroup) -> torch.Tensor:
+        """Attend in the latent space: ``q_nope W_UK`` against latents, then ``W_UV`` on the output."""
+        w_uk, w_uv = self._kv_b()
+        q_lat = torch.einsum("sqhd,hdr->sqhr", q_nope, w_uk)
+        q_full = torch.cat([q_lat, q_pe], dim=-1)  # [S, Q, H, R + rope]
+        s, qn, h, d = q_full.shape
+        scores = torch.bmm(q_full.reshape(s, qn * h, d), ctx.transpose(1, 2)).view(s, qn, h, -1)
+        scores = scores.float() * self.scale
+        scores = scores.masked_fill(~group.mask[:, :, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(ctx.dtype)
+        o_lat = torch.bmm(probs.view(s, qn * h, -1), ctx[..., :self.kv_lora_rank]).view(s, qn, h, -1)
+        return torch.einsum("sqhr,hvr->sqhv", o_lat, w_uv)
