@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "matrixinfer.bench.cli",
     "matrixinfer.ems.cli",
     "matrixinfer.sim.cli",
+    "matrixinfer.train.cli",
 ]
 
 

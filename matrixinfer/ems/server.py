@@ -1,0 +1,214 @@
+"""The EMS server process: a TCP front end (one thread per connection) over :class:`EmsService`.
+
+Values go straight from the socket into a reserved arena block and from a pinned arena block into
+the socket. Run it with ``matrixinfer ems-server`` or ``python -m matrixinfer.ems.server``; it prints
+``EMS server listening on HOST:PORT`` once it accepts connections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+import threading
+
+from matrixinfer.ems import protocol as p
+from matrixinfer.ems.service import EmsService, NamespaceConfig, NamespaceRefused, Session
+from matrixinfer.ems.store import EmsStoreError
+
+SOCKET_BUFFER = 4 << 20
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """Low latency for small requests, big kernel buffers for big values."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        except OSError:
+            pass
+
+
+class EmsServer:
+    """Accepts connections and serves EMS requests for one :class:`EmsService`."""
+
+    def __init__(self, service: EmsService, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.service = service
+        self.listener = socket.create_server((host, port), reuse_port=False, backlog=128)
+        self.address = f"{host}:{self.listener.getsockname()[1]}"
+        self._stop = threading.Event()
+
+    def serve_forever(self) -> None:
+        """Accept until :meth:`stop`; also sweeps expired leases once a second."""
+        threading.Thread(target=self._sweep, daemon=True, name="ems-lease-sweeper").start()
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                break
+            tune_socket(conn)
+            threading.Thread(target=self._serve_conn, args=(conn,), daemon=True, name="ems-conn").start()
+
+    def stop(self) -> None:
+        """Stop accepting and unlink the arena."""
+        self._stop.set()
+        self.listener.close()
+        self.service.shutdown()
+
+    def _sweep(self) -> None:
+        while not self._stop.wait(1.0):
+            self.service.expire_leases()
+
+    def _serve_conn(self, conn: socket.socket) -> None:
+        session = Session()
+        try:
+            with conn:
+                while True:
+                    req = p.recv_request(conn)
+                    if not session.namespace and not isinstance(req, (p.Hello, p.Stats)):
+                        p.send_frame(conn, p.Reply(code="no_session", error="send Hello(namespace) first"))
+                        continue
+                    self._dispatch(conn, session, req)
+        except (ConnectionError, OSError, p.ProtocolError):
+            pass
+        finally:
+            self.service.close(session)
+
+    def _dispatch(self, conn: socket.socket, session: Session, req: p.Request) -> None:
+        svc = self.service
+        if isinstance(req, p.Get):
+            entries = svc.lookup(session, req.keys)
+            sizes = [e.size if e else p.MISS for e in entries]
+            if req.lease:
+                lease = svc.lease(session, entries)
+                offsets = [e.offset if e else -1 for e in entries]
+                p.send_frame(conn, p.Reply(sizes=sizes, offsets=offsets, lease=lease))
+                return
+            try:
+                p.send_frame(conn, p.Reply(sizes=sizes),
+                             [svc.view[e.offset:e.offset + e.size] for e in entries if e])
+            finally:
+                svc.unpin(entries)
+        elif isinstance(req, p.Put):
+            self._put(conn, session, req)
+        elif isinstance(req, p.Release):
+            svc.release(session, req.lease)  # no reply: the client does not wait for it
+        elif isinstance(req, p.Exists):
+            p.send_frame(conn, p.Reply(found=svc.exists(session, req.keys)))
+        elif isinstance(req, p.Delete):
+            p.send_frame(conn, p.Reply(found=svc.delete(session, req.keys)))
+        elif isinstance(req, p.Reserve):
+            rid, offsets, codes = svc.reserve_many(session, req.keys, req.sizes)
+            p.send_frame(conn, p.Reply(offsets=offsets, codes=codes, lease=rid))
+        elif isinstance(req, p.Commit):
+            svc.commit_many(session, req.reservation, req.abort)
+            p.send_frame(conn, p.Reply())
+        elif isinstance(req, p.Hello):
+            try:
+                svc.open(session, req.namespace, req.token)
+            except NamespaceRefused as exc:
+                p.send_frame(conn, p.Reply(code="refused", error=str(exc)))
+                return
+            arena = svc.arena
+            p.send_frame(conn, p.Reply(server_id=svc.server_id, host_id=svc.host_id,
+                                       arena_path=arena.path if arena else "", arena_size=arena.capacity if arena else 0))
+        elif isinstance(req, p.Stats):
+            p.send_frame(conn, p.Reply(stats=svc.stats()))
+        else:
+            p.send_frame(conn, p.Reply(code="unsupported", error=f"an EMS server does not serve {type(req).__name__}"))
+
+    def _put(self, conn: socket.socket, session: Session, req: p.Put) -> None:
+        codes = []
+        for key, size in zip(req.keys, req.sizes):
+            try:
+                offset = self.service.reserve(session, size)
+            except EmsStoreError as exc:
+                p.discard(conn, size)
+                codes.append(exc.code)
+                continue
+            try:
+                p.recv_exact(conn, self.service.view[offset:offset + size])
+            except BaseException:
+                self.service.abort(session, offset)
+                raise
+            self.service.commit(session, key, offset, size)
+            codes.append("")
+        p.send_frame(conn, p.Reply(codes=codes))
+
+
+def parse_size(text: str) -> int:
+    """``"512M"``, ``"4G"``, ``"1048576"`` -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except (ValueError, IndexError) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 4096, 512M or 4G") from exc
+
+
+def parse_namespace(text: str) -> tuple[str, NamespaceConfig]:
+    """``NAME=QUOTA[:TOKEN]`` -> ``(NAME, NamespaceConfig)``."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"namespace {text!r} is not NAME=QUOTA[:TOKEN]")
+    quota, _, token = rest.partition(":")
+    return name, NamespaceConfig(parse_size(quota), token)
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """Options of ``matrixinfer ems-server``."""
+    parser.add_argument("--capacity", type=parse_size, required=True, help="DRAM arena size, e.g. 4G")
+    parser.add_argument("--ssd-dir", help="directory of the SSD tier (kept across restarts)")
+    parser.add_argument("--ssd-capacity", type=parse_size, default=0, help="SSD tier size, e.g. 100G")
+    parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0 picks a free one)")
+    parser.add_argument("--advertise", help="address clients should use (default: the listen address)")
+    parser.add_argument("--namespace", action="append", type=parse_namespace, default=[],
+                        metavar="NAME=QUOTA[:TOKEN]", help="declare a namespace with a DRAM quota and token")
+    parser.add_argument("--closed", action="store_true", help="refuse namespaces that were not declared")
+    parser.add_argument("--default-quota", type=parse_size, help="quota of undeclared namespaces")
+    parser.add_argument("--controller", help="HOST:PORT of an EMS controller to join")
+    parser.add_argument("--etcd", help="etcd endpoint URL(s), comma-separated, to join (multi-host)")
+    parser.add_argument("--cluster", default="default", help="ring name in the controller or etcd")
+    parser.add_argument("--lease-ttl", type=float, default=3.0, help="membership lease seconds")
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """Start a server from parsed arguments and block until SIGTERM/SIGINT."""
+    service = EmsService(args.capacity, args.ssd_dir, args.ssd_capacity, dict(args.namespace),
+                         open_namespaces=not args.closed, default_quota=args.default_quota)
+    host, port = p.parse_addr(args.listen)
+    server = EmsServer(service, host, port)
+    advertise = args.advertise or server.address
+    registrar = None
+    if args.controller or args.etcd:
+        from matrixinfer.ems.membership import Registrar, membership_from
+
+        registrar = Registrar(membership_from(controller=args.controller, etcd=args.etcd, cluster=args.cluster),
+                              advertise, args.lease_ttl)
+        registrar.start()
+
+    def _stop(signum: int, frame: object) -> None:
+        if registrar:
+            registrar.stop()
+        server.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    print(f"EMS server listening on {advertise}", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        service.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m matrixinfer.ems.server``."""
+    parser = argparse.ArgumentParser(prog="matrixinfer ems-server", description="Run one EMS memory-pool server.")
+    add_server_args(parser)
+    return run_server(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""One EMS server's state: the DRAM arena and store, the SSD tier, namespaces, leases and counters.
+
+Socket-free: :mod:`matrixinfer.ems.server` calls these methods with one lock held for index
+changes only; value bytes move outside the lock, protected by pins (readers) or reservations
+(writers).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from matrixinfer.ems.arena import SharedArena
+from matrixinfer.ems.ssd import SsdTier
+from matrixinfer.ems.store import DramStore, EmsStoreError, Entry
+
+LEASE_SECONDS = 30.0  # a reader that has not released by then is presumed dead
+
+
+class NamespaceRefused(Exception):
+    """A session asked for a namespace it may not open."""
+
+
+@dataclass
+class NamespaceConfig:
+    """Quota (DRAM bytes) and optional access token of one namespace."""
+
+    quota: int
+    token: str = ""
+
+
+def host_id() -> str:
+    """Identity of this host *and* network namespace: same-host fast path only when equal."""
+    parts = []
+    for path in ("/etc/machine-id", "/proc/sys/kernel/random/boot_id"):
+        try:
+            with open(path) as f:
+                parts.append(f.read().strip())
+        except OSError:
+            pass
+    try:
+        parts.append(str(os.stat("/proc/self/ns/net").st_ino))
+    except OSError:
+        pass
+    return "/".join(parts) or "unknown"
+
+
+@dataclass
+class Session:
+    """Per-connection state: its namespace, open read leases and write reservations."""
+
+    namespace: str = ""
+    leases: dict[int, list[Entry]] = field(default_factory=dict)
+    reservations: dict[int, list[tuple[bytes, int, int]]] = field(default_factory=dict)
+
+
+class EmsService:
+    """The server's state machine; see the module docstring for the locking rule."""
+
+    def __init__(self, capacity: int, ssd_dir: str | None = None, ssd_capacity: int = 0,
+                 namespaces: dict[str, NamespaceConfig] | None = None, open_namespaces: bool = True,
+                 default_quota: int | None = None, shared: bool = True) -> None:
+        self.lock = threading.RLock()
+        self.namespaces = dict(namespaces or {})
+        self.open_namespaces = open_namespaces
+        self.default_quota = default_quota or capacity
+        self.arena = SharedArena(capacity) if shared else None
+        self.view = self.arena.view if self.arena else memoryview(bytearray(capacity))
+        self.store = DramStore(capacity, self.quota_of, self._spill)
+        self.ssd = SsdTier(ssd_dir, ssd_capacity) if ssd_dir and ssd_capacity > 0 else None
+        self.server_id = secrets.token_hex(8)
+        self.host_id = host_id()
+        self.counters: dict[str, Counter] = {}
+        self._ids = itertools.count(1)
+        self._lease_deadlines: dict[int, tuple[float, Session]] = {}
+
+    # -- namespaces ------------------------------------------------------------------------------
+    def quota_of(self, ns: str) -> int:
+        """Byte quota of ``ns`` in DRAM."""
+        cfg = self.namespaces.get(ns)
+        return cfg.quota if cfg else self.default_quota
+
+    def open(self, session: Session, ns: str, token: str) -> None:
+        """Bind ``session`` to ``ns`` or raise :class:`NamespaceRefused`."""
+        cfg = self.namespaces.get(ns)
+        if cfg is None and not self.open_namespaces:
+            raise NamespaceRefused(f"namespace {ns!r} is not declared on this server")
+        if cfg is not None and cfg.token and not secrets.compare_digest(cfg.token, token):
+            raise NamespaceRefused(f"namespace {ns!r} refused: wrong or missing token")
+        session.namespace = ns
+
+    def _count(self, ns: str, **deltas: int) -> None:
+        self.counters.setdefault(ns, Counter()).update(deltas)
+
+    # -- eviction and promotion ------------------------------------------------------------------
+    def _spill(self, entry: Entry) -> None:
+        self._count(entry.ns, evictions=1)
+        if self.ssd is None or entry.on_ssd:
+            return
+        data = self.view[entry.offset:entry.offset + entry.size]
+        if self.ssd.put(entry.ns, entry.key, data):
+            self._count(entry.ns, spills=1)
+
+    def _promote(self, ns: str, key: bytes) -> Entry | None:
+        """Bring an SSD-resident value back into DRAM (lock held); None when unreadable."""
+        size = self.ssd.size_of(ns, key) if self.ssd else None
+        if size is None:
+            return None
+        self.ssd.protected.add((ns, key))
+        try:
+            offset = self.store.reserve(ns, size)
+        except EmsStoreError:
+            return None
+        finally:
+            self.ssd.protected.discard((ns, key))
+        if not self.ssd.read_into(ns, key, self.view[offset:offset + size]):
+            self.store.abort(ns, offset)
+            self._count(ns, corrupt=1)
+            return None
+        self._count(ns, promotions=1)
+        return self.store.commit(ns, key, offset, size, on_ssd=True)
+
+    # -- reads -----------------------------------------------------------------------------------
+    def lookup(self, session: Session, keys: list[bytes]) -> list[Entry | None]:
+        """Pin and return the entries of ``keys`` (promoting SSD hits); caller must :meth:`unpin`."""
+        ns = session.namespace
+        out: list[Entry | None] = []
+        with self.lock:
+            for key in keys:
+                entry = self.store.get(ns, key, pin=True)
+                if entry is not None:
+                    self._count(ns, hits=1, dram_hits=1)
+                elif (entry := self._promote(ns, key)) is not None:
+                    entry.pins += 1
+                    self._count(ns, hits=1, ssd_hits=1)
+                else:
+                    self._count(ns, misses=1)
+                out.append(entry)
+        return out
+
+    def unpin(self, entries: list[Entry | None]) -> None:
+        """Release pins taken by :meth:`lookup`."""
+        with self.lock:
+            for entry in entries:
+                if entry is not None:
+                    self.store.unpin(entry)
+
+    def lease(self, session: Session, entries: list[Entry | None]) -> int:
+        """Keep ``entries`` pinned under a lease id until released or expired."""
+        lease_id = next(self._ids)
+        with self.lock:
+            session.leases[lease_id] = entries
+            self._lease_deadlines[lease_id] = (time.monotonic() + LEASE_SECONDS, session)
+        return lease_id
+
+    def release(self, session: Session, lease_id: int) -> None:
+        """Drop a read lease (unknown ids are ignored: it may have expired)."""
+        with self.lock:
+            entries = session.leases.pop(lease_id, None)
+            self._lease_deadlines.pop(lease_id, None)
+            if entries:
+                self.unpin(entries)
+
+    def expire_leases(self, now: float | None = None) -> int:
+        """Release leases past their deadline; returns how many."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            expired = [(lid, s) for lid, (t, s) in self._lease_deadlines.items() if t < now]
+            for lease_id, session in expired:
+                self.release(session, lease_id)
+        return len(expired)
+
+    def exists(self, session: Session, keys: list[bytes]) -> list[bool]:
+        """Presence in either tier, without changing recency."""
+        ns = session.namespace
+        with self.lock:
+            return [self.store.get(ns, k, touch=False) is not None or bool(self.ssd and self.ssd.contains(ns, k))
+                    for k in keys]
+
+    # -- writes ----------------------------------------------------------------------------------
+    def reserve(self, session: Session, size: int) -> int:
+        """Arena offset for a new value of ``size`` bytes (raises an EmsStoreError subclass)."""
+        with self.lock:
+            return self.store.reserve(session.namespace, size)
+
+    def abort(self, session: Session, offset: int) -> None:
+        """Drop an uncommitted reservation."""
+        with self.lock:
+            self.store.abort(session.namespace, offset)
+
+    def commit(self, session: Session, key: bytes, offset: int, size: int) -> None:
+        """Publish a filled reservation; an older value (and its SSD copy) is dropped first."""
+        ns = session.namespace
+        with self.lock:
+            if self.ssd:
+                self.ssd.delete(ns, key)  # an SSD copy of the old value must never resurface
+            self.store.commit(ns, key, offset, size)
+            self._count(ns, puts=1, put_bytes=size)
+
+    def reserve_many(self, session: Session, keys: list[bytes], sizes: list[int]) -> tuple[int, list[int], list[str]]:
+        """Same-host put: reservations for several keys under one id."""
+        offsets, codes, held = [], [], []
+        for key, size in zip(keys, sizes):
+            try:
+                off = self.reserve(session, size)
+                offsets.append(off)
+                codes.append("")
+                held.append((key, off, size))
+            except EmsStoreError as exc:
+                offsets.append(-1)
+                codes.append(exc.code)
+        rid = next(self._ids)
+        session.reservations[rid] = held
+        return rid, offsets, codes
+
+    def commit_many(self, session: Session, rid: int, abort: bool = False) -> None:
+        """Publish or drop every block of reservation ``rid``."""
+        for key, off, size in session.reservations.pop(rid, []):
+            if abort:
+                self.abort(session, off)
+            else:
+                self.commit(session, key, off, size)
+
+    def delete(self, session: Session, keys: list[bytes]) -> list[bool]:
+        """Remove ``keys`` from both tiers of the session's namespace."""
+        ns = session.namespace
+        with self.lock:
+            return [self.store.delete(ns, k) | bool(self.ssd and self.ssd.delete(ns, k)) for k in keys]
+
+    def close(self, session: Session) -> None:
+        """A connection ended: release its leases and reservations."""
+        for lease_id in list(session.leases):
+            self.release(session, lease_id)
+        for rid in list(session.reservations):
+            self.commit_many(session, rid, abort=True)
+
+    # -- stats -----------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Usage and counters for the whole server and each namespace."""
+        with self.lock:
+            names = set(self.counters) | set(self.store.ns_lru) | (set(self.ssd.ns_bytes) if self.ssd else set())
+            per_ns = {}
+            for ns in sorted(names):
+                c = self.counters.get(ns, Counter())
+                dram_bytes, dram_entries = self.store.used_by(ns)
+                ssd_bytes, ssd_entries = self.ssd.used_by(ns) if self.ssd else (0, 0)
+                per_ns[ns] = {"quota": self.quota_of(ns), "dram_bytes": dram_bytes, "dram_entries": dram_entries,
+                              "ssd_bytes": ssd_bytes, "ssd_entries": ssd_entries, **dict(c)}
+            return {"server_id": self.server_id, "capacity": self.store.alloc.capacity,
+                    "dram_used": self.store.alloc.used_bytes,
+                    "ssd_capacity": self.ssd.capacity if self.ssd else 0, "ssd_used": self.ssd.used if self.ssd else 0,
+                    "leases": len(self._lease_deadlines), "namespaces": per_ns}
+
+    def shutdown(self) -> None:
+        """Unlink the shared segment (mapped clients keep their view until they unmap)."""
+        if self.arena:
+            self.arena.close()

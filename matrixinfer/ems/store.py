@@ -1,0 +1,160 @@
+"""The DRAM tier's index: entries in the arena, LRU order, namespace quotas and pins.
+
+Pure policy over an :class:`~matrixinfer.ems.arena.Allocator`: it decides where values go and which
+ones leave, and tells its owner about each eviction (so the owner can spill it to SSD) while the
+entry's bytes are still in place. It touches no memory and does no I/O itself.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from matrixinfer.ems.arena import Allocator, align_up
+
+
+class EmsStoreError(Exception):
+    """Base class of store refusals; ``code`` travels on the wire."""
+
+    code = "error"
+
+
+class QuotaExceeded(EmsStoreError):
+    """A value is larger than its namespace's whole quota."""
+
+    code = "quota"
+
+
+class ValueTooLarge(EmsStoreError):
+    """A value is larger than the whole arena."""
+
+    code = "too_large"
+
+
+class ArenaFull(EmsStoreError):
+    """Nothing more can be evicted (everything left is pinned or being written)."""
+
+    code = "full"
+
+
+@dataclass(eq=False)
+class Entry:
+    """One value in the arena. ``pins`` counts readers copying it; a dead entry is freed at 0 pins."""
+
+    ns: str
+    key: bytes
+    offset: int
+    size: int
+    pins: int = 0
+    dead: bool = False
+    on_ssd: bool = False  # an identical copy is already on the SSD tier, so eviction needs no write
+
+
+class DramStore:
+    """LRU cache of variable-length values in an arena, with per-namespace quotas and pins.
+
+    ``quota_of(ns)`` gives a namespace's byte limit (aligned bytes, reservations included). A put
+    over quota first evicts the namespace's own least-recently-used entries; a put that finds no
+    free block evicts the globally least-recently-used unpinned entries. ``on_evict(entry)`` is
+    called before an evicted entry's block is freed.
+    """
+
+    def __init__(self, capacity: int, quota_of: Callable[[str], int],
+                 on_evict: Callable[[Entry], None] | None = None) -> None:
+        self.alloc = Allocator(capacity)
+        self.quota_of = quota_of
+        self.on_evict = on_evict or (lambda entry: None)
+        self.lru: OrderedDict[tuple[str, bytes], Entry] = OrderedDict()  # oldest first
+        self.ns_lru: dict[str, OrderedDict[bytes, Entry]] = {}
+        self.ns_bytes: dict[str, int] = {}  # aligned bytes held: live, dead-but-pinned, reserved
+
+    # -- reading ---------------------------------------------------------------------------------
+    def get(self, ns: str, key: bytes, pin: bool = False, touch: bool = True) -> Entry | None:
+        """The live entry for ``(ns, key)``; marks it most recently used and optionally pins it."""
+        entry = self.lru.get((ns, key))
+        if entry is None:
+            return None
+        if touch:
+            self.lru.move_to_end((ns, key))
+            self.ns_lru[ns].move_to_end(key)
+        if pin:
+            entry.pins += 1
+        return entry
+
+    def unpin(self, entry: Entry) -> None:
+        """Drop one pin; frees the block of an entry that was replaced or deleted meanwhile."""
+        if entry.pins <= 0:
+            raise RuntimeError(f"unpin of unpinned entry {entry.ns}/{entry.key!r}")
+        entry.pins -= 1
+        if entry.dead and entry.pins == 0:
+            self._free(entry.ns, entry.offset)
+
+    # -- writing ---------------------------------------------------------------------------------
+    def reserve(self, ns: str, size: int) -> int:
+        """Offset of a private block for a value of ``size`` bytes, evicting as needed.
+
+        The block counts against ``ns``'s quota until :meth:`commit` or :meth:`abort`.
+        """
+        need = align_up(size)
+        quota = self.quota_of(ns)
+        if not self.alloc.fits(size):
+            raise ValueTooLarge(f"value of {size} bytes exceeds the arena's {self.alloc.capacity} bytes")
+        if need > quota:
+            raise QuotaExceeded(f"value of {size} bytes exceeds namespace {ns!r}'s quota of {quota} bytes")
+        while self.ns_bytes.get(ns, 0) + need > quota:
+            if not self._evict_one(self.ns_lru.get(ns)):
+                raise QuotaExceeded(f"namespace {ns!r} is at its quota of {quota} bytes and the rest is pinned")
+        while (offset := self.alloc.alloc(size)) is None:
+            if not self._evict_one(None):
+                raise ArenaFull(f"no free block of {need} bytes and every entry is pinned or reserved "
+                                f"({self.alloc.used_bytes}/{self.alloc.capacity} bytes used)")
+        self.ns_bytes[ns] = self.ns_bytes.get(ns, 0) + need
+        return offset
+
+    def abort(self, ns: str, offset: int) -> None:
+        """Give back a reservation that will not be committed."""
+        self._free(ns, offset)
+
+    def commit(self, ns: str, key: bytes, offset: int, size: int, on_ssd: bool = False) -> Entry:
+        """Publish a filled reservation as the value of ``(ns, key)``, replacing any older value."""
+        self.delete(ns, key)
+        entry = Entry(ns, key, offset, size, on_ssd=on_ssd)
+        self.lru[(ns, key)] = entry
+        self.ns_lru.setdefault(ns, OrderedDict())[key] = entry
+        return entry
+
+    def delete(self, ns: str, key: bytes) -> bool:
+        """Remove ``(ns, key)``; its block is freed now or when its last reader unpins it."""
+        entry = self.lru.pop((ns, key), None)
+        if entry is None:
+            return False
+        del self.ns_lru[ns][key]
+        if entry.pins:
+            entry.dead = True
+        else:
+            self._free(ns, entry.offset)
+        return True
+
+    # -- internals -------------------------------------------------------------------------------
+    def _evict_one(self, order: OrderedDict | None) -> bool:
+        """Evict the least-recently-used unpinned entry of ``order`` (global LRU when None)."""
+        items = self.lru.values() if order is None else order.values()
+        victim = next((e for e in items if e.pins == 0), None)
+        if victim is None:
+            return False
+        self.on_evict(victim)
+        self.delete(victim.ns, victim.key)
+        return True
+
+    def _free(self, ns: str, offset: int) -> None:
+        self.ns_bytes[ns] -= self.alloc.block_size(offset)
+        self.alloc.free(offset)
+
+    def used_by(self, ns: str) -> tuple[int, int]:
+        """``(bytes, entries)`` held by ``ns``."""
+        return self.ns_bytes.get(ns, 0), len(self.ns_lru.get(ns, ()))
+
+    def keys_in_order(self, ns: str) -> list[bytes]:
+        """``ns``'s keys from least to most recently used (for tests and debugging)."""
+        return list(self.ns_lru.get(ns, ()))

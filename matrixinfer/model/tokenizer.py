@@ -1,0 +1,95 @@
+"""Tokenizer from a checkpoint directory: tokenizer.json (tokenizers library) plus
+tokenizer_config.json (special tokens, chat template rendered with jinja2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that is missing or unusable."""
+
+
+def _token_str(tok: Any) -> str | None:
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return tok
+
+
+class Tokenizer:
+    """Encode/decode text and render chat templates for one checkpoint."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        tj = path / "tokenizer.json"
+        if not tj.exists():
+            raise TokenizerError(f"{tj}: no such file (the checkpoint needs tokenizer.json)")
+        try:
+            self._tok = HFTokenizer.from_file(str(tj))
+        except Exception as exc:
+            raise TokenizerError(f"{tj}: cannot load tokenizer ({exc})") from exc
+        cfg_path = path / "tokenizer_config.json"
+        self.config: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        self.bos_token = _token_str(self.config.get("bos_token"))
+        self.eos_token = _token_str(self.config.get("eos_token"))
+        self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
+        self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.add_bos = bool(self.config.get("add_bos_token", self.bos_token_id is not None))
+        self.chat_template: str | None = self.config.get("chat_template")
+        if isinstance(self.chat_template, list):  # named templates: take "default"
+            named = {t["name"]: t["template"] for t in self.chat_template}
+            self.chat_template = named.get("default", next(iter(named.values()), None))
+        self._env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        self._env.globals["raise_exception"] = self._raise
+
+    @staticmethod
+    def _raise(message: str) -> None:
+        raise TokenizerError(f"chat template: {message}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if add_special_tokens and self.add_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Render ``messages`` with the checkpoint's chat template (BOS included by the template)."""
+        if not self.chat_template:
+            raise TokenizerError("this tokenizer has no chat_template in tokenizer_config.json")
+        return self._env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of a chat prompt (the template already carries any BOS)."""
+        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text deltas without splitting UTF-8 characters."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # incomplete multi-byte character: wait for more tokens
+            return ""
+        delta = text[len(self.emitted):]
+        self.emitted = text
+        return delta

@@ -1,0 +1,1 @@
+"""Training the bundled demo model (DeepSeek-V3 architecture, CPython stdlib corpus)."""
