@@ -119,7 +119,7 @@ _request_decoder = msgspec.msgpack.Decoder(Request)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
 
 
-class ProtocolError(Exception):
+class ProtocolError(ConnectionError):
     """The peer sent something that is not an EMS frame."""
 
 

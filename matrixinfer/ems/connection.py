@@ -1,0 +1,182 @@
+"""One client connection to one EMS server, with the same-host shared-memory fast path.
+
+On the server's host (same machine, boot and network namespace) the connection maps the server's
+arena: a get asks for a lease (offsets, entries pinned), copies straight from the mapping into the
+caller's buffer and releases the lease without waiting for a reply; a large put reserves blocks,
+copies into them and commits. Elsewhere values travel over TCP, received directly into the
+caller's buffer.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Sequence
+
+from matrixinfer.ems import protocol as p
+from matrixinfer.ems.arena import map_arena
+from matrixinfer.ems.service import host_id
+
+FAST_PUT_MIN = 64 << 10  # below this a put's two round trips cost more than the socket copy
+
+_arenas: dict[str, memoryview] = {}  # server_id -> mapping, shared by every connection of a process
+_arenas_lock = threading.Lock()
+_HOST_ID = host_id()
+
+
+class EmsError(Exception):
+    """Base class of EMS client errors (misses and dead servers are not errors)."""
+
+
+class EmsPermissionError(EmsError):
+    """The server refused the namespace (undeclared or wrong token)."""
+
+
+class EmsRefused(EmsError):
+    """A live server refused to store a value; ``code`` is ``quota``, ``too_large`` or ``full``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def writable_view(buf: object) -> memoryview:
+    """A flat byte view of a caller buffer (bytearray, numpy array, CPU torch tensor, memoryview)."""
+    try:
+        view = memoryview(buf)
+    except TypeError:
+        if not hasattr(buf, "numpy"):
+            raise TypeError(f"cannot write into {type(buf).__name__}: it exposes no buffer") from None
+        view = memoryview(buf.numpy())  # CPU torch tensors share memory with .numpy()
+    if view.readonly:
+        raise TypeError(f"cannot write into a read-only {type(buf).__name__}")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def readable_view(buf: object) -> memoryview:
+    """A flat byte view of a value to store."""
+    try:
+        view = memoryview(buf)
+    except TypeError:
+        view = memoryview(buf.numpy()) if hasattr(buf, "numpy") else memoryview(str(buf).encode())
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+class ServerConnection:
+    """A socket to one server bound to one namespace; not thread-safe (one per thread)."""
+
+    def __init__(self, addr: str, namespace: str, token: str = "", timeout: float = 5.0,
+                 connect_timeout: float = 0.5, fast_path: bool = True) -> None:
+        self.addr = addr
+        self.sock = socket.create_connection(p.parse_addr(addr), timeout=connect_timeout)
+        self.sock.settimeout(timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            self.sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        reply = self._call(p.Hello(namespace=namespace, token=token))
+        if reply.code == "refused":
+            self.close()
+            raise EmsPermissionError(f"EMS server {addr}: {reply.error}")
+        self.server_id = reply.server_id
+        self.arena: memoryview | None = None
+        if fast_path and reply.host_id == _HOST_ID and reply.arena_path:
+            self.arena = self._map(reply.server_id, reply.arena_path, reply.arena_size)
+
+    @staticmethod
+    def _map(server_id: str, path: str, size: int) -> memoryview | None:
+        with _arenas_lock:
+            if server_id not in _arenas:
+                try:
+                    _arenas[server_id] = map_arena(path, size)
+                except OSError:
+                    return None  # e.g. another container sharing the network namespace: use TCP
+            return _arenas[server_id]
+
+    def _call(self, req: p.Request, payloads: Sequence = ()) -> p.Reply:
+        p.send_frame(self.sock, req, payloads)
+        return p.recv_reply(self.sock)
+
+    def close(self) -> None:
+        """Close the socket (the server releases this connection's leases)."""
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def get_many(self, keys: list[bytes], outs: Sequence[object] | None) -> list[object]:
+        """Values of ``keys``: with ``outs``, bytes written into each buffer (None on a miss);
+        without, a new bytearray per hit (None on a miss)."""
+        views = [writable_view(o) for o in outs] if outs is not None else None
+        if self.arena is not None:
+            reply = self._call(p.Get(keys=keys, lease=True))
+            try:
+                return self._copy_out(reply, views)
+            finally:
+                p.send_frame(self.sock, p.Release(lease=reply.lease))
+        reply = self._call(p.Get(keys=keys))
+        results: list[object] = []
+        too_small = None
+        for i, size in enumerate(reply.sizes):
+            if size == p.MISS:
+                results.append(None)
+                continue
+            if views is None:
+                buf = bytearray(size)
+                p.recv_exact(self.sock, memoryview(buf))
+                results.append(buf)
+            elif len(views[i]) < size:
+                p.discard(self.sock, size)  # keep the stream in step, then complain
+                too_small = too_small or (keys[i], size, len(views[i]))
+                results.append(None)
+            else:
+                p.recv_exact(self.sock, views[i][:size])
+                results.append(size)
+        if too_small:
+            raise ValueError(f"buffer for key {too_small[0]!r} holds {too_small[2]} bytes, value has {too_small[1]}")
+        return results
+
+    def _copy_out(self, reply: p.Reply, views: list[memoryview] | None) -> list[object]:
+        results: list[object] = []
+        for i, (size, off) in enumerate(zip(reply.sizes, reply.offsets)):
+            if size == p.MISS:
+                results.append(None)
+            elif views is None:
+                results.append(bytearray(self.arena[off:off + size]))
+            elif len(views[i]) < size:
+                raise ValueError(f"buffer {i} holds {len(views[i])} bytes, value has {size}")
+            else:
+                views[i][:size] = self.arena[off:off + size]
+                results.append(size)
+        return results
+
+    def put_many(self, keys: list[bytes], values: Sequence[object]) -> list[str]:
+        """Store values; returns a refusal code per key (``""`` when stored)."""
+        views = [readable_view(v) for v in values]
+        sizes = [len(v) for v in views]
+        if self.arena is not None and sum(sizes) >= FAST_PUT_MIN:
+            reply = self._call(p.Reserve(keys=keys, sizes=sizes))
+            try:
+                for view, off in zip(views, reply.offsets):
+                    if off >= 0:
+                        self.arena[off:off + len(view)] = view
+            except BaseException:
+                self._call(p.Commit(reservation=reply.lease, abort=True))
+                raise
+            self._call(p.Commit(reservation=reply.lease))
+            return reply.codes
+        return self._call(p.Put(keys=keys, sizes=sizes), views).codes
+
+    def exists_many(self, keys: list[bytes]) -> list[bool]:
+        """Presence of each key."""
+        return self._call(p.Exists(keys=keys)).found
+
+    def delete_many(self, keys: list[bytes]) -> list[bool]:
+        """Delete each key; True where something was removed."""
+        return self._call(p.Delete(keys=keys)).found
+
+
+def server_stats(addr: str, timeout: float = 2.0) -> dict:
+    """The stats dict of one server (no namespace needed)."""
+    with socket.create_connection(p.parse_addr(addr), timeout=timeout) as sock:
+        p.send_frame(sock, p.Stats())
+        return p.recv_reply(sock).stats
