@@ -112,6 +112,7 @@ class SharedArena:
     """
 
     def __init__(self, capacity: int, path: str | None = None) -> None:
+        remove_orphan_segments()
         self.path = path or os.path.join(_shm_dir(), f"matrixinfer-ems-{os.getpid()}-{secrets.token_hex(4)}")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -128,6 +129,26 @@ class SharedArena:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def remove_orphan_segments() -> int:
+    """Unlink arena segments left by servers that were killed (their pid no longer exists)."""
+    removed = 0
+    directory = _shm_dir()
+    for name in os.listdir(directory):
+        parts = name.split("-")
+        if name.startswith("matrixinfer-ems-") and len(parts) == 4 and parts[2].isdigit():
+            try:
+                os.kill(int(parts[2]), 0)
+            except ProcessLookupError:
+                try:
+                    os.unlink(os.path.join(directory, name))
+                    removed += 1
+                except OSError:
+                    pass
+            except PermissionError:
+                pass  # alive, owned by someone else
+    return removed
 
 
 def map_arena(path: str, capacity: int) -> memoryview:

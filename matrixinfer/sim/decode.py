@@ -1,0 +1,154 @@
+"""Decode step model: DP attention + EP MoE on one instance, TPOT and tokens/s per chip.
+
+One die is one rank. Attention and dense layers run data-parallel (each die its own sequences);
+MoE layers run expert-parallel over all dies of the instance. With enough dies there is one
+expert per die (the paper's EP320: dedicated shared-expert dies, routed dies, redundant copies of
+hot experts); with fewer, each rank holds several routed experts and a local shared expert.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from matrixinfer.sim.measurements import MTP_ACCEPTANCE
+from matrixinfer.sim.operators import (
+    Die, attention_time, combine_time, dispatch_time, gemm_time,
+)
+from matrixinfer.sim.shapes import BF16, INT8, ModelShapes
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """One decode instance and its load.
+
+    Attributes:
+        dies: ranks in the instance (DP degree = EP degree).
+        batch_per_chip: running sequences per chip (package), split evenly over its dies.
+        context: mean KV length per sequence (prompt + half the output).
+        redundant_experts: extra copies of hot routed experts.
+        shared_expert_dies: dies that hold only a shared-expert copy (0: shared expert local).
+        imbalance: busiest expert rank's load over the mean (1.0 = perfect balance).
+        mtp: one MTP draft token per step; acceptance: its acceptance rate.
+        microbatch: two-microbatch attention/MoE pipeline.
+        kv_bytes: bytes per cached value (2 = BF16).
+    """
+
+    dies: int = 320
+    batch_per_chip: float = 96
+    context: float = 4096 + 128
+    redundant_experts: int = 32
+    shared_expert_dies: int = 32
+    imbalance: float = 1.0
+    mtp: bool = True
+    acceptance: float = MTP_ACCEPTANCE
+    microbatch: bool = True
+    kv_bytes: int = BF16
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    """Outputs of :func:`decode_step` (times in seconds)."""
+
+    step_time: float
+    tpot: float
+    tokens_per_s_per_chip: float
+    layer_time: float
+    breakdown: dict[str, float] = field(default_factory=dict)
+    hbm_used_per_die: float = 0.0
+    fits: bool = True
+
+
+def experts_per_rank(shapes: ModelShapes, cfg: DecodeConfig) -> int:
+    """Routed (incl. redundant) experts each routed rank holds."""
+    routed_ranks = cfg.dies - cfg.shared_expert_dies
+    if routed_ranks <= 0:
+        raise ValueError(f"decode: {cfg.dies} dies leave no rank for routed experts")
+    return math.ceil((shapes.routed_experts + cfg.redundant_experts) / routed_ranks)
+
+
+def _microbatch_gain(die: Die, batch_per_chip: float) -> float:
+    """Throughput gain of the two-microbatch pipeline, interpolated over the measured batches."""
+    pts = die.profile.microbatch_gain_decode
+    if not pts or batch_per_chip < pts[0][0]:
+        return 0.0
+    if batch_per_chip >= pts[-1][0]:
+        return pts[-1][1]
+    for (b0, g0), (b1, g1) in zip(pts, pts[1:]):
+        if b0 <= batch_per_chip <= b1:
+            return g0 + (g1 - g0) * (batch_per_chip - b0) / (b1 - b0)
+    return 0.0
+
+
+def decode_step(die: Die, shapes: ModelShapes, cfg: DecodeConfig) -> DecodeResult:
+    """Time one decode step of the whole instance (every die runs the same schedule)."""
+    chip = die.chip
+    seqs = cfg.batch_per_chip / chip.dies                   # sequences per die
+    q_tokens = seqs * (2 if cfg.mtp else 1)                # query tokens per die per step
+    total_tokens = q_tokens * cfg.dies
+    epr = experts_per_rank(shapes, cfg)
+    physical = shapes.routed_experts + cfg.redundant_experts
+
+    # Attention path (per layer, per die).
+    proj = gemm_time(die, q_tokens, shapes.attn_proj_params, INT8)
+    absorb = gemm_time(die, q_tokens, shapes.attn_absorb_params, BF16)
+    attn = attention_time(die, q_tokens * shapes.attn_decode_flops(cfg.context),
+                          seqs * cfg.context * shapes.kv_dim * cfg.kv_bytes)
+    attn_path = proj + absorb + attn
+
+    # MoE path: gate, dispatch, experts on the busiest rank, combine.
+    gate = gemm_time(die, q_tokens, shapes.hidden * shapes.routed_experts, BF16)
+    routed_load = total_tokens * shapes.top_k / physical * cfg.imbalance
+    routed = epr * gemm_time(die, routed_load, shapes.expert_params, INT8)
+    if cfg.shared_expert_dies:
+        shared = gemm_time(die, total_tokens / cfg.shared_expert_dies,
+                           shapes.shared_experts * shapes.expert_params, INT8)
+        experts = max(routed, shared)
+    else:
+        experts = routed + gemm_time(die, q_tokens, shapes.shared_experts * shapes.expert_params)
+    disp = dispatch_time(die, cfg.dies, q_tokens, cfg.imbalance)
+    comb = combine_time(die, cfg.dies, q_tokens, cfg.imbalance)
+    moe_path = gate + disp + experts + comb
+
+    gain = _microbatch_gain(die, cfg.batch_per_chip) if cfg.microbatch else 0.0
+    if cfg.microbatch and not die.profile.microbatch_gain_decode:
+        # No ablation published: hide the stated share of communication behind compute.
+        hidden = min(die.profile.microbatch_hidden_prefill * (disp + comb), attn_path + experts)
+        moe_layer = attn_path + moe_path - hidden
+    else:
+        moe_layer = (attn_path + moe_path) / (1.0 + gain)
+    dense_layer = (attn_path + gemm_time(die, q_tokens, shapes.dense_mlp_params, INT8)) / (1.0 + gain)
+
+    # MTP module: one more MoE block over one token per sequence, plus its own head pass.
+    mtp_layers = shapes.mtp_layers if cfg.mtp else 0
+    mtp_scale = (seqs / q_tokens) if cfg.mtp else 0.0
+    head = gemm_time(die, q_tokens, shapes.head_params, BF16)
+    head_mtp = gemm_time(die, seqs, shapes.head_params, BF16) if cfg.mtp else 0.0
+    mtp_time = mtp_layers * max(moe_layer * max(mtp_scale, 0.5), 0.0)
+    step = (shapes.moe_layers * moe_layer + shapes.dense_layers * dense_layer
+            + mtp_time + head + head_mtp)
+    tokens_per_step = 1.0 + (cfg.acceptance if cfg.mtp else 0.0)
+    tpot = step / tokens_per_step
+
+    # HBM footprint per die: replicated attention/dense/head weights, local experts, KV cache.
+    layers = shapes.layers + shapes.mtp_layers
+    weights = (layers * (shapes.attn_proj_params * INT8 + shapes.attn_absorb_params * BF16)
+               + shapes.dense_layers * shapes.dense_mlp_params * INT8
+               + (shapes.moe_layers + shapes.mtp_layers) * max(epr, 1) * shapes.expert_params * INT8
+               + 2 * shapes.head_params * BF16)
+    kv = seqs * cfg.context * shapes.kv_dim * cfg.kv_bytes * layers
+    used = weights + kv
+    breakdown = {
+        "attn_proj": proj + absorb, "attn_core": attn, "gate": gate, "dispatch": disp,
+        "experts": experts, "combine": comb, "microbatch_gain": gain,
+        "head": head + head_mtp, "mtp": mtp_time,
+    }
+    return DecodeResult(
+        step_time=step,
+        tpot=tpot,
+        tokens_per_s_per_chip=cfg.batch_per_chip / tpot,
+        layer_time=moe_layer,
+        breakdown=breakdown,
+        hbm_used_per_die=used,
+        fits=used <= die.hbm_bytes,
+    )

@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny checkpoints written once per session by transformers itself."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.checkpoints import make_checkpoint
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_v3(tmp_path_factory):
+    """A tiny random DeepseekV3ForCausalLM checkpoint (q LoRA, 2 expert groups)."""
+    return make_checkpoint(tmp_path_factory.mktemp("tiny_v3"), "v3")
+
+
+@pytest.fixture(scope="session")
+def tiny_v2(tmp_path_factory):
+    """A tiny random DeepseekV2ForCausalLM checkpoint (no q LoRA, softmax greedy routing)."""
+    return make_checkpoint(tmp_path_factory.mktemp("tiny_v2"), "v2")

@@ -1,0 +1,80 @@
+"""Fixtures that run real EMS server processes on loopback and always kill them."""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def spawn(args: list[str], prefix: list[str] | None = None, module: str = "matrixinfer.ems.server",
+          timeout: float = 20.0) -> tuple[subprocess.Popen, str]:
+    """Start ``python -m module args`` and return it with the address from its first stdout line."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([*(prefix or []), sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
+    try:
+        line = lines.get(timeout=timeout)
+    except queue.Empty:
+        line = ""
+    if "listening on" not in line:
+        proc.kill()
+        raise RuntimeError(f"{module} {args} did not start: {line!r} {proc.stderr.read()[-2000:]}")
+    return proc, line.split()[-1]
+
+
+class ServerHandle:
+    """One server process; ``kill()`` is SIGKILL (a crash), ``restart()`` reuses its port and SSD dir."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
+        self.proc, self.addr = spawn(args)
+        self.pids = [self.proc.pid]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            stream.close()
+
+    def restart(self) -> None:
+        self.kill()
+        args = [a for a in self.args]
+        i = args.index("--listen")
+        args[i + 1] = self.addr
+        self.proc, self.addr = spawn(args)
+        self.pids.append(self.proc.pid)
+
+
+@pytest.fixture
+def ems_servers(tmp_path):
+    """``start(capacity="64M", ssd=None, extra=[])`` launches a server; all are killed afterwards."""
+    started: list[ServerHandle] = []
+
+    def start(capacity: str = "64M", ssd: str | None = None, extra: list[str] | None = None) -> ServerHandle:
+        args = ["--capacity", capacity, "--listen", "127.0.0.1:0", *(extra or [])]
+        if ssd:
+            d = tmp_path / f"ssd{len(started)}"
+            args += ["--ssd-dir", str(d), "--ssd-capacity", ssd]
+        handle = ServerHandle(args)
+        started.append(handle)
+        return handle
+
+    yield start
+    for handle in started:
+        handle.kill()
+    # the shared-memory segment of a SIGKILLed server is left behind: remove ours
+    pids = {pid for handle in started for pid in handle.pids}
+    for name in os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []:
+        if name.startswith("matrixinfer-ems-") and int(name.split("-")[2]) in pids:
+            os.unlink(os.path.join("/dev/shm", name))
