@@ -28,7 +28,8 @@ class DecodeConfig:
         context: mean KV length per sequence (prompt + half the output).
         redundant_experts: extra copies of hot routed experts.
         shared_expert_dies: dies that hold only a shared-expert copy (0: shared expert local).
-        imbalance: busiest expert rank's load over the mean (1.0 = perfect balance).
+        imbalance: busiest expert rank's load over the mean (1.0 = perfect balance); None
+            derives it from random routing fluctuation (:func:`routing_imbalance`).
         mtp: one MTP draft token per step; acceptance: its acceptance rate.
         microbatch: two-microbatch attention/MoE pipeline.
         kv_bytes: bytes per cached value (2 = BF16).
@@ -39,7 +40,7 @@ class DecodeConfig:
     context: float = 4096 + 128
     redundant_experts: int = 32
     shared_expert_dies: int = 32
-    imbalance: float = 1.0
+    imbalance: float | None = None
     mtp: bool = True
     acceptance: float = MTP_ACCEPTANCE
     microbatch: bool = True
@@ -57,6 +58,19 @@ class DecodeResult:
     breakdown: dict[str, float] = field(default_factory=dict)
     hbm_used_per_die: float = 0.0
     fits: bool = True
+
+
+def routing_imbalance(tokens_per_expert: float, experts: int, skew: float = 1.0) -> float:
+    """Expected busiest-expert load over the mean when routing is balanced on average.
+
+    With EPLB the expected load of every physical expert is equal; the step-to-step counts are
+    still random. Treating each expert's count as Poisson(lambda), the maximum of ``experts``
+    of them is about ``lambda + sqrt(2 lambda ln experts)``. ``skew`` multiplies in any
+    popularity skew EPLB leaves (1.0: none).
+    """
+    if tokens_per_expert <= 0 or experts <= 1:
+        return skew
+    return skew * (1.0 + math.sqrt(2.0 * math.log(experts) / tokens_per_expert))
 
 
 def experts_per_rank(shapes: ModelShapes, cfg: DecodeConfig) -> int:
@@ -89,6 +103,10 @@ def decode_step(die: Die, shapes: ModelShapes, cfg: DecodeConfig) -> DecodeResul
     epr = experts_per_rank(shapes, cfg)
     physical = shapes.routed_experts + cfg.redundant_experts
 
+    imbalance = cfg.imbalance
+    if imbalance is None:
+        imbalance = routing_imbalance(total_tokens * shapes.top_k / physical, physical)
+
     # Attention path (per layer, per die).
     proj = gemm_time(die, q_tokens, shapes.attn_proj_params, INT8)
     absorb = gemm_time(die, q_tokens, shapes.attn_absorb_params, BF16)
@@ -98,7 +116,7 @@ def decode_step(die: Die, shapes: ModelShapes, cfg: DecodeConfig) -> DecodeResul
 
     # MoE path: gate, dispatch, experts on the busiest rank, combine.
     gate = gemm_time(die, q_tokens, shapes.hidden * shapes.routed_experts, BF16)
-    routed_load = total_tokens * shapes.top_k / physical * cfg.imbalance
+    routed_load = total_tokens * shapes.top_k / physical * imbalance
     routed = epr * gemm_time(die, routed_load, shapes.expert_params, INT8)
     if cfg.shared_expert_dies:
         shared = gemm_time(die, total_tokens / cfg.shared_expert_dies,
@@ -106,8 +124,8 @@ def decode_step(die: Die, shapes: ModelShapes, cfg: DecodeConfig) -> DecodeResul
         experts = max(routed, shared)
     else:
         experts = routed + gemm_time(die, q_tokens, shapes.shared_experts * shapes.expert_params)
-    disp = dispatch_time(die, cfg.dies, q_tokens, cfg.imbalance)
-    comb = combine_time(die, cfg.dies, q_tokens, cfg.imbalance)
+    disp = dispatch_time(die, cfg.dies, q_tokens, imbalance)
+    comb = combine_time(die, cfg.dies, q_tokens, imbalance)
     moe_path = gate + disp + experts + comb
 
     gain = _microbatch_gain(die, cfg.batch_per_chip) if cfg.microbatch else 0.0
@@ -140,7 +158,7 @@ def decode_step(die: Die, shapes: ModelShapes, cfg: DecodeConfig) -> DecodeResul
     used = weights + kv
     breakdown = {
         "attn_proj": proj + absorb, "attn_core": attn, "gate": gate, "dispatch": disp,
-        "experts": experts, "combine": comb, "microbatch_gain": gain,
+        "experts": experts, "combine": comb, "microbatch_gain": gain, "imbalance": imbalance,
         "head": head + head_mtp, "mtp": mtp_time,
     }
     return DecodeResult(
