@@ -57,6 +57,8 @@ class PrefillResult:
     tokens_per_s_per_chip: float
     layer_time: float
     breakdown: dict[str, float] = field(default_factory=dict)
+    hbm_used_per_die: float = 0.0
+    fits: bool = True
 
 
 def _distinct_remote_dies(top_k: int, experts_per_die: float, dies: int) -> float:
@@ -121,9 +123,19 @@ def prefill_step(die: Die, shapes: ModelShapes, cfg: PrefillConfig) -> PrefillRe
         "attn_proj": proj + kv_up, "attn_core": attn, "tp_comm": tp_comm, "experts": experts,
         "moe_comm": moe_comm, "dense_mlp": dense, "cache_load": load,
     }
+    # HBM per die: replicated attention/dense/head weights, this rank's experts, the batch's KV.
+    layers = shapes.layers + shapes.mtp_layers
+    weights = (layers * (shapes.attn_proj_params * INT8 + shapes.attn_absorb_params * BF16)
+               + shapes.dense_layers * shapes.dense_mlp_params * INT8
+               + (shapes.moe_layers + shapes.mtp_layers) * (per_die + shapes.shared_experts)
+               * shapes.expert_params * INT8
+               + 2 * shapes.head_params * BF16)
+    used = weights + tokens * shapes.kv_bytes_per_token(cfg.kv_bytes)
     return PrefillResult(
         batch_time=batch,
         tokens_per_s_per_chip=cfg.tokens_per_chip / batch,
         layer_time=moe_layer,
         breakdown=breakdown,
+        hbm_used_per_die=used,
+        fits=used <= die.hbm_bytes,
     )
