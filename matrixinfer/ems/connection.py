@@ -137,16 +137,25 @@ class ServerConnection:
 
     def _copy_out(self, reply: p.Reply, views: list[memoryview] | None) -> list[object]:
         results: list[object] = []
+        too_small = None
         for i, (size, off) in enumerate(zip(reply.sizes, reply.offsets)):
             if size == p.MISS:
                 results.append(None)
-            elif views is None:
-                results.append(bytearray(self.arena[off:off + size]))
-            elif len(views[i]) < size:
-                raise ValueError(f"buffer {i} holds {len(views[i])} bytes, value has {size}")
+                continue
+            if views is not None and len(views[i]) < size:
+                if off == p.INLINE:
+                    p.discard(self.sock, size)  # keep the stream in step, then complain
+                too_small = too_small or (i, size, len(views[i]))
+                results.append(None)
+                continue
+            dst = memoryview(bytearray(size)) if views is None else views[i][:size]
+            if off == p.INLINE:  # served from the SSD tier without promotion: bytes follow
+                p.recv_exact(self.sock, dst)
             else:
-                views[i][:size] = self.arena[off:off + size]
-                results.append(size)
+                dst[:] = self.arena[off:off + size]
+            results.append(dst.obj if views is None else size)
+        if too_small:
+            raise ValueError(f"buffer {too_small[0]} holds {too_small[2]} bytes, value has {too_small[1]}")
         return results
 
     def put_many(self, keys: list[bytes], values: Sequence[object]) -> list[str]:
@@ -154,16 +163,20 @@ class ServerConnection:
         views = [readable_view(v) for v in values]
         sizes = [len(v) for v in views]
         if self.arena is not None and sum(sizes) >= FAST_PUT_MIN:
-            reply = self._call(p.Reserve(keys=keys, sizes=sizes))
-            try:
-                for view, off in zip(views, reply.offsets):
-                    if off >= 0:
-                        self.arena[off:off + len(view)] = view
-            except BaseException:
-                self._call(p.Commit(reservation=reply.lease, abort=True))
-                raise
-            self._call(p.Commit(reservation=reply.lease))
-            return reply.codes
+            codes = ["retry"] * len(keys)
+            while pending := [i for i, c in enumerate(codes) if c == "retry"]:
+                reply = self._call(p.Reserve(keys=[keys[i] for i in pending], sizes=[sizes[i] for i in pending]))
+                try:
+                    for i, off in zip(pending, reply.offsets):
+                        if off >= 0:
+                            self.arena[off:off + sizes[i]] = views[i]
+                except BaseException:
+                    self._call(p.Commit(reservation=reply.lease, abort=True))
+                    raise
+                self._call(p.Commit(reservation=reply.lease))
+                for i, code in zip(pending, reply.codes):
+                    codes[i] = code
+            return codes
         return self._call(p.Put(keys=keys, sizes=sizes), views).codes
 
     def exists_many(self, keys: list[bytes]) -> list[bool]:

@@ -17,6 +17,7 @@ MAGIC = b"EMS1"
 PREFIX = struct.Struct("<4sI")
 MAX_HEADER = 64 << 20
 MISS = -1  # a size of -1 in Reply.sizes marks a missing key
+INLINE = -2  # an offset of -2 in a leased Get reply: the value's bytes follow the header instead
 
 
 class Hello(msgspec.Struct, tag=True):

@@ -79,15 +79,16 @@ class EmsServer:
         svc = self.service
         if isinstance(req, p.Get):
             entries = svc.lookup(session, req.keys)
-            sizes = [e.size if e else p.MISS for e in entries]
-            if req.lease:
+            sizes = [p.MISS if e is None else len(e) if isinstance(e, bytearray) else e.size for e in entries]
+            if req.lease:  # same host: offsets into the arena, bytes only for values not in it
                 lease = svc.lease(session, entries)
-                offsets = [e.offset if e else -1 for e in entries]
-                p.send_frame(conn, p.Reply(sizes=sizes, offsets=offsets, lease=lease))
+                offsets = [p.INLINE if isinstance(e, bytearray) else e.offset if e else -1 for e in entries]
+                p.send_frame(conn, p.Reply(sizes=sizes, offsets=offsets, lease=lease),
+                             [e for e in entries if isinstance(e, bytearray)])
                 return
             try:
-                p.send_frame(conn, p.Reply(sizes=sizes),
-                             [svc.view[e.offset:e.offset + e.size] for e in entries if e])
+                p.send_frame(conn, p.Reply(sizes=sizes), [e if isinstance(e, bytearray) else
+                                                          svc.view[e.offset:e.offset + e.size] for e in entries if e])
             finally:
                 svc.unpin(entries)
         elif isinstance(req, p.Put):

@@ -20,6 +20,8 @@ from matrixinfer.ems.ssd import SsdTier
 from matrixinfer.ems.store import DramStore, EmsStoreError, Entry
 
 LEASE_SECONDS = 30.0  # a reader that has not released by then is presumed dead
+COUNTERS = ("puts", "put_bytes", "hits", "dram_hits", "ssd_hits", "misses", "evictions", "spills",
+            "promotions", "corrupt")
 
 
 class NamespaceRefused(Exception):
@@ -55,7 +57,7 @@ class Session:
     """Per-connection state: its namespace, open read leases and write reservations."""
 
     namespace: str = ""
-    leases: dict[int, list[Entry]] = field(default_factory=dict)
+    leases: dict[int, list[Entry | bytearray | None]] = field(default_factory=dict)
     reservations: dict[int, list[tuple[bytes, int, int]]] = field(default_factory=dict)
 
 
@@ -106,8 +108,12 @@ class EmsService:
         if self.ssd.put(entry.ns, entry.key, data):
             self._count(entry.ns, spills=1)
 
-    def _promote(self, ns: str, key: bytes) -> Entry | None:
-        """Bring an SSD-resident value back into DRAM (lock held); None when unreadable."""
+    def _promote(self, ns: str, key: bytes) -> Entry | bytearray | None:
+        """Bring an SSD-resident value back into DRAM (lock held); None when unreadable.
+
+        When DRAM cannot take it (e.g. the rest of the same batch is pinned) the value is read into
+        a private buffer instead and served from there.
+        """
         size = self.ssd.size_of(ns, key) if self.ssd else None
         if size is None:
             return None
@@ -115,7 +121,8 @@ class EmsService:
         try:
             offset = self.store.reserve(ns, size)
         except EmsStoreError:
-            return None
+            buf = bytearray(size)
+            return buf if self.ssd.read_into(ns, key, memoryview(buf)) else None
         finally:
             self.ssd.protected.discard((ns, key))
         if not self.ssd.read_into(ns, key, self.view[offset:offset + size]):
@@ -126,31 +133,33 @@ class EmsService:
         return self.store.commit(ns, key, offset, size, on_ssd=True)
 
     # -- reads -----------------------------------------------------------------------------------
-    def lookup(self, session: Session, keys: list[bytes]) -> list[Entry | None]:
-        """Pin and return the entries of ``keys`` (promoting SSD hits); caller must :meth:`unpin`."""
+    def lookup(self, session: Session, keys: list[bytes]) -> list[Entry | bytearray | None]:
+        """Pin and return the entries of ``keys``, promoting SSD hits (a bytearray when one could not
+        be promoted); the caller must :meth:`unpin` them."""
         ns = session.namespace
-        out: list[Entry | None] = []
+        out: list[Entry | bytearray | None] = []
         with self.lock:
             for key in keys:
                 entry = self.store.get(ns, key, pin=True)
                 if entry is not None:
                     self._count(ns, hits=1, dram_hits=1)
                 elif (entry := self._promote(ns, key)) is not None:
-                    entry.pins += 1
+                    if isinstance(entry, Entry):
+                        entry.pins += 1
                     self._count(ns, hits=1, ssd_hits=1)
                 else:
                     self._count(ns, misses=1)
                 out.append(entry)
         return out
 
-    def unpin(self, entries: list[Entry | None]) -> None:
+    def unpin(self, entries: list[Entry | bytearray | None]) -> None:
         """Release pins taken by :meth:`lookup`."""
         with self.lock:
             for entry in entries:
-                if entry is not None:
+                if isinstance(entry, Entry):
                     self.store.unpin(entry)
 
-    def lease(self, session: Session, entries: list[Entry | None]) -> int:
+    def lease(self, session: Session, entries: list[Entry | bytearray | None]) -> int:
         """Keep ``entries`` pinned under a lease id until released or expired."""
         lease_id = next(self._ids)
         with self.lock:
@@ -203,9 +212,17 @@ class EmsService:
             self._count(ns, puts=1, put_bytes=size)
 
     def reserve_many(self, session: Session, keys: list[bytes], sizes: list[int]) -> tuple[int, list[int], list[str]]:
-        """Same-host put: reservations for several keys under one id."""
+        """Same-host put: reservations for several keys under one id.
+
+        Reservations cannot be evicted, so once one fails the rest are answered ``"retry"``: the
+        client commits what it got and asks again for the remainder.
+        """
         offsets, codes, held = [], [], []
         for key, size in zip(keys, sizes):
+            if codes and codes[-1] == "retry":
+                offsets.append(-1)
+                codes.append("retry")
+                continue
             try:
                 off = self.reserve(session, size)
                 offsets.append(off)
@@ -213,7 +230,8 @@ class EmsService:
                 held.append((key, off, size))
             except EmsStoreError as exc:
                 offsets.append(-1)
-                codes.append(exc.code)
+                # our own uncommitted blocks may be what is in the way: commit them, then retry
+                codes.append("retry" if held else exc.code)
         rid = next(self._ids)
         session.reservations[rid] = held
         return rid, offsets, codes
@@ -250,7 +268,7 @@ class EmsService:
                 dram_bytes, dram_entries = self.store.used_by(ns)
                 ssd_bytes, ssd_entries = self.ssd.used_by(ns) if self.ssd else (0, 0)
                 per_ns[ns] = {"quota": self.quota_of(ns), "dram_bytes": dram_bytes, "dram_entries": dram_entries,
-                              "ssd_bytes": ssd_bytes, "ssd_entries": ssd_entries, **dict(c)}
+                              "ssd_bytes": ssd_bytes, "ssd_entries": ssd_entries, **{k: c[k] for k in COUNTERS}}
             return {"server_id": self.server_id, "capacity": self.store.alloc.capacity,
                     "dram_used": self.store.alloc.used_bytes,
                     "ssd_capacity": self.ssd.capacity if self.ssd else 0, "ssd_used": self.ssd.used if self.ssd else 0,
