@@ -226,3 +226,47 @@ class ModelConfig:
             total += attn + mlp
         total += self.vocab_size * h * (1 if self.tie_word_embeddings else 2) + h
         return total
+
+
+@dataclass
+class EngineConfig:
+    """Settings of one serving engine instance (what ``matrixinfer serve`` flags set).
+
+    Attributes:
+        model: checkpoint directory (None: the built-in default model).
+        served_model_name: the id clients pass as ``model`` (default: the directory's name).
+        device: ``cpu``, ``cuda`` or ``cuda:N`` (None: cuda when available).
+        dtype: runtime dtype name (None: bfloat16 on CUDA, float32 on CPU).
+        block_size: tokens per KV block.
+        kv_cache_memory: bytes for the KV cache; overrides ``kv_cache_fraction`` when set.
+        kv_cache_fraction: fraction of available memory (host RAM on CPU, free GPU memory after
+            the weights on CUDA) given to the KV cache.
+        max_num_seqs: most sequences running at once.
+        max_num_batched_tokens: token budget per step (chunked prefill splits longer prompts).
+        max_model_len: longest prompt + output (None: the model's max_position_embeddings).
+        enable_prefix_caching: share KV blocks between requests with a common prefix.
+        cache_namespace: namespace mixed into prefix hashes (default: the served model name).
+    """
+
+    model: str | None = None
+    served_model_name: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    block_size: int = 16
+    kv_cache_memory: int | None = None
+    kv_cache_fraction: float = 0.05
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 1024
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    cache_namespace: str | None = None
+
+    def validate(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")

@@ -1,0 +1,127 @@
+"""The engine on a background thread, driven from asyncio: requests stream their outputs through
+per-request queues, and a cancelled consumer (client disconnect) aborts its request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from matrixinfer.engine.llm_engine import LLMEngine, RequestOutput
+from matrixinfer.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped after an internal error."""
+
+
+class AsyncEngine:
+    """Owns an :class:`LLMEngine`; all engine calls happen on its thread."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._stop = False
+        self.error: BaseException | None = None
+        self.stats = engine.stats()
+        self._thread = threading.Thread(target=self._loop, name="matrixinfer-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs until it finishes; aborts it if the consumer stops."""
+        if not self.alive:
+            raise EngineDeadError(f"engine is not running: {self.error!r}")
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self._streams[request_id] = (loop, q)
+        self._inbox.put(("add", (request_id, prompt_ids, params)))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def call(self, fn) -> None:
+        """Run ``fn(engine)`` on the engine thread between steps (maintenance, tests)."""
+        self._inbox.put(("call", fn))
+        self._wake.set()
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        with self._lock:
+            target = self._streams.get(request_id)
+        if target is not None:
+            loop, q = target
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the consumer's loop is closed
+                pass
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                rid, ids, params = arg
+                try:
+                    self.engine.add_request(rid, ids, params)
+                except ValueError as exc:
+                    self._deliver(rid, exc)
+            elif kind == "abort":
+                self.engine.abort(arg)
+            elif kind == "call":
+                arg(self.engine)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop:
+                self._drain_inbox()
+                if not self.engine.has_work():
+                    self.stats = self.engine.stats()
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                for out in self.engine.step():
+                    self._deliver(out.request_id, out)
+                self.stats = self.engine.stats()
+        except BaseException as exc:  # report to every waiting client instead of hanging them
+            log.exception("engine loop failed")
+            self.error = exc
+            with self._lock:
+                ids = list(self._streams)
+            for rid in ids:
+                self._deliver(rid, EngineDeadError(f"engine failed: {exc!r}"))

@@ -1,0 +1,264 @@
+"""The single-instance serving engine: continuous batching over a paged latent KV cache.
+
+``step()`` asks the scheduling policy what to run, applies its decision to the block manager,
+runs the model, samples, detokenizes, checks stop conditions and returns per-request deltas.
+Everything here runs on one thread; :mod:`matrixinfer.engine.async_engine` puts it behind asyncio.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from matrixinfer.config import EngineConfig
+from matrixinfer.engine.block_manager import BlockManager
+from matrixinfer.engine.model_runner import ModelRunner
+from matrixinfer.engine.sampler import Sampler
+from matrixinfer.engine.sampling_params import SamplingParams
+from matrixinfer.engine.scheduler import Budget, SeqView, schedule
+from matrixinfer.engine.sequence import Sequence, SequenceStatus
+from matrixinfer.model.tokenizer import IncrementalDecoder, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the engine refuses (the API maps it to HTTP 400)."""
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    """Counters and gauges exported as metrics."""
+
+    running: int
+    waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    prefix_hit_tokens: int
+    prefix_queried_tokens: int
+    prompt_tokens: int
+    generation_tokens: int
+    preemptions: int
+    steps: int
+
+
+class _Detok:
+    """Per-request text state: incremental decoding and stop-string handling."""
+
+    def __init__(self, tok: Tokenizer, stops: list[str]) -> None:
+        self.dec = IncrementalDecoder(tok)
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.text = ""
+        self.sent = 0
+
+    def push(self, token: int) -> bool:
+        """Add a token; True when a stop string appeared (the text is cut before it)."""
+        self.text += self.dec.push(token)
+        for s in self.stops:
+            i = self.text.find(s, max(0, len(self.text) - len(s) - 16))
+            if i < 0 and s in self.text:
+                i = self.text.find(s)
+            if i >= 0:
+                self.text = self.text[:i]
+                return True
+        return False
+
+    def delta(self, final: bool) -> str:
+        end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
+        out = self.text[self.sent:end]
+        self.sent = end
+        return out
+
+
+class LLMEngine:
+    """Continuous-batching engine for one model on one device."""
+
+    def __init__(self, cfg: EngineConfig, model=None, tokenizer: Tokenizer | None = None) -> None:
+        from matrixinfer.model.default_model import default_model_path
+        from matrixinfer.model.loader import load_model
+
+        cfg.validate()
+        self.cfg = cfg
+        path = Path(cfg.model) if cfg.model else default_model_path()
+        self.model_path = path
+        self.model_id = cfg.served_model_name or path.name
+        dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        self.model = model if model is not None else load_model(path, dtype=dtype, device=dev)
+        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer(path)
+        self.runner = ModelRunner(self.model, cfg, dev)
+        mc = self.model.config
+        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        # a lone sequence must always fit in the cache, or it could never run
+        self.max_seq_len = min(self.max_model_len, self.runner.num_blocks * cfg.block_size)
+        self.blocks = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.cache_namespace or self.model_id)
+        self.budget = Budget(cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.block_size)
+        self.sampler = Sampler()
+        self.eos_ids = set(mc.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.seqs: dict[str, Sequence] = {}
+        self._detok: dict[str, _Detok] = {}
+        self.prompt_tokens = self.generation_tokens = self.preemptions = self.steps = 0
+
+    # -- requests ------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; raises RequestError for prompts the model cannot take."""
+        if request_id in self.seqs:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this model's context allows at most "
+                               f"{self.max_seq_len - 1} prompt tokens (max_model_len {self.max_model_len})")
+        seq = Sequence(request_id, list(prompt_ids), params)
+        self.seqs[request_id] = seq
+        self._detok[request_id] = _Detok(self.tokenizer, params.stop)
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request wherever it is and free its blocks; False if it is unknown or done."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._finish(seq, "abort")
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        if not self.has_work():
+            return []
+        self.steps += 1
+        waiting_views, cached = [], {}
+        for seq in list(self.waiting)[: self.cfg.max_num_seqs]:
+            hit, revive = self.blocks.lookup(seq) if self.cfg.enable_prefix_caching else ([], 0)
+            cached[seq.request_id] = hit
+            waiting_views.append(SeqView(seq.request_id, seq.num_tokens, len(hit) * self.cfg.block_size,
+                                         len(hit), 0, revive))
+        running_views = [SeqView(s.request_id, s.num_tokens, s.num_computed, len(s.block_table),
+                                 self.blocks.freeable(s)) for s in self.running]
+        plan = schedule(running_views, waiting_views, self.blocks.num_free, self.budget)
+        for sid in plan.preempted:
+            seq = self.seqs[sid]
+            self.running.remove(seq)
+            self.blocks.free(seq)
+            seq.status = SequenceStatus.WAITING
+            seq.num_preemptions += 1
+            self.preemptions += 1
+            self.waiting.appendleft(seq)
+        for sid in plan.admitted:
+            seq = self.seqs[sid]
+            self.waiting.remove(seq)
+            self.blocks.admit(seq, cached[sid])
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        chunks = []
+        for seq in self.running:
+            n = plan.chunks.get(seq.request_id)
+            if n:
+                self.blocks.reserve(seq, seq.num_computed + n)
+                chunks.append((seq, n))
+        if not chunks:
+            return []
+        logits, samplers = self.runner.execute(chunks)
+        for seq, n in chunks:
+            if seq.num_computed < len(seq.prompt_ids):
+                self.prompt_tokens += min(n, len(seq.prompt_ids) - seq.num_computed)
+            seq.num_computed += n
+            if self.cfg.enable_prefix_caching:
+                self.blocks.commit(seq)
+        if logits is None:
+            return []
+        tokens, logprobs = self.sampler(logits, [s.request_id for s in samplers], [s.params for s in samplers])
+        outputs = []
+        for i, seq in enumerate(samplers):
+            outputs.append(self._append(seq, tokens[i], logprobs[i] if logprobs else None))
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
+        p = seq.params
+        seq.output_ids.append(token)
+        if p.logprobs and logprob is not None:
+            seq.logprobs.append(logprob)
+        self.generation_tokens += 1
+        n_out = len(seq.output_ids)
+        reason = None
+        stop_hit = self._detok[seq.request_id].push(token)
+        if n_out >= p.min_tokens:
+            if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids or stop_hit:
+                reason = "stop"
+        if reason is None and (n_out >= p.max_tokens or seq.num_tokens >= self.max_seq_len):
+            reason = "length"
+        out = RequestOutput(seq.request_id, [token], [logprob] if p.logprobs and logprob is not None else [],
+                            num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=n_out,
+                            num_cached_tokens=seq.num_cached_tokens)
+        if reason is not None:
+            self.running.remove(seq)
+            self.seqs.pop(seq.request_id, None)
+            out.text = self._finish(seq, reason)
+            out.finished, out.finish_reason = True, reason
+        else:
+            out.text = self._detok[seq.request_id].delta(final=False)
+        return out
+
+    def _finish(self, seq: Sequence, reason: str) -> str:
+        self.blocks.free(seq)
+        self.sampler.forget(seq.request_id)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        detok = self._detok.pop(seq.request_id, None)
+        return detok.delta(final=True) if detok and reason != "abort" else ""
+
+    # -- conveniences ----------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.running), len(self.waiting), self.blocks.num_blocks, self.blocks.num_used,
+                           self.blocks.hit_tokens, self.blocks.queried_tokens, self.prompt_tokens,
+                           self.generation_tokens, self.preemptions, self.steps)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run ``prompts`` to completion (offline use and tests); returns generated token ids."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"offline-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        results: dict[str, list[int]] = {i: [] for i in ids}
+        for rid, p, sp in zip(ids, prompts, plist):
+            self.add_request(rid, p, sp)
+        pending = set(ids)
+        while pending:
+            for out in self.step():
+                results[out.request_id].extend(out.token_ids)
+                if out.finished:
+                    pending.discard(out.request_id)
+        return [results[i] for i in ids]

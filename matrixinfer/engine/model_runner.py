@@ -1,0 +1,91 @@
+"""Runs one scheduled step on the model: builds the flat batch, attention metadata and block
+tables, executes the forward pass over the paged latent KV cache, and returns the logits of the
+rows that sample a token."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from matrixinfer.config import EngineConfig
+from matrixinfer.engine.sequence import Sequence
+from matrixinfer.model.attention import AttentionMetadata, PagedLatentCache
+from matrixinfer.model.deepseek import DeepseekForCausalLM
+
+log = logging.getLogger(__name__)
+
+
+def available_host_memory() -> int:
+    """MemAvailable from /proc/meminfo (bytes), or a conservative 4 GiB where it is unreadable."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+class ModelRunner:
+    """Owns the model and its KV cache on one device."""
+
+    def __init__(self, model: DeepseekForCausalLM, cfg: EngineConfig, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        self.block_size = cfg.block_size
+        dtype = model.model.embed_tokens.weight.dtype
+        mc = model.config
+        per_block = PagedLatentCache.bytes_per_block(model.num_cache_layers, cfg.block_size, mc.kv_cache_dim, dtype)
+        if cfg.kv_cache_memory is not None:
+            budget = cfg.kv_cache_memory
+        elif device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(free * cfg.kv_cache_fraction)
+        else:
+            budget = int(available_host_memory() * cfg.kv_cache_fraction)
+        self.num_blocks = budget // per_block
+        if self.num_blocks < 2:
+            raise ValueError(f"KV cache budget of {budget} bytes holds {self.num_blocks} blocks of {per_block} bytes; "
+                             "raise --kv-cache-memory or --kv-cache-fraction")
+        self.kv_cache = PagedLatentCache(model.num_cache_layers, self.num_blocks, cfg.block_size,
+                                         mc.kv_cache_dim, dtype, device)
+        self.kv_cache_bytes = self.num_blocks * per_block
+        log.info("KV cache: %d blocks x %d tokens (%.1f MiB) on %s", self.num_blocks, cfg.block_size,
+                 self.kv_cache_bytes / 2**20, device)
+        if device.type == "cpu":
+            torch.set_num_threads(max(1, int(os.environ.get("MATRIXINFER_THREADS", torch.get_num_threads()))))
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[tuple[Sequence, int]]) -> tuple[torch.Tensor | None, list[Sequence]]:
+        """Compute ``n`` new tokens for each ``(seq, n)``; return logits for sequences that are now
+        fully computed (they sample their next token), in the same order as the returned list."""
+        ids: list[int] = []
+        positions: list[int] = []
+        q_lens, ctx_lens = [], []
+        for seq, n in chunks:
+            start = seq.num_computed
+            ids.extend(seq.all_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            q_lens.append(n)
+            ctx_lens.append(start + n)
+        width = max(len(seq.block_table) for seq, _ in chunks)
+        tables = torch.zeros(len(chunks), width, dtype=torch.long)
+        for row, (seq, _) in enumerate(chunks):
+            tables[row, :len(seq.block_table)] = torch.tensor(seq.block_table)
+        dev = self.device
+        meta = AttentionMetadata.build(q_lens, ctx_lens, tables.to(dev, non_blocking=True), self.block_size, dev)
+        hidden = self.model(torch.tensor(ids).to(dev, non_blocking=True),
+                            torch.tensor(positions).to(dev, non_blocking=True), meta, self.kv_cache)
+        rows, samplers = [], []
+        offset = 0
+        for seq, n in chunks:
+            offset += n
+            if seq.num_computed + n == seq.num_tokens:
+                rows.append(offset - 1)
+                samplers.append(seq)
+        if not rows:
+            return None, []
+        return self.model.compute_logits(hidden[torch.tensor(rows, device=dev)]), samplers
