@@ -2,7 +2,7 @@
 
 On the server's host (same machine, boot and network namespace) the connection maps the server's
 arena: a get asks for a lease (offsets, entries pinned), copies straight from the mapping into the
-caller's buffer and releases the lease without waiting for a reply; a large put reserves blocks,
+caller's buffer and releases the lease with its next request (or an explicit release); a large put reserves blocks,
 copies into them and commits. Elsewhere values travel over TCP, received directly into the
 caller's buffer.
 """
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from matrixinfer.ems import protocol as p
 from matrixinfer.ems.arena import map_arena
+from matrixinfer.ems.server import tune_socket
 from matrixinfer.ems.service import host_id
 
 FAST_PUT_MIN = 64 << 10  # below this a put's two round trips cost more than the socket copy
@@ -70,9 +71,8 @@ class ServerConnection:
         self.addr = addr
         self.sock = socket.create_connection(p.parse_addr(addr), timeout=connect_timeout)
         self.sock.settimeout(timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            self.sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        tune_socket(self.sock)
+        self._held_lease = 0  # a same-host read lease to drop with the next request
         reply = self._call(p.Hello(namespace=namespace, token=token))
         if reply.code == "refused":
             self.close()
@@ -93,8 +93,20 @@ class ServerConnection:
             return _arenas[server_id]
 
     def _call(self, req: p.Request, payloads: Sequence = ()) -> p.Reply:
+        if self._held_lease:  # the last same-host read is done: drop its pins with this request
+            if isinstance(req, p.Get):
+                req.release = self._held_lease
+            else:
+                p.send_frame(self.sock, p.Release(lease=self._held_lease))
+            self._held_lease = 0
         p.send_frame(self.sock, req, payloads)
         return p.recv_reply(self.sock)
+
+    def release(self) -> None:
+        """Drop the pins of the last same-host read now rather than with the next request."""
+        if self._held_lease:
+            p.send_frame(self.sock, p.Release(lease=self._held_lease))
+            self._held_lease = 0
 
     def close(self) -> None:
         """Close the socket (the server releases this connection's leases)."""
@@ -112,7 +124,7 @@ class ServerConnection:
             try:
                 return self._copy_out(reply, views)
             finally:
-                p.send_frame(self.sock, p.Release(lease=reply.lease))
+                self._held_lease = reply.lease  # released by the next request (or by closing)
         reply = self._call(p.Get(keys=keys))
         results: list[object] = []
         too_small = None

@@ -35,10 +35,12 @@ class Put(msgspec.Struct, tag=True):
 
 
 class Get(msgspec.Struct, tag=True):
-    """Fetch ``keys``. With ``lease`` the reply carries arena offsets instead of bytes (same host)."""
+    """Fetch ``keys``. With ``lease`` the reply carries arena offsets instead of bytes (same host);
+    ``release`` drops the previous read lease first (saves a message per same-host get)."""
 
     keys: list[bytes]
     lease: bool = False
+    release: int = 0
 
 
 class Exists(msgspec.Struct, tag=True):

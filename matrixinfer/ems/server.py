@@ -17,17 +17,17 @@ from matrixinfer.ems import protocol as p
 from matrixinfer.ems.service import EmsService, NamespaceConfig, NamespaceRefused, Session
 from matrixinfer.ems.store import EmsStoreError
 
-SOCKET_BUFFER = 4 << 20
+import os
+
+SOCKET_BUFFER = int(os.environ.get("EMS_SOCKET_BUFFER", "0"))
 
 
 def tune_socket(sock: socket.socket) -> None:
-    """Low latency for small requests, big kernel buffers for big values."""
+    """Low latency for small requests (buffers left to the kernel's autotuning unless set)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
+    if SOCKET_BUFFER:
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-        except OSError:
-            pass
 
 
 class EmsServer:
@@ -78,6 +78,8 @@ class EmsServer:
     def _dispatch(self, conn: socket.socket, session: Session, req: p.Request) -> None:
         svc = self.service
         if isinstance(req, p.Get):
+            if req.release:
+                svc.release(session, req.release)
             entries = svc.lookup(session, req.keys)
             sizes = [p.MISS if e is None else len(e) if isinstance(e, bytearray) else e.size for e in entries]
             if req.lease:  # same host: offsets into the arena, bytes only for values not in it

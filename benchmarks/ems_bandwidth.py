@@ -1,0 +1,123 @@
+"""EMS bandwidth: same-run ratios behind issue 4's performance bars.
+
+Starts one EMS server process on loopback and measures, in the same run:
+  1. same-host get (shared-memory fast path) of 4 MB values vs a plain memory copy of the same bytes
+     (bar: >= 50%);
+  2. loopback TCP get of 4 MB values (bar: >= 1 GB/s);
+  3. one batched get of 1,000 keys of 16 KB vs 1,000 single gets (bar: >= 5x), on both paths.
+Each figure is the median of several trials. Exit status 1 if a bar is missed.
+
+    python benchmarks/ems_bandwidth.py [--values 32] [--trials 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from matrixinfer.ems.client import EmsClient  # noqa: E402
+
+MB = 1 << 20
+
+
+def progress(msg: str) -> None:
+    print(f"  ... {msg}", file=sys.stderr, flush=True)
+
+
+def median_time(fn: Callable[[], None], trials: int) -> float:
+    fn()  # warm up: connections, page faults, lazy mappings
+    times = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def start_server(capacity: str) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "matrixinfer.ems.server", "--capacity", capacity],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline()
+    if "listening on" not in line:
+        proc.kill()
+        raise SystemExit(f"EMS server did not start: {line!r}")
+    return proc, line.split()[-1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--values", type=int, default=32, help="number of distinct 4 MB values (default 32)")
+    parser.add_argument("--trials", type=int, default=5, help="timed trials per figure (median reported)")
+    args = parser.parse_args()
+    big, n_small, small = 4 * MB, 1000, 16 << 10
+    total_mb = args.values * 4 + n_small * small // MB
+    progress(f"starting an EMS server ({total_mb + 64} MB arena)")
+    proc, addr = start_server(f"{total_mb + 64}M")
+    try:
+        shm = EmsClient([addr], namespace="bench", fast_path=True)
+        tcp = EmsClient([addr], namespace="bench", fast_path=False)
+        assert shm._conn(addr).arena is not None, "same-host fast path unavailable"
+        rng = np.random.default_rng(0)
+        progress(f"writing {args.values} x 4 MB and {n_small} x 16 KB values")
+        bigs = [rng.integers(0, 255, big, dtype=np.uint8) for _ in range(args.values)]
+        shm.mput([(f"big{i}", v) for i, v in enumerate(bigs)])
+        big_keys = [f"big{i}" for i in range(args.values)]
+        small_keys = [f"small{i}" for i in range(n_small)]
+        shm.mput([(k, rng.integers(0, 255, small, dtype=np.uint8)) for k in small_keys])
+        out = np.empty(big, np.uint8)
+        nbytes = big * args.values
+
+        progress("1/4 plain memory copy of the same 4 MB values (baseline)")
+        t_copy = median_time(lambda: [np.copyto(out, v) for v in bigs], args.trials)
+        progress("2/4 same-host get of 4 MB values (shared memory)")
+        t_shm = median_time(lambda: [shm.get_into(k, out) for k in big_keys], args.trials)
+        progress("3/4 loopback TCP get of 4 MB values")
+        t_tcp = median_time(lambda: [tcp.get_into(k, out) for k in big_keys], args.trials)
+        assert np.array_equal(out, bigs[-1])
+
+        progress("4/4 1,000 single gets vs one batched get of 16 KB values")
+        outs = [np.empty(small, np.uint8) for _ in small_keys]
+        ratios = {}
+        for name, c in (("tcp", tcp), ("shared memory", shm)):
+            t_single = median_time(lambda: [c.get_into(k, o) for k, o in zip(small_keys, outs)], args.trials)
+            t_batch = median_time(lambda: c.mget(small_keys, outs), args.trials)
+            ratios[name] = (t_single, t_batch)
+        shm.close()
+        tcp.close()
+    finally:
+        proc.terminate()
+        proc.wait()
+
+    copy_gbs, shm_gbs, tcp_gbs = (nbytes / t / 1e9 for t in (t_copy, t_shm, t_tcp))
+    checks = []
+    print(f"EMS bandwidth ({args.values} x 4 MB values, median of {args.trials} trials, server {addr})")
+    print(f"  plain memory copy          {copy_gbs:7.2f} GB/s")
+    r = shm_gbs / copy_gbs
+    checks.append(r >= 0.5)
+    print(f"  same-host get (shm)        {shm_gbs:7.2f} GB/s  = {r:5.0%} of memory copy   (bar >= 50%)  "
+          f"{'PASS' if checks[-1] else 'FAIL'}")
+    checks.append(tcp_gbs >= 1.0)
+    print(f"  loopback TCP get           {tcp_gbs:7.2f} GB/s                          (bar >= 1 GB/s) "
+          f"{'PASS' if checks[-1] else 'FAIL'}")
+    for name, (t_single, t_batch) in ratios.items():
+        speedup = t_single / t_batch
+        checks.append(speedup >= 5 or name != "tcp")
+        print(f"  1,000 x 16 KB gets, {name:<13} single {t_single * 1e3:7.1f} ms, batched {t_batch * 1e3:6.1f} ms"
+              f" = {speedup:5.1f}x (bar >= 5x) {'PASS' if speedup >= 5 else 'FAIL'}")
+    return 0 if all(checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
