@@ -91,5 +91,8 @@ def _stats(args: argparse.Namespace) -> int:
             per_server[addr] = server_stats(addr)
         except OSError as exc:
             per_server[addr] = str(exc)
+    if not per_server and not args.json:
+        print("no live EMS servers in this view")
+        return 1
     print(json.dumps(per_server, indent=2) if args.json else format_stats(per_server))
     return 0 if all(isinstance(v, dict) for v in per_server.values()) else 1
