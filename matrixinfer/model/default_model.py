@@ -46,8 +46,6 @@ def write_random_model(path: Path, seed: int = 0) -> Path:
     """Write the deterministic random checkpoint (weights, byte-level tokenizer, chat template)."""
     import torch
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     from matrixinfer.config import ModelConfig
     from matrixinfer.model.deepseek import DeepseekForCausalLM
     from matrixinfer.model.export import export_state_dict
@@ -64,20 +62,26 @@ def write_random_model(path: Path, seed: int = 0) -> Path:
                 p.fill_(1.0)
     tmp = path / "model.safetensors.tmp"
     save_file(export_state_dict(model), str(tmp), metadata={"format": "pt"})
-    # Byte-level vocabulary: 256 byte tokens, then the special tokens.
-    byte_vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    write_byte_tokenizer(path)
+    (path / "config.json").write_text(json.dumps(RANDOM_CONFIG, indent=2))
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 256, "eos_token_id": 257}))
+    tmp.rename(path / "model.safetensors")
+    return path
+
+
+def write_byte_tokenizer(path: Path) -> None:
+    """A byte-level tokenizer (256 byte tokens, ids 256.. special) with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    byte_vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}  # sorted: sets are unordered
     tok = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|system|>"])
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|bos|>", "eos_token": "<|eos|>", "add_bos_token": True,
         "chat_template": CHAT_TEMPLATE}, indent=2))
-    (path / "config.json").write_text(json.dumps(RANDOM_CONFIG, indent=2))
-    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 256, "eos_token_id": 257}))
-    tmp.rename(path / "model.safetensors")
-    return path
 
 
 CHAT_TEMPLATE = (
