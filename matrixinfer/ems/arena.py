@@ -113,7 +113,8 @@ class SharedArena:
 
     def __init__(self, capacity: int, path: str | None = None) -> None:
         remove_orphan_segments()
-        self.path = path or os.path.join(_shm_dir(), f"matrixinfer-ems-{os.getpid()}-{secrets.token_hex(4)}")
+        name = f"matrixinfer-ems-{os.getpid()}-{_pid_namespace()}-{secrets.token_hex(4)}"
+        self.path = path or os.path.join(_shm_dir(), name)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, capacity)
@@ -131,13 +132,21 @@ class SharedArena:
             pass
 
 
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
+
+
 def remove_orphan_segments() -> int:
-    """Unlink arena segments left by servers that were killed (their pid no longer exists)."""
+    """Unlink arena segments left by killed servers of this pid namespace (pid no longer exists)."""
     removed = 0
     directory = _shm_dir()
     for name in os.listdir(directory):
         parts = name.split("-")
-        if name.startswith("matrixinfer-ems-") and len(parts) == 4 and parts[2].isdigit():
+        if (name.startswith("matrixinfer-ems-") and len(parts) == 5 and parts[2].isdigit()
+                and parts[3] == _pid_namespace()):
             try:
                 os.kill(int(parts[2]), 0)
             except ProcessLookupError:

@@ -56,18 +56,17 @@ class EmsClient:
         self._lock = threading.Lock()
         self._down: dict[str, float] = {}  # addr -> time before which it is not retried
         self._executor: ThreadPoolExecutor | None = None
-        self.ring = HashRing(self.membership.members(), vnodes)
-        self._refreshed = time.monotonic()
+        self.ring = HashRing([], vnodes)
+        self.refresh()  # an unreachable view starts empty (every key a miss) and is retried
 
     # -- ring and connections --------------------------------------------------------------------
     def refresh(self) -> None:
         """Re-read the membership view now (a failing view keeps the last ring)."""
+        self._refreshed = time.monotonic()
         try:
             members = self.membership.members()
         except Exception:  # noqa: BLE001 - controller or etcd unreachable: keep serving the old view
             return
-        finally:
-            self._refreshed = time.monotonic()
         if members != self.ring.nodes:
             self.ring = HashRing(members, self.vnodes)
 

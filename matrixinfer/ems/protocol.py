@@ -16,6 +16,7 @@ import msgspec
 MAGIC = b"EMS1"
 PREFIX = struct.Struct("<4sI")
 MAX_HEADER = 64 << 20
+MAX_KEY = 4096  # bytes; the SSD tier's header stores key lengths in 16 bits
 MISS = -1  # a size of -1 in Reply.sizes marks a missing key
 INLINE = -2  # an offset of -2 in a leased Get reply: the value's bytes follow the header instead
 

@@ -102,6 +102,9 @@ class EmsServer:
         elif isinstance(req, p.Delete):
             p.send_frame(conn, p.Reply(found=svc.delete(session, req.keys)))
         elif isinstance(req, p.Reserve):
+            if len(req.keys) != len(req.sizes) or any(len(k) > p.MAX_KEY for k in req.keys):
+                p.send_frame(conn, p.Reply(code="bad_request", error=f"Reserve needs one size per key of <= {p.MAX_KEY} bytes"))
+                return
             rid, offsets, codes = svc.reserve_many(session, req.keys, req.sizes)
             p.send_frame(conn, p.Reply(offsets=offsets, codes=codes, lease=rid))
         elif isinstance(req, p.Commit):
@@ -122,8 +125,14 @@ class EmsServer:
             p.send_frame(conn, p.Reply(code="unsupported", error=f"an EMS server does not serve {type(req).__name__}"))
 
     def _put(self, conn: socket.socket, session: Session, req: p.Put) -> None:
+        if len(req.keys) != len(req.sizes) or min(req.sizes, default=0) < 0:
+            raise p.ProtocolError(f"Put with {len(req.keys)} keys and sizes {req.sizes[:8]}...: cannot frame payloads")
         codes = []
         for key, size in zip(req.keys, req.sizes):
+            if len(key) > p.MAX_KEY:
+                p.discard(conn, size)
+                codes.append("key_too_long")
+                continue
             try:
                 offset = self.service.reserve(session, size)
             except EmsStoreError as exc:

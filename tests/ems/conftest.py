@@ -76,5 +76,5 @@ def ems_servers(tmp_path):
     # the shared-memory segment of a SIGKILLed server is left behind: remove ours
     pids = {pid for handle in started for pid in handle.pids}
     for name in os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []:
-        if name.startswith("matrixinfer-ems-") and int(name.split("-")[2]) in pids:
+        if name.startswith("matrixinfer-ems-") and name.split("-")[2].isdigit() and int(name.split("-")[2]) in pids:
             os.unlink(os.path.join("/dev/shm", name))

@@ -101,3 +101,16 @@ def test_quotas_are_enforced(ems_servers):
             small.put("too-big", b"z" * (2 * MB))
         assert err.value.code == "quota"
         assert small.mput([("too-big", b"z" * (2 * MB))], strict=False) == [False]
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["shared-memory", "tcp"])
+def test_small_buffer_is_refused_and_connection_stays_usable(ems_servers, fast_path):
+    server = ems_servers("8M")
+    with EmsClient([server.addr], namespace="buf", fast_path=fast_path) as client:
+        client.mput([("a", b"x" * 1000), ("b", b"y" * 10)])
+        with pytest.raises(ValueError, match="holds 100 bytes, value has 1000"):
+            client.mget(["a", "b"], [bytearray(100), bytearray(10)])
+        assert client.get("b") == b"y" * 10 and client.get("a") == b"x" * 1000
+        with pytest.raises(EmsRefused, match="key_too_long"):
+            client.put(b"k" * 5000, b"v")
+        assert client.get("b") == b"y" * 10
