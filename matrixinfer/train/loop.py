@@ -73,15 +73,22 @@ def losses(model: DeepseekForCausalLM, batch: torch.Tensor, meta: AttentionMetad
 
 
 def train(model: DeepseekForCausalLM, stream: torch.Tensor, tc: TrainConfig, work_dir: Path,
-          device: torch.device, log: Callable[[str], None] = print) -> DeepseekForCausalLM:
-    """Train ``model`` on ``stream`` for ``tc.steps`` steps, resuming from ``work_dir/last.pt``."""
+          device: torch.device, log: Callable[[str], None] = print,
+          stop_at: int | None = None) -> DeepseekForCausalLM:
+    """Train ``model`` on ``stream`` for ``tc.steps`` steps, resuming from ``work_dir/last.pt``.
+
+    ``stop_at`` ends this call after that many steps (with a checkpoint), to continue later.
+    """
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = work_dir / "last.pt"
     model.to(device).train()
     opt = make_optimizer(model, tc, fused=device.type == "cuda")
     start = 0
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+    state = torch.load(ckpt_path, map_location=device, weights_only=True) if ckpt_path.exists() else None
+    if state is not None and state.get("recipe") != tc.to_dict():
+        log(f"{ckpt_path} was written by a different recipe; starting from scratch")
+        state = None
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
@@ -90,7 +97,8 @@ def train(model: DeepseekForCausalLM, stream: torch.Tensor, tc: TrainConfig, wor
     meta = AttentionMetadata.build([tc.seq_len] * tc.batch_size, device=device)
     positions = torch.arange(tc.seq_len, device=device).repeat(tc.batch_size)
     data = batches(stream, tc.seq_len, tc.batch_size, tc.seed, start_step=start)
-    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc="train-demo", unit="step")
+    end = tc.steps if stop_at is None else min(stop_at, tc.steps)
+    bar = tqdm(range(start, end), initial=start, total=tc.steps, desc="train-demo", unit="step")
     t0 = time.time()
     for step in bar:
         batch = next(data).to(device)
@@ -111,9 +119,10 @@ def train(model: DeepseekForCausalLM, stream: torch.Tensor, tc: TrainConfig, wor
             tok_s = (step + 1 - start) * tc.batch_size * tc.seq_len / max(time.time() - t0, 1e-9)
             log(f"step {step} loss {main.item():.4f} mtp {mtp.item():.4f} lr {lr_at(step, tc):.2e} "
                 f"max/mean load {max(load.max_over_mean()):.2f} {tok_s:.0f} tok/s")
-        if (step + 1) % tc.checkpoint_every == 0 and step + 1 < tc.steps:
+        if (step + 1) % tc.checkpoint_every == 0 or step + 1 == end:
             tmp = ckpt_path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, tmp)
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
+                        "recipe": tc.to_dict()}, tmp)
             tmp.replace(ckpt_path)
     load.close()
     return model.eval()

@@ -77,7 +77,9 @@ class TrainConfig:
         bias_update_speed: gamma of the auxiliary-loss-free balancing (bias += gamma * sign(mean - load)).
         eval_windows: held-out windows scored by the final report.
         checkpoint_every: steps between resumable checkpoints in the work directory.
-        threads: torch intra-op threads on CPU.
+        threads: torch intra-op threads on CPU (1 by default: on a shared 2-core machine a second
+            OpenMP thread that waits on a busy core makes steps several times slower; on an idle
+            machine --threads 2 is faster but may round differently).
     """
 
     seed: int = 0
@@ -85,17 +87,17 @@ class TrainConfig:
     heldout_percent: int = 5
     seq_len: int = 256
     batch_size: int = 8
-    steps: int = 2000
+    steps: int = 1400
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_steps: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     mtp_weight: float = 0.3
-    bias_update_speed: float = 1e-3
+    bias_update_speed: float = 5e-3
     eval_windows: int = 64
     checkpoint_every: int = 200
-    threads: int = 2
+    threads: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
