@@ -94,15 +94,26 @@ def _microbatch_gain(die: Die, batch_per_chip: float) -> float:
     return 0.0
 
 
-def decode_step(die: Die, shapes: ModelShapes, cfg: DecodeConfig) -> DecodeResult:
-    """Time one decode step of the whole instance (every die runs the same schedule)."""
-    chip = die.chip
-    seqs = cfg.batch_per_chip / chip.dies                   # sequences per die
-    q_tokens = seqs * (2 if cfg.mtp else 1)                # query tokens per die per step
+@dataclass(frozen=True)
+class _Layer:
+    """One MoE layer of a decode step on one die (seconds) and its parts."""
+
+    time: float
+    dense_time: float
+    parts: dict[str, float]
+
+
+def _layer(die: Die, shapes: ModelShapes, cfg: DecodeConfig, seqs: float, q_tokens: float,
+           gain: float) -> _Layer:
+    """Attention path + MoE path of one layer for ``q_tokens`` query tokens per die.
+
+    The MTP module is such a layer over one token per sequence: it pays the same weight reads
+    and the same fixed dispatch/combine cost as a main layer, so it is timed with its own token
+    count instead of as a fraction of a main layer.
+    """
     total_tokens = q_tokens * cfg.dies
     epr = experts_per_rank(shapes, cfg)
     physical = shapes.routed_experts + cfg.redundant_experts
-
     imbalance = cfg.imbalance
     if imbalance is None:
         imbalance = routing_imbalance(total_tokens * shapes.top_k / physical, physical)
@@ -128,7 +139,6 @@ def decode_step(die: Die, shapes: ModelShapes, cfg: DecodeConfig) -> DecodeResul
     comb = combine_time(die, cfg.dies, q_tokens, imbalance)
     moe_path = gate + disp + experts + comb
 
-    gain = _microbatch_gain(die, cfg.batch_per_chip) if cfg.microbatch else 0.0
     if cfg.microbatch and not die.profile.microbatch_gain_decode:
         # No ablation published: hide the stated share of communication behind compute.
         hidden = min(die.profile.microbatch_hidden_prefill * (disp + comb), attn_path + experts)
@@ -136,14 +146,32 @@ def decode_step(die: Die, shapes: ModelShapes, cfg: DecodeConfig) -> DecodeResul
     else:
         moe_layer = (attn_path + moe_path) / (1.0 + gain)
     dense_layer = (attn_path + gemm_time(die, q_tokens, shapes.dense_mlp_params, INT8)) / (1.0 + gain)
+    parts = {"attn_proj": proj + absorb, "attn_core": attn, "gate": gate, "dispatch": disp,
+             "experts": experts, "combine": comb, "imbalance": imbalance}
+    return _Layer(moe_layer, dense_layer, parts)
 
-    # MTP module: one more MoE block over one token per sequence, plus its own head pass.
+
+def decode_step(die: Die, shapes: ModelShapes, cfg: DecodeConfig) -> DecodeResult:
+    """Time one decode step of the whole instance (every die runs the same schedule)."""
+    chip = die.chip
+    seqs = cfg.batch_per_chip / chip.dies                   # sequences per die
+    q_tokens = seqs * (2 if cfg.mtp else 1)                # query tokens per die per step
+    epr = experts_per_rank(shapes, cfg)
+    gain = _microbatch_gain(die, cfg.batch_per_chip) if cfg.microbatch else 0.0
+    main = _layer(die, shapes, cfg, seqs, q_tokens, gain)
+    moe_layer = main.time
+
+    # MTP module: its input projection (concatenated embedding and hidden state, 2h -> h) and
+    # one MoE block over one token per sequence, plus its own head pass.
     mtp_layers = shapes.mtp_layers if cfg.mtp else 0
-    mtp_scale = (seqs / q_tokens) if cfg.mtp else 0.0
+    mtp_time = 0.0
+    if mtp_layers:
+        mtp_block = _layer(die, shapes, cfg, seqs, seqs, gain).time
+        mtp_proj = gemm_time(die, seqs, 2 * shapes.hidden * shapes.hidden, INT8)
+        mtp_time = mtp_layers * (mtp_block + mtp_proj)
     head = gemm_time(die, q_tokens, shapes.head_params, BF16)
     head_mtp = gemm_time(die, seqs, shapes.head_params, BF16) if cfg.mtp else 0.0
-    mtp_time = mtp_layers * max(moe_layer * max(mtp_scale, 0.5), 0.0)
-    step = (shapes.moe_layers * moe_layer + shapes.dense_layers * dense_layer
+    step = (shapes.moe_layers * moe_layer + shapes.dense_layers * main.dense_time
             + mtp_time + head + head_mtp)
     tokens_per_step = 1.0 + (cfg.acceptance if cfg.mtp else 0.0)
     tpot = step / tokens_per_step
@@ -156,11 +184,7 @@ def decode_step(die: Die, shapes: ModelShapes, cfg: DecodeConfig) -> DecodeResul
                + 2 * shapes.head_params * BF16)
     kv = seqs * cfg.context * shapes.kv_dim * cfg.kv_bytes * layers
     used = weights + kv
-    breakdown = {
-        "attn_proj": proj + absorb, "attn_core": attn, "gate": gate, "dispatch": disp,
-        "experts": experts, "combine": comb, "microbatch_gain": gain, "imbalance": imbalance,
-        "head": head + head_mtp, "mtp": mtp_time,
-    }
+    breakdown = {**main.parts, "microbatch_gain": gain, "head": head + head_mtp, "mtp": mtp_time}
     return DecodeResult(
         step_time=step,
         tpot=tpot,

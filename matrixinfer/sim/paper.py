@@ -83,14 +83,22 @@ def reproduce_paper(shapes: ModelShapes) -> list[PaperFigure]:
         figs.append(PaperFigure("decode", f"TPOT, {label}", tpot, r.tpot * 1e3, "ms"))
         figs.append(PaperFigure("decode", f"tok/s/NPU, {label}", tput,
                                 r.tokens_per_s_per_chip, "tok/s"))
-    base = paper_prefill(shapes, 0.0)
-    for reuse, ttft_cut, gain in ((0.5, 0.34, 1.42), (0.9, 0.59, 2.28)):
+    # Baselines as the paper states them: the 1.42x throughput gain is 12.5% -> 50% reuse, the
+    # 2.28x gain is over no cache. The TTFT cuts are read as relative to no cache: with that
+    # reading the paper's own numbers agree with each other (a 34% cut at 50% and the 1.42x gain
+    # put 12.5% reuse at 0.94 of the no-cache time; a 12.5% baseline would imply 1.52x).
+    nocache = paper_prefill(shapes, 0.0)
+    low = paper_prefill(shapes, 0.125)
+    for reuse, ttft_cut, gain, base, base_label in ((0.5, 0.34, 1.42, low, "vs 12.5% reuse"),
+                                                    (0.9, 0.59, 2.28, nocache, "vs no cache")):
         r = paper_prefill(shapes, reuse)
         pct = int(reuse * 100)
         figs.append(PaperFigure("context cache", f"TTFT reduction at {pct}% reuse", ttft_cut * 100,
-                                (1 - r.batch_time / base.batch_time) * 100, "%"))
+                                (1 - r.batch_time / nocache.batch_time) * 100, "%",
+                                note="vs no cache"))
         figs.append(PaperFigure("context cache", f"throughput gain at {pct}% reuse", gain,
-                                r.tokens_per_s_per_chip / base.tokens_per_s_per_chip, "x"))
+                                r.tokens_per_s_per_chip / base.tokens_per_s_per_chip, "x",
+                                note=base_label))
     ub, vpc = paper_prefill(shapes, 0.9, True), paper_prefill(shapes, 0.9, False)
     figs.append(PaperFigure("context cache", "pool over UB vs VPC, 90% reuse", 1.52,
                             vpc.batch_time / ub.batch_time, "x", note="paper: 'up to'"))
