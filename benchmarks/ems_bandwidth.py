@@ -13,7 +13,9 @@ Each figure is the median of several trials. Exit status 1 if a bar is missed.
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +45,44 @@ def median_time(fn: Callable[[], None], trials: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _raw_sender(port_q: "mp.Queue[int]", nbytes: int, count: int) -> None:
+    """A bare socket server answering each 1-byte request with the next of ``count`` distinct
+    ``nbytes`` buffers (the same working set as the EMS figure): the Python TCP ceiling."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    rng = np.random.default_rng(1)
+    data = [memoryview(rng.integers(0, 255, nbytes, dtype=np.uint8)) for _ in range(count)]
+    port_q.put(srv.getsockname()[1])
+    conn, _ = srv.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    i = 0
+    while conn.recv(1):
+        conn.sendall(data[i % count])
+        i += 1
+
+
+def raw_tcp_time(nbytes: int, count: int, trials: int) -> float:
+    """Median time to fetch ``count`` messages of ``nbytes`` over a bare loopback socket."""
+    q: mp.Queue[int] = mp.Queue()
+    proc = mp.Process(target=_raw_sender, args=(q, nbytes, count), daemon=True)
+    proc.start()
+    sock = socket.create_connection(("127.0.0.1", q.get(timeout=60)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    out = memoryview(bytearray(nbytes))
+
+    def fetch_all() -> None:
+        for _ in range(count):
+            sock.send(b"x")
+            got = 0
+            while got < nbytes:
+                got += sock.recv_into(out[got:], nbytes - got)
+
+    try:
+        return median_time(fetch_all, trials)
+    finally:
+        sock.close()
+        proc.terminate()
 
 
 def start_server(capacity: str) -> tuple[subprocess.Popen, str]:
@@ -87,6 +127,8 @@ def main() -> int:
         t_tcp = median_time(lambda: [tcp.get_into(k, out) for k in big_keys], args.trials)
         assert np.array_equal(out, bigs[-1])
 
+        progress("3b/4 bare Python loopback socket, same sizes (context for the TCP figure)")
+        t_raw = raw_tcp_time(big, args.values, args.trials)
         progress("4/4 1,000 single gets vs one batched get of 16 KB values")
         outs = [np.empty(small, np.uint8) for _ in small_keys]
         ratios = {}
@@ -100,7 +142,7 @@ def main() -> int:
         proc.terminate()
         proc.wait()
 
-    copy_gbs, shm_gbs, tcp_gbs = (nbytes / t / 1e9 for t in (t_copy, t_shm, t_tcp))
+    copy_gbs, shm_gbs, tcp_gbs, raw_gbs = (nbytes / t / 1e9 for t in (t_copy, t_shm, t_tcp, t_raw))
     checks = []
     print(f"EMS bandwidth ({args.values} x 4 MB values, median of {args.trials} trials, server {addr})")
     print(f"  plain memory copy          {copy_gbs:7.2f} GB/s")
@@ -111,6 +153,7 @@ def main() -> int:
     checks.append(tcp_gbs >= 1.0)
     print(f"  loopback TCP get           {tcp_gbs:7.2f} GB/s                          (bar >= 1 GB/s) "
           f"{'PASS' if checks[-1] else 'FAIL'}")
+    print(f"  (bare Python loopback socket {raw_gbs:7.2f} GB/s: EMS TCP get = {tcp_gbs / raw_gbs:.0%} of it)")
     for name, (t_single, t_batch) in ratios.items():
         speedup = t_single / t_batch
         checks.append(speedup >= 5 or name != "tcp")

@@ -70,7 +70,7 @@ class ServerConnection:
                  connect_timeout: float = 0.5, fast_path: bool = True) -> None:
         self.addr = addr
         self.sock = socket.create_connection(p.parse_addr(addr), timeout=connect_timeout)
-        self.sock.settimeout(timeout)
+        p.set_timeouts(self.sock, timeout)
         tune_socket(self.sock)
         self._held_lease = 0  # a same-host read lease to drop with the next request
         reply = self._call(p.Hello(namespace=namespace, token=token))
@@ -127,22 +127,23 @@ class ServerConnection:
                 self._held_lease = reply.lease  # released by the next request (or by closing)
         reply = self._call(p.Get(keys=keys))
         results: list[object] = []
+        dests: list[memoryview] = []  # where each returned value lands, in stream order
         too_small = None
         for i, size in enumerate(reply.sizes):
             if size == p.MISS:
                 results.append(None)
-                continue
-            if views is None:
+            elif views is None:
                 buf = bytearray(size)
-                p.recv_exact(self.sock, memoryview(buf))
+                dests.append(memoryview(buf))
                 results.append(buf)
             elif len(views[i]) < size:
-                p.discard(self.sock, size)  # keep the stream in step, then complain
+                dests.append(memoryview(bytearray(size)))  # keep the stream in step, then complain
                 too_small = too_small or (keys[i], size, len(views[i]))
                 results.append(None)
             else:
-                p.recv_exact(self.sock, views[i][:size])
+                dests.append(views[i][:size])
                 results.append(size)
+        p.recv_scatter(self.sock, dests)
         if too_small:
             raise ValueError(f"buffer for key {too_small[0]!r} holds {too_small[2]} bytes, value has {too_small[1]}")
         return results

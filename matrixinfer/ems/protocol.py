@@ -143,13 +143,34 @@ def send_frame(sock: socket.socket, header: msgspec.Struct, payloads: Sequence =
 
 
 def recv_exact(sock: socket.socket, view: memoryview) -> None:
-    """Fill ``view`` from the socket (raises ConnectionError on EOF)."""
+    """Fill ``view`` from the socket (raises ConnectionError on EOF).
+
+    ``MSG_WAITALL`` lets the kernel gather a large value in one call on blocking sockets (see
+    :func:`set_timeouts`); it is harmless on sockets with a Python-level timeout.
+    """
     got, n = 0, len(view)
     while got < n:
-        k = sock.recv_into(view[got:], n - got)
+        k = sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
         if k == 0:
             raise ConnectionError("EMS peer closed the connection mid-frame")
         got += k
+
+
+def recv_scatter(sock: socket.socket, views: list[memoryview]) -> None:
+    """Fill every view in order with as few syscalls as possible (``recvmsg_into``)."""
+    views = [v for v in views if len(v)]
+    i = 0
+    while i < len(views):
+        n = sock.recvmsg_into(views[i:i + 512], 0, socket.MSG_WAITALL)[0]
+        if n == 0:
+            raise ConnectionError("EMS peer closed the connection mid-frame")
+        while n:
+            if n >= len(views[i]):
+                n -= len(views[i])
+                i += 1
+            else:
+                views[i] = views[i][n:]
+                n = 0
 
 
 def discard(sock: socket.socket, n: int) -> None:
@@ -186,6 +207,18 @@ def recv_reply(sock: socket.socket) -> Reply:
         return _reply_decoder.decode(_recv_header(sock))
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"undecodable EMS reply: {exc}") from exc
+
+
+def set_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Blocking socket with kernel send/receive timeouts, so ``MSG_WAITALL`` reads stay whole.
+
+    (A Python-level ``settimeout`` makes the socket non-blocking, which splits every large read
+    into many small ones.) A timed-out call raises ``OSError`` (EAGAIN).
+    """
+    sock.settimeout(None)
+    tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
 def parse_addr(addr: str) -> tuple[str, int]:

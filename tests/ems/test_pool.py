@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -139,3 +140,17 @@ def test_cli_server_and_stats(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_hung_server_turns_into_misses_after_the_timeout(ems_servers):
+    server = ems_servers("8M")
+    with EmsClient([server.addr], namespace="hang", timeout=0.5, fast_path=False) as client:
+        client.put("k", b"v")
+        server.proc.send_signal(signal.SIGSTOP)  # alive but not answering
+        try:
+            t0 = time.monotonic()
+            assert client.get("k") is None
+            assert client.get("k") is None  # now skipped without waiting (retry_after)
+            assert time.monotonic() - t0 < 1.5
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
