@@ -227,6 +227,14 @@ class EmsClient:
                 self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ems-bg")
         return self._executor.submit(fn, *args, **kwargs)
 
+    def release(self) -> None:
+        """Drop this thread's same-host read leases now (they otherwise ride on the next request)."""
+        for addr, conn in list(self._local.__dict__.get("conns", {}).items()):
+            try:
+                conn.release()
+            except OSError:
+                self._mark_down(addr)
+
     def close(self) -> None:
         """Close every connection of every thread and stop the background thread."""
         if self._executor is not None:

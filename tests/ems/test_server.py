@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
 import numpy as np
 import pytest
@@ -33,6 +34,11 @@ def test_round_trips_of_random_sizes_are_identical(ems_servers, fast_path):
             assert np.array_equal(out[:size], value) and not out[size:].any()
             if size <= 4 * MB:
                 assert client.get(f"k{i}") == value.tobytes()
+        client.release()  # same-host: the last read's pins are dropped now (no reply: poll)
+        deadline = time.monotonic() + 2
+        while server_stats(server.addr)["leases"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server_stats(server.addr)["leases"] == 0
         keys = [f"k{i}" for i in range(len(sizes) - 1)] + ["absent"]
         got = client.mget(keys)
         assert got[-1] is None and [len(g) for g in got[:-1]] == sizes[:-1]
