@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 
 from matrixinfer.config import EngineConfig
 from matrixinfer.engine.block_manager import BlockManager
+from matrixinfer.engine.external_cache import ExternalPrefixCache
 from matrixinfer.engine.model_runner import ModelRunner
 from matrixinfer.engine.sampler import Sampler
 from matrixinfer.engine.sampling_params import SamplingParams
@@ -44,6 +46,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    handed_off: bool = False  # prefill role: the sequence moved to a decode instance after this token
 
 
 @dataclass
@@ -60,6 +63,8 @@ class EngineStats:
     generation_tokens: int
     preemptions: int
     steps: int
+    reserved_blocks: int = 0
+    external_hit_tokens: int = 0
 
 
 class _Detok:
@@ -123,6 +128,15 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self._detok: dict[str, _Detok] = {}
         self.prompt_tokens = self.generation_tokens = self.preemptions = self.steps = 0
+        # Disaggregation hooks (PDC): a prefill instance hands each sequence off after its first
+        # token; a decode instance reserves blocks for incoming KV and attaches prefilled sequences.
+        self.handoff: Callable[[Sequence, int, float | None], None] | None = None
+        self.external: ExternalPrefixCache | None = None
+        self.store_external = True
+        self.reservations: dict[str, tuple[Sequence, float]] = {}
+        self.external_hit_tokens = 0
+        self._ext_hits: dict[str, int] = {}
+        self._ext_stored: dict[str, int] = {}
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -144,6 +158,9 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is and free its blocks; False if it is unknown or done."""
+        if request_id in self.reservations:
+            self.release_reservation(request_id)
+            return True
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return False
@@ -166,7 +183,8 @@ class LLMEngine:
         for seq in list(self.waiting)[: self.cfg.max_num_seqs]:
             hit, revive = self.blocks.lookup(seq) if self.cfg.enable_prefix_caching else ([], 0)
             cached[seq.request_id] = hit
-            waiting_views.append(SeqView(seq.request_id, seq.num_tokens, len(hit) * self.cfg.block_size,
+            ext = self._external_hit(seq, len(hit))
+            waiting_views.append(SeqView(seq.request_id, seq.num_tokens, (len(hit) + ext) * self.cfg.block_size,
                                          len(hit), 0, revive))
         running_views = [SeqView(s.request_id, s.num_tokens, s.num_computed, len(s.block_table),
                                  self.blocks.freeable(s)) for s in self.running]
@@ -183,6 +201,7 @@ class LLMEngine:
             seq = self.seqs[sid]
             self.waiting.remove(seq)
             self.blocks.admit(seq, cached[sid])
+            self._load_external(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
         chunks = []
@@ -200,6 +219,8 @@ class LLMEngine:
             seq.num_computed += n
             if self.cfg.enable_prefix_caching:
                 self.blocks.commit(seq)
+            if self.external is not None and self.store_external:
+                self._store_external(seq)
         if logits is None:
             return []
         tokens, logprobs = self.sampler(logits, [s.request_id for s in samplers], [s.params for s in samplers])
@@ -225,6 +246,14 @@ class LLMEngine:
         out = RequestOutput(seq.request_id, [token], [logprob] if p.logprobs and logprob is not None else [],
                             num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=n_out,
                             num_cached_tokens=seq.num_cached_tokens)
+        if reason is None and self.handoff is not None:
+            out.text = self._detok[seq.request_id].delta(final=False)
+            self.handoff(seq, token, logprob)  # copies the KV out before the blocks are freed
+            self.running.remove(seq)
+            self.seqs.pop(seq.request_id, None)
+            self._finish(seq, "handoff")
+            out.handed_off = True
+            return out
         if reason is not None:
             self.running.remove(seq)
             self.seqs.pop(seq.request_id, None)
@@ -235,6 +264,8 @@ class LLMEngine:
         return out
 
     def _finish(self, seq: Sequence, reason: str) -> str:
+        self._ext_hits.pop(seq.request_id, None)
+        self._ext_stored.pop(seq.request_id, None)
         self.blocks.free(seq)
         self.sampler.forget(seq.request_id)
         seq.status = SequenceStatus.FINISHED
@@ -242,11 +273,95 @@ class LLMEngine:
         detok = self._detok.pop(seq.request_id, None)
         return detok.delta(final=True) if detok and reason != "abort" else ""
 
+    # -- external prefix cache (EMS) -----------------------------------------------------------
+    def _external_hit(self, seq: Sequence, local_blocks: int) -> int:
+        """Blocks beyond the local hit that the external cache holds (asked once per admission try)."""
+        if self.external is None:
+            return 0
+        if seq.request_id not in self._ext_hits:
+            max_blocks = (seq.num_tokens - 1) // self.cfg.block_size
+            hashes = self.blocks._hashes(seq, max_blocks)[local_blocks:]
+            self._ext_hits[seq.request_id] = local_blocks + (self.external.lookup(hashes) if hashes else 0)
+        return max(0, self._ext_hits[seq.request_id] - local_blocks)
+
+    def _load_external(self, seq: Sequence) -> None:
+        local = len(seq.block_table)
+        ext = self._external_hit(seq, local)
+        if not ext:
+            return
+        bs = self.cfg.block_size
+        self.blocks.reserve(seq, (local + ext) * bs)
+        hashes = self.blocks._hashes(seq, local + ext)[local:]
+        views = [self.runner.kv_cache.block_view(b) for b in seq.block_table[local:local + ext]]
+        loaded = self.external.load(hashes, views)
+        seq.num_computed = (local + loaded) * bs
+        seq.num_cached_tokens = seq.num_computed
+        self.external_hit_tokens += loaded * bs
+        self._ext_stored[seq.request_id] = local + ext  # those blocks are in the pool already
+
+    def _store_external(self, seq: Sequence) -> None:
+        """Send newly completed prompt blocks to the external cache (asynchronously)."""
+        bs = self.cfg.block_size
+        full = min(seq.num_computed, len(seq.prompt_ids)) // bs
+        done = self._ext_stored.get(seq.request_id, 0)
+        if full <= done:
+            return
+        hashes = self.blocks._hashes(seq, full)[done:full]
+        views = [self.runner.kv_cache.block_view(b) for b in seq.block_table[done:full]]
+        self.external.store_async(hashes, views)
+        self._ext_stored[seq.request_id] = full
+
+    # -- decode side of disaggregation -----------------------------------------------------------
+    def reserve(self, request_id: str, num_tokens: int, timeout: float) -> list[int] | None:
+        """Hold blocks for ``num_tokens`` tokens of KV arriving from a prefill instance; None if they
+        do not fit now. Unclaimed reservations are reclaimed after ``timeout`` seconds."""
+        if request_id in self.reservations or request_id in self.seqs:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        need = self.blocks.blocks_needed(num_tokens + 1)
+        if need > self.blocks.num_free:
+            return None
+        holder = Sequence(request_id, [], SamplingParams(max_tokens=1))
+        self.blocks.reserve(holder, num_tokens + 1)
+        self.reservations[request_id] = (holder, time.monotonic() + timeout)
+        return list(holder.block_table)
+
+    def release_reservation(self, request_id: str) -> None:
+        holder, _ = self.reservations.pop(request_id)
+        self.blocks.free(holder)
+
+    def reap_reservations(self) -> list[str]:
+        """Free reservations past their deadline; returns their request ids."""
+        now = time.monotonic()
+        expired = [rid for rid, (_, deadline) in self.reservations.items() if deadline < now]
+        for rid in expired:
+            self.release_reservation(rid)
+        return expired
+
+    def attach(self, request_id: str, prompt_ids: list[int], first_token: int, first_logprob: float | None,
+               params: SamplingParams, num_cached: int = 0) -> None:
+        """Turn a filled reservation into a running sequence whose first token is already known."""
+        holder, _ = self.reservations.pop(request_id)
+        seq = Sequence(request_id, list(prompt_ids), params)
+        seq.block_table = holder.block_table
+        seq.num_computed = len(prompt_ids)
+        seq.num_cached_tokens = num_cached
+        seq.output_ids = [first_token]
+        if params.logprobs and first_logprob is not None:
+            seq.logprobs = [first_logprob]
+        seq.status = SequenceStatus.RUNNING
+        detok = _Detok(self.tokenizer, params.stop)
+        detok.push(first_token)
+        detok.delta(final=False)  # the prefill instance already sent this much text
+        self._detok[request_id] = detok
+        self.seqs[request_id] = seq
+        self.running.append(seq)
+
     # -- conveniences ----------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         return EngineStats(len(self.running), len(self.waiting), self.blocks.num_blocks, self.blocks.num_used,
                            self.blocks.hit_tokens, self.blocks.queried_tokens, self.prompt_tokens,
-                           self.generation_tokens, self.preemptions, self.steps)
+                           self.generation_tokens, self.preemptions, self.steps,
+                           sum(len(s.block_table) for s, _ in self.reservations.values()), self.external_hit_tokens)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Run ``prompts`` to completion (offline use and tests); returns generated token ids."""
