@@ -35,6 +35,27 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="matrixinfer-engine", daemon=True)
         self._thread.start()
 
+    # -- what the API server reads --------------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        return self.engine.model_id
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.engine.max_seq_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model.config.vocab_size
+
     def shutdown(self) -> None:
         self._stop = True
         self._wake.set()

@@ -338,8 +338,9 @@ class LLMEngine:
         return expired
 
     def attach(self, request_id: str, prompt_ids: list[int], first_token: int, first_logprob: float | None,
-               params: SamplingParams, num_cached: int = 0) -> None:
-        """Turn a filled reservation into a running sequence whose first token is already known."""
+               params: SamplingParams, num_cached: int = 0) -> RequestOutput:
+        """Turn a filled reservation into a running sequence whose first token is already known;
+        returns that first token's output (text included) for the client."""
         holder, _ = self.reservations.pop(request_id)
         seq = Sequence(request_id, list(prompt_ids), params)
         seq.block_table = holder.block_table
@@ -351,10 +352,12 @@ class LLMEngine:
         seq.status = SequenceStatus.RUNNING
         detok = _Detok(self.tokenizer, params.stop)
         detok.push(first_token)
-        detok.delta(final=False)  # the prefill instance already sent this much text
         self._detok[request_id] = detok
         self.seqs[request_id] = seq
         self.running.append(seq)
+        self.generation_tokens += 1
+        return RequestOutput(request_id, [first_token], list(seq.logprobs), detok.delta(final=False),
+                             num_prompt_tokens=len(prompt_ids), num_output_tokens=1, num_cached_tokens=num_cached)
 
     # -- conveniences ----------------------------------------------------------------------------
     def stats(self) -> EngineStats:

@@ -17,6 +17,17 @@ class Sampler:
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
 
+    def export_state(self, request_id: str) -> bytes:
+        """A seeded request's generator state (empty if unseeded), to continue it elsewhere."""
+        gen = self._generators.get(request_id)
+        return bytes(gen.get_state().numpy().tobytes()) if gen is not None else b""
+
+    def import_state(self, request_id: str, state: bytes, device: torch.device) -> None:
+        if state:
+            gen = torch.Generator(device=device)
+            gen.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+            self._generators[request_id] = gen
+
     def _generator(self, request_id: str, params: SamplingParams, device: torch.device) -> torch.Generator | None:
         if params.seed is None:
             return None

@@ -103,9 +103,32 @@ def _expected(model: DeepseekForCausalLM) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def read_checkpoint_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint as stored (FP8 and scales included), e.g. to fill a model cache."""
+    names = _index(Path(path))
+    handles: dict[Path, object] = {}
+    out = {}
+    for name, fpath in names.items():
+        fh = handles.get(fpath) or handles.setdefault(fpath, _open(fpath))
+        out[name] = fh.get_tensor(name)
+    return out
+
+
+class _MappingSource:
+    """Tensors from a mapping (e.g. the EMS model cache) behind the safe_open interface."""
+
+    def __init__(self, tensors) -> None:
+        self.tensors = tensors
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        t = self.tensors[name]
+        return t if isinstance(t, torch.Tensor) else torch.from_numpy(t)
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               with_mtp: bool | None = None, progress: bool = True) -> DeepseekForCausalLM:
-    """Build the model described by ``path/config.json`` and fill it from the checkpoint's tensors.
+               with_mtp: bool | None = None, progress: bool = True, tensors=None) -> DeepseekForCausalLM:
+    """Build the model described by ``path/config.json`` and fill it from the checkpoint's tensors
+    (or from ``tensors``, a name -> tensor mapping such as the EMS model cache returns).
 
     MTP modules are loaded when the config declares them and the checkpoint holds their tensors;
     ``with_mtp=True`` makes missing MTP tensors an error, ``False`` skips them.
@@ -114,7 +137,12 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: not a checkpoint directory")
     cfg = ModelConfig.from_file(ckpt)
-    names = _index(ckpt)
+    if tensors is not None:
+        source = _MappingSource(tensors)
+        names = {n: ckpt / "<model cache>" for n in tensors}
+    else:
+        source = None
+        names = _index(ckpt)
     n_layers = cfg.num_hidden_layers
     has_mtp = any((m := _LAYER.match(n)) and int(m.group(1)) >= n_layers for n in names)
     if with_mtp is None:
@@ -140,7 +168,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         if target.startswith("mtp.") and int(target.split(".")[1]) >= len(model.mtp):
             continue
         fpath = names[name]
-        fh = handles.get(fpath) or handles.setdefault(fpath, _open(fpath))
+        fh = source or handles.get(fpath) or handles.setdefault(fpath, _open(fpath))
         try:
             t = fh.get_tensor(name)
         except Exception as exc:
@@ -150,7 +178,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
             if sname not in names:
                 raise CheckpointError(f"{fpath}: fp8 tensor {name} has no {sname}")
             sfile = names[sname]
-            sh = handles.get(sfile) or handles.setdefault(sfile, _open(sfile))
+            sh = source or handles.get(sfile) or handles.setdefault(sfile, _open(sfile))
             try:
                 t = dequantize_fp8_blocks(t, sh.get_tensor(sname), block, torch.float32, name)
             except ValueError as exc:

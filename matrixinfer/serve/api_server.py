@@ -14,22 +14,25 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from matrixinfer.engine.async_engine import AsyncEngine, EngineDeadError
+from matrixinfer.engine.async_engine import EngineDeadError
 from matrixinfer.engine.llm_engine import RequestError
 from matrixinfer.serve.metrics import ServerMetrics
 from matrixinfer.serve.protocol import ApiError, GenerateRequest, parse_chat, parse_completion
+
+Backend = Any  # AsyncEngine or Router: model_id, tokenizer, max_model_len, max_seq_len, vocab_size,
+# alive, error, stats, generate(request_id, prompt_ids, params) -> async iterator of RequestOutput
 
 
 def _error(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
-def create_app(engine: AsyncEngine, api_key: str | None = None) -> FastAPI:
-    """The API app around a running :class:`AsyncEngine` (``api_key``: require ``Bearer`` auth on /v1)."""
-    core = engine.engine
-    tok = core.tokenizer
-    model_id = core.model_id
-    metrics = ServerMetrics(lambda: engine.stats)
+def create_app(engine: Backend, api_key: str | None = None) -> FastAPI:
+    """The API app around a backend: the colocated :class:`AsyncEngine` or the PDC router
+    (``api_key``: require ``Bearer`` auth on /v1)."""
+    tok = engine.tokenizer
+    model_id = engine.model_id
+    metrics = ServerMetrics(lambda: engine.stats, getattr(engine, "instance_metrics", None))
     app = FastAPI(title="MatrixInfer", docs_url=None, redoc_url=None)
     app.state.engine = engine
     app.state.metrics = metrics
@@ -59,7 +62,7 @@ def create_app(engine: AsyncEngine, api_key: str | None = None) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{
             "id": model_id, "object": "model", "created": int(time.time()), "owned_by": "matrixinfer",
-            "max_model_len": core.max_model_len, "vocab_size": core.model.config.vocab_size}]}
+            "max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size}]}
 
     async def _body(request: Request) -> Any:
         raw = await request.body()
@@ -78,7 +81,7 @@ def create_app(engine: AsyncEngine, api_key: str | None = None) -> FastAPI:
             ids = req.prompt_ids
         else:
             ids = tok.encode(req.prompt_text)
-        limit = core.max_seq_len
+        limit = engine.max_seq_len
         if req.messages is not None and not req.max_tokens_given:
             req.params.max_tokens = max(1, limit - len(ids))
         if len(ids) + req.params.max_tokens > limit:
@@ -99,6 +102,8 @@ def create_app(engine: AsyncEngine, api_key: str | None = None) -> FastAPI:
             raise ApiError(400, str(exc), param="prompt") from None
         except EngineDeadError as exc:
             raise ApiError(503, str(exc), type_="server_error") from None
+        except StopAsyncIteration:
+            raise ApiError(500, "the request ended without output", type_="server_error") from None
         timing.token(first)
         if req.stream:
             return StreamingResponse(_sse(stream, first, rid, created, req, chat, len(ids), timing),
@@ -122,7 +127,10 @@ def create_app(engine: AsyncEngine, api_key: str | None = None) -> FastAPI:
                 task.cancel()
                 await stream.aclose()
                 return Response(status_code=499)
-        task.result()
+        try:
+            task.result()
+        except EngineDeadError as exc:
+            raise ApiError(503, str(exc), type_="server_error") from None
         text = "".join(o.text for o in outs)
         last = outs[-1]
         usage = _usage(n_prompt, last.num_output_tokens, last.num_cached_tokens)
@@ -161,10 +169,17 @@ def create_app(engine: AsyncEngine, api_key: str | None = None) -> FastAPI:
 
         yield piece(first)
         if not first.finished:
-            async for out in stream:  # cancelled on client disconnect -> the engine aborts the request
-                timing.token(out)
-                last = out
-                yield piece(out)
+            try:
+                async for out in stream:  # cancelled on client disconnect -> the engine aborts the request
+                    timing.token(out)
+                    last = out
+                    yield piece(out)
+            except (ApiError, EngineDeadError) as exc:
+                err = exc if isinstance(exc, ApiError) else ApiError(503, str(exc), type_="server_error")
+                metrics.errors.labels(str(err.status)).inc()
+                yield f"data: {json.dumps(err.body())}\n\n"
+                yield "data: [DONE]\n\n"
+                return
         if req.include_usage:
             usage = _usage(n_prompt, last.num_output_tokens, last.num_cached_tokens)
             yield f"data: {json.dumps({'id': rid, 'object': obj, 'created': created, 'model': model_id, 'choices': [], 'usage': usage})}\n\n"

@@ -36,10 +36,36 @@ class _EngineCollector:
                                   value=s.preemptions)
 
 
+class _InstanceCollector:
+    """Per-instance gauges of a PDC deployment, labelled by instance and role."""
+
+    def __init__(self, instances: Callable[[], list[tuple[str, str, object]]]) -> None:
+        self.instances = instances
+
+    def collect(self):
+        fields = [
+            ("queued_tokens", "Tokens waiting to be computed"), ("running", "Running sequences"),
+            ("waiting", "Waiting sequences"), ("kv_used", "KV blocks in use"), ("kv_total", "KV blocks"),
+            ("reserved_blocks", "KV blocks reserved for incoming transfers"),
+            ("prompt_tokens", "Prompt tokens computed"), ("generation_tokens", "Tokens generated"),
+            ("prefix_hit_tokens", "Tokens served from the local prefix cache"),
+            ("external_hit_tokens", "Tokens loaded from the EMS context cache"),
+            ("kv_sent_bytes", "KV bytes sent to decode instances"),
+            ("kv_received_bytes", "KV bytes received from prefill instances"),
+            ("kv_transfer_seconds", "Seconds spent sending KV"), ("kv_transfers", "KV transfers completed"),
+        ]
+        fams = {f: GaugeMetricFamily(f"matrixinfer_instance_{f}", doc, labels=["instance", "role"]) for f, doc in fields}
+        for iid, role, load in self.instances():
+            for f, _ in fields:
+                fams[f].add_metric([iid, role], float(getattr(load, f)))
+        yield from fams.values()
+
+
 class ServerMetrics:
     """A private registry (several servers may live in one process in tests)."""
 
-    def __init__(self, stats: Callable[[], object]) -> None:
+    def __init__(self, stats: Callable[[], object],
+                 instances: Callable[[], list[tuple[str, str, object]]] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("matrixinfer_requests", "Finished requests by finish reason",
                                 ["finish_reason"], registry=self.registry)
@@ -52,3 +78,5 @@ class ServerMetrics:
         self.e2e = Histogram("matrixinfer_e2e_request_latency_seconds", "Request latency, arrival to finish",
                              buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_EngineCollector(stats))
+        if instances is not None:
+            self.registry.register(_InstanceCollector(instances))

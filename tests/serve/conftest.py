@@ -32,6 +32,9 @@ class Server:
         self.api_key = api_key
         cmd = [sys.executable, "-m", "matrixinfer.cli", "serve", "--model", str(model_dir), "--port", str(self.port),
                "--served-model-name", "tiny", "--log-level", "warning", *extra]
+        if "--num-prefill" not in extra and "--pdc" not in extra:
+            cmd.append("--colocated")
+        cmd = [c for c in cmd if c != "--pdc"]
         if api_key:
             cmd += ["--api-key", api_key]
         env = dict(os.environ, MATRIXINFER_THREADS="1")

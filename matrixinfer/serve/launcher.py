@@ -1,0 +1,142 @@
+"""The embedded single-host PDC deployment: router + API in this process, an EMS controller
+thread, and EMS servers, prefill and decode workers as child processes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class Children:
+    """Child processes started by the launcher; all are terminated when it exits."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "matrixinfer.cli", *args]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=dict(os.environ, **(env or {})))
+        self.procs.append((name, proc))
+        return proc
+
+    def stop(self) -> None:
+        for _, p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.time() + 10
+        for _, p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _wait_line(proc: subprocess.Popen, pattern: str, timeout: float, name: str) -> str:
+    """Read the child's output until a line matches ``pattern``; return the first group."""
+    deadline = time.time() + timeout
+    rx = re.compile(pattern)
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{name} exited before becoming ready (exit code {proc.poll()})")
+        hit = rx.search(line)
+        if hit:
+            return hit.group(1)
+    raise RuntimeError(f"{name} not ready within {timeout:.0f} s")
+
+
+def _drain(proc: subprocess.Popen, name: str) -> None:
+    """Forward a child's output to our log (so it never blocks on a full pipe)."""
+    import threading
+
+    def pump() -> None:
+        for line in proc.stdout:
+            sys.stderr.write(f"[{name}] {line}")
+        code = proc.wait()
+        if code not in (0, -signal.SIGTERM):
+            log.warning("%s exited with code %s", name, code)
+
+    threading.Thread(target=pump, daemon=True).start()
+
+
+def worker_args(args: argparse.Namespace, role: str, router: str) -> list[str]:
+    """Command-line arguments of a worker that inherits this launcher's engine flags."""
+    out = ["worker", "--role", role, "--router", router]
+    for flag in ("model", "device", "dtype", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+        value = getattr(args, flag)
+        if value is not None:
+            out += [f"--{flag.replace('_', '-')}", str(value)]
+    kv_mem = args.decode_kv_cache_memory if role == "decode" else args.prefill_kv_cache_memory
+    if kv_mem or args.kv_cache_memory:
+        out += ["--kv-cache-memory", str(kv_mem or args.kv_cache_memory)]
+    else:
+        out += ["--kv-cache-fraction", str(args.kv_cache_fraction)]
+    if args.no_prefix_caching:
+        out.append("--no-prefix-caching")
+    return out
+
+
+def serve_pdc(args: argparse.Namespace) -> int:
+    """Start the deployment and serve until interrupted."""
+    import uvicorn
+
+    from matrixinfer.ems.controller import Controller
+    from matrixinfer.model.default_model import default_model_path
+    from matrixinfer.serve.api_server import create_app
+    from matrixinfer.serve.router import Router
+
+    model = Path(args.model) if args.model else default_model_path()
+    args.model = str(model)
+    children = Children()
+    controller = Controller("127.0.0.1", 0).start() if args.num_ems > 0 else None
+    router = Router(model, args.served_model_name, reserve_timeout=args.reserve_timeout,
+                    ems_controller=controller.address if controller else "")
+
+    async def main() -> None:
+        ctrl = await router.start(args.host, args.router_port)
+        try:
+            for i in range(args.num_ems):
+                p = children.start(f"ems{i}", ["ems-server", "--capacity", str(args.ems_capacity),
+                                               "--listen", "127.0.0.1:0", "--controller", controller.address])
+                addr = await asyncio.to_thread(_wait_line, p, r"listening on (\S+)", 60, f"ems{i}")
+                _drain(p, f"ems{i}")
+                log.info("EMS server %d at %s", i, addr)
+            # Share the cores: oversubscribed intra-op thread pools spin against each other.
+            threads = args.worker_threads or max(1, (os.cpu_count() or 1) // max(1, args.num_prefill + args.num_decode))
+            env = {"MATRIXINFER_THREADS": os.environ.get("MATRIXINFER_THREADS", str(threads))}
+            for role, n in (("prefill", args.num_prefill), ("decode", args.num_decode)):
+                for i in range(n):
+                    _drain(children.start(f"{role}{i}", worker_args(args, role, ctrl), env), f"{role}{i}")
+            await router.wait_for(args.num_prefill, args.num_decode, timeout=600)
+            app = create_app(router, api_key=args.api_key)
+            url = f"http://{args.host}:{args.port}"
+            print(f"MatrixInfer PDC serving '{router.model_id}' at {url}: {args.num_prefill} prefill, "
+                  f"{args.num_decode} decode, {args.num_ems} EMS server(s); workers join at {ctrl}\n"
+                  f"  try: curl {url}/v1/completions -H 'Content-Type: application/json' -d "
+                  f"'{{\"model\": \"{router.model_id}\", \"prompt\": \"def fibonacci(n):\", \"max_tokens\": 48, "
+                  f"\"temperature\": 0}}'", flush=True)
+            server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+            await server.serve()
+        finally:
+            children.stop()
+            if controller:
+                controller.stop()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        children.stop()
+    return 0

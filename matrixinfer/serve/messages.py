@@ -1,0 +1,158 @@
+"""Typed messages between the router and prefill/decode workers, and between workers (KV).
+
+Serialized with msgspec (msgpack), never pickle; tensors travel as raw bytes after a header that
+gives their dtype and shape (see :mod:`matrixinfer.serve.wire`).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Sampling(msgspec.Struct):
+    """SamplingParams on the wire."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    max_tokens: int
+    min_tokens: int
+    stop: list[str]
+    stop_token_ids: list[int]
+    ignore_eos: bool
+    logprobs: bool
+
+
+# -- worker -> router ----------------------------------------------------------------------------
+class Join(msgspec.Struct, tag=True):
+    """First message of a worker: who it is (the router answers with Welcome)."""
+
+    role: str
+    instance_id: str
+
+
+class Register(msgspec.Struct, tag=True):
+    """A worker joins: its role, the address where its KV receiver listens (decode), its model."""
+
+    role: str
+    instance_id: str
+    model_id: str
+    kv_addr: str
+    max_model_len: int
+    max_seq_len: int
+    vocab_size: int
+    num_blocks: int
+    block_size: int
+
+
+class Load(msgspec.Struct, tag=True):
+    """Periodic load report (the router's only scheduling input)."""
+
+    queued_tokens: int
+    running: int
+    waiting: int
+    kv_used: int
+    kv_total: int
+    reserved_blocks: int
+    prompt_tokens: int
+    generation_tokens: int
+    prefix_hit_tokens: int
+    external_hit_tokens: int
+    kv_sent_bytes: int = 0
+    kv_received_bytes: int = 0
+    kv_transfer_seconds: float = 0.0
+    kv_transfers: int = 0
+
+
+class Output(msgspec.Struct, tag=True):
+    """Tokens produced for a request (prefill: the first token; decode: the rest)."""
+
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    handed_off: bool = False
+
+
+class Reserved(msgspec.Struct, tag=True):
+    """Decode reply to Reserve: blocks are held (ok) or the request failed (error)."""
+
+    request_id: str
+    ok: bool
+    error: str = ""
+
+
+class Failed(msgspec.Struct, tag=True):
+    """A request failed inside a worker (bad input, transfer failure)."""
+
+    request_id: str
+    error: str
+    status: int = 500
+
+
+# -- router -> worker ----------------------------------------------------------------------------
+class Welcome(msgspec.Struct, tag=True):
+    """The router's answer to Join: the model it serves and where the EMS pool's controller is."""
+
+    model_id: str
+    model_path: str
+    ems_controller: str
+
+
+class Prefill(msgspec.Struct, tag=True):
+    """Compute the prompt and the first token, then send the KV to ``decode_addr``."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: Sampling
+    decode_addr: str
+
+
+class Reserve(msgspec.Struct, tag=True):
+    """Hold blocks for a prompt's KV (decode instance), reclaimed after ``timeout`` seconds."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: Sampling
+    timeout: float
+
+
+class Abort(msgspec.Struct, tag=True):
+    """Drop a request and free everything it holds."""
+
+    request_id: str
+
+
+# -- prefill worker -> decode worker (KV plane) ----------------------------------------------------
+class KVChunk(msgspec.Struct, tag=True):
+    """Latents of layers ``[layer_start, layer_end)`` for all of a request's prompt tokens:
+    ``nbytes`` raw bytes of ``dtype`` with shape ``[layers, num_tokens, dim]`` follow."""
+
+    request_id: str
+    layer_start: int
+    layer_end: int
+    num_tokens: int
+    dim: int
+    dtype: str
+    nbytes: int
+
+
+class KVDone(msgspec.Struct, tag=True):
+    """All chunks sent: the decode instance may start the sequence with ``first_token``."""
+
+    request_id: str
+    first_token: int
+    first_logprob: float | None
+    num_cached: int
+    sampler_state: bytes = b""
+
+
+WorkerToRouter = Join | Register | Load | Output | Reserved | Failed
+RouterToWorker = Welcome | Prefill | Reserve | Abort
+KVMessage = KVChunk | KVDone

@@ -1,0 +1,288 @@
+"""The PDC router: the API's backend when prefill and decode run as separate instances.
+
+Stateless global scheduling: each request goes to the least-loaded decode instance (which first
+reserves KV blocks for it) and the least-loaded prefill instance (which computes the prompt, pulls
+cached prefix blocks from EMS, and pushes the KV to that decode instance). Tokens stream back from
+the decode instance. Workers join over the control port (``matrixinfer worker --router``); a lost
+prefill instance's unfinished requests are retried elsewhere, a lost decode instance's requests end
+with an error while everything else keeps running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+from matrixinfer.config import ModelConfig
+from matrixinfer.engine.async_engine import EngineDeadError
+from matrixinfer.engine.llm_engine import EngineStats, RequestError, RequestOutput
+from matrixinfer.engine.sampling_params import SamplingParams
+from matrixinfer.model.tokenizer import Tokenizer
+from matrixinfer.serve import messages as m
+from matrixinfer.serve.protocol import ApiError
+from matrixinfer.serve.router_policy import InstanceLoad, pick_instance
+from matrixinfer.serve.wire import WireError, encode, read_msg
+from matrixinfer.serve.worker import from_params
+
+log = logging.getLogger(__name__)
+_DEC = msgspec.msgpack.Decoder(m.WorkerToRouter)
+
+
+@dataclass
+class Instance:
+    """A registered worker and what the router knows of it."""
+
+    info: m.Register
+    writer: asyncio.StreamWriter
+    load: m.Load = field(default_factory=lambda: m.Load(0, 0, 0, 0, 1, 0, 0, 0, 0, 0))
+    assigned_tokens: int = 0
+    requests: set[str] = field(default_factory=set)
+
+    def send(self, msg) -> None:
+        self.writer.write(encode(msg))
+
+    def view(self) -> InstanceLoad:
+        return InstanceLoad(self.info.instance_id, self.load.queued_tokens, self.load.kv_used,
+                            max(self.load.kv_total, 1), self.assigned_tokens)
+
+
+@dataclass
+class Pending:
+    """A request in flight."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    queue: asyncio.Queue
+    prefill: str | None = None
+    decode: str | None = None
+    reserved: asyncio.Future | None = None
+    got_first: bool = False
+    tried: set[str] = field(default_factory=set)
+
+
+class Router:
+    """Implements the API server's backend interface over prefill and decode instances."""
+
+    def __init__(self, model_path: Path, served_model_name: str | None = None, reserve_timeout: float = 30.0,
+                 max_prefill_retries: int = 3, ems_controller: str = "") -> None:
+        cfg = ModelConfig.from_file(model_path)
+        self.tokenizer = Tokenizer(model_path)
+        self.model_path = model_path
+        self.ems_controller = ems_controller
+        self.model_id = served_model_name or model_path.name
+        self.max_model_len = cfg.max_position_embeddings
+        self.max_seq_len = cfg.max_position_embeddings
+        self.vocab_size = cfg.vocab_size
+        self.reserve_timeout = reserve_timeout
+        self.max_prefill_retries = max_prefill_retries
+        self.instances: dict[str, Instance] = {}
+        self.pending: dict[str, Pending] = {}
+        self.error = None
+        self.ctrl_addr = ""
+        self.lost_instances = 0
+
+    # -- backend interface ------------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return True
+
+    @property
+    def stats(self) -> EngineStats:
+        loads = [i.load for i in self.instances.values()]
+        return EngineStats(
+            running=sum(x.running for x in loads), waiting=sum(x.waiting for x in loads),
+            kv_blocks_total=sum(x.kv_total for x in loads), kv_blocks_used=sum(x.kv_used for x in loads),
+            prefix_hit_tokens=sum(x.prefix_hit_tokens + x.external_hit_tokens for x in loads),
+            prefix_queried_tokens=0, prompt_tokens=sum(x.prompt_tokens for x in loads),
+            generation_tokens=sum(x.generation_tokens for x in loads), preemptions=0, steps=0,
+            reserved_blocks=sum(x.reserved_blocks for x in loads),
+            external_hit_tokens=sum(x.external_hit_tokens for x in loads))
+
+    def instance_metrics(self) -> list[tuple[str, str, m.Load]]:
+        return [(i.info.instance_id, i.info.role, i.load) for i in self.instances.values()]
+
+    def role(self, role: str) -> list[Instance]:
+        return [i for i in self.instances.values() if i.info.role == role]
+
+    async def wait_for(self, prefill: int, decode: int, timeout: float) -> None:
+        """Block until at least this many instances of each role registered."""
+        deadline = time.monotonic() + timeout
+        while len(self.role("prefill")) < prefill or len(self.role("decode")) < decode:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(self.role('prefill'))} prefill / {len(self.role('decode'))} "
+                                   f"decode instance(s) registered within {timeout:.0f} s")
+            await asyncio.sleep(0.1)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams
+                       ) -> AsyncIterator[RequestOutput]:
+        if any(not 0 <= t < self.vocab_size for t in prompt_ids):
+            raise RequestError(f"prompt token ids must be in [0, {self.vocab_size})")
+        req = Pending(list(prompt_ids), params, asyncio.Queue())
+        self.pending[request_id] = req
+        finished = False
+        try:
+            await self._reserve(request_id, req)
+            self._start_prefill(request_id, req)
+            while True:
+                item = await req.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._forget(request_id, abort=not finished)
+
+    # -- orchestration ------------------------------------------------------------------------------
+    async def _reserve(self, rid: str, req: Pending) -> None:
+        decode_id = pick_instance([i.view() for i in self.role("decode")])
+        if decode_id is None:
+            raise EngineDeadError("no decode instance is available; start one with "
+                                  "`matrixinfer worker --role decode --router ...`")
+        inst = self.instances[decode_id]
+        req.decode = decode_id
+        req.reserved = asyncio.get_running_loop().create_future()
+        inst.requests.add(rid)
+        inst.send(m.Reserve(rid, req.prompt_ids, from_params(req.params), self.reserve_timeout))
+        try:
+            ok, error = await asyncio.wait_for(req.reserved, self.reserve_timeout + 5)
+        except asyncio.TimeoutError:
+            raise EngineDeadError(f"decode instance {decode_id} did not answer within {self.reserve_timeout} s") from None
+        if not ok:
+            raise EngineDeadError(f"decode instance {decode_id} could not take the request: {error}")
+
+    def _start_prefill(self, rid: str, req: Pending) -> None:
+        prefill_id = pick_instance([i.view() for i in self.role("prefill")], exclude=req.tried)
+        if prefill_id is None:
+            raise EngineDeadError("no prefill instance is available")
+        inst = self.instances[prefill_id]
+        req.prefill = prefill_id
+        req.tried.add(prefill_id)
+        inst.requests.add(rid)
+        inst.assigned_tokens += len(req.prompt_ids)
+        decode = self.instances[req.decode]
+        inst.send(m.Prefill(rid, req.prompt_ids, from_params(req.params), decode.info.kv_addr))
+
+    def _forget(self, rid: str, abort: bool) -> None:
+        req = self.pending.pop(rid, None)
+        if req is None:
+            return
+        for iid in (req.prefill, req.decode):
+            inst = self.instances.get(iid) if iid else None
+            if inst is not None:
+                inst.requests.discard(rid)
+                if abort:
+                    inst.send(m.Abort(rid))
+
+    def _fail(self, rid: str, exc: BaseException) -> None:
+        req = self.pending.get(rid)
+        if req is None:
+            return
+        if req.reserved is not None and not req.reserved.done():
+            req.reserved.set_exception(exc)
+        else:
+            req.queue.put_nowait(exc)
+
+    # -- control plane -------------------------------------------------------------------------------
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        server = await asyncio.start_server(self._on_worker, host, port)
+        self.ctrl_addr = f"{host}:{server.sockets[0].getsockname()[1]}"
+        self._server = server
+        return self.ctrl_addr
+
+    async def _on_worker(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = str(writer.get_extra_info("peername"))
+        inst = None
+        try:
+            join = await asyncio.wait_for(read_msg(reader, _DEC, peer), 30)
+            if not isinstance(join, m.Join):
+                raise WireError(f"{peer}: expected Join, got {type(join).__name__}")
+            writer.write(encode(m.Welcome(self.model_id, str(self.model_path), self.ems_controller)))
+            if join.role == "ems":  # an EMS server only needed the controller's address
+                log.info("EMS server %s joined the pool", join.instance_id)
+                return
+            reg = await asyncio.wait_for(read_msg(reader, _DEC, peer), 900)  # model loading takes a while
+            if not isinstance(reg, m.Register):
+                raise WireError(f"{peer}: expected Register, got {type(reg).__name__}")
+            if reg.model_id != self.model_id:
+                raise WireError(f"{peer}: serves model {reg.model_id!r}, this router serves {self.model_id!r}")
+            inst = Instance(reg, writer)
+            self.instances[reg.instance_id] = inst
+            self.max_model_len = min(i.info.max_model_len for i in self.instances.values())
+            self.max_seq_len = min(i.info.max_seq_len for i in self.instances.values())
+            log.info("%s instance %s joined (kv %s)", reg.role, reg.instance_id, reg.kv_addr or "-")
+            while True:
+                self._handle(inst, await read_msg(reader, _DEC, peer))
+        except (asyncio.IncompleteReadError, ConnectionError, WireError, asyncio.TimeoutError, OSError) as exc:
+            if inst is None:
+                log.warning("worker %s failed to register: %s", peer, exc)
+        finally:
+            writer.close()
+            if inst is not None:
+                self._lost(inst)
+
+    def _handle(self, inst: Instance, msg) -> None:
+        if isinstance(msg, m.Load):
+            inst.load = msg
+            inst.assigned_tokens = 0
+        elif isinstance(msg, m.Reserved):
+            req = self.pending.get(msg.request_id)
+            if req is not None and req.reserved is not None and not req.reserved.done():
+                req.reserved.set_result((msg.ok, msg.error))
+        elif isinstance(msg, m.Output):
+            req = self.pending.get(msg.request_id)
+            if req is None:
+                return
+            if msg.handed_off:  # the prefill instance is done; the decode instance takes over
+                inst.requests.discard(msg.request_id)
+                return
+            if inst.info.role == "prefill":  # the first token ended the request: free the reservation
+                dec = self.instances.get(req.decode) if req.decode else None
+                if dec is not None:
+                    dec.send(m.Abort(msg.request_id))
+                    dec.requests.discard(msg.request_id)
+                req.decode = None
+            req.got_first = True
+            req.queue.put_nowait(RequestOutput(msg.request_id, msg.token_ids, msg.logprobs, msg.text, msg.finished,
+                                               msg.finish_reason, msg.num_prompt_tokens, msg.num_output_tokens,
+                                               msg.num_cached_tokens))
+        elif isinstance(msg, m.Failed):
+            req = self.pending.get(msg.request_id)
+            if req is None or req.got_first:
+                return  # a late failure of a superseded attempt
+            if msg.status == 400:
+                self._fail(msg.request_id, RequestError(msg.error))
+            else:
+                self._fail(msg.request_id, EngineDeadError(msg.error))
+
+    def _lost(self, inst: Instance) -> None:
+        iid = inst.info.instance_id
+        if self.instances.get(iid) is not inst:
+            return
+        del self.instances[iid]
+        self.lost_instances += 1
+        log.warning("%s instance %s is gone; %d request(s) affected", inst.info.role, iid, len(inst.requests))
+        for rid in list(inst.requests):
+            req = self.pending.get(rid)
+            if req is None:
+                continue
+            if inst.info.role == "decode":
+                self._fail(rid, EngineDeadError(f"decode instance {iid} died; the request was lost"))
+                prefill = self.instances.get(req.prefill) if req.prefill else None
+                if prefill is not None:
+                    prefill.send(m.Abort(rid))
+            elif not req.got_first and len(req.tried) <= self.max_prefill_retries:
+                try:
+                    self._start_prefill(rid, req)
+                    log.info("request %s retried on prefill instance %s", rid, req.prefill)
+                except EngineDeadError as exc:
+                    self._fail(rid, exc)
+            elif not req.got_first:
+                self._fail(rid, EngineDeadError(f"prefill failed on {len(req.tried)} instances"))
