@@ -16,7 +16,7 @@ from matrixinfer.train import corpus
 from matrixinfer.train.bpe import train_tokenizer, write_tokenizer
 from matrixinfer.train.data import encode_files
 from matrixinfer.train.export import save_checkpoint
-from matrixinfer.train.loop import build_model, train
+from matrixinfer.train.loop import build_model, log_line, train
 from matrixinfer.train.metrics import BigramModel, HeldoutReport, evaluate, sample_windows
 from matrixinfer.train.recipe import BOS, EOS, TrainConfig, model_config
 
@@ -24,7 +24,7 @@ SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
 
 
 def run(tc: TrainConfig, out_dir: Path, work_dir: Path, device: torch.device,
-        log: Callable[[str], None] = print) -> dict[str, object]:
+        log: Callable[[str], None] = log_line) -> dict[str, object]:
     """Train the demo model from scratch (resuming from ``work_dir``) and write it to ``out_dir``."""
     t_start = time.time()
     torch.manual_seed(tc.seed)
@@ -93,10 +93,11 @@ Python {sys.version.split()[0]} ({sys.implementation.name}); {n_train} training 
 
 {corpus.recipe_text(tc.heldout_percent)}
 ## License notice
-The training corpus is the Python standard library, Copyright (c) 2001-2023 Python Software
-Foundation; All Rights Reserved. It is distributed under the PSF License Agreement (Python Software
-Foundation License Version 2); the full text shipped with the interpreter is copied beside this
-file as `LICENSE-PSF.txt`. These weights are a derived work trained on that corpus.
+The training corpus is the Python standard library,
+Copyright (c) 2001-2023 Python Software Foundation; All Rights Reserved.
+It is distributed under the PSF License Agreement (Python Software Foundation License Version 2);
+the full text shipped with the interpreter is copied beside this file as `LICENSE-PSF.txt`.
+These weights are a derived work trained on that corpus.
 
 ## Training run
 Hyperparameters (`matrixinfer.train.recipe.TrainConfig`):

@@ -6,6 +6,7 @@ resumable checkpoints.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,11 @@ from matrixinfer.model.deepseek import DeepseekForCausalLM
 from matrixinfer.train.balance import ExpertLoad, update_bias
 from matrixinfer.train.data import batches
 from matrixinfer.train.recipe import TrainConfig
+
+def log_line(message: str) -> None:
+    """Print a line above the progress bar (stderr, unbuffered, so logs to files stay in order)."""
+    tqdm.write(message, file=sys.stderr)
+
 
 # Output projections get a smaller init so the residual stream does not grow with depth.
 _RESIDUAL_OUT = ("o_proj.weight", "down_proj.weight", "experts.down_proj")
@@ -73,7 +79,7 @@ def losses(model: DeepseekForCausalLM, batch: torch.Tensor, meta: AttentionMetad
 
 
 def train(model: DeepseekForCausalLM, stream: torch.Tensor, tc: TrainConfig, work_dir: Path,
-          device: torch.device, log: Callable[[str], None] = print,
+          device: torch.device, log: Callable[[str], None] = log_line,
           stop_at: int | None = None) -> DeepseekForCausalLM:
     """Train ``model`` on ``stream`` for ``tc.steps`` steps, resuming from ``work_dir/last.pt``.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -48,8 +49,18 @@ def heldout_sample(demo_dir) -> HeldoutSample:
     assert tok_cfg["bos_token"] == "<|bos|>"
     heldout_percent = _heldout_percent(demo_dir)
     train_files, heldout_files = corpus.split(corpus.gather(), heldout_percent)
+    # Encoding the ~11 MB of training files dominates the fixture: let the tokenizer use all cores.
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        train_stream = encode_files(tok, train_files)
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM")
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
     windows = sample_windows(encode_files(tok, heldout_files), 257, 32)
-    bigram = BigramModel(encode_files(tok, train_files), tok.get_vocab_size())
+    bigram = BigramModel(train_stream, tok.get_vocab_size())
     return HeldoutSample(windows, bigram.perplexity(windows))
 
 

@@ -85,3 +85,10 @@ def test_bigram_prefers_seen_continuations():
     bigram = BigramModel(stream, 8)
     nll = bigram.nll(torch.tensor([2, 2]), torch.tensor([3, 5]), alpha=1.0)
     assert nll[0] < nll[1]
+
+
+def test_train_demo_command_is_registered():
+    from matrixinfer.cli import build_parser
+
+    args = build_parser().parse_args(["train-demo", "--steps", "5", "--device", "cpu"])
+    assert args.steps == 5 and args.func.__name__ == "_train_demo"
