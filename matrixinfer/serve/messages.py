@@ -63,6 +63,8 @@ class Load(msgspec.Struct, tag=True):
     kv_received_bytes: int = 0
     kv_transfer_seconds: float = 0.0
     kv_transfers: int = 0
+    ems_stored_blocks: int = 0
+    ems_loaded_blocks: int = 0
 
 
 class Output(msgspec.Struct, tag=True):

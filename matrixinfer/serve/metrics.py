@@ -53,6 +53,8 @@ class _InstanceCollector:
             ("kv_sent_bytes", "KV bytes sent to decode instances"),
             ("kv_received_bytes", "KV bytes received from prefill instances"),
             ("kv_transfer_seconds", "Seconds spent sending KV"), ("kv_transfers", "KV transfers completed"),
+            ("ems_stored_blocks", "KV blocks stored to the EMS context cache"),
+            ("ems_loaded_blocks", "KV blocks loaded from the EMS context cache"),
         ]
         fams = {f: GaugeMetricFamily(f"matrixinfer_instance_{f}", doc, labels=["instance", "role"]) for f, doc in fields}
         for iid, role, load in self.instances():

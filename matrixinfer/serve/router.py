@@ -86,6 +86,7 @@ class Router:
         self.error = None
         self.ctrl_addr = ""
         self.lost_instances = 0
+        self._turn: dict[str, int] = {}
 
     # -- backend interface ------------------------------------------------------------------------
     @property
@@ -109,6 +110,13 @@ class Router:
 
     def role(self, role: str) -> list[Instance]:
         return [i for i in self.instances.values() if i.info.role == role]
+
+    def _candidates(self, role: str) -> list[InstanceLoad]:
+        """Views of one role's instances, rotated per call so equally loaded ones take turns."""
+        views = [i.view() for i in self.role(role)]
+        self._turn[role] = self._turn.get(role, 0) + 1
+        k = self._turn[role] % len(views) if views else 0
+        return views[k:] + views[:k]
 
     async def wait_for(self, prefill: int, decode: int, timeout: float) -> None:
         """Block until at least this many instances of each role registered."""
@@ -142,7 +150,7 @@ class Router:
 
     # -- orchestration ------------------------------------------------------------------------------
     async def _reserve(self, rid: str, req: Pending) -> None:
-        decode_id = pick_instance([i.view() for i in self.role("decode")])
+        decode_id = pick_instance(self._candidates("decode"))
         if decode_id is None:
             raise EngineDeadError("no decode instance is available; start one with "
                                   "`matrixinfer worker --role decode --router ...`")
@@ -159,7 +167,9 @@ class Router:
             raise EngineDeadError(f"decode instance {decode_id} could not take the request: {error}")
 
     def _start_prefill(self, rid: str, req: Pending) -> None:
-        prefill_id = pick_instance([i.view() for i in self.role("prefill")], exclude=req.tried)
+        candidates = self._candidates("prefill")
+        prefill_id = pick_instance(candidates, exclude=req.tried)
+        log.debug("request %s -> prefill %s (candidates %s)", rid, prefill_id, candidates)
         if prefill_id is None:
             raise EngineDeadError("no prefill instance is available")
         inst = self.instances[prefill_id]

@@ -217,9 +217,11 @@ class Worker:
             sum(s.num_tokens - s.num_computed for s in e.running)
         st = e.stats()
         c = self.counters
+        ext = e.external
         self.load = m.Load(queued, st.running, st.waiting, st.kv_blocks_used, st.kv_blocks_total,
                            st.reserved_blocks, st.prompt_tokens, st.generation_tokens, st.prefix_hit_tokens,
-                           st.external_hit_tokens, c["sent"], c["received"], c["seconds"], c["transfers"])
+                           st.external_hit_tokens, c["sent"], c["received"], c["seconds"], c["transfers"],
+                           getattr(ext, "stored_blocks", 0), getattr(ext, "loaded_blocks", 0))
 
     def _drain(self) -> None:
         while True:

@@ -26,6 +26,8 @@ async def _stream_tokens(client: httpx.AsyncClient, url: str, body: dict, stop_a
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:  # an error event ends the stream
+                return ids, f"error: {chunk['error']['message']}"
             for c in chunk["choices"]:
                 ids.extend(c["token_ids"])
                 reason = c["finish_reason"] or reason

@@ -1,0 +1,164 @@
+"""Peer-to-peer PDC serving with real processes on loopback: router + prefill + decode + EMS."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+from matrixinfer.config import EngineConfig
+from matrixinfer.engine.llm_engine import LLMEngine
+from matrixinfer.engine.sampling_params import SamplingParams
+from tests.serve.conftest import API_KEY, Server, child_pid, instance_metrics
+from tests.serve.test_engine_behaviour import _stream_tokens
+
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def pdc(served_checkpoint):
+    srv = Server(served_checkpoint, "--num-prefill", "2", "--num-decode", "1", "--num-ems", "2",
+                 "--kv-cache-memory", str(8 << 20), "--max-num-batched-tokens", "64",
+                 "--reserve-timeout", "10", "--ems-capacity", "64M", api_key=API_KEY)
+    yield srv
+    srv.stop()
+
+
+def _complete(server, prompt, n=12, **kw):
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": n, "temperature": 0, **kw}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, headers=HEADERS, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _wait_idle(server, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        m = instance_metrics(server)
+        busy = sum(m.get("kv_used", {}).values()) + sum(m.get("reserved_blocks", {}).values()) \
+            + sum(m.get("running", {}).values()) + sum(m.get("waiting", {}).values())
+        if busy == 0:
+            return m
+        time.sleep(0.25)
+    raise AssertionError(f"instances did not go idle: {instance_metrics(server)}")
+
+
+def test_pd_matches_colocated_engine(pdc, served_checkpoint):
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 256, (int(n),), generator=g).tolist() for n in (7, 23, 40, 70, 5, 33)]
+
+    async def go():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*[_stream_tokens(client, pdc.url, {
+                "model": "tiny", "prompt": p, "max_tokens": 16, "temperature": 0}) for p in prompts])
+
+    got = [ids for ids, _ in asyncio.run(go())]
+    engine = LLMEngine(EngineConfig(model=str(served_checkpoint), kv_cache_memory=8 << 20))
+    expect = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=16))
+    assert got == expect
+    m = _wait_idle(pdc)
+    assert sum(m["kv_sent_bytes"].values()) > 0 and sum(m["kv_received_bytes"].values()) > 0
+
+
+def _settled(server) -> dict[str, dict[str, float]]:
+    """Per-instance metrics once the load reports (every 0.2 s) have caught up."""
+    time.sleep(0.6)
+    return instance_metrics(server)
+
+
+def test_prefix_stored_by_one_prefill_instance_is_hit_by_the_other(pdc):
+    prompt = [(7 * i) % 250 + 3 for i in range(100)]  # 6 full blocks of 16
+    stored0 = sum(_settled(pdc)["ems_stored_blocks"].values())
+    first = _complete(pdc, prompt)
+    deadline = time.time() + 10  # the blocks are stored asynchronously
+    while sum(instance_metrics(pdc)["ems_stored_blocks"].values()) < stored0 + 6 and time.time() < deadline:
+        time.sleep(0.1)
+    before = _settled(pdc)
+    second = _complete(pdc, prompt)
+    after = _settled(pdc)
+    grew = {i for i in after["prompt_tokens"] if after["prompt_tokens"][i] > before["prompt_tokens"].get(i, 0)}
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 96
+    (second_instance,) = grew  # the router alternates equally loaded instances: not the first one
+    assert after["external_hit_tokens"][second_instance] - before["external_hit_tokens"][second_instance] == 96
+    assert after["prefix_hit_tokens"][second_instance] == before["prefix_hit_tokens"][second_instance]
+    _wait_idle(pdc)
+
+
+def test_client_disconnect_frees_blocks_on_both_sides(pdc):
+    async def go():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*[_stream_tokens(client, pdc.url, {
+                "model": "tiny", "prompt": [3 + k] * 90, "max_tokens": 300, "temperature": 0, "ignore_eos": True},
+                stop_after=3) for k in range(4)])
+
+    assert all(reason == "disconnected" for _, reason in asyncio.run(go()))
+    _wait_idle(pdc)
+
+
+def test_killing_an_ems_server_only_lowers_the_hit_rate(pdc):
+    os.kill(child_pid(pdc, "ems-server", 0), signal.SIGKILL)
+    for k in range(4):
+        prompt = [(11 * i + k) % 250 + 3 for i in range(50)]
+        out = _complete(pdc, prompt, n=6, ignore_eos=True)
+        assert out["usage"]["completion_tokens"] == 6
+    _wait_idle(pdc)
+
+
+def test_killing_a_prefill_instance_mid_request_retries_elsewhere(pdc):
+    prompts = [[(13 * i + k) % 250 + 3 for i in range(300)] for k in range(6)]
+
+    async def go():
+        async with httpx.AsyncClient(timeout=120) as client:
+            tasks = [asyncio.create_task(_stream_tokens(client, pdc.url, {
+                "model": "tiny", "prompt": p, "max_tokens": 8, "temperature": 0, "ignore_eos": True}))
+                for p in prompts]
+            await asyncio.sleep(0.6)  # prefill of 300 tokens in 64-token chunks is under way
+            os.kill(child_pid(pdc, "--role prefill", 0), signal.SIGKILL)
+            return await asyncio.gather(*tasks)
+
+    results = asyncio.run(go())
+    assert all(reason == "length" and len(ids) == 8 for ids, reason in results)
+    assert len(_settled(pdc)["prompt_tokens"]) == 2  # one prefill instance left, plus decode
+    _wait_idle(pdc)
+
+
+def test_killing_the_decode_instance_fails_cleanly_then_a_replacement_serves(pdc, served_checkpoint):
+    async def go():
+        async with httpx.AsyncClient(timeout=60) as client:
+            task = asyncio.create_task(_stream_tokens(client, pdc.url, {
+                "model": "tiny", "prompt": [5] * 20, "max_tokens": 400, "temperature": 0, "ignore_eos": True}))
+            await asyncio.sleep(1.0)
+            os.kill(child_pid(pdc, "--role decode", 0), signal.SIGKILL)
+            return await task
+
+    ids, reason = asyncio.run(go())
+    assert reason.startswith("error:") and "decode instance" in reason and len(ids) < 400  # a clean error, no hang
+    r = httpx.post(f"{pdc.url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2},
+                   headers=HEADERS, timeout=30)
+    assert r.status_code == 503 and "decode" in r.json()["error"]["message"]
+    assert httpx.get(f"{pdc.url}/health").status_code == 200
+    ctrl = f"127.0.0.1:{pdc.port + 1}"
+    replacement = subprocess.Popen([sys.executable, "-m", "matrixinfer.cli", "worker", "--role", "decode",
+                                    "--router", ctrl, "--model", str(served_checkpoint),
+                                    "--kv-cache-memory", str(8 << 20)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and "decode" not in " ".join(instance_metrics(pdc).get("running", {})):
+            time.sleep(0.3)
+        out = _complete(pdc, [9] * 30, n=5, ignore_eos=True)
+        assert out["usage"]["completion_tokens"] == 5
+        m = _wait_idle(pdc)
+        assert all(v == 0 for v in m["kv_used"].values()) and all(v == 0 for v in m["reserved_blocks"].values())
+    finally:
+        replacement.terminate()
+        replacement.wait(timeout=10)
+
