@@ -3,76 +3,28 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
 
+from matrixinfer.bench.launch import ServerProcess
 from matrixinfer.model.default_model import write_byte_tokenizer
 from tests.checkpoints import make_checkpoint
 
 API_KEY = "test-key-123"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A ``matrixinfer serve`` process; ``url`` is its base URL."""
+class Server(ServerProcess):
+    """``matrixinfer serve`` on a test checkpoint, served as ``tiny`` (colocated unless PDC flags are given)."""
 
     def __init__(self, model_dir, *extra: str, api_key: str | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.api_key = api_key
-        cmd = [sys.executable, "-m", "matrixinfer.cli", "serve", "--model", str(model_dir), "--port", str(self.port),
-               "--served-model-name", "tiny", "--log-level", os.environ.get("MI_TEST_LOG", "warning"), *extra]
-        if "--num-prefill" not in extra and "--pdc" not in extra:
-            cmd.append("--colocated")
-        cmd = [c for c in cmd if c != "--pdc"]
+        args = ["--model", str(model_dir), "--served-model-name", "tiny",
+                "--log-level", os.environ.get("MI_TEST_LOG", "warning"), *extra]
+        if "--num-prefill" not in extra:
+            args.append("--colocated")
         if api_key:
-            cmd += ["--api-key", api_key]
-        env = dict(os.environ, MATRIXINFER_THREADS="1")
-        import tempfile
-
-        # a file, not a pipe: an undrained pipe would block a chatty server
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="matrixinfer-server-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.output()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError("server did not become healthy within 120 s")
-
-    def output(self) -> str:
-        with open(self.log.name) as f:
-            return f.read()
-
-    def metrics(self) -> dict[str, float]:
-        out = {}
-        for line in httpx.get(f"{self.url}/metrics", timeout=5).text.splitlines():
-            if line and not line.startswith("#") and "{" not in line:
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+            args += ["--api-key", api_key]
+        self.api_key = api_key
+        super().__init__(args, env={"MATRIXINFER_THREADS": "1"}, timeout=180)
 
 
 @pytest.fixture(scope="session")
@@ -91,36 +43,12 @@ def server(served_checkpoint):
     srv.stop()
 
 
-def children_of(pid: int) -> list[tuple[int, str]]:
-    """Direct child processes of ``pid`` with their command lines."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            if ppid == pid:
-                with open(f"/proc/{entry}/cmdline") as f:
-                    out.append((int(entry), f.read().replace("\0", " ")))
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
 
-
-def child_pid(server: "Server", needle: str, index: int = 0) -> int:
+def child_pid(server: Server, needle: str, index: int = 0) -> int:
     """PID of the ``index``-th child whose command line contains ``needle``."""
-    pids = sorted(pid for pid, cmd in children_of(server.proc.pid) if needle in cmd)
-    return pids[index]
+    return server.child_pid(needle, index)
 
 
-def instance_metrics(server: "Server") -> dict[str, dict[str, float]]:
+def instance_metrics(server: Server) -> dict[str, dict[str, float]]:
     """``{metric: {instance: value}}`` of the per-instance gauges."""
-    out: dict[str, dict[str, float]] = {}
-    for line in httpx.get(f"{server.url}/metrics", timeout=5).text.splitlines():
-        if line.startswith("matrixinfer_instance_"):
-            name, rest = line.split("{", 1)
-            labels, value = rest.rsplit(" ", 1)
-            inst = labels.split('instance="', 1)[1].split('"', 1)[0]
-            out.setdefault(name[len("matrixinfer_instance_"):], {})[inst] = float(value)
-    return out
+    return server.instance_metrics()
