@@ -99,7 +99,8 @@ def serve_pdc(args: argparse.Namespace) -> int:
     model = Path(args.model) if args.model else default_model_path()
     args.model = str(model)
     children = Children()
-    controller = Controller("127.0.0.1", 0).start() if args.num_ems > 0 else None
+    # The controller and EMS servers bind the router's --host: workers on other hosts must reach them.
+    controller = Controller(args.host, 0).start() if args.num_ems > 0 else None
     router = Router(model, args.served_model_name, reserve_timeout=args.reserve_timeout,
                     ems_controller=controller.address if controller else "")
 
@@ -108,7 +109,7 @@ def serve_pdc(args: argparse.Namespace) -> int:
         try:
             for i in range(args.num_ems):
                 p = children.start(f"ems{i}", ["ems-server", "--capacity", str(args.ems_capacity),
-                                               "--listen", "127.0.0.1:0", "--controller", controller.address])
+                                               "--listen", f"{args.host}:0", "--controller", controller.address])
                 addr = await asyncio.to_thread(_wait_line, p, r"listening on (\S+)", 60, f"ems{i}")
                 _drain(p, f"ems{i}")
                 log.info("EMS server %d at %s", i, addr)
