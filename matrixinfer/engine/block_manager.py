@@ -144,4 +144,4 @@ class BlockManager:
             i = len(hashes)
             parent = hashes[-1] if hashes else self.seed
             hashes.append(block_hash(parent, ids[i * bs:(i + 1) * bs]))
-        return hashes
+        return hashes[:n]

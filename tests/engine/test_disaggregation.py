@@ -7,6 +7,7 @@ import time
 import torch
 
 from matrixinfer.config import EngineConfig
+from matrixinfer.engine.external_cache import ExternalPrefixCache
 from matrixinfer.engine.llm_engine import LLMEngine
 from matrixinfer.engine.sampling_params import SamplingParams
 from matrixinfer.model.default_model import write_byte_tokenizer
@@ -61,3 +62,45 @@ def test_attach_continues_exactly_like_local_prefill(tmp_path):
             got.extend(out.token_ids)
     assert got == expect
     assert b.blocks.num_used == 0 and not b.reservations
+
+
+class DictCache(ExternalPrefixCache):
+    """An in-memory external prefix cache (what EMS is to a prefill instance)."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[bytes, torch.Tensor] = {}
+
+    def lookup(self, hashes):
+        n = 0
+        while n < len(hashes) and hashes[n] in self.blocks:
+            n += 1
+        return n
+
+    def load(self, hashes, blocks):
+        n = self.lookup(hashes)
+        for h, dst in zip(hashes[:n], blocks):
+            dst.copy_(self.blocks[h])
+        return n
+
+    def store_async(self, hashes, blocks):
+        for h, b in zip(hashes, blocks):
+            self.blocks[h] = b.clone()
+
+
+def test_external_prefix_cache_beyond_the_local_hit(tmp_path):
+    """Engine A fills the external cache; engine B, holding a shorter local hit, loads the rest."""
+    a, b = _engine(tmp_path), _engine(tmp_path)
+    ext = DictCache()
+    a.external = b.external = ext
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(3, 250, (48,), generator=g).tolist()
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    long_prompt = prefix + torch.randint(3, 250, (9,), generator=g).tolist()
+    expect = a.generate([long_prompt], params)[0]
+    assert len(ext.blocks) == 7  # 57 prompt tokens: 7 full blocks of 8
+    b.generate([prefix[:16] + [7] * 5], params)  # B's own cache now holds the first 2 blocks
+    local0, ext0 = b.blocks.hit_tokens, b.external_hit_tokens
+    got = b.generate([long_prompt], params)[0]
+    assert got == expect
+    assert b.blocks.hit_tokens - local0 == 16  # 2 blocks from B's own prefix cache
+    assert b.external_hit_tokens - ext0 == 7 * 8 - 16  # the other 5 from the external cache
