@@ -16,6 +16,7 @@ import msgspec
 import numpy as np
 
 from matrixinfer.ems.client import EmsClient
+from matrixinfer.ems.connection import writable_view
 
 REGISTRY_KEY = b"model/__registry__"
 
@@ -132,6 +133,21 @@ class ModelCache:
             return None
         self._touch(model_id, version, None)
         return {t.name: _from_bytes(t, r) for t, r in zip(m.tensors, raws)}
+
+    def load_some(self, model_id: str, version: str, metas: list[TensorMeta]) -> dict[str, object]:
+        """Some tensors of this version (as ``load`` returns them), in one batch; misses are left out."""
+        raws = self.client.mget([self._tensor_key(model_id, version, t.name) for t in metas]) if metas else []
+        return {t.name: _from_bytes(t, r) for t, r in zip(metas, raws) if r is not None and len(r) == t.nbytes}
+
+    def load_into(self, model_id: str, version: str, outs: Mapping[str, object]) -> set[str]:
+        """Write tensors of this version straight into caller buffers (e.g. a model's parameters),
+        one copy from the pool and no staging; returns the names written in full. The caller
+        matches each buffer to the manifest's dtype and shape; a miss leaves its buffer as it was."""
+        names = [n for n, o in outs.items() if o is not None]
+        bufs = [outs[n] for n in names]
+        got = self.client.mget([self._tensor_key(model_id, version, n) for n in names], bufs)
+        self._touch(model_id, version, None)
+        return {n for n, g, b in zip(names, got, bufs) if g is not None and g == writable_view(b).nbytes}
 
     def evict(self, model_id: str, version: str) -> None:
         """Remove every tensor of this version and its registry entry."""

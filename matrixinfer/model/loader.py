@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -126,12 +127,18 @@ class _MappingSource:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               with_mtp: bool | None = None, progress: bool = True, tensors=None) -> DeepseekForCausalLM:
+               with_mtp: bool | None = None, progress: bool = True, tensors=None,
+               fill_in_place: Callable[[dict[str, torch.Tensor]], set[str]] | None = None) -> DeepseekForCausalLM:
     """Build the model described by ``path/config.json`` and fill it from the checkpoint's tensors
     (or from ``tensors``, a name -> tensor mapping such as the EMS model cache returns).
 
     MTP modules are loaded when the config declares them and the checkpoint holds their tensors;
     ``with_mtp=True`` makes missing MTP tensors an error, ``False`` skips them.
+
+    ``fill_in_place`` (CPU models only) receives ``{checkpoint name: the parameter memory it lands
+    in}`` (contiguous views, in the model's dtype and shape) and returns the names it wrote there
+    itself, so a source such as the EMS model cache copies once, with no staging tensor; the
+    loader reads every other tensor from ``tensors`` or the files as usual.
     """
     ckpt = Path(path)
     if not ckpt.is_dir():
@@ -163,7 +170,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     handles: dict[Path, object] = {}
     filled: set[str] = set()
     todo = [n for n in names if not n.endswith("weight_scale_inv") and _target_name(n, n_layers) is not None]
+    written: set[str] = set()
+    if fill_in_place is not None and torch.device(device).type == "cpu":
+        written = fill_in_place(_destinations(params, expected, todo, n_layers))
     for name in tqdm(todo, desc=f"loading {ckpt.name}", unit="tensor", disable=not progress):
+        if name in written:
+            filled.add(name)
+            continue
         target = _target_name(name, n_layers)
         if target.startswith("mtp.") and int(target.split(".")[1]) >= len(model.mtp):
             continue
@@ -199,6 +212,32 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
+
+
+def _destinations(params: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], names: list[str],
+                  n_layers: int) -> dict[str, torch.Tensor]:
+    """The parameter memory each checkpoint tensor is copied into (unstacked experts: a slice of
+    the stacked tensor), for tensors the model holds; fused-layout experts are left out."""
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        target = _target_name(name, n_layers)
+        em = _EXPERT.match(target)
+        if em:
+            base, e, part = em.group(1), int(em.group(2)), em.group(3)
+            if name not in expected or f"{base}.gate_up_proj" not in params:
+                continue
+            if part == "down_proj":
+                dest = params[f"{base}.down_proj"][e]
+            else:
+                gu = params[f"{base}.gate_up_proj"][e]
+                dest = gu[: gu.shape[0] // 2] if part == "gate_proj" else gu[gu.shape[0] // 2:]
+        elif target.endswith(("experts.gate_up_proj", "experts.down_proj")) or target not in params:
+            continue
+        else:
+            dest = params[target]
+        if dest.is_contiguous():
+            out[name] = dest
+    return out
 
 
 def _cast(model: DeepseekForCausalLM, dtype: torch.dtype) -> None:

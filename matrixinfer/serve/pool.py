@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -81,6 +82,76 @@ def load_tensors_via_pool(client: EmsClient, path: Path, model_id: str) -> tuple
         log.warning("EMS model cache unavailable: %s", exc)
         tensors = None
     return tensors, version
+
+
+def load_model_via_pool(client: EmsClient, path: Path, model_id: str, dtype: torch.dtype,
+                        device: torch.device | str = "cpu") -> tuple[torch.nn.Module | None, str]:
+    """The model built from the EMS model cache (``None`` on a miss) and the checkpoint's version.
+
+    On a CPU model the pool's bytes land straight in the parameters (one copy, no staging); other
+    tensors (a dtype or layout the model converts) are fetched one by one and converted by the loader.
+    """
+    from matrixinfer.model.loader import CheckpointError, load_model
+
+    version = checkpoint_version(path)
+    cache = ModelCache(client)
+    try:
+        manifest = cache.manifest(model_id, version)
+    except Exception as exc:
+        log.warning("EMS model cache unavailable: %s", exc)
+        return None, version
+    if manifest is None:
+        return None, version
+    metas = {t.name: t for t in manifest.tensors}
+
+    source = _PoolTensors(cache, model_id, version, metas)
+
+    def fill(dests: dict[str, torch.Tensor]) -> set[str]:
+        outs = {n: d.view(-1).view(torch.uint8).numpy() for n, d in dests.items()
+                if n in metas and metas[n].dtype == str(d.dtype) and metas[n].shape == list(d.shape)}
+        try:
+            done = cache.load_into(model_id, version, outs)
+            source.prefetch([n for n in metas if n not in done])  # the loader converts these
+        except Exception as exc:  # the loader then asks for every tensor through the mapping
+            log.warning("EMS model cache: in-place load failed: %s", exc)
+            return set()
+        return done
+
+    if torch.device(device).type != "cpu":  # no in-place fill: stage every tensor, in one batch
+        source.prefetch(list(metas))
+    try:
+        model = load_model(path, dtype=dtype, device=device, progress=False, tensors=source, fill_in_place=fill)
+    except CheckpointError as exc:  # e.g. a tensor left the pool while loading: start cold instead
+        log.warning("EMS model cache: %s", exc)
+        return None, version
+    return model, version
+
+
+class _PoolTensors(Mapping):
+    """The manifest's tensors, each fetched when the loader asks for it (only those it could not
+    fill in place)."""
+
+    def __init__(self, cache: ModelCache, model_id: str, version: str, metas: dict) -> None:
+        self.cache, self.model_id, self.version, self.metas = cache, model_id, version, metas
+        self.fetched: dict[str, object] = {}
+
+    def prefetch(self, names: list[str]) -> None:
+        """Fetch these tensors in one batch (a round trip per tensor adds up over thousands of experts)."""
+        self.fetched.update(self.cache.load_some(self.model_id, self.version, [self.metas[n] for n in names]))
+
+    def __getitem__(self, name: str) -> object:
+        tensor = self.fetched.pop(name, None)
+        if tensor is None:
+            tensor = self.cache.load_some(self.model_id, self.version, [self.metas[name]]).get(name)
+        if tensor is None:
+            raise KeyError(f"tensor {name} of {self.model_id}@{self.version} is no longer in the pool")
+        return tensor
+
+    def __iter__(self):
+        return iter(self.metas)
+
+    def __len__(self) -> int:
+        return len(self.metas)
 
 
 def publish_tensors(client: EmsClient, path: Path, model_id: str, version: str) -> int:

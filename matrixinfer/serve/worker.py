@@ -109,15 +109,14 @@ class Worker:
         cfg.model = str(path)
         model = None
         if self.ems is not None:
-            from matrixinfer.serve.pool import load_tensors_via_pool, publish_tensors
+            from matrixinfer.serve.pool import load_model_via_pool, publish_tensors
 
             model_id = cfg.served_model_name or path.name
             t0 = time.perf_counter()
-            tensors, version = load_tensors_via_pool(self.ems, path, model_id)
             dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
             dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-            if tensors is not None:
-                model = load_model(path, dtype=dtype, device=dev, tensors=tensors, progress=False)
+            model, version = load_model_via_pool(self.ems, path, model_id, dtype, dev)
+            if model is not None:
                 log.info("%s: weights loaded from the EMS model cache in %.2f s", self.instance_id,
                          time.perf_counter() - t0)
             else:
