@@ -71,8 +71,13 @@ class MLA(nn.Module):
         for group in meta.groups:
             absorbed = meta.mode == "absorbed" or (meta.mode == "auto" and group.decode)
             attend = self._absorbed if absorbed else self._naive
-            o = attend(q_nope[group.token_index], q_pe[group.token_index], slots[group.key_slots].to(x.dtype), group)
-            out[group.token_index[group.valid]] = o[group.valid]
+            s_, l_ = group.key_slots.shape
+            ctx = slots.index_select(0, group.key_slots.reshape(-1)).view(s_, l_, -1).to(x.dtype)
+            o = attend(q_nope[group.token_index], q_pe[group.token_index], ctx, group)
+            if group.decode:  # one real query per sequence: no padding to drop
+                out.index_copy_(0, group.token_index[:, 0], o[:, 0])
+            else:
+                out[group.token_index[group.valid]] = o[group.valid]
         return self.o_proj(out.reshape(t, self.n_heads * self.v_dim))
 
     def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor,

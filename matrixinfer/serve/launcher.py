@@ -26,7 +26,7 @@ class Children:
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "matrixinfer.cli", *args]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=dict(os.environ, **(env or {})))
+                                env=dict(os.environ, **(env or {})), preexec_fn=_die_with_parent)
         self.procs.append((name, proc))
         return proc
 
@@ -40,6 +40,20 @@ class Children:
                 p.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the launcher dies, however it dies (Linux prctl)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _wait_line(proc: subprocess.Popen, pattern: str, timeout: float, name: str) -> str:
@@ -96,6 +110,8 @@ def serve_pdc(args: argparse.Namespace) -> int:
     from matrixinfer.serve.api_server import create_app
     from matrixinfer.serve.router import Router
 
+    # SIGTERM before uvicorn takes over must still run the cleanup below
+    signal.signal(signal.SIGTERM, _interrupt)
     model = Path(args.model) if args.model else default_model_path()
     args.model = str(model)
     children = Children()
@@ -115,7 +131,9 @@ def serve_pdc(args: argparse.Namespace) -> int:
                 log.info("EMS server %d at %s", i, addr)
             # Share the cores: oversubscribed intra-op thread pools spin against each other.
             threads = args.worker_threads or max(1, (os.cpu_count() or 1) // max(1, args.num_prefill + args.num_decode))
-            env = {"MATRIXINFER_THREADS": os.environ.get("MATRIXINFER_THREADS", str(threads))}
+            env = {"MATRIXINFER_THREADS": os.environ.get("MATRIXINFER_THREADS", str(threads)),
+                   # huge pages for weight and KV allocations: first-touch of 4 KB pages dominates loading
+                   "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")}
             for role, n in (("prefill", args.num_prefill), ("decode", args.num_decode)):
                 for i in range(n):
                     _drain(children.start(f"{role}{i}", worker_args(args, role, ctrl), env), f"{role}{i}")
