@@ -111,21 +111,36 @@ class Experts(nn.Module):
         flat_ids = routing.topk_ids.reshape(-1)
         order = flat_ids.argsort(stable=True)
         token_of = order // k
-        counts = torch.bincount(flat_ids, minlength=self.n_experts).tolist()
+        counts = torch.bincount(flat_ids, minlength=self.n_experts)
         xs = x[token_of]
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            chunk = xs[start:start + n]
-            gate, up = F.linear(chunk, self.gate_up_proj[e]).chunk(2, dim=-1)
-            ys[start:start + n] = F.linear(F.silu(gate) * up, self.down_proj[e])
-            start += n
+        cap = int(counts.max())
+        if cap * self.n_experts <= 8 * t * k:  # few tokens per expert (decode): one padded bmm per projection
+            ys = self._padded(xs, flat_ids[order], counts, cap)
+        else:  # many tokens (prefill): one matmul per expert over its contiguous slice
+            ys = torch.empty_like(xs)
+            start = 0
+            for e, n in enumerate(counts.tolist()):
+                if n == 0:
+                    continue
+                chunk = xs[start:start + n]
+                gate, up = F.linear(chunk, self.gate_up_proj[e]).chunk(2, dim=-1)
+                ys[start:start + n] = F.linear(F.silu(gate) * up, self.down_proj[e])
+                start += n
         w = routing.topk_weights.reshape(-1)[order].to(x.dtype)
         out = torch.zeros_like(x)
         out.index_add_(0, token_of, ys * w[:, None])
         return out
+
+    def _padded(self, xs: torch.Tensor, sorted_ids: torch.Tensor, counts: torch.Tensor, cap: int) -> torch.Tensor:
+        """All experts at once on an ``[E, cap, H]`` layout (rows sorted by expert, zero padding)."""
+        n = xs.shape[0]
+        starts = counts.cumsum(0) - counts
+        slot = sorted_ids * cap + (torch.arange(n, device=xs.device) - starts[sorted_ids])
+        padded = xs.new_zeros(self.n_experts * cap, xs.shape[1]).index_copy_(0, slot, xs)
+        padded = padded.view(self.n_experts, cap, -1)
+        gate, up = torch.bmm(padded, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
+        y = torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))
+        return y.reshape(self.n_experts * cap, -1).index_select(0, slot)
 
 
 class MoE(nn.Module):
