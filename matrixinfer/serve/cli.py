@@ -121,6 +121,9 @@ def _serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    from matrixinfer.serve.worker import quiet_gc
+
+    quiet_gc()
     async_engine = AsyncEngine(engine)
     app = create_app(async_engine, api_key=args.api_key)
     url = f"http://{args.host}:{args.port}"

@@ -109,6 +109,7 @@ def serve_pdc(args: argparse.Namespace) -> int:
     from matrixinfer.model.default_model import default_model_path
     from matrixinfer.serve.api_server import create_app
     from matrixinfer.serve.router import Router
+    from matrixinfer.serve.worker import quiet_gc
 
     # SIGTERM before uvicorn takes over must still run the cleanup below
     signal.signal(signal.SIGTERM, _interrupt)
@@ -138,6 +139,7 @@ def serve_pdc(args: argparse.Namespace) -> int:
                 for i in range(n):
                     _drain(children.start(f"{role}{i}", worker_args(args, role, ctrl), env), f"{role}{i}")
             await router.wait_for(args.num_prefill, args.num_decode, timeout=600)
+            quiet_gc()
             app = create_app(router, api_key=args.api_key)
             url = f"http://{args.host}:{args.port}"
             print(f"MatrixInfer PDC serving '{router.model_id}' at {url}: {args.num_prefill} prefill, "
