@@ -20,6 +20,17 @@ class EngineDeadError(RuntimeError):
     """The engine thread stopped after an internal error."""
 
 
+async def drain(q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    """Outputs from ``q`` up to and including the finished one; an exception in the queue is raised."""
+    while True:
+        item = await q.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        if item.finished:
+            return
+
+
 class AsyncEngine:
     """Owns an :class:`LLMEngine`; all engine calls happen on its thread."""
 
@@ -77,14 +88,9 @@ class AsyncEngine:
         self._wake.set()
         finished = False
         try:
-            while True:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in drain(q):
                 yield item
-                if item.finished:
-                    finished = True
-                    return
+                finished = item.finished
         finally:
             with self._lock:
                 self._streams.pop(request_id, None)

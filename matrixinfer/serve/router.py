@@ -20,7 +20,7 @@ from pathlib import Path
 import msgspec
 
 from matrixinfer.config import ModelConfig
-from matrixinfer.engine.async_engine import EngineDeadError
+from matrixinfer.engine.async_engine import EngineDeadError, drain
 from matrixinfer.engine.llm_engine import EngineStats, RequestError, RequestOutput
 from matrixinfer.engine.sampling_params import SamplingParams
 from matrixinfer.model.tokenizer import Tokenizer
@@ -137,14 +137,9 @@ class Router:
         try:
             await self._reserve(request_id, req)
             self._start_prefill(request_id, req)
-            while True:
-                item = await req.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in drain(req.queue):
                 yield item
-                if item.finished:
-                    finished = True
-                    return
+                finished = item.finished
         finally:
             self._forget(request_id, abort=not finished)
 
