@@ -142,12 +142,27 @@ def test_cli_server_and_stats(tmp_path):
         proc.wait()
 
 
+def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Wait until every thread of ``pid`` is in the stopped state."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        if all(st in ("T", "t") for st in states):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not stop")
+
+
 def test_hung_server_turns_into_misses_after_the_timeout(ems_servers):
     server = ems_servers("8M")
     with EmsClient([server.addr], namespace="hang", timeout=0.5, fast_path=False) as client:
         client.put("k", b"v")
         server.proc.send_signal(signal.SIGSTOP)  # alive but not answering
         try:
+            _wait_stopped(server.proc.pid)  # the stop is asynchronous: do not race it
             t0 = time.monotonic()
             assert client.get("k") is None
             assert client.get("k") is None  # now skipped without waiting (retry_after)
