@@ -9,9 +9,13 @@ caller's buffer.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 from matrixinfer.ems import protocol as p
 from matrixinfer.ems.arena import map_arena
@@ -19,6 +23,24 @@ from matrixinfer.ems.server import tune_socket
 from matrixinfer.ems.service import host_id
 
 FAST_PUT_MIN = 64 << 10  # below this a put's two round trips cost more than the socket copy
+PARALLEL_COPY_MIN = 32 << 20  # gets at least this large copy on several threads
+COPY_CHUNK = 16 << 20
+_copy_pool: ThreadPoolExecutor | None = None
+
+
+def parallel_copy(pairs: list[tuple[memoryview, memoryview]]) -> None:
+    """Copy ``src`` into ``dst`` for each pair, split in chunks over a few threads: fresh
+    destination memory (a new model's parameters) is bound by page faults, which cores take in
+    parallel (about 1.6x over one thread here); numpy releases the GIL while copying."""
+    global _copy_pool
+    if _copy_pool is None:
+        _copy_pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="ems-copy")
+    jobs = []
+    for dst, src in pairs:
+        d, s_ = np.frombuffer(dst, np.uint8), np.frombuffer(src, np.uint8)
+        jobs += [(d[i:i + COPY_CHUNK], s_[i:i + COPY_CHUNK]) for i in range(0, len(d), COPY_CHUNK)]
+    for f in [_copy_pool.submit(np.copyto, d, s_) for d, s_ in jobs]:
+        f.result()
 
 _arenas: dict[str, memoryview] = {}  # server_id -> mapping, shared by every connection of a process
 _arenas_lock = threading.Lock()
@@ -150,6 +172,7 @@ class ServerConnection:
 
     def _copy_out(self, reply: p.Reply, views: list[memoryview] | None) -> list[object]:
         results: list[object] = []
+        big: list[tuple[memoryview, memoryview]] = []  # copies from the arena, done after the loop
         too_small = None
         for i, (size, off) in enumerate(zip(reply.sizes, reply.offsets)):
             if size == p.MISS:
@@ -165,8 +188,14 @@ class ServerConnection:
             if off == p.INLINE:  # served from the SSD tier without promotion: bytes follow
                 p.recv_exact(self.sock, dst)
             else:
-                dst[:] = self.arena[off:off + size]
+                big.append((dst, self.arena[off:off + size]))
             results.append(dst.obj if views is None else size)
+        if big:
+            if sum(len(d) for d, _ in big) >= PARALLEL_COPY_MIN:
+                parallel_copy(big)
+            else:
+                for d, src in big:
+                    d[:] = src
         if too_small:
             raise ValueError(f"buffer {too_small[0]} holds {too_small[2]} bytes, value has {too_small[1]}")
         return results
