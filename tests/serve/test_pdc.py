@@ -120,7 +120,13 @@ def test_killing_a_prefill_instance_mid_request_retries_elsewhere(pdc):
             tasks = [asyncio.create_task(_stream_tokens(client, pdc.url, {
                 "model": "tiny", "prompt": p, "max_tokens": 8, "temperature": 0, "ignore_eos": True}))
                 for p in prompts]
-            await asyncio.sleep(0.6)  # prefill of 300 tokens in 64-token chunks is under way
+            deadline = time.time() + 10
+            while time.time() < deadline:  # both prefill instances hold requests (300 tokens, 64-token chunks)
+                m = await asyncio.to_thread(instance_metrics, pdc)
+                busy = [k for k, v in m["running"].items() if k.startswith("prefill") and v + m["waiting"][k] > 0]
+                if len(busy) == 2:
+                    break
+                await asyncio.sleep(0.02)
             os.kill(child_pid(pdc, "--role prefill", 0), signal.SIGKILL)
             return await asyncio.gather(*tasks)
 
@@ -134,13 +140,18 @@ def test_killing_the_decode_instance_fails_cleanly_then_a_replacement_serves(pdc
     async def go():
         async with httpx.AsyncClient(timeout=60) as client:
             task = asyncio.create_task(_stream_tokens(client, pdc.url, {
-                "model": "tiny", "prompt": [5] * 20, "max_tokens": 400, "temperature": 0, "ignore_eos": True}))
-            await asyncio.sleep(1.0)
+                "model": "tiny", "prompt": [5] * 20, "max_tokens": 480, "temperature": 0, "ignore_eos": True}))
+            deadline = time.time() + 10
+            while time.time() < deadline:  # kill once decoding is under way, however fast the machine is
+                m = await asyncio.to_thread(instance_metrics, pdc)
+                if any(v > 0 for k, v in m["running"].items() if k.startswith("decode")):
+                    break
+                await asyncio.sleep(0.05)
             os.kill(child_pid(pdc, "--role decode", 0), signal.SIGKILL)
             return await task
 
     ids, reason = asyncio.run(go())
-    assert reason.startswith("error:") and "decode instance" in reason and len(ids) < 400  # a clean error, no hang
+    assert reason.startswith("error:") and "decode instance" in reason and len(ids) < 480  # a clean error, no hang
     r = httpx.post(f"{pdc.url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2},
                    headers=HEADERS, timeout=30)
     assert r.status_code == 503 and "decode" in r.json()["error"]["message"]
