@@ -79,11 +79,10 @@ class _Detok:
 
     def push(self, token: int) -> bool:
         """Add a token; True when a stop string appeared (the text is cut before it)."""
+        before = len(self.text)
         self.text += self.dec.push(token)
-        for s in self.stops:
-            i = self.text.find(s, max(0, len(self.text) - len(s) - 16))
-            if i < 0 and s in self.text:
-                i = self.text.find(s)
+        for s in self.stops:  # earlier text was searched already: only a match reaching the new text is new
+            i = self.text.find(s, max(0, before - len(s) + 1))
             if i >= 0:
                 self.text = self.text[:i]
                 return True

@@ -72,9 +72,7 @@ class ModelRunner:
             q_lens.append(n)
             ctx_lens.append(start + n)
         width = max(len(seq.block_table) for seq, _ in chunks)
-        tables = torch.zeros(len(chunks), width, dtype=torch.long)
-        for row, (seq, _) in enumerate(chunks):
-            tables[row, :len(seq.block_table)] = torch.tensor(seq.block_table)
+        tables = torch.tensor([seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in chunks])
         dev = self.device
         meta = AttentionMetadata.build(q_lens, ctx_lens, tables.to(dev, non_blocking=True), self.block_size, dev)
         hidden = self.model(torch.tensor(ids).to(dev, non_blocking=True),

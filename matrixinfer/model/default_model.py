@@ -46,6 +46,7 @@ def write_random_model(path: Path, seed: int = 0) -> Path:
     """Write the deterministic random checkpoint (weights, byte-level tokenizer, chat template)."""
     import torch
     from safetensors.torch import save_file
+
     from matrixinfer.config import ModelConfig
     from matrixinfer.model.deepseek import DeepseekForCausalLM
     from matrixinfer.model.export import export_state_dict

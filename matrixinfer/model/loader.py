@@ -63,6 +63,22 @@ def _open(path: Path):
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc}); is it truncated or corrupt?") from exc
 
 
+def _handle(handles: dict[Path, object], path: Path):
+    """The open safetensors file ``path`` (opened on first use)."""
+    if path not in handles:
+        handles[path] = _open(path)
+    return handles[path]
+
+
+def _expert_dest(params: dict[str, torch.Tensor], base: str, e: int, part: str) -> torch.Tensor:
+    """Where one unstacked expert matrix lives in the stacked parameters (a view)."""
+    if part == "down_proj":
+        return params[f"{base}.down_proj"][e]
+    gu = params[f"{base}.gate_up_proj"][e]
+    half = gu.shape[0] // 2
+    return gu[:half] if part == "gate_proj" else gu[half:]
+
+
 def _target_name(name: str, n_layers: int) -> str | None:
     """Our parameter name for checkpoint tensor ``name`` (None: not part of the model)."""
     m = _LAYER.match(name)
@@ -110,8 +126,7 @@ def read_checkpoint_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     handles: dict[Path, object] = {}
     out = {}
     for name, fpath in names.items():
-        fh = handles.get(fpath) or handles.setdefault(fpath, _open(fpath))
-        out[name] = fh.get_tensor(name)
+        out[name] = _handle(handles, fpath).get_tensor(name)
     return out
 
 
@@ -181,7 +196,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         if target.startswith("mtp.") and int(target.split(".")[1]) >= len(model.mtp):
             continue
         fpath = names[name]
-        fh = source or handles.get(fpath) or handles.setdefault(fpath, _open(fpath))
+        fh = source or _handle(handles, fpath)
         try:
             t = fh.get_tensor(name)
         except Exception as exc:
@@ -191,7 +206,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
             if sname not in names:
                 raise CheckpointError(f"{fpath}: fp8 tensor {name} has no {sname}")
             sfile = names[sname]
-            sh = source or handles.get(sfile) or handles.setdefault(sfile, _open(sfile))
+            sh = source or _handle(handles, sfile)
             try:
                 t = dequantize_fp8_blocks(t, sh.get_tensor(sname), block, torch.float32, name)
             except ValueError as exc:
@@ -226,11 +241,7 @@ def _destinations(params: dict[str, torch.Tensor], expected: dict[str, tuple[int
             base, e, part = em.group(1), int(em.group(2)), em.group(3)
             if name not in expected or f"{base}.gate_up_proj" not in params:
                 continue
-            if part == "down_proj":
-                dest = params[f"{base}.down_proj"][e]
-            else:
-                gu = params[f"{base}.gate_up_proj"][e]
-                dest = gu[: gu.shape[0] // 2] if part == "gate_proj" else gu[gu.shape[0] // 2:]
+            dest = _expert_dest(params, base, e, part)
         elif target.endswith(("experts.gate_up_proj", "experts.down_proj")) or target not in params:
             continue
         else:
@@ -259,12 +270,7 @@ def _assign(params: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]
         if tuple(t.shape) != expected[name]:
             raise CheckpointError(f"{fpath}: tensor {name} has shape {list(t.shape)}, expected {list(expected[name])}")
         with torch.no_grad():
-            if part == "down_proj":
-                params[f"{base}.down_proj"][e].copy_(t)
-            else:
-                gu = params[f"{base}.gate_up_proj"]
-                inter = gu.shape[1] // 2
-                gu[e, :inter].copy_(t) if part == "gate_proj" else gu[e, inter:].copy_(t)
+            _expert_dest(params, base, e, part).copy_(t)
         filled.add(name)
         return
     if target.endswith(("experts.gate_up_proj", "experts.down_proj")):  # fused (stacked) layout

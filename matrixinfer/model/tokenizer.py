@@ -44,8 +44,9 @@ class Tokenizer:
         if isinstance(self.chat_template, list):  # named templates: take "default"
             named = {t["name"]: t["template"] for t in self.chat_template}
             self.chat_template = named.get("default", next(iter(named.values()), None))
-        self._env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        self._env.globals["raise_exception"] = self._raise
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = self._raise
+        self._template = env.from_string(self.chat_template) if self.chat_template else None
 
     @staticmethod
     def _raise(message: str) -> None:
@@ -66,9 +67,9 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """Render ``messages`` with the checkpoint's chat template (BOS included by the template)."""
-        if not self.chat_template:
+        if self._template is None:
             raise TokenizerError("this tokenizer has no chat_template in tokenizer_config.json")
-        return self._env.from_string(self.chat_template).render(
+        return self._template.render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
@@ -78,18 +79,23 @@ class Tokenizer:
 
 
 class IncrementalDecoder:
-    """Turns a growing list of token ids into text deltas without splitting UTF-8 characters."""
+    """Turns a growing list of token ids into text deltas without splitting UTF-8 characters.
+
+    Each push decodes only the tokens since the last emitted boundary (plus the previous window,
+    so decoders that treat a token by its left neighbour agree), not the whole output.
+    """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tok = tokenizer
         self.ids: list[int] = []
-        self.emitted = ""
+        self.prefix = 0  # start of the window decoded for context
+        self.read = 0  # tokens up to here have been emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):  # incomplete multi-byte character: wait for more tokens
+        done = self.tok.decode(self.ids[self.prefix:self.read])
+        text = self.tok.decode(self.ids[self.prefix:])
+        if len(text) <= len(done) or text.endswith("\ufffd"):  # nothing new, or a character is incomplete
             return ""
-        delta = text[len(self.emitted):]
-        self.emitted = text
-        return delta
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(done):]

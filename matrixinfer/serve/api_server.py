@@ -185,21 +185,21 @@ def create_app(engine: Backend, api_key: str | None = None) -> FastAPI:
             yield f"data: {json.dumps({'id': rid, 'object': obj, 'created': created, 'model': model_id, 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
+    async def _handle(request: Request, chat: bool):
         try:
-            return await _run(request, parse_completion(await _body(request)), chat=False)
+            body = await _body(request)
+            return await _run(request, parse_chat(body) if chat else parse_completion(body), chat=chat)
         except ApiError as exc:
             metrics.errors.labels(str(exc.status)).inc()
             return _error(exc)
 
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _handle(request, chat=False)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        try:
-            return await _run(request, parse_chat(await _body(request)), chat=True)
-        except ApiError as exc:
-            metrics.errors.labels(str(exc.status)).inc()
-            return _error(exc)
+        return await _handle(request, chat=True)
 
     return app
 
@@ -240,6 +240,6 @@ def _completion_logprobs(tok, ids: list[int], lps: list[float]) -> dict:
 
 
 def _chat_logprobs(tok, ids: list[int], lps: list[float]) -> dict:
-    return {"content": [{"token": tok.decode([t], skip_special_tokens=False), "logprob": lp,
-                         "bytes": list(tok.decode([t], skip_special_tokens=False).encode()), "top_logprobs": []}
-                        for t, lp in zip(ids, lps)]}
+    texts = [tok.decode([t], skip_special_tokens=False) for t in ids]
+    return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []}
+                        for s, lp in zip(texts, lps)]}

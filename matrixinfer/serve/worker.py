@@ -97,6 +97,7 @@ class Worker:
         self.dest: dict[str, str] = {}
         self.counters = dict(sent=0, received=0, seconds=0.0, transfers=0)
         self.load = m.Load(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        self._snapshot_at = 0.0
         self.sender = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-send")
         self._kv_socks: dict[str, socket.socket] = {}
         self._kv_sock_lock = threading.Lock()
@@ -225,6 +226,10 @@ class Worker:
             self._send(_output(out))
 
     def _snapshot(self) -> None:
+        now = time.monotonic()
+        if now - self._snapshot_at < 0.05:  # reports go out every 0.2 s; steps come far more often
+            return
+        self._snapshot_at = now
         e = self.engine
         queued = sum(s.num_tokens - s.num_computed for s in e.waiting) + \
             sum(s.num_tokens - s.num_computed for s in e.running)
