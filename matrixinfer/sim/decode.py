@@ -95,6 +95,122 @@ def _microbatch_gain(die: Die, batch_per_chip: float) -> float:
 
 
 @dataclass(frozen=True)
+class _Paths:
+    """One layer's two halves for ``q_tokens`` query tokens per die (seconds, bytes)."""
+
+    attention: float          # MLA prolog, attention, o_proj
+    moe: float                # gate, dispatch, experts on the busiest rank, combine
+    attention_bytes: float    # HBM bytes the attention half reads (weights, KV)
+    moe_bytes: float          # HBM bytes the MoE half reads (gate and expert weights)
+    parts: dict[str, float]
+
+
+def _paths(die: Die, shapes: ModelShapes, cfg: DecodeConfig, seqs: float, q_tokens: float,
+           attention_share: float = 1.0, moe_share: float = 1.0) -> _Paths:
+    """Attention half and MoE half of one layer on one die.
+
+    ``attention_share`` / ``moe_share``: fraction of the die's matrix cores each half runs on
+    (1.0: the whole die, as without microbatching).
+    """
+    total_tokens = q_tokens * cfg.dies
+    epr = experts_per_rank(shapes, cfg)
+    physical = shapes.routed_experts + cfg.redundant_experts
+    imbalance = cfg.imbalance
+    if imbalance is None:
+        imbalance = routing_imbalance(total_tokens * shapes.top_k / physical, physical)
+
+    # Attention half (per layer, per die).
+    kv = seqs * cfg.context * shapes.kv_dim * cfg.kv_bytes
+    proj = gemm_time(die, q_tokens, shapes.attn_proj_params, INT8, attention_share)
+    absorb = gemm_time(die, q_tokens, shapes.attn_absorb_params, BF16, attention_share)
+    attn = attention_time(die, q_tokens * shapes.attn_decode_flops(cfg.context), kv,
+                          attention_share)
+    attention_bytes = shapes.attn_proj_params * INT8 + shapes.attn_absorb_params * BF16 + kv
+
+    # MoE half: gate, dispatch, experts on the busiest rank, combine.
+    gate_params = shapes.hidden * shapes.routed_experts
+    gate = gemm_time(die, q_tokens, gate_params, BF16, moe_share)
+    routed_load = total_tokens * shapes.top_k / physical * imbalance
+    routed = epr * gemm_time(die, routed_load, shapes.expert_params, INT8, moe_share)
+    shared_params = shapes.shared_experts * shapes.expert_params
+    if cfg.shared_expert_dies:
+        shared = gemm_time(die, total_tokens / cfg.shared_expert_dies, shared_params, INT8,
+                           moe_share)
+        experts = max(routed, shared)
+        expert_bytes = max(epr * shapes.expert_params, shared_params) * INT8
+    else:
+        experts = routed + gemm_time(die, q_tokens, shared_params, INT8, moe_share)
+        expert_bytes = (epr * shapes.expert_params + shared_params) * INT8
+    disp = dispatch_time(die, cfg.dies, q_tokens, imbalance)
+    comb = combine_time(die, cfg.dies, q_tokens, imbalance)
+    parts = {"attn_proj": proj + absorb, "attn_core": attn, "gate": gate, "dispatch": disp,
+             "experts": experts, "combine": comb, "imbalance": imbalance}
+    return _Paths(proj + absorb + attn, gate + disp + experts + comb, attention_bytes,
+                  gate_params * BF16 + expert_bytes, parts)
+
+
+@dataclass(frozen=True)
+class StreamSplit:
+    """One MoE layer as the two-microbatch decode pipeline runs it [paper §4].
+
+    The batch is cut into two microbatches. One stream runs the attention half (MLA prolog,
+    attention, o_proj) of one microbatch while the other runs the MoE half (gate, dispatch,
+    experts, combine) of the other; each stream is pinned to its own share of the die's matrix
+    cores, so a layer takes two slots of ``max(attention, moe)``. Both streams read HBM at once,
+    so a slot also lasts at least their combined bytes at the die's bandwidth. The cores are
+    split to minimise the slot (the paper balances the streams the same way); every
+    microbatch pays its own weight reads and its own fixed dispatch/combine cost.
+
+    Attributes (seconds):
+        attention_cores / moe_cores: matrix cores each stream runs on.
+        attention / moe: one microbatch through each stream.
+        hbm: both streams' HBM reads for one slot.
+        layer: both microbatches through the layer, ``2 x max(attention, moe, hbm)``.
+        serial: the same layer without microbatching, both halves in turn on the whole die.
+    """
+
+    attention_cores: int
+    moe_cores: int
+    attention: float
+    moe: float
+    hbm: float
+    layer: float
+    serial: float
+
+    @property
+    def gain(self) -> float:
+        """Throughput gain of the pipeline over running the layer without microbatching."""
+        return self.serial / self.layer - 1.0
+
+
+def stream_split(die: Die, shapes: ModelShapes, cfg: DecodeConfig) -> StreamSplit | None:
+    """The two-stream pipeline of one MoE layer for ``cfg``, on the core split that balances it.
+
+    Derived from core counts, operator measurements and the step's shapes only; the decode step
+    itself applies the measured pipeline gain (:func:`decode_step`), and this view checks that
+    gain, the paper's core split and its per-stream times. None where the chip's matrix cores
+    are not split between streams.
+    """
+    cores = die.chip.matrix_cores_per_die
+    if cores < 2:
+        return None
+    seqs = cfg.batch_per_chip / die.chip.dies
+    q_tokens = seqs * (2 if cfg.mtp else 1)
+    whole = _paths(die, shapes, cfg, seqs, q_tokens)
+    bandwidth = die.hbm_bw * die.profile.mem_bw_util
+    best: StreamSplit | None = None
+    for attention_cores in range(1, cores):
+        share = attention_cores / cores
+        half = _paths(die, shapes, cfg, seqs / 2, q_tokens / 2, share, 1.0 - share)
+        hbm = (half.attention_bytes + half.moe_bytes) / bandwidth
+        layer = 2.0 * max(half.attention, half.moe, hbm)
+        if best is None or layer < best.layer:
+            best = StreamSplit(attention_cores, cores - attention_cores, half.attention, half.moe,
+                               hbm, layer, whole.attention + whole.moe)
+    return best
+
+
+@dataclass(frozen=True)
 class _Layer:
     """One MoE layer of a decode step on one die (seconds) and its parts."""
 
@@ -111,44 +227,18 @@ def _layer(die: Die, shapes: ModelShapes, cfg: DecodeConfig, seqs: float, q_toke
     and the same fixed dispatch/combine cost as a main layer, so it is timed with its own token
     count instead of as a fraction of a main layer.
     """
-    total_tokens = q_tokens * cfg.dies
-    epr = experts_per_rank(shapes, cfg)
-    physical = shapes.routed_experts + cfg.redundant_experts
-    imbalance = cfg.imbalance
-    if imbalance is None:
-        imbalance = routing_imbalance(total_tokens * shapes.top_k / physical, physical)
-
-    # Attention path (per layer, per die).
-    proj = gemm_time(die, q_tokens, shapes.attn_proj_params, INT8)
-    absorb = gemm_time(die, q_tokens, shapes.attn_absorb_params, BF16)
-    attn = attention_time(die, q_tokens * shapes.attn_decode_flops(cfg.context),
-                          seqs * cfg.context * shapes.kv_dim * cfg.kv_bytes)
-    attn_path = proj + absorb + attn
-
-    # MoE path: gate, dispatch, experts on the busiest rank, combine.
-    gate = gemm_time(die, q_tokens, shapes.hidden * shapes.routed_experts, BF16)
-    routed_load = total_tokens * shapes.top_k / physical * imbalance
-    routed = epr * gemm_time(die, routed_load, shapes.expert_params, INT8)
-    if cfg.shared_expert_dies:
-        shared = gemm_time(die, total_tokens / cfg.shared_expert_dies,
-                           shapes.shared_experts * shapes.expert_params, INT8)
-        experts = max(routed, shared)
-    else:
-        experts = routed + gemm_time(die, q_tokens, shapes.shared_experts * shapes.expert_params)
-    disp = dispatch_time(die, cfg.dies, q_tokens, imbalance)
-    comb = combine_time(die, cfg.dies, q_tokens, imbalance)
-    moe_path = gate + disp + experts + comb
-
+    paths = _paths(die, shapes, cfg, seqs, q_tokens)
+    attn_path, moe_path = paths.attention, paths.moe
+    disp, comb = paths.parts["dispatch"], paths.parts["combine"]
     if cfg.microbatch and not die.profile.microbatch_gain_decode:
         # No ablation published: hide the stated share of communication behind compute.
-        hidden = min(die.profile.microbatch_hidden_prefill * (disp + comb), attn_path + experts)
+        hidden = min(die.profile.microbatch_hidden_prefill * (disp + comb),
+                     attn_path + paths.parts["experts"])
         moe_layer = attn_path + moe_path - hidden
     else:
         moe_layer = (attn_path + moe_path) / (1.0 + gain)
     dense_layer = (attn_path + gemm_time(die, q_tokens, shapes.dense_mlp_params, INT8)) / (1.0 + gain)
-    parts = {"attn_proj": proj + absorb, "attn_core": attn, "gate": gate, "dispatch": disp,
-             "experts": experts, "combine": comb, "imbalance": imbalance}
-    return _Layer(moe_layer, dense_layer, parts)
+    return _Layer(moe_layer, dense_layer, paths.parts)
 
 
 def decode_step(die: Die, shapes: ModelShapes, cfg: DecodeConfig) -> DecodeResult:

@@ -33,6 +33,7 @@ class ChipSpec:
     scaleup_bw: float      # scale-up fabric bandwidth per chip, one direction, B/s (UB / NVLink)
     scaleout_bw: float     # RDMA NIC bandwidth per chip, one direction, B/s
     quant_flops_name: str  # which peak the "tok/s per TFLOPS" efficiency uses ("int8" / "fp8")
+    matrix_cores_per_die: int = 0  # matrix cores a die's streams can be pinned to (0: not split)
 
     @property
     def low_precision_flops(self) -> float:
@@ -47,6 +48,8 @@ class ChipSpec:
 # --- Huawei Ascend 910C [paper §1] -------------------------------------------------------------
 # 2 dies per package; per die 64 GB HBM at 1.6 TB/s; INT8 ~1,504 TOPS and BF16 ~752 TFLOPS per
 # package; UB 7 x 224 Gbps = 196 GB/s per die one way (392 GB/s per NPU); RDMA 200 Gbps per die.
+# 24 cube (matrix) cores + 48 vector cores per die: the decode pipeline pins each of its two
+# streams to a share of them [paper §1, §4].
 ASCEND_910C = ChipSpec(
     name="Ascend 910C",
     dies=2,
@@ -58,6 +61,7 @@ ASCEND_910C = ChipSpec(
     scaleup_bw=392 * GB,
     scaleout_bw=2 * 200e9 / 8,
     quant_flops_name="int8",
+    matrix_cores_per_die=24,
 )
 
 # --- NVIDIA Hopper, public datasheets ----------------------------------------------------------

@@ -37,21 +37,26 @@ class Die:
         return self.chip.per_die(self.chip.hbm_bytes)
 
 
-def gemm_time(die: Die, tokens: float, params: float, weight_bytes: float = INT8) -> float:
+def gemm_time(die: Die, tokens: float, params: float, weight_bytes: float = INT8,
+              compute_share: float = 1.0) -> float:
     """A token-by-weight GEMM: the slower of compute at the measured GEMM utilisation and
-    streaming the weights at the measured memory-bandwidth utilisation (roofline)."""
+    streaming the weights at the measured memory-bandwidth utilisation (roofline).
+
+    ``compute_share`` is the fraction of the die's matrix cores the kernel runs on (a stream of
+    the decode microbatch pipeline); the die's memory bandwidth stays available to it."""
     if tokens <= 0:
         return 0.0
     peak = die.lowp if weight_bytes == INT8 else die.bf16
-    compute = 2.0 * tokens * params / (peak * die.profile.gemm_util)
+    compute = 2.0 * tokens * params / (peak * die.profile.gemm_util * compute_share)
     memory = params * weight_bytes / (die.hbm_bw * die.profile.mem_bw_util)
     return max(compute, memory)
 
 
-def attention_time(die: Die, flops: float, kv_bytes: float) -> float:
+def attention_time(die: Die, flops: float, kv_bytes: float, compute_share: float = 1.0) -> float:
     """Fused attention: compute at the measured MLA compute utilisation (BF16) or KV streaming at
-    the measured bandwidth utilisation, whichever is slower."""
-    compute = flops / (die.bf16 * die.profile.attn_compute_util)
+    the measured bandwidth utilisation, whichever is slower (``compute_share`` as in
+    :func:`gemm_time`)."""
+    compute = flops / (die.bf16 * die.profile.attn_compute_util * compute_share)
     memory = kv_bytes / (die.hbm_bw * die.profile.mem_bw_util)
     return max(compute, memory)
 
