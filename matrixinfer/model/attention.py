@@ -86,12 +86,30 @@ class AttentionMetadata:
     query_lens: list[int]
     context_lens: list[int]
     slot_mapping: torch.Tensor | None
-    groups: list[AttentionGroup] = field(default_factory=list)
     mode: str = "auto"
+    block_tables: torch.Tensor | None = None
+    block_size: int | None = None
+    tok_seq: torch.Tensor | None = None
+    tok_nkeys: torch.Tensor | None = None
+    _groups: list[AttentionGroup] | None = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
         return sum(self.query_lens)
+
+    @property
+    def paged(self) -> bool:
+        """Whether keys come from a paged cache (then ``block_tables`` ``[S, W]`` int32,
+        ``tok_seq`` (each token's sequence row) and ``tok_nkeys`` (keys it sees) are set)."""
+        return self.tok_nkeys is not None
+
+    @property
+    def groups(self) -> list[AttentionGroup]:
+        """Padded attention groups for the PyTorch attention paths, built on first use (a fused
+        kernel reading the paged cache directly never needs them)."""
+        if self._groups is None:
+            self._groups = self._build_groups()
+        return self._groups
 
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int] | None = None,
@@ -112,23 +130,31 @@ class AttentionMetadata:
         for q, c in zip(query_lens, context_lens):
             if q < 1 or c < q:
                 raise ValueError(f"each sequence needs 1 <= query_len <= context_len, got {q}, {c}")
-        starts = [0]
-        for q in query_lens:
-            starts.append(starts[-1] + q)
         device = torch.device(device)
         if block_tables is None:
             if list(context_lens) != list(query_lens):
                 raise ValueError("a cache-free batch attends only to its own tokens: context_lens must equal query_lens")
-            slot_mapping = None
+            return cls(list(query_lens), list(context_lens), None, mode=mode)
+        if block_size is None:
+            raise ValueError("block_tables need block_size")
+        tables = block_tables.to(device=device, dtype=torch.int32).contiguous()
+        seq_idx = torch.repeat_interleave(torch.arange(len(query_lens), device=device),
+                                          torch.tensor(query_lens, device=device))
+        if all(q == 1 for q in query_lens):  # decode: the new token is the last one
+            pos = torch.tensor(context_lens, device=device) - 1
         else:
-            if block_size is None:
-                raise ValueError("block_tables need block_size")
-            block_tables = block_tables.to(device=device, dtype=torch.long)
-            seq_idx = torch.repeat_interleave(torch.arange(len(query_lens), device=device),
-                                              torch.tensor(query_lens, device=device))
             pos = torch.cat([torch.arange(c - q, c, device=device) for q, c in zip(query_lens, context_lens)])
-            slot_mapping = block_tables[seq_idx, pos // block_size] * block_size + pos % block_size
-        meta = cls(list(query_lens), list(context_lens), slot_mapping, mode=mode)
+        slot_mapping = tables[seq_idx, pos // block_size].long() * block_size + pos % block_size
+        return cls(list(query_lens), list(context_lens), slot_mapping, mode=mode, block_tables=tables,
+                   block_size=block_size, tok_seq=seq_idx.to(torch.int32), tok_nkeys=(pos + 1).to(torch.int32))
+
+    def _build_groups(self) -> list[AttentionGroup]:
+        query_lens, context_lens = self.query_lens, self.context_lens
+        device = self.slot_mapping.device if self.slot_mapping is not None else torch.device("cpu")
+        block_tables = None if self.block_tables is None else self.block_tables.long()
+        starts = [0]
+        for q in query_lens:
+            starts.append(starts[-1] + q)
         decode = [s for s, q in enumerate(query_lens) if q == 1]
         prefill = [s for s, q in enumerate(query_lens) if q > 1]
         # Decodes batch together; prefills batch together when their shapes agree (training, tests).
@@ -138,10 +164,8 @@ class AttentionMetadata:
         if prefill:
             shapes = {(query_lens[s], context_lens[s]) for s in prefill}
             batches += [(prefill, False)] if len(shapes) == 1 else [([s], False) for s in prefill]
-        for seqs, is_decode in batches:
-            meta.groups.append(cls._group(seqs, is_decode, query_lens, context_lens, starts,
-                                          block_tables, block_size, device))
-        return meta
+        return [self._group(seqs, is_decode, query_lens, context_lens, starts, block_tables, self.block_size, device)
+                for seqs, is_decode in batches]
 
     @staticmethod
     def _group(seqs: list[int], decode: bool, query_lens: list[int], context_lens: list[int],

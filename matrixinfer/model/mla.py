@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from matrixinfer import kernels
 from matrixinfer.config import ModelConfig
 from matrixinfer.model.attention import AttentionGroup, AttentionMetadata, KVCache
 from matrixinfer.model.layers import RMSNorm, RotaryEmbedding, softmax_scale
@@ -43,6 +44,9 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=bias)
         self.scale = softmax_scale(cfg)
+        # Latent-space (absorbed) attention costs H x (D + R) per query-key pair, the naive one
+        # H x (qk + v) plus expanding each key: absorbed prefill pays off only for few wide heads.
+        self.absorbed_prefill = (self.kv_lora_rank + self.rope_dim) + self.kv_lora_rank <= 2 * (self.qk_dim + self.v_dim)
 
     def _kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``kv_b_proj`` split per head: ``W_UK [H, nope, R]`` and ``W_UV [H, v, R]``."""
@@ -67,6 +71,8 @@ class MLA(nn.Module):
         else:
             kv_cache.write(self.layer_idx, meta.slot_mapping, latent)
             slots = kv_cache.layer_slots(self.layer_idx)
+        if self._use_kernel(x, meta, slots):
+            return self.o_proj(self._kernel(q_nope, q_pe, slots, meta).reshape(t, self.n_heads * self.v_dim))
         out = x.new_empty(t, self.n_heads, self.v_dim)
         for group in meta.groups:
             absorbed = meta.mode == "absorbed" or (meta.mode == "auto" and group.decode)
@@ -79,6 +85,22 @@ class MLA(nn.Module):
             else:
                 out[group.token_index[group.valid]] = o[group.valid]
         return self.o_proj(out.reshape(t, self.n_heads * self.v_dim))
+
+    def _use_kernel(self, x: torch.Tensor, meta: AttentionMetadata, slots: torch.Tensor) -> bool:
+        """The fused CPU kernel reads the paged cache directly; it computes the absorbed form."""
+        if not meta.paged or meta.mode == "naive" or x.device.type != "cpu" or x.dtype != torch.float32:
+            return False
+        if meta.mode == "auto" and not self.absorbed_prefill and any(q > 1 for q in meta.query_lens):
+            return False
+        return slots.dtype == torch.float32 and slots.is_contiguous() and kernels.available()
+
+    def _kernel(self, q_nope: torch.Tensor, q_pe: torch.Tensor, slots: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        w_uk, w_uv = self._kv_b()
+        q_full = torch.cat([torch.einsum("thd,hdr->thr", q_nope, w_uk), q_pe], dim=-1).contiguous()
+        o_lat = kernels.paged_mla(q_full, slots, meta.block_tables, meta.tok_seq, meta.tok_nkeys,
+                                  self.kv_lora_rank, meta.block_size, self.scale)
+        return torch.einsum("thr,hvr->thv", o_lat, w_uv)
 
     def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor,
                group: AttentionGroup) -> torch.Tensor:

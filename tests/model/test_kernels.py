@@ -1,0 +1,96 @@
+"""The fused CPU paged-MLA kernel against a direct PyTorch computation and against the model's
+PyTorch attention path."""
+
+import pytest
+import torch
+
+from matrixinfer import kernels
+from matrixinfer.config import ModelConfig
+from matrixinfer.model.attention import AttentionMetadata, PagedLatentCache
+from matrixinfer.model.mla import MLA
+from matrixinfer.model.layers import RotaryEmbedding
+from tests.checkpoints import tiny_config
+
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no C compiler: the native kernel cannot be built")
+
+
+def reference(q, cache, tables, q_lens, ctx_lens, rank, bs, scale):
+    out, t = [], 0
+    for s, (ql, cl) in enumerate(zip(q_lens, ctx_lens)):
+        j = torch.arange(cl)
+        keys = cache[tables[s, j // bs].long() * bs + j % bs]
+        for i in range(ql):
+            n = cl - ql + i + 1
+            p = (q[t] @ keys[:n].T * scale).softmax(-1)
+            out.append(p @ keys[:n, :rank])
+            t += 1
+    return torch.stack(out)
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads,rank,rope,bs", [(4, 64, 16, 16), (16, 512, 64, 3), (1, 8, 4, 64)])
+def test_kernel_matches_direct_attention(heads, rank, rope, bs):
+    g = torch.Generator().manual_seed(heads)
+    q_lens, ctx_lens = [1, 1, 5, 70, 1, 1], [1, 64, 65, 200, 129, 63]  # chunk (64) edges, prefix + chunk
+    width = max((c + bs - 1) // bs for c in ctx_lens)
+    nblocks = len(q_lens) * width + 3
+    dim = rank + rope
+    cache = torch.randn(nblocks * bs, dim, generator=g)
+    tables = torch.randperm(nblocks, generator=g)[: len(q_lens) * width].view(len(q_lens), width).to(torch.int32)
+    q = torch.randn(sum(q_lens), heads, dim, generator=g)
+    meta = AttentionMetadata.build(q_lens, ctx_lens, tables, bs)
+    out = kernels.paged_mla(q, cache, meta.block_tables, meta.tok_seq, meta.tok_nkeys, rank, bs, 0.07)
+    ref = reference(q, cache, tables, q_lens, ctx_lens, rank, bs, 0.07)
+    assert out.shape == (sum(q_lens), heads, rank)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+@needs_kernel
+def test_kernel_rejects_bad_inputs():
+    q = torch.randn(2, 4, 80)
+    cache = torch.randn(64, 80)
+    tables = torch.zeros(2, 4, dtype=torch.int32)
+    one = torch.ones(2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="q must be"):
+        kernels.paged_mla(q.double(), cache, tables, one, one, 64, 16, 1.0)
+    with pytest.raises(ValueError, match="block_tables must be"):
+        kernels.paged_mla(q, cache, tables.long(), one, one, 64, 16, 1.0)
+    with pytest.raises(ValueError, match="inconsistent"):
+        kernels.paged_mla(q, torch.randn(64, 81), tables, one, one, 64, 16, 1.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", ["auto", "absorbed"])
+def test_mla_kernel_path_matches_pytorch_path(monkeypatch, mode):
+    """One MLA layer over a paged cache (a chunked prefill, then a mixed prefill + decode step)
+    gives the same output with the kernel as with the PyTorch paths."""
+    cfg = ModelConfig.from_dict(tiny_config().to_dict())
+    torch.manual_seed(0)
+    mla = MLA(cfg, 0)
+    for p in mla.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    rope = RotaryEmbedding(cfg)
+    bs = 4
+
+    def run(use_kernel: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(kernels, "available", lambda: use_kernel)
+        cache = PagedLatentCache(1, 32, bs, cfg.kv_cache_dim)
+        tables = torch.tensor([[3, 7, 1, 9, 11, 13], [2, 4, 6, 8, 10, 12]])
+        outs = []
+        for q_lens, ctx_lens in (([9, 6], [9, 6]), ([1, 5], [10, 11]), ([1, 1], [11, 12])):
+            torch.manual_seed(sum(ctx_lens))
+            x = torch.randn(sum(q_lens), cfg.hidden_size)
+            pos = torch.cat([torch.arange(c - q, c) for q, c in zip(q_lens, ctx_lens)])
+            meta = AttentionMetadata.build(q_lens, ctx_lens, tables, bs, mode=mode)
+            cos, sin = rope.cos_sin(pos)
+            with torch.no_grad():
+                outs.append(mla(x, cos, sin, rope, meta, cache))
+        return outs
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("MATRIXINFER_KERNELS", "0")
+    assert kernels.available() is False
