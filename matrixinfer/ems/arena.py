@@ -108,21 +108,27 @@ class SharedArena:
     """A named shared-memory segment that clients on the same host can map by path.
 
     The file has mode 0600: the same-host fast path trusts the OS user, the protocol enforces
-    namespaces for everyone else (see docs/ems.md).
+    namespaces for everyone else (see docs/ems.md). Values take the first ``capacity`` bytes
+    (``view``); ``extra`` bytes after them, from ``extra_offset`` (``extra_view``), hold the shared
+    index (:mod:`matrixinfer.ems.index`).
     """
 
-    def __init__(self, capacity: int, path: str | None = None) -> None:
+    def __init__(self, capacity: int, path: str | None = None, extra: int = 0) -> None:
         remove_orphan_segments()
         name = f"matrixinfer-ems-{os.getpid()}-{_pid_namespace()}-{secrets.token_hex(4)}"
         self.path = path or os.path.join(_shm_dir(), name)
+        self.capacity = capacity
+        self.extra_offset = align_up(capacity) if extra else capacity
+        self.size = self.extra_offset + extra
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, capacity)
-            self.mmap = mmap.mmap(fd, capacity)
+            os.ftruncate(fd, self.size)
+            self.mmap = mmap.mmap(fd, self.size)
         finally:
             os.close(fd)
-        self.capacity = capacity
-        self.view = memoryview(self.mmap)
+        whole = memoryview(self.mmap)
+        self.view = whole[:capacity]
+        self.extra_view = whole[self.extra_offset:]
 
     def close(self) -> None:
         """Unlink the segment; mappings held by clients stay valid until they unmap."""

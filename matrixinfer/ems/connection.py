@@ -1,9 +1,12 @@
 """One client connection to one EMS server, with the same-host shared-memory fast path.
 
 On the server's host (same machine, boot and network namespace) the connection maps the server's
-arena: a get asks for a lease (offsets, entries pinned), copies straight from the mapping into the
-caller's buffer and releases the lease with its next request (or an explicit release); a large put reserves blocks,
-copies into them and commits. Elsewhere values travel over TCP, received directly into the
+arena. A get first looks its keys up in the server's shared index and copies what the index vouches
+for straight into the caller's buffer, with no round trip (:mod:`matrixinfer.ems.index`), marking
+each slot read for the server's eviction; hit counts reach the server now and then. Keys the index
+does not vouch for take the leased path: the server pins them and answers with offsets, the client copies
+and releases the lease with its next request (or an explicit release). A large put reserves
+blocks, copies into them and commits. Elsewhere values travel over TCP, received directly into the
 caller's buffer.
 """
 
@@ -12,6 +15,8 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,12 +24,15 @@ import numpy as np
 
 from matrixinfer.ems import protocol as p
 from matrixinfer.ems.arena import map_arena
+from matrixinfer.ems.index import SUPPORTED as INDEX_SUPPORTED
+from matrixinfer.ems.index import IndexReader, key_tag
 from matrixinfer.ems.server import tune_socket
 from matrixinfer.ems.service import host_id
 
 FAST_PUT_MIN = 64 << 10  # below this a put's two round trips cost more than the socket copy
 PARALLEL_COPY_MIN = 32 << 20  # gets at least this large copy on several threads
 COPY_CHUNK = 16 << 20
+HITS_EVERY_S = 1.0  # index hits are counted by the server at most this late (or at the next request)
 _copy_pool: ThreadPoolExecutor | None = None
 
 
@@ -95,14 +103,21 @@ class ServerConnection:
         p.set_timeouts(self.sock, timeout)
         tune_socket(self.sock)
         self._held_lease = 0  # a same-host read lease to drop with the next request
+        self._hits = 0  # reads served from the shared index, not yet reported
+        self._hits_sent = float("-inf")
+        self.reads: Counter[str] = Counter()  # same-host keys read via "index", "lease"; index "conflict"s
         reply = self._call(p.Hello(namespace=namespace, token=token))
         if reply.code == "refused":
             self.close()
             raise EmsPermissionError(f"EMS server {addr}: {reply.error}")
         self.server_id = reply.server_id
         self.arena: memoryview | None = None
+        self.index: IndexReader | None = None
         if fast_path and reply.host_id == _HOST_ID and reply.arena_path:
             self.arena = self._map(reply.server_id, reply.arena_path, reply.arena_size)
+        if self.arena is not None and INDEX_SUPPORTED and reply.index_slots:
+            self.index = IndexReader(self.arena[reply.index_offset:], reply.index_slots, reply.index_offset)
+            self.salt = reply.index_salt
 
     @staticmethod
     def _map(server_id: str, path: str, size: int) -> memoryview | None:
@@ -115,6 +130,7 @@ class ServerConnection:
             return _arenas[server_id]
 
     def _call(self, req: p.Request, payloads: Sequence = ()) -> p.Reply:
+        self._report_hits(force=True)
         if self._held_lease:  # the last same-host read is done: drop its pins with this request
             if isinstance(req, p.Get):
                 req.release = self._held_lease
@@ -125,13 +141,25 @@ class ServerConnection:
         return p.recv_reply(self.sock)
 
     def release(self) -> None:
-        """Drop the pins of the last same-host read now rather than with the next request."""
+        """Drop the pins of the last same-host read now rather than with the next request, and
+        report the reads served from the shared index."""
+        self._report_hits(force=True)
         if self._held_lease:
             p.send_frame(self.sock, p.Release(lease=self._held_lease))
             self._held_lease = 0
 
+    def _report_hits(self, force: bool = False) -> None:
+        if self._hits and (force or time.monotonic() - self._hits_sent >= HITS_EVERY_S):
+            count, self._hits = self._hits, 0
+            self._hits_sent = time.monotonic()
+            p.send_frame(self.sock, p.IndexHits(count=count))  # no reply to wait for
+
     def close(self) -> None:
         """Close the socket (the server releases this connection's leases)."""
+        try:
+            self._report_hits(force=True)
+        except OSError:
+            pass
         try:
             self.sock.close()
         except OSError:
@@ -141,12 +169,68 @@ class ServerConnection:
         """Values of ``keys``: with ``outs``, bytes written into each buffer (None on a miss);
         without, a new bytearray per hit (None on a miss)."""
         views = [writable_view(o) for o in outs] if outs is not None else None
-        if self.arena is not None:
-            reply = self._call(p.Get(keys=keys, lease=True))
+        if self.arena is None:
+            return self._get_tcp(keys, views)
+        results: list[object] = [None] * len(keys)
+        rest = self._get_from_index(keys, views, results) if self.index is not None else range(len(keys))
+        if rest:
+            self.reads["lease"] += len(rest)
+            reply = self._call(p.Get(keys=[keys[i] for i in rest], lease=True))
             try:
-                return self._copy_out(reply, views)
+                got = self._copy_out(reply, [keys[i] for i in rest], None if views is None else [views[i] for i in rest])
             finally:
                 self._held_lease = reply.lease  # released by the next request (or by closing)
+            for i, r in zip(rest, got):
+                results[i] = r
+        self._report_hits()
+        return results
+
+    def _get_from_index(self, keys: list[bytes], views: list[memoryview] | None, results: list[object]) -> list[int]:
+        """Copy the values the shared index vouches for into ``results`` (see the module
+        docstring); returns the positions left to the leased path. A value changed during its copy
+        is copied again by that path, so the caller's buffer may briefly hold other bytes."""
+        try:
+            eof = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            eof = False  # nothing to read: the server is alive, so its index is current
+        if eof:  # a dead server's index is frozen, not current: never read it
+            raise ConnectionError(f"EMS server {self.addr} closed the connection")
+        index, arena = self.index, self.arena
+        if not index.is_open():
+            return list(range(len(keys)))
+        rest: list[int] = []
+        hits: list[tuple[int, int, int, int]] = []  # (position, slot word, seq, size)
+        pairs: list[tuple[memoryview, memoryview]] = []
+        for i, key in enumerate(keys):
+            found = index.find(key_tag(self.salt, key))
+            if found is None or (views is not None and len(views[i]) < found[3]):
+                rest.append(i)  # not indexed, or a buffer too small: the leased path reports it
+                continue
+            word, seq, off, size = found
+            if views is None:
+                results[i] = bytearray(arena[off:off + size])
+            else:
+                pairs.append((views[i][:size], arena[off:off + size]))
+            hits.append((i, word, seq, size))
+        if sum(len(d) for d, _ in pairs) >= PARALLEL_COPY_MIN:
+            parallel_copy(pairs)
+        else:
+            for d, src in pairs:
+                d[:] = src
+        for i, word, seq, size in hits:
+            if index.unchanged(word, seq):
+                if views is not None:
+                    results[i] = size
+                index.mark_read(word)
+                self.reads["index"] += 1
+                self._hits += 1
+            else:  # rewritten or withdrawn while we copied: the bytes may be torn
+                results[i] = None
+                rest.append(i)
+                self.reads["conflict"] += 1
+        return sorted(rest)
+
+    def _get_tcp(self, keys: list[bytes], views: list[memoryview] | None) -> list[object]:
         reply = self._call(p.Get(keys=keys))
         results: list[object] = []
         dests: list[memoryview] = []  # where each returned value lands, in stream order
@@ -170,7 +254,7 @@ class ServerConnection:
             raise ValueError(f"buffer for key {too_small[0]!r} holds {too_small[2]} bytes, value has {too_small[1]}")
         return results
 
-    def _copy_out(self, reply: p.Reply, views: list[memoryview] | None) -> list[object]:
+    def _copy_out(self, reply: p.Reply, keys: list[bytes], views: list[memoryview] | None) -> list[object]:
         results: list[object] = []
         big: list[tuple[memoryview, memoryview]] = []  # copies from the arena, done after the loop
         too_small = None
@@ -181,7 +265,7 @@ class ServerConnection:
             if views is not None and len(views[i]) < size:
                 if off == p.INLINE:
                     p.discard(self.sock, size)  # keep the stream in step, then complain
-                too_small = too_small or (i, size, len(views[i]))
+                too_small = too_small or (keys[i], size, len(views[i]))
                 results.append(None)
                 continue
             dst = memoryview(bytearray(size)) if views is None else views[i][:size]
@@ -197,7 +281,7 @@ class ServerConnection:
                 for d, src in big:
                     d[:] = src
         if too_small:
-            raise ValueError(f"buffer {too_small[0]} holds {too_small[2]} bytes, value has {too_small[1]}")
+            raise ValueError(f"buffer for key {too_small[0]!r} holds {too_small[2]} bytes, value has {too_small[1]}")
         return results
 
     def put_many(self, keys: list[bytes], values: Sequence[object]) -> list[str]:

@@ -76,6 +76,13 @@ class Release(msgspec.Struct, tag=True):
     lease: int
 
 
+class IndexHits(msgspec.Struct, tag=True):
+    """Same-host reads served from the shared index since the last report, for the hit counters
+    (fire and forget: the server sends no reply)."""
+
+    count: int
+
+
 class Stats(msgspec.Struct, tag=True):
     """Usage and counters per namespace."""
 
@@ -97,7 +104,8 @@ class Members(msgspec.Struct, tag=True):
     """Controller: the addresses of live servers."""
 
 
-Request = Hello | Put | Get | Exists | Delete | Reserve | Commit | Release | Stats | Register | KeepAlive | Members
+Request = (Hello | Put | Get | Exists | Delete | Reserve | Commit | Release | IndexHits | Stats | Register | KeepAlive
+           | Members)
 
 
 class Reply(msgspec.Struct, omit_defaults=True):
@@ -113,7 +121,10 @@ class Reply(msgspec.Struct, omit_defaults=True):
     server_id: str = ""  # Hello: changes on every restart
     host_id: str = ""
     arena_path: str = ""
-    arena_size: int = 0
+    arena_size: int = 0  # Hello: bytes of the whole segment (values, then the shared index)
+    index_offset: int = 0  # Hello: where the shared index starts in the segment (0: none)
+    index_slots: int = 0
+    index_salt: bytes = b""  # Hello: the key of this namespace's index tags
     members: list[str] = []
     stats: dict = {}
 

@@ -30,8 +30,8 @@ class HashRing:
 
     def owners(self, key: bytes, replicas: int = 1) -> list[str]:
         """The ``replicas`` distinct servers responsible for ``key``, primary first."""
-        if not self.nodes:
-            return []
+        if len(self.nodes) <= 1:
+            return list(self.nodes)  # one server owns everything: skip hashing
         want = min(replicas, len(self.nodes))
         i = bisect.bisect(self._hashes, _point(key))
         out: list[str] = []

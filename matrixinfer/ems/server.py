@@ -97,6 +97,8 @@ class EmsServer:
             self._put(conn, session, req)
         elif isinstance(req, p.Release):
             svc.release(session, req.lease)  # no reply: the client does not wait for it
+        elif isinstance(req, p.IndexHits):
+            svc.count_index_hits(session, req.count)  # no reply either
         elif isinstance(req, p.Exists):
             p.send_frame(conn, p.Reply(found=svc.exists(session, req.keys)))
         elif isinstance(req, p.Delete):
@@ -117,8 +119,12 @@ class EmsServer:
                 p.send_frame(conn, p.Reply(code="refused", error=str(exc)))
                 return
             arena = svc.arena
-            p.send_frame(conn, p.Reply(server_id=svc.server_id, host_id=svc.host_id,
-                                       arena_path=arena.path if arena else "", arena_size=arena.capacity if arena else 0))
+            if arena is None:
+                p.send_frame(conn, p.Reply(server_id=svc.server_id, host_id=svc.host_id))
+                return
+            p.send_frame(conn, p.Reply(server_id=svc.server_id, host_id=svc.host_id, arena_path=arena.path,
+                                       arena_size=arena.size, index_offset=arena.extra_offset,
+                                       index_slots=svc.index_slots, index_salt=svc.salt_of(session.namespace)))
         elif isinstance(req, p.Stats):
             p.send_frame(conn, p.Reply(stats=svc.stats()))
         else:

@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from matrixinfer.ems.arena import SharedArena
+from matrixinfer.ems.index import IndexWriter, index_bytes, key_tag, slots_for
 from matrixinfer.ems.ssd import SsdTier
 from matrixinfer.ems.store import DramStore, EmsStoreError, Entry
 
@@ -71,9 +72,13 @@ class EmsService:
         self.namespaces = dict(namespaces or {})
         self.open_namespaces = open_namespaces
         self.default_quota = default_quota or capacity
-        self.arena = SharedArena(capacity) if shared else None
+        self.index_slots = slots_for(capacity) if shared else 0
+        self.arena = SharedArena(capacity, extra=index_bytes(self.index_slots)) if shared else None
         self.view = self.arena.view if self.arena else memoryview(bytearray(capacity))
-        self.store = DramStore(capacity, self.quota_of, self._spill)
+        self.index = IndexWriter(self.arena.extra_view, self.index_slots) if self.arena else None
+        self._salts: dict[str, bytes] = {}  # namespace -> key of its index tags, only for its sessions
+        self.store = DramStore(capacity, self.quota_of, self._spill, on_link=self._publish,
+                               on_unlink=self._withdraw, was_read=self._was_read)
         self.ssd = SsdTier(ssd_dir, ssd_capacity) if ssd_dir and ssd_capacity > 0 else None
         self.server_id = secrets.token_hex(8)
         self.host_id = host_id()
@@ -95,6 +100,23 @@ class EmsService:
         if cfg is not None and cfg.token and not secrets.compare_digest(cfg.token, token):
             raise NamespaceRefused(f"namespace {ns!r} refused: wrong or missing token")
         session.namespace = ns
+
+    def salt_of(self, ns: str) -> bytes:
+        """The key of ``ns``'s index tags (given to sessions admitted to ``ns`` only)."""
+        with self.lock:
+            return self._salts.setdefault(ns, secrets.token_bytes(16))
+
+    def _publish(self, entry: Entry) -> None:
+        if self.index:
+            self.index.publish(entry.ns, entry.key, key_tag(self.salt_of(entry.ns), entry.key),
+                               entry.offset, entry.size)
+
+    def _withdraw(self, entry: Entry) -> None:
+        if self.index:
+            self.index.withdraw(entry.ns, entry.key)
+
+    def _was_read(self, entry: Entry) -> bool:
+        return bool(self.index) and self.index.take_read(entry.ns, entry.key)
 
     def _count(self, ns: str, **deltas: int) -> None:
         self.counters.setdefault(ns, Counter()).update(deltas)
@@ -143,6 +165,8 @@ class EmsService:
                 entry = self.store.get(ns, key, pin=True)
                 if entry is not None:
                     self._count(ns, hits=1, dram_hits=1)
+                    if self.index and not self.index.is_published(ns, key):
+                        self._publish(entry)  # lost its slot to a bucket neighbour: hot again
                 elif (entry := self._promote(ns, key)) is not None:
                     if isinstance(entry, Entry):
                         entry.pins += 1
@@ -151,6 +175,11 @@ class EmsService:
                     self._count(ns, misses=1)
                 out.append(entry)
         return out
+
+    def count_index_hits(self, session: Session, count: int) -> None:
+        """Count same-host reads served from the shared index (their recency is in the index)."""
+        with self.lock:
+            self._count(session.namespace, hits=count, dram_hits=count)
 
     def unpin(self, entries: list[Entry | bytearray | None]) -> None:
         """Release pins taken by :meth:`lookup`."""
@@ -276,5 +305,7 @@ class EmsService:
 
     def shutdown(self) -> None:
         """Unlink the shared segment (mapped clients keep their view until they unmap)."""
+        if self.index:
+            self.index.close()
         if self.arena:
             self.arena.close()

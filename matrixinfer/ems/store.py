@@ -57,14 +57,25 @@ class DramStore:
     ``quota_of(ns)`` gives a namespace's byte limit (aligned bytes, reservations included). A put
     over quota first evicts the namespace's own least-recently-used entries; a put that finds no
     free block evicts the globally least-recently-used unpinned entries. ``on_evict(entry)`` is
-    called before an evicted entry's block is freed.
+    called before an evicted entry's block is freed. ``on_link(entry)`` runs when an entry becomes
+    its key's value, ``on_unlink(entry)`` when it stops being it (replaced, deleted or evicted),
+    always before its block can be freed: the server mirrors the index into shared memory there.
+    ``was_read(entry)`` says (and forgets) whether the entry was read without the store knowing
+    (through that shared index) since last asked: such an entry gets a second chance instead of
+    being evicted.
     """
 
     def __init__(self, capacity: int, quota_of: Callable[[str], int],
-                 on_evict: Callable[[Entry], None] | None = None) -> None:
+                 on_evict: Callable[[Entry], None] | None = None,
+                 on_link: Callable[[Entry], None] | None = None,
+                 on_unlink: Callable[[Entry], None] | None = None,
+                 was_read: Callable[[Entry], bool] | None = None) -> None:
         self.alloc = Allocator(capacity)
         self.quota_of = quota_of
         self.on_evict = on_evict or (lambda entry: None)
+        self.on_link = on_link or (lambda entry: None)
+        self.on_unlink = on_unlink or (lambda entry: None)
+        self.was_read = was_read or (lambda entry: False)
         self.lru: OrderedDict[tuple[str, bytes], Entry] = OrderedDict()  # oldest first
         self.ns_lru: dict[str, OrderedDict[bytes, Entry]] = {}
         self.ns_bytes: dict[str, int] = {}  # aligned bytes held: live, dead-but-pinned, reserved
@@ -122,6 +133,7 @@ class DramStore:
         entry = Entry(ns, key, offset, size, on_ssd=on_ssd)
         self.lru[(ns, key)] = entry
         self.ns_lru.setdefault(ns, OrderedDict())[key] = entry
+        self.on_link(entry)
         return entry
 
     def delete(self, ns: str, key: bytes) -> bool:
@@ -130,6 +142,7 @@ class DramStore:
         if entry is None:
             return False
         del self.ns_lru[ns][key]
+        self.on_unlink(entry)
         if entry.pins:
             entry.dead = True
         else:
@@ -140,9 +153,15 @@ class DramStore:
     def _evict_one(self, order: OrderedDict | None) -> bool:
         """Evict the least-recently-used unpinned entry of ``order`` (global LRU when None)."""
         items = self.lru.values() if order is None else order.values()
-        victim = next((e for e in items if e.pins == 0), None)
-        if victim is None:
-            return False
+        chances = len(items)  # bounded: readers may mark entries again while we go round
+        while True:
+            victim = next((e for e in items if e.pins == 0), None)
+            if victim is None:
+                return False
+            if chances == 0 or not self.was_read(victim):
+                break
+            chances -= 1
+            self.get(victim.ns, victim.key)  # read since it was last used: second chance
         self.on_evict(victim)
         self.delete(victim.ns, victim.key)
         return True

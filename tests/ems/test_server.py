@@ -44,13 +44,15 @@ def test_round_trips_of_random_sizes_are_identical(ems_servers, fast_path):
         assert got[-1] is None and [len(g) for g in got[:-1]] == sizes[:-1]
 
 
-def test_eviction_order_is_lru(ems_servers):
+@pytest.mark.parametrize("fast_path", [True, False], ids=["shared-memory", "tcp"])
+def test_eviction_order_is_lru(ems_servers, fast_path):
     server = ems_servers("1M")  # holds exactly five 200,000-byte values
     value = b"v" * 200_000
-    with EmsClient([server.addr], namespace="lru", fast_path=False) as client:
+    with EmsClient([server.addr], namespace="lru", fast_path=fast_path) as client:
         for i in range(5):
             client.put(f"k{i}", value)
         assert client.get("k0") == value  # k0 becomes most recently used; k1 is now the oldest
+        assert client._conn(server.addr).reads["index"] == fast_path  # same host: no request at all
         client.put("k5", value)
         client.put("k6", value)
         assert client.mexists([f"k{i}" for i in range(7)]) == [True, False, False, True, True, True, True]
