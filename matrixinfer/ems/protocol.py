@@ -125,6 +125,7 @@ class Reply(msgspec.Struct, omit_defaults=True):
     index_offset: int = 0  # Hello: where the shared index starts in the segment (0: none)
     index_slots: int = 0
     index_salt: bytes = b""  # Hello: the key of this namespace's index tags
+    local_addr: str = ""  # Hello: a unix socket address for same-host clients
     members: list[str] = []
     stats: dict = {}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import time
 
 import numpy as np
@@ -122,3 +123,13 @@ def test_small_buffer_is_refused_and_connection_stays_usable(ems_servers, fast_p
         with pytest.raises(EmsRefused, match="key_too_long"):
             client.put(b"k" * 5000, b"v")
         assert client.get("b") == b"y" * 10
+
+
+def test_same_host_clients_talk_over_the_local_socket(ems_servers):
+    server = ems_servers("8M")
+    with EmsClient([server.addr], namespace="l") as local, EmsClient([server.addr], namespace="l", fast_path=False) as tcp:
+        assert local.put("k", b"v") and tcp.get("k") == b"v"
+        conn = local._conn(server.addr)
+        assert conn.sock.family == socket.AF_UNIX and tcp._conn(server.addr).sock.family == socket.AF_INET
+        assert conn._move_to_local("\0matrixinfer-ems-absent", "l", "", 1.0, 0.5) is None  # unreachable: stay
+        assert conn.sock.family == socket.AF_UNIX and local.exists("k")

@@ -97,3 +97,22 @@ def test_refusals_name_the_limit():
     h.store.get("b", b"q", pin=True)
     with pytest.raises(ArenaFull, match="pinned"):
         h.store.reserve("b", 4 * ALIGN)
+
+
+def test_entry_read_through_the_shared_index_gets_a_second_chance():
+    read_marks = {b"k0"}  # what the shared index's read words say
+    evicted: list[bytes] = []
+
+    def was_read(entry) -> bool:
+        hit = entry.key in read_marks
+        read_marks.discard(entry.key)
+        return hit
+
+    store = DramStore(4 * ALIGN, lambda ns: 4 * ALIGN, lambda e: evicted.append(e.key), was_read=was_read)
+    for i in range(4):
+        store.commit("a", b"k%d" % i, store.reserve("a", ALIGN), ALIGN)
+    store.commit("a", b"k4", store.reserve("a", ALIGN), ALIGN)
+    assert evicted == [b"k1"]  # k0 was oldest but read meanwhile: it moved to the recent end
+    read_marks.update({b"k2", b"k3", b"k4", b"k0"})
+    store.commit("a", b"k5", store.reserve("a", ALIGN), ALIGN)
+    assert evicted == [b"k1", b"k2"]  # all read: after one round of second chances the oldest goes
