@@ -9,6 +9,7 @@ import pytest
 
 from matrixinfer.ems import index as ix
 from matrixinfer.ems.client import EmsClient
+from matrixinfer.ems.connection import server_stats
 from matrixinfer.ems.index import IndexReader, IndexWriter, key_tag
 from matrixinfer.ems.service import EmsService, Session
 
@@ -120,8 +121,15 @@ def test_keys_the_index_cannot_vouch_for_are_read_by_rpc(ems_servers):
         assert client.mget(list(values)) == list(values.values())
         assert conn.reads["lease"] >= 3 and conn.reads["index"] >= 3  # SSD hits come back by RPC
         conn.reads.clear()
-        conn.index.find = lambda tag: None  # e.g. a slot lost to a bucket neighbour
+        find, conn.index.find = conn.index.find, lambda tag: None  # e.g. a slot lost to a bucket neighbour
         assert client.get("k7") == values["k7"] and conn.reads == {"lease": 1}
+        assert server_stats(server.addr)["leases"] == 1  # k7 stays pinned while it is copied ...
+        conn.index.find = find
+        assert client.get("k7") == values["k7"] and conn.reads == {"lease": 1, "index": 1}
+        deadline = time.monotonic() + 2  # ... and is released by the next get, which needs no request
+        while server_stats(server.addr)["leases"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server_stats(server.addr)["leases"] == 0
 
 
 def test_restarted_server_is_never_read_through_the_old_index(ems_servers):
