@@ -23,7 +23,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SRC = Path(__file__).with_name("paged_mla.c")
+_SOURCES = sorted(Path(__file__).parent.glob("*.c"))
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -46,21 +46,21 @@ def cache_dir() -> Path:
 def _build() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        log.warning("no C compiler found: using the PyTorch attention path (slower on CPU)")
+        log.warning("no C compiler found: using the PyTorch paths (slower on CPU)")
         return None
-    src = _SRC.read_bytes()
+    src = b"".join(p.name.encode() + p.read_bytes() for p in _SOURCES)
     key = hashlib.sha256(src + " ".join(_FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
-    out = cache_dir() / f"paged_mla-{key}.so"
+    out = cache_dir() / f"matrixinfer-kernels-{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SRC), "-lm", "-lmvec"], check=True, capture_output=True, text=True)
+            subprocess.run([cc, *_FLAGS, "-o", tmp, *map(str, _SOURCES), "-lm", "-lmvec"], check=True, capture_output=True, text=True)
             os.replace(tmp, out)  # atomic: concurrent builders each install a complete library
         except (OSError, subprocess.CalledProcessError) as e:
             detail = getattr(e, "stderr", "") or str(e)
-            log.warning("building the CPU attention kernel failed, using the PyTorch path: %s", detail.strip()[:500])
+            log.warning("building the CPU kernels failed, using the PyTorch paths: %s", detail.strip()[:500])
             return None
         finally:
             if os.path.exists(tmp):
@@ -70,6 +70,9 @@ def _build() -> ctypes.CDLL | None:
     f.restype = None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     f.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
+    g = lib.mi_moe_experts
+    g.restype = None
+    g.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
     return lib
 
 
@@ -84,7 +87,7 @@ def available() -> bool:
                 try:
                     _lib = _build()
                 except OSError as e:  # e.g. a read-only cache directory, an unloadable library
-                    log.warning("CPU attention kernel unavailable, using the PyTorch path: %s", e)
+                    log.warning("CPU kernels unavailable, using the PyTorch paths: %s", e)
                     _lib = None
                 _tried = True
     return _lib is not None
@@ -112,4 +115,30 @@ def paged_mla(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, 
     _lib.mi_paged_mla(q.data_ptr(), cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
                       tok_seq.data_ptr(), tok_nkeys.data_ptr(), n, h, d, rank, block_size, scale,
                       out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor,
+                down: torch.Tensor) -> torch.Tensor:
+    """Routed experts of one MoE layer in one call (see ``moe.c``).
+
+    ``x`` ``[T, H]``, ``topk_ids`` ``[T, k]`` int64 (each in ``[0, E)``), ``topk_weights`` ``[T, k]``,
+    ``gate_up`` ``[E, 2I, H]``, ``down`` ``[E, H, I]``; all float32 contiguous CPU tensors except the ids.
+    Returns ``[T, H]``.
+    """
+    if not available():
+        raise RuntimeError("the native MoE kernel is not available")
+    for name, t, dt in (("x", x, torch.float32), ("topk_ids", topk_ids, torch.int64),
+                        ("topk_weights", topk_weights, torch.float32), ("gate_up", gate_up, torch.float32),
+                        ("down", down, torch.float32)):
+        if t.dtype != dt or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous CPU {dt} tensor, got {t.dtype} on {t.device}")
+    n, hidden = x.shape
+    e, two_i, h2 = gate_up.shape
+    if h2 != hidden or down.shape != (e, hidden, two_i // 2) or topk_ids.shape != topk_weights.shape \
+            or topk_ids.shape[0] != n:
+        raise ValueError("moe_experts: inconsistent shapes")
+    out = torch.empty(n, hidden, dtype=torch.float32)
+    _lib.mi_moe_experts(x.data_ptr(), n, hidden, topk_ids.data_ptr(), topk_weights.data_ptr(), topk_ids.shape[1],
+                        gate_up.data_ptr(), down.data_ptr(), e, two_i // 2, out.data_ptr(), torch.get_num_threads())
     return out

@@ -12,6 +12,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 #define CHUNK 64
 
@@ -21,7 +24,38 @@
 __attribute__((simd("notinbranch"))) float expf(float);
 #endif
 
-int mi_paged_mla_version(void) { return 1; }
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* Sums of eight vectors, one per lane: [sum(a0), ..., sum(a7)]. */
+static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
+                           __m256 a7) {
+    __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+/* Eight dot products of q with rows[0..7] (dim a multiple of 8), times scale, into out[0..7]. */
+static inline void dot8(const float *q, const float *const *rows, int64_t dim, float scale, float *out) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int64_t d = 0; d < dim; d += 8) {
+        __m256 qv = _mm256_loadu_ps(q + d);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[0] + d), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[1] + d), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[2] + d), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[3] + d), a3);
+        a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[4] + d), a4);
+        a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[5] + d), a5);
+        a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[6] + d), a6);
+        a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[7] + d), a7);
+    }
+    _mm256_storeu_ps(out, _mm256_mul_ps(hsum8(a0, a1, a2, a3, a4, a5, a6, a7), _mm256_set1_ps(scale)));
+}
+#define HAVE_DOT8 1
+#else
+#define HAVE_DOT8 0
+#endif
+
+int mi_paged_mla_version(void) { return 2; }
 
 void mi_paged_mla(const float *q, const float *cache, const int32_t *block_tables, int64_t bt_stride,
                   const int32_t *tok_seq, const int32_t *tok_nkeys, int64_t num_tokens, int64_t heads,
@@ -54,20 +88,10 @@ void mi_paged_mla(const float *q, const float *cache, const int32_t *block_table
                     float *sh = scores + h * CHUNK;
                     float cmax = -INFINITY;
                     int64_t c = 0;
-                    for (; c + 4 <= c_n; c += 4) { /* four independent dot products at a time */
-                        const float *r0 = rows[c], *r1 = rows[c + 1], *r2 = rows[c + 2], *r3 = rows[c + 3];
-                        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-                        for (int64_t d = 0; d < dim; d++) {
-                            a0 += qh[d] * r0[d];
-                            a1 += qh[d] * r1[d];
-                            a2 += qh[d] * r2[d];
-                            a3 += qh[d] * r3[d];
-                        }
-                        sh[c] = a0 * scale;
-                        sh[c + 1] = a1 * scale;
-                        sh[c + 2] = a2 * scale;
-                        sh[c + 3] = a3 * scale;
+                    if (HAVE_DOT8 && dim % 8 == 0) {
+#if HAVE_DOT8
+                        for (; c + 8 <= c_n; c += 8) dot8(qh, rows + c, dim, scale, sh + c);
+#endif
                     }
                     for (; c < c_n; c++) {
                         const float *row = rows[c];
@@ -90,15 +114,33 @@ void mi_paged_mla(const float *q, const float *cache, const int32_t *block_table
                     l[h] = l[h] * factor + sum;
                     m[h] = new_m;
                     float *oh = ot + h * rank;
-                    if (factor != 1.0f) {
-#pragma omp simd
-                        for (int64_t r = 0; r < rank; r++) oh[r] *= factor;
+                    int64_t r = 0;
+#if HAVE_DOT8
+                    /* 32 output dims at a time kept in registers across the chunk's keys. */
+                    for (; r + 32 <= rank; r += 32) {
+                        __m256 f = _mm256_set1_ps(factor);
+                        __m256 o0 = _mm256_mul_ps(_mm256_loadu_ps(oh + r), f);
+                        __m256 o1 = _mm256_mul_ps(_mm256_loadu_ps(oh + r + 8), f);
+                        __m256 o2 = _mm256_mul_ps(_mm256_loadu_ps(oh + r + 16), f);
+                        __m256 o3 = _mm256_mul_ps(_mm256_loadu_ps(oh + r + 24), f);
+                        for (int64_t c2 = 0; c2 < c_n; c2++) {
+                            __m256 pv = _mm256_set1_ps(sh[c2]);
+                            const float *row = rows[c2] + r;
+                            o0 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row), o0);
+                            o1 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row + 8), o1);
+                            o2 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row + 16), o2);
+                            o3 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row + 24), o3);
+                        }
+                        _mm256_storeu_ps(oh + r, o0);
+                        _mm256_storeu_ps(oh + r + 8, o1);
+                        _mm256_storeu_ps(oh + r + 16, o2);
+                        _mm256_storeu_ps(oh + r + 24, o3);
                     }
-                    for (int64_t c = 0; c < c_n; c++) {
-                        const float *row = rows[c];
-                        float p = sh[c];
-#pragma omp simd
-                        for (int64_t r = 0; r < rank; r++) oh[r] += p * row[r];
+#endif
+                    for (; r < rank; r++) {
+                        float a = oh[r] * factor;
+                        for (int64_t c2 = 0; c2 < c_n; c2++) a += sh[c2] * rows[c2][r];
+                        oh[r] = a;
                     }
                 }
             }

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from matrixinfer import kernels
 from matrixinfer.config import ModelConfig
 from matrixinfer.model.layers import MLP
 
@@ -107,6 +108,10 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.float32 and self.gate_up_proj.dtype == torch.float32 \
+                and kernels.available():  # one native call: bucketing, both projections, combine
+            return kernels.moe_experts(x.contiguous(), routing.topk_ids.contiguous(),
+                                       routing.topk_weights.float().contiguous(), self.gate_up_proj, self.down_proj)
         t, k = routing.topk_ids.shape
         flat_ids = routing.topk_ids.reshape(-1)
         order = flat_ids.argsort(stable=True)

@@ -1,10 +1,13 @@
-"""Routed experts: the padded (all experts in one bmm) and per-expert paths equal a per-token reference."""
+"""Routed experts: the native kernel, the padded (all experts in one bmm) and the per-expert paths
+equal a per-token reference."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from matrixinfer import kernels
 from matrixinfer.model.moe import Experts, Routing
 
 
@@ -17,14 +20,19 @@ def _reference(ex: Experts, x: torch.Tensor, r: Routing) -> torch.Tensor:
     return out
 
 
-def test_both_expert_paths_match_per_token_reference():
+@pytest.mark.parametrize("native,hidden,inter", [(False, 24, 16), (True, 24, 16), (True, 20, 12)])
+def test_expert_paths_match_per_token_reference(monkeypatch, native, hidden, inter):
+    """(20, 12): dimensions that are not a multiple of the kernel's vector width."""
+    if native and not kernels.available():
+        pytest.skip("no C compiler: the native kernel cannot be built")
+    monkeypatch.setattr(kernels, "available", lambda: native)
     torch.manual_seed(0)
-    ex = Experts(32, 24, 16)
+    ex = Experts(32, hidden, inter)
     with torch.no_grad():
         ex.gate_up_proj.normal_(0, 0.2)
         ex.down_proj.normal_(0, 0.2)
     for tokens, skew in ((5, False), (40, False), (40, True)):
-        x = torch.randn(tokens, 24)
+        x = torch.randn(tokens, hidden)
         ids = torch.stack([torch.randperm(32)[:2] for _ in range(tokens)])
         if skew:  # every token's first choice is expert 3: the padded layout would be mostly padding
             ids[:, 0] = 3
