@@ -184,7 +184,9 @@ class EmsClient:
         return self.mget([key])[0]
 
     def get_into(self, key: Key, out: object) -> int | None:
-        """Write the value of ``key`` into ``out``; its length, or None on a miss."""
+        """Write the value of ``key`` into ``out``; its length, or None on a miss. A miss leaves
+        ``out`` as it was, unless the value was replaced or removed while a same-host read copied
+        it: then ``out`` may hold bytes of no value (the count returned is what to trust)."""
         return self.mget([key], [out])[0]
 
     def put(self, key: Key, value: object) -> bool:

@@ -106,6 +106,7 @@ class ServerConnection:
         self._held_lease = 0  # a same-host read lease to drop with the next request
         self._hits = 0  # reads served from the shared index, not yet reported
         self._hits_sent = float("-inf")
+        self._fence = threading.Lock()  # taking it is a locked instruction: a full barrier on x86
         self.reads: Counter[str] = Counter()  # same-host keys read via "index", "lease"; index "conflict"s
         reply = self._call(p.Hello(namespace=namespace, token=token))
         if reply.code == "refused":
@@ -246,6 +247,8 @@ class ServerConnection:
         else:
             for d, src in pairs:
                 d[:] = src
+        with self._fence:  # the copies' loads are done before the validating loads, string ops too
+            pass
         conflicts = 0
         for i, word, seq, size in hits:
             if index.unchanged(word, seq):

@@ -25,9 +25,14 @@ So a client resolves only its own namespace's keys, another namespace's names ca
 tested, and a false match needs a 2**-127 tag collision.
 
 Memory ordering: readers rely on x86-64's total store order (loads are not reordered with loads,
-stores not with stores, and stores become visible in causal order). CPython reads and writes each
-aligned word with one 8-byte access. Other architectures would need fences that Python cannot
-issue, so :data:`SUPPORTED` is False there and clients always use RPC.
+stores not with stores, and stores become visible in causal order), as the Linux kernel's seqlocks
+do on x86. The server's stores to a slot are ordered (seq odd, fields, seq even); the next bytes
+written into a freed block come after the withdrawal in causal order (the server's own later
+stores, or a client's stores after a ``Reserve`` reply). A reader loads seq, then the fields, then
+the value (addressed by the fields), takes an uncontended lock (a locked instruction, a full
+barrier, in case the copy used fast-string instructions) and loads seq again. CPython reads and
+writes each aligned word with one 8-byte access. Other architectures would need fences that Python
+cannot issue, so :data:`SUPPORTED` is False there and clients always use RPC.
 """
 
 from __future__ import annotations

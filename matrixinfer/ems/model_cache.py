@@ -142,7 +142,8 @@ class ModelCache:
     def load_into(self, model_id: str, version: str, outs: Mapping[str, object]) -> set[str]:
         """Write tensors of this version straight into caller buffers (e.g. a model's parameters),
         one copy from the pool and no staging; returns the names written in full. The caller
-        matches each buffer to the manifest's dtype and shape; a miss leaves its buffer as it was."""
+        matches each buffer to the manifest's dtype and shape; a miss leaves its buffer as it was
+        (unless the tensor left the pool while it was being copied: see ``EmsClient.get_into``)."""
         names = [n for n, o in outs.items() if o is not None]
         bufs = [outs[n] for n in names]
         got = self.client.mget([self._tensor_key(model_id, version, n) for n in names], bufs)
