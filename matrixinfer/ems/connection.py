@@ -1,13 +1,13 @@
 """One client connection to one EMS server, with the same-host shared-memory fast path.
 
-On the server's host (same machine, boot and network namespace) the connection maps the server's
-arena. A get first looks its keys up in the server's shared index and copies what the index vouches
-for straight into the caller's buffer, with no round trip (:mod:`matrixinfer.ems.index`), marking
-each slot read for the server's eviction; hit counts reach the server now and then. Keys the index
-does not vouch for take the leased path: the server pins them and answers with offsets, the client copies
-and releases the lease with its next request (or an explicit release). A large put reserves
-blocks, copies into them and commits. Elsewhere values travel over TCP, received directly into the
-caller's buffer.
+On the server's host (same machine, boot and network namespace) the connection talks over the
+server's unix socket and maps the server's arena. A get first looks its keys up in the server's
+shared index and copies what the index vouches for straight into the caller's buffer, with no round
+trip (:mod:`matrixinfer.ems.index`), marking each slot read for the server's eviction; hit counts
+reach the server now and then. Keys the index does not vouch for take the leased path: the server
+pins them and answers with offsets, the client copies and releases the lease with its next request
+(or an explicit release). A large put reserves blocks, copies into them and commits. Elsewhere
+values travel over TCP, received directly into the caller's buffer.
 """
 
 from __future__ import annotations
@@ -126,8 +126,8 @@ class ServerConnection:
 
     def _move_to_local(self, local_addr: str, namespace: str, token: str, timeout: float,
                        connect_timeout: float) -> p.Reply | None:
-        """Go on over the server's unix socket (a round trip costs about half of loopback TCP's);
-        None, staying on TCP, when that socket is not reachable."""
+        """Go on over the server's unix socket (cheaper round trips than loopback TCP); None,
+        staying on TCP, when that socket is not reachable."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(connect_timeout)
@@ -201,9 +201,10 @@ class ServerConnection:
         rest = self._get_from_index(keys, views, results) if self.index is not None else range(len(keys))
         if rest:
             self.reads["lease"] += len(rest)
-            reply = self._call(p.Get(keys=[keys[i] for i in rest], lease=True))
+            rest_keys = [keys[i] for i in rest]
+            reply = self._call(p.Get(keys=rest_keys, lease=True))
             try:
-                got = self._copy_out(reply, [keys[i] for i in rest], None if views is None else [views[i] for i in rest])
+                got = self._copy_out(reply, rest_keys, None if views is None else [views[i] for i in rest])
             finally:
                 self._held_lease = reply.lease  # released by the next request (or by closing)
             for i, r in zip(rest, got):

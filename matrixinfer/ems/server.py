@@ -1,9 +1,10 @@
 """The EMS server process: a TCP front end (one thread per connection) over :class:`EmsService`.
 
 Values go straight from the socket into a reserved arena block and from a pinned arena block into
-the socket. Same-host clients are also served on an abstract unix socket named in the ``Hello``
-reply, which halves a round trip compared with loopback TCP. Run it with ``matrixinfer ems-server`` or ``python -m matrixinfer.ems.server``; it prints
-``EMS server listening on HOST:PORT`` once it accepts connections.
+the socket. Same-host clients continue on an abstract unix socket named in the ``Hello`` reply
+(its round trips are cheaper than loopback TCP's). Run it with ``matrixinfer ems-server`` or
+``python -m matrixinfer.ems.server``; it prints ``EMS server listening on HOST:PORT`` once it
+accepts connections.
 """
 
 from __future__ import annotations

@@ -127,7 +127,8 @@ def test_small_buffer_is_refused_and_connection_stays_usable(ems_servers, fast_p
 
 def test_same_host_clients_talk_over_the_local_socket(ems_servers):
     server = ems_servers("8M")
-    with EmsClient([server.addr], namespace="l") as local, EmsClient([server.addr], namespace="l", fast_path=False) as tcp:
+    with EmsClient([server.addr], namespace="l") as local, \
+            EmsClient([server.addr], namespace="l", fast_path=False) as tcp:
         assert local.put("k", b"v") and tcp.get("k") == b"v"
         conn = local._conn(server.addr)
         assert conn.sock.family == socket.AF_UNIX and tcp._conn(server.addr).sock.family == socket.AF_INET
