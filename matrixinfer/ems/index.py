@@ -14,10 +14,11 @@ Recency needs no message either: a reader sets its slot's ``read`` word, and the
 evict an entry whose ``read`` word is set, clears it and gives the entry a second chance (moves it
 to the most recently used end) instead: LRU for RPC reads, CLOCK-style for index reads.
 
-Layout, little-endian u64 words: a header of ``HEADER_WORDS`` (magic, open flag, slot count), then
-slots of ``SLOT_WORDS``: seq, tag_lo, tag_hi, offset, size, read. Slots form buckets of ``WAYS``; a
-key lives in bucket ``tag_hi % buckets`` or nowhere. An empty slot has tag 0 (real tags have bit 0
-set). Only ``read`` is written by clients; it is outside the seqlock and only ever a hint.
+Layout, native-endian (x86: little-endian) u64 words: a header of ``HEADER_WORDS`` (magic, open
+flag, slot count), then slots of ``SLOT_WORDS``: seq, tag_lo, tag_hi, offset, size, read. Slots
+form buckets of ``WAYS``; a key lives in bucket ``tag_hi % buckets`` or nowhere. An empty slot has
+tag 0 (real tags have bit 0 set). Only ``read`` is written by clients; it is outside the seqlock
+and only ever a hint.
 
 Keys are not stored: a slot names its key by a 127-bit tag, a BLAKE2b MAC of the key keyed with a
 random per-namespace salt that the server hands out only to sessions it admitted to that namespace.
