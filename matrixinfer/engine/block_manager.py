@@ -91,8 +91,10 @@ class BlockManager:
     def commit(self, seq: Sequence) -> None:
         """Name the blocks that ``seq`` has completely computed so later requests can share them."""
         full = seq.num_computed // self.block_size
+        if full <= seq.num_committed:
+            return
         hashes = self._hashes(seq, full)
-        for i in range(full):
+        for i in range(seq.num_committed, full):
             b = seq.block_table[i]
             if self.hash_of[b] is not None:
                 continue
@@ -100,6 +102,7 @@ class BlockManager:
             if h not in self.hash_to_block:
                 self.hash_to_block[h] = b
                 self.hash_of[b] = h
+        seq.num_committed = full
 
     def free(self, seq: Sequence) -> None:
         """Release ``seq``'s blocks (tail first, so a prefix's tail is evicted before its head)."""
@@ -112,6 +115,7 @@ class BlockManager:
                     self.free_plain.append(b)
         seq.block_table = []
         seq.num_computed = 0
+        seq.num_committed = 0
         self._seq_hashes.pop(seq.request_id, None)
 
     def reset_prefix_cache(self) -> None:
@@ -138,6 +142,8 @@ class BlockManager:
     def _hashes(self, seq: Sequence, n: int) -> list[bytes]:
         """The first ``n`` full-block hashes of ``seq`` (memoised per sequence)."""
         hashes = self._seq_hashes.setdefault(seq.request_id, [])
+        if len(hashes) >= n:
+            return hashes[:n]
         ids = seq.all_ids
         bs = self.block_size
         while len(hashes) < n:

@@ -33,6 +33,7 @@ class Sequence:
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
+    num_committed: int = 0  # leading full blocks already offered to the prefix cache
     finish_reason: str | None = None
     num_preemptions: int = 0
 

@@ -73,6 +73,10 @@ def _build() -> ctypes.CDLL | None:
     g = lib.mi_moe_experts
     g.restype = None
     g.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
+    lib.mi_rmsnorm.restype = None
+    lib.mi_rmsnorm.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
+    lib.mi_v3_route.restype = ctypes.c_int
+    lib.mi_v3_route.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int, ctypes.c_float, ptr, ptr, ctypes.c_int]
     return lib
 
 
@@ -93,6 +97,16 @@ def available() -> bool:
     return _lib is not None
 
 
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether a native kernel may replace a PyTorch computation on ``tensors``: float32 CPU
+    tensors, gradients off (the kernels have no backward), and the library built."""
+    if torch.is_grad_enabled():
+        return False
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    return available()
+
+
 def paged_mla(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, tok_seq: torch.Tensor,
               tok_nkeys: torch.Tensor, rank: int, block_size: int, scale: float) -> torch.Tensor:
     """Latent-space attention straight from a paged cache (see ``paged_mla.c``).
@@ -106,8 +120,7 @@ def paged_mla(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, 
         raise RuntimeError("the native paged MLA kernel is not available")
     for name, t, dt in (("q", q, torch.float32), ("cache", cache, torch.float32), ("block_tables", block_tables, torch.int32),
                         ("tok_seq", tok_seq, torch.int32), ("tok_nkeys", tok_nkeys, torch.int32)):
-        if t.dtype != dt or t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous CPU {dt} tensor, got {t.dtype} on {t.device}")
+        _check(name, t, dt)
     n, h, d = q.shape
     if cache.shape[1] != d or block_tables.dim() != 2 or tok_seq.shape != (n,) or tok_nkeys.shape != (n,):
         raise ValueError("paged_mla: inconsistent shapes")
@@ -131,8 +144,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     for name, t, dt in (("x", x, torch.float32), ("topk_ids", topk_ids, torch.int64),
                         ("topk_weights", topk_weights, torch.float32), ("gate_up", gate_up, torch.float32),
                         ("down", down, torch.float32)):
-        if t.dtype != dt or t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous CPU {dt} tensor, got {t.dtype} on {t.device}")
+        _check(name, t, dt)
     n, hidden = x.shape
     e, two_i, h2 = gate_up.shape
     if h2 != hidden or down.shape != (e, hidden, two_i // 2) or topk_ids.shape != topk_weights.shape \
@@ -142,3 +154,42 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     _lib.mi_moe_experts(x.data_ptr(), n, hidden, topk_ids.data_ptr(), topk_weights.data_ptr(), topk_ids.shape[1],
                         gate_up.data_ptr(), down.data_ptr(), e, two_i // 2, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def _check(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
+    if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor, got {t.dtype} on {t.device}")
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last dimension of a float32 ``x``."""
+    if not available():
+        raise RuntimeError("the native kernels are not available")
+    _check("x", x, torch.float32)
+    _check("weight", weight, torch.float32)
+    n = x.shape[-1]
+    if weight.shape != (n,):
+        raise ValueError(f"rmsnorm: weight of shape {tuple(weight.shape)} for rows of {n}")
+    out = torch.empty_like(x)
+    _lib.mi_rmsnorm(x.data_ptr(), weight.data_ptr(), x.numel() // max(n, 1), n, eps, out.data_ptr(),
+                    torch.get_num_threads())
+    return out
+
+
+def v3_route(logits: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int,
+             norm: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 routing (``noaux_tc``, sigmoid) from the gate's float32 logits ``[T, E]``:
+    returns ``ids [T, top_k]`` int64 and ``weights [T, top_k]`` float32."""
+    if not available():
+        raise RuntimeError("the native kernels are not available")
+    _check("logits", logits, torch.float32)
+    _check("bias", bias, torch.float32)
+    t, e = logits.shape
+    ids = torch.empty(t, top_k, dtype=torch.int64)
+    weights = torch.empty(t, top_k, dtype=torch.float32)
+    rc = _lib.mi_v3_route(logits.data_ptr(), bias.data_ptr(), t, e, n_group, topk_group, top_k, int(norm),
+                          scaling, ids.data_ptr(), weights.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"v3_route: unsupported routing shape (experts {e}, groups {n_group}, "
+                         f"topk_group {topk_group}, top_k {top_k})")
+    return ids, weights

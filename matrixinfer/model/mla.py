@@ -88,11 +88,11 @@ class MLA(nn.Module):
 
     def _use_kernel(self, x: torch.Tensor, meta: AttentionMetadata, slots: torch.Tensor) -> bool:
         """The fused CPU kernel reads the paged cache directly; it computes the absorbed form."""
-        if not meta.paged or meta.mode == "naive" or x.device.type != "cpu" or x.dtype != torch.float32:
+        if not meta.paged or meta.mode == "naive" or not slots.is_contiguous():
             return False
         if meta.mode == "auto" and not self.absorbed_prefill and any(q > 1 for q in meta.query_lens):
             return False
-        return slots.dtype == torch.float32 and slots.is_contiguous() and kernels.available()
+        return kernels.usable(x, slots)
 
     def _kernel(self, q_nope: torch.Tensor, q_pe: torch.Tensor, slots: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

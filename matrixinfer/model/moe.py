@@ -69,6 +69,9 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         logits = F.linear(x.float(), self.weight.float())
+        if self.method == "noaux_tc" and self.scoring == "sigmoid" and self.n_experts <= 1024 and kernels.usable(logits):
+            return Routing(*kernels.v3_route(logits, self.e_score_correction_bias.float().contiguous(), self.n_group,
+                                             self.topk_group, self.top_k, self.norm, self.scaling))
         if self.scoring == "sigmoid":
             scores = logits.sigmoid()
         else:
@@ -108,8 +111,7 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.float32 and self.gate_up_proj.dtype == torch.float32 \
-                and kernels.available():  # one native call: bucketing, both projections, combine
+        if kernels.usable(x, self.gate_up_proj):  # one native call: bucketing, both projections, combine
             return kernels.moe_experts(x.contiguous(), routing.topk_ids.contiguous(),
                                        routing.topk_weights.float().contiguous(), self.gate_up_proj, self.down_proj)
         t, k = routing.topk_ids.shape

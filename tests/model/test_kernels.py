@@ -57,6 +57,13 @@ def test_kernel_rejects_bad_inputs():
         kernels.paged_mla(q, cache, tables.long(), one, one, 64, 16, 1.0)
     with pytest.raises(ValueError, match="inconsistent"):
         kernels.paged_mla(q, torch.randn(64, 81), tables, one, one, 64, 16, 1.0)
+    x, ids, w = torch.randn(3, 8), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2)
+    with pytest.raises(ValueError, match="topk_ids must be"):
+        kernels.moe_experts(x, ids.int(), w, torch.randn(4, 6, 8), torch.randn(4, 8, 3))
+    with pytest.raises(ValueError, match="inconsistent"):
+        kernels.moe_experts(x, ids, w, torch.randn(4, 6, 8), torch.randn(4, 8, 4))
+    with pytest.raises(ValueError, match="unsupported routing"):
+        kernels.v3_route(torch.randn(3, 10), torch.zeros(10), 3, 1, 2, True, 1.0)
 
 
 @needs_kernel
@@ -94,3 +101,46 @@ def test_mla_kernel_path_matches_pytorch_path(monkeypatch, mode):
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("MATRIXINFER_KERNELS", "0")
     assert kernels.available() is False
+
+
+@needs_kernel
+def test_rmsnorm_kernel_matches_pytorch(monkeypatch):
+    from matrixinfer.model.layers import RMSNorm
+
+    norm = RMSNorm(20, 1e-6)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(3, 7, 20) * 3
+    with torch.no_grad():
+        fast = norm(x)
+        monkeypatch.setattr(kernels, "available", lambda: False)
+        slow = norm(x)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+def test_kernels_stay_out_of_autograd():
+    """Training runs the PyTorch paths: the kernels have no backward."""
+    from matrixinfer.model.layers import RMSNorm
+
+    norm = RMSNorm(16)
+    out = norm(torch.randn(4, 16, requires_grad=True))
+    assert out.grad_fn is not None
+
+
+@needs_kernel
+@pytest.mark.parametrize("n_group,topk_group,norm", [(4, 2, True), (1, 1, False), (8, 3, True)])
+def test_v3_routing_kernel_matches_pytorch(monkeypatch, n_group, topk_group, norm):
+    from matrixinfer.model.moe import Gate
+
+    cfg = ModelConfig.from_dict(tiny_config(n_routed_experts=32, n_group=n_group, topk_group=topk_group,
+                                            num_experts_per_tok=4, norm_topk_prob=norm).to_dict())
+    gate = Gate(cfg)
+    torch.nn.init.normal_(gate.weight)
+    torch.nn.init.normal_(gate.e_score_correction_bias, std=0.1)
+    x = torch.randn(50, cfg.hidden_size)
+    with torch.no_grad():
+        fast = gate(x)
+        monkeypatch.setattr(kernels, "available", lambda: False)
+        slow = gate(x)
+    assert torch.equal(fast.topk_ids.sort(-1).values, slow.topk_ids.sort(-1).values)
+    order_f, order_s = fast.topk_ids.argsort(-1), slow.topk_ids.argsort(-1)
+    torch.testing.assert_close(fast.topk_weights.gather(1, order_f), slow.topk_weights.gather(1, order_s))
