@@ -69,7 +69,13 @@ def _build() -> ctypes.CDLL | None:
     f = lib.mi_paged_mla
     f.restype = None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    f.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
+    f.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ptr, i64, i64, ptr,
+                  ctypes.c_int]
+    lib.mi_mla_q_prolog.restype = None
+    lib.mi_mla_q_prolog.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_int, ptr, ctypes.c_int]
+    lib.mi_mla_kv_prolog.restype = None
+    lib.mi_mla_kv_prolog.argtypes = [ptr, ptr, ctypes.c_float, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ptr,
+                                     ctypes.c_int]
     g = lib.mi_moe_experts
     g.restype = None
     g.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
@@ -81,15 +87,14 @@ def _build() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether the native kernels can be used (built now if needed; never raises)."""
+    """Whether the native kernels can be used (built on the first call if needed; never raises).
+    ``MATRIXINFER_KERNELS=0`` at that first call turns them off for the process."""
     global _lib, _tried
-    if os.environ.get("MATRIXINFER_KERNELS", "1") == "0":
-        return False
     if not _tried:
         with _lock:
             if not _tried:
                 try:
-                    _lib = _build()
+                    _lib = None if os.environ.get("MATRIXINFER_KERNELS", "1") == "0" else _build()
                 except OSError as e:  # e.g. a read-only cache directory, an unloadable library
                     log.warning("CPU kernels unavailable, using the PyTorch paths: %s", e)
                     _lib = None
@@ -102,19 +107,22 @@ def usable(*tensors: torch.Tensor) -> bool:
     tensors, gradients off (the kernels have no backward), and the library built."""
     if torch.is_grad_enabled():
         return False
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return False
+    for t in tensors:
+        if not t.is_cpu or t.dtype is not torch.float32:
+            return False
     return available()
 
 
 def paged_mla(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, tok_seq: torch.Tensor,
-              tok_nkeys: torch.Tensor, rank: int, block_size: int, scale: float) -> torch.Tensor:
+              tok_nkeys: torch.Tensor, rank: int, block_size: int, scale: float,
+              w_kv_b: torch.Tensor | None = None, nope: int = 0, v_dim: int = 0) -> torch.Tensor:
     """Latent-space attention straight from a paged cache (see ``paged_mla.c``).
 
     ``q`` ``[T, H, D]`` float32 (absorbed queries: ``q_nope W_UK`` then the rotated ``q_pe``);
-    ``cache`` ``[num_slots, D]`` float32 (one layer); ``block_tables`` ``[S, W]`` int32;
-    ``tok_seq``/``tok_nkeys`` ``[T]`` int32: each token's sequence row and how many keys it sees.
-    Returns ``[T, H, rank]``.
+    ``cache`` ``[num_slots, D]`` float32 (one layer); ``block_tables`` ``[S, W]`` int32 whose
+    entries are valid block ids of ``cache``; ``tok_seq``/``tok_nkeys`` ``[T]`` int32: each token's
+    sequence row and how many keys it sees. Returns ``[T, H, rank]``, or with ``w_kv_b``
+    (``kv_b_proj.weight``, ``[H * (nope + v_dim), rank]``) the per-head values ``[T, H, v_dim]``.
     """
     if not available():
         raise RuntimeError("the native paged MLA kernel is not available")
@@ -124,11 +132,53 @@ def paged_mla(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, 
     n, h, d = q.shape
     if cache.shape[1] != d or block_tables.dim() != 2 or tok_seq.shape != (n,) or tok_nkeys.shape != (n,):
         raise ValueError("paged_mla: inconsistent shapes")
-    out = torch.empty(n, h, rank, dtype=torch.float32)
+    if w_kv_b is not None:
+        _check("w_kv_b", w_kv_b, torch.float32)
+        if w_kv_b.numel() != h * (nope + v_dim) * rank:
+            raise ValueError("paged_mla: w_kv_b does not match heads x (nope + v_dim) x rank")
+        out = torch.empty(n, h, v_dim, dtype=torch.float32)
+    else:
+        out = torch.empty(n, h, rank, dtype=torch.float32)
     _lib.mi_paged_mla(q.data_ptr(), cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
                       tok_seq.data_ptr(), tok_nkeys.data_ptr(), n, h, d, rank, block_size, scale,
-                      out.data_ptr(), torch.get_num_threads())
+                      None if w_kv_b is None else w_kv_b.data_ptr(), nope, v_dim, out.data_ptr(),
+                      torch.get_num_threads())
     return out
+
+
+def mla_q_prolog(q: torch.Tensor, w_kv_b: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rank: int,
+                 v_dim: int, interleaved: bool) -> torch.Tensor:
+    """Absorbed MLA queries ``[T, H, rank + rope]`` from ``q`` ``[T, H, nope + rope]``: ``q_nope W_UK``
+    per head, then the rotated ``q_pe`` (``cos``/``sin`` ``[T, rope / 2]`` from RotaryEmbedding)."""
+    for name, t in (("q", q), ("w_kv_b", w_kv_b), ("cos", cos), ("sin", sin)):
+        _check(name, t, torch.float32)
+    n, h, qk = q.shape
+    rope = cos.shape[1] * 2
+    nope = qk - rope
+    if sin.shape != cos.shape or cos.shape[0] != n or w_kv_b.numel() != h * (nope + v_dim) * rank:
+        raise ValueError("mla_q_prolog: inconsistent shapes")
+    out = torch.empty(n, h, rank + rope, dtype=torch.float32)
+    _lib.mi_mla_q_prolog(q.data_ptr(), w_kv_b.data_ptr(), cos.data_ptr(), sin.data_ptr(), n, h, nope, rope, v_dim,
+                         rank, int(interleaved), out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def mla_kv_prolog(kv: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                  slots: torch.Tensor, cache: torch.Tensor, interleaved: bool) -> None:
+    """Write each token's latent into ``cache`` (``[num_slots, rank + rope]``) at ``slots`` ``[T]``:
+    RMSNorm of the compressed KV (``kv[:, :rank]``) and the rotated shared key (``kv[:, rank:]``)."""
+    for name, t in (("kv", kv), ("norm_weight", norm_weight), ("cos", cos), ("sin", sin), ("cache", cache)):
+        _check(name, t, torch.float32)
+    _check("slots", slots, torch.int64)
+    n, dim = kv.shape
+    rank = norm_weight.shape[0]
+    rope = dim - rank
+    if cache.shape[1] != dim or cos.shape != (n, rope // 2) or sin.shape != cos.shape or slots.shape != (n,):
+        raise ValueError("mla_kv_prolog: inconsistent shapes")
+    if n and (int(slots.min()) < 0 or int(slots.max()) >= cache.shape[0]):
+        raise ValueError("mla_kv_prolog: slot out of range")
+    _lib.mi_mla_kv_prolog(kv.data_ptr(), norm_weight.data_ptr(), eps, cos.data_ptr(), sin.data_ptr(),
+                          slots.data_ptr(), n, rank, rope, int(interleaved), cache.data_ptr(), torch.get_num_threads())
 
 
 def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor,
@@ -157,7 +207,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
 
 
 def _check(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
-    if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+    if t.dtype is not dtype or not t.is_cpu or not t.is_contiguous():
         raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor, got {t.dtype} on {t.device}")
 
 

@@ -55,13 +55,17 @@ static inline void dot8(const float *q, const float *const *rows, int64_t dim, f
 #define HAVE_DOT8 0
 #endif
 
-int mi_paged_mla_version(void) { return 2; }
+int mi_paged_mla_version(void) { return 3; }
 
+/* w_kv_b: NULL, or kv_b_proj's weight [heads, nope + v_dim, rank]: then out is [T, heads, v_dim]
+ * (the latent output times each head's W_UV, the absorbed form's epilogue), else [T, heads, rank]. */
 void mi_paged_mla(const float *q, const float *cache, const int32_t *block_tables, int64_t bt_stride,
                   const int32_t *tok_seq, const int32_t *tok_nkeys, int64_t num_tokens, int64_t heads,
-                  int64_t dim, int64_t rank, int64_t block_size, float scale, float *out, int nthreads) {
+                  int64_t dim, int64_t rank, int64_t block_size, float scale, const float *w_kv_b, int64_t nope,
+                  int64_t v_dim, float *out, int nthreads) {
 #pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
     {
+        float *lat = (float *)malloc(sizeof(float) * heads * rank);
         float *scores = (float *)malloc(sizeof(float) * heads * CHUNK);
         float *m = (float *)malloc(sizeof(float) * heads);
         float *l = (float *)malloc(sizeof(float) * heads);
@@ -69,7 +73,7 @@ void mi_paged_mla(const float *q, const float *cache, const int32_t *block_table
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < num_tokens; t++) {
             const float *qt = q + t * heads * dim;
-            float *ot = out + t * heads * rank;
+            float *ot = w_kv_b ? lat : out + t * heads * rank;
             const int32_t *table = block_tables + (int64_t)tok_seq[t] * bt_stride;
             int64_t n = tok_nkeys[t];
             memset(ot, 0, sizeof(float) * heads * rank);
@@ -150,9 +154,81 @@ void mi_paged_mla(const float *q, const float *cache, const int32_t *block_table
 #pragma omp simd
                 for (int64_t r = 0; r < rank; r++) oh[r] *= inv;
             }
+            if (w_kv_b) {
+                for (int64_t h = 0; h < heads; h++) {
+                    const float *oh = lat + h * rank;
+                    const float *wv = w_kv_b + (h * (nope + v_dim) + nope) * rank;
+                    float *dst = out + (t * heads + h) * v_dim;
+                    for (int64_t v = 0; v < v_dim; v++) {
+                        const float *wr = wv + v * rank;
+                        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+                        for (int64_t r = 0; r < rank; r++) acc += oh[r] * wr[r];
+                        dst[v] = acc;
+                    }
+                }
+            }
         }
+        free(lat);
         free(scores);
         free(m);
         free(l);
+    }
+}
+
+/* Rotate the rope dims of one vector: pairs (x[2i], x[2i+1]) when interleaved, else (x[i], x[i+half]);
+ * the result is de-interleaved (first halves' rotation then second halves'), as the PyTorch path. */
+static inline void rope_rotate(const float *x, const float *c, const float *s, int64_t rope, int interleaved,
+                               float *out) {
+    int64_t half = rope / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float x1 = interleaved ? x[2 * i] : x[i];
+        float x2 = interleaved ? x[2 * i + 1] : x[i + half];
+        out[i] = x1 * c[i] - x2 * s[i];
+        out[half + i] = x2 * c[i] + x1 * s[i];
+    }
+}
+
+/* The MLA query prolog of the absorbed form: out[t, h] = [q_nope[t, h] W_UK[h], rope(q_pe[t, h])].
+ * q [T, heads, nope + rope]; w_kv_b [heads, nope + v_dim, rank]; cos/sin [T, rope / 2];
+ * out [T, heads, rank + rope]. */
+void mi_mla_q_prolog(const float *q, const float *w_kv_b, const float *cos, const float *sin, int64_t num_tokens,
+                     int64_t heads, int64_t nope, int64_t rope, int64_t v_dim, int64_t rank, int interleaved,
+                     float *out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static) if (num_tokens >= 128)
+    for (int64_t t = 0; t < num_tokens; t++) {
+        for (int64_t h = 0; h < heads; h++) {
+            const float *qh = q + (t * heads + h) * (nope + rope);
+            const float *wk = w_kv_b + h * (nope + v_dim) * rank;
+            float *dst = out + (t * heads + h) * (rank + rope);
+            memset(dst, 0, sizeof(float) * rank);
+            for (int64_t d = 0; d < nope; d++) {
+                float a = qh[d];
+                const float *wr = wk + d * rank;
+#pragma omp simd
+                for (int64_t r = 0; r < rank; r++) dst[r] += a * wr[r];
+            }
+            rope_rotate(qh + nope, cos + t * (rope / 2), sin + t * (rope / 2), rope, interleaved, dst + rank);
+        }
+    }
+}
+
+/* The MLA KV prolog: normalise the compressed KV (RMSNorm with weight norm_w), rotate the shared
+ * key, and write the latent [rank + rope] of token t straight into cache slot slots[t].
+ * kv [T, rank + rope] (kv_a_proj_with_mqa's output); cache [num_slots, rank + rope]. */
+void mi_mla_kv_prolog(const float *kv, const float *norm_w, float eps, const float *cos, const float *sin,
+                      const int64_t *slots, int64_t num_tokens, int64_t rank, int64_t rope, int interleaved,
+                      float *cache, int nthreads) {
+#pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static) if (num_tokens >= 256)
+    for (int64_t t = 0; t < num_tokens; t++) {
+        const float *x = kv + t * (rank + rope);
+        float *dst = cache + slots[t] * (rank + rope);
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t r = 0; r < rank; r++) ss += x[r] * x[r];
+        float inv = 1.0f / sqrtf(ss / (float)rank + eps);
+#pragma omp simd
+        for (int64_t r = 0; r < rank; r++) dst[r] = norm_w[r] * (x[r] * inv);
+        rope_rotate(x + rank, cos + t * (rope / 2), sin + t * (rope / 2), rope, interleaved, dst + rank);
     }
 }

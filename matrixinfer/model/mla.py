@@ -62,17 +62,19 @@ class MLA(nn.Module):
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(t, self.n_heads, self.qk_dim)
+        kv = self.kv_a_proj_with_mqa(x)
+        if kv_cache is not None and meta.slot_mapping is not None:
+            slots = kv_cache.layer_slots(self.layer_idx)
+            if self._use_kernel(x, meta, slots, cos):
+                return self.o_proj(self._kernel(q, kv, cos, sin, rope, meta, slots).view(t, self.n_heads * self.v_dim))
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = rope.apply(q_pe, cos, sin)
-        ckv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        ckv, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = torch.cat([self.kv_a_layernorm(ckv), rope.apply(k_pe, cos, sin)], dim=-1)
         if kv_cache is None or meta.slot_mapping is None:
             slots = latent
         else:
             kv_cache.write(self.layer_idx, meta.slot_mapping, latent)
-            slots = kv_cache.layer_slots(self.layer_idx)
-        if self._use_kernel(x, meta, slots):
-            return self.o_proj(self._kernel(q_nope, q_pe, slots, meta).reshape(t, self.n_heads * self.v_dim))
         out = x.new_empty(t, self.n_heads, self.v_dim)
         for group in meta.groups:
             absorbed = meta.mode == "absorbed" or (meta.mode == "auto" and group.decode)
@@ -86,21 +88,23 @@ class MLA(nn.Module):
                 out[group.token_index[group.valid]] = o[group.valid]
         return self.o_proj(out.reshape(t, self.n_heads * self.v_dim))
 
-    def _use_kernel(self, x: torch.Tensor, meta: AttentionMetadata, slots: torch.Tensor) -> bool:
-        """The fused CPU kernel reads the paged cache directly; it computes the absorbed form."""
+    def _use_kernel(self, x: torch.Tensor, meta: AttentionMetadata, slots: torch.Tensor, cos: torch.Tensor) -> bool:
+        """The fused CPU kernels read and write the paged cache directly; they compute the absorbed form."""
         if not meta.paged or meta.mode == "naive" or not slots.is_contiguous():
             return False
         if meta.mode == "auto" and not self.absorbed_prefill and any(q > 1 for q in meta.query_lens):
             return False
-        return kernels.usable(x, slots)
+        return kernels.usable(x, slots, cos, self.kv_b_proj.weight)
 
-    def _kernel(self, q_nope: torch.Tensor, q_pe: torch.Tensor, slots: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        w_uk, w_uv = self._kv_b()
-        q_full = torch.cat([torch.einsum("thd,hdr->thr", q_nope, w_uk), q_pe], dim=-1).contiguous()
-        o_lat = kernels.paged_mla(q_full, slots, meta.block_tables, meta.tok_seq, meta.tok_nkeys,
-                                  self.kv_lora_rank, meta.block_size, self.scale)
-        return torch.einsum("thr,hvr->thv", o_lat, w_uv)
+    def _kernel(self, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                rope: RotaryEmbedding, meta: AttentionMetadata, slots: torch.Tensor) -> torch.Tensor:
+        """Fused prologs (latent into the cache, absorbed queries), attention and the W_UV epilogue."""
+        norm = self.kv_a_layernorm
+        kernels.mla_kv_prolog(kv, norm.weight, norm.eps, cos, sin, meta.slot_mapping, slots, rope.interleaved)
+        w = self.kv_b_proj.weight
+        q_full = kernels.mla_q_prolog(q, w, cos, sin, self.kv_lora_rank, self.v_dim, rope.interleaved)
+        return kernels.paged_mla(q_full, slots, meta.block_tables, meta.tok_seq, meta.tok_nkeys, self.kv_lora_rank,
+                                 meta.block_size, self.scale, w_kv_b=w, nope=self.nope_dim, v_dim=self.v_dim)
 
     def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor,
                group: AttentionGroup) -> torch.Tensor:

@@ -67,11 +67,12 @@ def test_kernel_rejects_bad_inputs():
 
 
 @needs_kernel
-@pytest.mark.parametrize("mode", ["auto", "absorbed"])
-def test_mla_kernel_path_matches_pytorch_path(monkeypatch, mode):
+@pytest.mark.parametrize("mode,interleave", [("auto", True), ("absorbed", True), ("absorbed", False)])
+def test_mla_kernel_path_matches_pytorch_path(monkeypatch, mode, interleave):
     """One MLA layer over a paged cache (a chunked prefill, then a mixed prefill + decode step)
-    gives the same output with the kernel as with the PyTorch paths."""
-    cfg = ModelConfig.from_dict(tiny_config().to_dict())
+    gives the same output and cache contents with the kernels as with the PyTorch paths."""
+    cfg = ModelConfig.from_dict(tiny_config(rope_interleave=interleave).to_dict())
+    assert RotaryEmbedding(cfg).interleaved is interleave
     torch.manual_seed(0)
     mla = MLA(cfg, 0)
     for p in mla.parameters():
@@ -92,15 +93,18 @@ def test_mla_kernel_path_matches_pytorch_path(monkeypatch, mode):
             cos, sin = rope.cos_sin(pos)
             with torch.no_grad():
                 outs.append(mla(x, cos, sin, rope, meta, cache))
-        return outs
+        return outs + [cache.data]
 
     for a, b in zip(run(True), run(False)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
     monkeypatch.setenv("MATRIXINFER_KERNELS", "0")
     assert kernels.available() is False
+    assert not kernels.usable(torch.zeros(2))
 
 
 @needs_kernel
