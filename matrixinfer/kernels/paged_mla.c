@@ -55,7 +55,69 @@ static inline void dot8(const float *q, const float *const *rows, int64_t dim, f
 #define HAVE_DOT8 0
 #endif
 
-int mi_paged_mla_version(void) { return 3; }
+int mi_paged_mla_version(void) { return 4; }
+
+/* One head of one query over one chunk of keys: scores, online-softmax update of (m, l) and the
+ * latent accumulator oh [rank]. sh: scratch for the chunk's scores. */
+static inline void attend_chunk(const float *qh, const float *const *rows, int64_t c_n, int64_t dim, int64_t rank,
+                                float scale, float *sh, float *m, float *l, float *oh) {
+    float cmax = -INFINITY;
+    int64_t c = 0;
+#if HAVE_DOT8
+    if (dim % 8 == 0)
+        for (; c + 8 <= c_n; c += 8) dot8(qh, rows + c, dim, scale, sh + c);
+#endif
+    for (; c < c_n; c++) {
+        const float *row = rows[c];
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < dim; d++) acc += qh[d] * row[d];
+        sh[c] = acc * scale;
+    }
+    for (c = 0; c < c_n; c++)
+        if (sh[c] > cmax) cmax = sh[c];
+    float new_m = cmax > *m ? cmax : *m;
+    float factor = expf(*m - new_m); /* 0 on the first chunk (m = -inf) */
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c2 = 0; c2 < c_n; c2++) {
+        float e = expf(sh[c2] - new_m);
+        sh[c2] = e;
+        sum += e;
+    }
+    *l = *l * factor + sum;
+    *m = new_m;
+    int64_t r = 0;
+#if HAVE_DOT8
+    /* 32 output dims at a time kept in registers across the chunk's keys. */
+    for (; r + 32 <= rank; r += 32) {
+        __m256 f = _mm256_set1_ps(factor);
+        __m256 o0 = _mm256_mul_ps(_mm256_loadu_ps(oh + r), f);
+        __m256 o1 = _mm256_mul_ps(_mm256_loadu_ps(oh + r + 8), f);
+        __m256 o2 = _mm256_mul_ps(_mm256_loadu_ps(oh + r + 16), f);
+        __m256 o3 = _mm256_mul_ps(_mm256_loadu_ps(oh + r + 24), f);
+        for (int64_t c2 = 0; c2 < c_n; c2++) {
+            __m256 pv = _mm256_set1_ps(sh[c2]);
+            const float *row = rows[c2] + r;
+            o0 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row), o0);
+            o1 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row + 8), o1);
+            o2 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row + 16), o2);
+            o3 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row + 24), o3);
+        }
+        _mm256_storeu_ps(oh + r, o0);
+        _mm256_storeu_ps(oh + r + 8, o1);
+        _mm256_storeu_ps(oh + r + 16, o2);
+        _mm256_storeu_ps(oh + r + 24, o3);
+    }
+#endif
+    for (; r < rank; r++) {
+        float a = oh[r] * factor;
+        for (int64_t c2 = 0; c2 < c_n; c2++) a += sh[c2] * rows[c2][r];
+        oh[r] = a;
+    }
+}
+
+#define GROUP 4 /* consecutive queries of one sequence (a prefill chunk) share each key chunk's loads */
 
 /* w_kv_b: NULL, or kv_b_proj's weight [heads, nope + v_dim, rank]: then out is [T, heads, v_dim]
  * (the latent output times each head's W_UV, the absorbed form's epilogue), else [T, heads, rank]. */
@@ -63,100 +125,64 @@ void mi_paged_mla(const float *q, const float *cache, const int32_t *block_table
                   const int32_t *tok_seq, const int32_t *tok_nkeys, int64_t num_tokens, int64_t heads,
                   int64_t dim, int64_t rank, int64_t block_size, float scale, const float *w_kv_b, int64_t nope,
                   int64_t v_dim, float *out, int nthreads) {
+    /* Groups of up to GROUP consecutive tokens of the same sequence. */
+    int64_t *group_start = (int64_t *)malloc(sizeof(int64_t) * (num_tokens + 1));
+    int64_t n_groups = 0;
+    for (int64_t t = 0; t < num_tokens;) {
+        int64_t u = t + 1;
+        while (u < num_tokens && u - t < GROUP && tok_seq[u] == tok_seq[t]) u++;
+        group_start[n_groups++] = t;
+        t = u;
+    }
+    group_start[n_groups] = num_tokens;
 #pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
     {
-        float *lat = (float *)malloc(sizeof(float) * heads * rank);
-        float *scores = (float *)malloc(sizeof(float) * heads * CHUNK);
-        float *m = (float *)malloc(sizeof(float) * heads);
-        float *l = (float *)malloc(sizeof(float) * heads);
+        float *lat = (float *)malloc(sizeof(float) * GROUP * heads * rank);
+        float *scores = (float *)malloc(sizeof(float) * CHUNK);
+        float *m = (float *)malloc(sizeof(float) * GROUP * heads);
+        float *l = (float *)malloc(sizeof(float) * GROUP * heads);
         const float *rows[CHUNK];
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < num_tokens; t++) {
-            const float *qt = q + t * heads * dim;
-            float *ot = w_kv_b ? lat : out + t * heads * rank;
-            const int32_t *table = block_tables + (int64_t)tok_seq[t] * bt_stride;
-            int64_t n = tok_nkeys[t];
-            memset(ot, 0, sizeof(float) * heads * rank);
-            for (int64_t h = 0; h < heads; h++) {
-                m[h] = -INFINITY;
-                l[h] = 0.0f;
+        for (int64_t g = 0; g < n_groups; g++) {
+            int64_t t0 = group_start[g], nt = group_start[g + 1] - t0;
+            const int32_t *table = block_tables + (int64_t)tok_seq[t0] * bt_stride;
+            int64_t n_max = 0;
+            for (int64_t i = 0; i < nt; i++) {
+                if (tok_nkeys[t0 + i] > n_max) n_max = tok_nkeys[t0 + i];
+                for (int64_t h = 0; h < heads; h++) {
+                    m[i * heads + h] = -INFINITY;
+                    l[i * heads + h] = 0.0f;
+                }
             }
-            for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
-                int64_t c_n = n - j0 < CHUNK ? n - j0 : CHUNK;
-                for (int64_t c = 0; c < c_n; c++) {
+            memset(lat, 0, sizeof(float) * nt * heads * rank);
+            for (int64_t j0 = 0; j0 < n_max; j0 += CHUNK) {
+                int64_t c_max = n_max - j0 < CHUNK ? n_max - j0 : CHUNK;
+                for (int64_t c = 0; c < c_max; c++) {
                     int64_t j = j0 + c;
                     rows[c] = cache + ((int64_t)table[j / block_size] * block_size + j % block_size) * dim;
                 }
-                for (int64_t h = 0; h < heads; h++) {
-                    const float *qh = qt + h * dim;
-                    float *sh = scores + h * CHUNK;
-                    float cmax = -INFINITY;
-                    int64_t c = 0;
-                    if (HAVE_DOT8 && dim % 8 == 0) {
-#if HAVE_DOT8
-                        for (; c + 8 <= c_n; c += 8) dot8(qh, rows + c, dim, scale, sh + c);
-#endif
-                    }
-                    for (; c < c_n; c++) {
-                        const float *row = rows[c];
-                        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-                        for (int64_t d = 0; d < dim; d++) acc += qh[d] * row[d];
-                        sh[c] = acc * scale;
-                    }
-                    for (c = 0; c < c_n; c++)
-                        if (sh[c] > cmax) cmax = sh[c];
-                    float new_m = cmax > m[h] ? cmax : m[h];
-                    float factor = expf(m[h] - new_m); /* 0 on the first chunk (m = -inf) */
-                    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-                    for (int64_t c = 0; c < c_n; c++) {
-                        float e = expf(sh[c] - new_m);
-                        sh[c] = e;
-                        sum += e;
-                    }
-                    l[h] = l[h] * factor + sum;
-                    m[h] = new_m;
-                    float *oh = ot + h * rank;
-                    int64_t r = 0;
-#if HAVE_DOT8
-                    /* 32 output dims at a time kept in registers across the chunk's keys. */
-                    for (; r + 32 <= rank; r += 32) {
-                        __m256 f = _mm256_set1_ps(factor);
-                        __m256 o0 = _mm256_mul_ps(_mm256_loadu_ps(oh + r), f);
-                        __m256 o1 = _mm256_mul_ps(_mm256_loadu_ps(oh + r + 8), f);
-                        __m256 o2 = _mm256_mul_ps(_mm256_loadu_ps(oh + r + 16), f);
-                        __m256 o3 = _mm256_mul_ps(_mm256_loadu_ps(oh + r + 24), f);
-                        for (int64_t c2 = 0; c2 < c_n; c2++) {
-                            __m256 pv = _mm256_set1_ps(sh[c2]);
-                            const float *row = rows[c2] + r;
-                            o0 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row), o0);
-                            o1 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row + 8), o1);
-                            o2 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row + 16), o2);
-                            o3 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row + 24), o3);
-                        }
-                        _mm256_storeu_ps(oh + r, o0);
-                        _mm256_storeu_ps(oh + r + 8, o1);
-                        _mm256_storeu_ps(oh + r + 16, o2);
-                        _mm256_storeu_ps(oh + r + 24, o3);
-                    }
-#endif
-                    for (; r < rank; r++) {
-                        float a = oh[r] * factor;
-                        for (int64_t c2 = 0; c2 < c_n; c2++) a += sh[c2] * rows[c2][r];
-                        oh[r] = a;
-                    }
+                for (int64_t i = 0; i < nt; i++) {
+                    int64_t c_n = tok_nkeys[t0 + i] - j0; /* causal: this query sees fewer keys */
+                    if (c_n <= 0) continue;
+                    if (c_n > c_max) c_n = c_max;
+                    const float *qt = q + (t0 + i) * heads * dim;
+                    for (int64_t h = 0; h < heads; h++)
+                        attend_chunk(qt + h * dim, rows, c_n, dim, rank, scale, scores, m + i * heads + h,
+                                     l + i * heads + h, lat + (i * heads + h) * rank);
                 }
             }
-            for (int64_t h = 0; h < heads; h++) {
-                float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
-                float *oh = ot + h * rank;
-#pragma omp simd
-                for (int64_t r = 0; r < rank; r++) oh[r] *= inv;
-            }
-            if (w_kv_b) {
+            for (int64_t i = 0; i < nt; i++) {
+                int64_t t = t0 + i;
                 for (int64_t h = 0; h < heads; h++) {
-                    const float *oh = lat + h * rank;
+                    float li = l[i * heads + h];
+                    float inv = li > 0.0f ? 1.0f / li : 0.0f;
+                    float *oh = lat + (i * heads + h) * rank;
+                    if (!w_kv_b) {
+                        float *dst = out + (t * heads + h) * rank;
+#pragma omp simd
+                        for (int64_t r = 0; r < rank; r++) dst[r] = oh[r] * inv;
+                        continue;
+                    }
                     const float *wv = w_kv_b + (h * (nope + v_dim) + nope) * rank;
                     float *dst = out + (t * heads + h) * v_dim;
                     for (int64_t v = 0; v < v_dim; v++) {
@@ -164,7 +190,7 @@ void mi_paged_mla(const float *q, const float *cache, const int32_t *block_table
                         float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
                         for (int64_t r = 0; r < rank; r++) acc += oh[r] * wr[r];
-                        dst[v] = acc;
+                        dst[v] = acc * inv;
                     }
                 }
             }
@@ -174,6 +200,7 @@ void mi_paged_mla(const float *q, const float *cache, const int32_t *block_table
         free(m);
         free(l);
     }
+    free(group_start);
 }
 
 /* Rotate the rope dims of one vector: pairs (x[2i], x[2i+1]) when interleaved, else (x[i], x[i+half]);
