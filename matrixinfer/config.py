@@ -246,6 +246,8 @@ class EngineConfig:
         max_model_len: longest prompt + output (None: the model's max_position_embeddings).
         enable_prefix_caching: share KV blocks between requests with a common prefix.
         cache_namespace: namespace mixed into prefix hashes (default: the served model name).
+        store_generated_kv: also store generated (decode-produced) full KV blocks in the external
+            prefix cache, not only prompt blocks (off by default, as the reference design does).
     """
 
     model: str | None = None
@@ -260,6 +262,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     cache_namespace: str | None = None
+    store_generated_kv: bool = False
 
     def validate(self) -> None:
         if self.block_size < 1:

@@ -299,9 +299,10 @@ class LLMEngine:
         self._ext_stored[seq.request_id] = local + ext  # those blocks are in the pool already
 
     def _store_external(self, seq: Sequence) -> None:
-        """Send newly completed prompt blocks to the external cache (asynchronously)."""
+        """Send newly completed prompt blocks (and generated ones with ``store_generated_kv``) to
+        the external cache (asynchronously)."""
         bs = self.cfg.block_size
-        full = min(seq.num_computed, len(seq.prompt_ids)) // bs
+        full = (seq.num_computed if self.cfg.store_generated_kv else min(seq.num_computed, len(seq.prompt_ids))) // bs
         done = self._ext_stored.get(seq.request_id, 0)
         if full <= done:
             return
@@ -349,6 +350,7 @@ class LLMEngine:
         if params.logprobs and first_logprob is not None:
             seq.logprobs = [first_logprob]
         seq.status = SequenceStatus.RUNNING
+        self._ext_stored[request_id] = len(prompt_ids) // self.cfg.block_size  # the prefill side stores those
         detok = _Detok(self.tokenizer, params.stop)
         detok.push(first_token)
         self._detok[request_id] = detok

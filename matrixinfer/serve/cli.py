@@ -20,6 +20,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget per step")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--store-decode-kv", action="store_true",
+                   help="PDC: decode instances also store generated KV blocks in the EMS context cache")
 
 
 def engine_config(args: argparse.Namespace):
@@ -29,7 +31,8 @@ def engine_config(args: argparse.Namespace):
         model=args.model, served_model_name=args.served_model_name, device=args.device, dtype=args.dtype,
         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, kv_cache_fraction=args.kv_cache_fraction,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching)
+        max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
+        store_generated_kv=args.store_decode_kv)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

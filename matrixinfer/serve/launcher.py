@@ -98,6 +98,8 @@ def worker_args(args: argparse.Namespace, role: str, router: str) -> list[str]:
         out += ["--kv-cache-fraction", str(args.kv_cache_fraction)]
     if args.no_prefix_caching:
         out.append("--no-prefix-caching")
+    if args.store_decode_kv:
+        out.append("--store-decode-kv")
     return out
 
 

@@ -108,10 +108,12 @@ class Worker:
             threading.Thread(target=self._kv_accept, daemon=True, name="kv-accept").start()
         else:
             self.engine.handoff = self._handoff
-            if self.ems is not None:
-                from matrixinfer.serve.pool import EmsPrefixCache
+        # Prefill instances read and fill the context cache; decode instances only write to it, and
+        # only when asked to keep generated KV (prompt blocks are the prefill side's to store).
+        if self.ems is not None and (role == "prefill" or cfg.store_generated_kv):
+            from matrixinfer.serve.pool import EmsPrefixCache
 
-                self.engine.external = EmsPrefixCache(self.ems, cfg.block_size, self.engine.model_id)
+            self.engine.external = EmsPrefixCache(self.ems, cfg.block_size, self.engine.model_id)
 
     def _build_engine(self, cfg: EngineConfig) -> LLMEngine:
         from matrixinfer.model.default_model import default_model_path

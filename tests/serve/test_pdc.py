@@ -26,7 +26,7 @@ HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 def pdc(served_checkpoint):
     srv = Server(served_checkpoint, "--num-prefill", "2", "--num-decode", "1", "--num-ems", "2",
                  "--kv-cache-memory", str(8 << 20), "--max-num-batched-tokens", "64",
-                 "--reserve-timeout", "10", "--ems-capacity", "64M", api_key=API_KEY)
+                 "--reserve-timeout", "10", "--ems-capacity", "64M", "--store-decode-kv", api_key=API_KEY)
     yield srv
     srv.stop()
 
@@ -89,6 +89,30 @@ def test_prefix_stored_by_one_prefill_instance_is_hit_by_the_other(pdc):
     (second_instance,) = grew  # the router alternates equally loaded instances: not the first one
     assert after["external_hit_tokens"][second_instance] - before["external_hit_tokens"][second_instance] == 96
     assert after["prefix_hit_tokens"][second_instance] == before["prefix_hit_tokens"][second_instance]
+    _wait_idle(pdc)
+
+
+def test_generated_kv_stored_by_decode_is_hit_by_a_follow_up(pdc):
+    """--store-decode-kv: the decode instance stores the blocks it generates, so a follow-up whose
+    prompt is the first prompt plus its output (a next chat turn) hits them in EMS."""
+    prompt = [(11 * i) % 250 + 3 for i in range(20)]  # one full prompt block of 16
+
+    async def first():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await _stream_tokens(client, pdc.url, {"model": "tiny", "prompt": prompt, "max_tokens": 40,
+                                                          "temperature": 0, "ignore_eos": True})
+
+    before = _settled(pdc)
+    decode = next(i for i in before["running"] if "decode" in i)
+    out, _ = asyncio.run(first())
+    assert len(out) == 40
+    want = before["ems_stored_blocks"].get(decode, 0) + 2  # blocks 1 and 2 (tokens 16-47), asynchronously
+    deadline = time.time() + 10
+    while instance_metrics(pdc)["ems_stored_blocks"].get(decode, 0) < want and time.time() < deadline:
+        time.sleep(0.1)
+    assert instance_metrics(pdc)["ems_stored_blocks"][decode] == want
+    follow_up = _complete(pdc, prompt + out)  # 60 tokens: 3 full blocks are cached
+    assert follow_up["usage"]["prompt_tokens_details"]["cached_tokens"] == 48
     _wait_idle(pdc)
 
 
