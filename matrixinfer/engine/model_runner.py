@@ -67,7 +67,7 @@ class ModelRunner:
         q_lens, ctx_lens = [], []
         for seq, n in chunks:
             start = seq.num_computed
-            ids.extend(seq.all_ids[start:start + n])
+            ids.extend(seq.token_ids(start, n))
             positions.extend(range(start, start + n))
             q_lens.append(n)
             ctx_lens.append(start + n)
@@ -86,4 +86,6 @@ class ModelRunner:
                 samplers.append(seq)
         if not rows:
             return None, []
-        return self.model.compute_logits(hidden[torch.tensor(rows, device=dev)]), samplers
+        if len(rows) < hidden.shape[0]:  # (a pure decode batch samples every row)
+            hidden = hidden[torch.tensor(rows, device=dev)]
+        return self.model.compute_logits(hidden), samplers
