@@ -74,8 +74,8 @@ static inline void attend_chunk(const float *qh, const float *const *rows, int64
         for (int64_t d = 0; d < dim; d++) acc += qh[d] * row[d];
         sh[c] = acc * scale;
     }
-    for (c = 0; c < c_n; c++)
-        if (sh[c] > cmax) cmax = sh[c];
+#pragma omp simd reduction(max : cmax)
+    for (c = 0; c < c_n; c++) cmax = sh[c] > cmax ? sh[c] : cmax;
     float new_m = cmax > *m ? cmax : *m;
     float factor = expf(*m - new_m); /* 0 on the first chunk (m = -inf) */
     float sum = 0.0f;
@@ -89,7 +89,19 @@ static inline void attend_chunk(const float *qh, const float *const *rows, int64
     *m = new_m;
     int64_t r = 0;
 #if HAVE_DOT8
-    /* 32 output dims at a time kept in registers across the chunk's keys. */
+    /* 64 output dims at a time kept in registers across the chunk's keys: eight independent
+     * accumulator chains keep the FMA units busy (four would wait on FMA latency). */
+    for (; r + 64 <= rank; r += 64) {
+        __m256 f = _mm256_set1_ps(factor);
+        __m256 o[8];
+        for (int k = 0; k < 8; k++) o[k] = _mm256_mul_ps(_mm256_loadu_ps(oh + r + 8 * k), f);
+        for (int64_t c2 = 0; c2 < c_n; c2++) {
+            __m256 pv = _mm256_set1_ps(sh[c2]);
+            const float *row = rows[c2] + r;
+            for (int k = 0; k < 8; k++) o[k] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row + 8 * k), o[k]);
+        }
+        for (int k = 0; k < 8; k++) _mm256_storeu_ps(oh + r + 8 * k, o[k]);
+    }
     for (; r + 32 <= rank; r += 32) {
         __m256 f = _mm256_set1_ps(factor);
         __m256 o0 = _mm256_mul_ps(_mm256_loadu_ps(oh + r), f);
