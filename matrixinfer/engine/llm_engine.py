@@ -185,8 +185,12 @@ class LLMEngine:
             ext = self._external_hit(seq, len(hit))
             waiting_views.append(SeqView(seq.request_id, seq.num_tokens, (len(hit) + ext) * self.cfg.block_size,
                                          len(hit), 0, revive))
+        # Blocks a preemption would free are needed only when the running sequences could want
+        # more blocks than are free (an upper bound: every remaining token this step).
+        bs = self.cfg.block_size
+        short = sum(max(0, -(-s.num_tokens // bs) - len(s.block_table)) for s in self.running) > self.blocks.num_free
         running_views = [SeqView(s.request_id, s.num_tokens, s.num_computed, len(s.block_table),
-                                 self.blocks.freeable(s)) for s in self.running]
+                                 self.blocks.freeable(s) if short else 0) for s in self.running]
         plan = schedule(running_views, waiting_views, self.blocks.num_free, self.budget)
         for sid in plan.preempted:
             seq = self.seqs[sid]
