@@ -174,7 +174,7 @@ class AttentionMetadata:
         q = torch.tensor([query_lens[s] for s in seqs], device=device)
         c = torch.tensor([context_lens[s] for s in seqs], device=device)
         st = torch.tensor([starts[s] for s in seqs], device=device)
-        qmax, lmax = int(q.max()), int(c.max())
+        qmax, lmax = max(query_lens[s] for s in seqs), max(context_lens[s] for s in seqs)  # no device sync
         qi = torch.arange(qmax, device=device)
         kj = torch.arange(lmax, device=device)
         valid = qi[None, :] < q[:, None]

@@ -7,6 +7,7 @@ dispatch/combine between them: ``route`` gives each token's experts and weights,
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,8 @@ from torch import nn
 from matrixinfer import kernels
 from matrixinfer.config import ModelConfig
 from matrixinfer.model.layers import MLP
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,10 +113,18 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
 
+    grouped_mm_ok = True  # cleared if torch._grouped_mm rejects this device/dtype (then per-expert matmuls)
+
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         if kernels.usable(x, self.gate_up_proj):  # one native call: bucketing, both projections, combine
             return kernels.moe_experts(x.contiguous(), routing.topk_ids.contiguous(),
                                        routing.topk_weights.float().contiguous(), self.gate_up_proj, self.down_proj)
+        if x.device.type == "cuda" and Experts.grouped_mm_ok:
+            try:
+                return self.grouped(x, routing)
+            except (RuntimeError, NotImplementedError) as exc:
+                Experts.grouped_mm_ok = False
+                log.warning("grouped matmul unavailable (%s): routed experts fall back to per-expert matmuls", exc)
         t, k = routing.topk_ids.shape
         flat_ids = routing.topk_ids.reshape(-1)
         order = flat_ids.argsort(stable=True)
@@ -140,6 +151,20 @@ class Experts(nn.Module):
         out = torch.zeros_like(x)
         out.index_add_(0, token_of, ys * w[:, None])
         return out
+
+    def grouped(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """All experts as two grouped matmuls over the rows sorted by expert, with the group
+        offsets kept on the device: no host synchronisation (the CUDA path)."""
+        flat_ids = routing.topk_ids.reshape(-1)
+        order = flat_ids.argsort(stable=True)
+        token_of = order // routing.topk_ids.shape[1]
+        counts = torch.zeros(self.n_experts, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
+        offs = counts.cumsum(0, dtype=torch.int32)
+        gate, up = torch._grouped_mm(x[token_of], self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        ys = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
+        w = routing.topk_weights.reshape(-1)[order].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, ys * w[:, None])
 
     def _padded(self, xs: torch.Tensor, sorted_ids: torch.Tensor, counts: torch.Tensor, cap: int) -> torch.Tensor:
         """All experts at once on an ``[E, cap, H]`` layout (rows sorted by expert, zero padding)."""
