@@ -32,8 +32,15 @@ __all__ = ["EmsClient", "EmsError", "EmsPermissionError", "EmsRefused"]
 Key = bytes | str
 
 
-def _key(k: Key) -> bytes:
-    return k.encode() if isinstance(k, str) else bytes(k)
+def _keys(keys: Sequence[Key]) -> list[bytes]:
+    return [k.encode() if isinstance(k, str) else bytes(k) for k in keys]
+
+
+def _pick(items: Sequence, positions: Sequence[int]) -> Sequence:
+    """``items`` at ``positions``; ``items`` itself when ``positions`` is all of it in order."""
+    if isinstance(positions, range) and positions == range(len(items)):
+        return items
+    return [items[i] for i in positions]
 
 
 class EmsClient:
@@ -104,19 +111,23 @@ class EmsClient:
     def _on_servers(self, keys: list[bytes], op, rank: int = 0, idxs: list[int] | None = None) -> dict[int, object]:
         """Run ``op(conn, keys_of_server, positions)`` once per server owning keys at replica ``rank``."""
         ring = self._ring()
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i in (range(len(keys)) if idxs is None else idxs):
-            owners = ring.owners(keys[i], self.replicas)
-            if rank < len(owners):
-                groups[owners[rank]].append(i)
+        positions = range(len(keys)) if idxs is None else idxs
+        groups: dict[str, Sequence[int]]
+        if len(ring.nodes) <= 1:  # one server owns every key: no placement per key
+            groups = {ring.nodes[0]: positions} if ring.nodes and rank == 0 else {}
+        else:
+            groups = defaultdict(list)
+            for i in positions:
+                owners = ring.owners(keys[i], self.replicas)
+                if rank < len(owners):
+                    groups[owners[rank]].append(i)
         out: dict[int, object] = {}
-        for addr, positions in groups.items():
+        for addr, at in groups.items():
             conn = self._conn(addr)
             if conn is None:
                 continue
             try:
-                for i, r in zip(positions, op(conn, [keys[i] for i in positions], positions)):
-                    out[i] = r
+                out.update(zip(at, op(conn, _pick(keys, at), at)))
             except (OSError, EmsError, ConnectionError):
                 self._mark_down(addr)  # dead or hung: its keys are misses
         return out
@@ -125,13 +136,13 @@ class EmsClient:
     def mget(self, keys: Sequence[Key], outs: Sequence[object] | None = None) -> list[object]:
         """Values of many keys, one round trip per server. With ``outs`` each hit is written into
         the matching caller buffer and its byte count returned; misses are None."""
-        kb = [_key(k) for k in keys]
+        kb = _keys(keys)
         if outs is not None and len(outs) != len(kb):
             raise ValueError(f"mget got {len(kb)} keys but {len(outs)} output buffers")
         results: list[object] = [None] * len(kb)
         pending: list[int] | None = None
         for rank in range(self.replicas):
-            got = self._on_servers(kb, lambda c, ks, pos: c.get_many(ks, None if outs is None else [outs[i] for i in pos]),
+            got = self._on_servers(kb, lambda c, ks, pos: c.get_many(ks, None if outs is None else _pick(outs, pos)),
                                    rank, pending)
             for i, r in got.items():
                 results[i] = r
@@ -144,12 +155,12 @@ class EmsClient:
         """Store many ``(key, value)`` pairs (on every replica). True where at least one server
         stored it. With ``strict`` a refusal by a live server (quota, too large) raises
         :class:`EmsRefused` after the whole batch was tried."""
-        kb = [_key(k) for k, _ in items]
+        kb = _keys([k for k, _ in items])
         values = [v for _, v in items]
         stored = [False] * len(kb)
         refusals: list[tuple[bytes, str]] = []
         for rank in range(self.replicas):
-            got = self._on_servers(kb, lambda c, ks, pos: c.put_many(ks, [values[i] for i in pos]), rank)
+            got = self._on_servers(kb, lambda c, ks, pos: c.put_many(ks, _pick(values, pos)), rank)
             for i, code in got.items():
                 stored[i] |= code == ""
                 if code:
@@ -162,7 +173,7 @@ class EmsClient:
 
     def mexists(self, keys: Sequence[Key]) -> list[bool]:
         """Presence of many keys (on any replica)."""
-        kb = [_key(k) for k in keys]
+        kb = _keys(keys)
         found = [False] * len(kb)
         for rank in range(self.replicas):
             for i, r in self._on_servers(kb, lambda c, ks, pos: c.exists_many(ks), rank).items():
@@ -171,7 +182,7 @@ class EmsClient:
 
     def mdelete(self, keys: Sequence[Key]) -> list[bool]:
         """Delete many keys from every replica; True where something was removed."""
-        kb = [_key(k) for k in keys]
+        kb = _keys(keys)
         removed = [False] * len(kb)
         for rank in range(self.replicas):
             for i, r in self._on_servers(kb, lambda c, ks, pos: c.delete_many(ks), rank).items():

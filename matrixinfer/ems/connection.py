@@ -12,44 +12,23 @@ values travel over TCP, received directly into the caller's buffer.
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-
-import numpy as np
 
 from matrixinfer.ems import protocol as p
 from matrixinfer.ems.arena import map_arena
 from matrixinfer.ems.index import SUPPORTED as INDEX_SUPPORTED
-from matrixinfer.ems.index import IndexReader, key_tag
+from matrixinfer.ems.index import IndexReader
+from matrixinfer.ems.local_read import LocalReader, copy_pairs, writable_view
 from matrixinfer.ems.server import tune_socket
 from matrixinfer.ems.service import host_id
 
 FAST_PUT_MIN = 64 << 10  # below this a put's two round trips cost more than the socket copy
-PARALLEL_COPY_MIN = 32 << 20  # gets at least this large copy on several threads
-COPY_CHUNK = 16 << 20
 _PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an int: combining the flags per call costs a microsecond
 HITS_EVERY_S = 1.0  # index hits are counted by the server at most this late (or at the next request)
-_copy_pool: ThreadPoolExecutor | None = None
-
-
-def parallel_copy(pairs: list[tuple[memoryview, memoryview]]) -> None:
-    """Copy ``src`` into ``dst`` for each pair, split in chunks over a few threads: fresh
-    destination memory (a new model's parameters) is bound by page faults, which cores take in
-    parallel (about 1.6x over one thread here); numpy releases the GIL while copying."""
-    global _copy_pool
-    if _copy_pool is None:
-        _copy_pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="ems-copy")
-    jobs = []
-    for dst, src in pairs:
-        d, s_ = np.frombuffer(dst, np.uint8), np.frombuffer(src, np.uint8)
-        jobs += [(d[i:i + COPY_CHUNK], s_[i:i + COPY_CHUNK]) for i in range(0, len(d), COPY_CHUNK)]
-    for f in [_copy_pool.submit(np.copyto, d, s_) for d, s_ in jobs]:
-        f.result()
 
 _arenas: dict[str, memoryview] = {}  # server_id -> mapping, shared by every connection of a process
 _arenas_lock = threading.Lock()
@@ -70,19 +49,6 @@ class EmsRefused(EmsError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-def writable_view(buf: object) -> memoryview:
-    """A flat byte view of a caller buffer (bytearray, numpy array, CPU torch tensor, memoryview)."""
-    try:
-        view = memoryview(buf)
-    except TypeError:
-        if not hasattr(buf, "numpy"):
-            raise TypeError(f"cannot write into {type(buf).__name__}: it exposes no buffer") from None
-        view = memoryview(buf.numpy())  # CPU torch tensors share memory with .numpy()
-    if view.readonly:
-        raise TypeError(f"cannot write into a read-only {type(buf).__name__}")
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
 def readable_view(buf: object) -> memoryview:
@@ -106,7 +72,6 @@ class ServerConnection:
         self._held_lease = 0  # a same-host read lease to drop with the next request
         self._hits = 0  # reads served from the shared index, not yet reported
         self._hits_sent = float("-inf")
-        self._fence = threading.Lock()  # taking it is a locked instruction: a full barrier on x86
         self.reads: Counter[str] = Counter()  # same-host keys read via "index", "lease"; index "conflict"s
         reply = self._call(p.Hello(namespace=namespace, token=token))
         if reply.code == "refused":
@@ -115,6 +80,7 @@ class ServerConnection:
         self.server_id = reply.server_id
         self.arena: memoryview | None = None
         self.index: IndexReader | None = None
+        self.local: LocalReader | None = None  # reads through the index
         same_host = fast_path and reply.host_id == _HOST_ID
         if same_host and reply.local_addr:
             reply = self._move_to_local(reply.local_addr, namespace, token, timeout, connect_timeout) or reply
@@ -123,6 +89,7 @@ class ServerConnection:
         if self.arena is not None and INDEX_SUPPORTED and reply.index_slots:
             self.index = IndexReader(self.arena[reply.index_offset:], reply.index_slots, reply.index_offset)
             self.salt = reply.index_salt
+            self.local = LocalReader(self.index, self.arena, self.salt)
 
     def _move_to_local(self, local_addr: str, namespace: str, token: str, timeout: float,
                        connect_timeout: float) -> p.Reply | None:
@@ -194,17 +161,16 @@ class ServerConnection:
     def get_many(self, keys: list[bytes], outs: Sequence[object] | None) -> list[object]:
         """Values of ``keys``: with ``outs``, bytes written into each buffer (None on a miss);
         without, a new bytearray per hit (None on a miss)."""
-        views = [writable_view(o) for o in outs] if outs is not None else None
         if self.arena is None:
-            return self._get_tcp(keys, views)
+            return self._get_tcp(keys, None if outs is None else [writable_view(o) for o in outs])
         results: list[object] = [None] * len(keys)
-        rest = self._get_from_index(keys, views, results) if self.index is not None else range(len(keys))
+        rest = self._get_from_index(keys, outs, results) if self.local is not None else range(len(keys))
         if rest:
             self.reads["lease"] += len(rest)
             rest_keys = [keys[i] for i in rest]
             reply = self._call(p.Get(keys=rest_keys, lease=True))
             try:
-                got = self._copy_out(reply, rest_keys, None if views is None else [views[i] for i in rest])
+                got = self._copy_out(reply, rest_keys, None if outs is None else [writable_view(outs[i]) for i in rest])
             finally:
                 self._held_lease = reply.lease  # released by the next request (or by closing)
             for i, r in zip(rest, got):
@@ -214,7 +180,7 @@ class ServerConnection:
         self._report_hits()
         return results
 
-    def _get_from_index(self, keys: list[bytes], views: list[memoryview] | None, results: list[object]) -> list[int]:
+    def _get_from_index(self, keys: list[bytes], outs: Sequence[object] | None, results: list[object]) -> list[int]:
         """Copy the values the shared index vouches for into ``results`` (see the module
         docstring); returns the positions left to the leased path. A value changed during its copy
         is copied again by that path, so the caller's buffer may briefly hold other bytes."""
@@ -224,48 +190,14 @@ class ServerConnection:
             eof = False  # nothing to read: the server is alive, so its index is current
         if eof:  # a dead server's index is frozen, not current: never read it
             raise ConnectionError(f"EMS server {self.addr} closed the connection")
-        index, arena = self.index, self.arena
-        if not index.is_open():
+        if not self.index.is_open():
             return list(range(len(keys)))
-        rest: list[int] = []
-        hits: list[tuple[int, int, int, int]] = []  # (position, slot word, seq, size)
-        pairs: list[tuple[memoryview, memoryview]] = []
-        nbytes = 0
-        for i, key in enumerate(keys):
-            found = index.find(key_tag(self.salt, key))
-            if found is None or (views is not None and len(views[i]) < found[3]):
-                rest.append(i)  # not indexed, or a buffer too small: the leased path reports it
-                continue
-            word, seq, off, size = found
-            if views is None:
-                results[i] = bytearray(arena[off:off + size])
-            else:
-                pairs.append((views[i][:size], arena[off:off + size]))
-                nbytes += size
-            hits.append((i, word, seq, size))
-        if nbytes >= PARALLEL_COPY_MIN:
-            parallel_copy(pairs)
-        else:
-            for d, src in pairs:
-                d[:] = src
-        with self._fence:  # the copies' loads are done before the validating loads, string ops too
-            pass
-        conflicts = 0
-        for i, word, seq, size in hits:
-            if index.unchanged(word, seq):
-                if views is not None:
-                    results[i] = size
-                index.mark_read(word)
-            else:  # rewritten or withdrawn while we copied: the bytes may be torn
-                results[i] = None
-                rest.append(i)
-                conflicts += 1
-        if len(hits) > conflicts:
-            self._hits += len(hits) - conflicts
-            self.reads["index"] += len(hits) - conflicts
+        rest, hits, conflicts = self.local.read(keys, outs, results)
+        if hits:
+            self._hits += hits
+            self.reads["index"] += hits
         if conflicts:
             self.reads["conflict"] += conflicts
-            rest.sort()
         return rest
 
     def _get_tcp(self, keys: list[bytes], views: list[memoryview] | None) -> list[object]:
@@ -312,12 +244,7 @@ class ServerConnection:
             else:
                 big.append((dst, self.arena[off:off + size]))
             results.append(dst.obj if views is None else size)
-        if big:
-            if sum(len(d) for d, _ in big) >= PARALLEL_COPY_MIN:
-                parallel_copy(big)
-            else:
-                for d, src in big:
-                    d[:] = src
+        copy_pairs(big, sum(len(d) for d, _ in big))
         if too_small:
             raise ValueError(f"buffer for key {too_small[0]!r} holds {too_small[2]} bytes, value has {too_small[1]}")
         return results

@@ -32,8 +32,11 @@ written into a freed block come after the withdrawal in causal order (the server
 stores, or a client's stores after a ``Reserve`` reply). A reader loads seq, then the fields, then
 the value (addressed by the fields), takes an uncontended lock (a locked instruction, a full
 barrier, in case the copy used fast-string instructions) and loads seq again. CPython reads and
-writes each aligned word with one 8-byte access. Other architectures would need fences that Python
-cannot issue, so :data:`SUPPORTED` is False there and clients always use RPC.
+writes each aligned word with one 8-byte access, and so do numpy's gathers and scatters of the
+``uint64`` view that batched reads use (:meth:`IndexReader.find_many`: one gather loads the whole
+batch's sequence numbers, later ones the fields, so the order holds per slot). Other architectures
+would need fences that Python cannot issue, so :data:`SUPPORTED` is False there and clients always
+use RPC.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ from __future__ import annotations
 import hashlib
 import platform
 import struct
+from collections.abc import Sequence
+
+import numpy as np
 
 MAGIC = 0x31584449534D45  # "EMSIDX1" read as a little-endian integer
 HEADER_WORDS = 8  # one cache line
@@ -67,6 +73,20 @@ def key_tag(salt: bytes, key: bytes) -> tuple[int, int]:
     """The ``(tag_lo, tag_hi)`` naming ``key`` in the namespace whose salt is ``salt``."""
     lo, hi = _TAG.unpack(hashlib.blake2b(key, digest_size=16, key=salt).digest())
     return lo | 1, hi
+
+
+def key_tags(salt: bytes, keys: Sequence[bytes]) -> np.ndarray:
+    """The tags of many keys as a ``(len(keys), 2)`` array of ``(tag_lo, tag_hi)``, as :func:`key_tag`
+    gives them (copying one keyed state per key costs less than keying a new hash each time)."""
+    keyed = hashlib.blake2b(digest_size=16, key=salt)
+    digests = bytearray()
+    for key in keys:
+        h = keyed.copy()
+        h.update(key)
+        digests += h.digest()
+    tags = np.frombuffer(digests, "<u8").reshape(len(keys), 2).astype(np.uint64)
+    tags[:, 0] |= np.uint64(1)
+    return tags
 
 
 class IndexWriter:
@@ -140,6 +160,9 @@ class IndexReader:
             raise ValueError(f"no EMS index of {slots} slots in the shared segment (header {list(self.words[:3])})")
         self.buckets = slots // WAYS
         self.capacity = capacity
+        self.flat = np.frombuffer(self.words, np.uint64)  # the same words, for lookups of many keys
+        self._buckets = np.uint64(self.buckets)
+        self._ways = HEADER_WORDS + np.arange(0, WAYS * SLOT_WORDS, SLOT_WORDS, dtype=np.intp)
 
     def is_open(self) -> bool:
         """False once the server has shut down."""
@@ -173,3 +196,34 @@ class IndexReader:
         so hot slots' cache lines are not bounced between cores)."""
         if not self.words[word + 5]:
             self.words[word + 5] = 1
+
+    def find_many(self, tags: np.ndarray) -> tuple[np.ndarray, ...]:
+        """:meth:`find` for the ``(n, 2)`` array ``tags`` at once: ``(rows, words, seqs, offsets,
+        sizes)`` for the rows of ``tags`` that have a slot (arrays in row order).
+
+        Keeps :meth:`find`'s order in bulk: every probed slot's sequence number is loaded (one
+        numpy gather) before any of its fields (later gathers), so :meth:`unchanged_many` after the
+        copies vouches for them as for a single read.
+        """
+        w = self.flat
+        bucket = (tags[:, 1] % self._buckets).astype(np.intp)
+        probe = bucket[:, None] * (WAYS * SLOT_WORDS) + self._ways  # (n, WAYS) slot words
+        seqs = w[probe]  # first: the sequence numbers
+        match = (w[probe + 2] == tags[:, 1:]) & (w[probe + 1] == tags[:, :1]) & ((seqs & 1) == 0)
+        rows = np.flatnonzero(match.any(axis=1))
+        way = match[rows].argmax(axis=1)  # the first matching way, as find() takes
+        words, seqs = probe[rows, way], seqs[rows, way]
+        offsets, sizes = w[words + 3], w[words + 4]
+        sane = (sizes <= self.capacity) & (offsets <= self.capacity - sizes)  # else a corrupt segment
+        if not sane.all():
+            rows, words, seqs, offsets, sizes = rows[sane], words[sane], seqs[sane], offsets[sane], sizes[sane]
+        return rows, words, seqs, offsets, sizes
+
+    def unchanged_many(self, words: np.ndarray, seqs: np.ndarray) -> np.ndarray:
+        """:meth:`unchanged` for many slots: a bool per slot."""
+        return self.flat[words] == seqs
+
+    def mark_read_many(self, words: np.ndarray) -> None:
+        """:meth:`mark_read` for many slots (again only those not yet marked)."""
+        reads = words + 5
+        self.flat[reads[self.flat[reads] == 0]] = 1

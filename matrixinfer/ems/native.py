@@ -1,0 +1,102 @@
+"""An optional C helper for same-host batched reads: :func:`gather` copies many arena ranges into
+many caller buffers in one call, about 0.8 us less per key than a Python loop of slice assignments
+(what a batch of small values is otherwise bound by, see :mod:`matrixinfer.ems.local_read`).
+
+Built on first use with the system C compiler against this Python's headers and loaded through
+ctypes; cached under ``$MATRIXINFER_CACHE/ems`` (default ``~/.cache/matrixinfer/ems``), keyed by
+the source, the flags and the Python build. Without a compiler or headers, or with
+``MATRIXINFER_EMS_NATIVE=0``, :func:`gather` returns None and callers copy in Python.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("gather.c")
+_FLAGS = ["-O2", "-shared", "-fPIC", "-std=c11"]
+_lock = threading.Lock()
+_gather = None
+_tried = False
+
+
+def _build() -> ctypes.PyDLL | None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    include = sysconfig.get_paths().get("include", "")
+    if cc is None or not os.path.exists(os.path.join(include, "Python.h")):
+        log.info("no C compiler or Python headers: EMS batched reads copy in Python")
+        return None
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS + [cc, include, sys.version]).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("MATRIXINFER_CACHE", Path.home() / ".cache" / "matrixinfer")) / "ems"
+    out = root / f"ems-gather-{key}.so"
+    if not out.exists():
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=root)
+            os.close(fd)
+        except OSError as e:
+            log.warning("cannot build the EMS copy helper in %s (%s): copying in Python", root, e)
+            return None
+        try:
+            subprocess.run([cc, *_FLAGS, f"-I{include}", "-o", tmp, str(_SOURCE)], check=True, capture_output=True,
+                           text=True)
+            os.replace(tmp, out)  # atomic: concurrent builders each install a complete library
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = getattr(e, "stderr", "") or str(e)
+            log.warning("building the EMS copy helper failed, copying in Python: %s", detail.strip()[:500])
+            return None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return ctypes.PyDLL(str(out))  # PyDLL: the call keeps the GIL, which the buffer protocol needs
+
+
+def _load():
+    global _gather, _tried
+    with _lock:
+        if not _tried:
+            _tried = True
+            lib = _build() if os.environ.get("MATRIXINFER_EMS_NATIVE", "1") != "0" else None
+            if lib is not None:
+                f = lib.ems_gather
+                f.restype = ctypes.c_ssize_t
+                f.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                              ctypes.c_ssize_t, ctypes.c_void_p]
+                _gather = f
+    return _gather
+
+
+def available() -> bool:
+    """Whether :func:`gather` copies (builds the helper on first call)."""
+    return (_gather if _tried else _load()) is not None
+
+
+def address(view: memoryview) -> int:
+    """The address of a writable buffer's first byte."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def gather(outs: list, base: int, rows: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray | None:
+    """Copy ``sizes[j]`` bytes at ``base + offsets[j]`` into ``outs[rows[j]]`` for each ``j``: a
+    status per ``j``, 1 copied, 0 buffer too small, -1 no writable contiguous buffer (e.g. a torch
+    tensor; nothing written). None when the helper is unavailable."""
+    f = _gather if _tried else _load()
+    if f is None:
+        return None
+    rows, offsets, sizes = (np.ascontiguousarray(a, np.int64) for a in (rows, offsets, sizes))
+    status = np.empty(len(rows), np.int8)
+    f(outs, base, rows.ctypes.data, offsets.ctypes.data, sizes.ctypes.data, len(rows), status.ctypes.data)
+    return status
