@@ -146,7 +146,7 @@ class EmsClient:
                                    rank, pending)
             for i, r in got.items():
                 results[i] = r
-            pending = [i for i, r in enumerate(results) if r is None]
+            pending = [i for i, r in enumerate(results) if r is None] if rank + 1 < self.replicas else []
             if not pending:
                 break
         return results

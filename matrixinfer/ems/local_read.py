@@ -2,13 +2,13 @@
 mapped arena into the caller's buffers, then check that it still vouches for it.
 
 :meth:`LocalReader.read_each` looks keys up one at a time; :meth:`LocalReader.read_batch` does the
-same loads in the same order for a whole batch with array operations (tags, bucket probes,
-validation, read marks) and copies with one call of the C helper (:mod:`matrixinfer.ems.native`,
-a Python loop without it), so only hashing remains per key in Python. Both return the positions
-the index could not serve (no slot, a slot being rewritten, a buffer too small, a value changed
-during its copy); the connection reads those through the leased path. See
-:mod:`matrixinfer.ems.index` for why an unchanged sequence number after the copy vouches for the
-copied bytes.
+same loads in the same order for a whole batch with array operations (bucket probes, validation,
+read marks) and computes the tags and copies the values with one call each of the C helpers
+(:mod:`matrixinfer.ems.native`; hashlib and a Python loop without them), so no Python loop runs
+per key. Both return the positions the index could not serve (no slot, a slot being rewritten, a
+buffer too small, a value changed during its copy); the connection reads those through the leased
+path. See :mod:`matrixinfer.ems.index` for why an unchanged sequence number after the copy vouches
+for the copied bytes.
 """
 
 from __future__ import annotations
@@ -141,7 +141,8 @@ class LocalReader:
                    results: list[object]) -> tuple[list[int], int, int]:
         """:meth:`read` for many keys: sequence numbers, fields, values, fence and sequence
         numbers again, each step for the whole batch before the next."""
-        rows, words, seqs, offsets, sizes = self.index.find_many(key_tags(self.salt, keys))
+        tags = native.tags(self.salt, keys if type(keys) is list else list(keys))
+        rows, words, seqs, offsets, sizes = self.index.find_many(key_tags(self.salt, keys) if tags is None else tags)
         if outs is None:
             for i, a, b in zip(rows.tolist(), offsets.tolist(), (offsets + sizes).tolist()):
                 results[i] = bytearray(self.arena[a:b])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from matrixinfer.ems import index as ix
-from matrixinfer.ems import local_read, native
+from matrixinfer.ems import native
 from matrixinfer.ems.client import EmsClient
 from matrixinfer.ems.index import IndexReader, IndexWriter, key_tag, key_tags
 from matrixinfer.ems.local_read import BATCH_MIN, LocalReader
@@ -44,13 +44,24 @@ class Segment:
 
 
 @pytest.fixture(params=["native", "python"])
-def copies(request, monkeypatch):
-    """Run a test with the C copy helper and with the Python loop that stands in for it."""
+def helpers(request, monkeypatch):
+    """Run a test with the C helpers and with the hashlib and Python loop that stand in for them."""
     if request.param == "native" and not native.available():
-        pytest.skip("no C compiler or Python headers for the EMS copy helper")
+        pytest.skip("no C compiler or Python headers for the EMS read helpers")
     if request.param == "python":
-        monkeypatch.setattr(local_read.native, "available", lambda: False)
+        monkeypatch.setattr(native, "_lib", None)
+        monkeypatch.setattr(native, "_tried", True)
     return request.param
+
+
+def test_native_tags_are_the_index_tags():
+    if not native.available():
+        pytest.skip("no C compiler or Python headers for the EMS read helpers")
+    rng = np.random.default_rng(0)
+    keys = [b"", b"k", *(rng.bytes(n) for n in (127, 128, 129, 256, 257, 1000)), *(rng.bytes(n) for n in range(200))]
+    for salt in (b"s", rng.bytes(16), rng.bytes(64)):
+        assert (native.tags(salt, keys) == key_tags(salt, keys)).all()
+    assert native.tags(b"s", [b"k", bytearray(b"k")]) is None  # not bytes: the caller uses hashlib
 
 
 def test_key_tags_and_find_many_agree_with_the_single_forms():
@@ -68,7 +79,7 @@ def test_key_tags_and_find_many_agree_with_the_single_forms():
     assert sum(f is None for f in single) == len(keys) - 64 + 2  # lost slots, the odd one, "absent"
 
 
-def test_batch_serves_what_single_reads_serve_with_misses_and_small_buffers(copies):
+def test_batch_serves_what_single_reads_serve_with_misses_and_small_buffers(helpers):
     seg = Segment()
     keys = [b"k%d" % i for i in range(40)]
     values = {k: os.urandom(100 + 37 * i) for i, k in enumerate(keys) if i % 5}  # every 5th key: a miss
@@ -89,7 +100,7 @@ def test_batch_serves_what_single_reads_serve_with_misses_and_small_buffers(copi
     assert seg.read("read_batch", keys, None)[0] == [bytearray(values[k]) if k in values else None for k in keys]
 
 
-def test_a_value_rewritten_during_the_batch_copy_is_caught_for_that_key_only(copies):
+def test_a_value_rewritten_during_the_batch_copy_is_caught_for_that_key_only(helpers):
     seg = Segment()
     keys = [b"k%d" % i for i in range(BATCH_MIN * 2)]
     offs = {k: seg.put(k, bytes([i]) * 1000) for i, k in enumerate(keys)}
@@ -112,7 +123,7 @@ def test_a_value_rewritten_during_the_batch_copy_is_caught_for_that_key_only(cop
     assert [seg.writer.take_read("ns", k) for k in keys] == [k != raced for k in keys]  # marks for reads only
 
 
-def test_batched_get_through_a_server_races_and_mixes(ems_servers, copies):
+def test_batched_get_through_a_server_races_and_mixes(ems_servers, helpers):
     server = ems_servers("16M")
     keys = [f"k{i}" for i in range(BATCH_MIN * 2)]
     with EmsClient([server.addr], namespace="batch") as reader, \
