@@ -151,7 +151,7 @@ class LocalReader:
             if not copied.all():  # a buffer too small: the leased path reports it
                 rows, words, seqs, sizes = rows[copied], words[copied], seqs[copied], sizes[copied]
             if len(rows) == len(keys):  # then rows is 0, 1, ..., n-1
-                results[:] = sizes.tolist()
+                results[:len(keys)] = sizes.tolist()
             else:
                 for i, n in zip(rows.tolist(), sizes.tolist()):
                     results[i] = n
@@ -170,23 +170,25 @@ class LocalReader:
 
     def _copy_into(self, outs: Sequence[object], rows: np.ndarray, offsets: np.ndarray,
                    sizes: np.ndarray) -> np.ndarray:
-        """Copy the arena ranges ``offsets``/``sizes`` into ``outs[rows]``: whether each fitted."""
-        status = None
-        if int(sizes.sum()) < PARALLEL_COPY_MIN and native.available():
+        """Copy the arena ranges ``offsets``/``sizes`` into ``outs[rows]``: whether each fitted.
+        Large values of a large batch go to threads (:func:`copy_pairs`), the rest to the C helper."""
+        status = np.full(len(rows), -1, np.int8)  # 1 copied, 0 too small, -1 not yet copied
+        if native.available():
             if self._base is None:
                 self._base = native.address(self.arena)
-            status = native.gather(list(outs), self._base, rows, offsets, sizes)  # a list of our own
-            if status.min(initial=1) >= 0:
-                return status > 0
-            todo = np.flatnonzero(status < 0)  # no plain buffer (e.g. a torch tensor): via writable_view
-            rows, offsets, sizes = rows[todo], offsets[todo], sizes[todo]
-        views = writable_views([outs[i] for i in rows.tolist()])
-        fits = np.fromiter(map(len, views), np.uint64, len(views)) >= sizes
-        arena = self.arena
-        pairs = [(v[:n], arena[a:a + n])
-                 for v, a, n, ok in zip(views, offsets.tolist(), sizes.tolist(), fits.tolist()) if ok]
-        copy_pairs(pairs, int(sizes[fits].sum()))
-        if status is None:
-            return fits
-        status[todo] = fits
+            outs_list = list(outs)  # a list of our own: the helper indexes it
+            if int(sizes.sum()) < PARALLEL_COPY_MIN:
+                status = native.gather(outs_list, self._base, rows, offsets, sizes)
+            else:
+                small = np.flatnonzero(sizes < PARALLEL_VALUE_MIN)
+                status[small] = native.gather(outs_list, self._base, rows[small], offsets[small], sizes[small])
+        todo = np.flatnonzero(status < 0)  # no helper, large values, no plain buffer (e.g. a torch tensor)
+        if len(todo):
+            views = writable_views([outs[i] for i in rows[todo].tolist()])
+            fits = np.fromiter(map(len, views), np.uint64, len(views)) >= sizes[todo]
+            arena = self.arena
+            pairs = [(v[:n], arena[a:a + n]) for v, a, n, ok
+                     in zip(views, offsets[todo].tolist(), sizes[todo].tolist(), fits.tolist()) if ok]
+            copy_pairs(pairs, int(sizes[todo][fits].sum()))
+            status[todo] = fits
         return status > 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from matrixinfer.ems import index as ix
-from matrixinfer.ems import native
+from matrixinfer.ems import local_read, native
 from matrixinfer.ems.client import EmsClient
 from matrixinfer.ems.index import IndexReader, IndexWriter, key_tag, key_tags
 from matrixinfer.ems.local_read import BATCH_MIN, LocalReader
@@ -98,6 +98,22 @@ def test_batch_serves_what_single_reads_serve_with_misses_and_small_buffers(help
         if i not in rest:
             assert results[i] == len(values[k]) and outs[i][:results[i]] == values[k]
     assert seg.read("read_batch", keys, None)[0] == [bytearray(values[k]) if k in values else None for k in keys]
+
+
+def test_large_values_of_a_large_batch_copy_on_threads(helpers, monkeypatch):
+    monkeypatch.setattr(local_read, "PARALLEL_COPY_MIN", 8000)  # scaled down: 1 MB values, 32 MB batches
+    monkeypatch.setattr(local_read, "PARALLEL_VALUE_MIN", 2000)
+    threaded = []
+    parallel_copy = local_read.parallel_copy
+    monkeypatch.setattr(local_read, "parallel_copy", lambda pairs: threaded.append(len(pairs)) or parallel_copy(pairs))
+    seg = Segment()
+    keys = [b"k%d" % i for i in range(BATCH_MIN)]
+    values = [bytes([i]) * (3000 if i % 4 == 0 else 100) for i in range(len(keys))]
+    for k, v in zip(keys, values):
+        seg.put(k, v)
+    outs = [bytearray(len(v)) for v in values]
+    assert seg.read("read_batch", keys, outs) == ([len(v) for v in values], [], len(keys), 0)
+    assert outs == values and threaded == [len(keys) // 4]  # the four 3000-byte values, on threads
 
 
 def test_a_value_rewritten_during_the_batch_copy_is_caught_for_that_key_only(helpers):
