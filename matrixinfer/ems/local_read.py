@@ -27,7 +27,7 @@ from matrixinfer.ems.index import IndexReader, key_tag, key_tags
 PARALLEL_COPY_MIN = 32 << 20  # gets at least this large copy their large values on several threads
 PARALLEL_VALUE_MIN = 1 << 20  # smaller values are copied in line: a thread hand-off costs more
 COPY_CHUNK = 16 << 20
-BATCH_MIN = 16  # gets of at least this many keys use read_batch (its array set-up costs ~30 us)
+BATCH_MIN = 32  # gets of at least this many keys use read_batch (its array set-up costs ~40 us)
 _BYTE_VIEW = attrgetter("readonly", "format", "ndim")
 _copy_pool: ThreadPoolExecutor | None = None
 
