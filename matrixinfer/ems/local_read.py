@@ -184,11 +184,21 @@ class LocalReader:
                 status[small] = native.gather(outs_list, self._base, rows[small], offsets[small], sizes[small])
         todo = np.flatnonzero(status < 0)  # no helper, large values, no plain buffer (e.g. a torch tensor)
         if len(todo):
-            views = writable_views([outs[i] for i in rows[todo].tolist()])
-            fits = np.fromiter(map(len, views), np.uint64, len(views)) >= sizes[todo]
-            arena = self.arena
-            pairs = [(v[:n], arena[a:a + n]) for v, a, n, ok
-                     in zip(views, offsets[todo].tolist(), sizes[todo].tolist(), fits.tolist()) if ok]
-            copy_pairs(pairs, int(sizes[todo][fits].sum()))
-            status[todo] = fits
+            status[todo] = self._copy_in_python(outs, rows[todo], offsets[todo], sizes[todo])
         return status > 0
+
+    def _copy_in_python(self, outs: Sequence[object], rows: np.ndarray, offsets: np.ndarray,
+                        sizes: np.ndarray) -> np.ndarray:
+        """:meth:`_copy_into` without the C helper: whether each fitted."""
+        views = writable_views([outs[i] for i in rows.tolist()])
+        room = np.fromiter(map(len, views), np.uint64, len(views))
+        fits = room >= sizes
+        arena, starts, ends = self.arena, offsets.tolist(), (offsets + sizes).tolist()
+        if int(sizes[fits].sum()) >= PARALLEL_COPY_MIN or not fits.all():
+            copy_pairs([(v[:b - a], arena[a:b]) for v, a, b, ok in zip(views, starts, ends, fits.tolist()) if ok],
+                       int(sizes[fits].sum()))
+        else:  # the common case, in the tightest loop
+            dsts = views if (room == sizes).all() else [v[:b - a] for v, a, b in zip(views, starts, ends)]
+            for d, a, b in zip(dsts, starts, ends):
+                d[:] = arena[a:b]
+        return fits
