@@ -53,6 +53,7 @@ def _build() -> ctypes.CDLL | None:
     out = cache_dir() / f"matrixinfer-kernels-{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
+        log.info("building the native CPU kernels (first use; cached in %s)", out.parent)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
