@@ -24,6 +24,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCES = sorted(Path(__file__).parent.glob("*.c"))
+_HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -48,7 +49,7 @@ def _build() -> ctypes.CDLL | None:
     if cc is None:
         log.warning("no C compiler found: using the PyTorch paths (slower on CPU)")
         return None
-    src = b"".join(p.name.encode() + p.read_bytes() for p in _SOURCES)
+    src = b"".join(p.name.encode() + p.read_bytes() for p in _SOURCES + _HEADERS)
     key = hashlib.sha256(src + " ".join(_FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
     out = cache_dir() / f"matrixinfer-kernels-{key}.so"
     if not out.exists():
@@ -80,6 +81,8 @@ def _build() -> ctypes.CDLL | None:
     g = lib.mi_moe_experts
     g.restype = None
     g.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
+    lib.mi_linear.restype = None
+    lib.mi_linear.argtypes = [ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
     lib.mi_rmsnorm.restype = None
     lib.mi_rmsnorm.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
     lib.mi_v3_route.restype = ctypes.c_int
@@ -210,6 +213,22 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
 def _check(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
     if t.dtype is not dtype or not t.is_cpu or not t.is_contiguous():
         raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor, got {t.dtype} on {t.device}")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for float32 ``x`` ``[M, K]`` and ``weight`` ``[N, K]`` (see ``linear.c``: for
+    decode-sized M, where a BLAS call spends more on packing the weight than on arithmetic)."""
+    if not available():
+        raise RuntimeError("the native kernels are not available")
+    _check("x", x, torch.float32)
+    _check("weight", weight, torch.float32)
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(f"linear: x has {k} columns, weight {tuple(weight.shape)}")
+    out = torch.empty(m, n, dtype=torch.float32)
+    _lib.mi_linear(x.data_ptr(), weight.data_ptr(), m, k, n, out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

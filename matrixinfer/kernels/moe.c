@@ -7,65 +7,10 @@
  * row of a scratch buffer, and a second parallel pass sums each token's rows, so no two threads
  * ever write the same memory.
  */
-#include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
 
-#define TILE 4
-
-#if defined(__x86_64__) && defined(__GLIBC__)
-/* glibc's libmvec vector expf (math.h declares it only under -ffast-math): the SwiGLU loop vectorises. */
-__attribute__((simd("notinbranch"))) float expf(float);
-#endif
-
-#if defined(__AVX2__) && defined(__FMA__)
-static inline __m256 hsum8_moe(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
-                               __m256 a7) {
-    __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
-    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
-}
-#endif
-
-/* out[i] = x_i . w0 and out[4 + i] = x_i . w1 for the four rows x[0..3] (length n). */
-static inline void dot_4x2(const float *const *x, const float *w0, const float *w1, int64_t n, float *out) {
-    int64_t d = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-    if (n % 8 == 0) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-        for (; d < n; d += 8) {
-            __m256 v0 = _mm256_loadu_ps(w0 + d), v1 = _mm256_loadu_ps(w1 + d);
-            __m256 x0 = _mm256_loadu_ps(x[0] + d), x1 = _mm256_loadu_ps(x[1] + d);
-            __m256 x2 = _mm256_loadu_ps(x[2] + d), x3 = _mm256_loadu_ps(x[3] + d);
-            a0 = _mm256_fmadd_ps(x0, v0, a0);
-            a1 = _mm256_fmadd_ps(x1, v0, a1);
-            a2 = _mm256_fmadd_ps(x2, v0, a2);
-            a3 = _mm256_fmadd_ps(x3, v0, a3);
-            b0 = _mm256_fmadd_ps(x0, v1, b0);
-            b1 = _mm256_fmadd_ps(x1, v1, b1);
-            b2 = _mm256_fmadd_ps(x2, v1, b2);
-            b3 = _mm256_fmadd_ps(x3, v1, b3);
-        }
-        _mm256_storeu_ps(out, hsum8_moe(a0, a1, a2, a3, b0, b1, b2, b3));
-        return;
-    }
-#endif
-    for (int i = 0; i < TILE; i++) {
-        float s0 = 0.0f, s1 = 0.0f;
-        const float *xi = x[i];
-#pragma omp simd reduction(+ : s0, s1)
-        for (d = 0; d < n; d++) {
-            s0 += xi[d] * w0[d];
-            s1 += xi[d] * w1[d];
-        }
-        out[i] = s0;
-        out[TILE + i] = s1;
-    }
-}
+#include "simd.h"
 
 int mi_moe_version(void) { return 1; }
 

@@ -8,54 +8,14 @@
  * Keys are read straight from the paged cache (no gather), once per token for all heads, in
  * chunks with an online softmax. Tokens run in parallel with OpenMP.
  */
-#include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
+
+#include "simd.h"
 
 #define CHUNK 64
 
-#if defined(__x86_64__) && defined(__GLIBC__)
-/* glibc's libmvec has vector expf (declared by math.h only under -ffast-math): let the
- * vectoriser call it for the softmax exponentials. */
-__attribute__((simd("notinbranch"))) float expf(float);
-#endif
-
-
-#if defined(__AVX2__) && defined(__FMA__)
-/* Sums of eight vectors, one per lane: [sum(a0), ..., sum(a7)]. */
-static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
-                           __m256 a7) {
-    __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
-    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
-}
-
-/* Eight dot products of q with rows[0..7] (dim a multiple of 8), times scale, into out[0..7]. */
-static inline void dot8(const float *q, const float *const *rows, int64_t dim, float scale, float *out) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-    for (int64_t d = 0; d < dim; d += 8) {
-        __m256 qv = _mm256_loadu_ps(q + d);
-        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[0] + d), a0);
-        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[1] + d), a1);
-        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[2] + d), a2);
-        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[3] + d), a3);
-        a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[4] + d), a4);
-        a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[5] + d), a5);
-        a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[6] + d), a6);
-        a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[7] + d), a7);
-    }
-    _mm256_storeu_ps(out, _mm256_mul_ps(hsum8(a0, a1, a2, a3, a4, a5, a6, a7), _mm256_set1_ps(scale)));
-}
-#define HAVE_DOT8 1
-#else
-#define HAVE_DOT8 0
-#endif
-
-int mi_paged_mla_version(void) { return 4; }
+int mi_paged_mla_version(void) { return 5; }
 
 /* One head of one query over one chunk of keys: scores, online-softmax update of (m, l) and the
  * latent accumulator oh [rank]. sh: scratch for the chunk's scores. */

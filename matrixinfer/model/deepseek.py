@@ -12,7 +12,7 @@ from torch import nn
 
 from matrixinfer.config import ModelConfig
 from matrixinfer.model.attention import AttentionMetadata, KVCache
-from matrixinfer.model.layers import MLP, RMSNorm, RotaryEmbedding
+from matrixinfer.model.layers import MLP, Linear, RMSNorm, RotaryEmbedding
 from matrixinfer.model.mla import MLA
 from matrixinfer.model.moe import MoE
 
@@ -39,7 +39,7 @@ class SharedHead(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
 
 class MTPLayer(nn.Module):
@@ -56,7 +56,7 @@ class MTPLayer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, h)
         self.enorm = RMSNorm(h, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(h, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * h, h, bias=False)
+        self.eh_proj = Linear(2 * h, h, bias=False)
         self.block = Block(cfg, layer_idx)
         self.shared_head = SharedHead(cfg)
 
@@ -82,7 +82,7 @@ class DeepseekForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DeepseekModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg)
         n_mtp = cfg.num_nextn_predict_layers if (with_mtp is None or with_mtp) else 0
         self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k) for k in range(n_mtp))

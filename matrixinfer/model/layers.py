@@ -29,14 +29,27 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(dtype)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` whose CPU float32 inference on decode-sized batches runs the native kernel:
+    a BLAS call packs the weight on every call, which at a few rows costs more than the arithmetic
+    (measured here: 10-25% of a decode step at 8-40 sequences, none at 64 and more)."""
+
+    small_rows = 48
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None and x.dim() == 2 and x.shape[0] <= self.small_rows and kernels.usable(x, self.weight):
+            return kernels.linear(x.contiguous(), self.weight)
+        return F.linear(x, self.weight, self.bias)
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` (dense layers and shared experts)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -15,7 +15,7 @@ from torch import nn
 from matrixinfer import kernels
 from matrixinfer.config import ModelConfig
 from matrixinfer.model.attention import AttentionGroup, AttentionMetadata, KVCache
-from matrixinfer.model.layers import RMSNorm, RotaryEmbedding, softmax_scale
+from matrixinfer.model.layers import Linear, RMSNorm, RotaryEmbedding, softmax_scale
 
 
 class MLA(nn.Module):
@@ -34,15 +34,15 @@ class MLA(nn.Module):
         bias = bool(cfg.raw.get("attention_bias", False))
         h = cfg.hidden_size
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(h, self.n_heads * self.qk_dim, bias=False)
+            self.q_proj = Linear(h, self.n_heads * self.qk_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(h, self.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(h, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * self.qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_lora_rank + self.rope_dim, bias=bias)
+            self.q_b_proj = Linear(self.q_lora_rank, self.n_heads * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(h, self.kv_lora_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=bias)
+        self.kv_b_proj = Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = Linear(self.n_heads * self.v_dim, h, bias=bias)
         self.scale = softmax_scale(cfg)
         # Latent-space (absorbed) attention costs H x (D + R) per query-key pair, the naive one
         # H x (qk + v) plus expanding each key: absorbed prefill pays off only for few wide heads.

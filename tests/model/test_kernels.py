@@ -148,3 +148,28 @@ def test_v3_routing_kernel_matches_pytorch(monkeypatch, n_group, topk_group, nor
     assert torch.equal(fast.topk_ids.sort(-1).values, slow.topk_ids.sort(-1).values)
     order_f, order_s = fast.topk_ids.argsort(-1), slow.topk_ids.argsort(-1)
     torch.testing.assert_close(fast.topk_weights.gather(1, order_f), slow.topk_weights.gather(1, order_s))
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,k,n", [(1, 256, 128), (5, 24, 7), (13, 20, 33), (48, 64, 4096)])
+def test_linear_kernel_matches_torch(m, k, n):
+    """Rows not a multiple of the 4-row tile, odd outputs, K not a multiple of the vector width."""
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    torch.testing.assert_close(kernels.linear(x, w), torch.nn.functional.linear(x, w), atol=1e-4, rtol=1e-4)
+
+
+@needs_kernel
+def test_small_batch_linear_layer_uses_kernel_only_where_it_applies(monkeypatch):
+    from matrixinfer.model.layers import Linear
+
+    calls = []
+    real = kernels.linear
+    monkeypatch.setattr(kernels, "linear", lambda x, w: calls.append(x.shape[0]) or real(x, w))
+    layer = Linear(16, 8, bias=False)
+    with torch.no_grad():
+        for rows in (3, Linear.small_rows, Linear.small_rows + 1):
+            x = torch.randn(rows, 16)
+            torch.testing.assert_close(layer(x), x @ layer.weight.T, atol=1e-5, rtol=1e-5)
+    assert calls == [3, Linear.small_rows]
+    layer(torch.randn(2, 16)).sum().backward()  # with gradients on: PyTorch's path, which has a backward
+    assert layer.weight.grad is not None and calls == [3, Linear.small_rows]

@@ -1,0 +1,33 @@
+/* y = x W^T for the few rows of a decode step, for CPUs.
+ *
+ * x [M, K], W [N, K] (nn.Linear's layout), y [M, N], float32. A BLAS GEMM packs W for every call,
+ * which at a handful of rows costs more than the arithmetic; here each thread streams its block of
+ * W's rows once and reuses every 4-row tile of x against it (register tiles of 4 rows x 2 outputs).
+ */
+#include "simd.h"
+
+#define NBLOCK 64 /* output columns per task: their weight rows stay in cache across the row tiles */
+
+int mi_linear_version(void) { return 1; }
+
+void mi_linear(const float *x, const float *w, int64_t m, int64_t k, int64_t n, float *y, int nthreads) {
+    int64_t n_blocks = (n + NBLOCK - 1) / NBLOCK;
+#pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static) if (m * n * k >= 1 << 18)
+    for (int64_t b = 0; b < n_blocks; b++) {
+        int64_t n0 = b * NBLOCK, n1 = n0 + NBLOCK < n ? n0 + NBLOCK : n;
+        float dots[2 * TILE];
+        for (int64_t r0 = 0; r0 < m; r0 += TILE) {
+            int64_t rows = m - r0 < TILE ? m - r0 : TILE;
+            const float *xr[TILE];
+            for (int i = 0; i < TILE; i++) xr[i] = x + (r0 + (i < rows ? i : rows - 1)) * k;
+            for (int64_t j = n0; j < n1; j += 2) {
+                const float *w1 = j + 1 < n1 ? w + (j + 1) * k : w + j * k;
+                dot_4x2(xr, w + j * k, w1, k, dots);
+                for (int i = 0; i < rows; i++) {
+                    y[(r0 + i) * n + j] = dots[i];
+                    if (j + 1 < n1) y[(r0 + i) * n + j + 1] = dots[TILE + i];
+                }
+            }
+        }
+    }
+}
