@@ -13,18 +13,16 @@ the source, the flags and the Python build. Without a compiler or headers, or wi
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
 import sys
 import sysconfig
-import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
+
+from matrixinfer.native_build import build_library, compiler
 
 log = logging.getLogger(__name__)
 
@@ -36,33 +34,14 @@ _tried = False
 
 
 def _build() -> ctypes.PyDLL | None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     include = sysconfig.get_paths().get("include", "")
-    if cc is None or not os.path.exists(os.path.join(include, "Python.h")):
+    if compiler() is None or not os.path.exists(os.path.join(include, "Python.h")):
         log.info("no C compiler or Python headers: EMS batched reads hash and copy in Python")
         return None
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS + [cc, include, sys.version]).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("MATRIXINFER_CACHE", Path.home() / ".cache" / "matrixinfer")) / "ems"
-    out = root / f"ems-local-read-{key}.so"
-    if not out.exists():
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=root)
-            os.close(fd)
-        except OSError as e:
-            log.warning("cannot build the EMS read helpers in %s (%s): using Python", root, e)
-            return None
-        try:
-            subprocess.run([cc, *_FLAGS, f"-I{include}", "-o", tmp, str(_SOURCE)], check=True, capture_output=True,
-                           text=True)
-            os.replace(tmp, out)  # atomic: concurrent builders each install a complete library
-        except (OSError, subprocess.CalledProcessError) as e:
-            detail = getattr(e, "stderr", "") or str(e)
-            log.warning("building the EMS read helpers failed, using Python: %s", detail.strip()[:500])
-            return None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    out = build_library("ems-local-read", "ems", [_SOURCE], [*_FLAGS, f"-I{include}"], key_extra=sys.version)
+    if out is None:
+        log.warning("EMS read helpers unavailable: batched reads hash and copy in Python")
+        return None
     return ctypes.PyDLL(str(out))  # PyDLL: the call keeps the GIL, which the buffer protocol needs
 
 

@@ -2,24 +2,23 @@
 
 The kernels are optional: without a C compiler (or with ``MATRIXINFER_KERNELS=0``) every caller
 falls back to its pure-PyTorch path, which computes the same thing more slowly. A built library is
-cached under ``$MATRIXINFER_CACHE`` (default ``~/.cache/matrixinfer``), keyed by the source, the
-compiler flags and the CPU, so a shared home directory never runs code built for another CPU.
+cached under ``$MATRIXINFER_CACHE/kernels`` (default ``~/.cache/matrixinfer``), keyed by the
+sources, the compiler flags and the CPU, so a shared home directory never runs code built for
+another CPU (see :mod:`matrixinfer.native_build`).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
+
+from matrixinfer.native_build import build_library
 
 log = logging.getLogger(__name__)
 
@@ -40,33 +39,11 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("MATRIXINFER_CACHE", Path.home() / ".cache" / "matrixinfer")) / "kernels"
-
-
 def _build() -> ctypes.CDLL | None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        log.warning("no C compiler found: using the PyTorch paths (slower on CPU)")
+    out = build_library("matrixinfer-kernels", "kernels", _SOURCES, _FLAGS, ["-lm", "-lmvec"], _HEADERS, _cpu_id())
+    if out is None:
+        log.warning("native CPU kernels unavailable: using the PyTorch paths (slower on CPU)")
         return None
-    src = b"".join(p.name.encode() + p.read_bytes() for p in _SOURCES + _HEADERS)
-    key = hashlib.sha256(src + " ".join(_FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
-    out = cache_dir() / f"matrixinfer-kernels-{key}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        log.info("building the native CPU kernels (first use; cached in %s)", out.parent)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        try:
-            subprocess.run([cc, *_FLAGS, "-o", tmp, *map(str, _SOURCES), "-lm", "-lmvec"], check=True, capture_output=True, text=True)
-            os.replace(tmp, out)  # atomic: concurrent builders each install a complete library
-        except (OSError, subprocess.CalledProcessError) as e:
-            detail = getattr(e, "stderr", "") or str(e)
-            log.warning("building the CPU kernels failed, using the PyTorch paths: %s", detail.strip()[:500])
-            return None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     lib = ctypes.CDLL(str(out))
     f = lib.mi_paged_mla
     f.restype = None

@@ -222,12 +222,7 @@ void mi_mla_kv_prolog(const float *kv, const float *norm_w, float eps, const flo
     for (int64_t t = 0; t < num_tokens; t++) {
         const float *x = kv + t * (rank + rope);
         float *dst = cache + slots[t] * (rank + rope);
-        float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-        for (int64_t r = 0; r < rank; r++) ss += x[r] * x[r];
-        float inv = 1.0f / sqrtf(ss / (float)rank + eps);
-#pragma omp simd
-        for (int64_t r = 0; r < rank; r++) dst[r] = norm_w[r] * (x[r] * inv);
+        rms_row(x, norm_w, rank, eps, dst);
         rope_rotate(x + rank, cos + t * (rope / 2), sin + t * (rope / 2), rope, interleaved, dst + rank);
     }
 }

@@ -11,6 +11,16 @@
 
 #define TILE 4 /* rows per register tile of dot_4x2 */
 
+/* out = weight * x / sqrt(mean(x^2) + eps) for one float32 row of length n (RMSNorm). */
+static inline void rms_row(const float *x, const float *weight, int64_t n, float eps, float *out) {
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
+    float inv = 1.0f / sqrtf(ss / (float)n + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) out[i] = weight[i] * (x[i] * inv);
+}
+
 #if defined(__x86_64__) && defined(__GLIBC__)
 /* glibc's libmvec has vector expf (declared by math.h only under -ffast-math): let the
  * vectoriser call it for the softmax exponentials. */

@@ -5,21 +5,14 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "simd.h"
+
 int mi_small_ops_version(void) { return 1; }
 
 /* out[t] = weight * x[t] / sqrt(mean(x[t]^2) + eps), float32 rows of length n. */
 void mi_rmsnorm(const float *x, const float *weight, int64_t rows, int64_t n, float eps, float *out, int nthreads) {
 #pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static) if (rows * n >= 65536)
-    for (int64_t t = 0; t < rows; t++) {
-        const float *xt = x + t * n;
-        float *ot = out + t * n;
-        float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-        for (int64_t i = 0; i < n; i++) ss += xt[i] * xt[i];
-        float inv = 1.0f / sqrtf(ss / (float)n + eps);
-#pragma omp simd
-        for (int64_t i = 0; i < n; i++) ot[i] = weight[i] * (xt[i] * inv);
-    }
+    for (int64_t t = 0; t < rows; t++) rms_row(x + t * n, weight, n, eps, out + t * n);
 }
 
 /* Index of the largest value among v[0..n) with mask[i] != 0 (first one on ties), -1 if none. */
