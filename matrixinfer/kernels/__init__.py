@@ -39,6 +39,38 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
+_I64, _F32, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+class MiLayer(ctypes.Structure):
+    """``MiLayer`` of ``layer.c``: one decoder layer's dimensions and weight pointers."""
+
+    _fields_ = [("hidden", _I64), ("heads", _I64), ("q_lora", _I64), ("nope", _I64), ("rope", _I64),
+                ("v_dim", _I64), ("rank", _I64), ("eps", _F32), ("scale", _F32), ("interleaved", ctypes.c_int),
+                *[(n, _PTR) for n in ("in_norm", "q_a", "q_a_norm", "q_b", "kv_a", "kv_a_norm", "kv_b", "o_proj",
+                                      "post_norm", "mlp_gate", "mlp_up", "mlp_down")],
+                ("mlp_inter", _I64),
+                *[(n, _PTR) for n in ("router", "router_bias", "experts_gate_up", "experts_down")],
+                ("n_experts", _I64), ("n_group", _I64), ("topk_group", _I64), ("top_k", _I64), ("moe_inter", _I64),
+                ("norm_topk", ctypes.c_int), ("scaling", _F32), ("cache", _PTR)]
+
+
+class MiStep(ctypes.Structure):
+    """``MiStep`` of ``layer.c``: the per-step attention metadata every layer shares."""
+
+    _fields_ = [("cos", _PTR), ("sin", _PTR), ("slots", _PTR), ("block_tables", _PTR), ("tok_seq", _PTR),
+                ("tok_nkeys", _PTR), ("bt_stride", _I64), ("block_size", _I64)]
+
+
+def decoder_layer(layer: MiLayer, step: MiStep, x: torch.Tensor) -> None:
+    """Run one decoder layer on the residual stream ``x`` ``[T, hidden]`` in place (see ``layer.c``).
+    The caller builds ``layer`` and ``step`` from tensors it keeps alive and has checked."""
+    rc = _lib.mi_decoder_layer(ctypes.byref(layer), ctypes.byref(step), x.data_ptr(), x.shape[0],
+                               torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"native decoder layer failed ({'out of memory' if rc == -2 else 'unsupported routing'})")
+
+
 def _build() -> ctypes.CDLL | None:
     out = build_library("matrixinfer-kernels", "kernels", _SOURCES, _FLAGS, ["-lm", "-lmvec"], _HEADERS, _cpu_id())
     if out is None:
@@ -58,6 +90,8 @@ def _build() -> ctypes.CDLL | None:
     g = lib.mi_moe_experts
     g.restype = None
     g.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
+    lib.mi_decoder_layer.restype = ctypes.c_int
+    lib.mi_decoder_layer.argtypes = [ctypes.POINTER(MiLayer), ctypes.POINTER(MiStep), ptr, i64, ctypes.c_int]
     lib.mi_linear.restype = None
     lib.mi_linear.argtypes = [ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
     lib.mi_rmsnorm.restype = None

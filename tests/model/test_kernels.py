@@ -173,3 +173,41 @@ def test_small_batch_linear_layer_uses_kernel_only_where_it_applies(monkeypatch)
     assert calls == [3, Linear.small_rows]
     layer(torch.randn(2, 16)).sum().backward()  # with gradients on: PyTorch's path, which has a backward
     assert layer.weight.grad is not None and calls == [3, Linear.small_rows]
+
+
+@needs_kernel
+@pytest.mark.parametrize("arch_kw", [{}, {"n_group": 1, "topk_group": 1, "n_shared_experts": 0}])
+def test_native_decoder_layers_match_the_per_operator_path(monkeypatch, arch_kw):
+    """Whole layers in one native call == the per-operator path: hidden states and cache contents
+    over a prefill chunk and decode steps (dense first layer, MoE layers with and without shared
+    experts)."""
+    from matrixinfer.model.deepseek import Block, DeepseekForCausalLM
+
+    cfg = ModelConfig.from_dict(tiny_config(**arch_kw).to_dict())
+    torch.manual_seed(3)
+    model = DeepseekForCausalLM(cfg, with_mtp=False)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.15)
+    calls = []
+    real = kernels.decoder_layer
+    monkeypatch.setattr(kernels, "decoder_layer", lambda *a: calls.append(1) or real(*a))
+    bs, tables = 4, torch.tensor([[3, 7, 1, 9, 11, 13], [2, 4, 6, 8, 10, 12]])
+
+    def run(native: bool) -> list[torch.Tensor]:
+        if not native:
+            monkeypatch.setattr(Block, "native", lambda self, cache, interleaved: None)
+        cache = PagedLatentCache(model.num_cache_layers, 16, bs, cfg.kv_cache_dim)
+        torch.manual_seed(0)
+        outs = []
+        for q_lens, ctx_lens in (([9, 6], [9, 6]), ([1, 1], [10, 7]), ([1, 1], [11, 8])):
+            ids = torch.randint(0, cfg.vocab_size, (sum(q_lens),))
+            pos = torch.cat([torch.arange(c - q, c) for q, c in zip(q_lens, ctx_lens)])
+            meta = AttentionMetadata.build(q_lens, ctx_lens, tables, bs, mode="absorbed")
+            with torch.no_grad():
+                outs.append(model(ids, pos, meta, cache))
+        return outs + [cache.data.clone()]
+
+    fast = run(True)
+    assert len(calls) == 3 * cfg.num_hidden_layers
+    for a, b in zip(fast, run(False)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
