@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from matrixinfer import kernels
+
 from matrixinfer.engine.sampling_params import SamplingParams
 
 
@@ -42,7 +44,10 @@ class Sampler:
                  ) -> tuple[list[int], list[float] | None]:
         """Pick a token per row; also return each chosen token's log-probability when any row asks."""
         logits = logits.float()
-        tokens = logits.argmax(dim=-1)
+        if logits.dim() == 2 and logits.shape[1] and logits.is_cpu and logits.is_contiguous() and kernels.available():
+            tokens = kernels.argmax_rows(logits)
+        else:
+            tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows:
             idx = torch.tensor(sampled_rows, device=logits.device)

@@ -92,6 +92,8 @@ def _build() -> ctypes.CDLL | None:
     g.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ctypes.c_int]
     lib.mi_decoder_layer.restype = ctypes.c_int
     lib.mi_decoder_layer.argtypes = [ctypes.POINTER(MiLayer), ctypes.POINTER(MiStep), ptr, i64, ctypes.c_int]
+    lib.mi_argmax_rows.restype = None
+    lib.mi_argmax_rows.argtypes = [ptr, i64, i64, ptr]
     lib.mi_linear.restype = None
     lib.mi_linear.argtypes = [ptr, ptr, i64, i64, i64, ptr, ctypes.c_int]
     lib.mi_rmsnorm.restype = None
@@ -239,6 +241,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"linear: x has {k} columns, weight {tuple(weight.shape)}")
     out = torch.empty(m, n, dtype=torch.float32)
     _lib.mi_linear(x.data_ptr(), weight.data_ptr(), m, k, n, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """Index of the first largest value of each row of a float32 ``[rows, n]`` tensor."""
+    _check("x", x, torch.float32)
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    _lib.mi_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
     return out
 
 

@@ -84,3 +84,16 @@ int mi_v3_route(const float *logits, const float *bias, int64_t rows, int64_t n_
     }
     return 0;
 }
+
+/* out[r] = the index of the first largest value of row r of x [rows, n] (greedy sampling). */
+void mi_argmax_rows(const float *x, int64_t rows, int64_t n, int64_t *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float best = -INFINITY;
+#pragma omp simd reduction(max : best)
+        for (int64_t i = 0; i < n; i++) best = xr[i] > best ? xr[i] : best;
+        int64_t idx = 0;
+        while (idx < n - 1 && !(xr[idx] == best)) idx++;
+        out[r] = idx;
+    }
+}

@@ -33,10 +33,10 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, rope, meta, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def native(self, cache: PagedLatentCache, interleaved: bool) -> kernels.MiLayer | None:
-        """This layer's description for the one-call native decode path (``kernels.decoder_layer``),
-        or None where that path does not apply (no q LoRA, biases, V2 routing, ...). Rebuilt when
-        a weight or the cache moves."""
+    def _native_plan(self) -> list[tuple[dict, str]] | None:
+        """Where the one-call native path finds each weight (a module's parameter or buffer dict
+        and a name, read afresh on every call), or None where that path does not apply (no q
+        LoRA, biases, V2 routing, ...)."""
         a, mlp = self.self_attn, self.mlp
         moe = isinstance(mlp, MoE)
         dense = mlp.shared_experts if moe else mlp
@@ -44,19 +44,36 @@ class Block(nn.Module):
             return None
         if moe and (mlp.gate.method != "noaux_tc" or mlp.gate.scoring != "sigmoid" or mlp.gate.n_experts > 1024):
             return None
-        tensors = [self.input_layernorm.weight, a.q_a_proj.weight, a.q_a_layernorm.weight, a.q_b_proj.weight,
-                   a.kv_a_proj_with_mqa.weight, a.kv_a_layernorm.weight, a.kv_b_proj.weight, a.o_proj.weight,
-                   self.post_attention_layernorm.weight]
-        tensors += [dense.gate_proj.weight, dense.up_proj.weight, dense.down_proj.weight] if dense is not None else []
+        mods = [self.input_layernorm, a.q_a_proj, a.q_a_layernorm, a.q_b_proj, a.kv_a_proj_with_mqa,
+                a.kv_a_layernorm, a.kv_b_proj, a.o_proj, self.post_attention_layernorm]
+        mods += [dense.gate_proj, dense.up_proj, dense.down_proj] if dense is not None else []
+        plan = [(m._parameters, "weight") for m in mods]
         if moe:
-            tensors += [mlp.gate.weight, mlp.gate.e_score_correction_bias, mlp.experts.gate_up_proj,
-                        mlp.experts.down_proj]
+            plan += [(mlp.gate._parameters, "weight"), (mlp.gate._buffers, "e_score_correction_bias"),
+                     (mlp.experts._parameters, "gate_up_proj"), (mlp.experts._parameters, "down_proj")]
+        return plan
+
+    def native(self, cache: PagedLatentCache, interleaved: bool) -> kernels.MiLayer | None:
+        """This layer's description for the one-call native decode path (``kernels.decoder_layer``),
+        or None where it does not apply. Rebuilt when a weight or the cache moves."""
+        plan = self.__dict__.get("_native_src", False)
+        if plan is False:
+            plan = self.__dict__["_native_src"] = self._native_plan()
+        if plan is None:
+            return None
+        tensors = [d[name] for d, name in plan]
+        a = self.self_attn
+        data = cache.data
+        layer_ptr = data.data_ptr() + a.layer_idx * data.stride(0) * data.element_size()
+        key = tuple(t.data_ptr() for t in tensors) + (layer_ptr, interleaved)
+        if self.__dict__.get("_native_key") == key:
+            return self.__dict__["_native"]
         layer_cache = cache.layer_slots(a.layer_idx)
-        key = tuple(t.data_ptr() for t in tensors) + (layer_cache.data_ptr(), interleaved)
-        if getattr(self, "_native_key", None) == key:
-            return self._native
         if any(t.dtype is not torch.float32 or not t.is_contiguous() for t in [*tensors, layer_cache]):
             return None
+        mlp = self.mlp
+        moe = isinstance(mlp, MoE)
+        dense = mlp.shared_experts if moe else mlp
         ptr = [t.data_ptr() for t in tensors]
         spec = kernels.MiLayer(
             hidden=a.o_proj.weight.shape[0], heads=a.n_heads, q_lora=a.q_lora_rank, nope=a.nope_dim,
@@ -71,7 +88,7 @@ class Block(nn.Module):
             spec.router, spec.router_bias, spec.experts_gate_up, spec.experts_down = ptr[-4:]
             spec.n_experts, spec.n_group, spec.topk_group, spec.top_k = g.n_experts, g.n_group, g.topk_group, g.top_k
             spec.moe_inter, spec.norm_topk, spec.scaling = mlp.experts.inter, int(g.norm), g.scaling
-        self._native, self._native_key = spec, key
+        self.__dict__["_native"], self.__dict__["_native_key"] = spec, key
         return spec
 
 

@@ -211,3 +211,13 @@ def test_native_decoder_layers_match_the_per_operator_path(monkeypatch, arch_kw)
     assert len(calls) == 3 * cfg.num_hidden_layers
     for a, b in zip(fast, run(False)):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+@needs_kernel
+def test_argmax_rows_matches_torch_including_ties_and_infinities():
+    x = torch.randn(7, 300)
+    x[1, [5, 17]] = 10.0  # a tie: the first index wins, as torch.argmax
+    x[2] = float("-inf")
+    x[3, 299] = float("inf")
+    x[4] = 0.0
+    assert kernels.argmax_rows(x).tolist() == x.argmax(-1).tolist()
