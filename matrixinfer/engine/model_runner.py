@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import torch
 
 from matrixinfer.config import EngineConfig
@@ -72,7 +73,10 @@ class ModelRunner:
             q_lens.append(n)
             ctx_lens.append(start + n)
         width = max(len(seq.block_table) for seq, _ in chunks)
-        tables = torch.tensor([seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in chunks])
+        table_rows = np.zeros((len(chunks), width), dtype=np.int32)
+        for row, (seq, _) in zip(table_rows, chunks):
+            row[:len(seq.block_table)] = seq.block_table
+        tables = torch.from_numpy(table_rows)
         dev = self.device
         meta = AttentionMetadata.build(q_lens, ctx_lens, tables.to(dev, non_blocking=True), self.block_size, dev)
         hidden = self.model(torch.tensor(ids).to(dev, non_blocking=True),

@@ -138,11 +138,12 @@ class AttentionMetadata:
         if block_size is None:
             raise ValueError("block_tables need block_size")
         tables = block_tables.to(device=device, dtype=torch.int32).contiguous()
-        seq_idx = torch.repeat_interleave(torch.arange(len(query_lens), device=device),
-                                          torch.tensor(query_lens, device=device))
-        if all(q == 1 for q in query_lens):  # decode: the new token is the last one
+        if all(q == 1 for q in query_lens):  # decode: one token per sequence, the last one
+            seq_idx = torch.arange(len(query_lens), device=device)
             pos = torch.tensor(context_lens, device=device) - 1
         else:
+            seq_idx = torch.repeat_interleave(torch.arange(len(query_lens), device=device),
+                                              torch.tensor(query_lens, device=device))
             pos = torch.cat([torch.arange(c - q, c, device=device) for q, c in zip(query_lens, context_lens)])
         slot_mapping = tables[seq_idx, pos // block_size].long() * block_size + pos % block_size
         return cls(list(query_lens), list(context_lens), slot_mapping, mode=mode, block_tables=tables,

@@ -121,9 +121,22 @@ class RotaryEmbedding(nn.Module):
         # V3 checkpoints may set rope_interleave=false (rotate-half layout); V2 is always interleaved.
         self.interleaved = bool(cfg.raw.get("rope_interleave", True)) if cfg.is_v3 else True
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin by position, grown on demand
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Half-width cos/sin tables ``[T, dim/2]`` for integer ``positions`` ``[T]``."""
+        """Half-width cos/sin tables ``[T, dim/2]`` for integer ``positions`` ``[T]``.
+
+        Small CPU batches (decode steps) look rows up in a table of the positions seen so far (the
+        same arithmetic, computed once); other batches, and CUDA (no host sync), compute them."""
+        if positions.is_cpu and positions.numel() <= 256:
+            table = self._table
+            if table is None or table[0].device != positions.device or int(positions.max()) >= table[0].shape[0]:
+                table = self._table = self._compute(torch.arange(max(int(positions.max()) + 1, 2048),
+                                                                 device=positions.device))
+            return table[0][positions], table[1][positions]
+        return self._compute(positions)
+
+    def _compute(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 
