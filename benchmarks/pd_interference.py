@@ -1,10 +1,9 @@
 """Decode inter-token latency under a stream of long prefills: P/D disaggregation vs colocated.
 
 Each mode is measured twice in the same run: decode streams alone, then the same decode streams
-while long prompts arrive back to back. P/D mode gives core 1 to the decode instance alone and core 0 to
-the prefill instance (at a lower priority, a batch job), the router and this client; the colocated
-engine gets both cores. About 1,000 inter-token gaps per figure keep the p99 from resting on a
-handful of samples.
+while long prompts arrive back to back. P/D mode pins the prefill instance to core 0 and the
+decode instance (with the router and this client) to core 1; the colocated engine gets both cores.
+About 1,000 inter-token gaps per figure keep the p99 from resting on a handful of samples.
 The bar: in P/D mode the loaded p99 inter-token latency stays within 1.3x of the unloaded one.
 
     python benchmarks/pd_interference.py [--model DIR] [--decode-streams 4] [--prompt-len 1536]
@@ -84,14 +83,11 @@ def run_mode(mode: str, args, model_dir: str) -> dict:
     if mode == "pd":
         server = ServerProcess(common + ["--num-prefill", "1", "--num-decode", "1", "--num-ems", "0"],
                                env={"MATRIXINFER_THREADS": "1"})
-        # Core 1 is the decode instance's alone. The router and this client share core 0 with the
-        # prefill instance, which runs at a lower priority (a batch job): the latency-critical
-        # relay of tokens preempts it as soon as it has work.
-        prefill = server.child_pid("--role prefill")
-        pin_process(prefill, {0})
-        os.setpriority(os.PRIO_PROCESS, prefill, 10)
+        # The prefill instance alone on core 0; the decode instance shares core 1 with the router,
+        # which relays its tokens, and with this client.
+        pin_process(server.child_pid("--role prefill"), {0})
         pin_process(server.child_pid("--role decode"), {1})
-        pin_process(server.proc.pid, {0})
+        pin_process(server.proc.pid, {1})
     else:
         server = ServerProcess(common + ["--colocated"], env={"MATRIXINFER_THREADS": "2"})
     try:
@@ -121,7 +117,7 @@ def main() -> None:
     from matrixinfer.model.default_model import default_model_path
 
     model_dir = args.model or str(default_model_path())
-    pin_process(os.getpid(), {0})
+    pin_process(os.getpid(), {1})
     results = {mode: run_mode(mode, args, model_dir) for mode in ("pd", "colocated")}
     print(f"\ndecode inter-token latency, {args.decode_streams} streams, prefills of {args.prompt_len} tokens:")
     print(f"{'mode':<10} {'idle p50':>9} {'idle p99':>9} {'load p50':>9} {'load p99':>9} {'p99 ratio':>10} {'prefills':>9}")
