@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from matrixinfer import kernels
-
 from matrixinfer.engine.sampling_params import SamplingParams
 
 

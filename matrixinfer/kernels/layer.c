@@ -53,8 +53,6 @@ void mi_moe_experts(const float *x, int64_t num_tokens, int64_t hidden, const in
                     int64_t top_k, const float *gate_up, const float *down, int64_t num_experts, int64_t inter,
                     float *out, int nthreads);
 
-int mi_layer_version(void) { return 1; }
-
 /* out = down(silu(gate(h)) * up(h)); scratch holds 2 * T * inter floats. */
 static void swiglu_mlp(const float *h, int64_t t, int64_t hidden, const float *gate, const float *up,
                        const float *down, int64_t inter, float *scratch, float *out, int nthreads) {

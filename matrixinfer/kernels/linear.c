@@ -8,8 +8,6 @@
 
 #define NBLOCK 64 /* output columns per task: their weight rows stay in cache across the row tiles */
 
-int mi_linear_version(void) { return 1; }
-
 void mi_linear(const float *x, const float *w, int64_t m, int64_t k, int64_t n, float *y, int nthreads) {
     int64_t n_blocks = (n + NBLOCK - 1) / NBLOCK;
 #pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static) if (m * n * k >= 1 << 18)

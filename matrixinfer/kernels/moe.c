@@ -12,8 +12,6 @@
 
 #include "simd.h"
 
-int mi_moe_version(void) { return 1; }
-
 void mi_moe_experts(const float *x, int64_t num_tokens, int64_t hidden, const int64_t *ids, const float *weights,
                     int64_t top_k, const float *gate_up, const float *down, int64_t num_experts, int64_t inter,
                     float *out, int nthreads) {

@@ -15,8 +15,6 @@
 
 #define CHUNK 64
 
-int mi_paged_mla_version(void) { return 5; }
-
 /* One head of one query over one chunk of keys: scores, online-softmax update of (m, l) and the
  * latent accumulator oh [rank]. sh: scratch for the chunk's scores. */
 static inline void attend_chunk(const float *qh, const float *const *rows, int64_t c_n, int64_t dim, int64_t rank,

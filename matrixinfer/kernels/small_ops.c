@@ -7,8 +7,6 @@
 
 #include "simd.h"
 
-int mi_small_ops_version(void) { return 1; }
-
 /* out[t] = weight * x[t] / sqrt(mean(x[t]^2) + eps), float32 rows of length n. */
 void mi_rmsnorm(const float *x, const float *weight, int64_t rows, int64_t n, float eps, float *out, int nthreads) {
 #pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static) if (rows * n >= 65536)

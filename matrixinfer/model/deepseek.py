@@ -173,11 +173,8 @@ class DeepseekForCausalLM(nn.Module):
         """The per-step inputs of the one-call native layers, or None where they do not apply: CPU
         float32 inference over a paged cache, at decode batch sizes (where a BLAS GEMM would win,
         and for naive attention, the per-operator path runs)."""
-        if not isinstance(kv_cache, PagedLatentCache) or not meta.paged or meta.mode == "naive" \
-                or x.shape[0] > Linear.small_rows or not kernels.usable(x, kv_cache.data, cos):
-            return None
-        if meta.mode == "auto" and any(q > 1 for q in meta.query_lens) \
-                and not self.model.layers[0].self_attn.absorbed_prefill:
+        if not isinstance(kv_cache, PagedLatentCache) or not meta.paged or x.shape[0] > Linear.small_rows \
+                or not self.model.layers[0].self_attn.absorbed_for(meta) or not kernels.usable(x, kv_cache.data, cos):
             return None
         slots = meta.slot_mapping
         if int(slots.min()) < 0 or int(slots.max()) >= kv_cache.data.shape[1]:

@@ -128,12 +128,12 @@ class RotaryEmbedding(nn.Module):
 
         Small CPU batches (decode steps) look rows up in a table of the positions seen so far (the
         same arithmetic, computed once); other batches, and CUDA (no host sync), compute them."""
-        if positions.is_cpu and positions.numel() <= 256:
-            table = self._table
-            if table is None or table[0].device != positions.device or int(positions.max()) >= table[0].shape[0]:
-                table = self._table = self._compute(torch.arange(max(int(positions.max()) + 1, 2048),
-                                                                 device=positions.device))
-            return table[0][positions], table[1][positions]
+        if positions.is_cpu and 0 < positions.numel() <= 256:
+            top = int(positions.max())
+            if self._table is None or top >= self._table[0].shape[0]:
+                self._table = self._compute(torch.arange(max(top + 1, 2048)))
+            cos, sin = self._table
+            return cos[positions], sin[positions]
         return self._compute(positions)
 
     def _compute(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -88,11 +88,17 @@ class MLA(nn.Module):
                 out[group.token_index[group.valid]] = o[group.valid]
         return self.o_proj(out.reshape(t, self.n_heads * self.v_dim))
 
+    def absorbed_for(self, meta: AttentionMetadata) -> bool:
+        """Whether this batch may run entirely in the absorbed (latent-space) form, as the fused
+        kernels do: always in ``absorbed`` mode, never in ``naive``, and in ``auto`` when it holds
+        only decodes or absorbed prefill is the cheaper form for this model."""
+        if meta.mode == "naive":
+            return False
+        return meta.mode == "absorbed" or self.absorbed_prefill or all(q == 1 for q in meta.query_lens)
+
     def _use_kernel(self, x: torch.Tensor, meta: AttentionMetadata, slots: torch.Tensor, cos: torch.Tensor) -> bool:
         """The fused CPU kernels read and write the paged cache directly; they compute the absorbed form."""
-        if not meta.paged or meta.mode == "naive" or not slots.is_contiguous():
-            return False
-        if meta.mode == "auto" and not self.absorbed_prefill and any(q > 1 for q in meta.query_lens):
+        if not meta.paged or not slots.is_contiguous() or not self.absorbed_for(meta):
             return False
         return kernels.usable(x, slots, cos, self.kv_b_proj.weight)
 

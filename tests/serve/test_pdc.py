@@ -63,7 +63,13 @@ def test_pd_matches_colocated_engine(pdc, served_checkpoint):
     engine = LLMEngine(EngineConfig(model=str(served_checkpoint), kv_cache_memory=8 << 20))
     expect = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=16))
     assert got == expect
-    m = _wait_idle(pdc)
+    _wait_idle(pdc)
+    deadline = time.time() + 5  # the transfer counters arrive with the instances' next load reports
+    while time.time() < deadline:
+        m = instance_metrics(pdc)
+        if sum(m["kv_sent_bytes"].values()) > 0 and sum(m["kv_received_bytes"].values()) > 0:
+            break
+        time.sleep(0.1)
     assert sum(m["kv_sent_bytes"].values()) > 0 and sum(m["kv_received_bytes"].values()) > 0
 
 
