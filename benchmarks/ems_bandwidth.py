@@ -64,7 +64,7 @@ def median_times_interleaved(fns: list[Callable[[], None]], trials: int) -> list
     return [statistics.median(ts) for ts in times]
 
 
-def _raw_sender(port_q: "mp.Queue[int]", nbytes: int, count: int) -> None:
+def _raw_sender(port_q: mp.Queue[int], nbytes: int, count: int) -> None:
     """A bare socket server answering each 1-byte request with the next of ``count`` distinct
     ``nbytes`` buffers (the same working set as the EMS figure): the Python TCP ceiling."""
     srv = socket.create_server(("127.0.0.1", 0))

@@ -45,8 +45,7 @@ from matrixinfer.config import ModelConfig  # noqa: E402
 from matrixinfer.ems.client import EmsClient  # noqa: E402
 from matrixinfer.model.deepseek import DeepseekForCausalLM  # noqa: E402
 from matrixinfer.model.loader import load_model  # noqa: E402
-from matrixinfer.serve.pool import (  # noqa: E402
-    checkpoint_version, load_model_via_pool, load_tensors_via_pool, publish_tensors)
+from matrixinfer.serve.pool import checkpoint_version, load_model_via_pool, load_tensors_via_pool, publish_tensors  # noqa: E402
 
 BAR = 0.2
 GB = 1e9

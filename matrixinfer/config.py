@@ -121,7 +121,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "config.json") -> ModelConfig:
         archs = data.get("architectures") or []
         arch = archs[0] if archs else {
             "deepseek_v3": "DeepseekV3ForCausalLM",
@@ -193,7 +193,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
+    def from_file(cls, path: str | Path) -> ModelConfig:
         """Parse ``path`` (a config.json, or a checkpoint directory holding one)."""
         path = Path(path)
         if path.is_dir():

@@ -114,7 +114,7 @@ class AttentionMetadata:
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int] | None = None,
               block_tables: torch.Tensor | None = None, block_size: int | None = None,
-              device: torch.device | str = "cpu", mode: str = "auto") -> "AttentionMetadata":
+              device: torch.device | str = "cpu", mode: str = "auto") -> AttentionMetadata:
         """Metadata for sequences with ``query_lens`` new tokens each.
 
         Without ``block_tables`` the batch is cache-free: ``context_lens`` must equal

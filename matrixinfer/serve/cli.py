@@ -75,10 +75,11 @@ def _worker(args: argparse.Namespace) -> int:
     import uuid
 
     if args.role == "ems":
+        import msgspec
+
         from matrixinfer.ems.server import parse_size, run_server
         from matrixinfer.serve import messages as m
         from matrixinfer.serve.wire import parse_addr, recv_msg, send_msg
-        import msgspec
 
         sock = socket.create_connection(parse_addr(args.router), timeout=30)
         send_msg(sock, m.Join("ems", f"ems-{uuid.uuid4().hex[:8]}"))

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from matrixinfer.engine.external_cache import ExternalPrefixCache
 from matrixinfer.ems.client import EmsClient
 from matrixinfer.ems.context_cache import ContextCache
 from matrixinfer.ems.model_cache import ModelCache
+from matrixinfer.engine.external_cache import ExternalPrefixCache
 
 log = logging.getLogger(__name__)
 

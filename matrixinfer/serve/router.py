@@ -25,7 +25,6 @@ from matrixinfer.engine.llm_engine import EngineStats, RequestError, RequestOutp
 from matrixinfer.engine.sampling_params import SamplingParams
 from matrixinfer.model.tokenizer import Tokenizer
 from matrixinfer.serve import messages as m
-from matrixinfer.serve.protocol import ApiError
 from matrixinfer.serve.router_policy import InstanceLoad, pick_instance
 from matrixinfer.serve.wire import WireError, encode, read_msg
 from matrixinfer.serve.worker import from_params
@@ -156,7 +155,7 @@ class Router:
         inst.send(m.Reserve(rid, req.prompt_ids, from_params(req.params), self.reserve_timeout))
         try:
             ok, error = await asyncio.wait_for(req.reserved, self.reserve_timeout + 5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise EngineDeadError(f"decode instance {decode_id} did not answer within {self.reserve_timeout} s") from None
         if not ok:
             raise EngineDeadError(f"decode instance {decode_id} could not take the request: {error}")
@@ -225,7 +224,7 @@ class Router:
             log.info("%s instance %s joined (kv %s)", reg.role, reg.instance_id, reg.kv_addr or "-")
             while True:
                 self._handle(inst, await read_msg(reader, _DEC, peer))
-        except (asyncio.IncompleteReadError, ConnectionError, WireError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, WireError, OSError) as exc:
             if inst is None:
                 log.warning("worker %s failed to register: %s", peer, exc)
         finally:

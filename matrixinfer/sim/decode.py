@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 
 from matrixinfer.sim.measurements import MTP_ACCEPTANCE
 from matrixinfer.sim.operators import (
-    Die, attention_time, combine_time, dispatch_time, gemm_time,
+    Die,
+    attention_time,
+    combine_time,
+    dispatch_time,
+    gemm_time,
 )
 from matrixinfer.sim.shapes import BF16, INT8, ModelShapes
 

@@ -12,9 +12,9 @@ decode instance with 15,000 running sequences costs one event per step.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
 
 import numpy as np
 import simpy

@@ -65,7 +65,7 @@ class Plan:
     output_tok_s: float
     chips_used: int
     cost_per_m_output: float
-    runner_ups: list["Plan"] = field(default_factory=list)
+    runner_ups: list[Plan] = field(default_factory=list)
 
     @property
     def output_tok_s_per_chip(self) -> float:

@@ -14,8 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from matrixinfer.sim.operators import (
-    Die, a2a_bulk_time, attention_time, combine_bytes_per_token, dispatch_bytes_per_token,
-    gemm_time, transfer_time,
+    Die,
+    a2a_bulk_time,
+    attention_time,
+    combine_bytes_per_token,
+    dispatch_bytes_per_token,
+    gemm_time,
+    transfer_time,
 )
 from matrixinfer.sim.shapes import BF16, INT8, ModelShapes
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from matrixinfer.sim.decode import DecodeConfig, decode_step
 from matrixinfer.sim.des import Deployment, Workload
+from matrixinfer.sim.hardware import CLOUDMATRIX384
 from matrixinfer.sim.paper import ascend_die
 from matrixinfer.sim.prefill import PrefillConfig, prefill_step
-from matrixinfer.sim.hardware import CLOUDMATRIX384
 from matrixinfer.sim.shapes import ModelShapes
 
 

@@ -65,7 +65,7 @@ class ModelShapes:
     q_lora: int = 0
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, name: str = "model") -> "ModelShapes":
+    def from_config(cls, cfg: ModelConfig, name: str = "model") -> ModelShapes:
         """Derive the shapes from a parsed config.json."""
         h = cfg.hidden_size
         heads = cfg.num_attention_heads
@@ -101,7 +101,7 @@ class ModelShapes:
         )
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ModelShapes":
+    def from_file(cls, path: str | Path) -> ModelShapes:
         """Parse a config.json (or checkpoint directory) into shapes."""
         return cls.from_config(ModelConfig.from_file(path), name=Path(path).name)
 

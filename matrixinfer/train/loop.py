@@ -22,6 +22,7 @@ from matrixinfer.train.balance import ExpertLoad, update_bias
 from matrixinfer.train.data import batches
 from matrixinfer.train.recipe import TrainConfig
 
+
 def log_line(message: str) -> None:
     """Print a line above the progress bar (stderr, unbuffered, so logs to files stay in order)."""
     tqdm.write(message, file=sys.stderr)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.checkpoints import load_reference
-
 
 def _run(*args, env=None):
     return subprocess.run([sys.executable, "-m", "matrixinfer.cli", *args], capture_output=True, text=True,

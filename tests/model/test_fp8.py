@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from matrixinfer.model.fp8 import FP8_DTYPE, quantize_fp8_blocks

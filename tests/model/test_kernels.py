@@ -7,8 +7,8 @@ import torch
 from matrixinfer import kernels
 from matrixinfer.config import ModelConfig
 from matrixinfer.model.attention import AttentionMetadata, PagedLatentCache
-from matrixinfer.model.mla import MLA
 from matrixinfer.model.layers import RotaryEmbedding
+from matrixinfer.model.mla import MLA
 from tests.checkpoints import tiny_config
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no C compiler: the native kernel cannot be built")
