@@ -1,4 +1,12 @@
-"""The OpenAI-compatible HTTP API (FastAPI): completions, chat completions, models, health, metrics."""
+"""The OpenAI-compatible HTTP API (FastAPI) over a :class:`Backend`: completions, chat completions
+(SSE streaming), models, health, metrics.
+
+A request goes: JSON body -> typed request (:mod:`.protocol`) -> prompt token ids -> the backend's
+output stream -> one JSON response, or server-sent events. Errors travel as exceptions: the app's
+exception handlers turn :class:`ApiError`, the engine's ``RequestError`` (400) and
+``EngineDeadError`` (503) into OpenAI error bodies and count them; once a stream has started its
+status is sent, so an error then ends the stream with an error event instead.
+"""
 
 from __future__ import annotations
 
@@ -7,201 +15,307 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from matrixinfer.engine.async_engine import EngineDeadError
 from matrixinfer.engine.llm_engine import RequestError
+from matrixinfer.serve.backend import Backend
 from matrixinfer.serve.metrics import ServerMetrics
 from matrixinfer.serve.protocol import ApiError, GenerateRequest, parse_chat, parse_completion
 
-Backend = Any  # AsyncEngine or Router: model_id, tokenizer, max_model_len, max_seq_len, vocab_size,
-# alive, error, stats, generate(request_id, prompt_ids, params) -> async iterator of RequestOutput
+if TYPE_CHECKING:
+    from matrixinfer.engine.outputs import RequestOutput
+    from matrixinfer.model.tokenizer import Tokenizer
+
+# What the exception handlers answer (request validation aside); anything else stays a plain 500.
+ANSWERED_ERRORS = (ApiError, RequestError, EngineDeadError)
+_DONE = "data: [DONE]\n\n"
 
 
-def _error(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
-
-
-def create_app(engine: Backend, api_key: str | None = None) -> FastAPI:
-    """The API app around a backend: the colocated :class:`AsyncEngine` or the PDC router
+def create_app(backend: Backend, api_key: str | None = None) -> FastAPI:
+    """The API app around a backend: the colocated ``AsyncEngine`` or the PDC ``Router``
     (``api_key``: require ``Bearer`` auth on /v1)."""
-    tok = engine.tokenizer
-    model_id = engine.model_id
-    metrics = ServerMetrics(lambda: engine.stats, getattr(engine, "instance_metrics", None))
+    metrics = ServerMetrics(lambda: backend.stats, backend.instance_metrics)
     app = FastAPI(title="MatrixInfer", docs_url=None, redoc_url=None)
-    app.state.engine = engine
+    app.state.backend = backend
     app.state.metrics = metrics
+    _add_error_handlers(app, metrics)
+    app.middleware("http")(_api_key_check(api_key, metrics))
+    _add_info_routes(app, backend, metrics)
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await generate_response(request, backend, metrics, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await generate_response(request, backend, metrics, chat=True)
+
+    return app
+
+
+# -- errors -------------------------------------------------------------------------------------------
+
+def api_error(exc: Exception) -> ApiError:
+    """The OpenAI error an exception is answered with."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, RequestError):  # a prompt the model cannot take
+        return ApiError(400, str(exc), param="prompt")
+    if isinstance(exc, EngineDeadError):
+        return ApiError(503, str(exc), type_="server_error")
+    if isinstance(exc, RequestValidationError):
+        return _validation_error(exc)
+    raise TypeError(f"no API error for {exc!r}")
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    """FastAPI's validation errors (422 by default) as OpenAI's 400, naming the first bad field."""
+    errors = list(exc.errors())
+    where = [".".join(str(p) for p in e.get("loc", ()) if p != "body") for e in errors]
+    message = "; ".join(f"{w}: {e.get('msg', 'invalid')}" if w else str(e.get("msg", "invalid"))
+                        for w, e in zip(where, errors))
+    return ApiError(400, message or "invalid request", param=where[0] if where and where[0] else None)
+
+
+def error_response(err: ApiError, metrics: ServerMetrics) -> JSONResponse:
+    """``{"error": {...}}`` with the error's status, counted by status."""
+    metrics.errors.labels(str(err.status)).inc()
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
+    async def answer(request: Request, exc: Exception) -> Response:
+        return error_response(api_error(exc), metrics)
+
+    for kind in (*ANSWERED_ERRORS, RequestValidationError):
+        app.add_exception_handler(kind, answer)
+
+
+Middleware = Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]
+
+
+def _api_key_check(api_key: str | None, metrics: ServerMetrics) -> Middleware:
+    """Bearer-key check on /v1 (other paths stay open). Middleware runs outside the exception
+    handlers, so it answers the 401 itself."""
+
+    async def check(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         if api_key and request.url.path.startswith("/v1"):
             header = request.headers.get("authorization", "")
             given = header[7:] if header.lower().startswith("bearer ") else ""
             if not given or not secrets.compare_digest(given, api_key):
-                metrics.errors.labels("401").inc()
                 msg = "missing API key" if not given else "incorrect API key provided"
-                return _error(ApiError(401, msg, code="invalid_api_key"))
+                return error_response(ApiError(401, msg, code="invalid_api_key"), metrics)
         return await call_next(request)
 
+    return check
+
+
+# -- health, metrics, models ---------------------------------------------------------------------------
+
+def _add_info_routes(app: FastAPI, backend: Backend, metrics: ServerMetrics) -> None:
     @app.get("/health")
-    async def health():
-        if not engine.alive:
-            return JSONResponse({"status": "error", "error": repr(engine.error)}, status_code=503)
-        return {"status": "ok"}
+    async def health() -> Response:
+        if not backend.alive:
+            return JSONResponse({"status": "error", "error": repr(backend.error)}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
-    async def prom():
+    async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{
-            "id": model_id, "object": "model", "created": int(time.time()), "owned_by": "matrixinfer",
-            "max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size}]}
+    async def models() -> Response:
+        return JSONResponse({"object": "list", "data": [{
+            "id": backend.model_id, "object": "model", "created": int(time.time()), "owned_by": "matrixinfer",
+            "max_model_len": backend.max_model_len, "vocab_size": backend.vocab_size}]})
 
-    async def _body(request: Request) -> Any:
-        raw = await request.body()
+
+# -- completions and chat completions -------------------------------------------------------------------
+
+@dataclass
+class _Call:
+    """An accepted request: what its response needs besides the outputs."""
+
+    rid: str
+    created: int
+    model: str
+    chat: bool
+    req: GenerateRequest
+    n_prompt: int
+    tok: Tokenizer
+
+    @property
+    def chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
+
+async def generate_response(request: Request, backend: Backend, metrics: ServerMetrics, chat: bool) -> Response:
+    """Parse, run and answer one completions (``chat`` False) or chat completions request."""
+    body = await read_json(request)
+    req = parse_chat(body) if chat else parse_completion(body)
+    ids = prompt_ids(backend, req)
+    call = _Call(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()), backend.model_id,
+                 chat, req, len(ids), backend.tokenizer)
+    stream = backend.generate(call.rid, ids, req.params)
+    timing = _Timing(metrics)
+    first = await first_output(stream)
+    timing.token(first)
+    if req.stream:
+        return StreamingResponse(sse_events(call, stream, first, timing, metrics), media_type="text/event-stream")
+    outs = await collect(request, stream, first, timing)
+    if outs is None:
+        return Response(status_code=499)
+    return JSONResponse(completion_body(call, outs))
+
+
+async def read_json(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"invalid JSON body: {exc}") from None
+
+
+def prompt_ids(backend: Backend, req: GenerateRequest) -> list[int]:
+    """The request's prompt as token ids, checked against the served model and its context length
+    (a chat request without max_tokens gets the rest of the context)."""
+    if req.model != backend.model_id:
+        raise ApiError(404, f"the model '{req.model}' does not exist; this server serves '{backend.model_id}'",
+                       param="model", code="model_not_found")
+    if req.messages is not None:
+        ids = backend.tokenizer.encode_chat(req.messages)
+    elif req.prompt_ids is not None:
+        ids = req.prompt_ids
+    else:
+        ids = backend.tokenizer.encode(req.prompt_text or "")
+    limit = backend.max_seq_len
+    if req.messages is not None and not req.max_tokens_given:
+        req.params.max_tokens = max(1, limit - len(ids))
+    if len(ids) + req.params.max_tokens > limit:
+        raise ApiError(400, f"this model's maximum context length is {limit} tokens; the request has "
+                            f"{len(ids)} prompt tokens and asks for {req.params.max_tokens} more",
+                       param="max_tokens" if req.max_tokens_given else "prompt", code="context_length_exceeded")
+    return ids
+
+
+async def first_output(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """The first output. The backend's refusals (RequestError, EngineDeadError) surface here,
+    before any response has started, and reach the exception handlers."""
+    try:
+        return await anext(stream)
+    except StopAsyncIteration:
+        raise ApiError(500, "the request ended without output", type_="server_error") from None
+
+
+async def collect(request: Request, stream: AsyncIterator[RequestOutput], first: RequestOutput,
+                  timing: _Timing) -> list[RequestOutput] | None:
+    """All of a request's outputs, or None when the client went away (its request is then aborted)."""
+    outs = [first]
+
+    async def consume() -> None:
+        if first.finished:
+            return
+        async for out in stream:
+            timing.token(out)
+            outs.append(out)
+
+    task = asyncio.ensure_future(consume())
+    while not task.done():
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if not done and await request.is_disconnected():
+            task.cancel()  # cancels the backend's iterator, which aborts the request
+            await asyncio.wait({task})
+            return None
+    task.result()  # the backend's error, if any, goes to the exception handlers
+    return outs
+
+
+def completion_body(call: _Call, outs: list[RequestOutput]) -> dict[str, Any]:
+    """The non-streamed ``text_completion`` or ``chat.completion`` object."""
+    last = outs[-1]
+    text = "".join(o.text for o in outs)
+    token_ids = [t for o in outs for t in o.token_ids]
+    lps = [lp for o in outs for lp in o.logprobs]
+    logprobs = _logprobs(call, token_ids, lps) if call.req.params.logprobs else None
+    choice: dict[str, Any]
+    if call.chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "finish_reason": last.finish_reason, "logprobs": logprobs}
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": last.finish_reason, "logprobs": logprobs}
+    return {"id": call.rid, "object": "chat.completion" if call.chat else "text_completion",
+            "created": call.created, "model": call.model, "choices": [choice], "usage": _usage(call, last)}
+
+
+async def sse_events(call: _Call, stream: AsyncIterator[RequestOutput], first: RequestOutput, timing: _Timing,
+                     metrics: ServerMetrics) -> AsyncIterator[str]:
+    """Server-sent events: a chunk per output (chat opens with the assistant role), the usage chunk
+    when asked for, ``[DONE]``. A client that goes away cancels this, which aborts the request."""
+    if call.chat:
+        yield _chunk(call, {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+    yield _chunk(call, _delta(call, first))
+    last = first
+    if not first.finished:
         try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"invalid JSON body: {exc}") from None
-
-    def _prepare(req: GenerateRequest) -> list[int]:
-        if req.model != model_id:
-            raise ApiError(404, f"the model '{req.model}' does not exist; this server serves '{model_id}'",
-                           param="model", code="model_not_found")
-        if req.messages is not None:
-            ids = tok.encode_chat(req.messages)
-        elif req.prompt_ids is not None:
-            ids = req.prompt_ids
-        else:
-            ids = tok.encode(req.prompt_text)
-        limit = engine.max_seq_len
-        if req.messages is not None and not req.max_tokens_given:
-            req.params.max_tokens = max(1, limit - len(ids))
-        if len(ids) + req.params.max_tokens > limit:
-            raise ApiError(400, f"this model's maximum context length is {limit} tokens; the request has "
-                                f"{len(ids)} prompt tokens and asks for {req.params.max_tokens} more",
-                           param="max_tokens" if req.max_tokens_given else "prompt", code="context_length_exceeded")
-        return ids
-
-    async def _run(request: Request, req: GenerateRequest, chat: bool):
-        ids = _prepare(req)
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        created = int(time.time())
-        stream = engine.generate(rid, ids, req.params)
-        timing = _Timing(metrics)
-        try:
-            first = await stream.__anext__()  # surfaces engine-side request errors as 400
-        except RequestError as exc:
-            raise ApiError(400, str(exc), param="prompt") from None
-        except EngineDeadError as exc:
-            raise ApiError(503, str(exc), type_="server_error") from None
-        except StopAsyncIteration:
-            raise ApiError(500, "the request ended without output", type_="server_error") from None
-        timing.token(first)
-        if req.stream:
-            return StreamingResponse(_sse(stream, first, rid, created, req, chat, len(ids), timing),
-                                     media_type="text/event-stream")
-        return await _collect(request, stream, first, rid, created, req, chat, len(ids), timing)
-
-    async def _collect(request, stream, first, rid, created, req, chat, n_prompt, timing):
-        outs = [first]
-
-        async def consume():
-            if first.finished:
-                return
             async for out in stream:
                 timing.token(out)
-                outs.append(out)
+                last = out
+                yield _chunk(call, _delta(call, out))
+        except ANSWERED_ERRORS as exc:
+            err = api_error(exc)
+            metrics.errors.labels(str(err.status)).inc()
+            yield _event(err.body())
+            yield _DONE
+            return
+    if call.req.include_usage:
+        yield _event({"id": call.rid, "object": call.chunk_object, "created": call.created, "model": call.model,
+                      "choices": [], "usage": _usage(call, last)})
+    yield _DONE
 
-        task = asyncio.ensure_future(consume())
-        while not task.done():  # a client that goes away aborts its request
-            done, _ = await asyncio.wait({task}, timeout=0.25)
-            if not done and await request.is_disconnected():
-                task.cancel()
-                await stream.aclose()
-                return Response(status_code=499)
-        try:
-            task.result()
-        except EngineDeadError as exc:
-            raise ApiError(503, str(exc), type_="server_error") from None
-        text = "".join(o.text for o in outs)
-        last = outs[-1]
-        usage = _usage(n_prompt, last.num_output_tokens, last.num_cached_tokens)
-        lps = [lp for o in outs for lp in o.logprobs]
-        token_ids = [t for o in outs for t in o.token_ids]
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": last.finish_reason,
-                      "logprobs": _chat_logprobs(tok, token_ids, lps) if req.params.logprobs else None}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": last.finish_reason,
-                      "logprobs": _completion_logprobs(tok, token_ids, lps) if req.params.logprobs else None}
-            obj = "text_completion"
-        return {"id": rid, "object": obj, "created": created, "model": model_id, "choices": [choice], "usage": usage}
 
-    async def _sse(stream, first, rid, created, req, chat, n_prompt, timing) -> AsyncIterator[str]:
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        last = first
-        if chat:
-            yield _chunk(rid, obj, created, model_id, {"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                       "finish_reason": None})
+def _delta(call: _Call, out: RequestOutput) -> dict[str, Any]:
+    """One streamed choice: the new text (chat: as a delta), finish reason, logprobs, token ids."""
+    c: dict[str, Any]
+    if call.chat:
+        c = {"index": 0, "delta": {"content": out.text} if out.text else {}, "finish_reason": out.finish_reason}
+    else:
+        c = {"index": 0, "text": out.text, "finish_reason": out.finish_reason}
+    if call.req.params.logprobs:
+        c["logprobs"] = _logprobs(call, out.token_ids, out.logprobs)
+    c["token_ids"] = out.token_ids
+    return c
 
-        def piece(out):
-            if chat:
-                c = {"index": 0, "delta": {"content": out.text} if out.text else {},
-                     "finish_reason": out.finish_reason}
-                if req.params.logprobs:
-                    c["logprobs"] = _chat_logprobs(tok, out.token_ids, out.logprobs)
-            else:
-                c = {"index": 0, "text": out.text, "finish_reason": out.finish_reason}
-                if req.params.logprobs:
-                    c["logprobs"] = _completion_logprobs(tok, out.token_ids, out.logprobs)
-            c["token_ids"] = out.token_ids
-            return _chunk(rid, obj, created, model_id, c)
 
-        yield piece(first)
-        if not first.finished:
-            try:
-                async for out in stream:  # cancelled on client disconnect -> the engine aborts the request
-                    timing.token(out)
-                    last = out
-                    yield piece(out)
-            except (ApiError, EngineDeadError) as exc:
-                err = exc if isinstance(exc, ApiError) else ApiError(503, str(exc), type_="server_error")
-                metrics.errors.labels(str(err.status)).inc()
-                yield f"data: {json.dumps(err.body())}\n\n"
-                yield "data: [DONE]\n\n"
-                return
-        if req.include_usage:
-            usage = _usage(n_prompt, last.num_output_tokens, last.num_cached_tokens)
-            yield f"data: {json.dumps({'id': rid, 'object': obj, 'created': created, 'model': model_id, 'choices': [], 'usage': usage})}\n\n"
-        yield "data: [DONE]\n\n"
+def _event(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
 
-    async def _handle(request: Request, chat: bool):
-        try:
-            body = await _body(request)
-            return await _run(request, parse_chat(body) if chat else parse_completion(body), chat=chat)
-        except ApiError as exc:
-            metrics.errors.labels(str(exc.status)).inc()
-            return _error(exc)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await _handle(request, chat=False)
+def _chunk(call: _Call, choice: dict[str, Any]) -> str:
+    return _event({"id": call.rid, "object": call.chunk_object, "created": call.created, "model": call.model,
+                   "choices": [choice]})
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await _handle(request, chat=True)
 
-    return app
+def _usage(call: _Call, last: RequestOutput) -> dict[str, Any]:
+    n_out = last.num_output_tokens
+    return {"prompt_tokens": call.n_prompt, "completion_tokens": n_out, "total_tokens": call.n_prompt + n_out,
+            "prompt_tokens_details": {"cached_tokens": last.num_cached_tokens}}
+
+
+def _logprobs(call: _Call, ids: list[int], lps: list[float]) -> dict[str, Any]:
+    """The chosen tokens' log-probabilities in the chat or the completions layout."""
+    texts = [call.tok.decode([t], skip_special_tokens=False) for t in ids]
+    if call.chat:
+        return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []}
+                            for s, lp in zip(texts, lps)]}
+    return {"tokens": texts, "token_logprobs": lps, "top_logprobs": None, "text_offset": None}
 
 
 class _Timing:
@@ -212,7 +326,7 @@ class _Timing:
         self.start = self.last = time.monotonic()
         self.first = True
 
-    def token(self, out) -> None:
+    def token(self, out: RequestOutput) -> None:
         now = time.monotonic()
         if self.first:
             self.m.ttft.observe(now - self.start)
@@ -222,24 +336,4 @@ class _Timing:
         self.last = now
         if out.finished:
             self.m.e2e.observe(now - self.start)
-            self.m.requests.labels(out.finish_reason or "unknown").inc()
-
-
-def _chunk(rid: str, obj: str, created: int, model: str, choice: dict) -> str:
-    return f"data: {json.dumps({'id': rid, 'object': obj, 'created': created, 'model': model, 'choices': [choice]})}\n\n"
-
-
-def _usage(n_prompt: int, n_out: int, n_cached: int) -> dict:
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out,
-            "prompt_tokens_details": {"cached_tokens": n_cached}}
-
-
-def _completion_logprobs(tok, ids: list[int], lps: list[float]) -> dict:
-    tokens = [tok.decode([t], skip_special_tokens=False) for t in ids]
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": None, "text_offset": None}
-
-
-def _chat_logprobs(tok, ids: list[int], lps: list[float]) -> dict:
-    texts = [tok.decode([t], skip_special_tokens=False) for t in ids]
-    return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []}
-                        for s, lp in zip(texts, lps)]}
+            self.m.requests.labels(str(out.finish_reason or "unknown")).inc()

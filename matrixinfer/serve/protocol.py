@@ -62,6 +62,7 @@ def _sampling(body: dict, default_max_tokens: int, logprobs: bool) -> tuple[Samp
     stop = body.get("stop")
     if stop is not None and not isinstance(stop, (str, list)):
         raise _bad("'stop' must be a string or a list of strings", "stop")
+    stops: list[str] = ([stop] if stop else []) if isinstance(stop, str) else list(stop or [])
     stop_ids = body.get("stop_token_ids") or []
     if not isinstance(stop_ids, list):
         raise _bad("'stop_token_ids' must be a list of integers", "stop_token_ids")
@@ -76,7 +77,7 @@ def _sampling(body: dict, default_max_tokens: int, logprobs: bool) -> tuple[Samp
             seed=seed,
             max_tokens=_number(body, max_key, default_max_tokens, int),
             min_tokens=_number(body, "min_tokens", 0, int),
-            stop=stop or [],
+            stop=stops,
             stop_token_ids=stop_ids,
             ignore_eos=bool(body.get("ignore_eos", False)),
             logprobs=logprobs,
