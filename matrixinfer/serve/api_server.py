@@ -24,15 +24,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from matrixinfer.engine.async_engine import EngineDeadError
-from matrixinfer.engine.llm_engine import RequestError
-from matrixinfer.serve.backend import Backend
+from matrixinfer.engine.errors import EngineDeadError, RequestError
+from matrixinfer.serve.backend import Backend, PromptTokenizer
 from matrixinfer.serve.metrics import ServerMetrics
 from matrixinfer.serve.protocol import ApiError, GenerateRequest, parse_chat, parse_completion
 
 if TYPE_CHECKING:
     from matrixinfer.engine.outputs import RequestOutput
-    from matrixinfer.model.tokenizer import Tokenizer
 
 # What the exception handlers answer (request validation aside); anything else stays a plain 500.
 ANSWERED_ERRORS = (ApiError, RequestError, EngineDeadError)
@@ -150,7 +148,7 @@ class _Call:
     chat: bool
     req: GenerateRequest
     n_prompt: int
-    tok: Tokenizer
+    tok: PromptTokenizer
 
     @property
     def chunk_object(self) -> str:

@@ -10,12 +10,21 @@ imported for annotations only.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from matrixinfer.engine.outputs import EngineStats, RequestOutput
     from matrixinfer.engine.sampling_params import SamplingParams
-    from matrixinfer.model.tokenizer import Tokenizer
+
+
+class PromptTokenizer(Protocol):
+    """The tokenizer calls the API server makes (:class:`~matrixinfer.model.tokenizer.Tokenizer` has them)."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]: ...
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
 
 @runtime_checkable
@@ -38,7 +47,7 @@ class Backend(Protocol):
     def model_id(self) -> str: ...
 
     @property
-    def tokenizer(self) -> Tokenizer: ...
+    def tokenizer(self) -> PromptTokenizer: ...
 
     @property
     def max_model_len(self) -> int: ...

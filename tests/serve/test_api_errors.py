@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
-from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
-from matrixinfer.engine.async_engine import EngineDeadError
-from matrixinfer.engine.llm_engine import RequestError
+from matrixinfer.engine.errors import EngineDeadError, RequestError
 from matrixinfer.engine.outputs import EngineStats, FinishReason, RequestOutput
 from matrixinfer.engine.sampling_params import SamplingParams
 from matrixinfer.serve.api_server import create_app
@@ -34,7 +33,7 @@ class ByteTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode())
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         return [t for m in messages for t in m["content"].encode()]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -168,7 +167,8 @@ def test_api_key():
     assert c.get("/health").status_code == 200  # health and metrics stay open
     assert errors_counted(c) == {"401": 4.0}
     assert c.post("/v1/completions", json=COMPLETION, headers=AUTH).status_code == 200
-    assert client([out("A", FinishReason.STOP)], api_key=None).post("/v1/completions", json=COMPLETION).status_code == 200
+    open_server = client([out("A", FinishReason.STOP)], api_key=None)
+    assert open_server.post("/v1/completions", json=COMPLETION).status_code == 200
 
 
 def test_health_reports_a_dead_backend():
@@ -185,12 +185,13 @@ class Probe(BaseModel):
 
 
 def test_request_validation_errors_get_the_openai_body():
-    c = client([])
-    app: FastAPI = c.app  # type: ignore[assignment]
+    app = create_app(ScriptedBackend([]), api_key=KEY)
 
     @app.post("/v1/probe")
     async def probe(body: Probe) -> Response:
         return JSONResponse({"n": body.n})
+
+    c = TestClient(app)
 
     r = c.post("/v1/probe", json={"n": "many"}, headers=AUTH)
     assert r.status_code == 400
