@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny checkpoints written once per session by transformers itself."""
+"""Shared fixtures: tiny checkpoints written once per session by transformers itself, and
+network-namespace hosts for the multi-host tests."""
 
 from __future__ import annotations
 
@@ -21,3 +22,20 @@ def tiny_v3(tmp_path_factory):
 def tiny_v2(tmp_path_factory):
     """A tiny random DeepseekV2ForCausalLM checkpoint (no q LoRA, softmax greedy routing)."""
     return make_checkpoint(tmp_path_factory.mktemp("tiny_v2"), "v2")
+
+
+@pytest.fixture
+def netns_hosts():
+    """``netns_hosts("a", "b", ...)`` makes hosts a, b, ... (:class:`tests.netns.NetnsHosts`: network
+    namespaces on one bridge, the test skipped without root or iproute2); all are torn down afterwards."""
+    from tests.netns import NetnsHosts  # only the multi-host tests need it (and EMS)
+
+    made: list[NetnsHosts] = []
+
+    def make(*names: str) -> NetnsHosts:
+        made.append(NetnsHosts(names))
+        return made[-1]
+
+    yield make
+    for hosts in made:
+        hosts.close()

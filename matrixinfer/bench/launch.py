@@ -1,4 +1,4 @@
-"""Start ``matrixinfer serve`` as a child process and read its metrics (benchmarks and tests)."""
+"""Start ``matrixinfer serve`` as a child process and read its Prometheus metrics (benchmarks and tests)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,31 @@ import tempfile
 import time
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+INSTANCE_PREFIX = "matrixinfer_instance_"
+
+
+def unlabelled_metrics(text: str) -> dict[str, float]:
+    """``{sample name: value}`` of the samples without labels in Prometheus exposition ``text``."""
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if not s.labels}
+
+
+def instance_metrics(text: str, by: str = "instance") -> dict[str, dict[str, float]]:
+    """The per-instance gauges of a PDC deployment in ``text``, ``{field: {label value: value}}``, keyed
+    by the ``instance`` label or, with ``by="role"``, summed per role."""
+    out: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith(INSTANCE_PREFIX):
+                field = out.setdefault(s.name[len(INSTANCE_PREFIX):], {})
+                field[s.labels[by]] = field.get(s.labels[by], 0.0) + s.value
+    return out
 
 
 def free_port() -> int:
+    """A TCP port free on loopback right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -28,9 +50,10 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "matrixinfer.cli", "serve", "--port", str(self.port), *args]
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="matrixinfer-server-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True,
-                                     env=dict(os.environ, **(env or {})))
+        fd, self.log_path = tempfile.mkstemp(prefix="matrixinfer-server-", suffix=".log")  # kept after stop()
+        with os.fdopen(fd, "w") as log:  # the child holds its own copy of the descriptor
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                         env=dict(os.environ, **(env or {})))
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -44,28 +67,20 @@ class ServerProcess:
         raise RuntimeError(f"server did not become healthy within {timeout:.0f} s:\n{self.output()[-4000:]}")
 
     def output(self) -> str:
-        with open(self.log.name) as f:
+        """Everything the server has printed so far."""
+        with open(self.log_path) as f:
             return f.read()
 
     def metrics(self) -> dict[str, float]:
-        """Unlabelled metrics ``{name: value}``."""
-        out = {}
-        for line in httpx.get(f"{self.url}/metrics", timeout=5).text.splitlines():
-            if line and not line.startswith("#") and "{" not in line:
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
+        """Unlabelled metrics ``{sample name: value}`` (counters with their ``_total`` suffix)."""
+        return unlabelled_metrics(self._scrape())
 
     def instance_metrics(self) -> dict[str, dict[str, float]]:
         """PDC per-instance gauges ``{metric: {instance: value}}``."""
-        out: dict[str, dict[str, float]] = {}
-        for line in httpx.get(f"{self.url}/metrics", timeout=5).text.splitlines():
-            if line.startswith("matrixinfer_instance_"):
-                name, rest = line.split("{", 1)
-                labels, value = rest.rsplit(" ", 1)
-                inst = labels.split('instance="', 1)[1].split('"', 1)[0]
-                out.setdefault(name[len("matrixinfer_instance_"):], {})[inst] = float(value)
-        return out
+        return instance_metrics(self._scrape())
+
+    def _scrape(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=5).text
 
     def children(self) -> list[tuple[int, str]]:
         """Direct child processes (pid, command line): the workers and EMS servers in PDC mode."""
@@ -84,6 +99,7 @@ class ServerProcess:
         return sorted(out)
 
     def child_pid(self, needle: str, index: int = 0) -> int:
+        """PID of the ``index``-th child whose command line contains ``needle``."""
         return [pid for pid, cmd in self.children() if needle in cmd][index]
 
     def stop(self) -> None:

@@ -3,33 +3,12 @@
 from __future__ import annotations
 
 import os
-import queue
-import subprocess
-import sys
-import threading
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def spawn(args: list[str], prefix: list[str] | None = None, module: str = "matrixinfer.ems.server",
-          timeout: float = 20.0) -> tuple[subprocess.Popen, str]:
-    """Start ``python -m module args`` and return it with the address from its first stdout line."""
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([*(prefix or []), sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
-    try:
-        line = lines.get(timeout=timeout)
-    except queue.Empty:
-        line = ""
-    if "listening on" not in line:
-        proc.kill()
-        raise RuntimeError(f"{module} {args} did not start: {line!r} {proc.stderr.read()[-2000:]}")
-    return proc, line.split()[-1]
+# REPO and spawn live in tests/helpers.py; re-exported here for the modules that still import them from this file
+from tests.helpers import REPO as REPO
+from tests.helpers import spawn as spawn
 
 
 class ServerHandle:

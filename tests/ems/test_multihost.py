@@ -1,22 +1,18 @@
 """Multi-host: servers, a client and etcd in separate network namespaces joined by veth + a bridge.
 
-Each "host" is a network namespace with its own address on 10.203.0.0/24, so traffic crosses veth
-links and the same-host shared-memory path is not taken. Membership lives in etcd. Needs root,
-iproute2 and etcd (Debian's etcd-server); skipped with the reason otherwise.
+Each "host" is a network namespace (tests/netns.py), so traffic crosses veth links and the same-host
+shared-memory path is not taken. Membership lives in etcd. Needs root, iproute2 and etcd (Debian's
+etcd-server); skipped with the reason otherwise.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from matrixinfer.ems.arena import remove_orphan_segments
-from tests.ems.conftest import REPO, spawn
+from tests.helpers import spawn
 
 CLIENT_SCRIPT = r'''
 import json, os, signal, sys, time
@@ -62,78 +58,26 @@ print(json.dumps(out))
 '''
 
 
-def _run(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, timeout=20)
-
-
-@pytest.fixture
-def netns_hosts(tmp_path):
-    """Namespaces etcd, s1, s2, cl on a bridge; yields ``(prefix, addresses)``."""
-    if os.geteuid() != 0:
-        pytest.skip("multi-host test needs root to create network namespaces (ip netns)")
-    if not shutil.which("ip"):
-        pytest.skip("multi-host test needs iproute2's `ip` (apt-get install iproute2)")
-    if not shutil.which("etcd"):
-        pytest.skip("multi-host test needs etcd (apt-get install etcd-server)")
-    prefix = f"e{os.getpid() % 100000}"
-    names = ["etcd", "s1", "s2", "cl"]
-    created: list[str] = []
-    try:
-        try:
-            _run("ip", "netns", "add", f"{prefix}sw")
-        except (subprocess.CalledProcessError, OSError) as exc:
-            pytest.skip(f"cannot create network namespaces here: {getattr(exc, 'stderr', exc)!r}")
-        created.append(f"{prefix}sw")
-        _run("ip", "-n", f"{prefix}sw", "link", "add", "br0", "type", "bridge")
-        _run("ip", "-n", f"{prefix}sw", "link", "set", "br0", "up")
-        addrs = {}
-        for i, name in enumerate(names):
-            ns, a, b = f"{prefix}{name}", f"{prefix}v{i}a", f"{prefix}v{i}b"
-            _run("ip", "netns", "add", ns)
-            created.append(ns)
-            _run("ip", "-n", f"{prefix}sw", "link", "add", a, "type", "veth", "peer", "name", b, "netns", ns)
-            _run("ip", "-n", f"{prefix}sw", "link", "set", a, "master", "br0", "up")
-            addrs[name] = f"10.203.0.{i + 1}"
-            _run("ip", "-n", ns, "addr", "add", f"{addrs[name]}/24", "dev", b)
-            _run("ip", "-n", ns, "link", "set", b, "up")
-            _run("ip", "-n", ns, "link", "set", "lo", "up")
-        yield prefix, addrs
-    finally:
-        for ns in reversed(created):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+pytestmark = pytest.mark.skipif(not shutil.which("etcd"),
+                                reason="multi-host test needs etcd (apt-get install etcd-server)")
 
 
 def test_servers_and_client_on_separate_hosts_with_etcd_membership(netns_hosts, tmp_path):
-    prefix, addrs = netns_hosts
-    etcd_url = f"http://{addrs['etcd']}:2379"
-    procs: list[subprocess.Popen] = []
-    try:
-        etcd = subprocess.Popen(
-            ["ip", "netns", "exec", f"{prefix}etcd", "etcd", "--data-dir", str(tmp_path / "etcd"),
-             "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
-             "--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
-             "--initial-cluster", "default=http://127.0.0.1:2380"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(etcd)
-        servers = {}
-        for name in ("s1", "s2"):
-            proc, addr = spawn(["--capacity", "16M", "--listen", f"{addrs[name]}:7000", "--etcd", etcd_url,
-                                "--cluster", "nstest", "--lease-ttl", "2"],
-                               prefix=["ip", "netns", "exec", f"{prefix}{name}"])
-            procs.append(proc)
-            servers[name] = (proc, addr)
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        run = subprocess.run(["ip", "netns", "exec", f"{prefix}cl", sys.executable, "-c", CLIENT_SCRIPT,
-                              etcd_url, servers["s1"][1], str(servers["s1"][0].pid)],
-                             capture_output=True, text=True, env=env, timeout=60)
-        assert run.returncode == 0, run.stderr[-3000:]
-        out = json.loads(run.stdout.strip().splitlines()[-1])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
-        remove_orphan_segments()  # the SIGKILLed server's arena
+    hosts = netns_hosts("etcd", "s1", "s2", "cl")
+    etcd_url = f"http://{hosts['etcd'].address}:2379"
+    hosts.start("etcd", ["etcd", "--data-dir", str(tmp_path / "etcd"),
+                         "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
+                         "--listen-peer-urls", "http://127.0.0.1:2380",
+                         "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+                         "--initial-cluster", "default=http://127.0.0.1:2380"], tmp_path / "etcd.log")
+    servers = {}
+    for name in ("s1", "s2"):
+        proc, addr = spawn(["--capacity", "16M", "--listen", f"{hosts[name].address}:7000", "--etcd", etcd_url,
+                            "--cluster", "nstest", "--lease-ttl", "2"], prefix=hosts[name].command())
+        servers[name] = (hosts.track(proc), addr)
+    run = hosts.run_python("cl", CLIENT_SCRIPT, etcd_url, servers["s1"][1], str(servers["s1"][0].pid), timeout=60)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["members_before"] == sorted([servers["s1"][1], servers["s2"][1]])
     assert out["stored"] == 200 and out["identical_before"]
     assert out["fast_path"] is False  # another network namespace is another host: TCP only

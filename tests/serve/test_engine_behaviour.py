@@ -3,37 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import random
-import time
 
 import httpx
 import pytest
 import torch
 
 from tests.checkpoints import load_reference
-from tests.serve.conftest import API_KEY, Server
-
-HEADERS = {"Authorization": f"Bearer {API_KEY}"}
-
-
-async def _stream_tokens(client: httpx.AsyncClient, url: str, body: dict, stop_after: int | None = None):
-    """Token ids and finish reason of one streamed completion (optionally disconnecting early)."""
-    ids, reason = [], None
-    async with client.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, headers=HEADERS) as r:
-        assert r.status_code == 200, await r.aread()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:  # an error event ends the stream
-                return ids, f"error: {chunk['error']['message']}"
-            for c in chunk["choices"]:
-                ids.extend(c["token_ids"])
-                reason = c["finish_reason"] or reason
-            if stop_after is not None and len(ids) >= stop_after:
-                return ids, "disconnected"
-    return ids, reason
+from tests.serve.helpers import API_KEY, HEADERS, Server, stream_tokens, wait_idle
 
 
 def test_batching_invariance(server, served_checkpoint):
@@ -44,7 +21,7 @@ def test_batching_invariance(server, served_checkpoint):
 
     async def go():
         async with httpx.AsyncClient(timeout=120) as client:
-            return await asyncio.gather(*[_stream_tokens(client, server.url, {
+            return await asyncio.gather(*[stream_tokens(client, server.url, {
                 "model": "tiny", "prompt": p, "max_tokens": 20, "temperature": 0}) for p in prompts])
 
     results = asyncio.run(go())
@@ -79,7 +56,7 @@ def small_server(served_checkpoint):
 def test_no_leak_under_preemption_and_disconnects(small_server):
     rng = random.Random(0)
     jobs = []
-    for i in range(200):
+    for _ in range(200):
         n_prompt, n_out = rng.randint(5, 80), rng.randint(4, 40)
         prompt = [rng.randint(3, 255) for _ in range(n_prompt)]
         drop = rng.randint(1, n_out - 1) if rng.random() < 0.3 else None
@@ -90,23 +67,16 @@ def test_no_leak_under_preemption_and_disconnects(small_server):
         async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=40)) as client:
             async def one(prompt, n_out, drop):
                 async with sem:
-                    return await _stream_tokens(client, small_server.url, {
+                    return await stream_tokens(client, small_server.url, {
                         "model": "tiny", "prompt": prompt, "max_tokens": n_out, "temperature": 0.7,
                         "seed": 1, "ignore_eos": True}, stop_after=drop)
             return await asyncio.gather(*[one(*j) for j in jobs])
 
     results = asyncio.run(go())
-    for (prompt, n_out, drop), (ids, reason) in zip(jobs, results):
+    for (_, n_out, drop), (ids, reason) in zip(jobs, results):
         if drop is None:
             assert reason == "length" and len(ids) == n_out  # completed, nothing lost or duplicated
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        m = small_server.metrics()
-        if m["matrixinfer_requests_running"] == 0 and m["matrixinfer_requests_waiting"] == 0 \
-                and m["matrixinfer_kv_cache_blocks_used"] == 0:
-            break
-        time.sleep(0.3)
-    m = small_server.metrics()
+    m = wait_idle(small_server)
     assert m["matrixinfer_kv_cache_blocks_total"] == 24
     assert m["matrixinfer_kv_cache_blocks_used"] == 0
     assert m["matrixinfer_requests_running"] == 0 and m["matrixinfer_requests_waiting"] == 0

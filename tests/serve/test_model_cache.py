@@ -7,7 +7,7 @@ import torch
 from matrixinfer.ems.client import EmsClient
 from matrixinfer.model.loader import load_model
 from matrixinfer.serve.pool import checkpoint_version, load_model_via_pool, publish_tensors
-from tests.ems.conftest import spawn
+from tests.helpers import spawn
 
 
 def test_model_from_pool_equals_model_from_files(served_checkpoint):

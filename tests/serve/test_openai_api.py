@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serve.conftest import API_KEY
+from tests.serve.helpers import API_KEY, HEADERS, wait_idle
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_prompt_longer_than_context(client):
 
 def test_invalid_json(server):
     r = httpx.post(f"{server.url}/v1/completions", content=b"{not json",
-                   headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+                   headers={**HEADERS, "Content-Type": "application/json"})
     assert r.status_code == 400
     assert r.json()["error"]["type"] == "invalid_request_error" and "JSON" in r.json()["error"]["message"]
 
@@ -122,19 +122,10 @@ def test_api_key_required(server):
 
 def test_disconnect_mid_stream_frees_blocks(server):
     body = {"model": "tiny", "prompt": [7] * 40, "max_tokens": 400, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body,
-                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as r:
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=HEADERS, timeout=30) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i > 6:
                 break
-    import time
-
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        m = server.metrics()
-        if m["matrixinfer_requests_running"] == 0 and m["matrixinfer_kv_cache_blocks_used"] == 0:
-            break
-        time.sleep(0.2)
-    m = server.metrics()
+    m = wait_idle(server, timeout=20)
     assert m["matrixinfer_requests_running"] == 0 and m["matrixinfer_kv_cache_blocks_used"] == 0
     assert m["matrixinfer_generation_tokens_total"] < 400 + 200  # it stopped long before 400 tokens

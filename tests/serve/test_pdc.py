@@ -16,10 +16,7 @@ import torch
 from matrixinfer.config import EngineConfig
 from matrixinfer.engine.llm_engine import LLMEngine
 from matrixinfer.engine.sampling_params import SamplingParams
-from tests.serve.conftest import API_KEY, Server, child_pid, instance_metrics
-from tests.serve.test_engine_behaviour import _stream_tokens
-
-HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+from tests.serve.helpers import API_KEY, HEADERS, Server, stream_tokens
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +38,13 @@ def _complete(server, prompt, n=12, **kw):
 def _wait_idle(server, timeout=30):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        m = instance_metrics(server)
+        m = server.instance_metrics()
         busy = sum(m.get("kv_used", {}).values()) + sum(m.get("reserved_blocks", {}).values()) \
             + sum(m.get("running", {}).values()) + sum(m.get("waiting", {}).values())
         if busy == 0:
             return m
         time.sleep(0.25)
-    raise AssertionError(f"instances did not go idle: {instance_metrics(server)}")
+    raise AssertionError(f"instances did not go idle: {server.instance_metrics()}")
 
 
 def test_pd_matches_colocated_engine(pdc, served_checkpoint):
@@ -56,7 +53,7 @@ def test_pd_matches_colocated_engine(pdc, served_checkpoint):
 
     async def go():
         async with httpx.AsyncClient(timeout=120) as client:
-            return await asyncio.gather(*[_stream_tokens(client, pdc.url, {
+            return await asyncio.gather(*[stream_tokens(client, pdc.url, {
                 "model": "tiny", "prompt": p, "max_tokens": 16, "temperature": 0}) for p in prompts])
 
     got = [ids for ids, _ in asyncio.run(go())]
@@ -66,7 +63,7 @@ def test_pd_matches_colocated_engine(pdc, served_checkpoint):
     _wait_idle(pdc)
     deadline = time.time() + 5  # the transfer counters arrive with the instances' next load reports
     while time.time() < deadline:
-        m = instance_metrics(pdc)
+        m = pdc.instance_metrics()
         if sum(m["kv_sent_bytes"].values()) > 0 and sum(m["kv_received_bytes"].values()) > 0:
             break
         time.sleep(0.1)
@@ -76,7 +73,7 @@ def test_pd_matches_colocated_engine(pdc, served_checkpoint):
 def _settled(server) -> dict[str, dict[str, float]]:
     """Per-instance metrics once the load reports (every 0.2 s) have caught up."""
     time.sleep(0.6)
-    return instance_metrics(server)
+    return server.instance_metrics()
 
 
 def test_prefix_stored_by_one_prefill_instance_is_hit_by_the_other(pdc):
@@ -84,7 +81,7 @@ def test_prefix_stored_by_one_prefill_instance_is_hit_by_the_other(pdc):
     stored0 = sum(_settled(pdc)["ems_stored_blocks"].values())
     first = _complete(pdc, prompt)
     deadline = time.time() + 10  # the blocks are stored asynchronously
-    while sum(instance_metrics(pdc)["ems_stored_blocks"].values()) < stored0 + 6 and time.time() < deadline:
+    while sum(pdc.instance_metrics()["ems_stored_blocks"].values()) < stored0 + 6 and time.time() < deadline:
         time.sleep(0.1)
     before = _settled(pdc)
     second = _complete(pdc, prompt)
@@ -105,7 +102,7 @@ def test_generated_kv_stored_by_decode_is_hit_by_a_follow_up(pdc):
 
     async def first():
         async with httpx.AsyncClient(timeout=120) as client:
-            return await _stream_tokens(client, pdc.url, {"model": "tiny", "prompt": prompt, "max_tokens": 40,
+            return await stream_tokens(client, pdc.url, {"model": "tiny", "prompt": prompt, "max_tokens": 40,
                                                           "temperature": 0, "ignore_eos": True})
 
     before = _settled(pdc)
@@ -114,9 +111,9 @@ def test_generated_kv_stored_by_decode_is_hit_by_a_follow_up(pdc):
     assert len(out) == 40
     want = before["ems_stored_blocks"].get(decode, 0) + 2  # blocks 1 and 2 (tokens 16-47), asynchronously
     deadline = time.time() + 10
-    while instance_metrics(pdc)["ems_stored_blocks"].get(decode, 0) < want and time.time() < deadline:
+    while pdc.instance_metrics()["ems_stored_blocks"].get(decode, 0) < want and time.time() < deadline:
         time.sleep(0.1)
-    assert instance_metrics(pdc)["ems_stored_blocks"][decode] == want
+    assert pdc.instance_metrics()["ems_stored_blocks"][decode] == want
     follow_up = _complete(pdc, prompt + out)  # 60 tokens: 3 full blocks are cached
     assert follow_up["usage"]["prompt_tokens_details"]["cached_tokens"] == 48
     _wait_idle(pdc)
@@ -125,7 +122,7 @@ def test_generated_kv_stored_by_decode_is_hit_by_a_follow_up(pdc):
 def test_client_disconnect_frees_blocks_on_both_sides(pdc):
     async def go():
         async with httpx.AsyncClient(timeout=60) as client:
-            return await asyncio.gather(*[_stream_tokens(client, pdc.url, {
+            return await asyncio.gather(*[stream_tokens(client, pdc.url, {
                 "model": "tiny", "prompt": [3 + k] * 90, "max_tokens": 300, "temperature": 0, "ignore_eos": True},
                 stop_after=3) for k in range(4)])
 
@@ -134,7 +131,7 @@ def test_client_disconnect_frees_blocks_on_both_sides(pdc):
 
 
 def test_killing_an_ems_server_only_lowers_the_hit_rate(pdc):
-    os.kill(child_pid(pdc, "ems-server", 0), signal.SIGKILL)
+    os.kill(pdc.child_pid("ems-server", 0), signal.SIGKILL)
     for k in range(4):
         prompt = [(11 * i + k) % 250 + 3 for i in range(50)]
         out = _complete(pdc, prompt, n=6, ignore_eos=True)
@@ -147,17 +144,17 @@ def test_killing_a_prefill_instance_mid_request_retries_elsewhere(pdc):
 
     async def go():
         async with httpx.AsyncClient(timeout=120) as client:
-            tasks = [asyncio.create_task(_stream_tokens(client, pdc.url, {
+            tasks = [asyncio.create_task(stream_tokens(client, pdc.url, {
                 "model": "tiny", "prompt": p, "max_tokens": 8, "temperature": 0, "ignore_eos": True}))
                 for p in prompts]
             deadline = time.time() + 10
             while time.time() < deadline:  # both prefill instances hold requests (300 tokens, 64-token chunks)
-                m = await asyncio.to_thread(instance_metrics, pdc)
+                m = await asyncio.to_thread(pdc.instance_metrics)
                 busy = [k for k, v in m["running"].items() if k.startswith("prefill") and v + m["waiting"][k] > 0]
                 if len(busy) == 2:
                     break
                 await asyncio.sleep(0.02)
-            os.kill(child_pid(pdc, "--role prefill", 0), signal.SIGKILL)
+            os.kill(pdc.child_pid("--role prefill", 0), signal.SIGKILL)
             return await asyncio.gather(*tasks)
 
     results = asyncio.run(go())
@@ -169,15 +166,15 @@ def test_killing_a_prefill_instance_mid_request_retries_elsewhere(pdc):
 def test_killing_the_decode_instance_fails_cleanly_then_a_replacement_serves(pdc, served_checkpoint):
     async def go():
         async with httpx.AsyncClient(timeout=60) as client:
-            task = asyncio.create_task(_stream_tokens(client, pdc.url, {
+            task = asyncio.create_task(stream_tokens(client, pdc.url, {
                 "model": "tiny", "prompt": [5] * 20, "max_tokens": 480, "temperature": 0, "ignore_eos": True}))
             deadline = time.time() + 10
             while time.time() < deadline:  # kill once decoding is under way, however fast the machine is
-                m = await asyncio.to_thread(instance_metrics, pdc)
+                m = await asyncio.to_thread(pdc.instance_metrics)
                 if any(v > 0 for k, v in m["running"].items() if k.startswith("decode")):
                     break
                 await asyncio.sleep(0.05)
-            os.kill(child_pid(pdc, "--role decode", 0), signal.SIGKILL)
+            os.kill(pdc.child_pid("--role decode", 0), signal.SIGKILL)
             return await task
 
     ids, reason = asyncio.run(go())
@@ -193,7 +190,7 @@ def test_killing_the_decode_instance_fails_cleanly_then_a_replacement_serves(pdc
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 90
-        while time.time() < deadline and "decode" not in " ".join(instance_metrics(pdc).get("running", {})):
+        while time.time() < deadline and "decode" not in " ".join(pdc.instance_metrics().get("running", {})):
             time.sleep(0.3)
         out = _complete(pdc, [9] * 30, n=5, ignore_eos=True)
         assert out["usage"]["completion_tokens"] == 5

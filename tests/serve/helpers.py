@@ -1,0 +1,80 @@
+"""What the serve tests share: a ``matrixinfer serve`` process on a test checkpoint, the API key
+it is started with, and a streamed completion read token by token.
+
+Importable from child processes too (the multi-host test's client imports :func:`stream_tokens`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from matrixinfer.bench.client import DONE, parse_sse_line
+from matrixinfer.bench.launch import ServerProcess
+
+API_KEY = "test-key-123"
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+
+
+class Server(ServerProcess):
+    """``matrixinfer serve`` on a test checkpoint, served as ``tiny`` (colocated unless PDC flags are given).
+
+    Metrics and worker processes are read through :class:`ServerProcess`: ``metrics()``,
+    ``instance_metrics()``, ``child_pid(needle)``.
+    """
+
+    def __init__(self, model_dir: str | Path, *extra: str, api_key: str | None = None) -> None:
+        args = ["--model", str(model_dir), "--served-model-name", "tiny",
+                "--log-level", os.environ.get("MI_TEST_LOG", "warning"), *extra]
+        if "--num-prefill" not in extra:
+            args.append("--colocated")
+        if api_key:
+            args += ["--api-key", api_key]
+        self.api_key = api_key
+        super().__init__(args, env={"MATRIXINFER_THREADS": "1"}, timeout=180)
+
+
+async def stream_tokens(client: httpx.AsyncClient, url: str, body: dict[str, Any], stop_after: int | None = None,
+                        headers: dict[str, str] | None = None) -> tuple[list[int], str | None]:
+    """Token ids and finish reason of one streamed completion at ``url`` (sent with :data:`HEADERS`
+    unless ``headers`` are given).
+
+    With ``stop_after`` the client disconnects once it has that many tokens (reason
+    ``"disconnected"``); an error event ends the stream with reason ``"error: <message>"``.
+    """
+    ids: list[int] = []
+    reason = None
+    async with client.stream("POST", f"{url}/v1/completions", json={**body, "stream": True},
+                             headers=HEADERS if headers is None else headers) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            chunk = parse_sse_line(line)
+            if chunk == DONE:
+                break
+            if not isinstance(chunk, dict):
+                continue
+            if "error" in chunk:
+                return ids, f"error: {chunk['error']['message']}"
+            for c in chunk["choices"]:
+                ids.extend(c["token_ids"])
+                reason = c["finish_reason"] or reason
+            if stop_after is not None and len(ids) >= stop_after:
+                return ids, "disconnected"
+    return ids, reason
+
+
+def wait_idle(server: ServerProcess, timeout: float = 30.0) -> dict[str, float]:
+    """The server's metrics once no request runs or waits and no KV block is in use, or at ``timeout``
+    (the caller asserts what it needs: a disconnect is noticed, and its blocks freed, asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = server.metrics()
+        idle = m["matrixinfer_requests_running"] == m["matrixinfer_requests_waiting"] == 0 \
+            and m["matrixinfer_kv_cache_blocks_used"] == 0
+        if idle or time.monotonic() > deadline:
+            return m
+        time.sleep(0.2)
