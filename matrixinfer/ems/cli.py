@@ -7,7 +7,7 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the EMS subcommands to the top-level ``matrixinfer`` parser."""
-    from matrixinfer.ems.server import add_server_args
+    from matrixinfer.ems.config import add_server_args
 
     server = subparsers.add_parser("ems-server", help="run one EMS memory-pool server (DRAM arena + SSD tier)")
     add_server_args(server)
@@ -29,16 +29,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_server(args: argparse.Namespace) -> int:
+    from matrixinfer.ems.config import server_config
     from matrixinfer.ems.server import run_server
 
-    return run_server(args)
+    return run_server(server_config(args))
 
 
 def _controller(args: argparse.Namespace) -> int:
     import time
 
     from matrixinfer.ems.controller import Controller
-    from matrixinfer.ems.protocol import parse_addr
+    from matrixinfer.netio import parse_addr
 
     ctl = Controller(*parse_addr(args.listen)).start()
     print(f"EMS controller listening on {ctl.address}", flush=True)

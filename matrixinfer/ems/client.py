@@ -20,25 +20,29 @@ import asyncio
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar, overload
 
 from matrixinfer.ems.connection import EmsError, EmsPermissionError, EmsRefused, ServerConnection
 from matrixinfer.ems.membership import Membership, StaticMembership
+from matrixinfer.ems.protocol import ErrorCode
 from matrixinfer.ems.ring import DEFAULT_VNODES, HashRing
 
-__all__ = ["EmsClient", "EmsError", "EmsPermissionError", "EmsRefused"]
+__all__ = ["EmsClient", "EmsError", "EmsPermissionError", "EmsRefused", "ErrorCode"]
 
 Key = bytes | str
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _keys(keys: Sequence[Key]) -> list[bytes]:
     return [k.encode() if isinstance(k, str) else bytes(k) for k in keys]
 
 
-def _pick(items: Sequence, positions: Sequence[int]) -> Sequence:
-    """``items`` at ``positions``; ``items`` itself when ``positions`` is all of it in order."""
-    if isinstance(positions, range) and positions == range(len(items)):
+def _pick(items: Sequence[T], positions: Sequence[int]) -> list[T]:
+    """``items`` at ``positions``; ``items`` itself when it is a list and ``positions`` all of it in order."""
+    if isinstance(items, list) and isinstance(positions, range) and positions == range(len(items)):
         return items
     return [items[i] for i in positions]
 
@@ -108,20 +112,22 @@ class EmsClient:
             conn.close()
         self._down[addr] = time.monotonic() + self.retry_after
 
-    def _on_servers(self, keys: list[bytes], op, rank: int = 0, idxs: list[int] | None = None) -> dict[int, object]:
+    def _on_servers(self, keys: list[bytes], op: Callable[[ServerConnection, list[bytes], Sequence[int]], list[R]],
+                    rank: int = 0, idxs: list[int] | None = None) -> dict[int, R]:
         """Run ``op(conn, keys_of_server, positions)`` once per server owning keys at replica ``rank``."""
         ring = self._ring()
         positions = range(len(keys)) if idxs is None else idxs
-        groups: dict[str, Sequence[int]]
+        groups: Mapping[str, Sequence[int]]
         if len(ring.nodes) <= 1:  # one server owns every key: no placement per key
             groups = {ring.nodes[0]: positions} if ring.nodes and rank == 0 else {}
         else:
-            groups = defaultdict(list)
+            by_owner: defaultdict[str, list[int]] = defaultdict(list)
             for i in positions:
                 owners = ring.owners(keys[i], self.replicas)
                 if rank < len(owners):
-                    groups[owners[rank]].append(i)
-        out: dict[int, object] = {}
+                    by_owner[owners[rank]].append(i)
+            groups = by_owner
+        out: dict[int, R] = {}
         for addr, at in groups.items():
             conn = self._conn(addr)
             if conn is None:
@@ -133,13 +139,22 @@ class EmsClient:
         return out
 
     # -- batched operations ----------------------------------------------------------------------
-    def mget(self, keys: Sequence[Key], outs: Sequence[object] | None = None) -> list[object]:
+    @overload
+    def mget(self, keys: Sequence[Key], outs: None = None) -> list[bytearray | None]: ...
+
+    @overload
+    def mget(self, keys: Sequence[Key], outs: Sequence[object]) -> list[int | None]: ...
+
+    def mget(self, keys: Sequence[Key], outs: Sequence[object] | None = None) -> list[Any]:
         """Values of many keys, one round trip per server. With ``outs`` each hit is written into
         the matching caller buffer and its byte count returned; misses are None."""
+        return self._mget(keys, outs)
+
+    def _mget(self, keys: Sequence[Key], outs: Sequence[object] | None) -> list[Any]:
         kb = _keys(keys)
         if outs is not None and len(outs) != len(kb):
             raise ValueError(f"mget got {len(kb)} keys but {len(outs)} output buffers")
-        results: list[object] = [None] * len(kb)
+        results: list[Any] = [None] * len(kb)
         pending: list[int] | None = None
         for rank in range(self.replicas):
             got = self._on_servers(kb, lambda c, ks, pos: c.get_many(ks, None if outs is None else _pick(outs, pos)),
@@ -158,7 +173,7 @@ class EmsClient:
         kb = _keys([k for k, _ in items])
         values = [v for _, v in items]
         stored = [False] * len(kb)
-        refusals: list[tuple[bytes, str]] = []
+        refusals: list[tuple[bytes, ErrorCode]] = []
         for rank in range(self.replicas):
             got = self._on_servers(kb, lambda c, ks, pos: c.put_many(ks, _pick(values, pos)), rank)
             for i, code in got.items():
@@ -225,15 +240,17 @@ class EmsClient:
         """Async :meth:`put`."""
         return await asyncio.to_thread(self.put, key, value)
 
-    async def amget(self, keys: Sequence[Key], outs: Sequence[object] | None = None) -> list[object]:
+    @overload
+    async def amget(self, keys: Sequence[Key], outs: None = None) -> list[bytearray | None]: ...
+
+    @overload
+    async def amget(self, keys: Sequence[Key], outs: Sequence[object]) -> list[int | None]: ...
+
+    async def amget(self, keys: Sequence[Key], outs: Sequence[object] | None = None) -> list[Any]:
         """Async :meth:`mget`."""
-        return await asyncio.to_thread(self.mget, keys, outs)
+        return await asyncio.to_thread(self._mget, keys, outs)
 
-    async def amput(self, items: Sequence[tuple[Key, object]]) -> list[bool]:
-        """Async :meth:`mput`."""
-        return await asyncio.to_thread(self.mput, items)
-
-    def submit(self, fn, *args, **kwargs) -> Future:
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
         """Run ``fn(*args)`` on the client's background thread (e.g. a KV store off the hot path)."""
         with self._lock:
             if self._executor is None:

@@ -17,14 +17,19 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
+from matrixinfer import netio
 from matrixinfer.ems import protocol as p
 from matrixinfer.ems.arena import map_arena
 from matrixinfer.ems.index import SUPPORTED as INDEX_SUPPORTED
 from matrixinfer.ems.index import IndexReader
 from matrixinfer.ems.local_read import LocalReader, copy_pairs, writable_view
-from matrixinfer.ems.server import tune_socket
+from matrixinfer.ems.protocol import ErrorCode
 from matrixinfer.ems.service import host_id
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 FAST_PUT_MIN = 64 << 10  # below this a put's two round trips cost more than the socket copy
 _PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an int: combining the flags per call costs a microsecond
@@ -44,17 +49,18 @@ class EmsPermissionError(EmsError):
 
 
 class EmsRefused(EmsError):
-    """A live server refused to store a value; ``code`` is ``quota``, ``too_large`` or ``full``."""
+    """A live server refused to store a value; ``code`` says why (``QUOTA``, ``TOO_LARGE``, ``FULL``,
+    ``KEY_TOO_LONG``)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
 
 
 def readable_view(buf: object) -> memoryview:
-    """A flat byte view of a value to store."""
+    """A flat byte view of a value to store (bytes-like, numpy array, CPU torch tensor; else its str)."""
     try:
-        view = memoryview(buf)
+        view = memoryview(cast("Buffer", buf))  # one attempt is cheaper than checking the type first
     except TypeError:
         view = memoryview(buf.numpy()) if hasattr(buf, "numpy") else memoryview(str(buf).encode())
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
@@ -66,15 +72,16 @@ class ServerConnection:
     def __init__(self, addr: str, namespace: str, token: str = "", timeout: float = 5.0,
                  connect_timeout: float = 0.5, fast_path: bool = True) -> None:
         self.addr = addr
-        self.sock = socket.create_connection(p.parse_addr(addr), timeout=connect_timeout)
-        p.set_timeouts(self.sock, timeout)
-        tune_socket(self.sock)
+        self.peer = f"EMS server {addr}"  # names the server in errors
+        self.sock = socket.create_connection(netio.parse_addr(addr), timeout=connect_timeout)
+        netio.set_timeouts(self.sock, timeout)
+        p.tune_socket(self.sock)
         self._held_lease = 0  # a same-host read lease to drop with the next request
         self._hits = 0  # reads served from the shared index, not yet reported
         self._hits_sent = float("-inf")
         self.reads: Counter[str] = Counter()  # same-host keys read via "index", "lease"; index "conflict"s
         reply = self._call(p.Hello(namespace=namespace, token=token))
-        if reply.code == "refused":
+        if reply.code == ErrorCode.REFUSED:
             self.close()
             raise EmsPermissionError(f"EMS server {addr}: {reply.error}")
         self.server_id = reply.server_id
@@ -99,10 +106,10 @@ class ServerConnection:
         try:
             sock.settimeout(connect_timeout)
             sock.connect(local_addr)
-            p.set_timeouts(sock, timeout)
+            netio.set_timeouts(sock, timeout)
             p.send_frame(sock, p.Hello(namespace=namespace, token=token))
-            reply = p.recv_reply(sock)
-        except (OSError, p.ProtocolError):
+            reply = p.recv_reply(sock, self.peer)
+        except OSError:  # includes netio.WireError
             sock.close()
             return None
         if reply.code or reply.server_id != self.server_id:
@@ -122,7 +129,7 @@ class ServerConnection:
                     return None  # e.g. another container sharing the network namespace: use TCP
             return _arenas[server_id]
 
-    def _call(self, req: p.Request, payloads: Sequence = ()) -> p.Reply:
+    def _call(self, req: p.Request, payloads: Sequence[Buffer] = ()) -> p.Reply:
         self._report_hits(force=True)
         if self._held_lease:  # the last same-host read is done: drop its pins with this request
             if isinstance(req, p.Get):
@@ -131,7 +138,7 @@ class ServerConnection:
                 p.send_frame(self.sock, p.Release(lease=self._held_lease))
             self._held_lease = 0
         p.send_frame(self.sock, req, payloads)
-        return p.recv_reply(self.sock)
+        return p.recv_reply(self.sock, self.peer)
 
     def release(self) -> None:
         """Drop the pins of the last same-host read now rather than with the next request, and
@@ -161,16 +168,18 @@ class ServerConnection:
     def get_many(self, keys: list[bytes], outs: Sequence[object] | None) -> list[object]:
         """Values of ``keys``: with ``outs``, bytes written into each buffer (None on a miss);
         without, a new bytearray per hit (None on a miss)."""
-        if self.arena is None:
+        arena = self.arena
+        if arena is None:
             return self._get_tcp(keys, None if outs is None else [writable_view(o) for o in outs])
         results: list[object] = [None] * len(keys)
-        rest = self._get_from_index(keys, outs, results) if self.local is not None else range(len(keys))
+        rest: Sequence[int] = self._get_from_index(keys, outs, results) if self.local is not None else range(len(keys))
         if rest:
             self.reads["lease"] += len(rest)
             rest_keys = [keys[i] for i in rest]
             reply = self._call(p.Get(keys=rest_keys, lease=True))
             try:
-                got = self._copy_out(reply, rest_keys, None if outs is None else [writable_view(outs[i]) for i in rest])
+                got = self._copy_out(arena, reply, rest_keys,
+                                     None if outs is None else [writable_view(outs[i]) for i in rest])
             finally:
                 self._held_lease = reply.lease  # released by the next request (or by closing)
             for i, r in zip(rest, got):
@@ -190,9 +199,10 @@ class ServerConnection:
             eof = False  # nothing to read: the server is alive, so its index is current
         if eof:  # a dead server's index is frozen, not current: never read it
             raise ConnectionError(f"EMS server {self.addr} closed the connection")
-        if not self.index.is_open():
+        index, local = self.index, self.local
+        if index is None or local is None or not index.is_open():
             return list(range(len(keys)))
-        rest, hits, conflicts = self.local.read(keys, outs, results)
+        rest, hits, conflicts = local.read(keys, outs, results)
         if hits:
             self._hits += hits
             self.reads["index"] += hits
@@ -219,12 +229,13 @@ class ServerConnection:
             else:
                 dests.append(views[i][:size])
                 results.append(size)
-        p.recv_scatter(self.sock, dests)
+        netio.recv_scatter(self.sock, dests, self.peer)
         if too_small:
             raise ValueError(f"buffer for key {too_small[0]!r} holds {too_small[2]} bytes, value has {too_small[1]}")
         return results
 
-    def _copy_out(self, reply: p.Reply, keys: list[bytes], views: list[memoryview] | None) -> list[object]:
+    def _copy_out(self, arena: memoryview, reply: p.Reply, keys: list[bytes],
+                  views: list[memoryview] | None) -> list[object]:
         results: list[object] = []
         big: list[tuple[memoryview, memoryview]] = []  # copies from the arena, done after the loop
         too_small = None
@@ -234,33 +245,34 @@ class ServerConnection:
                 continue
             if views is not None and len(views[i]) < size:
                 if off == p.INLINE:
-                    p.discard(self.sock, size)  # keep the stream in step, then complain
+                    netio.discard(self.sock, size, self.peer)  # keep the stream in step, then complain
                 too_small = too_small or (keys[i], size, len(views[i]))
                 results.append(None)
                 continue
             dst = memoryview(bytearray(size)) if views is None else views[i][:size]
             if off == p.INLINE:  # served from the SSD tier without promotion: bytes follow
-                p.recv_exact(self.sock, dst)
+                netio.recv_exact_into(self.sock, dst, self.peer)
             else:
-                big.append((dst, self.arena[off:off + size]))
+                big.append((dst, arena[off:off + size]))
             results.append(dst.obj if views is None else size)
         copy_pairs(big, sum(len(d) for d, _ in big))
         if too_small:
             raise ValueError(f"buffer for key {too_small[0]!r} holds {too_small[2]} bytes, value has {too_small[1]}")
         return results
 
-    def put_many(self, keys: list[bytes], values: Sequence[object]) -> list[str]:
-        """Store values; returns a refusal code per key (``""`` when stored)."""
+    def put_many(self, keys: list[bytes], values: Sequence[object]) -> list[ErrorCode]:
+        """Store values; returns a refusal code per key (``ErrorCode.OK`` when stored)."""
         views = [readable_view(v) for v in values]
         sizes = [len(v) for v in views]
-        if self.arena is not None and sum(sizes) >= FAST_PUT_MIN:
-            codes = ["retry"] * len(keys)
-            while pending := [i for i, c in enumerate(codes) if c == "retry"]:
+        arena = self.arena
+        if arena is not None and sum(sizes) >= FAST_PUT_MIN:
+            codes = [ErrorCode.RETRY] * len(keys)
+            while pending := [i for i, c in enumerate(codes) if c == ErrorCode.RETRY]:
                 reply = self._call(p.Reserve(keys=[keys[i] for i in pending], sizes=[sizes[i] for i in pending]))
                 try:
                     for i, off in zip(pending, reply.offsets):
                         if off >= 0:
-                            self.arena[off:off + sizes[i]] = views[i]
+                            arena[off:off + sizes[i]] = views[i]
                 except BaseException:
                     self._call(p.Commit(reservation=reply.lease, abort=True))
                     raise
@@ -281,6 +293,6 @@ class ServerConnection:
 
 def server_stats(addr: str, timeout: float = 2.0) -> dict:
     """The stats dict of one server (no namespace needed)."""
-    with socket.create_connection(p.parse_addr(addr), timeout=timeout) as sock:
+    with netio.connect(addr, timeout=timeout) as sock:
         p.send_frame(sock, p.Stats())
-        return p.recv_reply(sock).stats
+        return p.recv_reply(sock, f"EMS server {addr}").stats

@@ -12,7 +12,9 @@ import socket
 import threading
 import time
 
+from matrixinfer import netio
 from matrixinfer.ems import protocol as p
+from matrixinfer.ems.protocol import ErrorCode
 
 
 class LeaseTable:
@@ -51,10 +53,10 @@ class LeaseTable:
 class Controller:
     """TCP front end of a :class:`LeaseTable` (Register, KeepAlive and Members requests)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = netio.LOOPBACK, port: int = 0) -> None:
         self.table = LeaseTable()
-        self.listener = socket.create_server((host, port))
-        self.address = f"{host}:{self.listener.getsockname()[1]}"
+        self.listener = netio.listen(host, port)
+        self.address = netio.format_addr(host, self.listener.getsockname()[1])
         self._thread: threading.Thread | None = None
 
     def start(self) -> Controller:
@@ -86,11 +88,13 @@ class Controller:
                         reply = p.Reply(lease=self.table.register(req.addr, req.ttl, now))
                     elif isinstance(req, p.KeepAlive):
                         ok = self.table.keepalive(req.lease, now)
-                        reply = p.Reply() if ok else p.Reply(code="unknown_lease", error=f"lease {req.lease} expired")
+                        reply = p.Reply() if ok else p.Reply(code=ErrorCode.UNKNOWN_LEASE,
+                                                             error=f"lease {req.lease} expired")
                     elif isinstance(req, p.Members):
                         reply = p.Reply(members=self.table.members(now))
                     else:
-                        reply = p.Reply(code="unsupported", error=f"the controller does not serve {type(req).__name__}")
+                        reply = p.Reply(code=ErrorCode.UNSUPPORTED,
+                                        error=f"the controller does not serve {type(req).__name__}")
                     p.send_frame(conn, reply)
-        except (ConnectionError, OSError, p.ProtocolError):
+        except OSError:  # includes ConnectionError and netio.WireError
             pass

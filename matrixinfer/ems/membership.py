@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import abc
 import base64
-import socket
 import threading
 
+from matrixinfer import netio
 from matrixinfer.ems import protocol as p
+from matrixinfer.ems.protocol import ErrorCode
 
 CONTROLLER_TIMEOUT = 1.0
 
@@ -33,7 +34,7 @@ class Membership(abc.ABC):
         """Extend a lease; False when it already expired (the caller re-registers)."""
         raise NotImplementedError(f"{type(self).__name__} does not accept registrations")
 
-    def revoke(self, lease: int) -> None:
+    def revoke(self, lease: int) -> None:  # noqa: B027 - optional: a view without leases has nothing to revoke
         """Leave now instead of waiting for the lease to expire."""
 
 
@@ -55,9 +56,9 @@ class ControllerMembership(Membership):
         self.timeout = timeout
 
     def _call(self, req: p.Request) -> p.Reply:
-        with socket.create_connection(p.parse_addr(self.addr), timeout=self.timeout) as sock:
+        with netio.connect(self.addr, timeout=self.timeout) as sock:
             p.send_frame(sock, req)
-            return p.recv_reply(sock)
+            return p.recv_reply(sock, f"EMS controller {self.addr}")
 
     def members(self) -> list[str]:
         return self._call(p.Members()).members
@@ -66,7 +67,7 @@ class ControllerMembership(Membership):
         return self._call(p.Register(addr=addr, ttl=ttl)).lease
 
     def keepalive(self, lease: int) -> bool:
-        return self._call(p.KeepAlive(lease=lease)).code == ""
+        return self._call(p.KeepAlive(lease=lease)).code == ErrorCode.OK
 
 
 def _b64(data: str | bytes) -> str:
@@ -127,6 +128,7 @@ def membership_from(servers: str | None = None, controller: str | None = None, e
         return StaticMembership([s.strip() for s in servers.split(",") if s.strip()])
     if controller:
         return ControllerMembership(controller)
+    assert etcd is not None  # the one given
     return EtcdMembership(etcd, cluster)
 
 

@@ -52,11 +52,12 @@ def _ref(model_id: str, version: str) -> str:
 
 
 def _to_bytes(tensor: object) -> tuple[str, list[int], np.ndarray]:
-    if type(tensor).__module__.startswith("torch"):
+    if type(tensor).__module__.startswith("torch"):  # torch is imported only when given its tensors
         import torch
 
-        t = tensor.detach().contiguous().cpu()
-        return str(t.dtype), list(t.shape), t.view(torch.uint8).reshape(-1).numpy()
+        if isinstance(tensor, torch.Tensor):
+            t = tensor.detach().contiguous().cpu()
+            return str(t.dtype), list(t.shape), t.view(torch.uint8).reshape(-1).numpy()
     arr = np.ascontiguousarray(tensor)
     return arr.dtype.str, list(arr.shape), arr.reshape(-1).view(np.uint8)
 
@@ -129,10 +130,13 @@ class ModelCache:
         if m is None:
             return None
         raws = self.client.mget([self._tensor_key(model_id, version, t.name) for t in m.tensors])
-        if any(r is None or len(r) != t.nbytes for r, t in zip(raws, m.tensors)):
-            return None
+        tensors: dict[str, object] = {}
+        for t, r in zip(m.tensors, raws):
+            if r is None or len(r) != t.nbytes:
+                return None
+            tensors[t.name] = _from_bytes(t, r)
         self._touch(model_id, version, None)
-        return {t.name: _from_bytes(t, r) for t, r in zip(m.tensors, raws)}
+        return tensors
 
     def load_some(self, model_id: str, version: str, metas: list[TensorMeta]) -> dict[str, object]:
         """Some tensors of this version (as ``load`` returns them), in one batch; misses are left out."""

@@ -1,24 +1,41 @@
 """EMS wire format: a fixed prefix, a typed msgpack header, then raw value bytes. No pickle.
 
-A frame is ``b"EMS1" | u32 header length | header | payloads``; the header says how many payload
-bytes follow (``Put.sizes`` on requests, ``Reply.sizes`` on replies to ``Get``), so values move
-between sockets and arenas or caller buffers with no intermediate copy.
+Frames are :mod:`matrixinfer.netio`'s with the magic ``b"EMS1"``: ``EMS1 | u32 header length |
+header | payloads``; the header says how many payload bytes follow (``Put.sizes`` on requests,
+``Reply.sizes`` on replies to ``Get``), so values move between sockets and arenas or caller buffers
+with no intermediate copy. Every refusal is one :class:`ErrorCode`.
 """
 
 from __future__ import annotations
 
 import socket
-import struct
-from collections.abc import Sequence
+from enum import StrEnum
 
 import msgspec
 
-MAGIC = b"EMS1"
-PREFIX = struct.Struct("<4sI")
-MAX_HEADER = 64 << 20
+from matrixinfer import envs, netio
+
 MAX_KEY = 4096  # bytes; the SSD tier's header stores key lengths in 16 bits
 MISS = -1  # a size of -1 in Reply.sizes marks a missing key
 INLINE = -2  # an offset of -2 in a leased Get reply: the value's bytes follow the header instead
+
+
+class ErrorCode(StrEnum):
+    """Why a request or a key was refused: ``Reply.code`` and ``Reply.codes`` (Mooncake's one
+    ``ErrorCode`` for every refusal). ``OK`` is the empty string, so ``if reply.code:`` tests failure."""
+
+    OK = ""
+    NO_SESSION = "no_session"  # a request before Hello
+    REFUSED = "refused"  # Hello: namespace undeclared on a closed server, or wrong token
+    BAD_REQUEST = "bad_request"  # malformed request (e.g. keys and sizes of different lengths)
+    UNSUPPORTED = "unsupported"  # a request this peer does not serve (server vs controller)
+    UNKNOWN_LEASE = "unknown_lease"  # controller: KeepAlive of an expired or unknown lease
+    KEY_TOO_LONG = "key_too_long"  # a key over MAX_KEY bytes
+    QUOTA = "quota"  # the value exceeds its namespace's quota (or the rest of the quota is pinned)
+    TOO_LARGE = "too_large"  # the value exceeds the whole arena
+    FULL = "full"  # nothing more can be evicted: every entry is pinned or being written
+    RETRY = "retry"  # Reserve: commit the blocks granted so far, then ask again for this key
+    ERROR = "error"  # any other store refusal
 
 
 class Hello(msgspec.Struct, tag=True):
@@ -111,11 +128,11 @@ Request = (Hello | Put | Get | Exists | Delete | Reserve | Commit | Release | In
 class Reply(msgspec.Struct, omit_defaults=True):
     """Answer to any request; ``code`` is empty on success, else names the refusal."""
 
-    code: str = ""
+    code: ErrorCode = ErrorCode.OK
     error: str = ""
     sizes: list[int] = []  # Get: value lengths (MISS when absent); bytes follow unless leased
     offsets: list[int] = []  # leased Get / Reserve: arena offsets
-    codes: list[str] = []  # Put / Reserve: per-key refusal codes ("" when stored)
+    codes: list[ErrorCode] = []  # Put / Reserve: per-key refusal codes (OK when stored)
     found: list[bool] = []  # Exists / Delete
     lease: int = 0  # leased Get / Reserve / Register: the id to release, commit or keep alive
     server_id: str = ""  # Hello: changes on every restart
@@ -130,112 +147,29 @@ class Reply(msgspec.Struct, omit_defaults=True):
     stats: dict = {}
 
 
-_encoder = msgspec.msgpack.Encoder()
+FRAMING = netio.Framing(b"EMS1", 64 << 20, "EMS")
+send_frame = FRAMING.send  # (sock, header, payloads=()): the header, then its payload buffers
 _request_decoder = msgspec.msgpack.Decoder(Request)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
 
 
-class ProtocolError(ConnectionError):
-    """The peer sent something that is not an EMS frame."""
-
-
-def send_frame(sock: socket.socket, header: msgspec.Struct, payloads: Sequence = ()) -> None:
-    """Send a header and its payload buffers with as few syscalls as possible."""
-    body = _encoder.encode(header)
-    bufs = [memoryview(PREFIX.pack(MAGIC, len(body)) + body)]
-    bufs += [memoryview(p).cast("B") for p in payloads if len(p)]
-    while bufs:
-        sent = sock.sendmsg(bufs[:512])
-        while sent:
-            if sent >= len(bufs[0]):
-                sent -= len(bufs.pop(0))
-            else:
-                bufs[0] = bufs[0][sent:]
-                sent = 0
-
-
-def recv_exact(sock: socket.socket, view: memoryview) -> None:
-    """Fill ``view`` from the socket (raises ConnectionError on EOF).
-
-    ``MSG_WAITALL`` lets the kernel gather a large value in one call on blocking sockets (see
-    :func:`set_timeouts`); it is harmless on sockets with a Python-level timeout.
-    """
-    got, n = 0, len(view)
-    while got < n:
-        k = sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
-        if k == 0:
-            raise ConnectionError("EMS peer closed the connection mid-frame")
-        got += k
-
-
-def recv_scatter(sock: socket.socket, views: list[memoryview]) -> None:
-    """Fill every view in order with as few syscalls as possible (``recvmsg_into``)."""
-    views = [v for v in views if len(v)]
-    i = 0
-    while i < len(views):
-        n = sock.recvmsg_into(views[i:i + 512], 0, socket.MSG_WAITALL)[0]
-        if n == 0:
-            raise ConnectionError("EMS peer closed the connection mid-frame")
-        while n:
-            if n >= len(views[i]):
-                n -= len(views[i])
-                i += 1
-            else:
-                views[i] = views[i][n:]
-                n = 0
-
-
-def discard(sock: socket.socket, n: int) -> None:
-    """Read and drop ``n`` bytes (a refused value's payload)."""
-    scratch = memoryview(bytearray(min(n, 1 << 20)))
-    while n > 0:
-        k = min(n, len(scratch))
-        recv_exact(sock, scratch[:k])
-        n -= k
-
-
-def _recv_header(sock: socket.socket) -> bytes:
-    prefix = bytearray(PREFIX.size)
-    recv_exact(sock, memoryview(prefix))
-    magic, length = PREFIX.unpack(prefix)
-    if magic != MAGIC or length > MAX_HEADER:
-        raise ProtocolError(f"bad EMS frame prefix {bytes(prefix)!r} (expected magic {MAGIC!r})")
-    body = bytearray(length)
-    recv_exact(sock, memoryview(body))
-    return bytes(body)
-
-
-def recv_request(sock: socket.socket) -> Request:
+def recv_request(sock: socket.socket, peer: str = "EMS client") -> Request:
     """Read one request header (payloads, if any, are left on the socket)."""
-    try:
-        return _request_decoder.decode(_recv_header(sock))
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"undecodable EMS request: {exc}") from exc
+    req: Request = FRAMING.recv(sock, _request_decoder, peer)
+    return req
 
 
-def recv_reply(sock: socket.socket) -> Reply:
+def recv_reply(sock: socket.socket, peer: str = "EMS server") -> Reply:
     """Read one reply header (payloads, if any, are left on the socket)."""
-    try:
-        return _reply_decoder.decode(_recv_header(sock))
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"undecodable EMS reply: {exc}") from exc
+    reply: Reply = FRAMING.recv(sock, _reply_decoder, peer)
+    return reply
 
 
-def set_timeouts(sock: socket.socket, seconds: float) -> None:
-    """Blocking socket with kernel send/receive timeouts, so ``MSG_WAITALL`` reads stay whole.
-
-    (A Python-level ``settimeout`` makes the socket non-blocking, which splits every large read
-    into many small ones.) A timed-out call raises ``OSError`` (EAGAIN).
-    """
-    sock.settimeout(None)
-    tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-
-
-def parse_addr(addr: str) -> tuple[str, int]:
-    """``"host:port"`` -> ``(host, port)``."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"EMS address {addr!r} is not HOST:PORT")
-    return host or "127.0.0.1", int(port)
+def tune_socket(sock: socket.socket) -> None:
+    """Low latency for small requests; buffer sizes are the kernel's autotuning unless
+    ``MATRIXINFER_EMS_SOCKET_BUFFER`` sets them."""
+    if sock.family != socket.AF_UNIX:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if size := envs.ems_socket_buffer():
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)

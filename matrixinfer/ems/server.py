@@ -16,29 +16,22 @@ import socket
 import sys
 import threading
 
+from matrixinfer import netio
 from matrixinfer.ems import protocol as p
-from matrixinfer.ems.service import EmsService, NamespaceConfig, NamespaceRefused, Session
+from matrixinfer.ems.config import EmsServerConfig, add_server_args, server_config
+from matrixinfer.ems.config import parse_size as parse_size  # until serve/cli.py imports it from ems.config
+from matrixinfer.ems.protocol import ErrorCode
+from matrixinfer.ems.service import EmsService, NamespaceRefused, Session
 from matrixinfer.ems.store import EmsStoreError
-
-SOCKET_BUFFER = int(os.environ.get("EMS_SOCKET_BUFFER", "0"))
-
-
-def tune_socket(sock: socket.socket) -> None:
-    """Low latency for small requests (buffers left to the kernel's autotuning unless set)."""
-    if sock.family != socket.AF_UNIX:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if SOCKET_BUFFER:
-        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
 
 
 class EmsServer:
     """Accepts connections and serves EMS requests for one :class:`EmsService`."""
 
-    def __init__(self, service: EmsService, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, service: EmsService, host: str = netio.LOOPBACK, port: int = 0) -> None:
         self.service = service
-        self.listener = socket.create_server((host, port), reuse_port=False, backlog=128)
-        self.address = f"{host}:{self.listener.getsockname()[1]}"
+        self.listener = netio.listen(host, port)
+        self.address = netio.format_addr(host, self.listener.getsockname()[1])
         self.local_listener, self.local_address = self._listen_local() if service.arena else (None, "")
         self._stop = threading.Event()
 
@@ -66,7 +59,7 @@ class EmsServer:
                 conn, _ = listener.accept()
             except OSError:
                 break
-            tune_socket(conn)
+            p.tune_socket(conn)
             threading.Thread(target=self._serve_conn, args=(conn,), daemon=True, name="ems-conn").start()
 
     def stop(self) -> None:
@@ -88,10 +81,10 @@ class EmsServer:
                 while True:
                     req = p.recv_request(conn)
                     if not session.namespace and not isinstance(req, (p.Hello, p.Stats)):
-                        p.send_frame(conn, p.Reply(code="no_session", error="send Hello(namespace) first"))
+                        p.send_frame(conn, p.Reply(code=ErrorCode.NO_SESSION, error="send Hello(namespace) first"))
                         continue
                     self._dispatch(conn, session, req)
-        except (ConnectionError, OSError, p.ProtocolError):
+        except OSError:  # includes ConnectionError and netio.WireError: the client went away or spoke nonsense
             pass
         finally:
             self.service.close(session)
@@ -126,7 +119,8 @@ class EmsServer:
             p.send_frame(conn, p.Reply(found=svc.delete(session, req.keys)))
         elif isinstance(req, p.Reserve):
             if len(req.keys) != len(req.sizes) or any(len(k) > p.MAX_KEY for k in req.keys):
-                p.send_frame(conn, p.Reply(code="bad_request", error=f"Reserve needs one size per key of <= {p.MAX_KEY} bytes"))
+                p.send_frame(conn, p.Reply(code=ErrorCode.BAD_REQUEST,
+                                           error=f"Reserve needs one size per key of <= {p.MAX_KEY} bytes"))
                 return
             rid, offsets, codes = svc.reserve_many(session, req.keys, req.sizes)
             p.send_frame(conn, p.Reply(offsets=offsets, codes=codes, lease=rid))
@@ -137,7 +131,7 @@ class EmsServer:
             try:
                 svc.open(session, req.namespace, req.token)
             except NamespaceRefused as exc:
-                p.send_frame(conn, p.Reply(code="refused", error=str(exc)))
+                p.send_frame(conn, p.Reply(code=ErrorCode.REFUSED, error=str(exc)))
                 return
             arena = svc.arena
             if arena is None:
@@ -150,82 +144,50 @@ class EmsServer:
         elif isinstance(req, p.Stats):
             p.send_frame(conn, p.Reply(stats=svc.stats()))
         else:
-            p.send_frame(conn, p.Reply(code="unsupported", error=f"an EMS server does not serve {type(req).__name__}"))
+            p.send_frame(conn, p.Reply(code=ErrorCode.UNSUPPORTED,
+                                       error=f"an EMS server does not serve {type(req).__name__}"))
 
     def _put(self, conn: socket.socket, session: Session, req: p.Put) -> None:
         if len(req.keys) != len(req.sizes) or min(req.sizes, default=0) < 0:
-            raise p.ProtocolError(f"Put with {len(req.keys)} keys and sizes {req.sizes[:8]}...: cannot frame payloads")
-        codes = []
+            raise netio.WireError(f"Put with {len(req.keys)} keys and sizes {req.sizes[:8]}...: cannot frame payloads")
+        codes: list[ErrorCode] = []
         for key, size in zip(req.keys, req.sizes):
             if len(key) > p.MAX_KEY:
-                p.discard(conn, size)
-                codes.append("key_too_long")
+                netio.discard(conn, size)
+                codes.append(ErrorCode.KEY_TOO_LONG)
                 continue
             try:
                 offset = self.service.reserve(session, size)
             except EmsStoreError as exc:
-                p.discard(conn, size)
+                netio.discard(conn, size)
                 codes.append(exc.code)
                 continue
             try:
-                p.recv_exact(conn, self.service.view[offset:offset + size])
+                netio.recv_exact_into(conn, self.service.view[offset:offset + size])
             except BaseException:
                 self.service.abort(session, offset)
                 raise
             self.service.commit(session, key, offset, size)
-            codes.append("")
+            codes.append(ErrorCode.OK)
         p.send_frame(conn, p.Reply(codes=codes))
 
 
-def parse_size(text: str) -> int:
-    """``"512M"``, ``"4G"``, ``"1048576"`` -> bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
+def run_server(cfg: EmsServerConfig) -> int:
+    """Serve ``cfg`` until SIGTERM/SIGINT (after printing ``EMS server listening on ADDR``)."""
+    host, port = netio.parse_addr(cfg.listen)  # a bad address fails before the arena is created
+    service = EmsService.from_config(cfg)
     try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except (ValueError, IndexError) as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 4096, 512M or 4G") from exc
-
-
-def parse_namespace(text: str) -> tuple[str, NamespaceConfig]:
-    """``NAME=QUOTA[:TOKEN]`` -> ``(NAME, NamespaceConfig)``."""
-    name, sep, rest = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"namespace {text!r} is not NAME=QUOTA[:TOKEN]")
-    quota, _, token = rest.partition(":")
-    return name, NamespaceConfig(parse_size(quota), token)
-
-
-def add_server_args(parser: argparse.ArgumentParser) -> None:
-    """Options of ``matrixinfer ems-server``."""
-    parser.add_argument("--capacity", type=parse_size, required=True, help="DRAM arena size, e.g. 4G")
-    parser.add_argument("--ssd-dir", help="directory of the SSD tier (kept across restarts)")
-    parser.add_argument("--ssd-capacity", type=parse_size, default=0, help="SSD tier size, e.g. 100G")
-    parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0 picks a free one)")
-    parser.add_argument("--advertise", help="address clients should use (default: the listen address)")
-    parser.add_argument("--namespace", action="append", type=parse_namespace, default=[],
-                        metavar="NAME=QUOTA[:TOKEN]", help="declare a namespace with a DRAM quota and token")
-    parser.add_argument("--closed", action="store_true", help="refuse namespaces that were not declared")
-    parser.add_argument("--default-quota", type=parse_size, help="quota of undeclared namespaces")
-    parser.add_argument("--controller", help="HOST:PORT of an EMS controller to join")
-    parser.add_argument("--etcd", help="etcd endpoint URL(s), comma-separated, to join (multi-host)")
-    parser.add_argument("--cluster", default="default", help="ring name in the controller or etcd")
-    parser.add_argument("--lease-ttl", type=float, default=3.0, help="membership lease seconds")
-
-
-def run_server(args: argparse.Namespace) -> int:
-    """Start a server from parsed arguments and block until SIGTERM/SIGINT."""
-    service = EmsService(args.capacity, args.ssd_dir, args.ssd_capacity, dict(args.namespace),
-                         open_namespaces=not args.closed, default_quota=args.default_quota)
-    host, port = p.parse_addr(args.listen)
-    server = EmsServer(service, host, port)
-    advertise = args.advertise or server.address
+        server = EmsServer(service, host, port)
+    except BaseException:  # e.g. the port is taken: do not leave the shared segment behind
+        service.shutdown()
+        raise
+    advertise = cfg.advertise or server.address
     registrar = None
-    if args.controller or args.etcd:
+    if cfg.controller or cfg.etcd:
         from matrixinfer.ems.membership import Registrar, membership_from
 
-        registrar = Registrar(membership_from(controller=args.controller, etcd=args.etcd, cluster=args.cluster),
-                              advertise, args.lease_ttl)
+        registrar = Registrar(membership_from(controller=cfg.controller, etcd=cfg.etcd, cluster=cfg.cluster),
+                              advertise, cfg.lease_ttl)
         registrar.start()
 
     def _stop(signum: int, frame: object) -> None:
@@ -247,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m matrixinfer.ems.server``."""
     parser = argparse.ArgumentParser(prog="matrixinfer ems-server", description="Run one EMS memory-pool server.")
     add_server_args(parser)
-    return run_server(parser.parse_args(argv))
+    return run_server(server_config(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

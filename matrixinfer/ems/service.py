@@ -13,10 +13,13 @@ import secrets
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from matrixinfer.ems.arena import SharedArena
+from matrixinfer.ems.config import EmsServerConfig, NamespaceConfig
 from matrixinfer.ems.index import IndexWriter, index_bytes, key_tag, slots_for
+from matrixinfer.ems.protocol import ErrorCode
 from matrixinfer.ems.ssd import SsdTier
 from matrixinfer.ems.store import DramStore, EmsStoreError, Entry
 
@@ -27,14 +30,6 @@ COUNTERS = ("puts", "put_bytes", "hits", "dram_hits", "ssd_hits", "misses", "evi
 
 class NamespaceRefused(Exception):
     """A session asked for a namespace it may not open."""
-
-
-@dataclass
-class NamespaceConfig:
-    """Quota (DRAM bytes) and optional access token of one namespace."""
-
-    quota: int
-    token: str = ""
 
 
 def host_id() -> str:
@@ -66,7 +61,7 @@ class EmsService:
     """The server's state machine; see the module docstring for the locking rule."""
 
     def __init__(self, capacity: int, ssd_dir: str | None = None, ssd_capacity: int = 0,
-                 namespaces: dict[str, NamespaceConfig] | None = None, open_namespaces: bool = True,
+                 namespaces: Mapping[str, NamespaceConfig] | None = None, open_namespaces: bool = True,
                  default_quota: int | None = None, shared: bool = True) -> None:
         self.lock = threading.RLock()
         self.namespaces = dict(namespaces or {})
@@ -85,6 +80,12 @@ class EmsService:
         self.counters: dict[str, Counter] = {}
         self._ids = itertools.count(1)
         self._lease_deadlines: dict[int, tuple[float, Session]] = {}
+
+    @classmethod
+    def from_config(cls, cfg: EmsServerConfig) -> EmsService:
+        """The service of one server process's settings."""
+        return cls(cfg.capacity, cfg.ssd_dir, cfg.ssd_capacity, cfg.namespaces, open_namespaces=not cfg.closed,
+                   default_quota=cfg.default_quota)
 
     # -- namespaces ------------------------------------------------------------------------------
     def quota_of(self, ns: str) -> int:
@@ -116,7 +117,7 @@ class EmsService:
             self.index.withdraw(entry.ns, entry.key)
 
     def _was_read(self, entry: Entry) -> bool:
-        return bool(self.index) and self.index.take_read(entry.ns, entry.key)
+        return self.index is not None and self.index.take_read(entry.ns, entry.key)
 
     def _count(self, ns: str, **deltas: int) -> None:
         self.counters.setdefault(ns, Counter()).update(deltas)
@@ -136,18 +137,19 @@ class EmsService:
         When DRAM cannot take it (e.g. the rest of the same batch is pinned) the value is read into
         a private buffer instead and served from there.
         """
-        size = self.ssd.size_of(ns, key) if self.ssd else None
-        if size is None:
+        ssd = self.ssd
+        size = ssd.size_of(ns, key) if ssd else None
+        if ssd is None or size is None:
             return None
-        self.ssd.protected.add((ns, key))
+        ssd.protected.add((ns, key))
         try:
             offset = self.store.reserve(ns, size)
         except EmsStoreError:
             buf = bytearray(size)
-            return buf if self.ssd.read_into(ns, key, memoryview(buf)) else None
+            return buf if ssd.read_into(ns, key, memoryview(buf)) else None
         finally:
-            self.ssd.protected.discard((ns, key))
-        if not self.ssd.read_into(ns, key, self.view[offset:offset + size]):
+            ssd.protected.discard((ns, key))
+        if not ssd.read_into(ns, key, self.view[offset:offset + size]):
             self.store.abort(ns, offset)
             self._count(ns, corrupt=1)
             return None
@@ -162,8 +164,8 @@ class EmsService:
         out: list[Entry | bytearray | None] = []
         with self.lock:
             for key in keys:
-                entry = self.store.get(ns, key, pin=True)
-                if entry is not None:
+                entry: Entry | bytearray | None = self.store.get(ns, key, pin=True)
+                if isinstance(entry, Entry):
                     self._count(ns, hits=1, dram_hits=1)
                     if self.index and not self.index.is_published(ns, key):
                         self._publish(entry)  # lost its slot to a bucket neighbour: hot again
@@ -240,27 +242,30 @@ class EmsService:
             self.store.commit(ns, key, offset, size)
             self._count(ns, puts=1, put_bytes=size)
 
-    def reserve_many(self, session: Session, keys: list[bytes], sizes: list[int]) -> tuple[int, list[int], list[str]]:
+    def reserve_many(self, session: Session, keys: list[bytes],
+                     sizes: list[int]) -> tuple[int, list[int], list[ErrorCode]]:
         """Same-host put: reservations for several keys under one id.
 
-        Reservations cannot be evicted, so once one fails the rest are answered ``"retry"``: the
+        Reservations cannot be evicted, so once one fails the rest are answered ``RETRY``: the
         client commits what it got and asks again for the remainder.
         """
-        offsets, codes, held = [], [], []
+        offsets: list[int] = []
+        codes: list[ErrorCode] = []
+        held: list[tuple[bytes, int, int]] = []
         for key, size in zip(keys, sizes):
-            if codes and codes[-1] == "retry":
+            if codes and codes[-1] == ErrorCode.RETRY:
                 offsets.append(-1)
-                codes.append("retry")
+                codes.append(ErrorCode.RETRY)
                 continue
             try:
                 off = self.reserve(session, size)
                 offsets.append(off)
-                codes.append("")
+                codes.append(ErrorCode.OK)
                 held.append((key, off, size))
             except EmsStoreError as exc:
                 offsets.append(-1)
                 # our own uncommitted blocks may be what is in the way: commit them, then retry
-                codes.append("retry" if held else exc.code)
+                codes.append(ErrorCode.RETRY if held else exc.code)
         rid = next(self._ids)
         session.reservations[rid] = held
         return rid, offsets, codes

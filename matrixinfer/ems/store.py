@@ -10,32 +10,34 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from matrixinfer.ems.arena import Allocator, align_up
+from matrixinfer.ems.protocol import ErrorCode
 
 
 class EmsStoreError(Exception):
     """Base class of store refusals; ``code`` travels on the wire."""
 
-    code = "error"
+    code: ClassVar[ErrorCode] = ErrorCode.ERROR
 
 
 class QuotaExceeded(EmsStoreError):
     """A value is larger than its namespace's whole quota."""
 
-    code = "quota"
+    code = ErrorCode.QUOTA
 
 
 class ValueTooLarge(EmsStoreError):
     """A value is larger than the whole arena."""
 
-    code = "too_large"
+    code = ErrorCode.TOO_LARGE
 
 
 class ArenaFull(EmsStoreError):
     """Nothing more can be evicted (everything left is pinned or being written)."""
 
-    code = "full"
+    code = ErrorCode.FULL
 
 
 @dataclass(eq=False)

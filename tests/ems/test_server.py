@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from matrixinfer.ems.client import EmsClient, EmsPermissionError, EmsRefused
+from matrixinfer.ems.client import EmsClient, EmsPermissionError, EmsRefused, ErrorCode
 from matrixinfer.ems.connection import server_stats
 
 KB, MB = 1 << 10, 1 << 20
@@ -108,7 +108,7 @@ def test_quotas_are_enforced(ems_servers):
         assert st["big"]["dram_entries"] == 5  # small's churn evicted only its own entries
         with pytest.raises(EmsRefused, match="quota") as err:
             small.put("too-big", b"z" * (2 * MB))
-        assert err.value.code == "quota"
+        assert err.value.code == ErrorCode.QUOTA
         assert small.mput([("too-big", b"z" * (2 * MB))], strict=False) == [False]
 
 
@@ -120,8 +120,9 @@ def test_small_buffer_is_refused_and_connection_stays_usable(ems_servers, fast_p
         with pytest.raises(ValueError, match="holds 100 bytes, value has 1000"):
             client.mget(["a", "b"], [bytearray(100), bytearray(10)])
         assert client.get("b") == b"y" * 10 and client.get("a") == b"x" * 1000
-        with pytest.raises(EmsRefused, match="key_too_long"):
+        with pytest.raises(EmsRefused, match="key_too_long") as err:
             client.put(b"k" * 5000, b"v")
+        assert err.value.code == ErrorCode.KEY_TOO_LONG
         assert client.get("b") == b"y" * 10
 
 
