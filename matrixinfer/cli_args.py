@@ -73,18 +73,22 @@ def add_dataclass_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
             continue
+        overridden = f.name in (defaults or {})
         default = (defaults or {}).get(f.name, f.default)
         if default is dataclasses.MISSING:
             raise TypeError(f"{cls.__name__}.{f.name} has no default: give it one or skip it")
         tp, _ = _base_type(hints[f.name])
         help_text = docs.get(f.name, "")
         if tp is bool:
+            if default is True:
+                help_text = f"turn off: {help_text}"
             action = "store_false" if default is True else "store_true"
             parser.add_argument(flag_name(f), dest=f.name, action=action, default=default, help=help_text)
             continue
         if tp not in (int, float, str):
             raise TypeError(f"{cls.__name__}.{f.name}: no flag for fields of type {hints[f.name]}")
-        suffix = f" (default: {default})" if default is not None else ""
+        # an overridden default may come from the environment (a secret): never print it
+        suffix = f" (default: {default})" if default is not None and not overridden else ""
         parser.add_argument(flag_name(f), dest=f.name, type=tp, default=default,
                             choices=f.metadata.get("choices"), help=help_text + suffix)
 
@@ -94,3 +98,20 @@ def from_args(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(ns, f.name)}
     values.update(overrides)
     return cls(**values)
+
+
+def to_argv(cfg: Any, skip: tuple[str, ...] = ()) -> list[str]:
+    """The flags that reproduce ``cfg`` (a dataclass instance) in a child process: one per field
+    whose value differs from its default (the inverse of :func:`from_args`)."""
+    out: list[str] = []
+    for f in dataclasses.fields(cfg):
+        if f.name in skip or not f.init:
+            continue
+        value = getattr(cfg, f.name)
+        if value == f.default:
+            continue
+        if isinstance(value, bool):
+            out.append(flag_name(f))  # the flag flips the default
+        elif value is not None:
+            out += [flag_name(f), str(value)]
+    return out

@@ -206,65 +206,45 @@ class ModelConfig:
             raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
         return cls.from_dict(data, source=str(path))
 
-    def num_params(self, include_mtp: bool = False) -> int:
-        """Total parameter count implied by the dimensions (embeddings and head included)."""
-        h = self.hidden_size
-        q = (h * self.q_lora_rank + self.q_lora_rank
-             + self.q_lora_rank * self.num_attention_heads * self.qk_head_dim) if self.q_lora_rank \
-            else h * self.num_attention_heads * self.qk_head_dim
-        kv = (h * self.kv_cache_dim + self.kv_lora_rank
-              + self.kv_lora_rank * self.num_attention_heads * (self.qk_nope_head_dim + self.v_head_dim))
-        attn = q + kv + self.num_attention_heads * self.v_head_dim * h + 2 * h
-        layers = self.num_hidden_layers + (self.num_nextn_predict_layers if include_mtp else 0)
-        total = 0
-        for i in range(layers):
-            if self.is_moe_layer(i):
-                e = self.n_routed_experts + (self.n_shared_experts or 0)
-                mlp = e * 3 * h * self.moe_intermediate_size + self.n_routed_experts * h
-            else:
-                mlp = 3 * h * self.intermediate_size
-            total += attn + mlp
-        total += self.vocab_size * h * (1 if self.tie_word_embeddings else 2) + h
-        return total
 
-
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
-    """Settings of one serving engine instance (what ``matrixinfer serve`` flags set).
+    """Settings of one serving engine instance (the ``matrixinfer serve``/``worker`` flags are
+    generated from these fields by :mod:`matrixinfer.cli_args`).
 
     Attributes:
-        model: checkpoint directory (None: the built-in default model).
+        model: checkpoint directory (default: the built-in model).
         served_model_name: the id clients pass as ``model`` (default: the directory's name).
-        device: ``cpu``, ``cuda`` or ``cuda:N`` (None: cuda when available).
-        dtype: runtime dtype name (None: bfloat16 on CUDA, float32 on CPU).
+        device: ``cpu``, ``cuda`` or ``cuda:N`` (default: cuda when available).
+        dtype: runtime dtype (default: bfloat16 on CUDA, float32 on CPU).
         block_size: tokens per KV block.
         kv_cache_memory: bytes for the KV cache; overrides ``kv_cache_fraction`` when set.
         kv_cache_fraction: fraction of available memory (host RAM on CPU, free GPU memory after
             the weights on CUDA) given to the KV cache.
         max_num_seqs: most sequences running at once.
         max_num_batched_tokens: token budget per step (chunked prefill splits longer prompts).
-        max_model_len: longest prompt + output (None: the model's max_position_embeddings).
+        max_model_len: longest prompt + output (default: the model's max_position_embeddings).
         enable_prefix_caching: share KV blocks between requests with a common prefix.
         cache_namespace: namespace mixed into prefix hashes (default: the served model name).
-        store_generated_kv: also store generated (decode-produced) full KV blocks in the external
-            prefix cache, not only prompt blocks (off by default, as the reference design does).
+        store_generated_kv: PDC: decode instances also store the KV blocks they generate in the
+            EMS context cache (by default only prompt blocks are stored, as in the reference design).
     """
 
     model: str | None = None
     served_model_name: str | None = None
     device: str | None = None
-    dtype: str | None = None
+    dtype: str | None = field(default=None, metadata={"choices": ["float32", "bfloat16", "float16"]})
     block_size: int = 16
     kv_cache_memory: int | None = None
     kv_cache_fraction: float = 0.05
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = field(default=True, metadata={"flag": "--no-prefix-caching"})
     cache_namespace: str | None = None
-    store_generated_kv: bool = False
+    store_generated_kv: bool = field(default=False, metadata={"flag": "--store-decode-kv"})
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
@@ -273,3 +253,54 @@ class EngineConfig:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Settings of a deployment on one host: the API server and, in PDC mode, how many instances
+    of each pool the launcher starts (``matrixinfer serve`` flags, generated from these fields).
+
+    Attributes:
+        host: bind address of the API, the router's control port and EMS servers (default: loopback only).
+        port: HTTP port of the API.
+        api_key: require 'Authorization: Bearer KEY' on /v1 (default: $MATRIXINFER_API_KEY).
+        log_level: uvicorn and logging level.
+        colocated: one process, one engine (no P/D disaggregation).
+        num_prefill: prefill instances (PDC mode).
+        num_decode: decode instances (PDC mode).
+        num_ems: EMS memory-pool servers (PDC mode; 0 disables the pool).
+        ems_capacity: DRAM per EMS server, e.g. 4G.
+        router_port: control port where workers join (default: --port + 1).
+        reserve_timeout: seconds a decode instance holds blocks for a KV transfer that does not arrive.
+        prefill_kv_cache_memory: KV cache bytes of each prefill instance (default: --kv-cache-memory).
+        decode_kv_cache_memory: KV cache bytes of each decode instance (default: --kv-cache-memory).
+        worker_threads: torch threads per worker process (default: the cores shared among workers).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    log_level: str = "info"
+    colocated: bool = False
+    num_prefill: int = 1
+    num_decode: int = 1
+    num_ems: int = 1
+    ems_capacity: str = "512M"
+    router_port: int | None = None
+    reserve_timeout: float = 30.0
+    prefill_kv_cache_memory: int | None = None
+    decode_kv_cache_memory: int | None = None
+    worker_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if min(self.num_prefill, self.num_decode) < 1 or self.num_ems < 0:
+            raise ValueError("a PDC deployment needs at least one prefill and one decode instance "
+                             f"(got {self.num_prefill}, {self.num_decode}) and num_ems >= 0 (got {self.num_ems})")
+        if self.reserve_timeout <= 0:
+            raise ValueError(f"reserve_timeout must be positive, got {self.reserve_timeout}")
+
+    @property
+    def control_port(self) -> int:
+        return self.router_port if self.router_port is not None else self.port + 1

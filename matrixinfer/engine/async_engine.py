@@ -5,44 +5,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 from collections.abc import AsyncIterator
-from typing import Any
 
-from matrixinfer.engine.llm_engine import LLMEngine, RequestOutput
+from matrixinfer.engine.commands import Abort, AddRequest, Inbox
+from matrixinfer.engine.errors import EngineDeadError
+from matrixinfer.engine.llm_engine import LLMEngine
+from matrixinfer.engine.outputs import EngineStats, RequestOutput, drain
 from matrixinfer.engine.sampling_params import SamplingParams
+from matrixinfer.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
-class EngineDeadError(RuntimeError):
-    """The engine thread stopped after an internal error."""
-
-
-async def drain(q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-    """Outputs from ``q`` up to and including the finished one; an exception in the queue is raised."""
-    while True:
-        item = await q.get()
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-        if item.finished:
-            return
-
-
 class AsyncEngine:
-    """Owns an :class:`LLMEngine`; all engine calls happen on its thread."""
+    """Owns an :class:`LLMEngine`; all engine calls happen on its thread. Implements the API
+    server's :class:`~matrixinfer.serve.backend.Backend` for the colocated deployment."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._wake = threading.Event()
+        self._inbox: Inbox[AddRequest | Abort] = Inbox()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
         self._stop = False
         self.error: BaseException | None = None
-        self.stats = engine.stats()
+        self.stats: EngineStats = engine.stats()
         self._thread = threading.Thread(target=self._loop, name="matrixinfer-engine", daemon=True)
         self._thread.start()
 
@@ -52,7 +39,7 @@ class AsyncEngine:
         return self.engine.model_id
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
     @property
@@ -67,16 +54,21 @@ class AsyncEngine:
     def vocab_size(self) -> int:
         return self.engine.model.config.vocab_size
 
+    def instance_metrics(self) -> list[tuple[str, str, EngineStats]]:
+        """Per-instance stats: none here (one engine; its stats are the deployment's)."""
+        return []
+
     def shutdown(self) -> None:
         self._stop = True
-        self._wake.set()
+        self._inbox.wake()
         self._thread.join(timeout=10)
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams
+                       ) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs until it finishes; aborts it if the consumer stops."""
         if not self.alive:
             raise EngineDeadError(f"engine is not running: {self.error!r}")
@@ -84,8 +76,7 @@ class AsyncEngine:
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._streams[request_id] = (loop, q)
-        self._inbox.put(("add", (request_id, prompt_ids, params)))
-        self._wake.set()
+        self._inbox.put(AddRequest(request_id, prompt_ids, params))
         finished = False
         try:
             async for item in drain(q):
@@ -98,13 +89,7 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
-        self._wake.set()
-
-    def call(self, fn) -> None:
-        """Run ``fn(engine)`` on the engine thread between steps (maintenance, tests)."""
-        self._inbox.put(("call", fn))
-        self._wake.set()
+        self._inbox.put(Abort(request_id))
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         with self._lock:
@@ -116,31 +101,23 @@ class AsyncEngine:
             except RuntimeError:  # the consumer's loop is closed
                 pass
 
-    def _drain_inbox(self) -> None:
-        while True:
+    def _apply(self, command: AddRequest | Abort) -> None:
+        if isinstance(command, AddRequest):
             try:
-                kind, arg = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "add":
-                rid, ids, params = arg
-                try:
-                    self.engine.add_request(rid, ids, params)
-                except ValueError as exc:
-                    self._deliver(rid, exc)
-            elif kind == "abort":
-                self.engine.abort(arg)
-            elif kind == "call":
-                arg(self.engine)
+                self.engine.add_request(command.request_id, command.prompt_ids, command.params)
+            except ValueError as exc:
+                self._deliver(command.request_id, exc)
+        else:
+            self.engine.abort(command.request_id)
 
     def _loop(self) -> None:
         try:
             while not self._stop:
-                self._drain_inbox()
+                for command in self._inbox.drain():
+                    self._apply(command)
                 if not self.engine.has_work():
                     self.stats = self.engine.stats()
-                    self._wake.wait(timeout=0.5)
-                    self._wake.clear()
+                    self._inbox.wait(0.5)
                     continue
                 for out in self.engine.step():
                     self._deliver(out.request_id, out)

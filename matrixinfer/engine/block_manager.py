@@ -57,7 +57,7 @@ class BlockManager:
         currently free (reviving them uses up free blocks). At least one token is left to compute."""
         ids = seq.all_ids
         max_blocks = (len(ids) - 1) // self.block_size
-        hashes = self._hashes(seq, max_blocks)
+        hashes = self.block_hashes(seq, max_blocks)
         blocks: list[int] = []
         for h in hashes[:max_blocks]:
             b = self.hash_to_block.get(h)
@@ -66,6 +66,19 @@ class BlockManager:
             blocks.append(b)
         revive = sum(1 for b in blocks if self.ref_count[b] == 0)
         return blocks, revive
+
+    def block_hashes(self, seq: Sequence, n: int) -> list[bytes]:
+        """The first ``n`` full-block hashes of ``seq`` (memoised per sequence)."""
+        hashes = self._seq_hashes.setdefault(seq.request_id, [])
+        if len(hashes) >= n:
+            return hashes[:n]
+        ids = seq.all_ids
+        bs = self.block_size
+        while len(hashes) < n:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else self.seed
+            hashes.append(block_hash(parent, ids[i * bs:(i + 1) * bs]))
+        return hashes[:n]
 
     # -- state changes the engine applies ---------------------------------------------------
     def admit(self, seq: Sequence, cached: list[int]) -> None:
@@ -93,7 +106,7 @@ class BlockManager:
         full = seq.num_computed // self.block_size
         if full <= seq.num_committed:
             return
-        hashes = self._hashes(seq, full)
+        hashes = self.block_hashes(seq, full)
         for i in range(seq.num_committed, full):
             b = seq.block_table[i]
             if self.hash_of[b] is not None:
@@ -118,14 +131,6 @@ class BlockManager:
         seq.num_committed = 0
         self._seq_hashes.pop(seq.request_id, None)
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached name (blocks in use keep their contents)."""
-        for b in list(self.evictable):
-            self.evictable.pop(b)
-            self.free_plain.append(b)
-        self.hash_to_block.clear()
-        self.hash_of = [None] * self.num_blocks
-
     # -- internals ----------------------------------------------------------------------------
     def _take(self) -> int:
         if self.free_plain:
@@ -138,16 +143,3 @@ class BlockManager:
             self.hash_of[b] = None
         self.ref_count[b] = 1
         return b
-
-    def _hashes(self, seq: Sequence, n: int) -> list[bytes]:
-        """The first ``n`` full-block hashes of ``seq`` (memoised per sequence)."""
-        hashes = self._seq_hashes.setdefault(seq.request_id, [])
-        if len(hashes) >= n:
-            return hashes[:n]
-        ids = seq.all_ids
-        bs = self.block_size
-        while len(hashes) < n:
-            i = len(hashes)
-            parent = hashes[-1] if hashes else self.seed
-            hashes.append(block_hash(parent, ids[i * bs:(i + 1) * bs]))
-        return hashes[:n]

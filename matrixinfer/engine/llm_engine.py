@@ -8,63 +8,27 @@ Everything here runs on one thread; :mod:`matrixinfer.engine.async_engine` puts 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from matrixinfer.config import EngineConfig
 from matrixinfer.engine.block_manager import BlockManager
-from matrixinfer.engine.external_cache import ExternalPrefixCache
+from matrixinfer.engine.errors import RequestError
+from matrixinfer.engine.kv_connector import KVConnector
 from matrixinfer.engine.model_runner import ModelRunner
+from matrixinfer.engine.outputs import EngineStats, FinishReason, RequestOutput
 from matrixinfer.engine.sampler import Sampler
 from matrixinfer.engine.sampling_params import SamplingParams
 from matrixinfer.engine.scheduler import Budget, SeqView, schedule
 from matrixinfer.engine.sequence import Sequence, SequenceStatus
+from matrixinfer.model.device import resolve_device, resolve_dtype
 from matrixinfer.model.tokenizer import IncrementalDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-class RequestError(ValueError):
-    """A request the engine refuses (the API maps it to HTTP 400)."""
-
-
-@dataclass
-class RequestOutput:
-    """What one step produced for one request."""
-
-    request_id: str
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    text: str = ""
-    finished: bool = False
-    finish_reason: str | None = None
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-    num_cached_tokens: int = 0
-    handed_off: bool = False  # prefill role: the sequence moved to a decode instance after this token
-
-
-@dataclass
-class EngineStats:
-    """Counters and gauges exported as metrics."""
-
-    running: int
-    waiting: int
-    kv_blocks_total: int
-    kv_blocks_used: int
-    prefix_hit_tokens: int
-    prefix_queried_tokens: int
-    prompt_tokens: int
-    generation_tokens: int
-    preemptions: int
-    steps: int
-    reserved_blocks: int = 0
-    external_hit_tokens: int = 0
 
 
 class _Detok:
@@ -96,20 +60,23 @@ class _Detok:
 
 
 class LLMEngine:
-    """Continuous-batching engine for one model on one device."""
+    """Continuous-batching engine for one model on one device.
 
-    def __init__(self, cfg: EngineConfig, model=None, tokenizer: Tokenizer | None = None) -> None:
+    Everything runs on the caller's thread except the reservation methods (a decode instance's KV
+    receivers write into reserved blocks from their own threads): those hold ``_kv_lock``.
+    """
+
+    def __init__(self, cfg: EngineConfig, model: torch.nn.Module | None = None, tokenizer: Tokenizer | None = None,
+                 connector: KVConnector | None = None) -> None:
         from matrixinfer.model.default_model import default_model_path
         from matrixinfer.model.loader import load_model
 
-        cfg.validate()
         self.cfg = cfg
         path = Path(cfg.model) if cfg.model else default_model_path()
         self.model_path = path
         self.model_id = cfg.served_model_name or path.name
-        dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-        self.model = model if model is not None else load_model(path, dtype=dtype, device=dev)
+        dev = resolve_device(cfg.device)
+        self.model = model if model is not None else load_model(path, dtype=resolve_dtype(cfg.dtype, dev), device=dev)
         self.tokenizer = tokenizer if tokenizer is not None else Tokenizer(path)
         self.runner = ModelRunner(self.model, cfg, dev)
         mc = self.model.config
@@ -127,38 +94,39 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self._detok: dict[str, _Detok] = {}
         self.prompt_tokens = self.generation_tokens = self.preemptions = self.steps = 0
-        # Disaggregation hooks (PDC): a prefill instance hands each sequence off after its first
-        # token; a decode instance reserves blocks for incoming KV and attaches prefilled sequences.
-        self.handoff: Callable[[Sequence, int, float | None], None] | None = None
-        self.external: ExternalPrefixCache | None = None
-        self.store_external = True
-        self.reservations: dict[str, tuple[Sequence, float]] = {}
         self.external_hit_tokens = 0
-        self._ext_hits: dict[str, int] = {}
-        self._ext_stored: dict[str, int] = {}
+        self.connector = connector
+        if connector is not None:
+            connector.bind(self.runner.kv_cache, self.sampler)
+        # decode side of PDC: blocks held for KV arriving from a prefill instance
+        self._kv_lock = threading.Lock()
+        self._reservations: dict[str, tuple[Sequence, float]] = {}
+        self.kv_received_bytes = 0
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; raises RequestError for prompts the model cannot take."""
-        if request_id in self.seqs:
+        if request_id in self.seqs or self.has_reservation(request_id):
             raise RequestError(f"request id {request_id!r} is already in use")
-        if not prompt_ids:
-            raise RequestError("the prompt is empty")
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise RequestError(f"prompt token ids must be in [0, {vocab})")
-        if len(prompt_ids) >= self.max_seq_len:
-            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this model's context allows at most "
-                               f"{self.max_seq_len - 1} prompt tokens (max_model_len {self.max_model_len})")
+        self._check_prompt(prompt_ids)
         seq = Sequence(request_id, list(prompt_ids), params)
         self.seqs[request_id] = seq
         self._detok[request_id] = _Detok(self.tokenizer, params.stop)
         self.waiting.append(seq)
 
+    def _check_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt_ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this model's context allows at most "
+                               f"{self.max_seq_len - 1} prompt tokens (max_model_len {self.max_model_len})")
+
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is and free its blocks; False if it is unknown or done."""
-        if request_id in self.reservations:
-            self.release_reservation(request_id)
+        if self.release_reservation(request_id):
             return True
         seq = self.seqs.pop(request_id, None)
         if seq is None:
@@ -167,7 +135,7 @@ class LLMEngine:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self._finish(seq, "abort")
+        self._finish(seq, FinishReason.ABORT)
         return True
 
     def has_work(self) -> bool:
@@ -182,7 +150,7 @@ class LLMEngine:
         for seq in list(self.waiting)[: self.cfg.max_num_seqs]:
             hit, revive = self.blocks.lookup(seq) if self.cfg.enable_prefix_caching else ([], 0)
             cached[seq.request_id] = hit
-            ext = self._external_hit(seq, len(hit))
+            ext = self._num_external_blocks(seq, len(hit))
             waiting_views.append(SeqView(seq.request_id, seq.num_tokens, (len(hit) + ext) * self.cfg.block_size,
                                          len(hit), 0, revive))
         # Blocks a preemption would free are needed only when the running sequences could want
@@ -222,8 +190,8 @@ class LLMEngine:
             seq.num_computed += n
             if self.cfg.enable_prefix_caching:
                 self.blocks.commit(seq)
-            if self.external is not None and self.store_external:
-                self._store_external(seq)
+            if self.connector is not None:
+                self.connector.save(seq, self.blocks.block_hashes(seq, seq.num_computed // bs))
         if logits is None:
             return []
         tokens, logprobs = self.sampler(logits, [s.request_id for s in samplers], [s.params for s in samplers])
@@ -241,20 +209,21 @@ class LLMEngine:
         n_out = len(seq.output_ids)
         reason = None
         stop_hit = self._detok[seq.request_id].push(token)
-        if n_out >= p.min_tokens:
-            if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids or stop_hit:
-                reason = "stop"
+        stops = (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids or stop_hit
+        if stops and n_out >= p.min_tokens:
+            reason = FinishReason.STOP
         if reason is None and (n_out >= p.max_tokens or seq.num_tokens >= self.max_seq_len):
-            reason = "length"
-        out = RequestOutput(seq.request_id, [token], [logprob] if p.logprobs and logprob is not None else [],
+            reason = FinishReason.LENGTH
+        out = RequestOutput(request_id=seq.request_id, token_ids=[token],
+                            logprobs=[logprob] if p.logprobs and logprob is not None else [],
                             num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=n_out,
                             num_cached_tokens=seq.num_cached_tokens)
-        if reason is None and self.handoff is not None:
+        if reason is None and n_out == 1 and self.connector is not None \
+                and self.connector.take_over(seq, token, logprob):  # reads the KV before the blocks are freed
             out.text = self._detok[seq.request_id].delta(final=False)
-            self.handoff(seq, token, logprob)  # copies the KV out before the blocks are freed
             self.running.remove(seq)
             self.seqs.pop(seq.request_id, None)
-            self._finish(seq, "handoff")
+            self._finish(seq, FinishReason.HANDOFF)
             out.handed_off = True
             return out
         if reason is not None:
@@ -266,77 +235,83 @@ class LLMEngine:
             out.text = self._detok[seq.request_id].delta(final=False)
         return out
 
-    def _finish(self, seq: Sequence, reason: str) -> str:
-        self._ext_hits.pop(seq.request_id, None)
-        self._ext_stored.pop(seq.request_id, None)
+    def _finish(self, seq: Sequence, reason: FinishReason) -> str:
+        if self.connector is not None:
+            self.connector.request_finished(seq)
         self.blocks.free(seq)
         self.sampler.forget(seq.request_id)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         detok = self._detok.pop(seq.request_id, None)
-        return detok.delta(final=True) if detok and reason != "abort" else ""
+        return detok.delta(final=True) if detok and reason != FinishReason.ABORT else ""
 
-    # -- external prefix cache (EMS) -----------------------------------------------------------
-    def _external_hit(self, seq: Sequence, local_blocks: int) -> int:
-        """Blocks beyond the local hit that the external cache holds (asked once per admission try)."""
-        if self.external is None:
+    # -- external KV (connector) ---------------------------------------------------------------
+    def _num_external_blocks(self, seq: Sequence, local_blocks: int) -> int:
+        """Blocks past the local hit that the connector could load (at least one token is left to compute)."""
+        if self.connector is None:
             return 0
-        if seq.request_id not in self._ext_hits:
-            max_blocks = (seq.num_tokens - 1) // self.cfg.block_size
-            hashes = self.blocks._hashes(seq, max_blocks)[local_blocks:]
-            self._ext_hits[seq.request_id] = local_blocks + (self.external.lookup(hashes) if hashes else 0)
-        return max(0, self._ext_hits[seq.request_id] - local_blocks)
+        max_blocks = (seq.num_tokens - 1) // self.cfg.block_size
+        if max_blocks <= local_blocks:
+            return 0
+        return self.connector.num_external_blocks(seq, self.blocks.block_hashes(seq, max_blocks)[local_blocks:])
 
     def _load_external(self, seq: Sequence) -> None:
         local = len(seq.block_table)
-        ext = self._external_hit(seq, local)
-        if not ext:
+        ext = self._num_external_blocks(seq, local)
+        if not ext or self.connector is None:
             return
         bs = self.cfg.block_size
         self.blocks.reserve(seq, (local + ext) * bs)
-        hashes = self.blocks._hashes(seq, local + ext)[local:]
-        views = [self.runner.kv_cache.block_view(b) for b in seq.block_table[local:local + ext]]
-        loaded = self.external.load(hashes, views)
+        hashes = self.blocks.block_hashes(seq, local + ext)[local:]
+        loaded = self.connector.after_alloc(seq, hashes, seq.block_table[local:local + ext])
         seq.num_computed = (local + loaded) * bs
         seq.num_cached_tokens = seq.num_computed
         self.external_hit_tokens += loaded * bs
-        self._ext_stored[seq.request_id] = local + ext  # those blocks are in the pool already
-
-    def _store_external(self, seq: Sequence) -> None:
-        """Send newly completed prompt blocks (and generated ones with ``store_generated_kv``) to
-        the external cache (asynchronously)."""
-        bs = self.cfg.block_size
-        full = (seq.num_computed if self.cfg.store_generated_kv else min(seq.num_computed, len(seq.prompt_ids))) // bs
-        done = self._ext_stored.get(seq.request_id, 0)
-        if full <= done:
-            return
-        hashes = self.blocks._hashes(seq, full)[done:full]
-        views = [self.runner.kv_cache.block_view(b) for b in seq.block_table[done:full]]
-        self.external.store_async(hashes, views)
-        self._ext_stored[seq.request_id] = full
 
     # -- decode side of disaggregation -----------------------------------------------------------
     def reserve(self, request_id: str, num_tokens: int, timeout: float) -> list[int] | None:
         """Hold blocks for ``num_tokens`` tokens of KV arriving from a prefill instance; None if they
-        do not fit now. Unclaimed reservations are reclaimed after ``timeout`` seconds."""
-        if request_id in self.reservations or request_id in self.seqs:
-            raise RequestError(f"request id {request_id!r} is already in use")
-        need = self.blocks.blocks_needed(num_tokens + 1)
-        if need > self.blocks.num_free:
-            return None
-        holder = Sequence(request_id, [], SamplingParams(max_tokens=1))
-        self.blocks.reserve(holder, num_tokens + 1)
-        self.reservations[request_id] = (holder, time.monotonic() + timeout)
-        return list(holder.block_table)
+        do not fit now. Unclaimed reservations are reclaimed by :meth:`reap_reservations` after
+        ``timeout`` seconds."""
+        with self._kv_lock:
+            if request_id in self._reservations or request_id in self.seqs:
+                raise RequestError(f"request id {request_id!r} is already in use")
+            need = self.blocks.blocks_needed(num_tokens + 1)
+            if need > self.blocks.num_free:
+                return None
+            holder = Sequence(request_id, [], SamplingParams(max_tokens=1))
+            self.blocks.reserve(holder, num_tokens + 1)
+            self._reservations[request_id] = (holder, time.monotonic() + timeout)
+            return list(holder.block_table)
 
-    def release_reservation(self, request_id: str) -> None:
-        holder, _ = self.reservations.pop(request_id)
-        self.blocks.free(holder)
+    def has_reservation(self, request_id: str) -> bool:
+        with self._kv_lock:
+            return request_id in self._reservations
+
+    def write_reserved(self, request_id: str, layer_start: int, kv: torch.Tensor) -> bool:
+        """Write ``kv`` ``[layers, tokens, dim]`` into ``request_id``'s reserved blocks (from a KV
+        receiver thread); False when the reservation is gone (aborted or expired: drop the bytes)."""
+        with self._kv_lock:
+            held = self._reservations.get(request_id)
+            if held is None:
+                return False
+            self.runner.kv_cache.write_tokens(held[0].block_table, kv, layer_start)
+            self.kv_received_bytes += kv.numel() * kv.element_size()
+            return True
+
+    def release_reservation(self, request_id: str) -> bool:
+        """Free a reservation's blocks; False if there is none."""
+        with self._kv_lock:
+            held = self._reservations.pop(request_id, None)
+            if held is not None:
+                self.blocks.free(held[0])
+            return held is not None
 
     def reap_reservations(self) -> list[str]:
         """Free reservations past their deadline; returns their request ids."""
         now = time.monotonic()
-        expired = [rid for rid, (_, deadline) in self.reservations.items() if deadline < now]
+        with self._kv_lock:
+            expired = [rid for rid, (_, deadline) in self._reservations.items() if deadline < now]
         for rid in expired:
             self.release_reservation(rid)
         return expired
@@ -345,31 +320,42 @@ class LLMEngine:
                params: SamplingParams, num_cached: int = 0) -> RequestOutput:
         """Turn a filled reservation into a running sequence whose first token is already known;
         returns that first token's output (text included) for the client."""
-        holder, _ = self.reservations.pop(request_id)
+        with self._kv_lock:
+            held = self._reservations.pop(request_id, None)
+        if held is None:
+            raise RequestError(f"request {request_id!r} holds no reservation (aborted or expired)")
         seq = Sequence(request_id, list(prompt_ids), params)
-        seq.block_table = holder.block_table
+        seq.block_table = held[0].block_table
         seq.num_computed = len(prompt_ids)
         seq.num_cached_tokens = num_cached
         seq.output_ids = [first_token]
         if params.logprobs and first_logprob is not None:
             seq.logprobs = [first_logprob]
         seq.status = SequenceStatus.RUNNING
-        self._ext_stored[request_id] = len(prompt_ids) // self.cfg.block_size  # the prefill side stores those
         detok = _Detok(self.tokenizer, params.stop)
         detok.push(first_token)
         self._detok[request_id] = detok
         self.seqs[request_id] = seq
         self.running.append(seq)
         self.generation_tokens += 1
-        return RequestOutput(request_id, [first_token], list(seq.logprobs), detok.delta(final=False),
-                             num_prompt_tokens=len(prompt_ids), num_output_tokens=1, num_cached_tokens=num_cached)
+        return RequestOutput(request_id=request_id, token_ids=[first_token], logprobs=list(seq.logprobs),
+                             text=detok.delta(final=False), num_prompt_tokens=len(prompt_ids), num_output_tokens=1,
+                             num_cached_tokens=num_cached)
 
     # -- conveniences ----------------------------------------------------------------------------
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.running), len(self.waiting), self.blocks.num_blocks, self.blocks.num_used,
-                           self.blocks.hit_tokens, self.blocks.queried_tokens, self.prompt_tokens,
-                           self.generation_tokens, self.preemptions, self.steps,
-                           sum(len(s.block_table) for s, _ in self.reservations.values()), self.external_hit_tokens)
+        with self._kv_lock:
+            reserved = sum(len(s.block_table) for s, _ in self._reservations.values())
+        queued = sum(s.num_tokens - s.num_computed for s in self.waiting) + \
+            sum(s.num_tokens - s.num_computed for s in self.running)
+        extra = self.connector.stats() if self.connector is not None else {}
+        return EngineStats(
+            queued_tokens=queued, running=len(self.running), waiting=len(self.waiting),
+            kv_total=self.blocks.num_blocks, kv_used=self.blocks.num_used, reserved_blocks=reserved,
+            prefix_queried_tokens=self.blocks.queried_tokens, prefix_hit_tokens=self.blocks.hit_tokens,
+            external_hit_tokens=self.external_hit_tokens, prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens, preemptions=self.preemptions, steps=self.steps,
+            kv_received_bytes=self.kv_received_bytes, **extra)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Run ``prompts`` to completion (offline use and tests); returns generated token ids."""

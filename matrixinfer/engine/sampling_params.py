@@ -1,12 +1,15 @@
-"""Per-request sampling parameters, validated with messages that name the bad field."""
+"""Per-request sampling parameters, validated with messages that name the bad field.
+
+One type in process and on the wire: the router sends it to prefill and decode instances as is
+(msgspec, no pickle), so a field added here reaches every instance without a hand-written copy.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import msgspec
 
 
-@dataclass
-class SamplingParams:
+class SamplingParams(msgspec.Struct, kw_only=True):
     """How to pick tokens for one request and when to stop.
 
     Attributes:
@@ -28,8 +31,8 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int = 16
     min_tokens: int = 0
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = msgspec.field(default_factory=list)
+    stop_token_ids: list[int] = msgspec.field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False
 
@@ -60,5 +63,5 @@ class SamplingParams:
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         if len(self.stop) > 16:
             raise ValueError(f"at most 16 stop strings are supported, got {len(self.stop)}")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be non-negative integers")

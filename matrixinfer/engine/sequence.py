@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from matrixinfer.engine.outputs import FinishReason
 from matrixinfer.engine.sampling_params import SamplingParams
 
 
@@ -34,7 +35,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
     num_committed: int = 0  # leading full blocks already offered to the prefix cache
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     num_preemptions: int = 0
 
     @property

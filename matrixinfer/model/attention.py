@@ -4,7 +4,7 @@ A batch is flattened: the new tokens of all sequences are concatenated (no paddi
 sequence contributes ``query_lens[s]`` tokens that see the first ``context_lens[s]`` tokens of
 that sequence (cached ones plus the new ones). Keys live in a flat table of *slots*: either cache
 slots (``block_table[pos // block_size] * block_size + pos % block_size``) or, without a cache,
-the indices of the batch's own new tokens.
+the indices of the batch's own new tokens (:func:`block_slots`).
 """
 
 from __future__ import annotations
@@ -27,21 +27,63 @@ class KVCache(ABC):
         """The ``[num_slots, dim]`` table of ``layer`` that key slots index into."""
 
 
+def block_slots(blocks: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Cache slot of each token at position ``pos`` whose block is ``blocks`` (the block table
+    entry ``pos // block_size``): the one place the slot formula is written."""
+    return blocks.long() * block_size + pos % block_size
+
+
 class PagedLatentCache(KVCache):
-    """A paged latent cache: ``num_blocks`` blocks of ``block_size`` tokens per layer, one tensor."""
+    """A paged latent cache: ``num_blocks`` blocks of ``block_size`` tokens per layer, one tensor.
+
+    Code outside the model reads and writes a sequence's tokens through :meth:`slots`,
+    :meth:`read_tokens` and :meth:`write_tokens` (KV transfer) or whole blocks through
+    :meth:`block_view` (the external prefix cache), never through ``data`` directly.
+    """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        self.num_layers = num_layers
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.dim = dim
         self.data = torch.zeros(num_layers, num_blocks * block_size, dim, dtype=dtype, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
 
     def write(self, layer: int, slots: torch.Tensor, latent: torch.Tensor) -> None:
         self.data[layer].index_copy_(0, slots, latent.to(self.data.dtype))
 
     def layer_slots(self, layer: int) -> torch.Tensor:
         return self.data[layer]
+
+    def slots(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
+        """Cache slots of the first ``num_tokens`` tokens of a sequence with ``block_table``."""
+        pos = torch.arange(num_tokens)
+        table = torch.tensor(block_table, dtype=torch.long)
+        return block_slots(table[pos // self.block_size], pos, self.block_size).to(self.data.device)
+
+    def read_tokens(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
+        """A CPU copy of every layer's latents of the first ``num_tokens`` tokens, ``[layers, tokens, dim]``."""
+        return self.data.index_select(1, self.slots(block_table, num_tokens)).cpu()
+
+    def write_tokens(self, block_table: list[int], kv: torch.Tensor, layer_start: int = 0) -> None:
+        """Store ``kv`` ``[layers, tokens, dim]`` as layers ``layer_start..`` of the first tokens of a
+        sequence with ``block_table``."""
+        layers, tokens, dim = kv.shape
+        if dim != self.dim or layer_start < 0 or layer_start + layers > self.num_layers:
+            raise ValueError(f"KV of shape {list(kv.shape)} at layer {layer_start} does not fit a cache of "
+                             f"{self.num_layers} layers x {self.dim} values")
+        if -(-tokens // self.block_size) > len(block_table):
+            raise ValueError(f"{tokens} tokens do not fit {len(block_table)} blocks of {self.block_size}")
+        self.data[layer_start:layer_start + layers].index_copy_(
+            1, self.slots(block_table, tokens), kv.to(self.data.device, self.data.dtype))
 
     def block_view(self, block_id: int) -> torch.Tensor:
         """All layers' latents of one block, ``[num_layers, block_size, dim]`` (a view)."""
@@ -133,7 +175,8 @@ class AttentionMetadata:
         device = torch.device(device)
         if block_tables is None:
             if list(context_lens) != list(query_lens):
-                raise ValueError("a cache-free batch attends only to its own tokens: context_lens must equal query_lens")
+                raise ValueError("a cache-free batch attends only to its own tokens: "
+                                 "context_lens must equal query_lens")
             return cls(list(query_lens), list(context_lens), None, mode=mode)
         if block_size is None:
             raise ValueError("block_tables need block_size")
@@ -145,7 +188,7 @@ class AttentionMetadata:
             seq_idx = torch.repeat_interleave(torch.arange(len(query_lens), device=device),
                                               torch.tensor(query_lens, device=device))
             pos = torch.cat([torch.arange(c - q, c, device=device) for q, c in zip(query_lens, context_lens)])
-        slot_mapping = tables[seq_idx, pos // block_size].long() * block_size + pos % block_size
+        slot_mapping = block_slots(tables[seq_idx, pos // block_size], pos, block_size)
         return cls(list(query_lens), list(context_lens), slot_mapping, mode=mode, block_tables=tables,
                    block_size=block_size, tok_seq=seq_idx.to(torch.int32), tok_nkeys=(pos + 1).to(torch.int32))
 
@@ -185,7 +228,7 @@ class AttentionMetadata:
         else:
             bt = block_tables[torch.tensor(seqs, device=device)]
             blocks = bt.gather(1, (kj // block_size).clamp(max=bt.shape[1] - 1)[None, :].expand(len(seqs), -1))
-            key_slots = blocks * block_size + (kj % block_size)[None, :]
+            key_slots = block_slots(blocks, kj[None, :], block_size)
         key_ok = kj[None, :] < c[:, None]
         key_slots = torch.where(key_ok, key_slots, torch.zeros_like(key_slots))
         # Query i of a sequence sits at position context_len - query_len + i and sees keys up to it.

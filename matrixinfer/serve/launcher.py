@@ -3,8 +3,8 @@ thread, and EMS servers, prefill and decode workers as child processes."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import re
@@ -13,6 +13,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from matrixinfer import envs
+from matrixinfer.cli_args import to_argv
+from matrixinfer.config import EngineConfig, ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -84,72 +88,62 @@ def _drain(proc: subprocess.Popen, name: str) -> None:
     threading.Thread(target=pump, daemon=True).start()
 
 
-def worker_args(args: argparse.Namespace, role: str, router: str) -> list[str]:
-    """Command-line arguments of a worker that inherits this launcher's engine flags."""
-    out = ["worker", "--role", role, "--router", router]
-    for flag in ("model", "device", "dtype", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
-        value = getattr(args, flag)
-        if value is not None:
-            out += [f"--{flag.replace('_', '-')}", str(value)]
-    kv_mem = args.decode_kv_cache_memory if role == "decode" else args.prefill_kv_cache_memory
-    if kv_mem or args.kv_cache_memory:
-        out += ["--kv-cache-memory", str(kv_mem or args.kv_cache_memory)]
-    else:
-        out += ["--kv-cache-fraction", str(args.kv_cache_fraction)]
-    if args.no_prefix_caching:
-        out.append("--no-prefix-caching")
-    if args.store_decode_kv:
-        out.append("--store-decode-kv")
-    return out
+def worker_args(engine: EngineConfig, cfg: ServeConfig, role: str, router: str) -> list[str]:
+    """Command-line arguments of a worker that inherits this launcher's engine settings (its
+    role's KV cache size where one is given)."""
+    kv_mem = cfg.decode_kv_cache_memory if role == "decode" else cfg.prefill_kv_cache_memory
+    if kv_mem:
+        engine = dataclasses.replace(engine, kv_cache_memory=kv_mem)
+    return ["worker", "--role", role, "--router", router, *to_argv(engine)]
 
 
-def serve_pdc(args: argparse.Namespace) -> int:
+def serve_pdc(engine_cfg: EngineConfig, cfg: ServeConfig) -> int:
     """Start the deployment and serve until interrupted."""
     import uvicorn
 
+    from matrixinfer.ems.config import parse_size
     from matrixinfer.ems.controller import Controller
     from matrixinfer.model.default_model import default_model_path
     from matrixinfer.serve.api_server import create_app
+    from matrixinfer.serve.cli import print_banner
     from matrixinfer.serve.router import Router
     from matrixinfer.serve.worker import quiet_gc
 
     # SIGTERM before uvicorn takes over must still run the cleanup below
     signal.signal(signal.SIGTERM, _interrupt)
-    model = Path(args.model) if args.model else default_model_path()
-    args.model = str(model)
+    model = Path(engine_cfg.model) if engine_cfg.model else default_model_path()
+    engine_cfg = dataclasses.replace(engine_cfg, model=str(model))
+    ems_capacity = parse_size(cfg.ems_capacity)
     children = Children()
     # The controller and EMS servers bind the router's --host: workers on other hosts must reach them.
-    controller = Controller(args.host, 0).start() if args.num_ems > 0 else None
-    router = Router(model, args.served_model_name, reserve_timeout=args.reserve_timeout,
+    controller = Controller(cfg.host, 0).start() if cfg.num_ems > 0 else None
+    router = Router(model, engine_cfg.served_model_name, reserve_timeout=cfg.reserve_timeout,
                     ems_controller=controller.address if controller else "")
 
     async def main() -> None:
-        ctrl = await router.start(args.host, args.router_port)
+        ctrl = await router.start(cfg.host, cfg.control_port)
         try:
-            for i in range(args.num_ems):
-                p = children.start(f"ems{i}", ["ems-server", "--capacity", str(args.ems_capacity),
-                                               "--listen", f"{args.host}:0", "--controller", controller.address])
+            for i in range(cfg.num_ems):
+                assert controller is not None
+                p = children.start(f"ems{i}", ["ems-server", "--capacity", str(ems_capacity),
+                                               "--listen", f"{cfg.host}:0", "--controller", controller.address])
                 addr = await asyncio.to_thread(_wait_line, p, r"listening on (\S+)", 60, f"ems{i}")
                 _drain(p, f"ems{i}")
                 log.info("EMS server %d at %s", i, addr)
             # Share the cores: oversubscribed intra-op thread pools spin against each other.
-            threads = args.worker_threads or max(1, (os.cpu_count() or 1) // max(1, args.num_prefill + args.num_decode))
-            env = {"MATRIXINFER_THREADS": os.environ.get("MATRIXINFER_THREADS", str(threads)),
+            threads = cfg.worker_threads or max(1, (os.cpu_count() or 1) // (cfg.num_prefill + cfg.num_decode))
+            env = {"MATRIXINFER_THREADS": str(envs.threads() or threads),
                    # huge pages for weight and KV allocations: first-touch of 4 KB pages dominates loading
                    "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")}
-            for role, n in (("prefill", args.num_prefill), ("decode", args.num_decode)):
+            for role, n in (("prefill", cfg.num_prefill), ("decode", cfg.num_decode)):
                 for i in range(n):
-                    _drain(children.start(f"{role}{i}", worker_args(args, role, ctrl), env), f"{role}{i}")
-            await router.wait_for(args.num_prefill, args.num_decode, timeout=600)
+                    _drain(children.start(f"{role}{i}", worker_args(engine_cfg, cfg, role, ctrl), env), f"{role}{i}")
+            await router.wait_for(cfg.num_prefill, cfg.num_decode, timeout=600)
             quiet_gc()
-            app = create_app(router, api_key=args.api_key)
-            url = f"http://{args.host}:{args.port}"
-            print(f"MatrixInfer PDC serving '{router.model_id}' at {url}: {args.num_prefill} prefill, "
-                  f"{args.num_decode} decode, {args.num_ems} EMS server(s); workers join at {ctrl}\n"
-                  f"  try: curl {url}/v1/completions -H 'Content-Type: application/json' -d "
-                  f"'{{\"model\": \"{router.model_id}\", \"prompt\": \"def fibonacci(n):\", \"max_tokens\": 48, "
-                  f"\"temperature\": 0}}'", flush=True)
-            server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+            app = create_app(router, api_key=cfg.api_key)
+            print_banner(f"MatrixInfer PDC serving '{router.model_id}' ({cfg.num_prefill} prefill, {cfg.num_decode} "
+                         f"decode, {cfg.num_ems} EMS server(s); workers join at {ctrl})", router.model_id, cfg)
+            server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level))
             await server.serve()
         finally:
             children.stop()

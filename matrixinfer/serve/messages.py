@@ -1,27 +1,18 @@
 """Typed messages between the router and prefill/decode workers, and between workers (KV).
 
 Serialized with msgspec (msgpack), never pickle; tensors travel as raw bytes after a header that
-gives their dtype and shape (see :mod:`matrixinfer.serve.wire`).
+gives their dtype and shape (see :mod:`matrixinfer.netio`). Requests, outputs and load reports
+use the engine's own types (:class:`SamplingParams`, :class:`RequestOutput`, :class:`EngineStats`),
+so nothing is copied field by field between the engine and the wire.
 """
 
 from __future__ import annotations
 
 import msgspec
 
-
-class Sampling(msgspec.Struct):
-    """SamplingParams on the wire."""
-
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    max_tokens: int
-    min_tokens: int
-    stop: list[str]
-    stop_token_ids: list[int]
-    ignore_eos: bool
-    logprobs: bool
+from matrixinfer.engine.commands import Abort
+from matrixinfer.engine.outputs import EngineStats, RequestOutput
+from matrixinfer.engine.sampling_params import SamplingParams
 
 
 # -- worker -> router ----------------------------------------------------------------------------
@@ -44,42 +35,6 @@ class Register(msgspec.Struct, tag=True):
     vocab_size: int
     num_blocks: int
     block_size: int
-
-
-class Load(msgspec.Struct, tag=True):
-    """Periodic load report (the router's only scheduling input)."""
-
-    queued_tokens: int
-    running: int
-    waiting: int
-    kv_used: int
-    kv_total: int
-    reserved_blocks: int
-    prompt_tokens: int
-    generation_tokens: int
-    prefix_hit_tokens: int
-    external_hit_tokens: int
-    kv_sent_bytes: int = 0
-    kv_received_bytes: int = 0
-    kv_transfer_seconds: float = 0.0
-    kv_transfers: int = 0
-    ems_stored_blocks: int = 0
-    ems_loaded_blocks: int = 0
-
-
-class Output(msgspec.Struct, tag=True):
-    """Tokens produced for a request (prefill: the first token; decode: the rest)."""
-
-    request_id: str
-    token_ids: list[int]
-    logprobs: list[float]
-    text: str
-    finished: bool
-    finish_reason: str | None
-    num_prompt_tokens: int
-    num_output_tokens: int
-    num_cached_tokens: int
-    handed_off: bool = False
 
 
 class Reserved(msgspec.Struct, tag=True):
@@ -112,7 +67,7 @@ class Prefill(msgspec.Struct, tag=True):
 
     request_id: str
     prompt_ids: list[int]
-    sampling: Sampling
+    params: SamplingParams
     decode_addr: str
 
 
@@ -121,14 +76,8 @@ class Reserve(msgspec.Struct, tag=True):
 
     request_id: str
     prompt_ids: list[int]
-    sampling: Sampling
+    params: SamplingParams
     timeout: float
-
-
-class Abort(msgspec.Struct, tag=True):
-    """Drop a request and free everything it holds."""
-
-    request_id: str
 
 
 # -- prefill worker -> decode worker (KV plane) ----------------------------------------------------
@@ -155,6 +104,9 @@ class KVDone(msgspec.Struct, tag=True):
     sampler_state: bytes = b""
 
 
-WorkerToRouter = Join | Register | Load | Output | Reserved | Failed
+WorkerToRouter = Join | Register | EngineStats | RequestOutput | Reserved | Failed
 RouterToWorker = Welcome | Prefill | Reserve | Abort
 KVMessage = KVChunk | KVDone
+
+__all__ = ["Abort", "Failed", "Join", "KVChunk", "KVDone", "KVMessage", "Prefill", "Register", "Reserve",
+           "Reserved", "RouterToWorker", "Welcome", "WorkerToRouter"]

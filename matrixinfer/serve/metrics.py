@@ -1,73 +1,73 @@
 """Prometheus metrics of one API server: request counters and latency histograms updated per
-request, engine gauges read at scrape time."""
+request; engine gauges and counters generated from :class:`EngineStats`' fields at scrape time."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from matrixinfer.engine.outputs import EngineStats
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
                     1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 
 
+def _stat_fields() -> list[tuple[str, str, str, str]]:
+    """``(field, metric name, help, kind)`` for every EngineStats field, from its metadata."""
+    out = []
+    for f in msgspec.inspect.type_info(EngineStats).fields:  # type: ignore[attr-defined]
+        meta = f.type
+        extra = getattr(meta, "extra", None) or {}
+        doc = (getattr(meta, "extra_json_schema", None) or {}).get("description", f.name)
+        out.append((f.name, extra.get("metric") or f.name, doc, extra.get("kind", "gauge")))
+    return out
+
+
+STAT_FIELDS = _stat_fields()
+
+InstanceStats = tuple[str, str, EngineStats]  # (instance id, role, its last report)
+
+
 class _EngineCollector:
-    def __init__(self, stats: Callable[[], object]) -> None:
+    """The deployment's EngineStats (one engine, or the sum over a PDC deployment's instances)."""
+
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
         self.stats = stats
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         s = self.stats()
-        yield GaugeMetricFamily("matrixinfer_requests_running", "Requests in the running batch", value=s.running)
-        yield GaugeMetricFamily("matrixinfer_requests_waiting", "Requests waiting to be scheduled", value=s.waiting)
-        yield GaugeMetricFamily("matrixinfer_kv_cache_usage_ratio", "Fraction of KV blocks in use",
-                                value=s.kv_blocks_used / max(s.kv_blocks_total, 1))
-        yield GaugeMetricFamily("matrixinfer_kv_cache_blocks_total", "KV blocks in the cache", value=s.kv_blocks_total)
-        yield GaugeMetricFamily("matrixinfer_kv_cache_blocks_used", "KV blocks in use", value=s.kv_blocks_used)
-        yield CounterMetricFamily("matrixinfer_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
-                                  value=s.prefix_hit_tokens)
-        yield CounterMetricFamily("matrixinfer_prefix_cache_queried_tokens",
-                                  "Prompt tokens looked up in the prefix cache", value=s.prefix_queried_tokens)
-        yield GaugeMetricFamily("matrixinfer_prefix_cache_hit_rate", "Prefix-cache hit tokens / queried tokens",
-                                value=s.prefix_hit_tokens / max(s.prefix_queried_tokens, 1))
-        yield CounterMetricFamily("matrixinfer_prompt_tokens", "Prompt tokens computed", value=s.prompt_tokens)
-        yield CounterMetricFamily("matrixinfer_generation_tokens", "Tokens generated", value=s.generation_tokens)
-        yield CounterMetricFamily("matrixinfer_preemptions", "Sequences preempted for lack of KV blocks",
-                                  value=s.preemptions)
+        for name, metric, doc, kind in STAT_FIELDS:
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(f"matrixinfer_{metric}", doc, value=getattr(s, name))
+        yield GaugeMetricFamily("matrixinfer_kv_cache_usage_ratio", "Fraction of KV blocks in use", value=s.kv_usage)
+        yield GaugeMetricFamily("matrixinfer_prefix_cache_hit_rate",
+                                "Prompt tokens served from a prefix cache (local or EMS) / tokens looked up",
+                                value=s.prefix_hit_rate)
 
 
 class _InstanceCollector:
-    """Per-instance gauges of a PDC deployment, labelled by instance and role."""
+    """Per-instance gauges of a PDC deployment (``matrixinfer_instance_<field>``), labelled by
+    instance and role."""
 
-    def __init__(self, instances: Callable[[], list[tuple[str, str, object]]]) -> None:
+    def __init__(self, instances: Callable[[], list[InstanceStats]]) -> None:
         self.instances = instances
 
-    def collect(self):
-        fields = [
-            ("queued_tokens", "Tokens waiting to be computed"), ("running", "Running sequences"),
-            ("waiting", "Waiting sequences"), ("kv_used", "KV blocks in use"), ("kv_total", "KV blocks"),
-            ("reserved_blocks", "KV blocks reserved for incoming transfers"),
-            ("prompt_tokens", "Prompt tokens computed"), ("generation_tokens", "Tokens generated"),
-            ("prefix_hit_tokens", "Tokens served from the local prefix cache"),
-            ("external_hit_tokens", "Tokens loaded from the EMS context cache"),
-            ("kv_sent_bytes", "KV bytes sent to decode instances"),
-            ("kv_received_bytes", "KV bytes received from prefill instances"),
-            ("kv_transfer_seconds", "Seconds spent sending KV"), ("kv_transfers", "KV transfers completed"),
-            ("ems_stored_blocks", "KV blocks stored to the EMS context cache"),
-            ("ems_loaded_blocks", "KV blocks loaded from the EMS context cache"),
-        ]
-        fams = {f: GaugeMetricFamily(f"matrixinfer_instance_{f}", doc, labels=["instance", "role"]) for f, doc in fields}
-        for iid, role, load in self.instances():
-            for f, _ in fields:
-                fams[f].add_metric([iid, role], float(getattr(load, f)))
+    def collect(self) -> Iterator[Metric]:
+        fams = {name: GaugeMetricFamily(f"matrixinfer_instance_{name}", doc, labels=["instance", "role"])
+                for name, _, doc, _ in STAT_FIELDS}
+        for iid, role, stats in self.instances():
+            for name in fams:
+                fams[name].add_metric([iid, role], float(getattr(stats, name)))
         yield from fams.values()
 
 
 class ServerMetrics:
     """A private registry (several servers may live in one process in tests)."""
 
-    def __init__(self, stats: Callable[[], object],
-                 instances: Callable[[], list[tuple[str, str, object]]] | None = None) -> None:
+    def __init__(self, stats: Callable[[], EngineStats], instances: Callable[[], list[InstanceStats]]) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("matrixinfer_requests", "Finished requests by finish reason",
                                 ["finish_reason"], registry=self.registry)
@@ -80,5 +80,4 @@ class ServerMetrics:
         self.e2e = Histogram("matrixinfer_e2e_request_latency_seconds", "Request latency, arrival to finish",
                              buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_EngineCollector(stats))
-        if instances is not None:
-            self.registry.register(_InstanceCollector(instances))
+        self.registry.register(_InstanceCollector(instances))

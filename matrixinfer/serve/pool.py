@@ -1,66 +1,117 @@
-"""How serving instances use the EMS pool: the context cache behind the engine's
-:class:`ExternalPrefixCache` interface, and the model cache for warm starts."""
+"""How serving instances use the EMS pool: the context cache as the engine's KV connector, and
+the model cache for warm starts.
+
+A pool that is down or slow only costs hit rate and warm starts: pool errors (:data:`POOL_ERRORS`)
+are logged and treated as misses. Any other exception is a bug and propagates.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 
+import msgspec
 import torch
 
 from matrixinfer.ems.client import EmsClient
+from matrixinfer.ems.connection import EmsError
 from matrixinfer.ems.context_cache import ContextCache
 from matrixinfer.ems.model_cache import ModelCache
-from matrixinfer.engine.external_cache import ExternalPrefixCache
+from matrixinfer.engine.kv_connector import KVConnector
+from matrixinfer.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
+#: what an unreachable, refusing or shrinking pool raises (a miss, not a failure)
+POOL_ERRORS = (EmsError, OSError)
 
-class EmsPrefixCache(ExternalPrefixCache):
-    """KV blocks in EMS: one value per block holding every layer's latents (contiguous)."""
 
-    def __init__(self, client: EmsClient, block_size: int, namespace: str) -> None:
-        self.cache = ContextCache(client, block_size, hash_namespace=namespace)
-        self.lock = threading.Lock()
+class EmsConnector(KVConnector):
+    """KV blocks in the EMS context cache: one value per block holding every layer's latents.
+
+    A prefill instance reads and stores prompt blocks (``read=True, store="prompt"``); a decode
+    instance that keeps generated KV stores only the blocks past the prompt (``store="generated"``:
+    the prompt's blocks are the prefill side's to store).
+    """
+
+    def __init__(self, client: EmsClient, block_size: int, namespace: str, read: bool = True,
+                 store: str = "prompt") -> None:
+        if store not in ("prompt", "generated"):
+            raise ValueError(f"store must be 'prompt' or 'generated', got {store!r}")
+        self.pool = ContextCache(client, block_size, hash_namespace=namespace)
+        self.block_size = block_size
+        self.read = read
+        self.store = store
+        self._lock = threading.Lock()
+        self._hits: dict[str, int] = {}  # request -> external blocks found (asked once per request)
+        self._stored: dict[str, int] = {}  # request -> leading blocks already in the pool
         self.stored_blocks = 0
         self.loaded_blocks = 0
 
-    def lookup(self, hashes: list[bytes]) -> int:
-        try:
-            return self.cache.lookup_prefix(hashes)
-        except Exception as exc:  # a dead pool only lowers the hit rate
-            log.warning("EMS lookup failed: %s", exc)
+    def num_external_blocks(self, seq: Sequence, hashes: list[bytes]) -> int:
+        if not self.read:
             return 0
+        hit = self._hits.get(seq.request_id)
+        if hit is None:
+            try:
+                hit = self.pool.lookup_prefix(hashes)
+            except POOL_ERRORS as exc:
+                log.warning("EMS lookup failed: %s", exc)
+                hit = 0
+            self._hits[seq.request_id] = hit
+        return min(hit, len(hashes))
 
-    def load(self, hashes: list[bytes], blocks: list[torch.Tensor]) -> int:
+    def after_alloc(self, seq: Sequence, hashes: list[bytes], block_ids: list[int]) -> int:
+        blocks = [self.cache.block_view(b) for b in block_ids]
         staging = [torch.empty(b.shape, dtype=b.dtype) for b in blocks]
         try:
-            n = self.cache.load_blocks(hashes, staging)
-        except Exception as exc:
+            n = self.pool.load_blocks(hashes, staging)
+        except POOL_ERRORS as exc:
             log.warning("EMS load failed: %s", exc)
             return 0
         for dst, src in zip(blocks[:n], staging[:n]):
             dst.copy_(src)
         self.loaded_blocks += n
+        self._stored[seq.request_id] = len(seq.block_table)  # the local and external hits are in the pool already
         return n
 
-    def store_async(self, hashes: list[bytes], blocks: list[torch.Tensor]) -> None:
-        copies = [b.contiguous().cpu().clone() for b in blocks]  # the KV blocks may be reused at once
-
-        def done(fut) -> None:
-            try:
-                with self.lock:
-                    self.stored_blocks += fut.result()
-            except Exception as exc:
-                log.warning("EMS store failed: %s", exc)
-
+    def save(self, seq: Sequence, hashes: list[bytes]) -> None:
+        prompt_blocks = len(seq.prompt_ids) // self.block_size
+        if self.store == "prompt":
+            full = min(len(hashes), prompt_blocks)
+            done = self._stored.get(seq.request_id, 0)
+        else:
+            full = len(hashes)
+            done = self._stored.get(seq.request_id, prompt_blocks)
+        if full <= done:
+            return
+        self._stored[seq.request_id] = full
+        # copies: the KV blocks may be reused as soon as this returns
+        copies = [self.cache.block_view(b).contiguous().cpu().clone() for b in seq.block_table[done:full]]
         try:
-            self.cache.store_blocks_async(hashes, copies).add_done_callback(done)
-        except Exception as exc:
+            self.pool.store_blocks_async(hashes[done:full], copies).add_done_callback(self._stored_some)
+        except POOL_ERRORS as exc:
             log.warning("EMS store failed: %s", exc)
+
+    def _stored_some(self, fut: Future) -> None:
+        try:
+            n = fut.result()
+        except POOL_ERRORS as exc:
+            log.warning("EMS store failed: %s", exc)
+            return
+        with self._lock:
+            self.stored_blocks += n
+
+    def request_finished(self, seq: Sequence) -> None:
+        self._hits.pop(seq.request_id, None)
+        self._stored.pop(seq.request_id, None)
+
+    def stats(self) -> dict[str, int | float]:
+        return {"ems_stored_blocks": self.stored_blocks, "ems_loaded_blocks": self.loaded_blocks}
 
 
 def checkpoint_version(path: Path) -> str:
@@ -78,7 +129,7 @@ def load_tensors_via_pool(client: EmsClient, path: Path, model_id: str) -> tuple
     version = checkpoint_version(path)
     try:
         tensors = ModelCache(client).load(model_id, version)
-    except Exception as exc:
+    except (*POOL_ERRORS, msgspec.DecodeError) as exc:
         log.warning("EMS model cache unavailable: %s", exc)
         tensors = None
     return tensors, version
@@ -97,7 +148,7 @@ def load_model_via_pool(client: EmsClient, path: Path, model_id: str, dtype: tor
     cache = ModelCache(client)
     try:
         manifest = cache.manifest(model_id, version)
-    except Exception as exc:
+    except (*POOL_ERRORS, msgspec.DecodeError) as exc:
         log.warning("EMS model cache unavailable: %s", exc)
         return None, version
     if manifest is None:
@@ -112,7 +163,7 @@ def load_model_via_pool(client: EmsClient, path: Path, model_id: str, dtype: tor
         try:
             done = cache.load_into(model_id, version, outs)
             source.prefetch([n for n in metas if n not in done])  # the loader converts these
-        except Exception as exc:  # the loader then asks for every tensor through the mapping
+        except POOL_ERRORS as exc:  # the loader then asks for every tensor through the mapping
             log.warning("EMS model cache: in-place load failed: %s", exc)
             return set()
         return done
@@ -147,7 +198,7 @@ class _PoolTensors(Mapping):
             raise KeyError(f"tensor {name} of {self.model_id}@{self.version} is no longer in the pool")
         return tensor
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self.metas)
 
     def __len__(self) -> int:
@@ -160,6 +211,6 @@ def publish_tensors(client: EmsClient, path: Path, model_id: str, version: str) 
 
     try:
         return ModelCache(client).prefetch(model_id, version, lambda: read_checkpoint_tensors(path))
-    except Exception as exc:
+    except (*POOL_ERRORS, ValueError) as exc:  # ValueError: the model does not fit the pool
         log.warning("could not publish %s to the EMS model cache: %s", model_id, exc)
         return 0

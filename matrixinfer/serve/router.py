@@ -20,14 +20,14 @@ from pathlib import Path
 import msgspec
 
 from matrixinfer.config import ModelConfig
-from matrixinfer.engine.async_engine import EngineDeadError, drain
-from matrixinfer.engine.llm_engine import EngineStats, RequestError, RequestOutput
+from matrixinfer.engine.commands import Abort
+from matrixinfer.engine.errors import EngineDeadError, RequestError
+from matrixinfer.engine.outputs import EngineStats, RequestOutput, drain, sum_stats
 from matrixinfer.engine.sampling_params import SamplingParams
 from matrixinfer.model.tokenizer import Tokenizer
+from matrixinfer.netio import FRAMING, WireError, format_addr
 from matrixinfer.serve import messages as m
 from matrixinfer.serve.router_policy import InstanceLoad, pick_instance
-from matrixinfer.serve.wire import WireError, encode, read_msg
-from matrixinfer.serve.worker import from_params
 
 log = logging.getLogger(__name__)
 _DEC = msgspec.msgpack.Decoder(m.WorkerToRouter)
@@ -39,16 +39,16 @@ class Instance:
 
     info: m.Register
     writer: asyncio.StreamWriter
-    load: m.Load = field(default_factory=lambda: m.Load(0, 0, 0, 0, 1, 0, 0, 0, 0, 0))
+    stats: EngineStats = field(default_factory=EngineStats)
     assigned_tokens: int = 0
     requests: set[str] = field(default_factory=set)
 
-    def send(self, msg) -> None:
-        self.writer.write(encode(msg))
+    def send(self, msg: m.RouterToWorker) -> None:
+        self.writer.write(FRAMING.encode(msg))
 
     def view(self) -> InstanceLoad:
-        return InstanceLoad(self.info.instance_id, self.load.queued_tokens, self.load.kv_used,
-                            max(self.load.kv_total, 1), self.assigned_tokens)
+        s = self.stats
+        return InstanceLoad(self.info.instance_id, s.queued_tokens, s.kv_used, max(s.kv_total, 1), self.assigned_tokens)
 
 
 @dataclass
@@ -82,7 +82,6 @@ class Router:
         self.max_prefill_retries = max_prefill_retries
         self.instances: dict[str, Instance] = {}
         self.pending: dict[str, Pending] = {}
-        self.error = None
         self.ctrl_addr = ""
         self.lost_instances = 0
         self._turn: dict[str, int] = {}
@@ -94,18 +93,11 @@ class Router:
 
     @property
     def stats(self) -> EngineStats:
-        loads = [i.load for i in self.instances.values()]
-        return EngineStats(
-            running=sum(x.running for x in loads), waiting=sum(x.waiting for x in loads),
-            kv_blocks_total=sum(x.kv_total for x in loads), kv_blocks_used=sum(x.kv_used for x in loads),
-            prefix_hit_tokens=sum(x.prefix_hit_tokens + x.external_hit_tokens for x in loads),
-            prefix_queried_tokens=0, prompt_tokens=sum(x.prompt_tokens for x in loads),
-            generation_tokens=sum(x.generation_tokens for x in loads), preemptions=0, steps=0,
-            reserved_blocks=sum(x.reserved_blocks for x in loads),
-            external_hit_tokens=sum(x.external_hit_tokens for x in loads))
+        """The deployment's totals: every instance's last report, summed field by field."""
+        return sum_stats([i.stats for i in self.instances.values()])
 
-    def instance_metrics(self) -> list[tuple[str, str, m.Load]]:
-        return [(i.info.instance_id, i.info.role, i.load) for i in self.instances.values()]
+    def instance_metrics(self) -> list[tuple[str, str, EngineStats]]:
+        return [(i.info.instance_id, i.info.role, i.stats) for i in self.instances.values()]
 
     def role(self, role: str) -> list[Instance]:
         return [i for i in self.instances.values() if i.info.role == role]
@@ -152,11 +144,12 @@ class Router:
         req.decode = decode_id
         req.reserved = asyncio.get_running_loop().create_future()
         inst.requests.add(rid)
-        inst.send(m.Reserve(rid, req.prompt_ids, from_params(req.params), self.reserve_timeout))
+        inst.send(m.Reserve(rid, req.prompt_ids, req.params, self.reserve_timeout))
         try:
             ok, error = await asyncio.wait_for(req.reserved, self.reserve_timeout + 5)
         except TimeoutError:
-            raise EngineDeadError(f"decode instance {decode_id} did not answer within {self.reserve_timeout} s") from None
+            raise EngineDeadError(f"decode instance {decode_id} did not answer "
+                                  f"within {self.reserve_timeout} s") from None
         if not ok:
             raise EngineDeadError(f"decode instance {decode_id} could not take the request: {error}")
 
@@ -172,7 +165,7 @@ class Router:
         inst.requests.add(rid)
         inst.assigned_tokens += len(req.prompt_ids)
         decode = self.instances[req.decode]
-        inst.send(m.Prefill(rid, req.prompt_ids, from_params(req.params), decode.info.kv_addr))
+        inst.send(m.Prefill(rid, req.prompt_ids, req.params, decode.info.kv_addr))
 
     def _forget(self, rid: str, abort: bool) -> None:
         req = self.pending.pop(rid, None)
@@ -183,7 +176,7 @@ class Router:
             if inst is not None:
                 inst.requests.discard(rid)
                 if abort:
-                    inst.send(m.Abort(rid))
+                    inst.send(Abort(rid))
 
     def _fail(self, rid: str, exc: BaseException) -> None:
         req = self.pending.get(rid)
@@ -197,7 +190,7 @@ class Router:
     # -- control plane -------------------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         server = await asyncio.start_server(self._on_worker, host, port)
-        self.ctrl_addr = f"{host}:{server.sockets[0].getsockname()[1]}"
+        self.ctrl_addr = format_addr(host, server.sockets[0].getsockname()[1])
         self._server = server
         return self.ctrl_addr
 
@@ -205,14 +198,14 @@ class Router:
         peer = str(writer.get_extra_info("peername"))
         inst = None
         try:
-            join = await asyncio.wait_for(read_msg(reader, _DEC, peer), 30)
+            join = await asyncio.wait_for(FRAMING.read(reader, _DEC, peer), 30)
             if not isinstance(join, m.Join):
                 raise WireError(f"{peer}: expected Join, got {type(join).__name__}")
-            writer.write(encode(m.Welcome(self.model_id, str(self.model_path), self.ems_controller)))
+            writer.write(FRAMING.encode(m.Welcome(self.model_id, str(self.model_path), self.ems_controller)))
             if join.role == "ems":  # an EMS server only needed the controller's address
                 log.info("EMS server %s joined the pool", join.instance_id)
                 return
-            reg = await asyncio.wait_for(read_msg(reader, _DEC, peer), 900)  # model loading takes a while
+            reg = await asyncio.wait_for(FRAMING.read(reader, _DEC, peer), 900)  # model loading takes a while
             if not isinstance(reg, m.Register):
                 raise WireError(f"{peer}: expected Register, got {type(reg).__name__}")
             if reg.model_id != self.model_id:
@@ -223,7 +216,7 @@ class Router:
             self.max_seq_len = min(i.info.max_seq_len for i in self.instances.values())
             log.info("%s instance %s joined (kv %s)", reg.role, reg.instance_id, reg.kv_addr or "-")
             while True:
-                self._handle(inst, await read_msg(reader, _DEC, peer))
+                self._handle(inst, await FRAMING.read(reader, _DEC, peer))
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, WireError, OSError) as exc:
             if inst is None:
                 log.warning("worker %s failed to register: %s", peer, exc)
@@ -232,15 +225,15 @@ class Router:
             if inst is not None:
                 self._lost(inst)
 
-    def _handle(self, inst: Instance, msg) -> None:
-        if isinstance(msg, m.Load):
-            inst.load = msg
+    def _handle(self, inst: Instance, msg: m.WorkerToRouter) -> None:
+        if isinstance(msg, EngineStats):
+            inst.stats = msg
             inst.assigned_tokens = 0
         elif isinstance(msg, m.Reserved):
             req = self.pending.get(msg.request_id)
             if req is not None and req.reserved is not None and not req.reserved.done():
                 req.reserved.set_result((msg.ok, msg.error))
-        elif isinstance(msg, m.Output):
+        elif isinstance(msg, RequestOutput):
             req = self.pending.get(msg.request_id)
             if req is None:
                 return
@@ -250,13 +243,11 @@ class Router:
             if inst.info.role == "prefill":  # the first token ended the request: free the reservation
                 dec = self.instances.get(req.decode) if req.decode else None
                 if dec is not None:
-                    dec.send(m.Abort(msg.request_id))
+                    dec.send(Abort(msg.request_id))
                     dec.requests.discard(msg.request_id)
                 req.decode = None
             req.got_first = True
-            req.queue.put_nowait(RequestOutput(msg.request_id, msg.token_ids, msg.logprobs, msg.text, msg.finished,
-                                               msg.finish_reason, msg.num_prompt_tokens, msg.num_output_tokens,
-                                               msg.num_cached_tokens))
+            req.queue.put_nowait(msg)
         elif isinstance(msg, m.Failed):
             req = self.pending.get(msg.request_id)
             if req is None or req.got_first:
@@ -281,7 +272,7 @@ class Router:
                 self._fail(rid, EngineDeadError(f"decode instance {iid} died; the request was lost"))
                 prefill = self.instances.get(req.prefill) if req.prefill else None
                 if prefill is not None:
-                    prefill.send(m.Abort(rid))
+                    prefill.send(Abort(rid))
             elif not req.got_first and len(req.tried) <= self.max_prefill_retries:
                 try:
                     self._start_prefill(rid, req)

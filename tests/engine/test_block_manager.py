@@ -61,10 +61,10 @@ def test_at_least_one_token_is_left_to_compute():
 def test_namespaces_do_not_share():
     one, two = BlockManager(8, 4, "model-a"), BlockManager(8, 4, "model-b")
     s = seq("x", list(range(8)))
-    assert one._hashes(s, 2) != two._hashes(seq("y", list(range(8))), 2)
+    assert one.block_hashes(s, 2) != two.block_hashes(seq("y", list(range(8))), 2)
 
 
 def test_hash_chain_matches_the_shared_definition():
     bm = BlockManager(8, 4, "ns")
     s = seq("x", list(range(12)))
-    assert bm._hashes(s, 3) == chain_hashes(list(range(12)), 4, "ns")
+    assert bm.block_hashes(s, 3) == chain_hashes(list(range(12)), 4, "ns")

@@ -1,0 +1,12 @@
+"""Errors an engine reports to whoever submitted a request (torch-free, so the router and the API
+server can name them without loading the runtime)."""
+
+from __future__ import annotations
+
+
+class RequestError(ValueError):
+    """A request the engine refuses (the API maps it to HTTP 400)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine (or, in PDC mode, every instance that could serve the request) is gone (HTTP 503)."""

@@ -1,0 +1,148 @@
+"""KV transfer from prefill to decode instances.
+
+:class:`KVSender` is the prefill engine's connector for the handoff: after a request's first token
+it copies the prompt's KV out of the cache and sends it to the decode instance the router chose, in
+chunks of a few layers, from a sender thread, so the transfer overlaps the next steps' compute.
+:class:`KVReceiver` is the decode side: it accepts prefill peers and writes each chunk straight
+into the blocks the engine reserved for the request (through the engine's locked
+:meth:`~matrixinfer.engine.llm_engine.LLMEngine.write_reserved`), then hands ``KVDone`` to the
+worker's loop, which attaches the sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import msgspec
+import torch
+
+from matrixinfer.engine.kv_connector import KVConnector
+from matrixinfer.engine.llm_engine import LLMEngine
+from matrixinfer.engine.sequence import Sequence
+from matrixinfer.netio import FRAMING, WireError, connect, format_addr, listen, recv_exact_into
+from matrixinfer.serve import messages as m
+
+log = logging.getLogger(__name__)
+LAYER_GROUP = 4  # layers per KV chunk
+_KV_DEC = msgspec.msgpack.Decoder(m.KVMessage)
+_ACK_DEC = msgspec.msgpack.Decoder(m.Reserved)
+
+
+class KVSender(KVConnector):
+    """Prefill side: every request leaves after its first token, its KV sent to ``destinations``
+    (request id -> the decode instance's KV address, filled by the worker from the router's
+    Prefill message). ``report_failure(request_id, error)`` tells the router a transfer failed."""
+
+    def __init__(self, report_failure: Callable[[str, str], None]) -> None:
+        self.destinations: dict[str, str] = {}
+        self.report_failure = report_failure
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-send")
+        self._socks: dict[str, socket.socket] = {}
+        self._lock = threading.Lock()  # one transfer at a time per connection; guards the counters
+        self.sent_bytes = 0
+        self.seconds = 0.0
+        self.transfers = 0
+
+    def take_over(self, seq: Sequence, token: int, logprob: float | None) -> bool:
+        dest = self.destinations.pop(seq.request_id, None)
+        if dest is None:
+            return False
+        kv = self.cache.read_tokens(seq.block_table, len(seq.prompt_ids))  # a copy: the blocks are freed next
+        done = m.KVDone(seq.request_id, token, logprob, seq.num_cached_tokens,
+                        self.sampler.export_state(seq.request_id))
+        self.pool.submit(self._send, dest, kv, done)
+        return True
+
+    def request_finished(self, seq: Sequence) -> None:
+        self.destinations.pop(seq.request_id, None)
+
+    def stats(self) -> dict[str, int | float]:
+        return {"kv_sent_bytes": self.sent_bytes, "kv_transfer_seconds": self.seconds,
+                "kv_transfers": self.transfers}
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
+
+    def _sock(self, addr: str) -> socket.socket:
+        sock = self._socks.get(addr)
+        if sock is None:
+            sock = connect(addr, timeout=30)
+            self._socks[addr] = sock
+        return sock
+
+    def _send(self, addr: str, kv: torch.Tensor, done: m.KVDone) -> None:
+        rid = done.request_id
+        t0 = time.perf_counter()
+        try:
+            layers, tokens, dim = kv.shape
+            dtype = str(kv.dtype).removeprefix("torch.")
+            raw = kv.view(torch.uint8) if kv.dtype != torch.uint8 else kv
+            with self._lock:
+                sock = self._sock(addr)
+                for a in range(0, layers, LAYER_GROUP):
+                    b = min(layers, a + LAYER_GROUP)
+                    chunk = raw[a:b].contiguous().numpy()
+                    FRAMING.send(sock, m.KVChunk(rid, a, b, tokens, dim, dtype, chunk.nbytes), [chunk])
+                FRAMING.send(sock, done)
+                ack = FRAMING.recv(sock, _ACK_DEC, addr)
+                self.sent_bytes += kv.numel() * kv.element_size()
+                self.seconds += time.perf_counter() - t0
+                self.transfers += 1
+            if not ack.ok:
+                self.report_failure(rid, f"decode instance refused the KV: {ack.error}")
+        except (OSError, WireError) as exc:
+            with self._lock:
+                bad = self._socks.pop(addr, None)
+            if bad is not None:
+                bad.close()
+            log.warning("KV transfer of %s to %s failed: %s", rid, addr, exc)
+            self.report_failure(rid, f"KV transfer to the decode instance {addr} failed: {exc}")
+
+
+class KVReceiver:
+    """Decode side: listens on ``host``, writes chunks into reserved blocks, passes each ``KVDone``
+    whose reservation still exists to ``on_done`` (after acknowledging it to the sender)."""
+
+    def __init__(self, engine: LLMEngine, host: str, on_done: Callable[[m.KVDone], None],
+                 stopped: threading.Event) -> None:
+        self.engine = engine
+        self.on_done = on_done
+        self.stopped = stopped
+        self._server = listen(host, 0)
+        self.addr = format_addr(host, self._server.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True, name="kv-accept").start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True, name="kv-recv").start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            while True:
+                msg = FRAMING.recv(conn, _KV_DEC, "prefill peer")
+                if isinstance(msg, m.KVChunk):
+                    buf = bytearray(msg.nbytes)
+                    recv_exact_into(conn, memoryview(buf), "prefill peer")
+                    kv = torch.frombuffer(buf, dtype=getattr(torch, msg.dtype))
+                    kv = kv.view(msg.layer_end - msg.layer_start, msg.num_tokens, msg.dim)
+                    self.engine.write_reserved(msg.request_id, msg.layer_start, kv)  # False: aborted, dropped
+                else:
+                    ok = self.engine.has_reservation(msg.request_id)
+                    error = "" if ok else "no reservation (aborted or expired)"
+                    FRAMING.send(conn, m.Reserved(msg.request_id, ok, error))
+                    if ok:
+                        self.on_done(msg)
+        except (OSError, WireError, ValueError, TypeError, AttributeError) as exc:
+            log.debug("KV connection closed: %s", exc)
+        finally:
+            conn.close()

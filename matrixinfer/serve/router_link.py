@@ -1,0 +1,85 @@
+"""A worker's connection to the router: join, register, receive commands, report load.
+
+Both instance kinds (:mod:`matrixinfer.serve.worker`) hold one. Commands from the router arrive
+on a reader thread and go into the worker's :class:`~matrixinfer.engine.commands.Inbox`; the
+latest :class:`~matrixinfer.engine.outputs.EngineStats` snapshot goes back every 0.2 s from a
+reporter thread (the router's only scheduling input).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+import msgspec
+
+from matrixinfer.engine.commands import Inbox
+from matrixinfer.engine.outputs import EngineStats
+from matrixinfer.netio import FRAMING, WireError, connect
+from matrixinfer.serve import messages as m
+
+log = logging.getLogger(__name__)
+_ROUTER_DEC = msgspec.msgpack.Decoder(m.RouterToWorker)
+REPORT_INTERVAL = 0.2  # seconds between load reports
+
+
+def join(router: str, role: str, instance_id: str, timeout: float = 60.0) -> tuple[socket.socket, m.Welcome]:
+    """Connect to the router's control port (retrying while it starts) and introduce this process."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock = connect(router, timeout=30)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    FRAMING.send(sock, m.Join(role, instance_id))
+    welcome = FRAMING.recv(sock, _ROUTER_DEC, "router")
+    if not isinstance(welcome, m.Welcome):
+        raise WireError(f"router sent {type(welcome).__name__} instead of Welcome")
+    sock.settimeout(None)
+    return sock, welcome
+
+
+class RouterLink:
+    """The control connection of one prefill or decode instance."""
+
+    def __init__(self, router: str, role: str, instance_id: str, inbox: Inbox[Any], stopped: threading.Event) -> None:
+        self.router = router
+        self.instance_id = instance_id
+        self.inbox = inbox
+        self.stopped = stopped
+        self.sock, self.welcome = join(router, role, instance_id)
+        self._send_lock = threading.Lock()
+        self.stats = EngineStats()
+
+    def send(self, msg: Any) -> None:
+        with self._send_lock:
+            FRAMING.send(self.sock, msg)
+
+    def register(self, info: m.Register) -> None:
+        """Announce the ready engine and start the reader and reporter threads."""
+        self.send(info)
+        threading.Thread(target=self._read, daemon=True, name="router-reader").start()
+        threading.Thread(target=self._report, daemon=True, name="load-reporter").start()
+
+    def _read(self) -> None:
+        try:
+            while not self.stopped.is_set():
+                self.inbox.put(FRAMING.recv(self.sock, _ROUTER_DEC, "router"))
+        except (OSError, WireError) as exc:
+            if not self.stopped.is_set():
+                log.error("%s: lost the router (%s); shutting down", self.instance_id, exc)
+                self.stopped.set()
+                self.inbox.wake()
+
+    def _report(self) -> None:
+        while not self.stopped.wait(REPORT_INTERVAL):
+            try:
+                self.send(self.stats)
+            except OSError:
+                return
