@@ -20,6 +20,7 @@ import time
 import httpx
 from tqdm import tqdm
 
+from matrixinfer.bench.client import parse_sse_line
 from matrixinfer.bench.launch import ServerProcess
 
 
@@ -28,7 +29,7 @@ async def ttft(client: httpx.AsyncClient, url: str, prompt: list[int]) -> float:
     start = time.perf_counter()
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
         async for line in r.aiter_lines():
-            if line.startswith("data: {"):
+            if isinstance(parse_sse_line(line), dict):
                 return time.perf_counter() - start
     raise RuntimeError("stream ended without a token")
 
@@ -75,7 +76,8 @@ def main() -> None:
     try:
         info = httpx.get(f"{server.url}/v1/models").json()["data"][0]
         if info["max_model_len"] <= args.prompt_len:
-            raise SystemExit(f"the model's context ({info['max_model_len']}) is too short for --prompt-len {args.prompt_len}")
+            raise SystemExit(f"the model's context ({info['max_model_len']}) is too short "
+                             f"for --prompt-len {args.prompt_len}")
         asyncio.run(ttft(httpx.AsyncClient(), server.url, [11] * 32))  # warm-up
         rows = [asyncio.run(level(server.url, r, args, info["vocab_size"], server)) for r in (0.0, 0.5, 0.9)]
         hits = sum(server.instance_metrics().get("external_hit_tokens", {}).values())

@@ -106,9 +106,10 @@ def main() -> None:
     from matrixinfer.model.default_model import default_model_path
 
     path = args.model or default_model_path()
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    cuda = args.device.startswith("cuda")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     requests = make_requests(args.num_requests, ModelConfig.from_file(path).vocab_size, args.seed)
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU x{torch.get_num_threads()} threads"
+    device_name = torch.cuda.get_device_name() if cuda else f"CPU x{torch.get_num_threads()} threads"
     print(f"model {path} on {device_name}, {len(requests)} requests, "
           f"{sum(len(p) for p, _ in requests)} prompt / {sum(n for _, n in requests)} output tokens")
     ours = run_engine(path, requests, args.device, dtype, args.trials)

@@ -22,6 +22,7 @@ import time
 import httpx
 from tqdm import tqdm
 
+from matrixinfer.bench.client import parse_sse_line
 from matrixinfer.bench.launch import ServerProcess, pin_process
 
 
@@ -31,10 +32,10 @@ async def decode_stream(client: httpx.AsyncClient, url: str, model: str, prompt:
     last = None
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
         async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
             now = time.perf_counter()
-            chunk = json.loads(line[6:])
+            chunk = parse_sse_line(line)
+            if not isinstance(chunk, dict):  # not a data line, or [DONE]
+                continue
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
             if not chunk["choices"]:
@@ -64,7 +65,7 @@ async def measure(url: str, model: str, args, vocab: int, loaded: bool, label: s
     done = [0]
     stop = asyncio.Event()
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
-        with tqdm(total=args.decode_streams * (args.output_len - 1) + args.decode_streams, desc=label, unit="tok") as bar:
+        with tqdm(total=args.decode_streams * args.output_len, desc=label, unit="tok") as bar:
             load = asyncio.create_task(prefill_load(client, url, model, long_prompts, stop, done)) if loaded else None
             if loaded:
                 await asyncio.sleep(0.5)  # the prefill stream is under way before decoding starts
@@ -120,7 +121,8 @@ def main() -> None:
     pin_process(os.getpid(), {1})
     results = {mode: run_mode(mode, args, model_dir) for mode in ("pd", "colocated")}
     print(f"\ndecode inter-token latency, {args.decode_streams} streams, prefills of {args.prompt_len} tokens:")
-    print(f"{'mode':<10} {'idle p50':>9} {'idle p99':>9} {'load p50':>9} {'load p99':>9} {'p99 ratio':>10} {'prefills':>9}")
+    print(f"{'mode':<10} {'idle p50':>9} {'idle p99':>9} {'load p50':>9} {'load p99':>9} {'p99 ratio':>10} "
+          f"{'prefills':>9}")
     for mode, r in results.items():
         print(f"{mode:<10} {r['idle']['p50_ms']:>8.1f}ms {r['idle']['p99_ms']:>8.1f}ms {r['loaded']['p50_ms']:>8.1f}ms "
               f"{r['loaded']['p99_ms']:>8.1f}ms {r['ratio_p99']:>9.2f}x {r['loaded']['prefills_completed']:>9}")

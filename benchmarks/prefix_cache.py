@@ -60,7 +60,8 @@ def main() -> None:
     hit_per_req = (engine.blocks.hit_tokens - hits0) / args.requests
     c, w = statistics.mean(cold), statistics.mean(warm)
     print(f"prompt {PREFIX + SUFFIX} tokens ({PREFIX} shared), {args.requests} requests each, device {args.device}")
-    print(f"cold TTFT mean {c * 1000:.1f} ms, warm TTFT mean {w * 1000:.1f} ms, {hit_per_req:.0f} cached tokens/request")
+    print(f"cold TTFT mean {c * 1000:.1f} ms, warm TTFT mean {w * 1000:.1f} ms, "
+          f"{hit_per_req:.0f} cached tokens/request")
     print(f"RESULT warm/cold = {w / c:.3f} (bar <= 0.25)")
 
 

@@ -26,9 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-groups", type=int, default=4, help="shared-prefix: number of prefix groups")
     p.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: tokens shared within a group")
     p.add_argument("--suffix-len", type=int, default=64, help="shared-prefix: unique tokens per request")
-    p.add_argument(
-        "--vocab-size", type=int, default=None, help="token ids are drawn from [10, V) (default: from /v1/models, else 1000)"
-    )
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="token ids are drawn from [10, V) (default: from /v1/models, else 1000)")
     p.add_argument(
         "--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second; inf sends all at once"
     )

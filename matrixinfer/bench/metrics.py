@@ -92,9 +92,7 @@ def meets_slo(record: RequestRecord, slo_ttft_ms: float | None, slo_tpot_ms: flo
     if slo_ttft_ms is not None and record.ttft * 1000.0 > slo_ttft_ms:
         return False
     tpot = record.tpot
-    if slo_tpot_ms is not None and tpot is not None and tpot * 1000.0 > slo_tpot_ms:
-        return False
-    return True
+    return not (slo_tpot_ms is not None and tpot is not None and tpot * 1000.0 > slo_tpot_ms)
 
 
 def summarize(

@@ -48,8 +48,8 @@ def allocate(requests: list[InstanceRequest], nodes: int, chips_per_node: int,
             raise ValueError(f"allocate: instance {r.name!r} asks for {r.chips} chips")
     placements: dict[str, list[tuple[int, int]]] = {k: list(v) for k, v in (existing or {}).items()}
     taken: dict[int, set[int]] = {}
-    for slots in placements.values():
-        for n, c in slots:
+    for held in placements.values():
+        for n, c in held:
             taken.setdefault(n, set()).add(c)
     unplaced: list[str] = []
     for req in sorted(requests, key=lambda r: (-r.chips, r.name)):

@@ -201,12 +201,11 @@ def stream_split(die: Die, shapes: ModelShapes, cfg: DecodeConfig) -> StreamSpli
     seqs = cfg.batch_per_chip / die.chip.dies
     q_tokens = seqs * (2 if cfg.mtp else 1)
     whole = _paths(die, shapes, cfg, seqs, q_tokens)
-    bandwidth = die.hbm_bw * die.profile.mem_bw_util
     best: StreamSplit | None = None
     for attention_cores in range(1, cores):
         share = attention_cores / cores
         half = _paths(die, shapes, cfg, seqs / 2, q_tokens / 2, share, 1.0 - share)
-        hbm = (half.attention_bytes + half.moe_bytes) / bandwidth
+        hbm = (half.attention_bytes + half.moe_bytes) / die.stream_bw
         layer = 2.0 * max(half.attention, half.moe, hbm)
         if best is None or layer < best.layer:
             best = StreamSplit(attention_cores, cores - attention_cores, half.attention, half.moe,
@@ -271,13 +270,8 @@ def decode_step(die: Die, shapes: ModelShapes, cfg: DecodeConfig) -> DecodeResul
     tpot = step / tokens_per_step
 
     # HBM footprint per die: replicated attention/dense/head weights, local experts, KV cache.
-    layers = shapes.layers + shapes.mtp_layers
-    weights = (layers * (shapes.attn_proj_params * INT8 + shapes.attn_absorb_params * BF16)
-               + shapes.dense_layers * shapes.dense_mlp_params * INT8
-               + (shapes.moe_layers + shapes.mtp_layers) * max(epr, 1) * shapes.expert_params * INT8
-               + 2 * shapes.head_params * BF16)
-    kv = seqs * cfg.context * shapes.kv_dim * cfg.kv_bytes * layers
-    used = weights + kv
+    weights = shapes.weight_bytes(INT8, experts=max(epr, 1))
+    used = weights + seqs * cfg.context * shapes.kv_bytes_per_token(cfg.kv_bytes)
     breakdown = {**main.parts, "microbatch_gain": gain, "head": head + head_mtp, "mtp": mtp_time}
     return DecodeResult(
         step_time=step,

@@ -100,7 +100,7 @@ def simulate(dep: Deployment, wl: Workload, duration_s: float, seed: int = 0,
             if not prefill_q[i]:
                 prefill_wake[i] = env.event()
                 yield prefill_wake[i]
-            batch = []
+            batch: list[float] = []   # arrival times
             tokens = 0
             while prefill_q[i] and (not batch or tokens + computed_prompt <= dep.prefill_batch_tokens):
                 batch.append(prefill_q[i].popleft())
@@ -123,7 +123,7 @@ def simulate(dep: Deployment, wl: Workload, duration_s: float, seed: int = 0,
         while True:
             room = dep.decode_max_batch - len(arr)
             if room > 0 and decode_q:
-                take = []
+                take: list[tuple[float, float, int]] = []   # arrival, KV ready, output tokens
                 while decode_q and len(take) < room and decode_q[0][1] <= env.now:
                     take.append(decode_q.popleft())
                 if take:
@@ -168,7 +168,10 @@ def simulate(dep: Deployment, wl: Workload, duration_s: float, seed: int = 0,
     rows = np.array([d for d in done if d[0] >= warmup_s]) if done else np.empty((0, 4))
     span = max(duration_s - warmup_s, 1e-9)
     if len(rows) == 0:
-        return SimResult(0, *([float("nan")] * 4), 0.0, 0.0, 0.0, 0.0, events[0])
+        nan = float("nan")
+        return SimResult(completed=0, ttft_p50=nan, ttft_p99=nan, tpot_p50=nan, tpot_p99=nan, output_tok_s=0.0,
+                         output_tok_s_per_decode_chip=0.0, goodput_rps=0.0, mean_decode_batch=0.0,
+                         wall_events=events[0])
     ttft = rows[:, 1] - rows[:, 0]
     tpot = (rows[:, 2] - rows[:, 1]) / np.maximum(rows[:, 3] - 1, 1)
     good = np.sum((ttft <= ttft_slo) & (tpot <= tpot_slo))

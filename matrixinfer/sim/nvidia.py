@@ -36,11 +36,10 @@ def predict(shapes: ModelShapes, gpus: tuple[str, ...] = ("h800", "h100"),
         chip = CHIPS[key]
         die = Die(chip, NVIDIA_PROFILE)
         for label, skew in (("default balance", PREFILL_DEFAULT_SKEW), ("perfect balance", 1.0)):
-            cfg = PrefillConfig(dies=PREFILL_GPUS, tp=1, tokens_per_chip=16384, prompt_len=prompt,
-                                imbalance=skew)
-            r = prefill_step(die, shapes, cfg)
+            prefill = prefill_step(die, shapes, PrefillConfig(dies=PREFILL_GPUS, tp=1, tokens_per_chip=16384,
+                                                              prompt_len=prompt, imbalance=skew))
             out.append(NvidiaPrediction(
-                chip.name, f"prefill ({label})", r.tokens_per_s_per_chip,
+                chip.name, f"prefill ({label})", prefill.tokens_per_s_per_chip,
                 f"EP{PREFILL_GPUS}, DP attention, 16384 tok/GPU, {prompt}-token prompts, "
                 f"FP8 GEMM, skew {skew}"))
         best = None

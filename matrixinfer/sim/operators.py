@@ -36,6 +36,11 @@ class Die:
     def hbm_bytes(self) -> float:
         return self.chip.per_die(self.chip.hbm_bytes)
 
+    @property
+    def stream_bw(self) -> float:
+        """The HBM bandwidth kernels stream weights and KV at: the peak at the measured utilisation."""
+        return self.hbm_bw * self.profile.mem_bw_util
+
 
 def gemm_time(die: Die, tokens: float, params: float, weight_bytes: float = INT8,
               compute_share: float = 1.0) -> float:
@@ -48,7 +53,7 @@ def gemm_time(die: Die, tokens: float, params: float, weight_bytes: float = INT8
         return 0.0
     peak = die.lowp if weight_bytes == INT8 else die.bf16
     compute = 2.0 * tokens * params / (peak * die.profile.gemm_util * compute_share)
-    memory = params * weight_bytes / (die.hbm_bw * die.profile.mem_bw_util)
+    memory = params * weight_bytes / die.stream_bw
     return max(compute, memory)
 
 
@@ -57,13 +62,8 @@ def attention_time(die: Die, flops: float, kv_bytes: float, compute_share: float
     the measured bandwidth utilisation, whichever is slower (``compute_share`` as in
     :func:`gemm_time`)."""
     compute = flops / (die.bf16 * die.profile.attn_compute_util * compute_share)
-    memory = kv_bytes / (die.hbm_bw * die.profile.mem_bw_util)
+    memory = kv_bytes / die.stream_bw
     return max(compute, memory)
-
-
-def memory_time(die: Die, nbytes: float) -> float:
-    """Streaming ``nbytes`` through HBM at the measured bandwidth utilisation."""
-    return nbytes / (die.hbm_bw * die.profile.mem_bw_util)
 
 
 def dispatch_bytes_per_token(hidden: int, destinations: float) -> float:

@@ -158,11 +158,11 @@ def plan(shapes: ModelShapes, hw: ClusterSpec, req: PlanRequest, runner_ups: int
                          f"{req.ttft_s * 1e3:.0f} ms")
     # best batch per decode shape, best batch per prefill shape
     seen_d: dict[tuple, DecodeOption] = {}
-    for o in decodes:
-        seen_d.setdefault((o.chips, o.redundant), o)
+    for d in decodes:
+        seen_d.setdefault((d.chips, d.redundant), d)
     seen_p: dict[tuple, PrefillOption] = {}
-    for o in prefills:
-        seen_p.setdefault((o.chips, o.tp), o)
+    for p in prefills:
+        seen_p.setdefault((p.chips, p.tp), p)
     plans: list[Plan] = []
     for d in seen_d.values():
         for p in seen_p.values():

@@ -129,12 +129,7 @@ def prefill_step(die: Die, shapes: ModelShapes, cfg: PrefillConfig) -> PrefillRe
         "moe_comm": moe_comm, "dense_mlp": dense, "cache_load": load,
     }
     # HBM per die: replicated attention/dense/head weights, this rank's experts, the batch's KV.
-    layers = shapes.layers + shapes.mtp_layers
-    weights = (layers * (shapes.attn_proj_params * INT8 + shapes.attn_absorb_params * BF16)
-               + shapes.dense_layers * shapes.dense_mlp_params * INT8
-               + (shapes.moe_layers + shapes.mtp_layers) * (per_die + shapes.shared_experts)
-               * shapes.expert_params * INT8
-               + 2 * shapes.head_params * BF16)
+    weights = shapes.weight_bytes(INT8, experts=per_die + shapes.shared_experts)
     used = weights + tokens * shapes.kv_bytes_per_token(cfg.kv_bytes)
     return PrefillResult(
         batch_time=batch,

@@ -113,23 +113,24 @@ class ModelShapes:
     def head_params(self) -> int:
         return self.vocab * self.hidden
 
-    @property
-    def experts_per_token(self) -> int:
-        """Expert MLPs each token passes through in a MoE layer (routed top-k + shared)."""
-        return self.top_k + self.shared_experts
-
     def kv_bytes_per_token(self, dtype_bytes: int = BF16, include_mtp: bool = True) -> int:
         """KV cache bytes one token occupies across all layers (latent + rope key)."""
         layers = self.layers + (self.mtp_layers if include_mtp else 0)
         return layers * self.kv_dim * dtype_bytes
 
-    def weight_bytes(self, linear_bytes: float = INT8) -> float:
-        """Whole-model weight bytes: big matmuls at ``linear_bytes``, the rest BF16."""
+    def weight_bytes(self, linear_bytes: float = INT8, experts: float | None = None) -> float:
+        """Weight bytes: big matmuls at ``linear_bytes``, the rest BF16.
+
+        ``experts`` is how many expert MLPs (routed and shared) each MoE layer holds: by default
+        all of them, the whole model; a rank of an expert-parallel instance holds its share and
+        every other weight replicated.
+        """
+        if experts is None:
+            experts = self.routed_experts + self.shared_experts
         layers = self.layers + self.mtp_layers
         moe = self.moe_layers + self.mtp_layers
         per_layer = self.attn_proj_params * linear_bytes + self.attn_absorb_params * BF16
-        experts = (self.routed_experts + self.shared_experts) * self.expert_params * linear_bytes
-        return (layers * per_layer + moe * experts
+        return (layers * per_layer + moe * experts * self.expert_params * linear_bytes
                 + self.dense_layers * self.dense_mlp_params * linear_bytes
                 + 2 * self.head_params * BF16)
 

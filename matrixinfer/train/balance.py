@@ -48,5 +48,8 @@ class ExpertLoad:
 def update_bias(gates: list[Gate], counts: list[torch.Tensor], gamma: float) -> None:
     """``bias += gamma * sign(mean_load - load)`` per expert: overloaded experts get picked less."""
     for gate, load in zip(gates, counts):
-        load = load.to(gate.e_score_correction_bias.device, torch.float32)
-        gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+        bias = gate.e_score_correction_bias
+        if bias is None:
+            raise ValueError(f"gate with topk_method {gate.method!r} has no e_score_correction_bias to update")
+        load = load.to(bias.device, torch.float32)
+        bias += gamma * torch.sign(load.mean() - load)

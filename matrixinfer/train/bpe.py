@@ -27,6 +27,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
+def special_id(tok: Tokenizer, token: str) -> int:
+    """The id of the special token ``token`` (``<|bos|>``, ``<|eos|>``...) in ``tok``."""
+    i = tok.token_to_id(token)
+    if i is None:
+        raise ValueError(f"the tokenizer has no {token!r} token (it was not trained with the recipe's specials)")
+    return i
+
+
 def write_tokenizer(tok: Tokenizer, out_dir: Path, max_length: int) -> None:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` (special tokens, chat template)."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,13 +7,14 @@ from collections.abc import Iterator
 import torch
 from tokenizers import Tokenizer
 
+from matrixinfer.train.bpe import special_id
 from matrixinfer.train.corpus import SourceFile
 from matrixinfer.train.recipe import BOS, EOS
 
 
 def encode_files(tok: Tokenizer, files: list[SourceFile]) -> torch.Tensor:
     """One int32 stream: each file as ``<|bos|>`` + its tokens + ``<|eos|>``, in order."""
-    bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
+    bos, eos = special_id(tok, BOS), special_id(tok, EOS)
     encodings = tok.encode_batch([f.text for f in files], add_special_tokens=False)
     ids: list[int] = []
     for enc in encodings:

@@ -13,7 +13,7 @@ import torch
 from matrixinfer.config import ModelConfig
 from matrixinfer.model.loader import load_model
 from matrixinfer.train import corpus
-from matrixinfer.train.bpe import train_tokenizer, write_tokenizer
+from matrixinfer.train.bpe import special_id, train_tokenizer, write_tokenizer
 from matrixinfer.train.data import encode_files
 from matrixinfer.train.export import save_checkpoint
 from matrixinfer.train.loop import build_model, log_line, train
@@ -40,7 +40,7 @@ def run(tc: TrainConfig, out_dir: Path, work_dir: Path, device: torch.device,
     stream = encode_files(tok, train_files)
     heldout = encode_files(tok, heldout_files)
     log(f"tokens: {stream.numel()} train, {heldout.numel()} held-out (vocab {tok.get_vocab_size()})")
-    config = model_config(tok.get_vocab_size(), tok.token_to_id(BOS), tok.token_to_id(EOS))
+    config = model_config(tok.get_vocab_size(), special_id(tok, BOS), special_id(tok, EOS))
     model = build_model(ModelConfig.from_dict(config), tc.seed)
     t_train = time.time()
     model = train(model, stream, tc, work_dir, device, log)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from matrixinfer.model.deepseek import DeepseekForCausalLM
+from matrixinfer.model.deepseek import DeepseekForCausalLM, MTPLayer
 from matrixinfer.model.export import export_state_dict
 
 
@@ -23,6 +23,7 @@ def checkpoint_tensors(model: DeepseekForCausalLM, dtype: torch.dtype = torch.bf
     tensors = export_state_dict(model, dtype)
     n = model.config.num_hidden_layers
     for k, m in enumerate(model.mtp):  # named_parameters() drops tied weights: write them explicitly
+        assert isinstance(m, MTPLayer)  # a ModuleList's items are typed as Module
         for name, weight in (("embed_tokens.weight", m.embed_tokens.weight),
                              ("shared_head.head.weight", m.shared_head.head.weight)):
             tensors.setdefault(f"model.layers.{n + k}.{name}", weight.detach().to(dtype).contiguous().clone())

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from matrixinfer.config import ModelConfig
 from matrixinfer.model.attention import AttentionMetadata
-from matrixinfer.model.deepseek import DeepseekForCausalLM
+from matrixinfer.model.deepseek import DeepseekForCausalLM, MTPLayer
 from matrixinfer.train.balance import ExpertLoad, update_bias
 from matrixinfer.train.data import batches
 from matrixinfer.train.recipe import TrainConfig
@@ -45,6 +46,7 @@ def build_model(cfg: ModelConfig, seed: int, std: float = 0.02) -> DeepseekForCa
             else:
                 p.normal_(0.0, scaled if name.endswith(_RESIDUAL_OUT) else std)
     for m in model.mtp:
+        assert isinstance(m, MTPLayer)  # a ModuleList's items are typed as Module
         m.embed_tokens.weight = model.model.embed_tokens.weight
         m.shared_head.head.weight = model.lm_head.weight
     return model
@@ -60,7 +62,8 @@ def lr_at(step: int, tc: TrainConfig) -> float:
 
 def make_optimizer(model: DeepseekForCausalLM, tc: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices except embeddings and routers."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         skip = p.dim() < 2 or "embed_tokens" in name or name.endswith("mlp.gate.weight")
         (no_decay if skip else decay).append(p)

@@ -37,7 +37,8 @@ def test_tokenizer_and_chat_template(demo_dir):
     assert ids[0] == tok.bos_token_id and tok.decode(ids) == "def fibonacci(n):\n    return n\n"
     prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}])
     assert prompt.startswith("<|bos|>") and "<|user|>hi" in prompt and prompt.endswith("<|assistant|>")
-    assert tok.encode_chat([{"role": "user", "content": "hi"}])[:2] == [tok.bos_token_id, tok._tok.token_to_id("<|user|>")]
+    user = tok._tok.token_to_id("<|user|>")
+    assert tok.encode_chat([{"role": "user", "content": "hi"}])[:2] == [tok.bos_token_id, user]
 
 
 def test_transformers_logits_match_ours(demo_dir, demo_model, heldout_sample):
