@@ -87,10 +87,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     for name in _SIZES:
         f = fields[name]
         if f.default is dataclasses.MISSING:
-            parser.add_argument(flag_name(f), dest=name, type=parse_size, required=True, help=docs[name])
+            parser.add_argument(flag_name(f), dest=name, type=parse_size, required=True, metavar="SIZE",
+                                help=docs[name])
         else:
             suffix = f" (default: {f.default})" if f.default is not None else ""
-            parser.add_argument(flag_name(f), dest=name, type=parse_size, default=f.default, help=docs[name] + suffix)
+            parser.add_argument(flag_name(f), dest=name, type=parse_size, default=f.default, metavar="SIZE",
+                                help=docs[name] + suffix)
     add_dataclass_args(parser, EmsServerConfig, skip=(*_SIZES, "namespaces"))
     parser.add_argument(flag_name(fields["namespaces"]), dest="namespaces", action="append", type=parse_namespace,
                         default=[], metavar="NAME=QUOTA[:TOKEN]", help=docs["namespaces"] + " (repeatable)")
