@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test clean
+.PHONY: setup serve test lint clean
 
 setup: $(STAMP)
 
@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml Makefile
 serve: $(STAMP)
 	$(VENV)/bin/matrixinfer serve
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check matrixinfer tests benchmarks
+	$(VENV)/bin/mypy matrixinfer
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -13,6 +13,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+import msgspec
 import torch
 
 from matrixinfer.config import EngineConfig
@@ -25,6 +26,7 @@ from matrixinfer.engine.sampler import Sampler
 from matrixinfer.engine.sampling_params import SamplingParams
 from matrixinfer.engine.scheduler import Budget, SeqView, schedule
 from matrixinfer.engine.sequence import Sequence, SequenceStatus
+from matrixinfer.model.deepseek import DeepseekForCausalLM
 from matrixinfer.model.device import resolve_device, resolve_dtype
 from matrixinfer.model.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -66,7 +68,7 @@ class LLMEngine:
     receivers write into reserved blocks from their own threads): those hold ``_kv_lock``.
     """
 
-    def __init__(self, cfg: EngineConfig, model: torch.nn.Module | None = None, tokenizer: Tokenizer | None = None,
+    def __init__(self, cfg: EngineConfig, model: DeepseekForCausalLM | None = None, tokenizer: Tokenizer | None = None,
                  connector: KVConnector | None = None) -> None:
         from matrixinfer.model.default_model import default_model_path
         from matrixinfer.model.loader import load_model
@@ -348,14 +350,16 @@ class LLMEngine:
             reserved = sum(len(s.block_table) for s, _ in self._reservations.values())
         queued = sum(s.num_tokens - s.num_computed for s in self.waiting) + \
             sum(s.num_tokens - s.num_computed for s in self.running)
-        extra = self.connector.stats() if self.connector is not None else {}
-        return EngineStats(
+        stats = EngineStats(
             queued_tokens=queued, running=len(self.running), waiting=len(self.waiting),
             kv_total=self.blocks.num_blocks, kv_used=self.blocks.num_used, reserved_blocks=reserved,
             prefix_queried_tokens=self.blocks.queried_tokens, prefix_hit_tokens=self.blocks.hit_tokens,
             external_hit_tokens=self.external_hit_tokens, prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens, preemptions=self.preemptions, steps=self.steps,
-            kv_received_bytes=self.kv_received_bytes, **extra)
+            kv_received_bytes=self.kv_received_bytes)
+        if self.connector is not None:
+            stats = msgspec.structs.replace(stats, **self.connector.stats())
+        return stats
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Run ``prompts`` to completion (offline use and tests); returns generated token ids."""

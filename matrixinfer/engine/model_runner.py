@@ -5,11 +5,11 @@ rows that sample a token."""
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import torch
 
+from matrixinfer import envs
 from matrixinfer.config import EngineConfig
 from matrixinfer.engine.sequence import Sequence
 from matrixinfer.model.attention import AttentionMetadata, PagedLatentCache
@@ -57,7 +57,7 @@ class ModelRunner:
         log.info("KV cache: %d blocks x %d tokens (%.1f MiB) on %s", self.num_blocks, cfg.block_size,
                  self.kv_cache_bytes / 2**20, device)
         if device.type == "cpu":
-            torch.set_num_threads(max(1, int(os.environ.get("MATRIXINFER_THREADS", torch.get_num_threads()))))
+            torch.set_num_threads(envs.threads() or torch.get_num_threads())
 
     @torch.inference_mode()
     def execute(self, chunks: list[tuple[Sequence, int]]) -> tuple[torch.Tensor | None, list[Sequence]]:

@@ -226,6 +226,7 @@ class AttentionMetadata:
         if block_tables is None:
             key_slots = st[:, None] + kj[None, :]
         else:
+            assert block_size is not None  # block tables come with their block size (build checks it)
             bt = block_tables[torch.tensor(seqs, device=device)]
             blocks = bt.gather(1, (kj // block_size).clamp(max=bt.shape[1] - 1)[None, :].expand(len(seqs), -1))
             key_slots = block_slots(blocks, kj[None, :], block_size)

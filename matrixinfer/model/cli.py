@@ -20,9 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _generate(args: argparse.Namespace) -> int:
     import sys
 
-    import torch
-
     from matrixinfer.model.default_model import default_model_path
+    from matrixinfer.model.device import resolve_device, resolve_dtype
     from matrixinfer.model.generate import generate
     from matrixinfer.model.loader import CheckpointError, load_model
     from matrixinfer.model.tokenizer import Tokenizer, TokenizerError
@@ -31,9 +30,9 @@ def _generate(args: argparse.Namespace) -> int:
         print("error: --max-tokens must be at least 1", file=sys.stderr)
         return 2
     path = args.model or default_model_path()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(None, device)
         tok = Tokenizer(path)
         model = load_model(path, dtype=dtype, device=device)
     except (CheckpointError, TokenizerError, ValueError) as exc:

@@ -8,8 +8,9 @@ generated deterministically on first use under ``$MATRIXINFER_HOME`` (default ``
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from matrixinfer import envs
 
 SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
 RANDOM_NAME = "random-deepseek-v3-tiny-v1"
@@ -29,7 +30,7 @@ RANDOM_CONFIG = {
 
 
 def home() -> Path:
-    return Path(os.environ.get("MATRIXINFER_HOME", Path.home() / ".cache" / "matrixinfer"))
+    return envs.home()
 
 
 def default_model_path() -> Path:
@@ -74,7 +75,8 @@ def write_byte_tokenizer(path: Path) -> None:
     """A byte-level tokenizer (256 byte tokens, ids 256.. special) with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    byte_vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}  # sorted: sets are unordered
+    # sorted: sets are unordered
+    byte_vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tok = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()

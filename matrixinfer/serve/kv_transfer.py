@@ -86,7 +86,7 @@ class KVSender(KVConnector):
                 sock = self._sock(addr)
                 for a in range(0, layers, LAYER_GROUP):
                     b = min(layers, a + LAYER_GROUP)
-                    chunk = raw[a:b].contiguous().numpy()
+                    chunk = raw[a:b].contiguous().numpy().data
                     FRAMING.send(sock, m.KVChunk(rid, a, b, tokens, dim, dtype, chunk.nbytes), [chunk])
                 FRAMING.send(sock, done)
                 ack = FRAMING.recv(sock, _ACK_DEC, addr)

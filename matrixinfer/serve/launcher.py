@@ -64,6 +64,7 @@ def _wait_line(proc: subprocess.Popen, pattern: str, timeout: float, name: str) 
     """Read the child's output until a line matches ``pattern``; return the first group."""
     deadline = time.time() + timeout
     rx = re.compile(pattern)
+    assert proc.stdout is not None  # started with stdout=PIPE
     while time.time() < deadline:
         line = proc.stdout.readline()
         if not line:
@@ -79,6 +80,7 @@ def _drain(proc: subprocess.Popen, name: str) -> None:
     import threading
 
     def pump() -> None:
+        assert proc.stdout is not None  # started with stdout=PIPE
         for line in proc.stdout:
             sys.stderr.write(f"[{name}] {line}")
         code = proc.wait()

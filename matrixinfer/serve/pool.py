@@ -23,6 +23,7 @@ from matrixinfer.ems.context_cache import ContextCache
 from matrixinfer.ems.model_cache import ModelCache
 from matrixinfer.engine.kv_connector import KVConnector
 from matrixinfer.engine.sequence import Sequence
+from matrixinfer.model.deepseek import DeepseekForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def load_tensors_via_pool(client: EmsClient, path: Path, model_id: str) -> tuple
 
 
 def load_model_via_pool(client: EmsClient, path: Path, model_id: str, dtype: torch.dtype,
-                        device: torch.device | str = "cpu") -> tuple[torch.nn.Module | None, str]:
+                        device: torch.device | str = "cpu") -> tuple[DeepseekForCausalLM | None, str]:
     """The model built from the EMS model cache (``None`` on a miss) and the checkpoint's version.
 
     On a CPU model the pool's bytes land straight in the parameters (one copy, no staging); other

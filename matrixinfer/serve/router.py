@@ -164,7 +164,9 @@ class Router:
         req.tried.add(prefill_id)
         inst.requests.add(rid)
         inst.assigned_tokens += len(req.prompt_ids)
-        decode = self.instances[req.decode]
+        decode = self.instances.get(req.decode or "")
+        if decode is None:
+            raise EngineDeadError(f"decode instance {req.decode} is gone")
         inst.send(m.Prefill(rid, req.prompt_ids, req.params, decode.info.kv_addr))
 
     def _forget(self, rid: str, abort: bool) -> None:
