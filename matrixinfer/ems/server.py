@@ -19,7 +19,6 @@ import threading
 from matrixinfer import netio
 from matrixinfer.ems import protocol as p
 from matrixinfer.ems.config import EmsServerConfig, add_server_args, server_config
-from matrixinfer.ems.config import parse_size as parse_size  # until serve/cli.py imports it from ems.config
 from matrixinfer.ems.protocol import ErrorCode
 from matrixinfer.ems.service import EmsService, NamespaceRefused, Session
 from matrixinfer.ems.store import EmsStoreError
