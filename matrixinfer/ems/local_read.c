@@ -1,14 +1,11 @@
 /* Helpers for same-host batched EMS reads (matrixinfer/ems/native.py): the index tags of many keys,
- * and many copies from the arena into caller buffers, each in one call. Called through
- * ctypes.PyDLL, so they run holding the GIL. */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <stdint.h>
+ * and many copies from the arena into caller buffers, each in one call (declared in local_read.h).
+ * Called through ctypes.PyDLL, so they run holding the GIL. */
+#include "local_read.h"
+
 #include <string.h>
 
-/* For j < n: copy base[offsets[j] : offsets[j] + sizes[j]] into the buffer of outs[rows[j]] (a
- * list). status[j] = 1 when copied, 0 when the buffer is too small, -1 when the object exposes no
- * writable contiguous buffer (the caller handles those). Returns the number copied. */
+/* See local_read.h. */
 Py_ssize_t ems_gather(PyObject *outs, const char *base, const int64_t *rows, const int64_t *offsets,
                       const int64_t *sizes, Py_ssize_t n, int8_t *status) {
     Py_ssize_t copied = 0;
@@ -82,8 +79,7 @@ static void compress(uint64_t h[8], const uint8_t block[128], uint64_t bytes, in
         h[i] ^= v[i] ^ v[i + 8];
 }
 
-/* tags[2j], tags[2j + 1] = (tag_lo, tag_hi) of keys[j] (a list of bytes) for the salt (1 to 64
- * bytes). Returns 0, or -1 when an item is not bytes (nothing to rely on in tags then). */
+/* Returns 0, or -1 when an item is not bytes (nothing to rely on in tags then). */
 int ems_tags(PyObject *keys, const uint8_t *salt, Py_ssize_t salt_len, uint64_t *tags) {
     uint64_t start[8], keyed[8];
     uint8_t key_block[128] = {0};

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from operator import attrgetter
+from typing import Any
 
 import numpy as np
 
@@ -29,11 +30,13 @@ PARALLEL_VALUE_MIN = 1 << 20  # smaller values are copied in line: a thread hand
 COPY_CHUNK = 16 << 20
 BATCH_MIN = 32  # gets of at least this many keys use read_batch (its array set-up costs ~40 us)
 _BYTE_VIEW = attrgetter("readonly", "format", "ndim")
+_as_view: Callable[[Any], memoryview] = memoryview  # map() over any objects, typed
 _copy_pool: ThreadPoolExecutor | None = None
 
 
-def writable_view(buf: object) -> memoryview:
-    """A flat byte view of a caller buffer (bytearray, numpy array, CPU torch tensor, memoryview)."""
+def writable_view(buf: Any) -> memoryview:
+    """A flat byte view of a caller buffer (bytearray, numpy array, CPU torch tensor, memoryview);
+    any object is tried, hence ``Any``."""
     try:
         view = memoryview(buf)
     except TypeError:
@@ -45,11 +48,11 @@ def writable_view(buf: object) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
-def writable_views(bufs: Sequence[object]) -> list[memoryview]:
+def writable_views(bufs: Sequence[Any]) -> list[memoryview]:
     """:func:`writable_view` of each buffer, the common case (writable 1-D byte buffers, e.g.
     uint8 arrays) recognised for the whole list at once."""
     try:
-        views = list(map(memoryview, bufs))
+        views = list(map(_as_view, bufs))
     except TypeError:
         return [writable_view(b) for b in bufs]
     return views if set(map(_BYTE_VIEW, views)) <= {(False, "B", 1)} else [writable_view(b) for b in bufs]
@@ -177,11 +180,13 @@ class LocalReader:
             if self._base is None:
                 self._base = native.address(self.arena)
             outs_list = list(outs)  # a list of our own: the helper indexes it
-            if int(sizes.sum()) < PARALLEL_COPY_MIN:
-                status = native.gather(outs_list, self._base, rows, offsets, sizes)
+            small = np.flatnonzero(sizes < PARALLEL_VALUE_MIN) if int(sizes.sum()) >= PARALLEL_COPY_MIN else None
+            if small is None:
+                copied = native.gather(outs_list, self._base, rows, offsets, sizes)
             else:
-                small = np.flatnonzero(sizes < PARALLEL_VALUE_MIN)
-                status[small] = native.gather(outs_list, self._base, rows[small], offsets[small], sizes[small])
+                copied = native.gather(outs_list, self._base, rows[small], offsets[small], sizes[small])
+            if copied is not None:  # (None only if the helper went away, e.g. in a test)
+                status[slice(None) if small is None else small] = copied
         todo = np.flatnonzero(status < 0)  # no helper, large values, no plain buffer (e.g. a torch tensor)
         if len(todo):
             status[todo] = self._copy_in_python(outs, rows[todo], offsets[todo], sizes[todo])

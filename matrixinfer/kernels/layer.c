@@ -9,49 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "matrixinfer.h"
 #include "simd.h"
-
-typedef struct {
-    int64_t hidden, heads, q_lora, nope, rope, v_dim, rank;
-    float eps, scale;
-    int interleaved;
-    const float *in_norm, *q_a, *q_a_norm, *q_b, *kv_a, *kv_a_norm, *kv_b, *o_proj, *post_norm;
-    /* Dense MLP, or the shared experts of a MoE layer (mlp_inter 0: none). */
-    const float *mlp_gate, *mlp_up, *mlp_down;
-    int64_t mlp_inter;
-    /* MoE (n_experts 0: a dense layer). */
-    const float *router, *router_bias, *experts_gate_up, *experts_down;
-    int64_t n_experts, n_group, topk_group, top_k, moe_inter;
-    int norm_topk;
-    float scaling;
-    float *cache; /* this layer's [num_slots, rank + rope] */
-} MiLayer;
-
-typedef struct {
-    const float *cos, *sin;
-    const int64_t *slots;
-    const int32_t *block_tables, *tok_seq, *tok_nkeys;
-    int64_t bt_stride, block_size;
-} MiStep;
-
-void mi_linear(const float *x, const float *w, int64_t m, int64_t k, int64_t n, float *y, int nthreads);
-void mi_rmsnorm(const float *x, const float *weight, int64_t rows, int64_t n, float eps, float *out, int nthreads);
-void mi_mla_kv_prolog(const float *kv, const float *norm_w, float eps, const float *cos, const float *sin,
-                      const int64_t *slots, int64_t num_tokens, int64_t rank, int64_t rope, int interleaved,
-                      float *cache, int nthreads);
-void mi_mla_q_prolog(const float *q, const float *w_kv_b, const float *cos, const float *sin, int64_t num_tokens,
-                     int64_t heads, int64_t nope, int64_t rope, int64_t v_dim, int64_t rank, int interleaved,
-                     float *out, int nthreads);
-void mi_paged_mla(const float *q, const float *cache, const int32_t *block_tables, int64_t bt_stride,
-                  const int32_t *tok_seq, const int32_t *tok_nkeys, int64_t num_tokens, int64_t heads,
-                  int64_t dim, int64_t rank, int64_t block_size, float scale, const float *w_kv_b, int64_t nope,
-                  int64_t v_dim, float *out, int nthreads);
-int mi_v3_route(const float *logits, const float *bias, int64_t rows, int64_t n_experts, int64_t n_group,
-                int64_t topk_group, int64_t top_k, int norm, float scaling, int64_t *ids, float *weights,
-                int nthreads);
-void mi_moe_experts(const float *x, int64_t num_tokens, int64_t hidden, const int64_t *ids, const float *weights,
-                    int64_t top_k, const float *gate_up, const float *down, int64_t num_experts, int64_t inter,
-                    float *out, int nthreads);
 
 /* out = down(silu(gate(h)) * up(h)); scratch holds 2 * T * inter floats. */
 static void swiglu_mlp(const float *h, int64_t t, int64_t hidden, const float *gate, const float *up,

@@ -4,6 +4,7 @@
  * which at a handful of rows costs more than the arithmetic; here each thread streams its block of
  * W's rows once and reuses every 4-row tile of x against it (register tiles of 4 rows x 2 outputs).
  */
+#include "matrixinfer.h"
 #include "simd.h"
 
 #define NBLOCK 64 /* output columns per task: their weight rows stay in cache across the row tiles */

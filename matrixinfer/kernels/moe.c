@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "matrixinfer.h"
 #include "simd.h"
 
 void mi_moe_experts(const float *x, int64_t num_tokens, int64_t hidden, const int64_t *ids, const float *weights,

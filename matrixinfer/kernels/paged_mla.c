@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "matrixinfer.h"
 #include "simd.h"
 
 #define CHUNK 64

@@ -5,6 +5,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "matrixinfer.h"
 #include "simd.h"
 
 /* out[t] = weight * x[t] / sqrt(mean(x[t]^2) + eps), float32 rows of length n. */

@@ -7,89 +7,93 @@ explicit positions, per-batch :class:`AttentionMetadata`, and an optional :class
 
 from __future__ import annotations
 
+from ctypes import Structure
+from dataclasses import replace
+from typing import cast
+
 import torch
 from torch import nn
 
-from matrixinfer import kernels
 from matrixinfer.config import ModelConfig
+from matrixinfer.kernels.layer import DecoderLayer, LayerDims, native_step
 from matrixinfer.model.attention import AttentionMetadata, KVCache, PagedLatentCache
-from matrixinfer.model.layers import MLP, Linear, RMSNorm, RotaryEmbedding
+from matrixinfer.model.backend import CustomOp, cpu_float32
+from matrixinfer.model.layers import MLP, Linear, RMSNorm, RotaryEmbedding, rope_interleaved
 from matrixinfer.model.mla import MLA
 from matrixinfer.model.moe import MoE
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: MLA then a dense MLP or DeepSeekMoE."""
+class Block(CustomOp):
+    """Pre-norm transformer block: MLA then a dense MLP or DeepSeekMoE.
+
+    The ``cpu`` backend runs a decode step's layer in one native call (:mod:`matrixinfer.kernels.layer`)
+    when the model hands it the step's shared inputs; other batches run the per-operator path,
+    whose modules have their own backends."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = MLA(cfg, layer_idx)
-        self.mlp: nn.Module = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp: MoE | MLP = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.interleaved = rope_interleaved(cfg)
+        self.native: DecoderLayer | None = None  # set while bound to the cpu backend
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RotaryEmbedding,
-                meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
+    def forward_native(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RotaryEmbedding,
+                       meta: AttentionMetadata, kv_cache: KVCache | None,
+                       step: Structure | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, rope, meta, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def _native_plan(self) -> list[tuple[dict, str]] | None:
-        """Where the one-call native path finds each weight (a module's parameter or buffer dict
-        and a name, read afresh on every call), or None where that path does not apply (no q
-        LoRA, biases, V2 routing, ...)."""
+    def forward_cpu(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RotaryEmbedding,
+                    meta: AttentionMetadata, kv_cache: KVCache | None,
+                    step: Structure | None = None) -> torch.Tensor:
+        """With ``step`` (:func:`matrixinfer.kernels.layer.native_step`, which the model builds for
+        decode-sized paged batches): the whole layer in one native call, on ``x`` in place."""
+        if step is None or self.native is None or kv_cache is None:
+            return self.forward_native(x, cos, sin, rope, meta, kv_cache)
+        self.native(step, x, kv_cache.layer_slots(self.self_attn.layer_idx))
+        return x
+
+    def supports(self, backend: str) -> bool:
+        if backend == "cpu":
+            return self._describe() is not None
+        return super().supports(backend)
+
+    def use_backend(self, backend: str) -> None:
+        self.native = self._describe() if backend == "cpu" else None
+        super().use_backend(backend)
+
+    def _describe(self) -> DecoderLayer | None:
+        """This layer as the one-call native path sees it, or None where that path does not apply
+        (no q LoRA, biases, V2 routing, weights that are not float32 on the CPU, no kernels)."""
         a, mlp = self.self_attn, self.mlp
-        moe = isinstance(mlp, MoE)
-        dense = mlp.shared_experts if moe else mlp
+        moe, dense = (mlp, mlp.shared_experts) if isinstance(mlp, MoE) else (None, mlp)
         if a.q_lora_rank is None or any(m.bias is not None for m in (a.q_a_proj, a.kv_a_proj_with_mqa, a.o_proj)):
             return None
-        if moe and (mlp.gate.method != "noaux_tc" or mlp.gate.scoring != "sigmoid" or mlp.gate.n_experts > 1024):
+        if moe is not None and not moe.gate.supports("cpu"):  # the one-call path routes as the native V3 router does
             return None
-        mods = [self.input_layernorm, a.q_a_proj, a.q_a_layernorm, a.q_b_proj, a.kv_a_proj_with_mqa,
-                a.kv_a_layernorm, a.kv_b_proj, a.o_proj, self.post_attention_layernorm]
-        mods += [dense.gate_proj, dense.up_proj, dense.down_proj] if dense is not None else []
-        plan = [(m._parameters, "weight") for m in mods]
-        if moe:
-            plan += [(mlp.gate._parameters, "weight"), (mlp.gate._buffers, "e_score_correction_bias"),
-                     (mlp.experts._parameters, "gate_up_proj"), (mlp.experts._parameters, "down_proj")]
-        return plan
-
-    def native(self, cache: PagedLatentCache, interleaved: bool) -> kernels.MiLayer | None:
-        """This layer's description for the one-call native decode path (``kernels.decoder_layer``),
-        or None where it does not apply. Rebuilt when a weight or the cache moves."""
-        plan = self.__dict__.get("_native_src", False)
-        if plan is False:
-            plan = self.__dict__["_native_src"] = self._native_plan()
-        if plan is None:
-            return None
-        tensors = [d[name] for d, name in plan]
-        a = self.self_attn
-        data = cache.data
-        layer_ptr = data.data_ptr() + a.layer_idx * data.stride(0) * data.element_size()
-        key = tuple(t.data_ptr() for t in tensors) + (layer_ptr, interleaved)
-        if self.__dict__.get("_native_key") == key:
-            return self.__dict__["_native"]
-        layer_cache = cache.layer_slots(a.layer_idx)
-        if any(t.dtype is not torch.float32 or not t.is_contiguous() for t in [*tensors, layer_cache]):
-            return None
-        mlp = self.mlp
-        moe = isinstance(mlp, MoE)
-        dense = mlp.shared_experts if moe else mlp
-        ptr = [t.data_ptr() for t in tensors]
-        spec = kernels.MiLayer(
-            hidden=a.o_proj.weight.shape[0], heads=a.n_heads, q_lora=a.q_lora_rank, nope=a.nope_dim,
-            rope=a.rope_dim, v_dim=a.v_dim, rank=a.kv_lora_rank, eps=self.input_layernorm.eps, scale=a.scale,
-            interleaved=int(interleaved), in_norm=ptr[0], q_a=ptr[1], q_a_norm=ptr[2], q_b=ptr[3], kv_a=ptr[4],
-            kv_a_norm=ptr[5], kv_b=ptr[6], o_proj=ptr[7], post_norm=ptr[8], cache=layer_cache.data_ptr())
+        weights = {"in_norm": self.input_layernorm.weight, "q_a": a.q_a_proj.weight,
+                   "q_a_norm": a.q_a_layernorm.weight, "q_b": a.q_b_proj.weight,
+                   "kv_a": a.kv_a_proj_with_mqa.weight, "kv_a_norm": a.kv_a_layernorm.weight,
+                   "kv_b": a.kv_b_proj.weight, "o_proj": a.o_proj.weight,
+                   "post_norm": self.post_attention_layernorm.weight}
+        dims = LayerDims(hidden=a.o_proj.weight.shape[0], heads=a.n_heads, q_lora=a.q_lora_rank, nope=a.nope_dim,
+                         rope=a.rope_dim, v_dim=a.v_dim, rank=a.kv_lora_rank, eps=self.input_layernorm.eps,
+                         scale=a.scale, interleaved=self.interleaved)
         if dense is not None:
-            spec.mlp_gate, spec.mlp_up, spec.mlp_down = ptr[9:12]
-            spec.mlp_inter = dense.gate_proj.weight.shape[0]
-        if moe:
-            g = mlp.gate
-            spec.router, spec.router_bias, spec.experts_gate_up, spec.experts_down = ptr[-4:]
-            spec.n_experts, spec.n_group, spec.topk_group, spec.top_k = g.n_experts, g.n_group, g.topk_group, g.top_k
-            spec.moe_inter, spec.norm_topk, spec.scaling = mlp.experts.inter, int(g.norm), g.scaling
-        self.__dict__["_native"], self.__dict__["_native_key"] = spec, key
-        return spec
+            weights.update(mlp_gate=dense.gate_proj.weight, mlp_up=dense.up_proj.weight,
+                           mlp_down=dense.down_proj.weight)
+            dims = replace(dims, mlp_inter=dense.gate_proj.weight.shape[0])
+        if moe is not None:
+            g, ex = moe.gate, moe.experts
+            weights.update(router=g.weight, router_bias=g.correction_bias(), experts_gate_up=ex.gate_up_proj,
+                           experts_down=ex.down_proj)
+            dims = replace(dims, n_experts=g.n_experts, n_group=g.n_group, topk_group=g.topk_group, top_k=g.top_k,
+                           moe_inter=ex.inter, norm_topk=g.norm, scaling=g.scaling)
+        if not cpu_float32(*weights.values()):
+            return None
+        return DecoderLayer(dims, weights)
 
 
 class SharedHead(nn.Module):
@@ -130,11 +134,12 @@ class DeepseekModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class DeepseekForCausalLM(nn.Module):
+class DeepseekForCausalLM(CustomOp):
     """DeepseekV3ForCausalLM / DeepseekV2ForCausalLM with an optional MTP module.
 
     ``forward`` returns the final-normed hidden states ``[T, hidden]``; ``compute_logits`` projects
-    chosen rows to the vocabulary, so an engine only pays for the rows it samples.
+    chosen rows to the vocabulary, so an engine only pays for the rows it samples. The ``cpu``
+    backend runs decode-sized steps over a paged cache one native call per layer.
     """
 
     def __init__(self, cfg: ModelConfig, with_mtp: bool | None = None) -> None:
@@ -151,39 +156,50 @@ class DeepseekForCausalLM(nn.Module):
         """Layers a KV cache must hold: the main blocks plus MTP blocks (which have their own)."""
         return self.config.num_hidden_layers + len(self.mtp)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward_native(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       kv_cache: KVCache | None = None) -> torch.Tensor:
         """Run the flat batch ``input_ids`` ``[T]`` at ``positions`` ``[T]``; returns hidden ``[T, H]``."""
+        x, cos, sin = self._embed(input_ids, positions, meta)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, self.rope, meta, kv_cache)
+        return self.model.norm(x)
+
+    def forward_cpu(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                    kv_cache: KVCache | None = None) -> torch.Tensor:
+        """:meth:`forward_native`, handing the blocks the step's shared native inputs where the
+        batch allows one call per layer."""
+        x, cos, sin = self._embed(input_ids, positions, meta)
+        step = self._native_step(x, cos, sin, meta, kv_cache)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, self.rope, meta, kv_cache, step)
+        return self.model.norm(x)
+
+    def supports(self, backend: str) -> bool:
+        if backend == "cpu":
+            return any(cast(Block, layer).supports("cpu") for layer in self.model.layers)
+        return super().supports(backend)
+
+    def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor,
+               meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if input_ids.shape[0] != meta.num_tokens or positions.shape != input_ids.shape:
             raise ValueError(f"batch has {input_ids.shape[0]} tokens and {positions.shape[0]} positions, "
                              f"metadata describes {meta.num_tokens}")
         cos, sin = self.rope.cos_sin(positions)
-        x = self.model.embed_tokens(input_ids)
-        step = self._native_step(x, cos, sin, meta, kv_cache)
-        for layer in self.model.layers:
-            spec = layer.native(kv_cache, self.rope.interleaved) if step is not None else None
-            if spec is not None:  # the whole layer in one native call, on x in place
-                kernels.decoder_layer(spec, step, x)
-            else:
-                x = layer(x, cos, sin, self.rope, meta, kv_cache)
-        return self.model.norm(x)
+        return self.model.embed_tokens(input_ids), cos, sin
 
     def _native_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
-                     kv_cache: KVCache | None) -> kernels.MiStep | None:
-        """The per-step inputs of the one-call native layers, or None where they do not apply: CPU
-        float32 inference over a paged cache, at decode batch sizes (where a BLAS GEMM would win,
+                     kv_cache: KVCache | None) -> Structure | None:
+        """The per-step inputs of the one-call native layers, or None where they do not apply: a
+        paged float32 cache, the absorbed form, decode batch sizes (where a BLAS GEMM would win,
         and for naive attention, the per-operator path runs)."""
         if not isinstance(kv_cache, PagedLatentCache) or not meta.paged or x.shape[0] > Linear.small_rows \
-                or not self.model.layers[0].self_attn.absorbed_for(meta) or not kernels.usable(x, kv_cache.data, cos):
+                or kv_cache.data.dtype is not torch.float32 or not kv_cache.data.is_cpu \
+                or not cast(Block, self.model.layers[0]).self_attn.absorbed_for(meta):
             return None
-        slots = meta.slot_mapping
-        if int(slots.min()) < 0 or int(slots.max()) >= kv_cache.data.shape[1]:
-            raise ValueError("slot mapping outside the KV cache")
-        tables = meta.block_tables
-        return kernels.MiStep(cos=cos.data_ptr(), sin=sin.data_ptr(), slots=slots.data_ptr(),
-                              block_tables=tables.data_ptr(), tok_seq=meta.tok_seq.data_ptr(),
-                              tok_nkeys=meta.tok_nkeys.data_ptr(), bt_stride=tables.shape[1],
-                              block_size=meta.block_size)
+        slots, tables, tok_seq, tok_nkeys = meta.slot_mapping, meta.block_tables, meta.tok_seq, meta.tok_nkeys
+        assert slots is not None and tables is not None and tok_seq is not None and tok_nkeys is not None \
+            and meta.block_size is not None, "a paged batch's metadata"
+        return native_step(cos, sin, slots, tables, tok_seq, tok_nkeys, meta.block_size, kv_cache.data.shape[1])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
@@ -194,7 +210,7 @@ class DeepseekForCausalLM(nn.Module):
         (the token after position ``positions[i]``); returns the depth's normed hidden states."""
         if depth >= len(self.mtp):
             raise ValueError(f"this model has {len(self.mtp)} MTP module(s); depth {depth} requested")
-        m = self.mtp[depth]
+        m = cast(MTPLayer, self.mtp[depth])
         cos, sin = self.rope.cos_sin(positions)
         e = m.enorm(m.embed_tokens(next_ids))
         x = m.eh_proj(torch.cat([e, m.hnorm(prev_hidden)], dim=-1))
@@ -202,4 +218,4 @@ class DeepseekForCausalLM(nn.Module):
         return m.shared_head.norm(x)
 
     def mtp_logits(self, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:
-        return self.mtp[depth].shared_head.head(hidden).float()
+        return cast(MTPLayer, self.mtp[depth]).shared_head.head(hidden).float()

@@ -10,34 +10,48 @@ from torch import nn
 
 from matrixinfer import kernels
 from matrixinfer.config import ModelConfig
+from matrixinfer.model.backend import CustomOp, cpu_float32
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32, as the reference implementation does."""
+class RMSNorm(CustomOp):
+    """Root-mean-square norm computed in float32, as the reference implementation does (the
+    ``cpu`` backend: one native call, ``small_ops.c``)."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.usable(x, self.weight):
-            return kernels.rmsnorm(x.contiguous(), self.weight, self.eps)
+    def supports(self, backend: str) -> bool:
+        return cpu_float32(self.weight) if backend == "cpu" else super().supports(backend)
+
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(dtype)
 
+    def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rmsnorm(x.contiguous(), self.weight, self.eps)
 
-class Linear(nn.Linear):
-    """``nn.Linear`` whose CPU float32 inference on decode-sized batches runs the native kernel:
-    a BLAS call packs the weight on every call, which at a few rows costs more than the arithmetic
-    (measured here: 10-25% of a decode step at 8-40 sequences)."""
+
+class Linear(CustomOp, nn.Linear):
+    """``nn.Linear`` whose ``cpu`` backend runs decode-sized batches (up to ``small_rows`` rows)
+    through the native kernel: a BLAS call packs the weight on every call, which at a few rows
+    costs more than the arithmetic (measured here: 10-25% of a decode step at 8-40 sequences)."""
 
     small_rows = 64
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is None and x.dim() == 2 and x.shape[0] <= self.small_rows and kernels.usable(x, self.weight):
+    def supports(self, backend: str) -> bool:
+        if backend == "cpu":
+            return self.bias is None and cpu_float32(self.weight)
+        return super().supports(backend)
+
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] <= self.small_rows:
             return kernels.linear(x.contiguous(), self.weight)
         return F.linear(x, self.weight, self.bias)
 
@@ -81,7 +95,7 @@ def _yarn_inv_freq(cfg: ModelConfig, dim: int) -> tuple[torch.Tensor, float]:
         return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
     low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    high: float = min(math.ceil(correction_dim(beta_slow)), dim - 1)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
@@ -102,6 +116,12 @@ def softmax_scale(cfg: ModelConfig) -> float:
     return scale
 
 
+def rope_interleaved(cfg: ModelConfig) -> bool:
+    """Whether rotary pairs are interleaved ``(x0, x1), (x2, x3), ...`` (the DeepSeek layout) rather
+    than rotate-half: V3 checkpoints may set ``rope_interleave=false``; V2 is always interleaved."""
+    return bool(cfg.raw.get("rope_interleave", True)) if cfg.is_v3 else True
+
+
 class RotaryEmbedding(nn.Module):
     """Decoupled RoPE over the ``qk_rope_head_dim`` dims, with YaRN scaling when configured.
 
@@ -118,8 +138,8 @@ class RotaryEmbedding(nn.Module):
         else:
             inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
             self.attention_factor = 1.0
-        # V3 checkpoints may set rope_interleave=false (rotate-half layout); V2 is always interleaved.
-        self.interleaved = bool(cfg.raw.get("rope_interleave", True)) if cfg.is_v3 else True
+        self.interleaved = rope_interleaved(cfg)
+        self.inv_freq: torch.Tensor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin by position, grown on demand
 
@@ -140,7 +160,7 @@ class RotaryEmbedding(nn.Module):
         freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` of shape ``[T, ..., dim]`` with tables from :meth:`cos_sin` (``[T, dim/2]``)."""
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
         c, s = cos.view(shape).to(x.dtype), sin.view(shape).to(x.dtype)

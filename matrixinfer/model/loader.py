@@ -12,13 +12,15 @@ import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
 from matrixinfer.config import ModelConfig
-from matrixinfer.model.deepseek import DeepseekForCausalLM
+from matrixinfer.model.backend import select_backend
+from matrixinfer.model.deepseek import DeepseekForCausalLM, MTPLayer
 from matrixinfer.model.fp8 import FP8_DTYPE, dequantize_fp8_blocks
 from matrixinfer.model.layers import RotaryEmbedding
 from matrixinfer.model.moe import Gate
@@ -44,13 +46,13 @@ def _index(ckpt: Path) -> dict[str, Path]:
         except (json.JSONDecodeError, KeyError) as exc:
             raise CheckpointError(f"{index_file}: not a valid safetensors index ({exc})") from exc
         return {name: ckpt / fname for name, fname in weight_map.items()}
-    files = [ckpt / "model.safetensors"] if (ckpt / "model.safetensors").exists() else sorted(ckpt.glob("*.safetensors"))
+    single = ckpt / "model.safetensors"
+    files = [single] if single.exists() else sorted(ckpt.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{ckpt}: no model.safetensors, model.safetensors.index.json or *.safetensors file")
     names: dict[str, Path] = {}
     for f in files:
-        for name in _open(f).keys():
-            names[name] = f
+        names.update(dict.fromkeys(_open(f).keys(), f))
     return names
 
 
@@ -97,7 +99,7 @@ def _expected(model: DeepseekForCausalLM) -> dict[str, tuple[int, ...]]:
     """Checkpoint-side names (experts unstacked) and shapes the model needs."""
     n_layers = model.config.num_hidden_layers
     out: dict[str, tuple[int, ...]] = {}
-    tensors = dict(model.named_parameters())
+    tensors: dict[str, torch.Tensor] = dict(model.named_parameters())
     tensors.update((n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
     for ours, t in tensors.items():
         ck = ours
@@ -148,7 +150,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     (or from ``tensors``, a name -> tensor mapping such as the EMS model cache returns).
 
     MTP modules are loaded when the config declares them and the checkpoint holds their tensors;
-    ``with_mtp=True`` makes missing MTP tensors an error, ``False`` skips them.
+    ``with_mtp=True`` makes missing MTP tensors an error, ``False`` skips them. The model comes back
+    in eval mode with its compute backends chosen (``select_backend(model, "auto")``).
 
     ``fill_in_place`` (CPU models only) receives ``{checkpoint name: the parameter memory it lands
     in}`` (contiguous views, in the model's dtype and shape) and returns the names it wrote there
@@ -177,14 +180,15 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         _cast(model, dtype)
     model = model.to_empty(device=device)
     model.rope = RotaryEmbedding(cfg).to(device)
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
+    params: dict[str, torch.Tensor] = dict(model.named_parameters())
+    params.update(model.named_buffers())
     expected = _expected(model)
     quant = cfg.quantization_config or {}
     block = tuple(quant.get("weight_block_size", (128, 128)))
     handles: dict[Path, object] = {}
     filled: set[str] = set()
-    todo = [n for n in names if not n.endswith("weight_scale_inv") and _target_name(n, n_layers) is not None]
+    targets = {n: tgt for n in names if not n.endswith("weight_scale_inv") and (tgt := _target_name(n, n_layers))}
+    todo = list(targets)
     written: set[str] = set()
     if fill_in_place is not None and torch.device(device).type == "cpu":
         written = fill_in_place(_destinations(params, expected, todo, n_layers))
@@ -192,7 +196,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         if name in written:
             filled.add(name)
             continue
-        target = _target_name(name, n_layers)
+        target = targets[name]
         if target.startswith("mtp.") and int(target.split(".")[1]) >= len(model.mtp):
             continue
         fpath = names[name]
@@ -217,7 +221,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     for n in [n for n in missing if n in optional]:
         k = int(n.split(".")[2]) - n_layers
         src = model.model.embed_tokens if "embed_tokens" in n else model.lm_head
-        dst = model.mtp[k].embed_tokens if "embed_tokens" in n else model.mtp[k].shared_head.head
+        mtp = cast(MTPLayer, model.mtp[k])
+        dst = mtp.embed_tokens if "embed_tokens" in n else mtp.shared_head.head
         dst.weight = src.weight  # MTP shares the main model's embedding / head
         missing.remove(n)
     if missing:
@@ -226,6 +231,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
                               + ", ".join(f"{n} (expected shape {list(expected[n])})" for n in missing[:5]))
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    select_backend(model, "auto")  # once, now that every weight is in place on its device
     return model.eval()
 
 
@@ -236,6 +242,8 @@ def _destinations(params: dict[str, torch.Tensor], expected: dict[str, tuple[int
     out: dict[str, torch.Tensor] = {}
     for name in names:
         target = _target_name(name, n_layers)
+        if target is None:
+            continue
         em = _EXPERT.match(target)
         if em:
             base, e, part = em.group(1), int(em.group(2)), em.group(3)
@@ -253,8 +261,8 @@ def _destinations(params: dict[str, torch.Tensor], expected: dict[str, tuple[int
 
 def _cast(model: DeepseekForCausalLM, dtype: torch.dtype) -> None:
     """Cast to the runtime dtype, except routers, which stay float32 as in the reference."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, Gate) or isinstance(mod, RotaryEmbedding):
+    for mod in model.modules():
+        if isinstance(mod, (Gate, RotaryEmbedding)):
             continue
         for pname, p in list(mod.named_parameters(recurse=False)):
             setattr(mod, pname, torch.nn.Parameter(p.to(dtype), requires_grad=False))

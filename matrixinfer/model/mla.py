@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from matrixinfer import kernels
 from matrixinfer.config import ModelConfig
 from matrixinfer.model.attention import AttentionGroup, AttentionMetadata, KVCache
+from matrixinfer.model.backend import CustomOp, cpu_float32
 from matrixinfer.model.layers import Linear, RMSNorm, RotaryEmbedding, softmax_scale
 
 
-class MLA(nn.Module):
-    """MLA of DeepSeek-V2/V3; parameter names follow the Hugging Face checkpoints."""
+class MLA(CustomOp):
+    """MLA of DeepSeek-V2/V3; parameter names follow the Hugging Face checkpoints. The ``cpu``
+    backend runs paged absorbed-form batches through the fused native kernels."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -46,47 +47,70 @@ class MLA(nn.Module):
         self.scale = softmax_scale(cfg)
         # Latent-space (absorbed) attention costs H x (D + R) per query-key pair, the naive one
         # H x (qk + v) plus expanding each key: absorbed prefill pays off only for few wide heads.
-        self.absorbed_prefill = (self.kv_lora_rank + self.rope_dim) + self.kv_lora_rank <= 2 * (self.qk_dim + self.v_dim)
+        latent = self.kv_lora_rank + self.rope_dim
+        self.absorbed_prefill = latent + self.kv_lora_rank <= 2 * (self.qk_dim + self.v_dim)
 
     def _kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``kv_b_proj`` split per head: ``W_UK [H, nope, R]`` and ``W_UV [H, v, R]``."""
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, :self.nope_dim], w[:, self.nope_dim:]
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RotaryEmbedding,
-                meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
+    def supports(self, backend: str) -> bool:
+        if backend == "cpu":  # the fused path reads these two weights itself; the projections are Linears
+            return cpu_float32(self.kv_b_proj.weight, self.kv_a_layernorm.weight)
+        return super().supports(backend)
+
+    def forward_native(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RotaryEmbedding,
+                       meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
         """Attention over a flat batch ``x`` ``[T, hidden]``; returns ``[T, hidden]``."""
-        t = x.shape[0]
+        q, kv = self._project(x)
+        out = self._attend(q, kv, cos, sin, rope, meta, kv_cache)
+        return self.o_proj(out.view(x.shape[0], self.n_heads * self.v_dim))
+
+    def forward_cpu(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RotaryEmbedding,
+                    meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
+        """:meth:`forward_native`, with the fused native kernels wherever the batch allows them: over
+        a paged float32 cache, in the absorbed form (:meth:`absorbed_for`)."""
+        q, kv = self._project(x)
+        slots = self._fused_slots(meta, kv_cache)
+        if slots is None:
+            out = self._attend(q, kv, cos, sin, rope, meta, kv_cache)
+        else:
+            out = self._fused(q, kv, cos, sin, rope, meta, slots)
+        return self.o_proj(out.view(x.shape[0], self.n_heads * self.v_dim))
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries ``[T, H, qk]`` and each token's compressed KV and rope key ``[T, rank + rope]``."""
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(t, self.n_heads, self.qk_dim)
-        kv = self.kv_a_proj_with_mqa(x)
-        if kv_cache is not None and meta.slot_mapping is not None:
-            slots = kv_cache.layer_slots(self.layer_idx)
-            if self._use_kernel(x, meta, slots, cos):
-                return self.o_proj(self._kernel(q, kv, cos, sin, rope, meta, slots).view(t, self.n_heads * self.v_dim))
+        return q.view(x.shape[0], self.n_heads, self.qk_dim), self.kv_a_proj_with_mqa(x)
+
+    def _attend(self, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RotaryEmbedding,
+                meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
+        """The PyTorch attention: latents into the cache, then per group the naive or absorbed form."""
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = rope.apply(q_pe, cos, sin)
+        q_pe = rope.rotate(q_pe, cos, sin)
         ckv, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = torch.cat([self.kv_a_layernorm(ckv), rope.apply(k_pe, cos, sin)], dim=-1)
+        latent = torch.cat([self.kv_a_layernorm(ckv), rope.rotate(k_pe, cos, sin)], dim=-1)
         if kv_cache is None or meta.slot_mapping is None:
             slots = latent
         else:
             kv_cache.write(self.layer_idx, meta.slot_mapping, latent)
-        out = x.new_empty(t, self.n_heads, self.v_dim)
+            slots = kv_cache.layer_slots(self.layer_idx)
+        out = q.new_empty(q.shape[0], self.n_heads, self.v_dim)
         for group in meta.groups:
             absorbed = meta.mode == "absorbed" or (meta.mode == "auto" and group.decode)
             attend = self._absorbed if absorbed else self._naive
             s_, l_ = group.key_slots.shape
-            ctx = slots.index_select(0, group.key_slots.reshape(-1)).view(s_, l_, -1).to(x.dtype)
+            ctx = slots.index_select(0, group.key_slots.reshape(-1)).view(s_, l_, -1).to(q.dtype)
             o = attend(q_nope[group.token_index], q_pe[group.token_index], ctx, group)
             if group.decode:  # one real query per sequence: no padding to drop
                 out.index_copy_(0, group.token_index[:, 0], o[:, 0])
             else:
                 out[group.token_index[group.valid]] = o[group.valid]
-        return self.o_proj(out.reshape(t, self.n_heads * self.v_dim))
+        return out
 
     def absorbed_for(self, meta: AttentionMetadata) -> bool:
         """Whether this batch may run entirely in the absorbed (latent-space) form, as the fused
@@ -96,21 +120,26 @@ class MLA(nn.Module):
             return False
         return meta.mode == "absorbed" or self.absorbed_prefill or all(q == 1 for q in meta.query_lens)
 
-    def _use_kernel(self, x: torch.Tensor, meta: AttentionMetadata, slots: torch.Tensor, cos: torch.Tensor) -> bool:
-        """The fused CPU kernels read and write the paged cache directly; they compute the absorbed form."""
-        if not meta.paged or not slots.is_contiguous() or not self.absorbed_for(meta):
-            return False
-        return kernels.usable(x, slots, cos, self.kv_b_proj.weight)
+    def _fused_slots(self, meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor | None:
+        """This layer's cache table where the fused kernels can run the batch (they read and write
+        a paged float32 cache directly and compute the absorbed form), else None."""
+        if kv_cache is None or meta.slot_mapping is None or not meta.paged or not self.absorbed_for(meta):
+            return None
+        slots = kv_cache.layer_slots(self.layer_idx)
+        return slots if slots.dtype is torch.float32 and slots.is_cpu and slots.is_contiguous() else None
 
-    def _kernel(self, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                rope: RotaryEmbedding, meta: AttentionMetadata, slots: torch.Tensor) -> torch.Tensor:
+    def _fused(self, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               rope: RotaryEmbedding, meta: AttentionMetadata, slots: torch.Tensor) -> torch.Tensor:
         """Fused prologs (latent into the cache, absorbed queries), attention and the W_UV epilogue."""
+        slot_mapping, tables, tok_seq, tok_nkeys = meta.slot_mapping, meta.block_tables, meta.tok_seq, meta.tok_nkeys
+        assert slot_mapping is not None and tables is not None and tok_seq is not None and tok_nkeys is not None \
+            and meta.block_size is not None, "a paged batch's metadata"
         norm = self.kv_a_layernorm
-        kernels.mla_kv_prolog(kv, norm.weight, norm.eps, cos, sin, meta.slot_mapping, slots, rope.interleaved)
+        kernels.mla_kv_prolog(kv, norm.weight, norm.eps, cos, sin, slot_mapping, slots, rope.interleaved)
         w = self.kv_b_proj.weight
         q_full = kernels.mla_q_prolog(q, w, cos, sin, self.kv_lora_rank, self.v_dim, rope.interleaved)
-        return kernels.paged_mla(q_full, slots, meta.block_tables, meta.tok_seq, meta.tok_nkeys, self.kv_lora_rank,
-                                 meta.block_size, self.scale, w_kv_b=w, nope=self.nope_dim, v_dim=self.v_dim)
+        return kernels.paged_mla(q_full, slots, tables, tok_seq, tok_nkeys, self.kv_lora_rank, meta.block_size,
+                                 self.scale, w_kv_b=w, nope=self.nope_dim, v_dim=self.v_dim)
 
     def _naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: torch.Tensor,
                group: AttentionGroup) -> torch.Tensor:

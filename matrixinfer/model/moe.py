@@ -1,14 +1,12 @@
-"""DeepSeekMoE: the router (gate) as its own step, grouped routed experts, and shared experts.
+"""DeepSeekMoE: the router (gate) as its own step, the routed experts, and shared experts.
 
 Routing and expert computation are separate calls so that expert parallelism can put
-dispatch/combine between them: ``route`` gives each token's experts and weights,
-``Experts.forward`` runs every expert once over the tokens routed to it.
+dispatch/combine between them: ``route`` gives each token's experts and weights, the routed
+experts (:mod:`matrixinfer.model.experts`, with their backends) run every expert once over the
+tokens routed to it.
 """
 
 from __future__ import annotations
-
-import logging
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,20 +14,14 @@ from torch import nn
 
 from matrixinfer import kernels
 from matrixinfer.config import ModelConfig
+from matrixinfer.model.backend import CustomOp
+from matrixinfer.model.experts import Experts, Routing
 from matrixinfer.model.layers import MLP
 
-log = logging.getLogger(__name__)
+__all__ = ["Experts", "Gate", "MoE", "Routing"]
 
 
-@dataclass
-class Routing:
-    """Each token's chosen experts ``topk_ids [T, k]`` and their combine weights ``topk_weights [T, k]``."""
-
-    topk_ids: torch.Tensor
-    topk_weights: torch.Tensor
-
-
-class Gate(nn.Module):
+class Gate(CustomOp):
     """The router of both generations.
 
     V3 (``noaux_tc``): sigmoid scores; ``e_score_correction_bias`` is added for *selection only*;
@@ -38,10 +30,13 @@ class Gate(nn.Module):
     V2 (``greedy`` / ``group_limited_greedy``): softmax scores; plain top-k or top-k within the
     ``topk_group`` groups with the highest max score; renormalised if ``norm_topk_prob`` else
     multiplied by ``routed_scaling_factor`` (DeepSeek-V2's reference behaviour).
+    The ``cpu`` backend routes V3 in one native call (``small_ops.c``).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        if cfg.n_routed_experts is None or cfg.num_experts_per_tok is None:
+            raise ValueError("a MoE layer needs n_routed_experts and num_experts_per_tok in the config")
         self.n_experts = cfg.n_routed_experts
         self.top_k = cfg.num_experts_per_tok
         self.n_group = cfg.n_group
@@ -55,10 +50,17 @@ class Gate(nn.Module):
         if self.scoring not in ("sigmoid", "softmax"):
             raise ValueError(f"scoring_func {self.scoring!r} is not supported")
         self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
+        self.e_score_correction_bias: torch.Tensor | None
         if self.method == "noaux_tc":
             self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts))
         else:
             self.e_score_correction_bias = None
+
+    def correction_bias(self) -> torch.Tensor:
+        """V3's ``e_score_correction_bias`` in float32 (added to the scores for selection only)."""
+        if self.e_score_correction_bias is None:
+            raise ValueError(f"topk_method {self.method!r} has no e_score_correction_bias")
+        return self.e_score_correction_bias.float()
 
     def _group_mask(self, choice: torch.Tensor, group_score: str) -> torch.Tensor:
         grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
@@ -70,17 +72,25 @@ class Gate(nn.Module):
         mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
         return mask[:, :, None].expand_as(grouped).reshape(-1, self.n_experts)
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def supports(self, backend: str) -> bool:
+        if backend == "cpu":  # V3 routing; the logits are float32 whatever the model's dtype
+            return (self.method == "noaux_tc" and self.scoring == "sigmoid" and self.n_experts <= 1024
+                    and self.weight.is_cpu and kernels.available())
+        return super().supports(backend)
+
+    def forward_cpu(self, x: torch.Tensor) -> Routing:
         logits = F.linear(x.float(), self.weight.float())
-        if self.method == "noaux_tc" and self.scoring == "sigmoid" and self.n_experts <= 1024 and kernels.usable(logits):
-            return Routing(*kernels.v3_route(logits, self.e_score_correction_bias.float().contiguous(), self.n_group,
-                                             self.topk_group, self.top_k, self.norm, self.scaling))
+        return Routing(*kernels.v3_route(logits, self.correction_bias().contiguous(), self.n_group,
+                                         self.topk_group, self.top_k, self.norm, self.scaling))
+
+    def forward_native(self, x: torch.Tensor) -> Routing:
+        logits = F.linear(x.float(), self.weight.float())
         if self.scoring == "sigmoid":
             scores = logits.sigmoid()
         else:
             scores = logits.softmax(dim=-1)
         if self.method == "noaux_tc":
-            choice = scores + self.e_score_correction_bias.float()
+            choice = scores + self.correction_bias()
             if self.n_group > 1:
                 choice = choice.masked_fill(~self._group_mask(choice, "top2sum"), float("-inf"))
             ids = choice.topk(self.top_k, dim=-1).indices
@@ -100,93 +110,17 @@ class Gate(nn.Module):
         return Routing(ids, weights)
 
 
-class Experts(nn.Module):
-    """Routed experts stored stacked: ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``.
-
-    Tokens are sorted by expert and each expert with work runs one matmul over its whole slice.
-    """
-
-    def __init__(self, n_experts: int, hidden: int, inter: int) -> None:
-        super().__init__()
-        self.n_experts = n_experts
-        self.inter = inter
-        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter, hidden))
-        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
-
-    grouped_mm_ok = True  # cleared if torch._grouped_mm rejects this device/dtype (then per-expert matmuls)
-
-    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        if kernels.usable(x, self.gate_up_proj):  # one native call: bucketing, both projections, combine
-            return kernels.moe_experts(x.contiguous(), routing.topk_ids.contiguous(),
-                                       routing.topk_weights.float().contiguous(), self.gate_up_proj, self.down_proj)
-        if x.device.type == "cuda" and Experts.grouped_mm_ok:
-            try:
-                return self.grouped(x, routing)
-            except (RuntimeError, NotImplementedError) as exc:
-                Experts.grouped_mm_ok = False
-                log.warning("grouped matmul unavailable (%s): routed experts fall back to per-expert matmuls", exc)
-        t, k = routing.topk_ids.shape
-        flat_ids = routing.topk_ids.reshape(-1)
-        order = flat_ids.argsort(stable=True)
-        token_of = order // k
-        counts = torch.bincount(flat_ids, minlength=self.n_experts)
-        xs = x[token_of]
-        cap = int(counts.max())
-        # One padded bmm per projection runs the padding rows too; one matmul per expert pays a call
-        # (~30 us on a CPU) twice per expert. Pad while the wasted multiply-adds cost less than the
-        # calls (about 0.8M MACs per expert at ~80 GFLOP/s): decode batches, not skewed prefills.
-        if (cap * self.n_experts - t * k) * x.shape[1] * self.inter <= self.n_experts * 800_000:
-            ys = self._padded(xs, flat_ids[order], counts, cap)
-        else:  # skewed load: one matmul per expert over its contiguous slice
-            ys = torch.empty_like(xs)
-            start = 0
-            for e, n in enumerate(counts.tolist()):
-                if n == 0:
-                    continue
-                chunk = xs[start:start + n]
-                gate, up = F.linear(chunk, self.gate_up_proj[e]).chunk(2, dim=-1)
-                ys[start:start + n] = F.linear(F.silu(gate) * up, self.down_proj[e])
-                start += n
-        w = routing.topk_weights.reshape(-1)[order].to(x.dtype)
-        out = torch.zeros_like(x)
-        out.index_add_(0, token_of, ys * w[:, None])
-        return out
-
-    def grouped(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """All experts as two grouped matmuls over the rows sorted by expert, with the group
-        offsets kept on the device: no host synchronisation (the CUDA path)."""
-        flat_ids = routing.topk_ids.reshape(-1)
-        order = flat_ids.argsort(stable=True)
-        token_of = order // routing.topk_ids.shape[1]
-        counts = torch.zeros(self.n_experts, dtype=torch.int32, device=x.device)
-        counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
-        offs = counts.cumsum(0, dtype=torch.int32)
-        gate, up = torch._grouped_mm(x[token_of], self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-        ys = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
-        w = routing.topk_weights.reshape(-1)[order].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of, ys * w[:, None])
-
-    def _padded(self, xs: torch.Tensor, sorted_ids: torch.Tensor, counts: torch.Tensor, cap: int) -> torch.Tensor:
-        """All experts at once on an ``[E, cap, H]`` layout (rows sorted by expert, zero padding)."""
-        n = xs.shape[0]
-        starts = counts.cumsum(0) - counts
-        slot = sorted_ids * cap + (torch.arange(n, device=xs.device) - starts[sorted_ids])
-        padded = xs.new_zeros(self.n_experts * cap, xs.shape[1]).index_copy_(0, slot, xs)
-        padded = padded.view(self.n_experts, cap, -1)
-        gate, up = torch.bmm(padded, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
-        y = torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))
-        return y.reshape(self.n_experts * cap, -1).index_select(0, slot)
-
-
 class MoE(nn.Module):
     """A DeepSeekMoE layer: shared experts on every token plus the routed experts."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.gate = Gate(cfg)
-        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.experts = Experts(self.gate.n_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         n_shared = cfg.n_shared_experts or 0
-        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
+        self.shared_experts: MLP | None = None
+        if n_shared:
+            self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared)
 
     def route(self, x: torch.Tensor) -> Routing:
         return self.gate(x)

@@ -49,8 +49,7 @@ def helpers(request, monkeypatch):
     if request.param == "native" and not native.available():
         pytest.skip("no C compiler or Python headers for the EMS read helpers")
     if request.param == "python":
-        monkeypatch.setattr(native, "_lib", None)
-        monkeypatch.setattr(native, "_tried", True)
+        monkeypatch.setattr(native.LIBRARY, "load", lambda: None)
     return request.param
 
 
@@ -168,3 +167,15 @@ def test_batched_get_through_a_server_races_and_mixes(ems_servers, helpers):
         outs[4] = bytearray(100)
         with pytest.raises(ValueError, match="'k4' holds 100 bytes"):  # as a single get_into reports
             reader.mget(mixed, outs)
+
+
+def test_helpers_off_by_environment(monkeypatch):
+    """MATRIXINFER_EMS_NATIVE=0 at the first use: no helpers, and callers fall back."""
+    native.LIBRARY.forget()
+    monkeypatch.setenv("MATRIXINFER_EMS_NATIVE", "0")
+    try:
+        assert not native.available()
+        assert native.tags(b"s", [b"k"]) is None
+    finally:
+        monkeypatch.undo()
+        native.LIBRARY.forget()

@@ -1,5 +1,7 @@
-"""The fused CPU paged-MLA kernel against a direct PyTorch computation and against the model's
-PyTorch attention path."""
+"""The native CPU kernels against direct PyTorch computations, and each module's ``cpu`` backend
+against its ``native`` (PyTorch) one."""
+
+import platform
 
 import pytest
 import torch
@@ -7,9 +9,18 @@ import torch
 from matrixinfer import kernels
 from matrixinfer.config import ModelConfig
 from matrixinfer.model.attention import AttentionMetadata, PagedLatentCache
+from matrixinfer.model.backend import select_backend
 from matrixinfer.model.layers import RotaryEmbedding
 from matrixinfer.model.mla import MLA
 from tests.checkpoints import tiny_config
+
+
+def spy(monkeypatch, module, name: str) -> list:
+    """Record the calls of ``module.name`` (its first argument's leading size), still calling it."""
+    calls: list = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(getattr(a[0], "shape", [0])[0]) or real(*a, **k))
+    return calls
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no C compiler: the native kernel cannot be built")
 
@@ -80,8 +91,10 @@ def test_mla_kernel_path_matches_pytorch_path(monkeypatch, mode, interleave):
     rope = RotaryEmbedding(cfg)
     bs = 4
 
-    def run(use_kernel: bool) -> list[torch.Tensor]:
-        monkeypatch.setattr(kernels, "available", lambda: use_kernel)
+    fused = spy(monkeypatch, kernels, "paged_mla")
+
+    def run(backend: str) -> list[torch.Tensor]:
+        assert select_backend(mla, backend) == {f"MLA:{backend}": 1, f"RMSNorm:{backend}": 2, f"Linear:{backend}": 5}
         cache = PagedLatentCache(1, 32, bs, cfg.kv_cache_dim)
         tables = torch.tensor([[3, 7, 1, 9, 11, 13], [2, 4, 6, 8, 10, 12]])
         outs = []
@@ -95,16 +108,32 @@ def test_mla_kernel_path_matches_pytorch_path(monkeypatch, mode, interleave):
                 outs.append(mla(x, cos, sin, rope, meta, cache))
         return outs + [cache.data]
 
-    for a, b in zip(run(True), run(False)):
+    fast = run("cpu")
+    assert len(fused) == 3  # (auto: absorbed prefill is the cheaper form for this shape)
+    for a, b in zip(fast, run("native")):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert len(fused) == 3
 
 
-def test_disabled_by_environment(monkeypatch):
-    monkeypatch.setattr(kernels, "_tried", False)
-    monkeypatch.setattr(kernels, "_lib", None)
+@pytest.fixture
+def kernels_reloaded():
+    """Let a test change how the kernels load; reload them afterwards as the environment says."""
+    kernels.LIBRARY.forget()
+    yield
+    kernels.LIBRARY.forget()
+
+
+def test_disabled_by_environment(monkeypatch, kernels_reloaded):
+    """MATRIXINFER_KERNELS=0: nothing is built or loaded, and every module runs its PyTorch path."""
+    from matrixinfer.model.deepseek import DeepseekForCausalLM
+
     monkeypatch.setenv("MATRIXINFER_KERNELS", "0")
     assert kernels.available() is False
-    assert not kernels.usable(torch.zeros(2))
+    with pytest.raises(RuntimeError, match="MATRIXINFER_KERNELS=0"):
+        kernels.linear(torch.zeros(1, 2), torch.zeros(2, 2))
+    model = DeepseekForCausalLM(ModelConfig.from_dict(tiny_config().to_dict()), with_mtp=False)
+    chosen = select_backend(model, "cpu")
+    assert chosen and all(k.endswith((":native", ":torch")) for k in chosen), chosen
 
 
 @needs_kernel
@@ -114,20 +143,29 @@ def test_rmsnorm_kernel_matches_pytorch(monkeypatch):
     norm = RMSNorm(20, 1e-6)
     torch.nn.init.normal_(norm.weight)
     x = torch.randn(3, 7, 20) * 3
+    calls = spy(monkeypatch, kernels, "rmsnorm")
     with torch.no_grad():
+        slow = norm(x)  # built directly: PyTorch until a backend is chosen
+        select_backend(norm, "cpu")
         fast = norm(x)
-        monkeypatch.setattr(kernels, "available", lambda: False)
-        slow = norm(x)
+    assert calls == [3]
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
 
 
-def test_kernels_stay_out_of_autograd():
-    """Training runs the PyTorch paths: the kernels have no backward."""
+@needs_kernel
+def test_kernels_stay_out_of_autograd(monkeypatch):
+    """A module bound to the native kernels runs its PyTorch path while autograd records (the
+    kernels have no backward): a loaded model can still be fine-tuned."""
     from matrixinfer.model.layers import RMSNorm
 
     norm = RMSNorm(16)
+    select_backend(norm, "cpu")
+    calls = spy(monkeypatch, kernels, "rmsnorm")
     out = norm(torch.randn(4, 16, requires_grad=True))
-    assert out.grad_fn is not None
+    assert out.grad_fn is not None and calls == []
+    with torch.no_grad():
+        norm(torch.randn(4, 16))
+    assert calls == [4]
 
 
 @needs_kernel
@@ -141,10 +179,12 @@ def test_v3_routing_kernel_matches_pytorch(monkeypatch, n_group, topk_group, nor
     torch.nn.init.normal_(gate.weight)
     torch.nn.init.normal_(gate.e_score_correction_bias, std=0.1)
     x = torch.randn(50, cfg.hidden_size)
+    calls = spy(monkeypatch, kernels, "v3_route")
     with torch.no_grad():
-        fast = gate(x)
-        monkeypatch.setattr(kernels, "available", lambda: False)
         slow = gate(x)
+        assert select_backend(gate, "cpu") == {"Gate:cpu": 1}
+        fast = gate(x)
+    assert calls == [50]
     assert torch.equal(fast.topk_ids.sort(-1).values, slow.topk_ids.sort(-1).values)
     order_f, order_s = fast.topk_ids.argsort(-1), slow.topk_ids.argsort(-1)
     torch.testing.assert_close(fast.topk_weights.gather(1, order_f), slow.topk_weights.gather(1, order_s))
@@ -162,10 +202,13 @@ def test_linear_kernel_matches_torch(m, k, n):
 def test_small_batch_linear_layer_uses_kernel_only_where_it_applies(monkeypatch):
     from matrixinfer.model.layers import Linear
 
-    calls = []
-    real = kernels.linear
-    monkeypatch.setattr(kernels, "linear", lambda x, w: calls.append(x.shape[0]) or real(x, w))
+    calls = spy(monkeypatch, kernels, "linear")
     layer = Linear(16, 8, bias=False)
+    with torch.no_grad():
+        layer(torch.randn(2, 16))  # built directly: PyTorch
+    assert calls == []
+    assert select_backend(layer, "cpu") == {"Linear:cpu": 1}
+    assert select_backend(Linear(16, 8, bias=True), "cpu") == {"Linear:native": 1}  # the kernel has no bias
     with torch.no_grad():
         for rows in (3, Linear.small_rows, Linear.small_rows + 1):
             x = torch.randn(rows, 16)
@@ -178,24 +221,24 @@ def test_small_batch_linear_layer_uses_kernel_only_where_it_applies(monkeypatch)
 @needs_kernel
 @pytest.mark.parametrize("arch_kw", [{}, {"n_group": 1, "topk_group": 1, "n_shared_experts": 0}])
 def test_native_decoder_layers_match_the_per_operator_path(monkeypatch, arch_kw):
-    """Whole layers in one native call == the per-operator path: hidden states and cache contents
-    over a prefill chunk and decode steps (dense first layer, MoE layers with and without shared
-    experts)."""
-    from matrixinfer.model.deepseek import Block, DeepseekForCausalLM
+    """Whole layers in one native call == the per-operator kernels == PyTorch: hidden states and
+    cache contents over a prefill chunk and decode steps (dense first layer, MoE layers with and
+    without shared experts)."""
+    from matrixinfer.kernels import layer as native_layer
+    from matrixinfer.model.deepseek import DeepseekForCausalLM
 
     cfg = ModelConfig.from_dict(tiny_config(**arch_kw).to_dict())
     torch.manual_seed(3)
     model = DeepseekForCausalLM(cfg, with_mtp=False)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.15)
-    calls = []
-    real = kernels.decoder_layer
-    monkeypatch.setattr(kernels, "decoder_layer", lambda *a: calls.append(1) or real(*a))
+    calls = spy(monkeypatch, native_layer.DecoderLayer, "__call__")
     bs, tables = 4, torch.tensor([[3, 7, 1, 9, 11, 13], [2, 4, 6, 8, 10, 12]])
 
-    def run(native: bool) -> list[torch.Tensor]:
-        if not native:
-            monkeypatch.setattr(Block, "native", lambda self, cache, interleaved: None)
+    def run(backend: str, layers: str) -> list[torch.Tensor]:
+        select_backend(model, backend)
+        for block in model.model.layers:
+            block.use_backend(layers)
         cache = PagedLatentCache(model.num_cache_layers, 16, bs, cfg.kv_cache_dim)
         torch.manual_seed(0)
         outs = []
@@ -207,10 +250,12 @@ def test_native_decoder_layers_match_the_per_operator_path(monkeypatch, arch_kw)
                 outs.append(model(ids, pos, meta, cache))
         return outs + [cache.data.clone()]
 
-    fast = run(True)
+    fast = run("cpu", "cpu")
     assert len(calls) == 3 * cfg.num_hidden_layers
-    for a, b in zip(fast, run(False)):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    for other in (run("cpu", "native"), run("native", "native")):
+        for a, b in zip(fast, other):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    assert len(calls) == 3 * cfg.num_hidden_layers
 
 
 @needs_kernel
@@ -221,3 +266,81 @@ def test_argmax_rows_matches_torch_including_ties_and_infinities():
     x[3, 299] = float("inf")
     x[4] = 0.0
     assert kernels.argmax_rows(x).tolist() == x.argmax(-1).tolist()
+
+
+def test_bindings_come_from_the_header():
+    """Every function and struct of matrixinfer.h is bound with the C types it declares (pointers
+    take addresses as ints; struct pointers their struct), with no list kept by hand."""
+    import ctypes
+
+    header = kernels.LIBRARY.header
+    assert header.functions["mi_linear"] == (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
+    restype, argtypes = header.functions["mi_decoder_layer"]
+    layer, step = header.structs["MiLayer"], header.structs["MiStep"]
+    assert restype is ctypes.c_int and argtypes[:2] == [ctypes.POINTER(layer), ctypes.POINTER(step)]
+    assert [n for n, _ in step._fields_] == ["cos", "sin", "slots", "block_tables", "tok_seq", "tok_nkeys",
+                                            "bt_stride", "block_size"]
+    assert dict(layer._fields_)["eps"] is ctypes.c_float and dict(layer._fields_)["cache"] is ctypes.c_void_p
+    exported = {"mi_decoder_layer", "mi_linear", "mi_rmsnorm", "mi_v3_route", "mi_argmax_rows", "mi_moe_experts",
+                "mi_paged_mla", "mi_mla_q_prolog", "mi_mla_kv_prolog"}
+    assert set(header.functions) == exported
+
+
+def test_header_parser_rejects_what_it_cannot_bind(tmp_path):
+    from matrixinfer.native_build import HeaderError, parse_header
+
+    good = tmp_path / "good.h"
+    good.write_text("#include <stdint.h>\n/* a comment; with a semicolon */\n"
+                    "typedef struct { const float *a, *b; int64_t n; } Pair;\n"
+                    "int sum(const Pair *p, PyObject *o, Py_ssize_t k); // trailing\nvoid nothing(void);\n")
+    h = parse_header(good)
+    assert [n for n, _ in h.structs["Pair"]._fields_] == ["a", "b", "n"]
+    assert h.functions["nothing"] == (None, [])
+    import ctypes
+    assert h.functions["sum"][1][1:] == [ctypes.py_object, ctypes.c_ssize_t]
+    for bad in ("void f(long double x);", "void f(int (*cb)(int));", "typedef struct { unsigned long x; } S;"):
+        (tmp_path / "bad.h").write_text(bad)
+        with pytest.raises(HeaderError, match="bad.h"):
+            parse_header(tmp_path / "bad.h")
+
+
+@pytest.mark.skipif(not (platform.system() == "Linux" and platform.machine() == "x86_64"),
+                    reason="the kernels link glibc's libmvec (x86-64 Linux)")
+def test_kernels_build_wherever_there_is_a_compiler():
+    """A kernel build broken by a source or header change fails here, instead of every kernel test
+    skipping quietly."""
+    from matrixinfer import envs
+    from matrixinfer.native_build import compiler
+
+    if compiler() is None or not envs.kernels_enabled():
+        pytest.skip("no C compiler, or MATRIXINFER_KERNELS=0")
+    assert kernels.available()
+
+
+def test_a_native_library_is_built_and_loaded_once_per_process(tmp_path, monkeypatch):
+    """The one loader kernels and EMS share: many first callers at once get one library, a
+    disabled library is never built, and forget() makes the next call decide again."""
+    import threading
+
+    from matrixinfer.native_build import NativeLibrary, compiler
+
+    if compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("MATRIXINFER_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "twice.h").write_text("#include <stdint.h>\nint64_t twice(int64_t x);\n")
+    (tmp_path / "twice.c").write_text('#include "twice.h"\nint64_t twice(int64_t x) { return 2 * x; }\n')
+    on = [True]
+    lib = NativeLibrary("twice", "test", [tmp_path / "twice.c"], tmp_path / "twice.h",
+                        ["-shared", "-fPIC", "-Werror=missing-prototypes"], enabled=lambda: on[0], fallback="none")
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(lib.load())) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(g) for g in got}) == 1 and got[0].twice(21) == 42
+    assert len(list((tmp_path / "cache" / "test").glob("*.so"))) == 1
+    lib.forget()
+    on[0] = False
+    assert lib.load() is None

@@ -42,7 +42,8 @@ def test_missing_tensor_is_named(tiny_v3, tmp_path):
     tensors = load_file(ck / "model.safetensors")
     del tensors["model.layers.1.self_attn.kv_b_proj.weight"]
     save_file(tensors, ck / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"missing .*model\.layers\.1\.self_attn\.kv_b_proj\.weight.*expected shape"):
+    with pytest.raises(CheckpointError,
+                       match=r"missing .*model\.layers\.1\.self_attn\.kv_b_proj\.weight.*expected shape"):
         load_model(ck, progress=False)
 
 
@@ -51,7 +52,8 @@ def test_wrong_shape_is_named(tiny_v3, tmp_path):
     tensors = load_file(ck / "model.safetensors")
     tensors["model.layers.2.mlp.experts.3.up_proj.weight"] = torch.zeros(5, 7)
     save_file(tensors, ck / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor model\.layers\.2\.mlp\.experts\.3\.up_proj\.weight has shape \[5, 7\], expected \[32, 64\]"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor model\.layers\.2\.mlp\.experts\.3\."
+                                              r"up_proj\.weight has shape \[5, 7\], expected \[32, 64\]"):
         load_model(ck, progress=False)
 
 

@@ -28,7 +28,8 @@ def test_naive_and_absorbed_agree(tiny_v3):
     model = load_model(tiny_v3, progress=False)
     seq = torch.randint(2, model.config.vocab_size, (23,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.no_grad():
-        full = model.compute_logits(model(torch.tensor(seq), torch.arange(23), AttentionMetadata.build([23], mode="naive")))
+        meta = AttentionMetadata.build([23], mode="naive")
+        full = model.compute_logits(model(torch.tensor(seq), torch.arange(23), meta))
         for mode in ("naive", "absorbed"):
             # 10-token prefill, a 5-token chunk, then single-token decode steps
             chunked = _run_chunked(model, seq, [10, 5] + [1] * 8, mode)

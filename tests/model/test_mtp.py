@@ -55,7 +55,8 @@ def _reference_mtp(ckpt, mtp: dict[str, torch.Tensor], ids: torch.Tensor) -> tor
     ref = load_reference(ckpt)
     block = DeepseekV3DecoderLayer(ref.config, layer_idx=3).eval()
     own = {k[len("model.layers.3."):]: v for k, v in mtp.items()}
-    sd = {k: v for k, v in own.items() if not k.startswith(("enorm", "hnorm", "eh_proj", "shared_head", "embed_tokens"))}
+    mtp_own = ("enorm", "hnorm", "eh_proj", "shared_head", "embed_tokens")
+    sd = {k: v for k, v in own.items() if not k.startswith(mtp_own)}
     gu = [torch.cat([sd.pop(f"mlp.experts.{e}.gate_proj.weight"), sd.pop(f"mlp.experts.{e}.up_proj.weight")])
           for e in range(ref.config.n_routed_experts)]
     dn = [sd.pop(f"mlp.experts.{e}.down_proj.weight") for e in range(ref.config.n_routed_experts)]

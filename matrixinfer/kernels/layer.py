@@ -1,0 +1,127 @@
+"""Whole decoder layers in one native call (``layer.c``): a layer's dimensions and weights, and the
+per-step metadata all layers of a step share, as the ``MiLayer`` and ``MiStep`` structs of
+``matrixinfer.h``.
+
+At decode batch sizes the per-operator dispatch of a layer costs about as much as its arithmetic,
+so a CPU decode step runs each eligible layer as one call. The model describes such a layer once,
+when its backend is chosen (``matrixinfer.model.deepseek.Block``); the struct holds raw pointers,
+so it is rebuilt, after checking every tensor again, whenever a weight or the cache has moved.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Mapping
+from dataclasses import astuple, dataclass, fields
+
+import torch
+
+from matrixinfer.kernels import LIBRARY, _check, _lib
+
+ATTENTION_WEIGHTS = ("in_norm", "q_a", "q_a_norm", "q_b", "kv_a", "kv_a_norm", "kv_b", "o_proj", "post_norm")
+MLP_WEIGHTS = ("mlp_gate", "mlp_up", "mlp_down")
+MOE_WEIGHTS = ("router", "router_bias", "experts_gate_up", "experts_down")
+
+
+@dataclass(frozen=True)
+class LayerDims:
+    """A decoder layer's dimensions and constants: ``MiLayer``'s scalar fields, by the same names."""
+
+    hidden: int
+    heads: int
+    q_lora: int
+    nope: int
+    rope: int
+    v_dim: int
+    rank: int
+    eps: float
+    scale: float
+    interleaved: bool
+    mlp_inter: int = 0  # the dense MLP, or a MoE layer's shared experts (0: none)
+    n_experts: int = 0  # routed experts (0: a dense layer)
+    n_group: int = 1
+    topk_group: int = 1
+    top_k: int = 0
+    moe_inter: int = 0
+    norm_topk: bool = False
+    scaling: float = 1.0
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every weight the layer reads, by ``MiLayer`` field name, with the shape it must have."""
+        h, qk = self.hidden, self.nope + self.rope
+        shapes = {"in_norm": (h,), "q_a": (self.q_lora, h), "q_a_norm": (self.q_lora,),
+                  "q_b": (self.heads * qk, self.q_lora), "kv_a": (self.rank + self.rope, h),
+                  "kv_a_norm": (self.rank,), "kv_b": (self.heads * (self.nope + self.v_dim), self.rank),
+                  "o_proj": (h, self.heads * self.v_dim), "post_norm": (h,)}
+        if self.mlp_inter:
+            shapes.update(mlp_gate=(self.mlp_inter, h), mlp_up=(self.mlp_inter, h), mlp_down=(h, self.mlp_inter))
+        if self.n_experts:
+            e, i = self.n_experts, self.moe_inter
+            shapes.update(router=(e, h), router_bias=(e,), experts_gate_up=(e, 2 * i, h), experts_down=(e, h, i))
+        return shapes
+
+
+class DecoderLayer:
+    """One decoder layer as ``mi_decoder_layer`` runs it: ``x += attention(x)`` then
+    ``x += MLP or MoE(x)`` on the residual stream ``x`` ``[T, hidden]`` in place.
+
+    ``weights`` maps each name of :meth:`LayerDims.weight_shapes` to the tensor the model keeps
+    (float32, contiguous, on the CPU); they are checked now and whenever one has moved."""
+
+    def __init__(self, dims: LayerDims, weights: Mapping[str, torch.Tensor]) -> None:
+        shapes = dims.weight_shapes()
+        if set(weights) != set(shapes):
+            raise ValueError(f"decoder layer weights: expected {sorted(shapes)}, got {sorted(weights)}")
+        self.dims = dims
+        self._weights = [(name, weights[name], shape) for name, shape in shapes.items()]
+        self._struct: ctypes.Structure | None = None
+        self._key: tuple[int, ...] = ()
+        self._check_weights()
+
+    def __call__(self, step: ctypes.Structure, x: torch.Tensor, cache: torch.Tensor) -> None:
+        """Run the layer on ``x`` with ``step`` (:func:`native_step`) over ``cache``, this layer's
+        ``[num_slots, rank + rope]`` latent table (the slots ``step`` names must be inside it)."""
+        key = (cache.data_ptr(), *(w.data_ptr() for _, w, _ in self._weights))
+        if key != self._key or self._struct is None:
+            self._struct, self._key = self._build(cache), key
+        rc = _lib().mi_decoder_layer(self._struct, step, x.data_ptr(), x.shape[0], torch.get_num_threads())
+        if rc != 0:
+            why = "out of memory" if rc == -2 else "unsupported routing"
+            raise RuntimeError(f"native decoder layer failed ({why})")
+
+    def _check_weights(self) -> None:
+        for name, w, shape in self._weights:
+            _check(f"decoder layer weight {name}", w, torch.float32)
+            if tuple(w.shape) != shape:
+                raise ValueError(f"decoder layer weight {name} has shape {tuple(w.shape)}, expected {shape}")
+
+    def _build(self, cache: torch.Tensor) -> ctypes.Structure:
+        self._check_weights()  # a weight moved: it may have changed dtype or device too
+        d = self.dims
+        _check("decoder layer cache", cache, torch.float32)
+        if cache.dim() != 2 or cache.shape[1] != d.rank + d.rope:
+            raise ValueError(f"decoder layer cache of shape {tuple(cache.shape)}: rows of {d.rank + d.rope} expected")
+        scalars = {f.name: (int(v) if isinstance(v, bool) else v) for f, v in zip(fields(d), astuple(d))}
+        pointers = {name: w.data_ptr() for name, w, _ in self._weights}
+        return LIBRARY.structs["MiLayer"](**scalars, **pointers, cache=cache.data_ptr())
+
+
+def native_step(cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
+                tok_seq: torch.Tensor, tok_nkeys: torch.Tensor, block_size: int, num_slots: int) -> ctypes.Structure:
+    """The ``MiStep`` of one decode step: rotary tables ``[T, rope / 2]``, each token's cache slot
+    ``[T]`` (int64, all below ``num_slots``), the block tables ``[S, W]`` and each token's sequence
+    row and key count ``[T]`` (int32). The caller keeps the tensors alive while layers run."""
+    for name, t, dtype in (("cos", cos, torch.float32), ("sin", sin, torch.float32), ("slots", slots, torch.int64),
+                           ("block_tables", block_tables, torch.int32), ("tok_seq", tok_seq, torch.int32),
+                           ("tok_nkeys", tok_nkeys, torch.int32)):
+        _check(name, t, dtype)
+    n = slots.shape[0]
+    if cos.shape[0] != n or sin.shape != cos.shape or tok_seq.shape != (n,) or tok_nkeys.shape != (n,) \
+            or block_tables.dim() != 2:
+        raise ValueError("native step: inconsistent shapes")
+    if n and (int(slots.min()) < 0 or int(slots.max()) >= num_slots):
+        raise ValueError("slot mapping outside the KV cache")
+    return LIBRARY.structs["MiStep"](
+        cos=cos.data_ptr(), sin=sin.data_ptr(), slots=slots.data_ptr(), block_tables=block_tables.data_ptr(),
+        tok_seq=tok_seq.data_ptr(), tok_nkeys=tok_nkeys.data_ptr(), bt_stride=block_tables.shape[1],
+        block_size=block_size)

@@ -1,0 +1,81 @@
+/* The native CPU kernels' interface: every function and struct the library exports.
+ *
+ * The one source of the bindings: every .c file includes it (so the compiler checks each
+ * definition against its declaration, and -Werror=missing-prototypes rejects an exported function
+ * missing here), and matrixinfer/native_build.py parses it into the ctypes signatures and
+ * Structure classes Python calls with. Keep to plain declarations: scalar types, <stdint.h> types
+ * and pointers (see native_build.parse_header).
+ *
+ * Tensors are row-major float32 unless stated; nthreads is the OpenMP thread count (<= 0: one).
+ */
+#ifndef MATRIXINFER_H
+#define MATRIXINFER_H
+
+#include <stdint.h>
+
+/* One decoder layer's dimensions and weights for mi_decoder_layer (nn.Linear layouts [out, in]). */
+typedef struct {
+    int64_t hidden, heads, q_lora, nope, rope, v_dim, rank;
+    float eps, scale;
+    int interleaved;
+    const float *in_norm, *q_a, *q_a_norm, *q_b, *kv_a, *kv_a_norm, *kv_b, *o_proj, *post_norm;
+    /* Dense MLP, or the shared experts of a MoE layer (mlp_inter 0: none). */
+    const float *mlp_gate, *mlp_up, *mlp_down;
+    int64_t mlp_inter;
+    /* MoE (n_experts 0: a dense layer). */
+    const float *router, *router_bias, *experts_gate_up, *experts_down;
+    int64_t n_experts, n_group, topk_group, top_k, moe_inter;
+    int norm_topk;
+    float scaling;
+    float *cache; /* this layer's [num_slots, rank + rope] */
+} MiLayer;
+
+/* The per-step attention metadata every layer of a step shares. */
+typedef struct {
+    const float *cos, *sin;
+    const int64_t *slots;
+    const int32_t *block_tables, *tok_seq, *tok_nkeys;
+    int64_t bt_stride, block_size;
+} MiStep;
+
+/* x [t, hidden] += attention, then += MLP or MoE, in place (layer.c). Returns 0, -1 for an
+ * unsupported routing shape, -2 when out of memory. */
+int mi_decoder_layer(const MiLayer *L, const MiStep *S, float *x, int64_t t, int nthreads);
+
+/* y [m, n] = x [m, k] w^T for w [n, k] (linear.c). */
+void mi_linear(const float *x, const float *w, int64_t m, int64_t k, int64_t n, float *y, int nthreads);
+
+/* out = weight * x / sqrt(mean(x^2) + eps) per row of n (small_ops.c). */
+void mi_rmsnorm(const float *x, const float *weight, int64_t rows, int64_t n, float eps, float *out, int nthreads);
+
+/* DeepSeek-V3 routing from logits [rows, n_experts]: ids and weights [rows, top_k]. Returns 0, or
+ * -1 for an unsupported shape (small_ops.c). */
+int mi_v3_route(const float *logits, const float *bias, int64_t rows, int64_t n_experts, int64_t n_group,
+                int64_t topk_group, int64_t top_k, int norm, float scaling, int64_t *ids, float *weights,
+                int nthreads);
+
+/* out[r] = index of the first largest value of row r of x [rows, n] (small_ops.c). */
+void mi_argmax_rows(const float *x, int64_t rows, int64_t n, int64_t *out);
+
+/* The routed experts of one MoE layer (moe.c): gate_up [E, 2I, H], down [E, H, I], out [T, H]. */
+void mi_moe_experts(const float *x, int64_t num_tokens, int64_t hidden, const int64_t *ids, const float *weights,
+                    int64_t top_k, const float *gate_up, const float *down, int64_t num_experts, int64_t inter,
+                    float *out, int nthreads);
+
+/* Latent-space attention read straight from a paged cache (paged_mla.c). */
+void mi_paged_mla(const float *q, const float *cache, const int32_t *block_tables, int64_t bt_stride,
+                  const int32_t *tok_seq, const int32_t *tok_nkeys, int64_t num_tokens, int64_t heads,
+                  int64_t dim, int64_t rank, int64_t block_size, float scale, const float *w_kv_b, int64_t nope,
+                  int64_t v_dim, float *out, int nthreads);
+
+/* The absorbed MLA query prolog: out [T, heads, rank + rope] (paged_mla.c). */
+void mi_mla_q_prolog(const float *q, const float *w_kv_b, const float *cos, const float *sin, int64_t num_tokens,
+                     int64_t heads, int64_t nope, int64_t rope, int64_t v_dim, int64_t rank, int interleaved,
+                     float *out, int nthreads);
+
+/* The MLA KV prolog: each token's latent written into cache slot slots[t] (paged_mla.c). */
+void mi_mla_kv_prolog(const float *kv, const float *norm_w, float eps, const float *cos, const float *sin,
+                      const int64_t *slots, int64_t num_tokens, int64_t rank, int64_t rope, int interleaved,
+                      float *cache, int nthreads);
+
+#endif
