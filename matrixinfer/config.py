@@ -295,9 +295,10 @@ class ServeConfig:
     worker_threads: int | None = None
 
     def __post_init__(self) -> None:
-        if min(self.num_prefill, self.num_decode) < 1 or self.num_ems < 0:
-            raise ValueError("a PDC deployment needs at least one prefill and one decode instance "
-                             f"(got {self.num_prefill}, {self.num_decode}) and num_ems >= 0 (got {self.num_ems})")
+        # 0 local instances is valid: workers on other hosts join with `matrixinfer worker --router`
+        if min(self.num_prefill, self.num_decode, self.num_ems) < 0:
+            raise ValueError(f"instance counts cannot be negative (prefill {self.num_prefill}, "
+                             f"decode {self.num_decode}, EMS {self.num_ems})")
         if self.reserve_timeout <= 0:
             raise ValueError(f"reserve_timeout must be positive, got {self.reserve_timeout}")
 

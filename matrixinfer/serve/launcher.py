@@ -133,7 +133,7 @@ def serve_pdc(engine_cfg: EngineConfig, cfg: ServeConfig) -> int:
                 _drain(p, f"ems{i}")
                 log.info("EMS server %d at %s", i, addr)
             # Share the cores: oversubscribed intra-op thread pools spin against each other.
-            threads = cfg.worker_threads or max(1, (os.cpu_count() or 1) // (cfg.num_prefill + cfg.num_decode))
+            threads = cfg.worker_threads or max(1, (os.cpu_count() or 1) // max(1, cfg.num_prefill + cfg.num_decode))
             env = {"MATRIXINFER_THREADS": str(envs.threads() or threads),
                    # huge pages for weight and KV allocations: first-touch of 4 KB pages dominates loading
                    "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")}

@@ -6,9 +6,7 @@ import os
 
 import pytest
 
-# REPO and spawn live in tests/helpers.py; re-exported here for the modules that still import them from this file
-from tests.helpers import REPO as REPO
-from tests.helpers import spawn as spawn
+from tests.helpers import spawn
 
 
 class ServerHandle:

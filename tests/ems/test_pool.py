@@ -13,7 +13,7 @@ from matrixinfer.ems.client import EmsClient
 from matrixinfer.ems.controller import Controller
 from matrixinfer.ems.membership import ControllerMembership
 from matrixinfer.ems.ring import HashRing
-from tests.ems.conftest import REPO, spawn
+from tests.helpers import REPO, spawn
 
 VALUES = {f"key-{i}": os.urandom(64 + i) for i in range(300)}
 
