@@ -54,6 +54,9 @@ class AsyncEngine:
     def vocab_size(self) -> int:
         return self.engine.model.config.vocab_size
 
+    def health(self) -> str | None:
+        return None if self.alive else f"engine is not running: {self.error!r}"
+
     def instance_metrics(self) -> list[tuple[str, str, EngineStats]]:
         """Per-instance stats: none here (one engine; its stats are the deployment's)."""
         return []

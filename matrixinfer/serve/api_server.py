@@ -121,8 +121,9 @@ def _api_key_check(api_key: str | None, metrics: ServerMetrics) -> Middleware:
 def _add_info_routes(app: FastAPI, backend: Backend, metrics: ServerMetrics) -> None:
     @app.get("/health")
     async def health() -> Response:
-        if not backend.alive:
-            return JSONResponse({"status": "error", "error": repr(backend.error)}, status_code=503)
+        problem = backend.health()
+        if problem is not None:
+            return JSONResponse({"status": "error", "error": problem}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")

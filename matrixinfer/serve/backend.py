@@ -37,8 +37,6 @@ class Backend(Protocol):
         max_model_len: the model's context length, reported by /v1/models.
         max_seq_len: the most tokens (prompt + output) one request may reach; longer requests get 400.
         vocab_size: reported by /v1/models.
-        alive: False once the backend cannot serve any more requests (/health answers 503).
-        error: why it is not alive (``None`` while alive), shown by /health.
         stats: the deployment's current :class:`EngineStats` (one engine's, or the sum over a PDC
             deployment's instances), read at every /metrics scrape.
     """
@@ -59,13 +57,11 @@ class Backend(Protocol):
     def vocab_size(self) -> int: ...
 
     @property
-    def alive(self) -> bool: ...
-
-    @property
-    def error(self) -> BaseException | None: ...
-
-    @property
     def stats(self) -> EngineStats: ...
+
+    def health(self) -> str | None:
+        """None while a request can be served; otherwise why not (/health answers 503 with it)."""
+        ...
 
     def instance_metrics(self) -> list[tuple[str, str, EngineStats]]:
         """``(instance id, role, stats)`` of each instance behind the backend, exported as the

@@ -56,9 +56,12 @@ class _InstanceCollector:
         self.instances = instances
 
     def collect(self) -> Iterator[Metric]:
+        instances = self.instances()
+        if not instances:  # one colocated engine: nothing per instance
+            return
         fams = {name: GaugeMetricFamily(f"matrixinfer_instance_{name}", doc, labels=["instance", "role"])
                 for name, _, doc, _ in STAT_FIELDS}
-        for iid, role, stats in self.instances():
+        for iid, role, stats in instances:
             for name in fams:
                 fams[name].add_metric([iid, role], float(getattr(stats, name)))
         yield from fams.values()

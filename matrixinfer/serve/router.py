@@ -87,9 +87,10 @@ class Router:
         self._turn: dict[str, int] = {}
 
     # -- backend interface ------------------------------------------------------------------------
-    @property
-    def alive(self) -> bool:
-        return True
+    def health(self) -> str | None:
+        """A request needs a prefill and a decode instance."""
+        missing = [role for role in ("prefill", "decode") if not self.role(role)]
+        return f"no {' and no '.join(missing)} instance is registered" if missing else None
 
     @property
     def stats(self) -> EngineStats:

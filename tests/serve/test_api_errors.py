@@ -51,9 +51,11 @@ class ScriptedBackend:
     def __init__(self, script: list[Step]) -> None:
         self.script = script
         self.tokenizer = ByteTokenizer()
-        self.alive = True
-        self.error: BaseException | None = None
+        self.problem: str | None = None
         self.stats = EngineStats()
+
+    def health(self) -> str | None:
+        return self.problem
 
     def instance_metrics(self) -> list[tuple[str, str, EngineStats]]:
         return []
@@ -175,9 +177,9 @@ def test_health_reports_a_dead_backend():
     backend = ScriptedBackend([])
     c = TestClient(create_app(backend))
     assert c.get("/health").json() == {"status": "ok"}
-    backend.alive, backend.error = False, RuntimeError("engine loop failed")
+    backend.problem = "engine is not running: RuntimeError('engine loop failed')"
     r = c.get("/health")
-    assert r.status_code == 503 and r.json() == {"status": "error", "error": "RuntimeError('engine loop failed')"}
+    assert r.status_code == 503 and r.json() == {"status": "error", "error": backend.problem}
 
 
 class Probe(BaseModel):

@@ -182,7 +182,8 @@ def test_killing_the_decode_instance_fails_cleanly_then_a_replacement_serves(pdc
     r = httpx.post(f"{pdc.url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2},
                    headers=HEADERS, timeout=30)
     assert r.status_code == 503 and "decode" in r.json()["error"]["message"]
-    assert httpx.get(f"{pdc.url}/health").status_code == 200
+    health = httpx.get(f"{pdc.url}/health")  # truthful: nothing can be served without a decode instance
+    assert health.status_code == 503 and "no decode instance" in health.json()["error"]
     ctrl = f"127.0.0.1:{pdc.port + 1}"
     replacement = subprocess.Popen([sys.executable, "-m", "matrixinfer.cli", "worker", "--role", "decode",
                                     "--router", ctrl, "--model", str(served_checkpoint),
@@ -192,6 +193,7 @@ def test_killing_the_decode_instance_fails_cleanly_then_a_replacement_serves(pdc
         deadline = time.time() + 90
         while time.time() < deadline and "decode" not in " ".join(pdc.instance_metrics().get("running", {})):
             time.sleep(0.3)
+        assert httpx.get(f"{pdc.url}/health").status_code == 200
         out = _complete(pdc, [9] * 30, n=5, ignore_eos=True)
         assert out["usage"]["completion_tokens"] == 5
         m = _wait_idle(pdc)
