@@ -43,10 +43,12 @@ class CustomOp(nn.Module):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # cooperative: Linear is CustomOp + nn.Linear
-        self._impl: Callable[..., Any] = self.forward_native
+        # The function, not a bound method: a module holding a method of itself would be a
+        # reference cycle, and a dropped model's memory would wait for the garbage collector.
+        self._impl: Callable[..., Any] = type(self).forward_native
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._impl(*args, **kwargs)
+        return self._impl(self, *args, **kwargs)
 
     def forward_native(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
@@ -68,7 +70,7 @@ class CustomOp(nn.Module):
         if backend not in ("native", "cpu", "cuda"):
             raise ValueError(f"unknown backend {backend!r}: expected native, cpu or cuda")
         self.backend = backend
-        self._impl = self._cpu_unless_grad if backend == "cpu" else getattr(self, f"forward_{backend}")
+        self._impl = CustomOp._cpu_unless_grad if backend == "cpu" else getattr(type(self), f"forward_{backend}")
 
     def _cpu_unless_grad(self, *args: Any, **kwargs: Any) -> Any:
         # The native kernels have no backward: training a loaded model runs the PyTorch path.

@@ -12,6 +12,7 @@ MoE layer already routes before calling the experts, so dispatch/combine sit bet
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +46,15 @@ class ExpertsBackend(ABC):
     differentiable: ClassVar[bool] = True  # False: with gradients on, the torch backend runs instead
 
     def __init__(self, experts: Experts) -> None:
-        self.experts = experts
+        self._experts = weakref.ref(experts)  # not the module itself: it holds this backend
+
+    @property
+    def experts(self) -> Experts:
+        """The layer whose weights this backend computes with (its current parameters)."""
+        experts = self._experts()
+        if experts is None:
+            raise RuntimeError("the Experts module of this backend no longer exists")
+        return experts
 
     @abstractmethod
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:

@@ -87,3 +87,20 @@ def test_casting_after_selection_is_caught_not_read_as_float32(tiny_v3):
     cache = PagedLatentCache(model.num_cache_layers, 4, 4, model.config.kv_cache_dim, torch.float64)
     with torch.inference_mode():
         assert model(torch.tensor([3]), torch.tensor([0]), meta, cache).dtype is torch.float64
+
+
+def test_a_dropped_model_is_freed_at_once():
+    """Binding backends creates no reference cycles: a model's memory goes when its last reference
+    does, not at some later garbage collection (engines are rebuilt, models reloaded)."""
+    import gc
+    import weakref
+
+    model = DeepseekForCausalLM(ModelConfig.from_dict(tiny_config().to_dict()))
+    select_backend(model, "cpu")
+    gone = weakref.ref(model.model.layers[1].mlp.experts.gate_up_proj)
+    gc.disable()
+    try:
+        del model
+        assert gone() is None
+    finally:
+        gc.enable()
