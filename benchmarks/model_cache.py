@@ -46,10 +46,11 @@ from matrixinfer.ems.client import EmsClient  # noqa: E402
 from matrixinfer.model.deepseek import DeepseekForCausalLM  # noqa: E402
 from matrixinfer.model.loader import load_model  # noqa: E402
 from matrixinfer.serve.pool import checkpoint_version, load_model_via_pool, load_tensors_via_pool, publish_tensors  # noqa: E402
+from matrixinfer.sim.shapes import MODEL_CONFIGS  # noqa: E402
 
 BAR = 0.2
 GB = 1e9
-SHAPE_SOURCE = Path("/work/shared/models/deepseek-v2-lite.config.json")
+SHAPE_SOURCE = MODEL_CONFIGS / "deepseek-v2-lite.config.json"
 # V3 routing on DeepSeek-V2-Lite's dimensions (its 64 experts in 8 groups, as V3 groups its 256)
 V3_ROUTING = dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", scoring_func="sigmoid",
                   topk_method="noaux_tc", n_group=8, topk_group=4, norm_topk_prob=True,

@@ -16,10 +16,9 @@ BF16 = 2
 INT8 = 1
 
 # Where a published config ships with the repository's shared area (the paper's model).
-DEFAULT_MODEL_CANDIDATES = (
-    Path(__file__).resolve().parents[3] / "shared" / "models" / "deepseek-r1.config.json",
-    Path("/work/shared/models/deepseek-r1.config.json"),
-)
+#: published config.json files of real checkpoints (shapes only) that ship with the package
+MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "assets" / "model-configs"
+DEFAULT_MODEL_CANDIDATES = (MODEL_CONFIGS / "deepseek-r1.config.json",)
 
 
 @dataclass(frozen=True)
@@ -144,7 +143,7 @@ class ModelShapes:
 
 
 def default_model_path() -> Path:
-    """The DeepSeek-R1 config.json from the shared models folder."""
+    """DeepSeek-R1's config.json (shipped in ``matrixinfer/assets/model-configs``)."""
     for path in DEFAULT_MODEL_CANDIDATES:
         if path.exists():
             return path
