@@ -66,25 +66,30 @@ class DecoderLayer:
     ``x += MLP or MoE(x)`` on the residual stream ``x`` ``[T, hidden]`` in place.
 
     ``weights`` maps each name of :meth:`LayerDims.weight_shapes` to the tensor the model keeps
-    (float32, contiguous, on the CPU); they are checked now and whenever one has moved."""
+    (float32, contiguous, on the CPU); they are checked now and whenever one has moved. ``layer``
+    is the layer's index in the paged latent cache."""
 
-    def __init__(self, dims: LayerDims, weights: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, dims: LayerDims, weights: Mapping[str, torch.Tensor], layer: int) -> None:
         shapes = dims.weight_shapes()
         if set(weights) != set(shapes):
             raise ValueError(f"decoder layer weights: expected {sorted(shapes)}, got {sorted(weights)}")
-        self.dims = dims
+        self.dims, self.layer = dims, layer
         self._weights = [(name, weights[name], shape) for name, shape in shapes.items()]
+        self._tensors = [w for _, w, _ in self._weights]
         self._struct: ctypes.Structure | None = None
         self._key: tuple[int, ...] = ()
         self._check_weights()
+        self._run = _lib().mi_decoder_layer
 
     def __call__(self, step: ctypes.Structure, x: torch.Tensor, cache: torch.Tensor) -> None:
-        """Run the layer on ``x`` with ``step`` (:func:`native_step`) over ``cache``, this layer's
-        ``[num_slots, rank + rope]`` latent table (the slots ``step`` names must be inside it)."""
-        key = (cache.data_ptr(), *(w.data_ptr() for _, w, _ in self._weights))
+        """Run the layer on ``x`` (the ``x`` :func:`native_step` checked) with ``step`` over
+        ``cache``, the whole ``[layers, num_slots, rank + rope]`` paged latent cache."""
+        key = (cache.data_ptr(), cache.stride(0), *map(torch.Tensor.data_ptr, self._tensors))
         if key != self._key or self._struct is None:
             self._struct, self._key = self._build(cache), key
-        rc = _lib().mi_decoder_layer(self._struct, step, x.data_ptr(), x.shape[0], torch.get_num_threads())
+        if x.shape[1] != self.dims.hidden:
+            raise ValueError(f"decoder layer {self.layer}: x has {x.shape[1]} columns, hidden is {self.dims.hidden}")
+        rc = self._run(self._struct, step, x.data_ptr(), x.shape[0], torch.get_num_threads())
         if rc != 0:
             why = "out of memory" if rc == -2 else "unsupported routing"
             raise RuntimeError(f"native decoder layer failed ({why})")
@@ -99,25 +104,28 @@ class DecoderLayer:
         self._check_weights()  # a weight moved: it may have changed dtype or device too
         d = self.dims
         _check("decoder layer cache", cache, torch.float32)
-        if cache.dim() != 2 or cache.shape[1] != d.rank + d.rope:
-            raise ValueError(f"decoder layer cache of shape {tuple(cache.shape)}: rows of {d.rank + d.rope} expected")
+        if cache.dim() != 3 or self.layer >= cache.shape[0] or cache.shape[2] != d.rank + d.rope:
+            raise ValueError(f"decoder layer {self.layer}: a cache of shape {tuple(cache.shape)}, "
+                             f"[layers > {self.layer}, slots, {d.rank + d.rope}] expected")
         scalars = {f.name: (int(v) if isinstance(v, bool) else v) for f, v in zip(fields(d), astuple(d))}
         pointers = {name: w.data_ptr() for name, w, _ in self._weights}
-        return LIBRARY.structs["MiLayer"](**scalars, **pointers, cache=cache.data_ptr())
+        return LIBRARY.structs["MiLayer"](**scalars, **pointers, cache=cache[self.layer].data_ptr())
 
 
-def native_step(cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
-                tok_seq: torch.Tensor, tok_nkeys: torch.Tensor, block_size: int, num_slots: int) -> ctypes.Structure:
-    """The ``MiStep`` of one decode step: rotary tables ``[T, rope / 2]``, each token's cache slot
+def native_step(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                block_tables: torch.Tensor, tok_seq: torch.Tensor, tok_nkeys: torch.Tensor, block_size: int,
+                num_slots: int) -> ctypes.Structure:
+    """The ``MiStep`` of one decode step over the residual stream ``x`` ``[T, hidden]`` (float32,
+    updated in place by each layer): rotary tables ``[T, rope / 2]``, each token's cache slot
     ``[T]`` (int64, all below ``num_slots``), the block tables ``[S, W]`` and each token's sequence
     row and key count ``[T]`` (int32). The caller keeps the tensors alive while layers run."""
-    for name, t, dtype in (("cos", cos, torch.float32), ("sin", sin, torch.float32), ("slots", slots, torch.int64),
-                           ("block_tables", block_tables, torch.int32), ("tok_seq", tok_seq, torch.int32),
-                           ("tok_nkeys", tok_nkeys, torch.int32)):
+    for name, t, dtype in (("x", x, torch.float32), ("cos", cos, torch.float32), ("sin", sin, torch.float32),
+                           ("slots", slots, torch.int64), ("block_tables", block_tables, torch.int32),
+                           ("tok_seq", tok_seq, torch.int32), ("tok_nkeys", tok_nkeys, torch.int32)):
         _check(name, t, dtype)
     n = slots.shape[0]
-    if cos.shape[0] != n or sin.shape != cos.shape or tok_seq.shape != (n,) or tok_nkeys.shape != (n,) \
-            or block_tables.dim() != 2:
+    if x.dim() != 2 or x.shape[0] != n or cos.shape[0] != n or sin.shape != cos.shape or tok_seq.shape != (n,) \
+            or tok_nkeys.shape != (n,) or block_tables.dim() != 2:
         raise ValueError("native step: inconsistent shapes")
     if n and (int(slots.min()) < 0 or int(slots.max()) >= num_slots):
         raise ValueError("slot mapping outside the KV cache")

@@ -50,9 +50,9 @@ class Block(CustomOp):
                     step: Structure | None = None) -> torch.Tensor:
         """With ``step`` (:func:`matrixinfer.kernels.layer.native_step`, which the model builds for
         decode-sized paged batches): the whole layer in one native call, on ``x`` in place."""
-        if step is None or self.native is None or kv_cache is None:
+        if step is None or self.native is None or not isinstance(kv_cache, PagedLatentCache):
             return self.forward_native(x, cos, sin, rope, meta, kv_cache)
-        self.native(step, x, kv_cache.layer_slots(self.self_attn.layer_idx))
+        self.native(step, x, kv_cache.data)
         return x
 
     def supports(self, backend: str) -> bool:
@@ -93,7 +93,7 @@ class Block(CustomOp):
                            moe_inter=ex.inter, norm_topk=g.norm, scaling=g.scaling)
         if not cpu_float32(*weights.values()):
             return None
-        return DecoderLayer(dims, weights)
+        return DecoderLayer(dims, weights, a.layer_idx)
 
 
 class SharedHead(nn.Module):
@@ -199,7 +199,7 @@ class DeepseekForCausalLM(CustomOp):
         slots, tables, tok_seq, tok_nkeys = meta.slot_mapping, meta.block_tables, meta.tok_seq, meta.tok_nkeys
         assert slots is not None and tables is not None and tok_seq is not None and tok_nkeys is not None \
             and meta.block_size is not None, "a paged batch's metadata"
-        return native_step(cos, sin, slots, tables, tok_seq, tok_nkeys, meta.block_size, kv_cache.data.shape[1])
+        return native_step(x, cos, sin, slots, tables, tok_seq, tok_nkeys, meta.block_size, kv_cache.data.shape[1])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
