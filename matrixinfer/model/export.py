@@ -13,10 +13,10 @@ def export_state_dict(model: DeepseekForCausalLM, dtype: torch.dtype | None = No
     """Checkpoint tensors (contiguous, optionally cast) keyed by Hugging Face names."""
     n_layers = model.config.num_hidden_layers
     out: dict[str, torch.Tensor] = {}
-    tensors = dict(model.named_parameters())
+    tensors: dict[str, torch.Tensor] = dict(model.named_parameters())
     tensors.update((n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
-    for name, t in tensors.items():
-        t = t.detach()
+    for name, param in tensors.items():
+        t = param.detach()
         if name.startswith("mtp."):
             _, k, rest = name.split(".", 2)
             rest = rest[len("block."):] if rest.startswith("block.") else rest

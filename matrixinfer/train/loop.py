@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from matrixinfer.config import ModelConfig
 from matrixinfer.model.attention import AttentionMetadata
+from matrixinfer.model.backend import select_backend
 from matrixinfer.model.deepseek import DeepseekForCausalLM, MTPLayer
 from matrixinfer.train.balance import ExpertLoad, update_bias
 from matrixinfer.train.data import batches
@@ -92,6 +93,7 @@ def train(model: DeepseekForCausalLM, stream: torch.Tensor, tc: TrainConfig, wor
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = work_dir / "last.pt"
     model.to(device).train()
+    select_backend(model, "auto")  # grouped-matmul experts on CUDA; the C kernels step aside under autograd
     opt = make_optimizer(model, tc, fused=device.type == "cuda")
     start = 0
     state = torch.load(ckpt_path, map_location=device, weights_only=True) if ckpt_path.exists() else None
