@@ -11,6 +11,15 @@ from tests.checkpoints import make_checkpoint
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+if os.environ.get("MATRIXINFER_TEST_PRETEND_GPU") == "1":
+    # Behave as on a machine with a visible GPU, in this process and in every child it starts
+    # (tests/gpu_visible/sitecustomize.py): tests must state their device, never inherit a default.
+    import torch
+
+    torch.cuda.is_available = lambda: True
+    _here = os.path.join(os.path.dirname(__file__), "gpu_visible")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_here, os.environ.get("PYTHONPATH", "")) if p)
+
 
 @pytest.fixture(scope="session")
 def tiny_v3(tmp_path_factory):

@@ -13,7 +13,7 @@ from matrixinfer.ems.client import EmsClient
 from matrixinfer.ems.controller import Controller
 from matrixinfer.ems.membership import ControllerMembership
 from matrixinfer.ems.ring import HashRing
-from tests.helpers import REPO, spawn
+from tests.helpers import REPO, python_env, spawn
 
 VALUES = {f"key-{i}": os.urandom(64 + i) for i in range(300)}
 
@@ -132,9 +132,8 @@ def test_cli_server_and_stats(tmp_path):
             client.put("k", b"v")
             client.get("k")
             client.get("missing")
-        env = dict(os.environ, PYTHONPATH=str(REPO))
         out = subprocess.run([sys.executable, "-m", "matrixinfer.cli", "ems", "stats", "--servers", addr],
-                             capture_output=True, text=True, env=env, cwd=REPO, timeout=30)
+                             capture_output=True, text=True, env=python_env(), cwd=REPO, timeout=30)
         assert out.returncode == 0, out.stderr
         assert "cli" in out.stdout and "50.0%" in out.stdout and "hit rate" in out.stdout
     finally:

@@ -18,7 +18,8 @@ from tests.checkpoints import make_checkpoint
 def _engine(tmp_path, connector: KVConnector | None = None) -> LLMEngine:
     ck = make_checkpoint(tmp_path / "m", "v3", seed=2, vocab_size=264, bos_token_id=256, eos_token_id=257)
     write_byte_tokenizer(ck)
-    return LLMEngine(EngineConfig(model=str(ck), kv_cache_memory=2 << 20, block_size=8), connector=connector)
+    cfg = EngineConfig(model=str(ck), device="cpu", dtype="float32", kv_cache_memory=2 << 20, block_size=8)
+    return LLMEngine(cfg, connector=connector)
 
 
 class Capture(KVConnector):

@@ -15,10 +15,10 @@ def test_generate_default_model(tmp_path):
     import os
 
     env = dict(os.environ, MATRIXINFER_HOME=str(tmp_path))
-    out = _run("generate", "--max-tokens", "8", "def f(x):", env=env)
+    out = _run("generate", "--device", "cpu", "--max-tokens", "8", "def f(x):", env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("def f(x):")
-    again = _run("generate", "--max-tokens", "8", "def f(x):", env=env)
+    again = _run("generate", "--device", "cpu", "--max-tokens", "8", "def f(x):", env=env)
     assert again.stdout == out.stdout  # greedy and deterministic
 
 

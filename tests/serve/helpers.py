@@ -27,8 +27,11 @@ class Server(ServerProcess):
     ``instance_metrics()``, ``child_pid(needle)``.
     """
 
-    def __init__(self, model_dir: str | Path, *extra: str, api_key: str | None = None) -> None:
-        args = ["--model", str(model_dir), "--served-model-name", "tiny",
+    def __init__(self, model_dir: str | Path, *extra: str, api_key: str | None = None, device: str = "cpu") -> None:
+        # The device is stated, never defaulted: on a machine with a GPU the server would otherwise run
+        # in bfloat16 on CUDA while the tests compare with float32 CPU references.
+        dtype = "float32" if device == "cpu" else "bfloat16"
+        args = ["--model", str(model_dir), "--served-model-name", "tiny", "--device", device, "--dtype", dtype,
                 "--log-level", os.environ.get("MI_TEST_LOG", "warning"), *extra]
         if "--num-prefill" not in extra:
             args.append("--colocated")

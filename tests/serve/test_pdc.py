@@ -57,7 +57,8 @@ def test_pd_matches_colocated_engine(pdc, served_checkpoint):
                 "model": "tiny", "prompt": p, "max_tokens": 16, "temperature": 0}) for p in prompts])
 
     got = [ids for ids, _ in asyncio.run(go())]
-    engine = LLMEngine(EngineConfig(model=str(served_checkpoint), kv_cache_memory=8 << 20))
+    engine = LLMEngine(EngineConfig(model=str(served_checkpoint), device="cpu", dtype="float32",
+                                    kv_cache_memory=8 << 20))
     expect = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=16))
     assert got == expect
     _wait_idle(pdc)
@@ -186,7 +187,7 @@ def test_killing_the_decode_instance_fails_cleanly_then_a_replacement_serves(pdc
     assert health.status_code == 503 and "no decode instance" in health.json()["error"]
     ctrl = f"127.0.0.1:{pdc.port + 1}"
     replacement = subprocess.Popen([sys.executable, "-m", "matrixinfer.cli", "worker", "--role", "decode",
-                                    "--router", ctrl, "--model", str(served_checkpoint),
+                                    "--router", ctrl, "--model", str(served_checkpoint), "--device", "cpu",
                                     "--kv-cache-memory", str(8 << 20)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

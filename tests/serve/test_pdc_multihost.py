@@ -111,7 +111,7 @@ def test_router_workers_and_ems_on_separate_hosts(netns_hosts, tmp_path, served_
         return hosts.start(host, [sys.executable, "-m", "matrixinfer.cli", *args], tmp_path / log,
                            MATRIXINFER_THREADS="1")
 
-    model = ["--model", str(served_checkpoint), "--kv-cache-memory", str(8 << 20)]
+    model = ["--model", str(served_checkpoint), "--device", "cpu", "--kv-cache-memory", str(8 << 20)]
     router = start("rt", [
         "serve", *model, "--served-model-name", "tiny", "--host", router_addr, "--port", str(API_PORT),
         "--router-port", str(CTRL_PORT), "--num-prefill", "0", "--num-decode", "0", "--num-ems", "1",
@@ -132,7 +132,8 @@ def test_router_workers_and_ems_on_separate_hosts(netns_hosts, tmp_path, served_
     assert client.returncode == 0, f"{client.stderr[-3000:]}\n{_logs(tmp_path)}"
     out = json.loads(client.stdout.strip().splitlines()[-1])
 
-    engine = LLMEngine(EngineConfig(model=str(served_checkpoint), kv_cache_memory=8 << 20))
+    engine = LLMEngine(EngineConfig(model=str(served_checkpoint), device="cpu", dtype="float32",
+                                    kv_cache_memory=8 << 20))
     expect = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
     assert out["outputs"] == expect  # P/D across hosts == the colocated engine, token for token
 
