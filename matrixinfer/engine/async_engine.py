@@ -1,5 +1,10 @@
 """The engine on a background thread, driven from asyncio: requests stream their outputs through
-per-request queues, and a cancelled consumer (client disconnect) aborts its request."""
+per-request queues, and a cancelled consumer (client disconnect) aborts its request.
+
+A failure while processing one request fails that request only (the engine's step isolates it,
+and a command that raises is answered to its request); the loop stops, and every client is told,
+only when the engine itself is broken (``LLMEngine.step`` raising after repeated failed steps).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from matrixinfer.engine.commands import Abort, AddRequest, Inbox
-from matrixinfer.engine.errors import EngineDeadError
+from matrixinfer.engine.errors import EngineDeadError, RequestFailedError
 from matrixinfer.engine.llm_engine import LLMEngine
 from matrixinfer.engine.outputs import EngineStats, RequestOutput, drain
 from matrixinfer.engine.sampling_params import SamplingParams
@@ -105,13 +110,18 @@ class AsyncEngine:
                 pass
 
     def _apply(self, command: AddRequest | Abort) -> None:
-        if isinstance(command, AddRequest):
-            try:
-                self.engine.add_request(command.request_id, command.prompt_ids, command.params)
-            except ValueError as exc:
-                self._deliver(command.request_id, exc)
-        else:
-            self.engine.abort(command.request_id)
+        """Apply one command; a command that fails fails its request only, never the loop."""
+        rid = command.request_id
+        try:
+            if isinstance(command, AddRequest):
+                self.engine.add_request(rid, command.prompt_ids, command.params)
+            else:
+                self.engine.abort(rid)
+        except ValueError as exc:  # RequestError: a request the engine refuses (400)
+            self._deliver(rid, exc)
+        except Exception as exc:
+            log.exception("request %s: %s failed", rid, type(command).__name__)
+            self._deliver(rid, RequestFailedError(f"processing the request failed: {exc!r}"))
 
     def _loop(self) -> None:
         try:
@@ -125,7 +135,8 @@ class AsyncEngine:
                 for out in self.engine.step():
                     self._deliver(out.request_id, out)
                 self.stats = self.engine.stats()
-        except BaseException as exc:  # report to every waiting client instead of hanging them
+        except BaseException as exc:  # the engine itself is broken (step() isolates per-request failures):
+            # report to every waiting client instead of hanging them
             log.exception("engine loop failed")
             self.error = exc
             with self._lock:

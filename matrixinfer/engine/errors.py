@@ -10,3 +10,7 @@ class RequestError(ValueError):
 
 class EngineDeadError(RuntimeError):
     """The engine (or, in PDC mode, every instance that could serve the request) is gone (HTTP 503)."""
+
+
+class RequestFailedError(RuntimeError):
+    """Processing one request failed inside the engine; the engine goes on serving the others (HTTP 500)."""

@@ -31,6 +31,7 @@ from matrixinfer.model.device import resolve_device, resolve_dtype
 from matrixinfer.model.tokenizer import IncrementalDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
+MAX_FAILED_STEPS = 3  # failed steps in a row before step() raises (a broken engine, not a bad request)
 
 
 class _Detok:
@@ -104,6 +105,7 @@ class LLMEngine:
         self._kv_lock = threading.Lock()
         self._reservations: dict[str, tuple[Sequence, float]] = {}
         self.kv_received_bytes = 0
+        self.failed_steps = 0  # in a row; MAX_FAILED_STEPS of them mean the engine itself is broken
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -145,6 +147,21 @@ class LLMEngine:
 
     # -- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One engine step: per-request deltas. A failure while processing one request fails that
+        request alone (an output with ``error``); one that no request can be blamed for (the forward
+        pass) fails the running batch; only ``MAX_FAILED_STEPS`` failed steps in a row raise."""
+        try:
+            outputs = self._step()
+        except Exception as exc:
+            self.failed_steps += 1
+            if self.failed_steps >= MAX_FAILED_STEPS:
+                raise
+            log.exception("engine step failed; failing the %d running request(s)", len(self.running))
+            return [self._fail(seq, exc) for seq in list(self.running)]
+        self.failed_steps = 0
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         if not self.has_work():
             return []
         self.steps += 1
@@ -196,11 +213,51 @@ class LLMEngine:
                 self.connector.save(seq, self.blocks.block_hashes(seq, seq.num_computed // bs))
         if logits is None:
             return []
-        tokens, logprobs = self.sampler(logits, [s.request_id for s in samplers], [s.params for s in samplers])
+        return self._sample_and_append(logits, samplers)
+
+    def _sample_and_append(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[RequestOutput]:
+        """Sample and append a token per sequence; a sequence whose sampling or bookkeeping raises
+        fails alone (after a failed batch the rows are sampled one by one to find it)."""
+        ids, params = [s.request_id for s in seqs], [s.params for s in seqs]
+        rows: list[tuple[int, float | None] | Exception]
+        try:
+            tokens, logprobs = self.sampler(logits, ids, params)
+            rows = [(tokens[i], logprobs[i] if logprobs else None) for i in range(len(seqs))]
+        except Exception:
+            rows = []
+            for i in range(len(seqs)):
+                try:
+                    token, lp = self.sampler(logits[i:i + 1], ids[i:i + 1], params[i:i + 1])
+                    rows.append((token[0], lp[0] if lp else None))
+                except Exception as exc:
+                    rows.append(exc)
         outputs = []
-        for i, seq in enumerate(samplers):
-            outputs.append(self._append(seq, tokens[i], logprobs[i] if logprobs else None))
+        for seq, row in zip(seqs, rows):
+            try:
+                if isinstance(row, Exception):
+                    raise row
+                outputs.append(self._append(seq, *row))
+            except Exception as exc:
+                outputs.append(self._fail(seq, exc))
         return outputs
+
+    def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
+        """End ``seq`` because processing it raised ``exc``, freeing what it holds."""
+        rid = seq.request_id
+        log.error("request %s failed: %r", rid, exc, exc_info=exc)
+        if seq in self.running:
+            self.running.remove(seq)
+        self.seqs.pop(rid, None)
+        if seq.status != SequenceStatus.FINISHED:
+            try:
+                self._finish(seq, FinishReason.ABORT)
+            except Exception:  # noqa: BLE001 - still free the blocks below
+                log.exception("cleaning up failed request %s", rid)
+        self.blocks.free(seq)
+        self._detok.pop(rid, None)
+        return RequestOutput(request_id=rid, finished=True, finish_reason=FinishReason.ABORT,
+                             num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=len(seq.output_ids),
+                             error=f"processing the request failed: {exc!r}")
 
     def _append(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
         p = seq.params

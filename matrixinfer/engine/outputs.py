@@ -16,6 +16,8 @@ from typing import Annotated
 
 import msgspec
 
+from matrixinfer.engine.errors import RequestFailedError
+
 
 class FinishReason(enum.StrEnum):
     """Why a request stopped (the OpenAI ``finish_reason`` for the first two)."""
@@ -37,6 +39,8 @@ class RequestOutput(msgspec.Struct, tag=True, kw_only=True):
         finished / finish_reason: whether the request ended with this output, and why.
         num_prompt_tokens / num_output_tokens / num_cached_tokens: usage so far.
         handed_off: prefill role: the sequence moved to a decode instance after this token.
+        error: why processing the request failed inside the engine (then ``finished`` is True and
+            the consumer raises :class:`~matrixinfer.engine.errors.RequestFailedError`).
     """
 
     request_id: str
@@ -49,6 +53,7 @@ class RequestOutput(msgspec.Struct, tag=True, kw_only=True):
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     handed_off: bool = False
+    error: str = ""
 
 
 def _stat(doc: str, metric: str = "", kind: str = "gauge") -> msgspec.Meta:
@@ -105,11 +110,13 @@ def sum_stats(stats: list[EngineStats]) -> EngineStats:
 
 async def drain(q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
     """A request's outputs from ``q`` up to and including the finished one; an exception put in
-    the queue is raised."""
+    the queue is raised, and so is an output that reports a failure (RequestFailedError)."""
     while True:
         item = await q.get()
         if isinstance(item, BaseException):
             raise item
+        if item.error:
+            raise RequestFailedError(item.error)
         yield item
         if item.finished:
             return

@@ -2,25 +2,57 @@
 
 One type in process and on the wire: the router sends it to prefill and decode instances as is
 (msgspec, no pickle), so a field added here reaches every instance without a hand-written copy.
+
+Validation follows vLLM's ranges and adds the bounds the sampler and the wire need, so that no
+value accepted here can make torch raise later (a raise there would fail the request inside the
+engine instead of answering 400 up front): integers fit in 64 bits (msgpack's limit), temperatures
+between 0 and ``MIN_TEMPERATURE`` are raised to it as vLLM does (smaller ones overflow the scaled
+logits; below ``GREEDY_BELOW`` the request is greedy), and a ``top_p`` under ``MIN_TOP_P`` keeps
+only the most likely token, exactly as ``MIN_TOP_P`` does (one that rounds to 0 in float32 would
+mask every token).
 """
 
 from __future__ import annotations
 
 import msgspec
 
+MIN_TEMPERATURE = 1e-2  # vLLM's _MAX_TEMP: smaller temperatures are raised to it
+GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: a temperature below it means greedy
+MAX_TEMPERATURE = 100.0
+MIN_TOP_P = 1e-6
+INT64_MIN, INT64_MAX, UINT64_MAX = -(1 << 63), (1 << 63) - 1, (1 << 64) - 1
+MAX_STOP_STRINGS = 16
+MAX_STOP_TOKEN_IDS = 1024
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def shown(value: object) -> str:
+    """``repr(value)``, except that an integer too long to print usefully is described by its size."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)
+
 
 class SamplingParams(msgspec.Struct, kw_only=True):
     """How to pick tokens for one request and when to stop.
 
     Attributes:
-        temperature: 0 means greedy; otherwise logits are divided by it before sampling.
-        top_p: nucleus sampling mass in (0, 1].
+        temperature: 0 means greedy; otherwise logits are divided by it before sampling (at most
+            100; values in (0, 1e-2) are raised to 1e-2, values under 1e-5 mean greedy).
+        top_p: nucleus sampling mass in (0, 1] (values under 1e-6 act as 1e-6: the top token only).
         top_k: keep the k most likely tokens (-1 or 0: all).
-        seed: per-request seed; the same seed and prompt give the same sample.
+        seed: per-request seed (a 64-bit integer); the same seed and prompt give the same sample.
         max_tokens: most tokens to generate.
         min_tokens: stop conditions are ignored until this many tokens exist.
-        stop: strings that end generation (not included in the output text).
-        stop_token_ids: token ids that end generation (in addition to EOS).
+        stop: strings that end generation (not included in the output text; at most 16).
+        stop_token_ids: token ids that end generation (in addition to EOS; at most 1024).
         ignore_eos: keep generating past EOS (benchmarks use it for exact lengths).
         logprobs: return the log-probability of each chosen token.
     """
@@ -42,6 +74,13 @@ class SamplingParams(msgspec.Struct, kw_only=True):
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.validate()
+        # numerically safe equivalents (idempotent: a decoded copy normalizes to the same values)
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
+        elif self.temperature < MIN_TEMPERATURE:
+            self.temperature = MIN_TEMPERATURE
+        if self.top_p < MIN_TOP_P:
+            self.top_p = MIN_TOP_P
 
     @property
     def greedy(self) -> bool:
@@ -49,19 +88,27 @@ class SamplingParams(msgspec.Struct, kw_only=True):
 
     def validate(self) -> None:
         """Raise ValueError naming the first out-of-range field."""
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is None or self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (disabled) or a positive integer, got {self.top_k}")
-        if self.max_tokens is None or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        t = self.temperature
+        if not _is_number(t) or not 0.0 <= t <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], got {shown(t)}")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be a number in (0, 1], got {shown(self.top_p)}")
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= INT64_MAX:
+            raise ValueError(f"top_k must be -1 or 0 (disabled) or a positive 64-bit integer, got {shown(self.top_k)}")
+        if self.seed is not None and (not _is_int(self.seed) or not INT64_MIN <= self.seed <= UINT64_MAX):
+            raise ValueError(f"seed must be a 64-bit integer, got {shown(self.seed)}")
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= INT64_MAX:
+            raise ValueError(f"max_tokens must be an integer of at least 1, got {shown(self.max_tokens)}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens], got {shown(self.min_tokens)}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
-        if len(self.stop) > 16:
-            raise ValueError(f"at most 16 stop strings are supported, got {len(self.stop)}")
-        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be non-negative integers")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are supported, got {len(self.stop)}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, "
+                             f"got {len(self.stop_token_ids)}")
+        if any(not _is_int(t) or not 0 <= t <= INT64_MAX for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be non-negative 64-bit integers")
+        if not isinstance(self.ignore_eos, bool) or not isinstance(self.logprobs, bool):
+            raise ValueError("ignore_eos and logprobs must be booleans")

@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from matrixinfer.engine.errors import EngineDeadError, RequestError
+from matrixinfer.engine.errors import EngineDeadError, RequestError, RequestFailedError
 from matrixinfer.serve.backend import Backend, PromptTokenizer
 from matrixinfer.serve.metrics import ServerMetrics
 from matrixinfer.serve.protocol import ApiError, GenerateRequest, parse_chat, parse_completion
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from matrixinfer.engine.outputs import RequestOutput
 
 # What the exception handlers answer (request validation aside); anything else stays a plain 500.
-ANSWERED_ERRORS = (ApiError, RequestError, EngineDeadError)
+ANSWERED_ERRORS = (ApiError, RequestError, EngineDeadError, RequestFailedError)
 _DONE = "data: [DONE]\n\n"
 
 
@@ -69,6 +69,8 @@ def api_error(exc: Exception) -> ApiError:
         return ApiError(400, str(exc), param="prompt")
     if isinstance(exc, EngineDeadError):
         return ApiError(503, str(exc), type_="server_error")
+    if isinstance(exc, RequestFailedError):  # this request failed inside the engine; the engine goes on
+        return ApiError(500, str(exc), type_="server_error")
     if isinstance(exc, RequestValidationError):
         return _validation_error(exc)
     raise TypeError(f"no API error for {exc!r}")

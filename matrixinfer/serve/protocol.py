@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from matrixinfer.engine.sampling_params import SamplingParams
+from matrixinfer.engine.sampling_params import INT64_MIN, UINT64_MAX, SamplingParams, shown
 
 
 class ApiError(Exception):
@@ -46,7 +46,9 @@ def _number(body: dict, key: str, default: float | None, kind: type = float) -> 
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise _bad(f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}", key)
+        raise _bad(f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {shown(value)}", key)
+    if isinstance(value, int) and not INT64_MIN <= value <= UINT64_MAX:
+        raise _bad(f"'{key}' is out of range (at most 64 bits), got {shown(value)}", key)
     return kind(value)
 
 
@@ -68,7 +70,7 @@ def _sampling(body: dict, default_max_tokens: int, logprobs: bool) -> tuple[Samp
         raise _bad("'stop_token_ids' must be a list of integers", "stop_token_ids")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise _bad(f"'seed' must be an integer, got {seed!r}", "seed")
+        raise _bad(f"'seed' must be an integer, got {shown(seed)}", "seed")
     try:
         params = SamplingParams(
             temperature=_number(body, "temperature", 1.0),
