@@ -38,6 +38,25 @@ class WireError(ConnectionError):
     """A peer sent something that is not a valid frame, or went away in the middle of one."""
 
 
+class MessageError(WireError):
+    """A whole frame arrived but its header is not a valid message (a bad value, a peer of another
+    version). The stream is still in step, so a receiver that expects no payload after such a
+    message may answer it and read on instead of dropping the connection."""
+
+    def __init__(self, message: str, header: bytes) -> None:
+        super().__init__(message)
+        self.header = header
+
+    def field(self, name: str) -> str | None:
+        """A top-level string field of the undecodable message (e.g. its ``request_id``), if any."""
+        try:
+            obj = msgspec.msgpack.decode(self.header)
+        except Exception:  # noqa: BLE001 - not even msgpack: nothing to recover
+            return None
+        value = obj.get(name) if isinstance(obj, dict) else None
+        return value if isinstance(value, str) else None
+
+
 class Framing:
     """One protocol's frames: a 4-byte ``magic`` and the largest header it accepts.
 
@@ -72,11 +91,11 @@ class Framing:
         return n
 
     def decode(self, header: Buffer, decoder: msgspec.msgpack.Decoder, peer: str = "peer") -> Any:
-        """The message in a received header; WireError when it is not a valid one."""
+        """The message in a received header; MessageError when it is not a valid one."""
         try:
             return decoder.decode(header)
-        except msgspec.DecodeError as exc:  # includes ValidationError (a message of the wrong type)
-            raise WireError(f"{peer}: undecodable {self.name} message ({exc})") from exc
+        except (msgspec.DecodeError, RecursionError) as exc:  # DecodeError includes ValidationError
+            raise MessageError(f"{peer}: undecodable {self.name} message ({exc})", bytes(header)) from exc
 
     def send(self, sock: socket.socket, msg: Any, payloads: Sequence[Buffer] = ()) -> None:
         """Send ``msg`` and then each payload's bytes, in as few system calls as possible."""
@@ -91,9 +110,7 @@ class Framing:
         """The next message on a blocking socket (its payload, if any, is left on the socket)."""
         prefix = bytearray(PREFIX.size)
         recv_exact_into(sock, memoryview(prefix), peer)
-        header = bytearray(self.header_length(prefix, peer))
-        recv_exact_into(sock, memoryview(header), peer)
-        return self.decode(header, decoder, peer)
+        return self.decode(recv_announced(sock, self.header_length(prefix, peer), peer), decoder, peer)
 
     async def read(self, reader: asyncio.StreamReader, decoder: msgspec.msgpack.Decoder, peer: str = "peer") -> Any:
         """The next message from an asyncio stream; WireError, or IncompleteReadError at a clean EOF."""
@@ -106,19 +123,39 @@ FRAMING = Framing(b"MIF1", 16 << 20, "MatrixInfer")
 
 
 # -- raw bytes ----------------------------------------------------------------------------------
+EAGER_BYTES = 1 << 16  # an announced length up to this is allocated at once; beyond, as bytes arrive
+
+
+def recv_announced(sock: socket.socket, n: int, peer: str = "peer") -> bytearray:
+    """``n`` bytes that a peer announced: memory grows with the bytes that actually arrive (at most
+    doubling), so a header that claims 64 MiB and sends nothing costs 64 KiB, not 64 MiB."""
+    buf = bytearray(min(n, EAGER_BYTES))
+    recv_exact_into(sock, memoryview(buf), peer)
+    while len(buf) < n:
+        got = len(buf)
+        buf.extend(bytes(min(n - got, got)))  # double at most
+        recv_exact_into(sock, memoryview(buf)[got:], peer)
+    return buf
+
+
+def _advance(bufs: list[memoryview], i: int, done: int) -> int:
+    """Move past ``done`` bytes of ``bufs[i:]`` (a partial buffer is replaced by its rest); the new ``i``."""
+    while done and i < len(bufs):
+        head = bufs[i]
+        if done >= len(head):
+            done -= len(head)
+            i += 1
+        else:
+            bufs[i] = head[done:]
+            done = 0
+    return i
+
+
 def send_buffers(sock: socket.socket, bufs: list[memoryview]) -> None:
     """Send every byte of ``bufs`` (flat byte views) in order with gathered writes (``sendmsg``)."""
-    i, n = 0, len(bufs)
-    while i < n:
-        sent = sock.sendmsg(bufs[i:i + MAX_IOV])
-        while sent and i < n:
-            head = bufs[i]
-            if sent >= len(head):
-                sent -= len(head)
-                i += 1
-            else:
-                bufs[i] = head[sent:]
-                sent = 0
+    i = 0
+    while i < len(bufs):
+        i = _advance(bufs, i, sock.sendmsg(bufs[i:i + MAX_IOV]))
 
 
 def recv_exact_into(sock: socket.socket, view: memoryview, peer: str = "peer") -> None:
@@ -138,19 +175,12 @@ def recv_exact_into(sock: socket.socket, view: memoryview, peer: str = "peer") -
 def recv_scatter(sock: socket.socket, views: Sequence[memoryview], peer: str = "peer") -> None:
     """Fill every view in order, in as few system calls as possible (``recvmsg_into``)."""
     bufs = [v for v in views if len(v)]
-    i, n = 0, len(bufs)
-    while i < n:
+    i = 0
+    while i < len(bufs):
         k = sock.recvmsg_into(bufs[i:i + MAX_IOV], 0, socket.MSG_WAITALL)[0]
         if k == 0:
             raise WireError(f"{peer} closed the connection mid-frame")
-        while k:
-            head = bufs[i]
-            if k >= len(head):
-                k -= len(head)
-                i += 1
-            else:
-                bufs[i] = head[k:]
-                k = 0
+        i = _advance(bufs, i, k)
 
 
 def discard(sock: socket.socket, n: int, peer: str = "peer") -> None:

@@ -21,11 +21,11 @@ import msgspec
 
 from matrixinfer.config import ModelConfig
 from matrixinfer.engine.commands import Abort
-from matrixinfer.engine.errors import EngineDeadError, RequestError
+from matrixinfer.engine.errors import EngineDeadError, RequestError, RequestFailedError
 from matrixinfer.engine.outputs import EngineStats, RequestOutput, drain, sum_stats
 from matrixinfer.engine.sampling_params import SamplingParams
 from matrixinfer.model.tokenizer import Tokenizer
-from matrixinfer.netio import FRAMING, WireError, format_addr
+from matrixinfer.netio import FRAMING, MessageError, WireError, format_addr
 from matrixinfer.serve import messages as m
 from matrixinfer.serve.router_policy import InstanceLoad, pick_instance
 
@@ -44,7 +44,11 @@ class Instance:
     requests: set[str] = field(default_factory=set)
 
     def send(self, msg: m.RouterToWorker) -> None:
-        self.writer.write(FRAMING.encode(msg))
+        try:
+            frame = FRAMING.encode(msg)
+        except (OverflowError, UnicodeEncodeError, TypeError, ValueError) as exc:  # what msgspec cannot encode
+            raise RequestError(f"the request cannot be sent to instance {self.info.instance_id}: {exc}") from None
+        self.writer.write(frame)
 
     def view(self) -> InstanceLoad:
         s = self.stats
@@ -219,7 +223,12 @@ class Router:
             self.max_seq_len = min(i.info.max_seq_len for i in self.instances.values())
             log.info("%s instance %s joined (kv %s)", reg.role, reg.instance_id, reg.kv_addr or "-")
             while True:
-                self._handle(inst, await FRAMING.read(reader, _DEC, peer))
+                try:
+                    msg = await FRAMING.read(reader, _DEC, peer)
+                except MessageError as exc:  # one bad message: fail its request, keep the instance
+                    self._undecodable(inst, exc)
+                    continue
+                self._handle(inst, msg)
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, WireError, OSError) as exc:
             if inst is None:
                 log.warning("worker %s failed to register: %s", peer, exc)
@@ -259,6 +268,12 @@ class Router:
                 self._fail(msg.request_id, RequestError(msg.error))
             else:
                 self._fail(msg.request_id, EngineDeadError(msg.error))
+
+    def _undecodable(self, inst: Instance, exc: MessageError) -> None:
+        rid = exc.field("request_id")
+        log.warning("instance %s sent an undecodable message: %s", inst.info.instance_id, exc)
+        if rid is not None:
+            self._fail(rid, RequestFailedError(f"instance {inst.info.instance_id} sent an invalid message: {exc}"))
 
     def _lost(self, inst: Instance) -> None:
         iid = inst.info.instance_id

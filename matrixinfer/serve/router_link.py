@@ -1,9 +1,11 @@
 """A worker's connection to the router: join, register, receive commands, report load.
 
 Both instance kinds (:mod:`matrixinfer.serve.worker`) hold one. Commands from the router arrive
-on a reader thread and go into the worker's :class:`~matrixinfer.engine.commands.Inbox`; the
-latest :class:`~matrixinfer.engine.outputs.EngineStats` snapshot goes back every 0.2 s from a
-reporter thread (the router's only scheduling input).
+on a reader thread and go into the worker's :class:`~matrixinfer.engine.commands.Inbox`; a command
+that cannot be decoded fails its request (``Failed``, 400) and the worker reads on, since only a
+closed or broken connection means the router is gone. The latest
+:class:`~matrixinfer.engine.outputs.EngineStats` snapshot goes back every 0.2 s from a reporter
+thread (the router's only scheduling input).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import msgspec
 
 from matrixinfer.engine.commands import Inbox
 from matrixinfer.engine.outputs import EngineStats
-from matrixinfer.netio import FRAMING, WireError, connect
+from matrixinfer.netio import FRAMING, MessageError, WireError, connect
 from matrixinfer.serve import messages as m
 
 log = logging.getLogger(__name__)
@@ -70,12 +72,24 @@ class RouterLink:
     def _read(self) -> None:
         try:
             while not self.stopped.is_set():
-                self.inbox.put(FRAMING.recv(self.sock, _ROUTER_DEC, "router"))
+                try:
+                    msg = FRAMING.recv(self.sock, _ROUTER_DEC, "router")
+                except MessageError as exc:  # one bad command, not a lost router: refuse it, read on
+                    self._refuse(exc)
+                    continue
+                self.inbox.put(msg)
         except (OSError, WireError) as exc:
             if not self.stopped.is_set():
                 log.error("%s: lost the router (%s); shutting down", self.instance_id, exc)
                 self.stopped.set()
                 self.inbox.wake()
+
+    def _refuse(self, exc: MessageError) -> None:
+        """Answer a command this worker cannot decode: its request fails (400), the worker goes on."""
+        rid = exc.field("request_id")
+        log.warning("%s: refused a command from the router: %s", self.instance_id, exc)
+        if rid is not None:
+            self.send(m.Failed(rid, f"the {exc.field('type') or 'request'} message is invalid: {exc}", 400))
 
     def _report(self) -> None:
         while not self.stopped.wait(REPORT_INTERVAL):
