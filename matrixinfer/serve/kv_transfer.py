@@ -104,6 +104,22 @@ class KVSender(KVConnector):
             self.report_failure(rid, f"KV transfer to the decode instance {addr} failed: {exc}")
 
 
+def check_chunk(msg: m.KVChunk, engine: LLMEngine) -> None:
+    """WireError unless ``msg`` announces KV this engine's cache can hold: a torch dtype, the cache's
+    latent width, layers inside the cache, at most a whole sequence of tokens, and ``nbytes`` equal
+    to that shape (a header may not make the decode instance allocate more than one real chunk)."""
+    cache = engine.runner.kv_cache
+    dtype = getattr(torch, msg.dtype, None) if msg.dtype.isidentifier() else None
+    shape = (msg.layer_end - msg.layer_start, msg.num_tokens, msg.dim)
+    if (not isinstance(dtype, torch.dtype) or msg.dim != cache.dim
+            or not 0 <= msg.layer_start < msg.layer_end <= cache.num_layers
+            or not 0 < msg.num_tokens <= engine.max_seq_len
+            or msg.nbytes != shape[0] * shape[1] * shape[2] * dtype.itemsize):
+        raise WireError(f"prefill peer: KV chunk of {msg.nbytes} bytes ({msg.dtype} {list(shape)} at layer "
+                        f"{msg.layer_start}) does not fit this cache ({cache.num_layers} layers x {cache.dim} values, "
+                        f"at most {engine.max_seq_len} tokens)")
+
+
 class KVReceiver:
     """Decode side: listens on ``host``, writes chunks into reserved blocks, passes each ``KVDone``
     whose reservation still exists to ``on_done`` (after acknowledging it to the sender)."""
@@ -131,6 +147,7 @@ class KVReceiver:
             while True:
                 msg = FRAMING.recv(conn, _KV_DEC, "prefill peer")
                 if isinstance(msg, m.KVChunk):
+                    check_chunk(msg, self.engine)  # before allocating the bytes the header announces
                     buf = bytearray(msg.nbytes)
                     recv_exact_into(conn, memoryview(buf), "prefill peer")
                     kv = torch.frombuffer(buf, dtype=getattr(torch, msg.dtype))
