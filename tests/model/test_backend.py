@@ -13,6 +13,7 @@ from matrixinfer.model.backend import select_backend
 from matrixinfer.model.deepseek import DeepseekForCausalLM
 from matrixinfer.model.loader import load_model
 from tests.checkpoints import tiny_config
+from tests.model.helpers import run_paged_steps
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no C compiler: the native kernels cannot be built")
 
@@ -50,14 +51,9 @@ def test_every_backend_computes_the_same_decode_steps(tiny_v3, request_backend):
 
     def run(m: DeepseekForCausalLM) -> list[torch.Tensor]:
         cache = PagedLatentCache(m.num_cache_layers, 8, bs, cfg.kv_cache_dim)
-        torch.manual_seed(0)
-        outs = []
-        for q_lens, ctx_lens in (([7, 5], [7, 5]), ([1, 1], [8, 6]), ([1, 1], [9, 7])):
-            ids = torch.randint(0, cfg.vocab_size, (sum(q_lens),))
-            pos = torch.cat([torch.arange(c - q, c) for q, c in zip(q_lens, ctx_lens)])
-            with torch.inference_mode():
-                outs.append(m.compute_logits(m(ids, pos, AttentionMetadata.build(q_lens, ctx_lens, tables, bs), cache)))
-        return outs
+        steps = [([7, 5], [7, 5]), ([1, 1], [8, 6]), ([1, 1], [9, 7])]
+        with torch.no_grad():
+            return [m.compute_logits(h) for h in run_paged_steps(m, cache, tables, steps)]
 
     reference = load_model(tiny_v3, progress=False)
     select_backend(reference, "native")

@@ -13,6 +13,7 @@ from matrixinfer.model.backend import select_backend
 from matrixinfer.model.layers import RotaryEmbedding
 from matrixinfer.model.mla import MLA
 from tests.checkpoints import tiny_config
+from tests.model.helpers import run_paged_steps
 
 
 def spy(monkeypatch, module, name: str) -> list:
@@ -240,15 +241,8 @@ def test_native_decoder_layers_match_the_per_operator_path(monkeypatch, arch_kw)
         for block in model.model.layers:
             block.use_backend(layers)
         cache = PagedLatentCache(model.num_cache_layers, 16, bs, cfg.kv_cache_dim)
-        torch.manual_seed(0)
-        outs = []
-        for q_lens, ctx_lens in (([9, 6], [9, 6]), ([1, 1], [10, 7]), ([1, 1], [11, 8])):
-            ids = torch.randint(0, cfg.vocab_size, (sum(q_lens),))
-            pos = torch.cat([torch.arange(c - q, c) for q, c in zip(q_lens, ctx_lens)])
-            meta = AttentionMetadata.build(q_lens, ctx_lens, tables, bs, mode="absorbed")
-            with torch.no_grad():
-                outs.append(model(ids, pos, meta, cache))
-        return outs + [cache.data.clone()]
+        steps = [([9, 6], [9, 6]), ([1, 1], [10, 7]), ([1, 1], [11, 8])]
+        return run_paged_steps(model, cache, tables, steps, mode="absorbed") + [cache.data.clone()]
 
     fast = run("cpu", "cpu")
     assert len(calls) == 3 * cfg.num_hidden_layers
@@ -283,7 +277,8 @@ def test_bindings_come_from_the_header():
                                             "bt_stride", "block_size"]
     assert dict(layer._fields_)["eps"] is ctypes.c_float and dict(layer._fields_)["cache"] is ctypes.c_void_p
     exported = {"mi_decoder_layer", "mi_linear", "mi_rmsnorm", "mi_v3_route", "mi_argmax_rows", "mi_moe_experts",
-                "mi_paged_mla", "mi_mla_q_prolog", "mi_mla_kv_prolog"}
+                "mi_paged_mla", "mi_mla_q_prolog", "mi_mla_kv_prolog", "mi_quantize_rows", "mi_linear_w8a8",
+                "mi_moe_experts_w8a8"}
     assert set(header.functions) == exported
 
 
