@@ -277,6 +277,7 @@ class ServeConfig:
         prefill_kv_cache_memory: KV cache bytes of each prefill instance (default: --kv-cache-memory).
         decode_kv_cache_memory: KV cache bytes of each decode instance (default: --kv-cache-memory).
         worker_threads: torch threads per worker process (default: the cores shared among workers).
+        max_request_bytes: largest HTTP request body in bytes; larger ones are refused with 413.
     """
 
     host: str = "127.0.0.1"
@@ -293,6 +294,7 @@ class ServeConfig:
     prefill_kv_cache_memory: int | None = None
     decode_kv_cache_memory: int | None = None
     worker_threads: int | None = None
+    max_request_bytes: int = 16 << 20
 
     def __post_init__(self) -> None:
         # 0 local instances is valid: workers on other hosts join with `matrixinfer worker --router`

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -30,31 +33,39 @@ from matrixinfer.serve.metrics import ServerMetrics
 from matrixinfer.serve.protocol import ApiError, GenerateRequest, parse_chat, parse_completion
 
 if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
     from matrixinfer.engine.outputs import RequestOutput
+
+T = TypeVar("T")
 
 # What the exception handlers answer (request validation aside); anything else stays a plain 500.
 ANSWERED_ERRORS = (ApiError, RequestError, EngineDeadError, RequestFailedError)
 _DONE = "data: [DONE]\n\n"
+MAX_REQUEST_BYTES = 16 << 20  # ServeConfig.max_request_bytes' default
+DISCONNECT_POLL_S = 0.25  # how often a waiting request checks whether its client is still there
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_tokenize_pool: ThreadPoolExecutor | None = None  # prompts are tokenized off the event loop
 
 
-def create_app(backend: Backend, api_key: str | None = None) -> FastAPI:
+def create_app(backend: Backend, api_key: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
     """The API app around a backend: the colocated ``AsyncEngine`` or the PDC ``Router``
-    (``api_key``: require ``Bearer`` auth on /v1)."""
+    (``api_key``: require ``Bearer`` auth on /v1; bodies over ``max_request_bytes`` get 413)."""
     metrics = ServerMetrics(lambda: backend.stats, backend.instance_metrics)
     app = FastAPI(title="MatrixInfer", docs_url=None, redoc_url=None)
     app.state.backend = backend
     app.state.metrics = metrics
     _add_error_handlers(app, metrics)
-    app.middleware("http")(_api_key_check(api_key, metrics))
+    app.add_middleware(ApiKeyCheck, api_key=api_key, metrics=metrics)
     _add_info_routes(app, backend, metrics)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await generate_response(request, backend, metrics, chat=False)
+        return await generate_response(request, backend, metrics, chat=False, max_bytes=max_request_bytes)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await generate_response(request, backend, metrics, chat=True)
+        return await generate_response(request, backend, metrics, chat=True, max_bytes=max_request_bytes)
 
     return app
 
@@ -99,23 +110,26 @@ def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
         app.add_exception_handler(kind, answer)
 
 
-Middleware = Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]
+class ApiKeyCheck:
+    """Bearer-key check on /v1 (other paths stay open), answering the 401 itself (middleware runs
+    outside the exception handlers). A plain ASGI middleware: Starlette's ``@app.middleware("http")``
+    wraps the receive channel, so a request could no longer notice that its client left. The key is
+    compared as bytes, so a header with any bytes at all is a 401, never a 500."""
 
+    def __init__(self, app: ASGIApp, api_key: str | None, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.key = api_key.encode() if api_key else b""
+        self.metrics = metrics
 
-def _api_key_check(api_key: str | None, metrics: ServerMetrics) -> Middleware:
-    """Bearer-key check on /v1 (other paths stay open). Middleware runs outside the exception
-    handlers, so it answers the 401 itself."""
-
-    async def check(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if api_key and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else ""
-            if not given or not secrets.compare_digest(given, api_key):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.key and scope["type"] == "http" and scope["path"].startswith("/v1"):
+            header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            given = header[7:].strip() if header[:7].lower() == b"bearer " else b""
+            if not given or not secrets.compare_digest(given, self.key):
                 msg = "missing API key" if not given else "incorrect API key provided"
-                return error_response(ApiError(401, msg, code="invalid_api_key"), metrics)
-        return await call_next(request)
-
-    return check
+                await error_response(ApiError(401, msg, code="invalid_api_key"), self.metrics)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 # -- health, metrics, models ---------------------------------------------------------------------------
@@ -158,16 +172,19 @@ class _Call:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
 
-async def generate_response(request: Request, backend: Backend, metrics: ServerMetrics, chat: bool) -> Response:
+async def generate_response(request: Request, backend: Backend, metrics: ServerMetrics, chat: bool,
+                            max_bytes: int = MAX_REQUEST_BYTES) -> Response:
     """Parse, run and answer one completions (``chat`` False) or chat completions request."""
-    body = await read_json(request)
+    body = await read_json(request, max_bytes)
     req = parse_chat(body) if chat else parse_completion(body)
-    ids = prompt_ids(backend, req)
+    ids = await asyncio.get_running_loop().run_in_executor(_tokenizer_pool(), prompt_ids, backend, req)
     call = _Call(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()), backend.model_id,
                  chat, req, len(ids), backend.tokenizer)
     stream = backend.generate(call.rid, ids, req.params)
     timing = _Timing(metrics)
-    first = await first_output(stream)
+    first = await until_disconnected(request, first_output(stream))
+    if first is None:  # the client left while the request was queued: it was aborted
+        return Response(status_code=499)
     timing.token(first)
     if req.stream:
         return StreamingResponse(sse_events(call, stream, first, timing, metrics), media_type="text/event-stream")
@@ -177,12 +194,52 @@ async def generate_response(request: Request, backend: Backend, metrics: ServerM
     return JSONResponse(completion_body(call, outs))
 
 
-async def read_json(request: Request) -> Any:
-    raw = await request.body()
+def _tokenizer_pool() -> ThreadPoolExecutor:
+    global _tokenize_pool
+    if _tokenize_pool is None:
+        _tokenize_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tokenize")
+    return _tokenize_pool
+
+
+async def read_json(request: Request, max_bytes: int = MAX_REQUEST_BYTES) -> Any:
+    """The body as JSON: 413 past ``max_bytes`` (counted as it arrives, never buffered beyond),
+    400 for anything that is not strict JSON in valid UTF-8 (lone surrogates, NaN, nesting past
+    the recursion limit included)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"invalid JSON body: {exc}") from None
+        return msgspec.json.decode(raw)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        if _SURROGATE_ESCAPE.search(raw):
+            problem += " (a \\u escape may encode a lone UTF-16 surrogate, which is not valid Unicode)"
+        raise ApiError(400, f"invalid JSON body: {problem}") from None
+
+
+def _too_large(max_bytes: int) -> ApiError:
+    return ApiError(413, f"the request body exceeds {max_bytes} bytes (the server's --max-request-bytes)",
+                    code="request_too_large")
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """``work``'s result, or None (``work`` cancelled) if the client goes away first; cancelling a
+    backend stream's iterator aborts its request, queued or running."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if not done and await request.is_disconnected():
+            task.cancel()
+            await asyncio.wait({task})
+            return None
+    return task.result()  # the backend's error, if any, goes to the exception handlers
 
 
 def prompt_ids(backend: Backend, req: GenerateRequest) -> list[int]:
@@ -191,12 +248,19 @@ def prompt_ids(backend: Backend, req: GenerateRequest) -> list[int]:
     if req.model != backend.model_id:
         raise ApiError(404, f"the model '{req.model}' does not exist; this server serves '{backend.model_id}'",
                        param="model", code="model_not_found")
-    if req.messages is not None:
-        ids = backend.tokenizer.encode_chat(req.messages)
-    elif req.prompt_ids is not None:
-        ids = req.prompt_ids
-    else:
-        ids = backend.tokenizer.encode(req.prompt_text or "")
+    try:
+        if req.messages is not None:
+            ids = backend.tokenizer.encode_chat(req.messages)
+        elif req.prompt_ids is not None:
+            ids = req.prompt_ids
+            vocab = backend.vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise ApiError(400, f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        else:
+            ids = backend.tokenizer.encode(req.prompt_text or "")
+    except ValueError as exc:  # TokenizerError: e.g. the chat template refused the conversation
+        raise ApiError(400, f"cannot tokenize the prompt: {exc}",
+                       param="messages" if req.messages is not None else "prompt") from None
     limit = backend.max_seq_len
     if req.messages is not None and not req.max_tokens_given:
         req.params.max_tokens = max(1, limit - len(ids))
@@ -221,22 +285,14 @@ async def collect(request: Request, stream: AsyncIterator[RequestOutput], first:
     """All of a request's outputs, or None when the client went away (its request is then aborted)."""
     outs = [first]
 
-    async def consume() -> None:
-        if first.finished:
-            return
-        async for out in stream:
-            timing.token(out)
-            outs.append(out)
+    async def consume() -> list[RequestOutput]:
+        if not first.finished:
+            async for out in stream:
+                timing.token(out)
+                outs.append(out)
+        return outs
 
-    task = asyncio.ensure_future(consume())
-    while not task.done():
-        done, _ = await asyncio.wait({task}, timeout=0.25)
-        if not done and await request.is_disconnected():
-            task.cancel()  # cancels the backend's iterator, which aborts the request
-            await asyncio.wait({task})
-            return None
-    task.result()  # the backend's error, if any, goes to the exception handlers
-    return outs
+    return await until_disconnected(request, consume())
 
 
 def completion_body(call: _Call, outs: list[RequestOutput]) -> dict[str, Any]:

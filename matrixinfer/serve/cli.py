@@ -100,7 +100,7 @@ def _serve_colocated(engine_cfg: EngineConfig, cfg: ServeConfig) -> int:
         return 1
     quiet_gc()
     async_engine = AsyncEngine(engine)
-    app = create_app(async_engine, api_key=cfg.api_key)
+    app = create_app(async_engine, api_key=cfg.api_key, max_request_bytes=cfg.max_request_bytes)
     print_banner(f"MatrixInfer serving '{engine.model_id}'", engine.model_id, cfg)
     try:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)

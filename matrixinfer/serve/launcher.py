@@ -142,7 +142,7 @@ def serve_pdc(engine_cfg: EngineConfig, cfg: ServeConfig) -> int:
                     _drain(children.start(f"{role}{i}", worker_args(engine_cfg, cfg, role, ctrl), env), f"{role}{i}")
             await router.wait_for(cfg.num_prefill, cfg.num_decode, timeout=600)
             quiet_gc()
-            app = create_app(router, api_key=cfg.api_key)
+            app = create_app(router, api_key=cfg.api_key, max_request_bytes=cfg.max_request_bytes)
             print_banner(f"MatrixInfer PDC serving '{router.model_id}' ({cfg.num_prefill} prefill, {cfg.num_decode} "
                          f"decode, {cfg.num_ems} EMS server(s); workers join at {ctrl})", router.model_id, cfg)
             server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level))
