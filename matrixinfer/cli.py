@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "matrixinfer.ems.cli",
     "matrixinfer.sim.cli",
     "matrixinfer.train.cli",
+    "matrixinfer.quant.cli",
 ]
 
 

@@ -152,8 +152,92 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
             or topk_ids.shape[0] != n:
         raise ValueError("moe_experts: inconsistent shapes")
     out = torch.empty(n, hidden, dtype=torch.float32)
-    lib.mi_moe_experts(x.data_ptr(), n, hidden, topk_ids.data_ptr(), topk_weights.data_ptr(), topk_ids.shape[1],
-                       gate_up.data_ptr(), down.data_ptr(), e, two_i // 2, out.data_ptr(), torch.get_num_threads())
+    rc = lib.mi_moe_experts(x.data_ptr(), n, hidden, topk_ids.data_ptr(), topk_weights.data_ptr(), topk_ids.shape[1],
+                            gate_up.data_ptr(), down.data_ptr(), e, two_i // 2, out.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("moe_experts: out of memory")
+    return out
+
+
+def _optional(name: str, t: torch.Tensor | None, shape: tuple[int, ...]) -> int | None:
+    """The address of an optional float32 operand (None for NULL), checked against ``shape``."""
+    if t is None:
+        return None
+    _check(name, t, torch.float32)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+    return t.data_ptr()
+
+
+def quantize_rows(x: torch.Tensor, mul: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric INT8 of float32 ``x`` ``[M, K]`` (times ``mul`` ``[K]`` first): ``q`` int8 and
+    ``scale`` ``[M]``; the native twin of :func:`matrixinfer.quant.int8.quantize_rows`."""
+    lib = _lib()
+    _check("x", x, torch.float32)
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.int8)
+    scale = torch.empty(m, dtype=torch.float32)
+    lib.mi_quantize_rows(x.data_ptr(), m, k, _optional("mul", mul, (k,)), q.data_ptr(), scale.data_ptr())
+    return q, scale
+
+
+def linear_w8a8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                pre_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T (+ bias)`` with ``W = weight * weight_scale`` (int8 ``[N, K]``, float32 ``[N]`` or
+    ``[N, 1]``) and ``x`` ``[M, K]`` float32 quantized per row on entry, after multiplying by
+    ``pre_scale`` ``[K]`` (see ``linear_w8a8.c``: for decode-sized M)."""
+    lib = _lib()
+    _check("x", x, torch.float32)
+    _check("weight", weight, torch.int8)
+    _check("weight_scale", weight_scale, torch.float32)
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.dim() != 2 or weight.shape[1] != k or weight_scale.numel() != n:
+        raise ValueError(f"linear_w8a8: x has {k} columns, weight {tuple(weight.shape)}, "
+                         f"weight_scale {tuple(weight_scale.shape)}")
+    out = torch.empty(m, n, dtype=torch.float32)
+    rc = lib.mi_linear_w8a8(x.data_ptr(), m, k, _optional("pre_scale", pre_scale, (k,)), weight.data_ptr(),
+                            weight_scale.data_ptr(), _optional("bias", bias, (n,)), n, out.data_ptr(),
+                            torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("linear_w8a8: out of memory")
+    return out
+
+
+def moe_experts_w8a8(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor,
+                     gate_up_scale: torch.Tensor, down: torch.Tensor, down_scale: torch.Tensor,
+                     gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
+                     gate_up_pre: torch.Tensor | None = None, down_pre: torch.Tensor | None = None) -> torch.Tensor:
+    """Routed experts of one MoE layer with INT8 weights and activations in one call (``moe_w8a8.c``).
+
+    ``x`` ``[T, H]`` float32; ``topk_ids``/``topk_weights`` ``[T, k]`` (int64, float32);
+    ``gate_up`` ``[E, 2I, H]`` and ``down`` ``[E, H, I]`` int8 with scales of ``E x 2I`` and
+    ``E x H`` elements; optional float32 biases ``[E, 2I]`` / ``[E, H]`` and smoothing vectors
+    ``[E, H]`` / ``[E, I]``. Returns ``[T, H]``.
+    """
+    lib = _lib()
+    for name, t, dt in (("x", x, torch.float32), ("topk_ids", topk_ids, torch.int64),
+                        ("topk_weights", topk_weights, torch.float32), ("gate_up", gate_up, torch.int8),
+                        ("gate_up_scale", gate_up_scale, torch.float32), ("down", down, torch.int8),
+                        ("down_scale", down_scale, torch.float32)):
+        _check(name, t, dt)
+    n, hidden = x.shape
+    e, two_i, h2 = gate_up.shape
+    inter = two_i // 2
+    if h2 != hidden or down.shape != (e, hidden, inter) or gate_up_scale.numel() != e * two_i \
+            or down_scale.numel() != e * hidden or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != n:
+        raise ValueError("moe_experts_w8a8: inconsistent shapes")
+    if n and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= e):
+        raise ValueError(f"moe_experts_w8a8: an expert id outside [0, {e})")
+    out = torch.empty(n, hidden, dtype=torch.float32)
+    rc = lib.mi_moe_experts_w8a8(
+        x.data_ptr(), n, hidden, topk_ids.data_ptr(), topk_weights.data_ptr(), topk_ids.shape[1], gate_up.data_ptr(),
+        gate_up_scale.data_ptr(), _optional("gate_up_bias", gate_up_bias, (e, two_i)),
+        _optional("gate_up_pre", gate_up_pre, (e, hidden)), down.data_ptr(), down_scale.data_ptr(),
+        _optional("down_bias", down_bias, (e, hidden)), _optional("down_pre", down_pre, (e, inter)), e, inter,
+        out.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("moe_experts_w8a8: out of memory")
     return out
 
 

@@ -64,8 +64,9 @@ int mi_decoder_layer(const MiLayer *L, const MiStep *S, float *x, int64_t t, int
         rc = mi_v3_route(logits, L->router_bias, t, L->n_experts, L->n_group, L->topk_group, L->top_k, L->norm_topk,
                          L->scaling, ids, w, nthreads);
         if (rc != 0) goto done;
-        mi_moe_experts(h, t, hd, ids, w, L->top_k, L->experts_gate_up, L->experts_down, L->n_experts, L->moe_inter,
-                       m, nthreads);
+        rc = mi_moe_experts(h, t, hd, ids, w, L->top_k, L->experts_gate_up, L->experts_down, L->n_experts,
+                            L->moe_inter, m, nthreads);
+        if (rc != 0) goto done;
         if (L->mlp_inter > 0) { /* shared experts, summed before the residual as the PyTorch path does */
             swiglu_mlp(h, t, hd, L->mlp_gate, L->mlp_up, L->mlp_down, L->mlp_inter, scratch, a, nthreads);
             for (int64_t i = 0; i < t * hd; i++) m[i] += a[i];

@@ -57,10 +57,30 @@ int mi_v3_route(const float *logits, const float *bias, int64_t rows, int64_t n_
 /* out[r] = index of the first largest value of row r of x [rows, n] (small_ops.c). */
 void mi_argmax_rows(const float *x, int64_t rows, int64_t n, int64_t *out);
 
-/* The routed experts of one MoE layer (moe.c): gate_up [E, 2I, H], down [E, H, I], out [T, H]. */
-void mi_moe_experts(const float *x, int64_t num_tokens, int64_t hidden, const int64_t *ids, const float *weights,
-                    int64_t top_k, const float *gate_up, const float *down, int64_t num_experts, int64_t inter,
-                    float *out, int nthreads);
+/* The routed experts of one MoE layer (moe.c): gate_up [E, 2I, H], down [E, H, I], out [T, H].
+ * Returns 0, or -2 when out of memory. */
+int mi_moe_experts(const float *x, int64_t num_tokens, int64_t hidden, const int64_t *ids, const float *weights,
+                   int64_t top_k, const float *gate_up, const float *down, int64_t num_experts, int64_t inter,
+                   float *out, int nthreads);
+
+/* INT8 (W8A8, linear_w8a8.c): q [m, k] int8 and scale [m] of x [m, k], quantized per row after
+ * multiplying by mul [k] (NULL: by nothing): q = round_half_even(v * 127 / amax), scale = amax / 127. */
+void mi_quantize_rows(const float *x, int64_t m, int64_t k, const float *mul, int8_t *q, float *scale);
+
+/* y [m, n] = (q_x q_w^T) * scale_x * w_scale (+ bias) for x [m, k] float32 quantized per row on entry
+ * (after multiplying by pre_scale [k], if not NULL), w [n, k] int8, w_scale [n], bias [n] or NULL
+ * (linear_w8a8.c). Returns 0, or -2 when out of memory. */
+int mi_linear_w8a8(const float *x, int64_t m, int64_t k, const float *pre_scale, const int8_t *w,
+                   const float *w_scale, const float *bias, int64_t n, float *y, int nthreads);
+
+/* The routed experts of one MoE layer with INT8 weights and activations (moe_w8a8.c): gate_up [E, 2I, H]
+ * and down [E, H, I] int8, per-channel scales [E, 2I] and [E, H], optional (NULL) biases [E, 2I] /
+ * [E, H] and smoothing vectors [E, H] / [E, I]; out [T, H]. Returns 0, or -2 when out of memory. */
+int mi_moe_experts_w8a8(const float *x, int64_t num_tokens, int64_t hidden, const int64_t *ids,
+                        const float *weights, int64_t top_k, const int8_t *gate_up, const float *gate_up_scale,
+                        const float *gate_up_bias, const float *gate_up_pre, const int8_t *down,
+                        const float *down_scale, const float *down_bias, const float *down_pre,
+                        int64_t num_experts, int64_t inter, float *out, int nthreads);
 
 /* Latent-space attention read straight from a paged cache (paged_mla.c). */
 void mi_paged_mla(const float *q, const float *cache, const int32_t *block_tables, int64_t bt_stride,

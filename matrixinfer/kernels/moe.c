@@ -2,39 +2,28 @@
  *
  * out[t] = sum_j w[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])),  e = ids[t, j]
  * with gate_up [E, 2I, H] (gate rows then up rows) and down [E, H, I], row-major float32.
- * Assignments are bucketed by expert; tiles of up to four rows of one expert run in parallel
- * (OpenMP), each reading the expert's weights once for its rows. Every assignment writes its own
- * row of a scratch buffer, and a second parallel pass sums each token's rows, so no two threads
- * ever write the same memory.
+ * Assignments are bucketed by expert (moe_tiles.h); tiles of up to four rows of one expert run in
+ * parallel (OpenMP), each reading the expert's weights once for its rows. Every assignment writes its
+ * own row of a scratch buffer, and a second parallel pass sums each token's rows, so no two threads
+ * ever write the same memory. Returns 0, or -2 when out of memory.
  */
 #include <stdlib.h>
 #include <string.h>
 
 #include "matrixinfer.h"
+#include "moe_tiles.h"
 #include "simd.h"
 
-void mi_moe_experts(const float *x, int64_t num_tokens, int64_t hidden, const int64_t *ids, const float *weights,
-                    int64_t top_k, const float *gate_up, const float *down, int64_t num_experts, int64_t inter,
-                    float *out, int nthreads) {
+int mi_moe_experts(const float *x, int64_t num_tokens, int64_t hidden, const int64_t *ids, const float *weights,
+                   int64_t top_k, const float *gate_up, const float *down, int64_t num_experts, int64_t inter,
+                   float *out, int nthreads) {
     int64_t n_assign = num_tokens * top_k;
-    int64_t *counts = calloc(num_experts + 1, sizeof(int64_t));
-    int64_t *order = malloc(sizeof(int64_t) * (n_assign > 0 ? n_assign : 1));
+    MoeTiles tl;
     float *ys = malloc(sizeof(float) * (n_assign > 0 ? n_assign : 1) * hidden);
-    for (int64_t a = 0; a < n_assign; a++) counts[ids[a] + 1]++;
-    for (int64_t e = 0; e < num_experts; e++) counts[e + 1] += counts[e]; /* counts[e] = first slot */
-    int64_t *fill = malloc(sizeof(int64_t) * (num_experts > 0 ? num_experts : 1));
-    memcpy(fill, counts, sizeof(int64_t) * num_experts);
-    for (int64_t a = 0; a < n_assign; a++) order[fill[ids[a]]++] = a;
-    /* Tiles: (expert, first row) pairs. */
-    int64_t n_tiles = 0;
-    for (int64_t e = 0; e < num_experts; e++) n_tiles += (counts[e + 1] - counts[e] + TILE - 1) / TILE;
-    int64_t *tile_expert = malloc(sizeof(int64_t) * (n_tiles > 0 ? n_tiles : 1));
-    int64_t *tile_start = malloc(sizeof(int64_t) * (n_tiles > 0 ? n_tiles : 1));
-    for (int64_t e = 0, k = 0; e < num_experts; e++)
-        for (int64_t s = counts[e]; s < counts[e + 1]; s += TILE) {
-            tile_expert[k] = e;
-            tile_start[k++] = s;
-        }
+    if (!ys || moe_tiles_build(&tl, ids, n_assign, num_experts) != 0) {
+        free(ys);
+        return -2;
+    }
 #pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
     {
         float *h = malloc(sizeof(float) * TILE * inter);
@@ -42,13 +31,13 @@ void mi_moe_experts(const float *x, int64_t num_tokens, int64_t hidden, const in
         float *y = malloc(sizeof(float) * TILE * hidden);
         float dots[2 * TILE];
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t k = 0; k < n_tiles; k++) {
-            int64_t e = tile_expert[k], s = tile_start[k];
-            int64_t rows = counts[e + 1] - s < TILE ? counts[e + 1] - s : TILE;
+        for (int64_t k = 0; k < tl.n_tiles; k++) {
+            int64_t e = tl.tile_expert[k], s = tl.tile_start[k];
+            int64_t rows = tl.first[e + 1] - s < TILE ? tl.first[e + 1] - s : TILE;
             const float *xr[TILE];
             const float *hr[TILE];
             for (int i = 0; i < TILE; i++) { /* short tiles repeat their last row */
-                int64_t a = order[s + (i < rows ? i : rows - 1)];
+                int64_t a = tl.order[s + (i < rows ? i : rows - 1)];
                 xr[i] = x + (a / top_k) * hidden;
                 hr[i] = h + i * inter;
             }
@@ -73,29 +62,16 @@ void mi_moe_experts(const float *x, int64_t num_tokens, int64_t hidden, const in
                 }
             }
             for (int i = 0; i < rows; i++) {
-                int64_t a = order[s + i];
+                int64_t a = tl.order[s + i];
                 memcpy(ys + a * hidden, y + i * hidden, sizeof(float) * hidden);
             }
         }
         free(h);
         free(g);
         free(y);
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < num_tokens; t++) {
-            float *ot = out + t * hidden;
-            memset(ot, 0, sizeof(float) * hidden);
-            for (int64_t j = 0; j < top_k; j++) {
-                float w = weights[t * top_k + j];
-                const float *yr = ys + (t * top_k + j) * hidden;
-#pragma omp simd
-                for (int64_t d = 0; d < hidden; d++) ot[d] += w * yr[d];
-            }
-        }
     }
-    free(counts);
-    free(order);
+    moe_combine(ys, weights, num_tokens, top_k, hidden, out, nthreads);
+    moe_tiles_free(&tl);
     free(ys);
-    free(fill);
-    free(tile_expert);
-    free(tile_start);
+    return 0;
 }

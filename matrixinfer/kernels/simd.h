@@ -93,4 +93,73 @@ static inline void dot_4x2(const float *const *x, const float *w0, const float *
     }
 }
 
+/* --- INT8 (W8A8) helpers ------------------------------------------------------------------------ */
+
+/* Symmetric INT8 of one row x[0..n) (each value times mul[i] first when mul is not NULL):
+ * q = round_half_even(v * (127 / amax)) clamped to [-127, 127]; returns the scale amax / 127 (0 for
+ * an all-zero row). The same arithmetic as matrixinfer.quant.int8.quantize_rows. */
+static inline float quantize_row_i8(const float *x, const float *mul, int64_t n, int8_t *q) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        float v = mul ? x[i] * mul[i] : x[i];
+        amax = fmaxf(amax, fabsf(v));
+    }
+    float inv = 127.0f / fmaxf(amax, 1e-30f);
+    for (int64_t i = 0; i < n; i++) {
+        float v = nearbyintf((mul ? x[i] * mul[i] : x[i]) * inv);
+        q[i] = (int8_t)(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
+    }
+    return amax / 127.0f;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* Sums of eight int32 vectors, one per lane. */
+static inline __m256i hsum8_epi32(__m256i a0, __m256i a1, __m256i a2, __m256i a3, __m256i a4, __m256i a5,
+                                  __m256i a6, __m256i a7) {
+    __m256i t0 = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+    __m256i t1 = _mm256_hadd_epi32(_mm256_hadd_epi32(a4, a5), _mm256_hadd_epi32(a6, a7));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(t0, t1, 0x20), _mm256_permute2x128_si256(t0, t1, 0x31));
+}
+
+/* 32 products x*w summed in pairs into 8 int32 lanes, added to acc: maddubs takes |x| as unsigned
+ * and w with x's sign; |x|, |w| <= 127 keeps each pair below 32767, so nothing saturates. */
+static inline __m256i madd_i8(__m256i acc, __m256i x, __m256i w) {
+    __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(w, x));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+#endif
+
+/* out[i] = x_i . w0 and out[4 + i] = x_i . w1, exact int32 sums, for four int8 rows x[0..3] of length n. */
+static inline void dot_i8_4x2(const int8_t *const *x, const int8_t *w0, const int8_t *w1, int64_t n, int32_t *out) {
+    int64_t d = 0;
+    for (int i = 0; i < 2 * TILE; i++) out[i] = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    if (n >= 32) {
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (; d + 32 <= n; d += 32) {
+            __m256i v0 = _mm256_loadu_si256((const __m256i *)(w0 + d));
+            __m256i v1 = _mm256_loadu_si256((const __m256i *)(w1 + d));
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)(x[0] + d));
+            a0 = madd_i8(a0, x0, v0);
+            b0 = madd_i8(b0, x0, v1);
+            __m256i x1 = _mm256_loadu_si256((const __m256i *)(x[1] + d));
+            a1 = madd_i8(a1, x1, v0);
+            b1 = madd_i8(b1, x1, v1);
+            __m256i x2 = _mm256_loadu_si256((const __m256i *)(x[2] + d));
+            a2 = madd_i8(a2, x2, v0);
+            b2 = madd_i8(b2, x2, v1);
+            __m256i x3 = _mm256_loadu_si256((const __m256i *)(x[3] + d));
+            a3 = madd_i8(a3, x3, v0);
+            b3 = madd_i8(b3, x3, v1);
+        }
+        _mm256_storeu_si256((__m256i *)out, hsum8_epi32(a0, a1, a2, a3, b0, b1, b2, b3));
+    }
+#endif
+    for (; d < n; d++)
+        for (int i = 0; i < TILE; i++) {
+            out[i] += (int32_t)x[i][d] * w0[d];
+            out[TILE + i] += (int32_t)x[i][d] * w1[d];
+        }
+}
+
 #endif

@@ -31,8 +31,6 @@ from matrixinfer.model.experts import EXPERTS_BACKENDS, BackendUnavailable, Expe
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "native", "cpu", "cuda")
-#: the routed-experts implementation each backend uses where it can (else ``torch``)
-DEFAULT_EXPERTS = {"native": "torch", "cpu": "cpu-native", "cuda": "cuda-grouped"}
 
 
 class CustomOp(nn.Module):
@@ -101,7 +99,8 @@ def select_backend(model: nn.Module, backend: str = "auto", experts: str | None 
     modules on a CUDA device), or ``auto`` (``cpu`` or ``cuda`` after each module's device). A
     module that cannot run the requested backend runs ``native``. ``experts`` names an
     :data:`~matrixinfer.model.experts.EXPERTS_BACKENDS` entry for every MoE layer instead of the
-    backend's default (:data:`DEFAULT_EXPERTS`); it must be able to run them. Returns how many
+    backend's default (the experts class's ``default_backends``, e.g. ``cpu-native`` for float and
+    ``int8-cpu-native`` for INT8 experts on ``cpu``); it must be able to run them. Returns how many
     modules got each implementation (``"Experts:cpu-native"`` style keys for experts)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
@@ -111,14 +110,14 @@ def select_backend(model: nn.Module, backend: str = "auto", experts: str | None 
     for module in model.modules():
         want = _device_type(module) if backend == "auto" else backend
         if isinstance(module, Experts):
-            name = experts or DEFAULT_EXPERTS.get(want, "torch")
+            name = experts or module.default_backends.get(want, module.fallback_backend)
             try:
                 module.use_backend(name)
             except BackendUnavailable as e:
                 if experts is not None:
                     raise
-                log.info("routed experts: %s unavailable (%s); using torch", name, e)
-                module.use_backend("torch")
+                log.info("routed experts: %s unavailable (%s); using %s", name, e, module.fallback_backend)
+                module.use_backend(module.fallback_backend)
             chosen[f"Experts:{module.impl.name}"] += 1
         elif isinstance(module, CustomOp):
             module.use_backend(want if want in ("cpu", "cuda") and module.supports(want) else "native")

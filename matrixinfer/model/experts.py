@@ -4,8 +4,9 @@
 ``out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])`` for a :class:`Routing`. Backends live in one
 registry (:data:`EXPERTS_BACKENDS`): ``torch`` (PyTorch, any device, differentiable),
 ``cpu-native`` (one native call per layer) and ``cuda-grouped`` (two grouped matmuls, no host
-synchronisation). :func:`matrixinfer.model.backend.select_backend` picks one per layer when the
-model is loaded. An expert-parallel backend is one more entry: its ``forward`` dispatches each
+synchronisation). :class:`Int8Experts` holds INT8 (W8A8) weights and has its own entries
+(``int8-torch``, ``int8-cpu-native``). :func:`matrixinfer.model.backend.select_backend` picks one per
+layer when the model is loaded. An expert-parallel backend is one more entry: its ``forward`` dispatches each
 token to the ranks holding its experts, runs this rank's experts, and combines the results (the
 MoE layer already routes before calling the experts, so dispatch/combine sit between the two).
 """
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from matrixinfer import kernels
+from matrixinfer.quant.int8 import w8a8_linear
 
 
 @dataclass
@@ -75,13 +77,17 @@ class Experts(nn.Module):
     """Routed experts stored stacked: ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``,
     computed by the backend :meth:`use_backend` chose (``torch`` until then)."""
 
+    #: the backend each compute backend of select_backend uses where it can, and the one that always can
+    default_backends: ClassVar[dict[str, str]] = {"native": "torch", "cpu": "cpu-native", "cuda": "cuda-grouped"}
+    fallback_backend: ClassVar[str] = "torch"
+
     def __init__(self, n_experts: int, hidden: int, inter: int) -> None:
         super().__init__()
         self.n_experts = n_experts
         self.inter = inter
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
-        self.impl: ExpertsBackend = TorchExperts(self)
+        self.impl: ExpertsBackend = EXPERTS_BACKENDS[self.fallback_backend](self)
 
     def use_backend(self, name: str) -> None:
         """Compute with the registered backend ``name`` (raises :class:`BackendUnavailable`)."""
@@ -92,8 +98,111 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         impl = self.impl
         if not impl.differentiable and torch.is_grad_enabled():
-            impl = TorchExperts(self)
+            impl = EXPERTS_BACKENDS[self.fallback_backend](self)
         return impl.forward(x, routing)
+
+
+class Int8Experts(Experts):
+    """Routed experts with INT8 weights and activations (W8A8; :mod:`matrixinfer.quant.format`),
+    stacked as the float ones: ``gate_up_proj`` int8 ``[E, 2I, H]`` with ``gate_up_proj_scale``
+    ``[E, 2I, 1]``, ``down_proj`` int8 ``[E, H, I]`` with ``down_proj_scale`` ``[E, H, 1]``; optional
+    error-compensation biases ``*_bias`` (``[E, 2I]``, ``[E, H]``) and smoothing vectors
+    ``*_pre_quant_scale`` (``[E, H]``, ``[E, I]``). All are buffers (the model's dtype cast leaves
+    them alone). Activations are quantized per token (the SwiGLU output again before ``down``)."""
+
+    default_backends: ClassVar[dict[str, str]] = {"native": "int8-torch", "cpu": "int8-cpu-native",
+                                                  "cuda": "int8-torch"}
+    fallback_backend: ClassVar[str] = "int8-torch"
+    gate_up_proj_scale: torch.Tensor
+    down_proj_scale: torch.Tensor
+    gate_up_proj_bias: torch.Tensor | None
+    down_proj_bias: torch.Tensor | None
+    gate_up_proj_pre_quant_scale: torch.Tensor | None
+    down_proj_pre_quant_scale: torch.Tensor | None
+
+    def __init__(self, n_experts: int, hidden: int, inter: int, bias: bool = False,
+                 pre_quant_scale: bool = False) -> None:
+        nn.Module.__init__(self)  # no float parameters: the INT8 buffers take their names
+        self.n_experts, self.inter, self.hidden = n_experts, inter, hidden
+        e = n_experts
+        for name, shape, dtype in (("gate_up_proj", (e, 2 * inter, hidden), torch.int8),
+                                   ("gate_up_proj_scale", (e, 2 * inter, 1), torch.float32),
+                                   ("down_proj", (e, hidden, inter), torch.int8),
+                                   ("down_proj_scale", (e, hidden, 1), torch.float32)):
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype))
+        self.register_buffer("gate_up_proj_bias", torch.zeros(e, 2 * inter) if bias else None)
+        self.register_buffer("down_proj_bias", torch.zeros(e, hidden) if bias else None)
+        self.register_buffer("gate_up_proj_pre_quant_scale", torch.ones(e, hidden) if pre_quant_scale else None)
+        self.register_buffer("down_proj_pre_quant_scale", torch.ones(e, inter) if pre_quant_scale else None)
+        self.impl = EXPERTS_BACKENDS[self.fallback_backend](self)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on the rows ``x`` ``[n, H]`` (float32 result): the reference computation."""
+        def opt(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[e]
+
+        gu = w8a8_linear(x, self.gate_up_proj[e], self.gate_up_proj_scale[e], opt(self.gate_up_proj_bias),
+                         opt(self.gate_up_proj_pre_quant_scale))
+        gate, up = gu.chunk(2, dim=-1)
+        return w8a8_linear(F.silu(gate) * up, self.down_proj[e], self.down_proj_scale[e], opt(self.down_proj_bias),
+                           opt(self.down_proj_pre_quant_scale))
+
+
+class Int8TorchExperts(ExpertsBackend):
+    """INT8 experts in PyTorch on any device: tokens sorted by expert, then each expert with tokens
+    runs :meth:`Int8Experts.expert` (``torch._int_mm`` on CUDA). One call per active expert, with
+    the per-expert counts read on the host: there is no grouped INT8 GEMM in PyTorch."""
+
+    name = "int8-torch"
+
+    def __init__(self, experts: Experts) -> None:
+        super().__init__(experts)
+        if not isinstance(experts, Int8Experts):
+            raise BackendUnavailable("int8-torch computes Int8Experts; these experts are not quantized")
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        ex = self.experts
+        assert isinstance(ex, Int8Experts)
+        t, k = routing.topk_ids.shape
+        flat_ids = routing.topk_ids.reshape(-1)
+        order = flat_ids.argsort(stable=True)
+        token_of = order // k
+        xs = x[token_of]
+        ys = torch.empty(xs.shape, dtype=torch.float32, device=x.device)
+        start = 0
+        for e, n in enumerate(torch.bincount(flat_ids, minlength=ex.n_experts).tolist()):
+            if n:
+                ys[start:start + n] = ex.expert(e, xs[start:start + n])
+                start += n
+        w = routing.topk_weights.reshape(-1)[order].float()
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_of, ys * w[:, None])
+        return out.to(x.dtype)
+
+
+class Int8NativeExperts(ExpertsBackend):
+    """All INT8 routed experts of the layer in one native call (``moe_w8a8.c``); CPU, float32 activations."""
+
+    name = "int8-cpu-native"
+    differentiable = False
+
+    def __init__(self, experts: Experts) -> None:
+        super().__init__(experts)
+        if not isinstance(experts, Int8Experts):
+            raise BackendUnavailable("int8-cpu-native computes Int8Experts; these experts are not quantized")
+        if not kernels.available():
+            raise BackendUnavailable("the native CPU kernels are not built")
+        if not experts.gate_up_proj.is_cpu:
+            raise BackendUnavailable(f"expert weights are on {experts.gate_up_proj.device}, not the CPU")
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        ex = self.experts
+        assert isinstance(ex, Int8Experts)
+        if x.dtype is not torch.float32:
+            return Int8TorchExperts(ex).forward(x, routing)
+        return kernels.moe_experts_w8a8(
+            x.contiguous(), routing.topk_ids.contiguous(), routing.topk_weights.float().contiguous(), ex.gate_up_proj,
+            ex.gate_up_proj_scale, ex.down_proj, ex.down_proj_scale, ex.gate_up_proj_bias, ex.down_proj_bias,
+            ex.gate_up_proj_pre_quant_scale, ex.down_proj_pre_quant_scale)
 
 
 class TorchExperts(ExpertsBackend):
@@ -101,6 +210,11 @@ class TorchExperts(ExpertsBackend):
     projection (decode-sized batches) or one matmul per expert over its slice (skewed loads)."""
 
     name = "torch"
+
+    def __init__(self, experts: Experts) -> None:
+        super().__init__(experts)
+        if not experts.gate_up_proj.is_floating_point():
+            raise BackendUnavailable(f"torch experts need floating-point weights, not {experts.gate_up_proj.dtype}")
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         ex = self.experts
@@ -155,7 +269,7 @@ class NativeExperts(ExpertsBackend):
         super().__init__(experts)
         if not kernels.available():
             raise BackendUnavailable("the native CPU kernels are not built")
-        for w in (experts.gate_up_proj, experts.down_proj):
+        for w in (experts.gate_up_proj, experts.down_proj):  # (int8 experts have their own backend)
             if not w.is_cpu or w.dtype is not torch.float32 or not w.is_contiguous():
                 raise BackendUnavailable(f"expert weights are {w.dtype} on {w.device}: contiguous float32 "
                                          "on the CPU expected")
@@ -176,6 +290,8 @@ class GroupedMMExperts(ExpertsBackend):
     def __init__(self, experts: Experts) -> None:
         super().__init__(experts)
         w = experts.gate_up_proj
+        if not w.is_floating_point():
+            raise BackendUnavailable(f"grouped matmul experts need floating-point weights, these are {w.dtype}")
         one = Routing(torch.zeros(1, 1, dtype=torch.long, device=w.device), torch.ones(1, 1, device=w.device))
         try:
             with torch.no_grad():
@@ -197,5 +313,5 @@ class GroupedMMExperts(ExpertsBackend):
         return torch.zeros_like(x).index_add_(0, token_of, ys * w[:, None])
 
 
-for _backend in (TorchExperts, NativeExperts, GroupedMMExperts):
+for _backend in (TorchExperts, NativeExperts, GroupedMMExperts, Int8TorchExperts, Int8NativeExperts):
     register_experts_backend(_backend.name, _backend)

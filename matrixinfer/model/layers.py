@@ -1,4 +1,5 @@
-"""Small building blocks shared by the DeepSeek-V2/V3 blocks: RMSNorm, the dense MLP, YaRN RoPE."""
+"""Small building blocks shared by the DeepSeek-V2/V3 blocks: RMSNorm, Linear and its INT8 (W8A8)
+form, the dense MLP, YaRN RoPE."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 from matrixinfer import kernels
 from matrixinfer.config import ModelConfig
 from matrixinfer.model.backend import CustomOp, cpu_float32
+from matrixinfer.quant.int8 import rotate, w8a8_linear
 
 
 class RMSNorm(CustomOp):
@@ -54,6 +56,69 @@ class Linear(CustomOp, nn.Linear):
         if x.dim() == 2 and x.shape[0] <= self.small_rows:
             return kernels.linear(x.contiguous(), self.weight)
         return F.linear(x, self.weight, self.bias)
+
+
+class Int8Linear(CustomOp):
+    """A linear layer with INT8 weights and activations (W8A8, the layout of
+    :mod:`matrixinfer.quant.format`): ``weight`` int8 ``[out, in]`` with per-output-channel
+    ``weight_scale`` ``[out, 1]``; the input is quantized per token on every call. Optional:
+    ``bias`` ``[out]`` (the quantizer's error compensation), ``pre_quant_scale`` ``[in]`` (a
+    smoothing vector multiplied into the input) and ``rotate_block`` (the input is multiplied by a
+    block Hadamard rotation; the stored weight was multiplied by the same).
+
+    Every tensor is a buffer, so casting the model to its compute dtype leaves them as they are; the
+    output has the input's dtype. ``native`` and ``cuda`` compute through
+    :func:`matrixinfer.quant.int8.w8a8_linear` (``torch._int_mm`` on CUDA); the ``cpu`` backend runs
+    decode-sized batches (up to ``small_rows`` rows) through the native INT8 kernel."""
+
+    small_rows = Linear.small_rows
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, pre_quant_scale: bool = False,
+                 rotate_block: int = 0) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight: torch.Tensor
+        self.weight_scale: torch.Tensor
+        self.bias: torch.Tensor | None
+        self.pre_quant_scale: torch.Tensor | None
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features, 1))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("pre_quant_scale", torch.ones(in_features) if pre_quant_scale else None)
+        if rotate_block and (rotate_block & (rotate_block - 1) or in_features % rotate_block):
+            raise ValueError(f"rotation block {rotate_block} must be a power of two dividing {in_features}")
+        self.rotate_block = rotate_block
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"rotate_block={self.rotate_block}")
+
+    def supports(self, backend: str) -> bool:
+        if backend == "cpu":
+            return self.weight.is_cpu and kernels.available()
+        if backend == "cuda":
+            return self.weight.is_cuda
+        return super().supports(backend)
+
+    def _input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The input as the GEMM's quantizer sees it, and the smoothing vector still to apply."""
+        if not self.rotate_block:
+            return x, self.pre_quant_scale
+        xf = x.float() if self.pre_quant_scale is None else x.float() * self.pre_quant_scale
+        return rotate(xf, self.rotate_block), None
+
+    def forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        xin, pre = self._input(x)
+        return w8a8_linear(xin, self.weight, self.weight_scale, self.bias, pre).to(x.dtype)
+
+    def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_native(x)
+
+    def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[0] > self.small_rows or x.dtype is not torch.float32:
+            return self.forward_native(x)
+        xin, pre = self._input(x)
+        return kernels.linear_w8a8(xin.contiguous(), self.weight, self.weight_scale, self.bias, pre)
 
 
 class MLP(nn.Module):

@@ -1,8 +1,10 @@
-"""Load Hugging Face DeepSeek-V2/V3 checkpoints (safetensors, FP8 block-scaled included).
+"""Load Hugging Face DeepSeek-V2/V3 checkpoints (safetensors; FP8 block-scaled and INT8 W8A8 included).
 
 Tensors are streamed one at a time from memory-mapped files into a model whose storage was
 allocated uninitialised, so peak memory stays near one copy of the model. Every problem names the
-file and tensor involved and what was expected.
+file and tensor involved and what was expected. FP8 weights are dequantized while loading; INT8
+modules (:mod:`matrixinfer.quant.format`: a ``weight_scale`` beside the weight) replace their float
+modules before loading and stay INT8.
 """
 
 from __future__ import annotations
@@ -21,14 +23,30 @@ from tqdm import tqdm
 from matrixinfer.config import ModelConfig
 from matrixinfer.model.backend import select_backend
 from matrixinfer.model.deepseek import DeepseekForCausalLM, MTPLayer
+from matrixinfer.model.experts import Experts, Int8Experts
 from matrixinfer.model.fp8 import FP8_DTYPE, dequantize_fp8_blocks
-from matrixinfer.model.layers import RotaryEmbedding
+from matrixinfer.model.layers import Int8Linear, Linear, RotaryEmbedding
 from matrixinfer.model.moe import Gate
+from matrixinfer.quant.format import Int8Layout, QuantFormatError, parse_layout
 
 log = logging.getLogger(__name__)
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_EXPERT = re.compile(r"^(.*mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT = re.compile(r"^(.*mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\."
+                     r"(weight|weight_scale|bias|pre_quant_scale)$")
+#: a stacked experts tensor -> (the checkpoint projections stacked in it, their tensor suffix); the
+#: float experts have the first two, INT8 experts (matrixinfer.quant.format) all
+_EXPERT_STACKS = {
+    "gate_up_proj": (("gate_proj", "up_proj"), "weight"),
+    "down_proj": (("down_proj",), "weight"),
+    "gate_up_proj_scale": (("gate_proj", "up_proj"), "weight_scale"),
+    "down_proj_scale": (("down_proj",), "weight_scale"),
+    "gate_up_proj_bias": (("gate_proj", "up_proj"), "bias"),
+    "down_proj_bias": (("down_proj",), "bias"),
+    "gate_up_proj_pre_quant_scale": (("gate_proj", "up_proj"), "pre_quant_scale"),
+    "down_proj_pre_quant_scale": (("down_proj",), "pre_quant_scale"),
+}
+_STACK_OF = {(part, suffix): stack for stack, (parts, suffix) in _EXPERT_STACKS.items() for part in parts}
 _MTP_OWN = ("embed_tokens.", "enorm.", "hnorm.", "eh_proj.", "shared_head.")
 _MTP_OPTIONAL = ("embed_tokens.weight", "shared_head.head.weight")  # may be shared with the main model
 
@@ -72,13 +90,14 @@ def _handle(handles: dict[Path, object], path: Path):
     return handles[path]
 
 
-def _expert_dest(params: dict[str, torch.Tensor], base: str, e: int, part: str) -> torch.Tensor:
-    """Where one unstacked expert matrix lives in the stacked parameters (a view)."""
-    if part == "down_proj":
-        return params[f"{base}.down_proj"][e]
-    gu = params[f"{base}.gate_up_proj"][e]
-    half = gu.shape[0] // 2
-    return gu[:half] if part == "gate_proj" else gu[half:]
+def _expert_dest(params: dict[str, torch.Tensor], base: str, e: int, part: str, suffix: str = "weight") -> torch.Tensor:
+    """Where one unstacked expert tensor lives in the stacked tensors (a view): gate rows then up
+    rows of ``gate_up_proj*``; gate and up share one input, so one ``pre_quant_scale`` slot."""
+    t = params[f"{base}.{_STACK_OF[part, suffix]}"][e]
+    if part == "down_proj" or suffix == "pre_quant_scale":
+        return t
+    half = t.shape[0] // 2
+    return t[:half] if part == "gate_proj" else t[half:]
 
 
 def _target_name(name: str, n_layers: int) -> str | None:
@@ -101,20 +120,23 @@ def _expected(model: DeepseekForCausalLM) -> dict[str, tuple[int, ...]]:
     out: dict[str, tuple[int, ...]] = {}
     tensors: dict[str, torch.Tensor] = dict(model.named_parameters())
     tensors.update((n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+    for mname, mod in model.named_modules():  # INT8 modules keep every tensor in (persistent) buffers
+        if isinstance(mod, (Int8Linear, Int8Experts)):
+            tensors.update((f"{mname}.{b}", t) for b, t in mod.named_buffers(recurse=False))
     for ours, t in tensors.items():
         ck = ours
         if ours.startswith("mtp."):
             _, k, rest = ours.split(".", 2)
             rest = rest[len("block."):] if rest.startswith("block.") else rest
             ck = f"model.layers.{n_layers + int(k)}.{rest}"
-        if ck.endswith("experts.gate_up_proj"):
-            e, two_i, h = t.shape
-            for j in range(e):
-                out[f"{ck[:-len('gate_up_proj')]}{j}.gate_proj.weight"] = (two_i // 2, h)
-                out[f"{ck[:-len('gate_up_proj')]}{j}.up_proj.weight"] = (two_i // 2, h)
-        elif ck.endswith("experts.down_proj"):
+        base, _, stack = ck.rpartition(".")
+        if base.endswith("mlp.experts") and stack in _EXPERT_STACKS:
+            parts, suffix = _EXPERT_STACKS[stack]
+            split = len(parts) == 2 and suffix != "pre_quant_scale"
+            shape = (t.shape[1] // 2, *t.shape[2:]) if split else tuple(t.shape[1:])
             for j in range(t.shape[0]):
-                out[f"{ck[:-len('down_proj')]}{j}.down_proj.weight"] = tuple(t.shape[1:])
+                for part in parts:
+                    out[f"{base}.{j}.{part}.{suffix}"] = shape
         else:
             out[ck] = tuple(t.shape)
     if model.config.tie_word_embeddings:
@@ -175,8 +197,14 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         if cfg.num_nextn_predict_layers > 0 and not has_mtp:
             log.info("%s: config declares %d MTP module(s) but the checkpoint has no MTP tensors; "
                      "loading without MTP", ckpt, cfg.num_nextn_predict_layers)
+    try:
+        layout = parse_layout(cfg.quantization_config, names)
+    except QuantFormatError as exc:
+        raise CheckpointError(f"{ckpt}: {exc}") from exc
     with torch.device("meta"):
         model = DeepseekForCausalLM(cfg, with_mtp=with_mtp)
+        if layout is not None:
+            _use_int8(model, layout, names, ckpt)
         _cast(model, dtype)
     model = model.to_empty(device=device)
     model.rope = RotaryEmbedding(cfg).to(device)
@@ -246,10 +274,10 @@ def _destinations(params: dict[str, torch.Tensor], expected: dict[str, tuple[int
             continue
         em = _EXPERT.match(target)
         if em:
-            base, e, part = em.group(1), int(em.group(2)), em.group(3)
+            base, e, part, suffix = em.group(1), int(em.group(2)), em.group(3), em.group(4)
             if name not in expected or f"{base}.gate_up_proj" not in params:
                 continue
-            dest = _expert_dest(params, base, e, part)
+            dest = _expert_dest(params, base, e, part, suffix)
         elif target.endswith(("experts.gate_up_proj", "experts.down_proj")) or target not in params:
             continue
         else:
@@ -268,17 +296,66 @@ def _cast(model: DeepseekForCausalLM, dtype: torch.dtype) -> None:
             setattr(mod, pname, torch.nn.Parameter(p.to(dtype), requires_grad=False))
 
 
+def _use_int8(model: DeepseekForCausalLM, layout: Int8Layout, names: dict[str, Path], ckpt: Path) -> None:
+    """Replace the modules the checkpoint stores in INT8 by :class:`Int8Linear` / :class:`Int8Experts`
+    (on the meta device, before any tensor is read); their optional tensors decide their options."""
+    n_layers = model.config.num_hidden_layers
+    experts: dict[str, list[str]] = {}
+    for ck in sorted(layout.modules):
+        target = _target_name(f"{ck}.weight", n_layers)
+        if target is None:
+            raise CheckpointError(f"{ckpt}: INT8 tensor {ck}.weight_scale belongs to no module of the model")
+        if target.startswith("mtp.") and int(target.split(".")[1]) >= len(model.mtp):
+            continue  # MTP modules not loaded
+        em = _EXPERT.match(target)
+        if em:
+            experts.setdefault(em.group(1), []).append(ck)
+            continue
+        mod_name = target[: -len(".weight")]
+        try:
+            mod = model.get_submodule(mod_name)
+        except AttributeError:
+            raise CheckpointError(f"{ckpt}: INT8 tensor {ck}.weight_scale belongs to no module of the model") from None
+        if not isinstance(mod, Linear) or mod_name.endswith("kv_b_proj"):
+            raise CheckpointError(f"{ckpt}: {ck} is stored in INT8, but only linear projections other than "
+                                  "kv_b_proj (which attention reads as a matrix) can be")
+        new = Int8Linear(mod.in_features, mod.out_features, bias=f"{ck}.bias" in names,
+                         pre_quant_scale=f"{ck}.pre_quant_scale" in names, rotate_block=layout.rotated.get(ck, 0))
+        parent, _, attr = mod_name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, new)
+    for base, cks in experts.items():
+        mod = model.get_submodule(base)
+        if not isinstance(mod, Experts) or len(cks) != 3 * mod.n_experts:
+            raise CheckpointError(f"{ckpt}: {len(cks)} INT8 projections under {base}: every routed expert's "
+                                  f"gate_proj, up_proj and down_proj must be INT8, or none")
+        rotated = [ck for ck in cks if ck in layout.rotated]
+        if rotated:
+            raise CheckpointError(f"{ckpt}: rotated inputs are not supported for routed experts ({rotated[0]})")
+        new_ex = Int8Experts(mod.n_experts, mod.gate_up_proj.shape[2], mod.inter,
+                             bias=any(f"{ck}.bias" in names for ck in cks),
+                             pre_quant_scale=any(f"{ck}.pre_quant_scale" in names for ck in cks))
+        parent, _, attr = base.rpartition(".")
+        setattr(model.get_submodule(parent), attr, new_ex)
+
+
 def _assign(params: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], name: str, target: str,
             t: torch.Tensor, fpath: Path, filled: set[str]) -> None:
     em = _EXPERT.match(target)
     if em:
-        base, e, part = em.group(1), int(em.group(2)), em.group(3)
+        base, e, part, suffix = em.group(1), int(em.group(2)), em.group(3), em.group(4)
         if name not in expected:
             raise CheckpointError(f"{fpath}: unexpected tensor {name} (the config has fewer experts or layers)")
         if tuple(t.shape) != expected[name]:
             raise CheckpointError(f"{fpath}: tensor {name} has shape {list(t.shape)}, expected {list(expected[name])}")
+        slot = _expert_dest(params, base, e, part, suffix)
+        _check_int8(slot, t, name, fpath)
+        sibling = name.replace(".up_proj.", ".gate_proj.") if part == "up_proj" else name.replace(".gate_proj.",
+                                                                                                   ".up_proj.")
+        if suffix == "pre_quant_scale" and sibling in filled and not torch.equal(slot, t.to(slot.dtype)):
+            raise CheckpointError(f"{fpath}: {name} differs from {sibling}: gate and up share one input, so one "
+                                  "smoothing vector")
         with torch.no_grad():
-            _expert_dest(params, base, e, part).copy_(t)
+            slot.copy_(t)
         filled.add(name)
         return
     if target.endswith(("experts.gate_up_proj", "experts.down_proj")):  # fused (stacked) layout
@@ -299,6 +376,16 @@ def _assign(params: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]
         raise CheckpointError(f"{fpath}: unexpected tensor {name} (not part of the model this config describes)")
     if tuple(t.shape) != tuple(dest.shape):
         raise CheckpointError(f"{fpath}: tensor {name} has shape {list(t.shape)}, expected {list(dest.shape)}")
+    _check_int8(dest, t, name, fpath)
     with torch.no_grad():
         dest.copy_(t)
     filled.add(name)
+
+
+def _check_int8(dest: torch.Tensor, t: torch.Tensor, name: str, fpath: Path) -> None:
+    """INT8 tensors go exactly where INT8 is expected (a silent cast would serve garbage)."""
+    if (t.dtype is torch.int8) != (dest.dtype is torch.int8):
+        if t.dtype is torch.int8:
+            raise CheckpointError(f"{fpath}: tensor {name} is int8 but has no "
+                                  f"{name.rsplit('.', 1)[0]}.weight_scale beside it")
+        raise CheckpointError(f"{fpath}: tensor {name} is {t.dtype}; this INT8 module expects int8")

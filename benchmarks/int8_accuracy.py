@@ -1,0 +1,142 @@
+"""Demo model, INT8 vs original, same run: held-out perplexity, greedy token agreement, and the
+ablation table (perplexity with each quantization step removed in turn).
+
+Calibration uses the first half of the demo corpus's held-out stdlib files, evaluation the second
+half (matrixinfer.quant.calibration), so nothing is judged on the text it was calibrated on. The
+default recipe is written as an INT8 checkpoint and loaded back through the loader, as
+``matrixinfer serve --model OUT`` would; the ablation rows quantize in memory (the same arithmetic:
+tests/quant show the round trip is exact).
+
+Greedy agreement over ``--prompts`` prompts x ``--tokens`` tokens, two ways:
+- teacher-forced: along the original model's greedy continuation, the share of positions where
+  the INT8 model's greedy choice is the same token (each position judged on its own);
+- free-running: both models generate on their own; the share of positions holding the same token
+  (one early divergence makes every later position count as a miss).
+
+    python benchmarks/int8_accuracy.py [--model DIR] [--no-ablation] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+
+import torch
+
+from matrixinfer.model.attention import AttentionMetadata
+from matrixinfer.model.deepseek import DeepseekForCausalLM
+from matrixinfer.model.default_model import SHIPPED
+from matrixinfer.model.generate import generate
+from matrixinfer.model.loader import load_model
+from matrixinfer.quant import calibration
+from matrixinfer.quant.checkpoint import write_checkpoint
+from matrixinfer.quant.policy import QuantRecipe
+from matrixinfer.quant.quantizer import Quantizer
+
+DEFAULT = QuantRecipe()
+ABLATION = [
+    ("all five steps (default)", DEFAULT),
+    ("- mixed precision (heads and flagged modules INT8 too)", QuantRecipe(mixed_precision=False)),
+    ("- smoothing search", QuantRecipe(smooth=False)),
+    ("+ Hadamard rotation of dense down_proj inputs", QuantRecipe(rotate=True)),
+    ("- clipping search", QuantRecipe(clip=False)),
+    ("- error compensation", QuantRecipe(bias_correction=False)),
+    ("none: plain per-token x per-channel W8A8", QuantRecipe(mixed_precision=False, smooth=False, clip=False,
+                                                             bias_correction=False)),
+]
+
+
+@torch.no_grad()
+def teacher_forced(model: DeepseekForCausalLM, prompts: list[list[int]], conts: list[list[int]]) -> float:
+    """Share of continuation positions where ``model``'s greedy choice equals ``conts``."""
+    seqs = [p + c for p, c in zip(prompts, conts)]
+    lens = [len(s) - 1 for s in seqs]
+    meta = AttentionMetadata.build(lens)
+    ids = torch.tensor([t for s in seqs for t in s[:-1]])
+    pos = torch.cat([torch.arange(n) for n in lens])
+    pred = model.compute_logits(model(ids, pos, meta)).argmax(-1).split(lens)
+    hits = total = 0
+    for p, c, row in zip(prompts, conts, pred):
+        got = row[len(p) - 1:].tolist()
+        hits += sum(a == b for a, b in zip(got, c))
+        total += len(c)
+    return hits / total
+
+
+def free_running(a: list[list[int]], b: list[list[int]]) -> float:
+    pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
+    return sum(x == y for x, y in pairs) / len(pairs)
+
+
+def evaluate(model: DeepseekForCausalLM, eval_windows: torch.Tensor, prompts: list[list[int]],
+             reference: list[list[int]], tokens: int) -> dict[str, float]:
+    ppl = calibration.perplexity(model, eval_windows)
+    own = generate(model, prompts, tokens)
+    return {"perplexity": ppl, "teacher_forced_agreement": teacher_forced(model, prompts, reference),
+            "free_running_agreement": free_running(own, reference)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(SHIPPED))
+    ap.add_argument("--windows", type=int, default=32, help="calibration windows")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--no-ablation", action="store_true", help="only the default recipe")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    calib = calibration.windows(args.model, calibration.BUILTIN, args.seq_len + 1, args.windows, "calibration")
+    evalw = calibration.windows(args.model, calibration.BUILTIN, args.seq_len + 1, args.eval_windows, "evaluation")
+    prompts = calibration.windows(args.model, calibration.BUILTIN, args.prompt_len, args.prompts, "evaluation").tolist()
+    original = load_model(args.model, progress=False)
+    reference = generate(original, prompts, args.tokens)
+    base = evaluate(original, evalw, prompts, reference, args.tokens)
+    print(f"original: held-out perplexity {base['perplexity']:.4f} ({evalw.shape[0]} x {args.seq_len} tokens; "
+          f"calibration {calib.shape[0]} x {args.seq_len} tokens from the other half)")
+    rows = []
+    for name, recipe in ABLATION[:1] if args.no_ablation else ABLATION:
+        model = load_model(args.model, progress=False)
+        start = time.perf_counter()
+        report = Quantizer(model, calib, recipe).run()
+        seconds = time.perf_counter() - start
+        if recipe == DEFAULT:
+            print(report.table())
+            with tempfile.TemporaryDirectory() as tmp:  # the served path: checkpoint -> loader
+                write_checkpoint(model, args.model, tmp, report.rotated, report.details())
+                model = load_model(tmp, progress=False)
+        r = {"recipe": name, "steps": recipe.steps(), "quantize_seconds": seconds,
+             "high_precision": report.high_precision, **evaluate(model, evalw, prompts, reference, args.tokens)}
+        r["perplexity_change"] = r["perplexity"] / base["perplexity"] - 1
+        rows.append(r)
+        print(f"{name}: perplexity {r['perplexity']:.4f} ({100 * r['perplexity_change']:+.3f}%), teacher-forced "
+              f"agreement {100 * r['teacher_forced_agreement']:.2f}%, "
+              f"free-running {100 * r['free_running_agreement']:.2f}%")
+    print("\n| recipe | held-out perplexity | vs original | teacher-forced agreement | free-running agreement |")
+    print("|---|---|---|---|---|")
+    print(f"| original (bf16 weights, float32 compute) | {base['perplexity']:.4f} | - | - | - |")
+    for r in rows:
+        print(f"| {r['recipe']} | {r['perplexity']:.4f} | {100 * r['perplexity_change']:+.3f}% | "
+              f"{100 * r['teacher_forced_agreement']:.2f}% | {100 * r['free_running_agreement']:.2f}% |")
+    d = rows[0]
+    print(f"\nbar: perplexity within +1%: {'yes' if d['perplexity_change'] <= 0.01 else 'no'} "
+          f"({100 * d['perplexity_change']:+.3f}%); greedy agreement >= 98% over {args.prompts} prompts x "
+          f"{args.tokens} tokens: teacher-forced {'yes' if d['teacher_forced_agreement'] >= 0.98 else 'no'} "
+          f"({100 * d['teacher_forced_agreement']:.2f}%), free-running "
+          f"{'yes' if d['free_running_agreement'] >= 0.98 else 'no'} ({100 * d['free_running_agreement']:.2f}%)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"original": base, "rows": rows, "args": vars(args)}, f, indent=1,
+                      default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o))
+
+
+if __name__ == "__main__":
+    main()
