@@ -2,14 +2,35 @@
  *
  * x [M, K], W [N, K] (nn.Linear's layout), y [M, N], float32. A BLAS GEMM packs W for every call,
  * which at a handful of rows costs more than the arithmetic; here each thread streams its block of
- * W's rows once and reuses every 4-row tile of x against it (register tiles of 4 rows x 2 outputs).
+ * W's rows once and reuses every 4-row tile of x against it (register tiles of 4 rows x 2 outputs;
+ * a single row takes 1 x 4 tiles instead of repeating itself four times).
  */
 #include "matrixinfer.h"
 #include "simd.h"
 
 #define NBLOCK 64 /* output columns per task: their weight rows stay in cache across the row tiles */
 
+/* One row (a single decoding sequence): four weight rows at a time, no repeated rows. */
+static void linear_row(const float *x, const float *w, int64_t k, int64_t n, float *y, int nthreads) {
+    int64_t n_blocks = (n + NBLOCK - 1) / NBLOCK;
+#pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static) if (n * k >= 1 << 18)
+    for (int64_t b = 0; b < n_blocks; b++) {
+        int64_t n0 = b * NBLOCK, n1 = n0 + NBLOCK < n ? n0 + NBLOCK : n;
+        float dots[4];
+        for (int64_t j = n0; j < n1; j += 4) {
+            const float *wr[4];
+            for (int c = 0; c < 4; c++) wr[c] = w + (j + c < n1 ? j + c : n1 - 1) * k;
+            dot_1x4(x, wr, k, dots);
+            for (int c = 0; c < 4 && j + c < n1; c++) y[j + c] = dots[c];
+        }
+    }
+}
+
 void mi_linear(const float *x, const float *w, int64_t m, int64_t k, int64_t n, float *y, int nthreads) {
+    if (m == 1) {
+        linear_row(x, w, k, n, y, nthreads);
+        return;
+    }
     int64_t n_blocks = (n + NBLOCK - 1) / NBLOCK;
 #pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static) if (m * n * k >= 1 << 18)
     for (int64_t b = 0; b < n_blocks; b++) {

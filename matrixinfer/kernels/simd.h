@@ -93,6 +93,38 @@ static inline void dot_4x2(const float *const *x, const float *w0, const float *
     }
 }
 
+/* out[j] = x . w[j] for one row x and four weight rows w[0..3] (length n): a single decode row
+ * without the 4-row tile's repeated rows. */
+static inline void dot_1x4(const float *x, const float *const *w, int64_t n, float *out) {
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    if (n % 8 == 0) { /* the lanes and their sums as dot_4x2 has them: the same result, bit for bit */
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t d = 0; d < n; d += 8) {
+            __m256 xv = _mm256_loadu_ps(x + d);
+            a0 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w[0] + d), a0);
+            a1 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w[1] + d), a1);
+            a2 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w[2] + d), a2);
+            a3 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w[3] + d), a3);
+        }
+        __m256 z = _mm256_setzero_ps();
+        float lanes[8];
+        _mm256_storeu_ps(lanes, hsum8(a0, a1, a2, a3, z, z, z, z));
+        out[0] = lanes[0], out[1] = lanes[1], out[2] = lanes[2], out[3] = lanes[3];
+        return;
+    }
+#endif
+    const float *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t d = 0; d < n; d++) {
+        s0 += x[d] * w0[d];
+        s1 += x[d] * w1[d];
+        s2 += x[d] * w2[d];
+        s3 += x[d] * w3[d];
+    }
+    out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+}
+
 /* --- INT8 (W8A8) helpers ------------------------------------------------------------------------ */
 
 /* Symmetric INT8 of one row x[0..n) (each value times mul[i] first when mul is not NULL):
@@ -160,6 +192,37 @@ static inline void dot_i8_4x2(const int8_t *const *x, const int8_t *w0, const in
             out[i] += (int32_t)x[i][d] * w0[d];
             out[TILE + i] += (int32_t)x[i][d] * w1[d];
         }
+}
+
+/* out[j] = x . w[j], exact int32 sums, for one int8 row x and four int8 weight rows w[0..3]. */
+static inline void dot_i8_1x4(const int8_t *x, const int8_t *const *w, int64_t n, int32_t *out) {
+    int64_t d = 0;
+    for (int j = 0; j < 4; j++) out[j] = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    if (n >= 32) {
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (; d + 32 <= n; d += 32) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(x + d));
+            __m256i ax = _mm256_abs_epi8(xv);
+#define MI_I8_ACC(a, wr)                                                                                        \
+    a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(                       \
+                                                  _mm256_loadu_si256((const __m256i *)((wr) + d)), xv)),        \
+                                              ones))
+            MI_I8_ACC(a0, w[0]);
+            MI_I8_ACC(a1, w[1]);
+            MI_I8_ACC(a2, w[2]);
+            MI_I8_ACC(a3, w[3]);
+#undef MI_I8_ACC
+        }
+        int32_t lanes[8];
+        __m256i z = _mm256_setzero_si256();
+        _mm256_storeu_si256((__m256i *)lanes, hsum8_epi32(a0, a1, a2, a3, z, z, z, z));
+        for (int j = 0; j < 4; j++) out[j] = lanes[j];
+    }
+#endif
+    for (; d < n; d++)
+        for (int j = 0; j < 4; j++) out[j] += (int32_t)x[d] * w[j][d];
 }
 
 #endif
