@@ -122,7 +122,10 @@ class Worker:
         quiet_gc()
         while not self.stopped.is_set():
             for msg in self.inbox.drain():
-                self.handle(msg)
+                try:
+                    self.handle(msg)
+                except Exception as exc:  # one bad command fails its request, never the worker
+                    self.refuse(msg, exc)
             self.tick()
             if self.engine.has_work():
                 for out in self.engine.step():
@@ -142,6 +145,17 @@ class Worker:
         """Apply one command from the inbox."""
         if isinstance(msg, Abort):
             self.engine.abort(msg.request_id)
+
+    def refuse(self, msg: Any, exc: Exception) -> None:
+        """A command whose handling raised: its request fails (500) and frees what it holds."""
+        rid = getattr(msg, "request_id", None)
+        log.error("%s: %s for %s failed: %r", self.instance_id, type(msg).__name__, rid, exc, exc_info=exc)
+        if isinstance(rid, str):
+            try:
+                self.engine.abort(rid)
+            except Exception:  # noqa: BLE001 - the request is answered regardless
+                log.exception("%s: aborting %s", self.instance_id, rid)
+            self.link.send(m.Failed(rid, f"the {type(msg).__name__} message failed: {exc!r}", 500))
 
     def tick(self) -> None:
         """Deadlines and retries checked once per loop."""

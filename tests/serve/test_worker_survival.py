@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from types import SimpleNamespace
 
 import msgspec
 import pytest
@@ -130,3 +131,30 @@ def test_a_poisoned_request_fails_alone_in_a_worker_engine(tmp_path):
     while eng.has_work():
         tokens += [t for o in eng.step() for t in o.token_ids]
     assert len(tokens) == 4 and eng.blocks.num_used == 0
+
+
+def test_a_command_that_raises_fails_its_request_and_the_worker_goes_on(tmp_path, monkeypatch):
+    """A decode instance handed a KVDone whose sampler state is garbage (a broken or hostile prefill
+    peer): that request fails, its reservation is freed, and the worker's loop keeps running."""
+    from matrixinfer.serve import worker as wk
+
+    monkeypatch.setattr(wk, "quiet_gc", lambda: None)  # leave this process's collector alone
+    ck = make_checkpoint(tmp_path / "m", "v3", seed=3, vocab_size=264, bos_token_id=256, eos_token_id=257)
+    write_byte_tokenizer(ck)
+    eng = LLMEngine(EngineConfig(model=str(ck), device="cpu", dtype="float32", kv_cache_memory=2 << 20,
+                                 block_size=8))
+    w = wk.DecodeWorker.__new__(wk.DecodeWorker)  # the loop and handlers, without a router or KV port
+    sent: list[object] = []
+    w.instance_id, w.inbox, w.stopped, w.engine = "d0", Inbox(), threading.Event(), eng
+    w.link = SimpleNamespace(send=sent.append, stats=None)  # type: ignore[assignment]
+    w.pending, w.reserved, w._stats_at = [], {}, 0.0
+    assert eng.reserve("bad", 4, timeout=30) is not None
+    w.reserved["bad"] = m.Reserve("bad", [5, 6, 7, 8], SamplingParams(max_tokens=4, seed=1), 30.0)
+    w.inbox.put(m.KVDone("bad", 9, None, 0, sampler_state=b"not a generator state"))
+    w.inbox.put(Abort("other"))
+    stopper = threading.Timer(1.0, lambda: (w.stopped.set(), w.inbox.wake()))
+    stopper.start()
+    w.run()  # returns once stopped (it used to raise out of the loop, ending the process)
+    failed = [x for x in sent if isinstance(x, m.Failed)]
+    assert [(f.request_id, f.status) for f in failed] == [("bad", 500)]
+    assert not eng.has_reservation("bad") and eng.blocks.num_used == 0
