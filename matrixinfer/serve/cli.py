@@ -77,12 +77,30 @@ def _serve(args: argparse.Namespace) -> int:
     if configs is None:
         return 1
     engine_cfg, serve_cfg = configs
+    busy = _busy_port(serve_cfg)
+    if busy:  # found before any model loads or worker starts
+        print(f"error: {busy}", file=sys.stderr)
+        return 1
     logging.basicConfig(level=serve_cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not serve_cfg.colocated:
         from matrixinfer.serve.launcher import serve_pdc
 
         return serve_pdc(engine_cfg, serve_cfg)
     return _serve_colocated(engine_cfg, serve_cfg)
+
+
+def _busy_port(cfg: ServeConfig) -> str | None:
+    """Why a port this deployment needs cannot be listened on, or None."""
+    from matrixinfer.netio import format_addr, listen
+
+    ports = [("--port", cfg.port)] + ([] if cfg.colocated else [("--router-port", cfg.control_port)])
+    for flag, port in ports:
+        try:
+            listen(cfg.host, port).close()
+        except OSError as exc:
+            return (f"cannot listen on {format_addr(cfg.host, port)} ({exc.strerror or exc}); is another server "
+                    f"running there? Choose another {flag}.")
+    return None
 
 
 def _serve_colocated(engine_cfg: EngineConfig, cfg: ServeConfig) -> int:
@@ -112,7 +130,7 @@ def _serve_colocated(engine_cfg: EngineConfig, cfg: ServeConfig) -> int:
 def print_banner(title: str, model_id: str, cfg: ServeConfig) -> None:
     """Where the server listens, and a request to try."""
     url = f"http://{cfg.host}:{cfg.port}"
-    auth = f" -H 'Authorization: Bearer {cfg.api_key}'" if cfg.api_key else ""
+    auth = " -H 'Authorization: Bearer <your API key>'" if cfg.api_key else ""  # never print the key itself
     print(f"{title} at {url}  (Ctrl-C to stop)\n"
           f"  try: curl {url}/v1/completions{auth} -H 'Content-Type: application/json' "
           f"-d '{{\"model\": \"{model_id}\", \"prompt\": \"def fibonacci(n):\", \"max_tokens\": 48, "

@@ -84,7 +84,7 @@ def _drain(proc: subprocess.Popen, name: str) -> None:
         for line in proc.stdout:
             sys.stderr.write(f"[{name}] {line}")
         code = proc.wait()
-        if code not in (0, -signal.SIGTERM):
+        if code not in (0, -signal.SIGTERM, -signal.SIGINT):
             log.warning("%s exited with code %s", name, code)
 
     threading.Thread(target=pump, daemon=True).start()

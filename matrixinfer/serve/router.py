@@ -232,6 +232,8 @@ class Router:
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, WireError, OSError) as exc:
             if inst is None:
                 log.warning("worker %s failed to register: %s", peer, exc)
+        except asyncio.CancelledError:  # the server is shutting down: not an error worth a traceback
+            pass
         finally:
             writer.close()
             if inst is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import signal
 import threading
 import time
 import uuid
@@ -252,8 +253,13 @@ class DecodeWorker(Worker):
         if req is None or not self.engine.has_reservation(done.request_id):
             return
         self.engine.sampler.import_state(done.request_id, done.sampler_state, self.engine.runner.device)
-        out = self.engine.attach(done.request_id, req.prompt_ids, done.first_token, done.first_logprob, req.params,
-                                 done.num_cached)
+        try:
+            out = self.engine.attach(done.request_id, req.prompt_ids, done.first_token, done.first_logprob,
+                                     req.params, done.num_cached, done.hidden)
+        except RequestError as exc:  # e.g. a prefill instance running another model
+            self.engine.release_reservation(done.request_id)
+            self.link.send(m.Failed(done.request_id, str(exc), 500))
+            return
         self.link.send(out)
 
 
@@ -266,5 +272,10 @@ def run_worker(role: str, router: str, cfg: EngineConfig, kv_host: str, ems: lis
         worker = DecodeWorker(router, cfg, ems, kv_host=kv_host)
     else:
         raise ValueError(f"worker role must be prefill or decode, got {role!r}")
-    worker.run()
+    # SIGTERM (the launcher stopping) and Ctrl-C (the terminal's whole process group) end the loop quietly
+    signal.signal(signal.SIGTERM, lambda signum, frame: (worker.stopped.set(), worker.inbox.wake()))
+    try:
+        worker.run()
+    except KeyboardInterrupt:
+        log.info("%s: interrupted; stopping", worker.instance_id)
     return 0
