@@ -2,8 +2,8 @@
 
 :class:`Allocator` is pure policy (offsets and sizes, no memory): best-fit over a free list that
 coalesces neighbours on free, so the pool needs no per-key OS object. :class:`SharedArena` is the
-segment itself, a file in ``/dev/shm`` that same-host clients map to read and write values directly
-(the analogue of the paper's load/store access over the unified bus).
+segment itself, an anonymous shared-memory file whose descriptor same-host clients receive and map
+to read and write values directly (the analogue of the paper's load/store access over the unified bus).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import bisect
 import mmap
 import os
-import secrets
 import tempfile
 
 ALIGN = 64  # cache-line alignment keeps copies into and out of the arena fast
@@ -105,37 +104,38 @@ def _shm_dir() -> str:
 
 
 class SharedArena:
-    """A named shared-memory segment that clients on the same host can map by path.
+    """An anonymous shared-memory segment (``memfd``) that same-host clients map.
 
-    The file has mode 0600: the same-host fast path trusts the OS user, the protocol enforces
-    namespaces for everyone else (see docs/ems.md). Values take the first ``capacity`` bytes
-    (``view``); ``extra`` bytes after them, from ``extra_offset`` (``extra_view``), hold the shared
-    index (:mod:`matrixinfer.ems.index`).
+    It has no name in any file system: the server hands its descriptor to clients of its own OS
+    user over its unix socket (:mod:`matrixinfer.ems.server`), so a SIGKILLed server leaves nothing
+    behind, and the memory is freed once the server and every client have unmapped it. The
+    same-host fast path trusts the OS user; the protocol enforces namespaces for everyone else (see
+    docs/ems.md). Values take the first ``capacity`` bytes (``view``); ``extra`` bytes after them,
+    from ``extra_offset`` (``extra_view``), hold the shared index (:mod:`matrixinfer.ems.index`).
     """
 
-    def __init__(self, capacity: int, path: str | None = None, extra: int = 0) -> None:
-        remove_orphan_segments()
-        name = f"matrixinfer-ems-{os.getpid()}-{_pid_namespace()}-{secrets.token_hex(4)}"
-        self.path = path or os.path.join(_shm_dir(), name)
+    def __init__(self, capacity: int, extra: int = 0) -> None:
+        remove_orphan_segments()  # named segments left by servers of earlier versions
+        self.path = f"memfd:matrixinfer-ems-{os.getpid()}"  # names the segment in messages only
         self.capacity = capacity
         self.extra_offset = align_up(capacity) if extra else capacity
         self.size = self.extra_offset + extra
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self.fd = os.memfd_create(self.path.removeprefix("memfd:"), os.MFD_CLOEXEC)
         try:
-            os.ftruncate(fd, self.size)
-            self.mmap = mmap.mmap(fd, self.size)
-        finally:
-            os.close(fd)
+            os.ftruncate(self.fd, self.size)
+            self.mmap = mmap.mmap(self.fd, self.size)
+        except BaseException:
+            os.close(self.fd)
+            raise
         whole = memoryview(self.mmap)
         self.view = whole[:capacity]
         self.extra_view = whole[self.extra_offset:]
 
     def close(self) -> None:
-        """Unlink the segment; mappings held by clients stay valid until they unmap."""
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        """Close the descriptor; the server's and clients' mappings stay valid until they unmap."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _pid_namespace() -> str:
@@ -166,12 +166,10 @@ def remove_orphan_segments() -> int:
     return removed
 
 
-def map_arena(path: str, capacity: int) -> memoryview:
-    """Map a server's arena for a same-host client (raises OSError when not reachable)."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        if os.fstat(fd).st_size != capacity:
-            raise OSError(f"arena {path} has size {os.fstat(fd).st_size}, server said {capacity}")
-        return memoryview(mmap.mmap(fd, capacity))
-    finally:
-        os.close(fd)
+def map_arena(fd: int, capacity: int) -> memoryview:
+    """Map a server's arena from the descriptor it handed over (raises OSError when unusable); the
+    caller still owns ``fd``."""
+    size = os.fstat(fd).st_size
+    if size != capacity:
+        raise OSError(f"arena descriptor has size {size}, the server said {capacity}")
+    return memoryview(mmap.mmap(fd, capacity))

@@ -21,6 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats.add_argument("--etcd", help="etcd endpoint URL(s)")
     stats.add_argument("--cluster", default="default", help="ring name in etcd")
     stats.add_argument("--json", action="store_true", help="print raw JSON instead of a table")
+    stats.add_argument("--namespace", default="default",
+                       help="namespace of the session that asks (namespaces with a token show only to their own)")
+    stats.add_argument("--token-file", help="file holding that namespace's token (kept out of the process list)")
     stats.set_defaults(func=_stats)
     ctl = ems_sub.add_parser("controller", help="run the single-host membership controller")
     ctl.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0 picks a free one)")
@@ -77,11 +80,13 @@ def _mb(n: int) -> str:
 
 def _stats(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
 
-    from matrixinfer.ems.connection import server_stats
+    from matrixinfer.ems.connection import EmsError, server_stats
     from matrixinfer.ems.membership import membership_from
 
     try:
+        token = Path(args.token_file).read_text().strip() if args.token_file else ""
         addrs = membership_from(args.servers, args.controller, args.etcd, args.cluster).members()
     except (ValueError, OSError, ConnectionError) as exc:
         print(f"ems stats: {exc}")
@@ -89,8 +94,8 @@ def _stats(args: argparse.Namespace) -> int:
     per_server: dict[str, dict | str] = {}
     for addr in addrs:
         try:
-            per_server[addr] = server_stats(addr)
-        except OSError as exc:
+            per_server[addr] = server_stats(addr, args.namespace, token)
+        except (OSError, EmsError) as exc:
             per_server[addr] = str(exc)
     if not per_server and not args.json:
         print("no live EMS servers in this view")

@@ -32,6 +32,7 @@ from matrixinfer.ems.ring import DEFAULT_VNODES, HashRing
 __all__ = ["EmsClient", "EmsError", "EmsPermissionError", "EmsRefused", "ErrorCode"]
 
 Key = bytes | str
+STALE_CHECK_S = 1.0  # a connection idle this long is checked for a close by the server before reuse
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -90,7 +91,10 @@ class EmsClient:
         conns = self._local.__dict__.setdefault("conns", {})
         conn = conns.get(addr)
         if conn is not None:
-            return conn
+            if time.monotonic() - conn.last_used < STALE_CHECK_S or not conn.closed_by_server():
+                return conn
+            conns.pop(addr)  # closed while idle (the server's idle timeout): connect again
+            conn.close()
         if self._down.get(addr, 0.0) > time.monotonic():
             return None
         try:

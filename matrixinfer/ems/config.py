@@ -38,11 +38,14 @@ class EmsServerConfig:
         advertise: address clients should use (default: the listen address)
         namespaces: declared namespaces, NAME=QUOTA[:TOKEN] each: a DRAM quota and an access token
         closed: refuse namespaces that were not declared
-        default_quota: DRAM quota in bytes of undeclared namespaces (default: the whole capacity)
+        default_quota: DRAM quota in bytes of each undeclared namespace (default: the capacity the declared
+            namespaces' quotas leave; undeclared namespaces never evict declared ones' entries)
         controller: HOST:PORT of an EMS controller to join
         etcd: etcd endpoint URL(s), comma-separated, to join (multi-host)
         cluster: ring name in the controller or etcd
         lease_ttl: membership lease in seconds (renewed every third of it)
+        max_connections: connections served at once (more are closed as they arrive)
+        idle_timeout: seconds a connection may send nothing, or stall mid-frame, before it is closed
     """
 
     capacity: int
@@ -57,6 +60,8 @@ class EmsServerConfig:
     etcd: str | None = None
     cluster: str = "default"
     lease_ttl: float = 3.0
+    max_connections: int = 1024
+    idle_timeout: float = 300.0
 
 
 _SIZES = ("capacity", "ssd_capacity", "default_quota")

@@ -1,7 +1,8 @@
 """One client connection to one EMS server, with the same-host shared-memory fast path.
 
 On the server's host (same machine, boot and network namespace) the connection talks over the
-server's unix socket and maps the server's arena. A get first looks its keys up in the server's
+server's unix socket and maps the server's arena, whose descriptor the server sends with its
+``Hello`` reply there (to clients of its own OS user only). A get first looks its keys up in the server's
 shared index and copies what the index vouches for straight into the caller's buffer, with no round
 trip (:mod:`matrixinfer.ems.index`), marking each slot read for the server's eviction; hit counts
 reach the server now and then. Keys the index does not vouch for take the leased path: the server
@@ -12,6 +13,7 @@ values travel over TCP, received directly into the caller's buffer.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -77,6 +79,7 @@ class ServerConnection:
         netio.set_timeouts(self.sock, timeout)
         p.tune_socket(self.sock)
         self._held_lease = 0  # a same-host read lease to drop with the next request
+        self.last_used = time.monotonic()  # the client checks a connection idle for a while before reuse
         self._hits = 0  # reads served from the shared index, not yet reported
         self._hits_sent = float("-inf")
         self.reads: Counter[str] = Counter()  # same-host keys read via "index", "lease"; index "conflict"s
@@ -90,46 +93,65 @@ class ServerConnection:
         self.local: LocalReader | None = None  # reads through the index
         same_host = fast_path and reply.host_id == _HOST_ID
         if same_host and reply.local_addr:
-            reply = self._move_to_local(reply.local_addr, namespace, token, timeout, connect_timeout) or reply
-        if same_host and reply.arena_path:
-            self.arena = self._map(reply.server_id, reply.arena_path, reply.arena_size)
+            moved = self._move_to_local(reply.local_addr, namespace, token, timeout, connect_timeout)
+            if moved is not None:
+                reply, fd = moved
+                if fd is not None:
+                    self.arena = self._map(reply.server_id, fd, reply.arena_size)
         if self.arena is not None and INDEX_SUPPORTED and reply.index_slots:
             self.index = IndexReader(self.arena[reply.index_offset:], reply.index_slots, reply.index_offset)
             self.salt = reply.index_salt
             self.local = LocalReader(self.index, self.arena, self.salt)
 
     def _move_to_local(self, local_addr: str, namespace: str, token: str, timeout: float,
-                       connect_timeout: float) -> p.Reply | None:
-        """Go on over the server's unix socket (cheaper round trips than loopback TCP); None,
-        staying on TCP, when that socket is not reachable."""
+                       connect_timeout: float) -> tuple[p.Reply, int | None] | None:
+        """Go on over the server's unix socket (cheaper round trips than loopback TCP), with the
+        arena's descriptor when the server hands it over (same OS user); None, staying on TCP, when
+        that socket is not reachable."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(connect_timeout)
             sock.connect(local_addr)
             netio.set_timeouts(sock, timeout)
             p.send_frame(sock, p.Hello(namespace=namespace, token=token))
-            reply = p.recv_reply(sock, self.peer)
+            reply, fd = p.recv_reply_with_fd(sock, self.peer)
         except OSError:  # includes netio.WireError
             sock.close()
             return None
         if reply.code or reply.server_id != self.server_id:
+            if fd is not None:
+                os.close(fd)
             sock.close()
             return None
         self.sock.close()
         self.sock = sock
-        return reply
+        return reply, fd
 
     @staticmethod
-    def _map(server_id: str, path: str, size: int) -> memoryview | None:
-        with _arenas_lock:
-            if server_id not in _arenas:
-                try:
-                    _arenas[server_id] = map_arena(path, size)
-                except OSError:
-                    return None  # e.g. another container sharing the network namespace: use TCP
-            return _arenas[server_id]
+    def _map(server_id: str, fd: int, size: int) -> memoryview | None:
+        """The process's mapping of a server's arena (made from ``fd`` the first time; ``fd`` is closed)."""
+        try:
+            with _arenas_lock:
+                if server_id not in _arenas:
+                    try:
+                        _arenas[server_id] = map_arena(fd, size)
+                    except OSError:
+                        return None  # an unusable descriptor: values travel over the socket
+                return _arenas[server_id]
+        finally:
+            os.close(fd)
+
+    def closed_by_server(self) -> bool:
+        """Whether the server has closed this connection (it closes idle ones; a restart closes all)."""
+        try:
+            return self.sock.recv(1, _PEEK) == b""
+        except BlockingIOError:
+            return False  # nothing to read: open
+        except OSError:
+            return True
 
     def _call(self, req: p.Request, payloads: Sequence[Buffer] = ()) -> p.Reply:
+        self.last_used = time.monotonic()
         self._report_hits(force=True)
         if self._held_lease:  # the last same-host read is done: drop its pins with this request
             if isinstance(req, p.Get):
@@ -169,6 +191,7 @@ class ServerConnection:
         """Values of ``keys``: with ``outs``, bytes written into each buffer (None on a miss);
         without, a new bytearray per hit (None on a miss)."""
         arena = self.arena
+        self.last_used = time.monotonic()
         if arena is None:
             return self._get_tcp(keys, None if outs is None else [writable_view(o) for o in outs])
         results: list[object] = [None] * len(keys)
@@ -269,6 +292,10 @@ class ServerConnection:
             codes = [ErrorCode.RETRY] * len(keys)
             while pending := [i for i, c in enumerate(codes) if c == ErrorCode.RETRY]:
                 reply = self._call(p.Reserve(keys=[keys[i] for i in pending], sizes=[sizes[i] for i in pending]))
+                if reply.code:  # the whole request was refused: nothing was reserved
+                    for i in pending:
+                        codes[i] = reply.code
+                    break
                 try:
                     for i, off in zip(pending, reply.offsets):
                         if off >= 0:
@@ -291,8 +318,14 @@ class ServerConnection:
         return self._call(p.Delete(keys=keys)).found
 
 
-def server_stats(addr: str, timeout: float = 2.0) -> dict:
-    """The stats dict of one server (no namespace needed)."""
+def server_stats(addr: str, namespace: str = "default", token: str = "", timeout: float = 2.0) -> dict:
+    """The stats dict of one server, asked from a session of ``namespace`` (a namespace protected by
+    a token shows only to its own sessions)."""
+    peer = f"EMS server {addr}"
     with netio.connect(addr, timeout=timeout) as sock:
+        p.send_frame(sock, p.Hello(namespace=namespace, token=token))
+        reply = p.recv_reply(sock, peer)
+        if reply.code:
+            raise EmsPermissionError(f"{peer}: {reply.error}")
         p.send_frame(sock, p.Stats())
-        return p.recv_reply(sock, f"EMS server {addr}").stats
+        return p.recv_reply(sock, peer).stats

@@ -8,6 +8,7 @@ with no intermediate copy. Every refusal is one :class:`ErrorCode`.
 
 from __future__ import annotations
 
+import os
 import socket
 from enum import StrEnum
 
@@ -137,7 +138,7 @@ class Reply(msgspec.Struct, omit_defaults=True):
     lease: int = 0  # leased Get / Reserve / Register: the id to release, commit or keep alive
     server_id: str = ""  # Hello: changes on every restart
     host_id: str = ""
-    arena_path: str = ""
+    arena_fd: bool = False  # Hello on the unix socket: the arena's descriptor rides with this reply
     arena_size: int = 0  # Hello: bytes of the whole segment (values, then the shared index)
     index_offset: int = 0  # Hello: where the shared index starts in the segment (0: none)
     index_slots: int = 0
@@ -163,6 +164,37 @@ def recv_reply(sock: socket.socket, peer: str = "EMS server") -> Reply:
     """Read one reply header (payloads, if any, are left on the socket)."""
     reply: Reply = FRAMING.recv(sock, _reply_decoder, peer)
     return reply
+
+
+def send_reply_with_fd(sock: socket.socket, reply: Reply, fd: int) -> None:
+    """Send ``reply`` with the descriptor ``fd`` attached (SCM_RIGHTS, unix sockets only)."""
+    frame = FRAMING.encode(reply)
+    sent = socket.send_fds(sock, [frame], [fd])
+    if sent < len(frame):
+        sock.sendall(frame[sent:])
+
+
+def recv_reply_with_fd(sock: socket.socket, peer: str = "EMS server") -> tuple[Reply, int | None]:
+    """Read one reply header and the descriptor attached to it, if any (the caller owns it)."""
+    data, fds, _, _ = socket.recv_fds(sock, netio.PREFIX.size, 1, socket.MSG_WAITALL)
+    fd = fds[0] if fds else None
+    for extra in fds[1:]:
+        os.close(extra)
+    try:
+        prefix = bytearray(data)
+        if not prefix:
+            raise netio.WireError(f"{peer} closed the connection")
+        if len(prefix) < netio.PREFIX.size:
+            rest = bytearray(netio.PREFIX.size - len(prefix))
+            netio.recv_exact_into(sock, memoryview(rest), peer)
+            prefix += rest
+        header = netio.recv_announced(sock, FRAMING.header_length(prefix, peer), peer)
+        reply: Reply = FRAMING.decode(header, _reply_decoder, peer)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+    return reply, fd
 
 
 def tune_socket(sock: socket.socket) -> None:

@@ -2,17 +2,20 @@
 
 Values go straight from the socket into a reserved arena block and from a pinned arena block into
 the socket. Same-host clients continue on an abstract unix socket named in the ``Hello`` reply
-(its round trips are cheaper than loopback TCP's). Run it with ``matrixinfer ems-server`` or
-``python -m matrixinfer.ems.server``; it prints ``EMS server listening on HOST:PORT`` once it
-accepts connections.
+(its round trips are cheaper than loopback TCP's); there a client of the server's own OS user
+receives the arena's descriptor with its ``Hello`` reply (SCM_RIGHTS) and maps it. Run it with
+``matrixinfer ems-server`` or ``python -m matrixinfer.ems.server``; it prints ``EMS server
+listening on HOST:PORT`` once it accepts connections.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import socket
+import struct
 import sys
 import threading
 
@@ -23,15 +26,26 @@ from matrixinfer.ems.protocol import ErrorCode
 from matrixinfer.ems.service import EmsService, NamespaceRefused, Session
 from matrixinfer.ems.store import EmsStoreError
 
+log = logging.getLogger(__name__)
+
 
 class EmsServer:
-    """Accepts connections and serves EMS requests for one :class:`EmsService`."""
+    """Accepts connections and serves EMS requests for one :class:`EmsService`.
 
-    def __init__(self, service: EmsService, host: str = netio.LOOPBACK, port: int = 0) -> None:
+    At most ``max_connections`` connections are served at once (more are closed as they arrive);
+    a connection that sends nothing, or stalls mid-frame, for ``idle_timeout`` seconds is closed,
+    so no client holds a thread forever (the SDK reconnects a connection the server closed).
+    """
+
+    def __init__(self, service: EmsService, host: str = netio.LOOPBACK, port: int = 0,
+                 max_connections: int = 1024, idle_timeout: float = 300.0) -> None:
         self.service = service
         self.listener = netio.listen(host, port)
         self.address = netio.format_addr(host, self.listener.getsockname()[1])
         self.local_listener, self.local_address = self._listen_local() if service.arena else (None, "")
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self._slots = threading.BoundedSemaphore(max_connections)
         self._stop = threading.Event()
 
     def _listen_local(self) -> tuple[socket.socket | None, str]:
@@ -58,11 +72,22 @@ class EmsServer:
                 conn, _ = listener.accept()
             except OSError:
                 break
-            p.tune_socket(conn)
-            threading.Thread(target=self._serve_conn, args=(conn,), daemon=True, name="ems-conn").start()
+            if not self._slots.acquire(blocking=False):
+                log.warning("EMS server %s: %d connections already open; closing a new one", self.address,
+                            self.max_connections)
+                conn.close()
+                continue
+            try:
+                p.tune_socket(conn)
+                netio.set_timeouts(conn, self.idle_timeout)
+                threading.Thread(target=self._serve_conn, args=(conn,), daemon=True, name="ems-conn").start()
+            except BaseException:
+                conn.close()
+                self._slots.release()
+                raise
 
     def stop(self) -> None:
-        """Stop accepting and unlink the arena."""
+        """Stop accepting and release the arena."""
         self._stop.set()
         self.listener.close()
         if self.local_listener is not None:
@@ -79,14 +104,17 @@ class EmsServer:
             with conn:
                 while True:
                     req = p.recv_request(conn)
-                    if not session.namespace and not isinstance(req, (p.Hello, p.Stats)):
+                    if not session.namespace and not isinstance(req, p.Hello):
                         p.send_frame(conn, p.Reply(code=ErrorCode.NO_SESSION, error="send Hello(namespace) first"))
                         continue
                     self._dispatch(conn, session, req)
-        except OSError:  # includes ConnectionError and netio.WireError: the client went away or spoke nonsense
-            pass
+        except OSError:  # includes ConnectionError, netio.WireError and timeouts: the client went away,
+            pass  # went quiet or spoke nonsense
+        except Exception:  # a bug must cost this connection only, never the server
+            log.exception("EMS server %s: connection failed", self.address)
         finally:
             self.service.close(session)
+            self._slots.release()
 
     def _dispatch(self, conn: socket.socket, session: Session, req: p.Request) -> None:
         svc = self.service
@@ -136,12 +164,16 @@ class EmsServer:
             if arena is None:
                 p.send_frame(conn, p.Reply(server_id=svc.server_id, host_id=svc.host_id))
                 return
-            p.send_frame(conn, p.Reply(server_id=svc.server_id, host_id=svc.host_id, arena_path=arena.path,
-                                       arena_size=arena.size, index_offset=arena.extra_offset,
-                                       index_slots=svc.index_slots, index_salt=svc.salt_of(session.namespace),
-                                       local_addr=self.local_address))
+            reply = p.Reply(server_id=svc.server_id, host_id=svc.host_id, arena_size=arena.size,
+                            index_offset=arena.extra_offset, index_slots=svc.index_slots,
+                            index_salt=svc.salt_of(session.namespace), local_addr=self.local_address)
+            if conn.family == socket.AF_UNIX and _peer_is_this_user(conn):  # may map the whole arena
+                reply.arena_fd = session.maps_arena = True
+                p.send_reply_with_fd(conn, reply, arena.fd)
+            else:
+                p.send_frame(conn, reply)
         elif isinstance(req, p.Stats):
-            p.send_frame(conn, p.Reply(stats=svc.stats()))
+            p.send_frame(conn, p.Reply(stats=svc.stats(viewer=session.namespace)))
         else:
             p.send_frame(conn, p.Reply(code=ErrorCode.UNSUPPORTED,
                                        error=f"an EMS server does not serve {type(req).__name__}"))
@@ -171,12 +203,23 @@ class EmsServer:
         p.send_frame(conn, p.Reply(codes=codes))
 
 
+def _peer_is_this_user(conn: socket.socket) -> bool:
+    """Whether the process at the other end of a unix socket runs as this server's user (the trust
+    boundary of the same-host fast path)."""
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return False
+    _, uid, _ = struct.unpack("3i", creds)
+    return uid == os.geteuid()
+
+
 def run_server(cfg: EmsServerConfig) -> int:
     """Serve ``cfg`` until SIGTERM/SIGINT (after printing ``EMS server listening on ADDR``)."""
     host, port = netio.parse_addr(cfg.listen)  # a bad address fails before the arena is created
     service = EmsService.from_config(cfg)
     try:
-        server = EmsServer(service, host, port)
+        server = EmsServer(service, host, port, cfg.max_connections, cfg.idle_timeout)
     except BaseException:  # e.g. the port is taken: do not leave the shared segment behind
         service.shutdown()
         raise

@@ -16,14 +16,18 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from matrixinfer.ems.arena import SharedArena
 from matrixinfer.ems.config import EmsServerConfig, NamespaceConfig
 from matrixinfer.ems.index import IndexWriter, index_bytes, key_tag, slots_for
 from matrixinfer.ems.protocol import ErrorCode
 from matrixinfer.ems.ssd import SsdTier
-from matrixinfer.ems.store import DramStore, EmsStoreError, Entry
+from matrixinfer.ems.store import BadSize, DramStore, EmsStoreError, Entry
 
 LEASE_SECONDS = 30.0  # a reader that has not released by then is presumed dead
+MAX_NAMESPACE = 256  # bytes of a namespace name
+MAX_NAMESPACES = 4096  # distinct namespaces a server keeps state for (salts, counters)
 COUNTERS = ("puts", "put_bytes", "hits", "dram_hits", "ssd_hits", "misses", "evictions", "spills",
             "promotions", "corrupt")
 
@@ -53,6 +57,7 @@ class Session:
     """Per-connection state: its namespace, open read leases and write reservations."""
 
     namespace: str = ""
+    maps_arena: bool = False  # was handed the arena's descriptor: can read every byte of it anyway
     leases: dict[int, list[Entry | bytearray | None]] = field(default_factory=dict)
     reservations: dict[int, list[tuple[bytes, int, int]]] = field(default_factory=dict)
 
@@ -66,14 +71,17 @@ class EmsService:
         self.lock = threading.RLock()
         self.namespaces = dict(namespaces or {})
         self.open_namespaces = open_namespaces
-        self.default_quota = default_quota or capacity
+        # undeclared namespaces share what the declared ones do not reserve, and never evict them
+        declared = sum(cfg.quota for cfg in self.namespaces.values())
+        self.default_quota = default_quota if default_quota is not None else max(0, capacity - declared)
         self.index_slots = slots_for(capacity) if shared else 0
         self.arena = SharedArena(capacity, extra=index_bytes(self.index_slots)) if shared else None
         self.view = self.arena.view if self.arena else memoryview(bytearray(capacity))
         self.index = IndexWriter(self.arena.extra_view, self.index_slots) if self.arena else None
         self._salts: dict[str, bytes] = {}  # namespace -> key of its index tags, only for its sessions
         self.store = DramStore(capacity, self.quota_of, self._spill, on_link=self._publish,
-                               on_unlink=self._withdraw, was_read=self._was_read)
+                               on_unlink=self._withdraw, was_read=self._was_read, may_evict=self._may_evict)
+        self._bytes = np.frombuffer(self.view, dtype=np.uint8)  # for zeroing reserved blocks
         self.ssd = SsdTier(ssd_dir, ssd_capacity) if ssd_dir and ssd_capacity > 0 else None
         self.server_id = secrets.token_hex(8)
         self.host_id = host_id()
@@ -95,11 +103,19 @@ class EmsService:
 
     def open(self, session: Session, ns: str, token: str) -> None:
         """Bind ``session`` to ``ns`` or raise :class:`NamespaceRefused`."""
+        if not ns or len(ns.encode(errors="surrogatepass")) > MAX_NAMESPACE:
+            raise NamespaceRefused(f"a namespace name must have 1 to {MAX_NAMESPACE} bytes, got {len(ns)} characters")
         cfg = self.namespaces.get(ns)
         if cfg is None and not self.open_namespaces:
             raise NamespaceRefused(f"namespace {ns!r} is not declared on this server")
-        if cfg is not None and cfg.token and not secrets.compare_digest(cfg.token, token):
+        if cfg is not None and cfg.token and not secrets.compare_digest(cfg.token.encode(), token.encode(
+                errors="surrogatepass")):
             raise NamespaceRefused(f"namespace {ns!r} refused: wrong or missing token")
+        with self.lock:
+            if ns not in self._salts and len(self._salts) >= MAX_NAMESPACES:
+                raise NamespaceRefused(f"namespace {ns!r} refused: this server already holds {MAX_NAMESPACES} "
+                                       f"namespaces")
+            self.salt_of(ns)
         session.namespace = ns
 
     def salt_of(self, ns: str) -> bytes:
@@ -115,6 +131,10 @@ class EmsService:
     def _withdraw(self, entry: Entry) -> None:
         if self.index:
             self.index.withdraw(entry.ns, entry.key)
+
+    def _may_evict(self, ns: str, entry: Entry) -> bool:
+        """A declared namespace may evict anything; an undeclared one only undeclared entries."""
+        return ns in self.namespaces or entry.ns not in self.namespaces
 
     def _was_read(self, entry: Entry) -> bool:
         return self.index is not None and self.index.take_read(entry.ns, entry.key)
@@ -180,6 +200,7 @@ class EmsService:
 
     def count_index_hits(self, session: Session, count: int) -> None:
         """Count same-host reads served from the shared index (their recency is in the index)."""
+        count = min(max(count, 0), 1 << 32)  # a client's report, not to be trusted with the counters' sign
         with self.lock:
             self._count(session.namespace, hits=count, dram_hits=count)
 
@@ -247,7 +268,11 @@ class EmsService:
         """Same-host put: reservations for several keys under one id.
 
         Reservations cannot be evicted, so once one fails the rest are answered ``RETRY``: the
-        client commits what it got and asks again for the remainder.
+        client commits what it got and asks again for the remainder. A commit publishes exactly
+        the reserved extent, and a block is zeroed before a session that cannot read the arena
+        itself gets it, so committing it unwritten publishes zeros, never bytes a freed value (of
+        any namespace) left there. A session holding the arena's descriptor could read those bytes
+        directly, so its blocks are not zeroed (a same-host put stays one copy).
         """
         offsets: list[int] = []
         codes: list[ErrorCode] = []
@@ -259,13 +284,20 @@ class EmsService:
                 continue
             try:
                 off = self.reserve(session, size)
-                offsets.append(off)
-                codes.append(ErrorCode.OK)
-                held.append((key, off, size))
+            except BadSize:
+                offsets.append(-1)
+                codes.append(ErrorCode.BAD_REQUEST)
+                continue
             except EmsStoreError as exc:
                 offsets.append(-1)
                 # our own uncommitted blocks may be what is in the way: commit them, then retry
                 codes.append(ErrorCode.RETRY if held else exc.code)
+                continue
+            if not session.maps_arena:
+                self._bytes[off:off + size] = 0  # outside the lock: the block is this reservation's alone
+            offsets.append(off)
+            codes.append(ErrorCode.OK)
+            held.append((key, off, size))
         rid = next(self._ids)
         session.reservations[rid] = held
         return rid, offsets, codes
@@ -292,12 +324,17 @@ class EmsService:
             self.commit_many(session, rid, abort=True)
 
     # -- stats -----------------------------------------------------------------------------------
-    def stats(self) -> dict:
-        """Usage and counters for the whole server and each namespace."""
+    def stats(self, viewer: str | None = None) -> dict:
+        """Usage and counters for the whole server and each namespace. ``viewer`` is the namespace
+        of the session asking: a namespace with a token is shown only to its own sessions (None:
+        every namespace, for in-process use)."""
         with self.lock:
             names = set(self.counters) | set(self.store.ns_lru) | (set(self.ssd.ns_bytes) if self.ssd else set())
             per_ns = {}
             for ns in sorted(names):
+                cfg = self.namespaces.get(ns)
+                if viewer is not None and ns != viewer and cfg is not None and cfg.token:
+                    continue
                 c = self.counters.get(ns, Counter())
                 dram_bytes, dram_entries = self.store.used_by(ns)
                 ssd_bytes, ssd_entries = self.ssd.used_by(ns) if self.ssd else (0, 0)
@@ -309,7 +346,7 @@ class EmsService:
                     "leases": len(self._lease_deadlines), "namespaces": per_ns}
 
     def shutdown(self) -> None:
-        """Unlink the shared segment (mapped clients keep their view until they unmap)."""
+        """Release the shared segment (mapped clients keep their view until they unmap)."""
         if self.index:
             self.index.close()
         if self.arena:

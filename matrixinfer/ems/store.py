@@ -34,6 +34,12 @@ class ValueTooLarge(EmsStoreError):
     code = ErrorCode.TOO_LARGE
 
 
+class BadSize(EmsStoreError):
+    """A size that is not a non-negative integer (a malformed request, never stored)."""
+
+    code = ErrorCode.BAD_REQUEST
+
+
 class ArenaFull(EmsStoreError):
     """Nothing more can be evicted (everything left is pinned or being written)."""
 
@@ -64,20 +70,23 @@ class DramStore:
     always before its block can be freed: the server mirrors the index into shared memory there.
     ``was_read(entry)`` says (and forgets) whether the entry was read without the store knowing
     (through that shared index) since last asked: such an entry gets a second chance instead of
-    being evicted.
+    being evicted. ``may_evict(ns, entry)`` says whether a put into ``ns`` may evict ``entry`` to
+    make room (the server keeps undeclared namespaces from evicting declared ones).
     """
 
     def __init__(self, capacity: int, quota_of: Callable[[str], int],
                  on_evict: Callable[[Entry], None] | None = None,
                  on_link: Callable[[Entry], None] | None = None,
                  on_unlink: Callable[[Entry], None] | None = None,
-                 was_read: Callable[[Entry], bool] | None = None) -> None:
+                 was_read: Callable[[Entry], bool] | None = None,
+                 may_evict: Callable[[str, Entry], bool] | None = None) -> None:
         self.alloc = Allocator(capacity)
         self.quota_of = quota_of
         self.on_evict = on_evict or (lambda entry: None)
         self.on_link = on_link or (lambda entry: None)
         self.on_unlink = on_unlink or (lambda entry: None)
         self.was_read = was_read or (lambda entry: False)
+        self.may_evict = may_evict or (lambda ns, entry: True)
         self.lru: OrderedDict[tuple[str, bytes], Entry] = OrderedDict()  # oldest first
         self.ns_lru: dict[str, OrderedDict[bytes, Entry]] = {}
         self.ns_bytes: dict[str, int] = {}  # aligned bytes held: live, dead-but-pinned, reserved
@@ -109,6 +118,8 @@ class DramStore:
 
         The block counts against ``ns``'s quota until :meth:`commit` or :meth:`abort`.
         """
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise BadSize(f"value size {size!r} is not a non-negative integer")
         need = align_up(size)
         quota = self.quota_of(ns)
         if not self.alloc.fits(size):
@@ -119,9 +130,9 @@ class DramStore:
             if not self._evict_one(self.ns_lru.get(ns)):
                 raise QuotaExceeded(f"namespace {ns!r} is at its quota of {quota} bytes and the rest is pinned")
         while (offset := self.alloc.alloc(size)) is None:
-            if not self._evict_one(None):
-                raise ArenaFull(f"no free block of {need} bytes and every entry is pinned or reserved "
-                                f"({self.alloc.used_bytes}/{self.alloc.capacity} bytes used)")
+            if not self._evict_one(None, ns):
+                raise ArenaFull(f"no free block of {need} bytes and every entry namespace {ns!r} may evict is "
+                                f"pinned or reserved ({self.alloc.used_bytes}/{self.alloc.capacity} bytes used)")
         self.ns_bytes[ns] = self.ns_bytes.get(ns, 0) + need
         return offset
 
@@ -152,12 +163,13 @@ class DramStore:
         return True
 
     # -- internals -------------------------------------------------------------------------------
-    def _evict_one(self, order: OrderedDict | None) -> bool:
-        """Evict the least-recently-used unpinned entry of ``order`` (global LRU when None)."""
+    def _evict_one(self, order: OrderedDict | None, for_ns: str | None = None) -> bool:
+        """Evict the least-recently-used unpinned entry of ``order`` (global LRU when None) that a
+        put into ``for_ns`` may evict."""
         items = self.lru.values() if order is None else order.values()
         chances = len(items)  # bounded: readers may mark entries again while we go round
         while True:
-            victim = next((e for e in items if e.pins == 0), None)
+            victim = next((e for e in items if e.pins == 0 and (for_ns is None or self.may_evict(for_ns, e))), None)
             if victim is None:
                 return False
             if chances == 0 or not self.was_read(victim):
