@@ -228,6 +228,12 @@ class EngineConfig:
         cache_namespace: namespace mixed into prefix hashes (default: the served model name).
         store_generated_kv: PDC: decode instances also store the KV blocks they generate in the
             EMS context cache (by default only prompt blocks are stored, as in the reference design).
+        speculative: speculative decoding method: ``mtp`` drafts with the checkpoint's
+            multi-token-prediction module and verifies the drafts in one forward pass (default: off).
+        num_speculative_tokens: draft tokens per step with --speculative (more than one runs the
+            checkpoint's first MTP module recursively on its own output).
+        speculative_max_batch: speculate only in steps with at most this many decoding sequences
+            (default: decided per step from step costs measured at start-up and the measured acceptance).
     """
 
     model: str | None = None
@@ -243,8 +249,17 @@ class EngineConfig:
     enable_prefix_caching: bool = field(default=True, metadata={"flag": "--no-prefix-caching"})
     cache_namespace: str | None = None
     store_generated_kv: bool = field(default=False, metadata={"flag": "--store-decode-kv"})
+    speculative: str | None = field(default=None, metadata={"choices": ["mtp"]})
+    num_speculative_tokens: int = 1
+    speculative_max_batch: int | None = None
 
     def __post_init__(self) -> None:
+        if self.speculative not in (None, "mtp"):
+            raise ValueError(f"speculative must be 'mtp' or unset, got {self.speculative!r}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be at least 1, got {self.num_speculative_tokens}")
+        if self.speculative_max_batch is not None and self.speculative_max_batch < 0:
+            raise ValueError(f"speculative_max_batch must be >= 0, got {self.speculative_max_batch}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

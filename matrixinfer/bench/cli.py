@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from matrixinfer.bench.client import BenchConfig, resolve_model, run_benchmark
-    from matrixinfer.bench.metrics import summarize
+    from matrixinfer.bench.metrics import speculation, summarize
     from matrixinfer.bench.report import format_table, result_document, write_json
 
     if args.num_prompts < 1:
@@ -81,15 +81,33 @@ def run(args: argparse.Namespace) -> int:
         model, vocab_size = asyncio.run(resolve_model(config, args.vocab_size))
         specs = build_dataset(args, vocab_size)
         config = replace(config, model=model)
+        before = _server_counters(config.base_url)
         records, duration = asyncio.run(run_benchmark(specs, config))
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     summary = summarize(records, duration, args.slo_ttft_ms, args.slo_tpot_ms)
-    print(format_table(summary))
+    spec = speculation(before, _server_counters(config.base_url))
+    print(format_table(summary, speculation=spec))
     if args.result_json:
         settings = {k: v for k, v in vars(args).items() if k not in ("func", "command", "api_key")}
         settings.update(base_url=config.base_url, model=model, vocab_size=vocab_size)
-        write_json(args.result_json, result_document(summary, settings, records))
+        doc = result_document(summary, settings, records)
+        if spec is not None:
+            doc["speculation"] = spec
+        write_json(args.result_json, doc)
         print(f"wrote {args.result_json}")
     return 0 if summary.completed else 1
+
+
+def _server_counters(base_url: str) -> dict[str, float]:
+    """The server's unlabelled /metrics samples, or {} when it exports none (another server)."""
+    import httpx
+
+    from matrixinfer.bench.launch import unlabelled_metrics
+
+    try:
+        r = httpx.get(f"{base_url}/metrics", timeout=5)
+        return unlabelled_metrics(r.text) if r.status_code == 200 else {}
+    except (httpx.HTTPError, ValueError):
+        return {}

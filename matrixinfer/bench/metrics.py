@@ -132,3 +132,20 @@ def summarize(
         e2e=LatencyStats.of([r.e2e for r in ok]),
         errors=errors,
     )
+
+
+SPEC_COUNTERS = {"draft_tokens": "matrixinfer_spec_decode_draft_tokens_total",
+                 "accepted_tokens": "matrixinfer_spec_decode_accepted_tokens_total",
+                 "verifications": "matrixinfer_spec_decode_verifications_total"}
+
+
+def speculation(before: dict[str, float], after: dict[str, float]) -> dict[str, float] | None:
+    """Speculative decoding during the run, from the server's /metrics counters scraped before and
+    after it: drafts proposed and accepted, the acceptance rate and tokens per sequence per
+    speculative step. None when the server did not speculate (or exports no such counters)."""
+    d = {k: after.get(name, 0.0) - before.get(name, 0.0) for k, name in SPEC_COUNTERS.items()}
+    if d["draft_tokens"] <= 0 or d["verifications"] <= 0:
+        return None
+    return {"draft_tokens": d["draft_tokens"], "accepted_tokens": d["accepted_tokens"],
+            "acceptance_rate": d["accepted_tokens"] / d["draft_tokens"],
+            "tokens_per_step": (d["accepted_tokens"] + d["verifications"]) / d["verifications"]}

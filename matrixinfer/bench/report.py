@@ -32,8 +32,10 @@ def _slo_text(summary: Summary) -> str:
     return ", ".join(parts) or "no SLO"
 
 
-def format_table(summary: Summary, title: str = "Serving Benchmark Result") -> str:
-    """The summary as a fixed-width text table (like ``vllm bench serve``'s)."""
+def format_table(summary: Summary, title: str = "Serving Benchmark Result",
+                 speculation: dict[str, float] | None = None) -> str:
+    """The summary as a fixed-width text table (like ``vllm bench serve``'s), with the server's
+    speculative decoding figures when it speculated (:func:`matrixinfer.bench.metrics.speculation`)."""
     rows = [f"{f' {title} ':=^{WIDTH}}"]
     rows.append(_row("Successful requests:", str(summary.completed)))
     rows.append(_row("Failed requests:", str(summary.failed)))
@@ -50,6 +52,12 @@ def format_table(summary: Summary, title: str = "Serving Benchmark Result") -> s
     rows += _latency_rows("TPOT", summary.tpot)
     rows += _latency_rows("ITL", summary.itl)
     rows += _latency_rows("E2E", summary.e2e)
+    if speculation is not None:
+        rows.append(f"{' Speculative decoding ':-^{WIDTH}}")
+        rows.append(_row("Draft tokens proposed:", f"{speculation['draft_tokens']:.0f}"))
+        rows.append(_row("Draft tokens accepted:", f"{speculation['accepted_tokens']:.0f}"))
+        rows.append(_row("Acceptance rate:", f"{speculation['acceptance_rate']:.3f}"))
+        rows.append(_row("Tokens per speculative step:", f"{speculation['tokens_per_step']:.2f}"))
     if summary.errors:
         rows.append(f"{' Errors (first distinct) ':-^{WIDTH}}")
         rows += [f"- {e}" for e in summary.errors]

@@ -101,9 +101,24 @@ class BlockManager:
         for _ in range(need):
             seq.block_table.append(self._take())
 
-    def commit(self, seq: Sequence) -> None:
-        """Name the blocks that ``seq`` has completely computed so later requests can share them."""
-        full = seq.num_computed // self.block_size
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Release ``seq``'s blocks past the first ``num_tokens`` tokens (speculative decoding rolls
+        back rejected drafts; their blocks were never committed, so they are plain free blocks)."""
+        keep = self.blocks_needed(num_tokens)
+        while len(seq.block_table) > keep:
+            b = seq.block_table.pop()
+            self.ref_count[b] -= 1
+            if self.ref_count[b] == 0:
+                if self.hash_of[b] is not None:
+                    self.evictable[b] = None
+                else:
+                    self.free_plain.append(b)
+
+    def commit(self, seq: Sequence, num_tokens: int | None = None) -> None:
+        """Name the blocks that ``seq`` has completely computed so later requests can share them
+        (only those within its first ``num_tokens`` known tokens, when given: accepted draft tokens
+        are computed before they are appended)."""
+        full = (seq.num_computed if num_tokens is None else min(num_tokens, seq.num_computed)) // self.block_size
         if full <= seq.num_committed:
             return
         hashes = self.block_hashes(seq, full)

@@ -26,6 +26,7 @@ from matrixinfer.engine.sampler import Sampler
 from matrixinfer.engine.sampling_params import SamplingParams
 from matrixinfer.engine.scheduler import Budget, SeqView, schedule
 from matrixinfer.engine.sequence import Sequence, SequenceStatus
+from matrixinfer.engine.speculative import MTPSpeculator, keep, reset
 from matrixinfer.model.deepseek import DeepseekForCausalLM
 from matrixinfer.model.device import resolve_device, resolve_dtype
 from matrixinfer.model.tokenizer import IncrementalDecoder, Tokenizer
@@ -89,6 +90,8 @@ class LLMEngine:
         self.blocks = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.cache_namespace or self.model_id)
         self.budget = Budget(cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.block_size)
         self.sampler = Sampler()
+        self.spec = MTPSpeculator(cfg, self.runner, self.sampler, self.max_seq_len, self.blocks.num_free) \
+            if cfg.speculative == "mtp" else None
         self.eos_ids = set(mc.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -175,9 +178,12 @@ class LLMEngine:
         # Blocks a preemption would free are needed only when the running sequences could want
         # more blocks than are free (an upper bound: every remaining token this step).
         bs = self.cfg.block_size
-        short = sum(max(0, -(-s.num_tokens // bs) - len(s.block_table)) for s in self.running) > self.blocks.num_free
+        look = self.spec.lookahead(self.running) if self.spec is not None else {}  # drafts to verify
+        short = sum(max(0, -(-(s.num_tokens + look.get(s.request_id, 0)) // bs) - len(s.block_table))
+                    for s in self.running) > self.blocks.num_free
         running_views = [SeqView(s.request_id, s.num_tokens, s.num_computed, len(s.block_table),
-                                 self.blocks.freeable(s) if short else 0) for s in self.running]
+                                 self.blocks.freeable(s) if short else 0, lookahead=look.get(s.request_id, 0))
+                         for s in self.running]
         plan = schedule(running_views, waiting_views, self.blocks.num_free, self.budget)
         for sid in plan.preempted:
             seq = self.seqs[sid]
@@ -192,6 +198,7 @@ class LLMEngine:
             self.waiting.remove(seq)
             self.blocks.admit(seq, cached[sid])
             self._load_external(seq)
+            reset(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
         chunks = []
@@ -202,6 +209,8 @@ class LLMEngine:
                 chunks.append((seq, n))
         if not chunks:
             return []
+        if self.spec is not None:
+            return self._step_speculative(chunks, look)
         logits, samplers = self.runner.execute(chunks)
         for seq, n in chunks:
             if seq.num_computed < len(seq.prompt_ids):
@@ -294,7 +303,72 @@ class LLMEngine:
             out.text = self._detok[seq.request_id].delta(final=False)
         return out
 
+    def _step_speculative(self, chunks: list[tuple[Sequence, int]], look: dict[str, int]) -> list[RequestOutput]:
+        """A step of an engine with MTP speculation (engine/speculative.py): drafts, one main pass that
+        verifies them (and computes prompt chunks), the prompt chunks' MTP entries, verification,
+        rollback of rejected drafts. Without drafts it is a plain step that keeps hidden states."""
+        assert self.spec is not None
+        drafts = self.spec.propose(chunks, look)
+        hidden, starts = self.runner.forward(chunks, drafts)
+        self.spec.fill_prompt(chunks, hidden, starts)
+        rows: list[int] = []
+        samplers: list[Sequence] = []
+        for (seq, n), first in zip(chunks, starts):
+            d = drafts.get(seq.request_id, [])
+            if seq.num_computed + n - len(d) == seq.num_tokens:
+                rows.extend(range(first + n - len(d) - 1, first + n))
+                samplers.append(seq)
+        emitted: dict[str, tuple[list[int], list[float] | None]] = {}
+        if samplers:
+            ids = [s.request_id for s in samplers]
+            tokens, logprobs = self.sampler.verify(self.runner.logits(hidden, rows), ids, [s.params for s in samplers],
+                                                   [drafts.get(i, []) for i in ids])
+            emitted = {i: (t, logprobs[j] if logprobs else None) for j, (i, t) in enumerate(zip(ids, tokens))}
+        self.spec.steps += bool(drafts)
+        for (seq, n), first in zip(chunks, starts):
+            out = emitted.get(seq.request_id)
+            done = self.spec.advance(seq, n, drafts.get(seq.request_id, []), out[0] if out else None, hidden, first)
+            if seq.num_computed < len(seq.prompt_ids):
+                self.prompt_tokens += min(done, len(seq.prompt_ids) - seq.num_computed)
+            seq.num_computed += done
+            if done < n:  # roll back the rejected drafts: blocks that held only them go back to the pool
+                self.blocks.truncate(seq, seq.num_computed)
+            self._name_known_blocks(seq)
+        outputs = []
+        for seq in samplers:
+            try:
+                outputs.append(self._append_tokens(seq, *emitted[seq.request_id]))
+            except Exception as exc:  # one request's bookkeeping fails it alone, as in _sample_and_append
+                outputs.append(self._fail(seq, exc))
+        return outputs
+
+    def _name_known_blocks(self, seq: Sequence) -> None:
+        """Commit and offer the full blocks whose tokens are known: accepted drafts are computed
+        before they are appended, so a step's last ones are named when the next step (or the
+        request's end, :meth:`_finish`) knows them."""
+        known = min(seq.num_computed, seq.num_tokens)
+        if self.cfg.enable_prefix_caching:
+            self.blocks.commit(seq, known)
+        if self.connector is not None:
+            self.connector.save(seq, self.blocks.block_hashes(seq, known // self.cfg.block_size))
+
+    def _append_tokens(self, seq: Sequence, tokens: list[int], logprobs: list[float] | None) -> RequestOutput:
+        """:meth:`_append` for each of a step's tokens up to the first that ends the request (the
+        rest are dropped, never emitted), as one output."""
+        out = self._append(seq, tokens[0], logprobs[0] if logprobs else None)
+        for i in range(1, len(tokens)):
+            if out.finished or out.handed_off:
+                break
+            more = self._append(seq, tokens[i], logprobs[i] if logprobs else None)
+            more.token_ids = out.token_ids + more.token_ids
+            more.logprobs = out.logprobs + more.logprobs
+            more.text = out.text + more.text
+            out = more
+        return out
+
     def _finish(self, seq: Sequence, reason: FinishReason) -> str:
+        if self.spec is not None and reason in (FinishReason.STOP, FinishReason.LENGTH):
+            self._name_known_blocks(seq)  # the last step's accepted drafts are appended by now
         if self.connector is not None:
             self.connector.request_finished(seq)
         self.blocks.free(seq)
@@ -376,9 +450,15 @@ class LLMEngine:
         return expired
 
     def attach(self, request_id: str, prompt_ids: list[int], first_token: int, first_logprob: float | None,
-               params: SamplingParams, num_cached: int = 0) -> RequestOutput:
+               params: SamplingParams, num_cached: int = 0, hidden: bytes = b"") -> RequestOutput:
         """Turn a filled reservation into a running sequence whose first token is already known;
-        returns that first token's output (text included) for the client."""
+        returns that first token's output (text included) for the client. ``hidden``: the main
+        model's float32 hidden state at the last prompt position, from which an engine with MTP
+        speculation drafts the next tokens (:func:`matrixinfer.engine.speculative.last_hidden`)."""
+        width = self.model.config.hidden_size * 4
+        if hidden and len(hidden) != width:
+            raise RequestError(f"request {request_id!r}: the handed-over hidden state has {len(hidden)} bytes; "
+                               f"this model's is {width} (hidden_size {width // 4} float32)")
         with self._kv_lock:
             held = self._reservations.pop(request_id, None)
         if held is None:
@@ -391,6 +471,12 @@ class LLMEngine:
         if params.logprobs and first_logprob is not None:
             seq.logprobs = [first_logprob]
         seq.status = SequenceStatus.RUNNING
+        if hidden and self.spec is not None:  # the last prompt position's MTP row gives the first draft
+            h = torch.frombuffer(bytearray(hidden), dtype=torch.float32).view(1, -1)
+            reset(seq, seq.num_computed - 1)
+            keep(seq, h.to(self.runner.device, self.runner.kv_cache.dtype), 0, 1)
+        else:
+            reset(seq)
         detok = _Detok(self.tokenizer, params.stop)
         detok.push(first_token)
         self._detok[request_id] = detok
@@ -414,6 +500,10 @@ class LLMEngine:
             external_hit_tokens=self.external_hit_tokens, prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens, preemptions=self.preemptions, steps=self.steps,
             kv_received_bytes=self.kv_received_bytes)
+        if self.spec is not None:
+            s = self.spec
+            stats = msgspec.structs.replace(stats, spec_steps=s.steps, spec_verifications=s.verifications,
+                                            spec_draft_tokens=s.drafted, spec_accepted_tokens=s.accepted)
         if self.connector is not None:
             stats = msgspec.structs.replace(stats, **self.connector.stats())
         return stats

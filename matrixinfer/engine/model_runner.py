@@ -1,6 +1,7 @@
 """Runs one scheduled step on the model: builds the flat batch, attention metadata and block
 tables, executes the forward pass over the paged latent KV cache, and returns the logits of the
-rows that sample a token."""
+rows that sample a token; with speculation also the verification pass (drafts appended to a
+sequence's chunk) and the MTP module's passes (:mod:`matrixinfer.engine.speculative`)."""
 
 from __future__ import annotations
 
@@ -63,24 +64,7 @@ class ModelRunner:
     def execute(self, chunks: list[tuple[Sequence, int]]) -> tuple[torch.Tensor | None, list[Sequence]]:
         """Compute ``n`` new tokens for each ``(seq, n)``; return logits for sequences that are now
         fully computed (they sample their next token), in the same order as the returned list."""
-        ids: list[int] = []
-        positions: list[int] = []
-        q_lens, ctx_lens = [], []
-        for seq, n in chunks:
-            start = seq.num_computed
-            ids.extend(seq.token_ids(start, n))
-            positions.extend(range(start, start + n))
-            q_lens.append(n)
-            ctx_lens.append(start + n)
-        width = max(len(seq.block_table) for seq, _ in chunks)
-        table_rows = np.zeros((len(chunks), width), dtype=np.int32)
-        for row, (seq, _) in zip(table_rows, chunks):
-            row[:len(seq.block_table)] = seq.block_table
-        tables = torch.from_numpy(table_rows)
-        dev = self.device
-        meta = AttentionMetadata.build(q_lens, ctx_lens, tables.to(dev, non_blocking=True), self.block_size, dev)
-        hidden = self.model(torch.tensor(ids).to(dev, non_blocking=True),
-                            torch.tensor(positions).to(dev, non_blocking=True), meta, self.kv_cache)
+        hidden, _ = self.forward(chunks)
         rows, samplers = [], []
         offset = 0
         for seq, n in chunks:
@@ -91,5 +75,70 @@ class ModelRunner:
         if not rows:
             return None, []
         if len(rows) < hidden.shape[0]:  # (a pure decode batch samples every row)
-            hidden = hidden[torch.tensor(rows, device=dev)]
+            hidden = hidden[torch.tensor(rows, device=self.device)]
         return self.model.compute_logits(hidden), samplers
+
+    @torch.inference_mode()
+    def forward(self, chunks: list[tuple[Sequence, int]],
+                drafts: dict[str, list[int]] | None = None) -> tuple[torch.Tensor, list[int]]:
+        """The main model over ``n`` new tokens of each ``(seq, n)``, the last ``len(drafts[id])`` of
+        them the sequence's draft tokens (a verification: query length K + 1 over the paged cache);
+        returns the final hidden states ``[T, hidden]`` and each chunk's first row."""
+        ids: list[int] = []
+        positions: list[int] = []
+        q_lens, ctx_lens, starts = [], [], []
+        for seq, n in chunks:
+            start = seq.num_computed
+            starts.append(len(ids))
+            d = drafts.get(seq.request_id) if drafts else None
+            if d:
+                ids.extend(seq.token_ids(start, n - len(d)))
+                ids.extend(d)
+            else:
+                ids.extend(seq.token_ids(start, n))
+            positions.extend(range(start, start + n))
+            q_lens.append(n)
+            ctx_lens.append(start + n)
+        dev = self.device
+        meta = AttentionMetadata.build(q_lens, ctx_lens, self._tables([seq for seq, _ in chunks]), self.block_size, dev)
+        hidden = self.model(torch.tensor(ids).to(dev, non_blocking=True),
+                            torch.tensor(positions).to(dev, non_blocking=True), meta, self.kv_cache)
+        return hidden, starts
+
+    @torch.inference_mode()
+    def mtp(self, rows: list[tuple[Sequence, int, list[int], torch.Tensor]]) -> torch.Tensor:
+        """The MTP module over consecutive positions of each ``(seq, start, next_ids, hidden)``: row i
+        is position ``start + i``, combining the main model's (or the previous draft's) hidden state
+        ``hidden[i]`` with the embedding of the token after it, ``next_ids[i]``; its latent goes to
+        the MTP layer of the paged cache. Returns the MTP hidden state of each entry's last row."""
+        ids: list[int] = []
+        positions: list[int] = []
+        q_lens, ctx_lens, last = [], [], []
+        for _, start, next_ids, _ in rows:
+            ids.extend(next_ids)
+            positions.extend(range(start, start + len(next_ids)))
+            q_lens.append(len(next_ids))
+            ctx_lens.append(start + len(next_ids))
+            last.append(len(ids) - 1)
+        dev = self.device
+        meta = AttentionMetadata.build(q_lens, ctx_lens, self._tables([seq for seq, _, _, _ in rows]), self.block_size,
+                                       dev)
+        prev = rows[0][3] if len(rows) == 1 else torch.cat([h for _, _, _, h in rows])
+        out = self.model.mtp_forward(torch.tensor(ids).to(dev, non_blocking=True),
+                                     torch.tensor(positions).to(dev, non_blocking=True), prev, meta, self.kv_cache)
+        return out if len(last) == out.shape[0] else out[torch.tensor(last, device=dev)]
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor, rows: list[int] | None = None, mtp: bool = False) -> torch.Tensor:
+        """Vocabulary logits of ``hidden`` (its ``rows`` only, when given) from the main head, or
+        from the MTP module's head."""
+        if rows is not None and len(rows) < hidden.shape[0]:
+            hidden = hidden[torch.tensor(rows, device=self.device)]
+        return self.model.mtp_logits(hidden) if mtp else self.model.compute_logits(hidden)
+
+    def _tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(seq.block_table) for seq in seqs)
+        table_rows = np.zeros((len(seqs), width), dtype=np.int32)
+        for row, seq in zip(table_rows, seqs):
+            row[:len(seq.block_table)] = seq.block_table
+        return torch.from_numpy(table_rows).to(self.device, non_blocking=True)

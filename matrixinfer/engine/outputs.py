@@ -90,6 +90,14 @@ class EngineStats(msgspec.Struct, tag=True, kw_only=True):
     kv_transfers: Annotated[int, _stat("KV transfers completed", kind="counter")] = 0
     ems_stored_blocks: Annotated[int, _stat("KV blocks stored to the EMS context cache", kind="counter")] = 0
     ems_loaded_blocks: Annotated[int, _stat("KV blocks loaded from the EMS context cache", kind="counter")] = 0
+    spec_steps: Annotated[int, _stat("Engine steps that verified speculative drafts", "spec_decode_steps",
+                                     "counter")] = 0
+    spec_verifications: Annotated[int, _stat("Sequences verified in speculative steps (one per sequence per step)",
+                                             "spec_decode_verifications", "counter")] = 0
+    spec_draft_tokens: Annotated[int, _stat("Draft tokens proposed by speculative decoding",
+                                            "spec_decode_draft_tokens", "counter")] = 0
+    spec_accepted_tokens: Annotated[int, _stat("Draft tokens accepted by verification",
+                                               "spec_decode_accepted_tokens", "counter")] = 0
 
     @property
     def kv_usage(self) -> float:
@@ -100,6 +108,18 @@ class EngineStats(msgspec.Struct, tag=True, kw_only=True):
     def prefix_hit_rate(self) -> float:
         """Prompt tokens served from a prefix cache (local or EMS) per token looked up."""
         return (self.prefix_hit_tokens + self.external_hit_tokens) / max(self.prefix_queried_tokens, 1)
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        """Draft tokens accepted per draft token proposed (0 without speculation)."""
+        return self.spec_accepted_tokens / max(self.spec_draft_tokens, 1)
+
+    @property
+    def spec_tokens_per_step(self) -> float:
+        """Tokens a sequence gained per speculative step: accepted drafts plus the verified token
+        (0 without speculation; 1.7 is the reference design's one draft at 70% acceptance)."""
+        v = self.spec_verifications
+        return (self.spec_accepted_tokens + v) / v if v else 0.0
 
 
 def sum_stats(stats: list[EngineStats]) -> EngineStats:

@@ -65,6 +65,79 @@ class Sampler:
             logprobs = lp.tolist()
         return chosen, logprobs
 
+    def verify(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
+               drafts: list[list[int]]) -> tuple[list[list[int]], list[list[float]] | None]:
+        """Speculative verification. Sequence i owns ``len(drafts[i]) + 1`` consecutive rows of
+        ``logits``: the target model's next-token logits at its last verified token and at each of
+        its draft tokens. Returns the tokens each sequence emits (its accepted drafts, then one token
+        from the target distribution) and, when any request asks, their log-probabilities.
+
+        Greedy rows accept a draft that equals the target's argmax, so the output is exactly the
+        greedy output. Sampled rows use speculative rejection sampling (:func:`rejection_sample`), so
+        each emitted token follows the target distribution exactly; a seeded request draws from its
+        own generator (reproducible, though not the same draws as without speculation)."""
+        logits = logits.float()
+        if logits.dim() == 2 and logits.shape[1] and logits.is_cpu and logits.is_contiguous() and kernels.available():
+            best = kernels.argmax_rows(logits)
+        else:
+            best = logits.argmax(dim=-1)
+        starts = [0]
+        for d in drafts:
+            starts.append(starts[-1] + len(d) + 1)
+        target = best.tolist()  # the one host synchronisation for greedy rows
+        out: list[list[int]] = []
+        for i, d in enumerate(drafts):
+            r, a = starts[i], 0
+            while a < len(d) and target[r + a] == d[a]:
+                a += 1
+            out.append(d[:a] + [target[r + a]])
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if sampled:
+            rows = [r for i in sampled for r in range(starts[i], starts[i + 1])]
+            per_row = [params[i] for i in sampled for _ in range(starts[i + 1] - starts[i])]
+            z = logits[torch.tensor(rows, device=logits.device)]
+            z = z / torch.tensor([p.temperature for p in per_row], device=logits.device)[:, None]
+            probs = _top_k_top_p(z, [p.top_k for p in per_row], [p.top_p for p in per_row]).softmax(dim=-1)
+            at = 0
+            for i in sampled:
+                n = starts[i + 1] - starts[i]
+                gen = self._generator(request_ids[i], params[i], logits.device)
+                out[i] = rejection_sample(probs[at:at + n], drafts[i], gen)
+                at += n
+        logprobs = None
+        if any(p.logprobs for p in params):
+            lp = logits.log_softmax(dim=-1)
+            dev = lp.device
+            logprobs = [lp[starts[i] + torch.arange(len(toks), device=dev), torch.tensor(toks, device=dev)].tolist()
+                        for i, toks in enumerate(out)]
+        return out, logprobs
+
+
+def rejection_sample(probs: torch.Tensor, drafts: list[int], generator: torch.Generator | None = None) -> list[int]:
+    """Speculative rejection sampling for deterministic (greedy) drafts: ``probs`` ``[k + 1, V]``
+    holds the target distribution at the last verified token and after each of the ``k`` drafts.
+
+    Draft ``j`` is accepted with probability ``p_j(d_j)``; at the first rejection the token is
+    drawn from ``p_j`` without ``d_j`` (renormalised), otherwise the bonus token from ``p_k``. With
+    a draft distribution that puts all its mass on ``d_j`` this is the standard ``min(1, p/q)``
+    test and its ``max(0, p - q)`` residual, so every emitted token has exactly the target
+    distribution ``p_j(x) = p_j(d_j) [x = d_j] + (1 - p_j(d_j)) p_j(x) / (1 - p_j(d_j))``."""
+    k = len(drafts)
+    if k:
+        u = torch.rand(k, generator=generator, device=probs.device)
+        p_draft = probs[torch.arange(k, device=probs.device), torch.tensor(drafts, device=probs.device)]
+        held = (u < p_draft).tolist()
+        a = held.index(False) if False in held else k
+    else:
+        a = 0
+    if a < k:
+        residual = probs[a].clone()
+        residual[drafts[a]] = 0.0  # u < p(d) failed, so p(d) < 1 and some other token has mass
+        last = int(torch.multinomial(residual, 1, generator=generator)[0])
+    else:
+        last = int(torch.multinomial(probs[k], 1, generator=generator)[0])
+    return drafts[:a] + [last]
+
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     """Mask logits outside each row's top-k and top-p nucleus to -inf."""

@@ -1,9 +1,10 @@
 """The scheduling policy: which sequences run this step and how many tokens each (pure, no I/O).
 
 Continuous batching with chunked prefill: running sequences go first, oldest first, each asking
-for its remaining tokens (1 when decoding); waiting sequences are admitted in arrival order while
-the token budget, the sequence cap and free KV blocks allow. When a running sequence needs a block
-and none is free, the newest running sequence is preempted (its blocks freed, recomputed later).
+for its remaining tokens (1 when decoding, plus its draft tokens when speculating); waiting
+sequences are admitted in arrival order while the token budget, the sequence cap and free KV
+blocks allow. When a running sequence needs a block and none is free, the newest running sequence
+is preempted (its blocks freed, recomputed later).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ class SeqView:
         num_blocks: blocks it holds (waiting: the cached prefix blocks it would take).
         freeable: blocks that preempting it would return to the free pool.
         revive: waiting only: cached prefix blocks that are currently free (taking them uses free blocks).
+        lookahead: running only: draft tokens it would verify this step beyond ``num_tokens``
+            (speculative decoding); the policy may grant fewer when the token budget runs out.
     """
 
     seq_id: str
@@ -30,6 +33,7 @@ class SeqView:
     num_blocks: int
     freeable: int = 0
     revive: int = 0
+    lookahead: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ def schedule(running: list[SeqView], waiting: list[SeqView], free_blocks: int, b
     i = 0
     while i < len(active) and tokens_left > 0:
         seq = active[i]
-        n = min(seq.num_tokens - seq.num_computed, tokens_left)
+        n = min(seq.num_tokens - seq.num_computed + seq.lookahead, tokens_left)
         if n <= 0:
             i += 1
             continue

@@ -5,9 +5,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from matrixinfer.engine.outputs import FinishReason
 from matrixinfer.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SequenceStatus(enum.Enum):
@@ -37,6 +41,12 @@ class Sequence:
     num_committed: int = 0  # leading full blocks already offered to the prefix cache
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    # MTP speculation (engine/speculative.py): the main model's hidden states of the mtp_count
+    # positions from mtp_start (up to num_computed) whose MTP rows are not computed yet, as
+    # (tensor, first row, end row) ranges
+    mtp_start: int = 0
+    mtp_count: int = 0
+    mtp_pending: list[tuple[torch.Tensor, int, int]] = field(default_factory=list)
 
     @property
     def all_ids(self) -> list[int]:

@@ -214,7 +214,9 @@ class DeepseekForCausalLM(CustomOp):
         cos, sin = self.rope.cos_sin(positions)
         e = m.enorm(m.embed_tokens(next_ids))
         x = m.eh_proj(torch.cat([e, m.hnorm(prev_hidden)], dim=-1))
-        x = m.block(x, cos, sin, self.rope, meta, kv_cache)
+        # the block bound to the cpu backend runs a draft step in one native call, as the main layers do
+        step = self._native_step(x, cos, sin, meta, kv_cache) if m.block.native is not None else None
+        x = m.block(x, cos, sin, self.rope, meta, kv_cache, step)
         return m.shared_head.norm(x)
 
     def mtp_logits(self, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:

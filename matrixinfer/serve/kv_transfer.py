@@ -24,6 +24,7 @@ import torch
 from matrixinfer.engine.kv_connector import KVConnector
 from matrixinfer.engine.llm_engine import LLMEngine
 from matrixinfer.engine.sequence import Sequence
+from matrixinfer.engine.speculative import last_hidden
 from matrixinfer.netio import FRAMING, WireError, connect, format_addr, listen, recv_exact_into
 from matrixinfer.serve import messages as m
 
@@ -54,7 +55,7 @@ class KVSender(KVConnector):
             return False
         kv = self.cache.read_tokens(seq.block_table, len(seq.prompt_ids))  # a copy: the blocks are freed next
         done = m.KVDone(seq.request_id, token, logprob, seq.num_cached_tokens,
-                        self.sampler.export_state(seq.request_id))
+                        self.sampler.export_state(seq.request_id), last_hidden(seq))
         self.pool.submit(self._send, dest, kv, done)
         return True
 

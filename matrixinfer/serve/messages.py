@@ -95,13 +95,16 @@ class KVChunk(msgspec.Struct, tag=True):
 
 
 class KVDone(msgspec.Struct, tag=True):
-    """All chunks sent: the decode instance may start the sequence with ``first_token``."""
+    """All chunks sent: the decode instance may start the sequence with ``first_token``.
+    ``hidden``: the main model's float32 hidden state at the last prompt position (with MTP
+    speculation, what the decode instance drafts the next tokens from; empty otherwise)."""
 
     request_id: str
     first_token: int
     first_logprob: float | None
     num_cached: int
     sampler_state: bytes = b""
+    hidden: bytes = b""
 
 
 WorkerToRouter = Join | Register | EngineStats | RequestOutput | Reserved | Failed

@@ -46,6 +46,11 @@ class _EngineCollector:
         yield GaugeMetricFamily("matrixinfer_prefix_cache_hit_rate",
                                 "Prompt tokens served from a prefix cache (local or EMS) / tokens looked up",
                                 value=s.prefix_hit_rate)
+        yield GaugeMetricFamily("matrixinfer_spec_decode_acceptance_rate",
+                                "Speculative decoding: draft tokens accepted / proposed", value=s.spec_acceptance_rate)
+        yield GaugeMetricFamily("matrixinfer_spec_decode_tokens_per_step",
+                                "Speculative decoding: tokens per sequence per speculative step (accepted drafts + 1)",
+                                value=s.spec_tokens_per_step)
 
 
 class _InstanceCollector:

@@ -47,3 +47,22 @@ def test_summary_throughput_goodput_and_errors() -> None:
 def test_summary_needs_positive_duration() -> None:
     with pytest.raises(ValueError, match="duration"):
         summarize([], 0.0)
+
+
+def test_speculation_from_metric_deltas_and_in_the_table() -> None:
+    from matrixinfer.bench.metrics import speculation
+    from matrixinfer.bench.report import format_table
+
+    before = {"matrixinfer_spec_decode_draft_tokens_total": 100.0,
+              "matrixinfer_spec_decode_accepted_tokens_total": 60.0,
+              "matrixinfer_spec_decode_verifications_total": 100.0}
+    after = {"matrixinfer_spec_decode_draft_tokens_total": 300.0,
+             "matrixinfer_spec_decode_accepted_tokens_total": 190.0,
+             "matrixinfer_spec_decode_verifications_total": 300.0}
+    spec = speculation(before, after)
+    assert spec == {"draft_tokens": 200.0, "accepted_tokens": 130.0, "acceptance_rate": 0.65, "tokens_per_step": 1.65}
+    assert speculation(before, before) is None and speculation({}, {}) is None
+    records = [rec(0.1, 0.2, 3)]
+    table = format_table(summarize(records, 1.0, None, None), speculation=spec)
+    assert "Acceptance rate:" in table and "0.650" in table and "1.65" in table
+    assert "Acceptance rate:" not in format_table(summarize(records, 1.0, None, None))

@@ -59,3 +59,16 @@ def test_prefix_hit_reduces_blocks_and_tokens_needed():
     plan = schedule([], waiting, free_blocks=4, budget=B)
     assert plan.chunks == {"hit": 8}  # needs 2 new blocks + 2 revived = 4
     assert schedule([], waiting, free_blocks=3, budget=B).admitted == []
+
+
+def test_speculating_decodes_ask_for_their_drafts_within_budget_and_blocks():
+    from dataclasses import replace
+
+    running = [replace(decode("a", 8), lookahead=2), replace(decode("b", 8), lookahead=2)]
+    plan = schedule(running, [], free_blocks=100, budget=B)
+    assert plan.chunks == {"a": 3, "b": 3}  # the last token and two drafts each
+    plan = schedule(running, [], free_blocks=100, budget=Budget(max_tokens=4, max_seqs=4, block_size=4))
+    assert plan.chunks == {"a": 3, "b": 1}  # the budget leaves b no room for drafts
+    # 7 computed: the drafts need a third block; with one free block the newest is preempted
+    plan = schedule(running, [], free_blocks=1, budget=B)
+    assert plan.chunks == {"a": 3} and plan.preempted == ["b"]

@@ -1,0 +1,170 @@
+"""Decode speed with MTP speculative decoding against the same engine without it (issue 15's bar).
+
+For each batch size (default 1 and 64), B greedy requests run on a plain engine and on an engine
+with ``--speculative mtp`` (its policy deciding each step from the step costs it measured at
+start-up), alternating, ``--trials`` times each. Prompts are windows of the CPython stdlib files the
+demo model held out of training (the model completes Python code), outputs a fixed length
+(``ignore_eos``). The decode figure counts the tokens produced after every request has its first
+token, over the time from then to the end (prefill excluded). Prints both figures per batch size,
+their same-run ratio (median over trials of each), the acceptance rate, tokens per speculative step
+and the share of decode steps that speculated; with ``--always`` also an engine that speculates at
+every batch size (no policy), to show what the policy avoids.
+
+Bar (demo model, CPU): batch 1 >= 1.3x, batch 64 >= 0.98x.
+
+    python benchmarks/mtp_speculation.py [--model DIR] [--device cpu|cuda] [-k 1] [--batch-sizes 1,64]
+        [--trials 3] [--output-len 128] [--always] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+import torch
+
+from matrixinfer.config import EngineConfig
+from matrixinfer.engine.llm_engine import LLMEngine
+from matrixinfer.engine.sampling_params import SamplingParams
+from matrixinfer.model.default_model import default_model_path
+from matrixinfer.model.loader import load_model
+from matrixinfer.model.tokenizer import Tokenizer
+from matrixinfer.train.corpus import EXCLUDED_DIRS, is_heldout, stdlib_root
+from matrixinfer.train.recipe import TrainConfig
+
+BARS = {1: 1.3, 64: 0.98}
+
+
+def heldout_prompts(tok: Tokenizer, n: int, seed: int) -> list[list[int]]:
+    """``n`` windows of 96-160 tokens from the held-out stdlib files (the demo model never saw them)."""
+    root = stdlib_root()
+    pct = TrainConfig().heldout_percent
+    texts = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if is_heldout(rel, pct) and not EXCLUDED_DIRS.intersection(rel.split("/")[:-1]):
+            texts.append(path.read_text(encoding="utf-8", errors="replace"))
+    ids = tok.encode("\n".join(texts), add_special_tokens=False)
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(96, 160)
+        start = rng.randrange(0, len(ids) - length)
+        out.append(ids[start:start + length])
+    return out
+
+
+def decode_run(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> dict:
+    """One batch to completion; decode tokens/s after the last first token, and the engine's counters."""
+    before = engine.stats()
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"b{time.monotonic_ns()}-{i}", p, params)
+    started: set[str] = set()
+    t0 = None
+    decode_tokens = 0
+    steps_at_t0 = 0
+    while engine.has_work():
+        outs = engine.step()
+        if t0 is not None:
+            decode_tokens += sum(len(o.token_ids) for o in outs)
+        else:
+            started.update(o.request_id for o in outs)
+            if len(started) == len(prompts):
+                t0, steps_at_t0 = time.perf_counter(), engine.steps
+    if engine.runner.device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - (t0 or time.perf_counter())
+    after = engine.stats()
+    d = {f: getattr(after, f) - getattr(before, f) for f in
+         ("spec_steps", "spec_verifications", "spec_draft_tokens", "spec_accepted_tokens")}
+    return {"tokens_per_s": decode_tokens / wall if wall > 0 else 0.0, "decode_tokens": decode_tokens,
+            "seconds": wall, "decode_steps": engine.steps - steps_at_t0, **d}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the built-in demo model)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("-k", "--num-speculative-tokens", type=int, default=1)
+    ap.add_argument("--batch-sizes", default="1,64")
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--always", action="store_true", help="also run an engine that speculates at every batch size")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    path = args.model or str(default_model_path())
+    dev = torch.device(args.device)
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    model = load_model(path, dtype=dtype, device=dev)
+    tok = Tokenizer(path)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    top = max(batches)
+    base = dict(model=path, device=args.device, dtype=str(dtype).split(".")[1], kv_cache_memory=512 << 20,
+                max_num_seqs=max(top, 1), max_num_batched_tokens=max(top * 160, 1024), enable_prefix_caching=False)
+    k = args.num_speculative_tokens
+    engines = {"plain": LLMEngine(EngineConfig(**base), model=model, tokenizer=tok),
+               "spec": LLMEngine(EngineConfig(**base, speculative="mtp", num_speculative_tokens=k),
+                                 model=model, tokenizer=tok)}
+    if args.always:
+        engines["always"] = LLMEngine(EngineConfig(**base, speculative="mtp", num_speculative_tokens=k,
+                                                   speculative_max_batch=1 << 20), model=model, tokenizer=tok)
+    spec = engines["spec"].spec
+    assert spec is not None and spec.policy.costs is not None
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"model {path}, device {device_name}, K={k}")
+    costs = spec.policy.costs
+    print("measured step costs, ms (batch: plain / with 1..K drafts): " + ", ".join(
+        f"{b}: {costs.plain[i] * 1e3:.2f} / " + " ".join(f"{s[i] * 1e3:.2f}" for s in costs.spec)
+        for i, b in enumerate(costs.batches)))
+    for e in engines.values():  # warm-up (first-call allocations, kernel builds)
+        e.generate(heldout_prompts(tok, 2, 99), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+
+    results = {"model": path, "device": device_name, "k": k, "batches": {}}
+    failed = False
+    for b in batches:
+        prompts = heldout_prompts(tok, b, args.seed + b)
+        runs: dict[str, list[dict]] = {name: [] for name in engines}
+        for _ in range(args.trials):
+            for name, e in engines.items():  # alternating: drift hits every engine alike
+                runs[name].append(decode_run(e, prompts, args.output_len))
+        med = {name: statistics.median(r["tokens_per_s"] for r in rs) for name, rs in runs.items()}
+        s = runs["spec"]
+        drafted = sum(r["spec_draft_tokens"] for r in s)
+        accepted = sum(r["spec_accepted_tokens"] for r in s)
+        verif = sum(r["spec_verifications"] for r in s)
+        share = sum(r["spec_steps"] for r in s) / max(sum(r["decode_steps"] for r in s), 1)
+        ratio = med["spec"] / med["plain"]
+        row = {"plain_tokens_per_s": med["plain"], "spec_tokens_per_s": med["spec"], "ratio": ratio,
+               "acceptance_rate": accepted / drafted if drafted else None,
+               "tokens_per_spec_step": (accepted + verif) / verif if verif else None,
+               "speculated_step_share": share, "runs": runs}
+        line = (f"batch {b:>3}: plain {med['plain']:8.1f} tok/s  speculative {med['spec']:8.1f} tok/s  "
+                f"ratio {ratio:.3f}  speculated {share:.0%} of decode steps")
+        if drafted:
+            line += f"  acceptance {accepted / drafted:.3f}  tokens/step {(accepted + verif) / verif:.2f}"
+        if "always" in med:
+            row["always_ratio"] = med["always"] / med["plain"]
+            line += f"  (always speculating: {row['always_ratio']:.3f})"
+        print(line)
+        if b in BARS and dev.type == "cpu":
+            ok = ratio >= BARS[b]
+            failed |= not ok
+            print(f"  bar at batch {b}: >= {BARS[b]}x: {'PASS' if ok else 'FAIL'}")
+        results["batches"][b] = row
+    print(f"policy at the measured acceptance ({', '.join(f'{a:.3f}' for a in spec.tracker.rates())} per draft "
+          f"depth): drafts per step at batch 1, 2, 4, ...: "
+          f"{[spec.policy.choose(b) for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= top * 2]}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    raise SystemExit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

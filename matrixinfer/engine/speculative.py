@@ -1,0 +1,258 @@
+"""MTP speculative decoding: drafts from the checkpoint's multi-token-prediction module, verified by
+the main model in one pass over the paged cache (DeepSeek-V3's MTP as a draft model, paper-notes §4).
+
+The MTP module at position ``i`` combines the main model's hidden state ``h_i`` with the embedding
+of token ``i + 1`` and predicts token ``i + 2``; its block has its own layer in the paged cache,
+whose entry at ``i`` is valid once ``h_i`` and token ``i + 1`` are known. A sequence keeps the
+hidden states of the positions whose MTP entry is still missing (``Sequence.mtp_pending``; the
+last computed position always, since the token after it is the one just sampled).
+
+One speculative step of a decoding sequence with ``c`` tokens computed:
+
+1. *Draft* (:meth:`MTPSpeculator.propose`): the MTP module runs its pending rows (catching up the
+   positions the previous step verified, the last one being ``c - 1`` with token ``c``); the last
+   row's MTP logits give draft ``d1`` for position ``c + 1``. Drafts ``d2..dK`` reuse the MTP module
+   recursively on its own hidden state (those cache entries are provisional: the next catch-up
+   rewrites them).
+2. *Verify* (the engine's main pass, :meth:`ModelRunner.forward`): tokens ``[t_c, d1..dK]`` at
+   positions ``c..c+K``, query length ``K + 1``; :meth:`Sampler.verify` keeps the longest accepted
+   prefix plus one token from the target distribution.
+3. *Roll back*: ``num_computed`` advances by the accepted count plus one; the rejected positions'
+   latents are left behind as garbage past ``num_computed`` (never attended, overwritten next step)
+   and blocks that held only them are released (:meth:`BlockManager.truncate`).
+
+Prompt chunks fill their MTP entries in the step that computes them (:meth:`fill_prompt`), so
+prefix-cache and EMS blocks and a prefill instance's handoff carry them; a P/D prefill instance
+hands over the last prompt position's hidden state (:func:`last_hidden`) and the decode instance
+drafts from it. Steps the policy (:mod:`matrixinfer.engine.spec_policy`) runs without speculation
+only keep their hidden states (at most :data:`PENDING_CAP` per sequence; older MTP entries are then
+left stale, which can only lower acceptance, never change an output).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from matrixinfer import kernels
+from matrixinfer.config import EngineConfig
+from matrixinfer.engine.model_runner import ModelRunner
+from matrixinfer.engine.sampler import Sampler
+from matrixinfer.engine.sampling_params import SamplingParams
+from matrixinfer.engine.sequence import Sequence
+from matrixinfer.engine.spec_policy import AcceptanceTracker, SpecPolicy, StepCosts
+
+log = logging.getLogger(__name__)
+
+PENDING_CAP = 64  # hidden states a sequence keeps through steps that do not speculate
+CALIBRATION_CONTEXT = 128  # tokens of context of the sequences timed at start-up
+_GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 30, ignore_eos=True)
+
+
+def reset(seq: Sequence, start: int | None = None) -> None:
+    """Forget ``seq``'s pending hidden states (admission, recompute after preemption): positions
+    before ``start`` (default: every computed one) have their MTP entries."""
+    seq.mtp_start = seq.num_computed if start is None else start
+    seq.mtp_count = 0
+    seq.mtp_pending = []
+
+
+def keep(seq: Sequence, hidden: torch.Tensor, first: int, end: int) -> None:
+    """Append rows ``first:end`` of ``hidden`` (the positions just computed) to ``seq``'s pending
+    states, dropping the oldest beyond :data:`PENDING_CAP`."""
+    if end <= first:
+        return
+    if hidden.shape[0] > 4 * PENDING_CAP:  # a prefill step's hidden states: keep a copy of the rows, not all
+        hidden, first, end = hidden[first:end].clone(), 0, end - first
+    seq.mtp_pending.append((hidden, first, end))
+    seq.mtp_count += end - first
+    over = seq.mtp_count - PENDING_CAP
+    while over > 0:
+        h, a, b = seq.mtp_pending[0]
+        drop = min(over, b - a)
+        seq.mtp_start += drop
+        seq.mtp_count -= drop
+        over -= drop
+        if drop == b - a:
+            seq.mtp_pending.pop(0)
+        else:
+            seq.mtp_pending[0] = (h, a + drop, b)
+
+
+def last_hidden(seq: Sequence) -> bytes:
+    """The main model's hidden state at ``seq``'s last computed position as float32 bytes (what a
+    prefill instance hands over for the first draft), or empty when it is not kept."""
+    if not seq.mtp_pending or seq.mtp_start + seq.mtp_count != seq.num_computed:
+        return b""
+    h, _, end = seq.mtp_pending[-1]
+    return h[end - 1].detach().float().cpu().numpy().tobytes()
+
+
+def _pending_rows(seq: Sequence) -> torch.Tensor:
+    parts = [h[a:b] for h, a, b in seq.mtp_pending]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class MTPSpeculator:
+    """Drafting, bookkeeping and the per-step decision of one engine's MTP speculation."""
+
+    def __init__(self, cfg: EngineConfig, runner: ModelRunner, sampler: Sampler, max_seq_len: int,
+                 free_blocks: int) -> None:
+        model = runner.model
+        if not len(model.mtp):
+            raise ValueError(f"--speculative mtp needs a checkpoint with an MTP module; {cfg.model or 'the model'} "
+                             f"has none loaded (its config.json declares num_nextn_predict_layers = "
+                             f"{model.config.num_nextn_predict_layers})")
+        self.k = cfg.num_speculative_tokens
+        self.runner = runner
+        self.sampler = sampler
+        self.max_seq_len = max_seq_len
+        self.steps = self.verifications = self.drafted = self.accepted = 0
+        self.tracker = AcceptanceTracker(self.k)
+        costs = None
+        if cfg.speculative_max_batch is None:
+            costs = self.measure_costs(min(cfg.max_num_seqs, 256), free_blocks)
+        self.policy = SpecPolicy(self.k, self.tracker, costs, cfg.speculative_max_batch)
+        if costs is not None:
+            log.info("MTP speculation (K=%d): measured step costs %s; speculating up to batch %d at the prior "
+                     "acceptance", self.k, costs, self.policy.break_even_batch(cfg.max_num_seqs))
+
+    # -- the step --------------------------------------------------------------------------------
+    def lookahead(self, running: list[Sequence]) -> dict[str, int]:
+        """Drafts each decoding sequence would verify this step ({} when the policy says no)."""
+        decoding = [s for s in running if s.num_computed == s.num_tokens - 1]
+        drafts = self.policy.choose(len(decoding)) if decoding else 0
+        if not drafts:
+            return {}
+        out = {}
+        for s in decoding:
+            # never draft past max_tokens or the context: the step emits at most k + 1 tokens
+            k = min(drafts, s.params.max_tokens - len(s.output_ids) - 1, self.max_seq_len - s.num_tokens)
+            if k > 0 and s.mtp_pending:
+                out[s.request_id] = k
+        return out
+
+    def propose(self, chunks: list[tuple[Sequence, int]], lookahead: dict[str, int]) -> dict[str, list[int]]:
+        """Draft tokens for each chunk of a sequence in ``lookahead`` that the scheduler granted more
+        than one token (``n - 1`` drafts): the MTP catch-up rows, then recursive drafts."""
+        want = [(seq, n - 1) for seq, n in chunks if n > 1 and seq.request_id in lookahead]
+        if not want:
+            return {}
+        rows = []
+        for seq, _ in want:
+            c = seq.num_computed
+            rows.append((seq, seq.mtp_start, seq.token_ids(seq.mtp_start + 1, c - seq.mtp_start), _pending_rows(seq)))
+            reset(seq)
+        hidden = self.runner.mtp(rows)
+        drafts: dict[str, list[int]] = {seq.request_id: [] for seq, _ in want}
+        live = list(range(len(want)))
+        for depth in range(max(k for _, k in want)):
+            tokens = _argmax(self.runner.logits(hidden, mtp=True))
+            for i, tok in zip(live, tokens):
+                drafts[want[i][0].request_id].append(tok)
+            keep_rows = [j for j, i in enumerate(live) if want[i][1] > depth + 1]
+            if not keep_rows:
+                break
+            live = [live[j] for j in keep_rows]
+            h = hidden if len(keep_rows) == hidden.shape[0] else hidden[torch.tensor(keep_rows, device=hidden.device)]
+            # position c + depth: the previous draft as the next token, the MTP state as its hidden state
+            rows = [(want[i][0], want[i][0].num_computed + depth, [drafts[want[i][0].request_id][-1]], h[j:j + 1])
+                    for j, i in enumerate(live)]
+            hidden = self.runner.mtp(rows)
+        return drafts
+
+    def fill_prompt(self, chunks: list[tuple[Sequence, int]], hidden: torch.Tensor, starts: list[int]) -> None:
+        """After the main pass: MTP entries of prompt chunks for every position whose next token is
+        already known; the last position of a completed prompt stays pending (its next token is
+        about to be sampled)."""
+        rows = []
+        for (seq, n), first in zip(chunks, starts):
+            if seq.num_computed >= seq.num_tokens - 1:  # a decoding sequence
+                continue
+            s, known = seq.num_computed, min(n, seq.num_tokens - 1 - seq.num_computed)
+            if known > 0:
+                rows.append((seq, s, seq.token_ids(s + 1, known), hidden[first:first + known]))
+            reset(seq, s + known)  # (a prompt chunk follows filled ones: nothing was pending)
+        if rows:
+            self.runner.mtp(rows)
+
+    def advance(self, seq: Sequence, n: int, drafts: list[int], emitted: list[int] | None, hidden: torch.Tensor,
+                first: int) -> int:
+        """Bookkeeping after verification; returns the positions of the chunk that are now computed
+        (all ``n`` without drafts, else the accepted drafts plus the verified token)."""
+        accepted = len(emitted) - 1 if drafts and emitted is not None else 0
+        done = n - len(drafts) + accepted
+        if drafts:
+            self.verifications += 1
+            self.drafted += len(drafts)
+            self.accepted += accepted
+            self.tracker.record(len(drafts), accepted)
+        # pending from the first position without an MTP entry or a pending state: a completed
+        # prompt's last row (fill_prompt did the others) or every computed decode row
+        keep(seq, hidden, first + seq.mtp_start + seq.mtp_count - seq.num_computed, first + done)
+        return done
+
+    # -- start-up measurement ------------------------------------------------------------------------
+    def measure_costs(self, max_batch: int, free_blocks: int) -> StepCosts:
+        """Time plain decode steps and steps with 1..K drafts at batch 1, 2, 4, ... over throwaway
+        sequences in free blocks, until speculation could not pay even if every draft were accepted,
+        or the blocks run out (the policy extrapolates then)."""
+        ctx, bs = CALIBRATION_CONTEXT, self.runner.block_size
+        per_seq = -(-(ctx + self.k + 1) // bs)
+        batches: list[int] = []
+        plain: list[float] = []
+        spec: list[list[float]] = [[] for _ in range(self.k)]
+        b, complete = 1, False
+        while b <= max_batch and b * per_seq <= free_blocks:
+            seqs = [Sequence(f"calibration-{i}", [0] * ctx, _GREEDY) for i in range(b)]
+            for i, s in enumerate(seqs):
+                s.block_table = list(range(i * per_seq, (i + 1) * per_seq))
+            t_plain = self._time(seqs, 0)
+            batches.append(b)
+            plain.append(t_plain)
+            for k in range(1, self.k + 1):
+                spec[k - 1].append(self._time(seqs, k))
+            if all(spec[k - 1][-1] >= (k + 1) * t_plain for k in range(1, self.k + 1)):
+                complete = True
+                break
+            b *= 2
+        if not batches:
+            raise ValueError(f"the KV cache ({free_blocks} free blocks) cannot hold one sequence of {ctx} tokens "
+                             "to measure speculation's step costs; give --speculative-max-batch instead")
+        return StepCosts(tuple(batches), tuple(plain), tuple(tuple(s) for s in spec), complete)
+
+    def _fake_step(self, seqs: list[Sequence], k: int) -> None:
+        hidden_size = self.runner.model.config.hidden_size
+        dtype = self.runner.kv_cache.dtype
+        for s in seqs:
+            s.num_computed = CALIBRATION_CONTEXT - 1
+            reset(s, s.num_computed - 1)
+            keep(s, torch.zeros(1, hidden_size, dtype=dtype, device=self.runner.device), 0, 1)
+        chunks = [(s, 1 + k) for s in seqs]
+        drafts = self.propose(chunks, {s.request_id: k for s in seqs}) if k else {}
+        hidden, _ = self.runner.forward(chunks, drafts)
+        logits = self.runner.logits(hidden)
+        self.sampler.verify(logits, [s.request_id for s in seqs], [s.params for s in seqs],
+                            [drafts.get(s.request_id, []) for s in seqs])
+
+    def _time(self, seqs: list[Sequence], k: int) -> float:
+        """Median of three timed steps after a warm-up."""
+        self._fake_step(seqs, k)
+        times = []
+        for _ in range(3):
+            if self.runner.device.type == "cuda":
+                torch.cuda.synchronize(self.runner.device)
+            t0 = time.perf_counter()
+            self._fake_step(seqs, k)
+            if self.runner.device.type == "cuda":
+                torch.cuda.synchronize(self.runner.device)
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[1]
+
+
+def _argmax(logits: torch.Tensor) -> list[int]:
+    if logits.is_cpu and logits.is_contiguous() and logits.dtype is torch.float32 and kernels.available():
+        return kernels.argmax_rows(logits).tolist()
+    return logits.argmax(dim=-1).tolist()
