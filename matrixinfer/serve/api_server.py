@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from matrixinfer.config import ServeConfig
 from matrixinfer.engine.errors import EngineDeadError, RequestError, RequestFailedError
 from matrixinfer.serve.backend import Backend, PromptTokenizer
 from matrixinfer.serve.metrics import ServerMetrics
@@ -42,7 +43,7 @@ T = TypeVar("T")
 # What the exception handlers answer (request validation aside); anything else stays a plain 500.
 ANSWERED_ERRORS = (ApiError, RequestError, EngineDeadError, RequestFailedError)
 _DONE = "data: [DONE]\n\n"
-MAX_REQUEST_BYTES = 16 << 20  # ServeConfig.max_request_bytes' default
+MAX_REQUEST_BYTES = ServeConfig.max_request_bytes  # the default of --max-request-bytes
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks whether its client is still there
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _tokenize_pool: ThreadPoolExecutor | None = None  # prompts are tokenized off the event loop
