@@ -110,25 +110,32 @@ def test_tokenizing_does_not_block_other_requests():
     assert waited < 0.6, f"/health answered {waited:.2f} s after a tokenization began"
 
 
-class QueuedForever(ScriptedBackend):
-    """A request that never gets its first token (queued behind others); records its abort."""
+class Forever(ScriptedBackend):
+    """A request that never finishes: queued (no token at all) or running (one token, then none);
+    records its abort."""
 
     aborted = False
+    running = False
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams
                        ) -> AsyncIterator[RequestOutput]:
         try:
+            if self.running:
+                yield out("A")
             await asyncio.Event().wait()
             yield out("never")
         finally:
-            QueuedForever.aborted = True
+            Forever.aborted = True
 
 
+@pytest.mark.parametrize("running", [False, True], ids=["queued", "running"])
 @pytest.mark.parametrize("api_key", [None, "k-123"])
-def test_a_client_that_leaves_while_queued_aborts_its_request(api_key):
+def test_a_client_that_leaves_aborts_its_unstreamed_request(api_key, running):
     """(The API-key check used to be Starlette middleware, which hid the disconnect.)"""
-    QueuedForever.aborted = False
-    app = create_app(QueuedForever([]), api_key=api_key)
+    Forever.aborted = False
+    backend = Forever([])
+    backend.running = running
+    app = create_app(backend, api_key=api_key)
     body = json.dumps({"model": "fake", "prompt": "hi"}).encode()
     messages = [{"type": "http.request", "body": body, "more_body": False}]
     sent: list[dict] = []
@@ -155,4 +162,4 @@ def test_a_client_that_leaves_while_queued_aborts_its_request(api_key):
         await asyncio.wait_for(app(scope, receive, send), timeout=5)
 
     asyncio.run(go())
-    assert QueuedForever.aborted
+    assert Forever.aborted
