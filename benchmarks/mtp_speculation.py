@@ -64,7 +64,7 @@ def decode_run(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> 
     for i, p in enumerate(prompts):
         engine.add_request(f"b{time.monotonic_ns()}-{i}", p, params)
     started: set[str] = set()
-    t0 = None
+    t0 = c0 = None
     decode_tokens = 0
     steps_at_t0 = 0
     while engine.has_work():
@@ -74,15 +74,17 @@ def decode_run(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> 
         else:
             started.update(o.request_id for o in outs)
             if len(started) == len(prompts):
-                t0, steps_at_t0 = time.perf_counter(), engine.steps
+                t0, c0, steps_at_t0 = time.perf_counter(), time.process_time(), engine.steps
     if engine.runner.device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - (t0 or time.perf_counter())
+    cpu = time.process_time() - (c0 or time.process_time())
     after = engine.stats()
     d = {f: getattr(after, f) - getattr(before, f) for f in
          ("spec_steps", "spec_verifications", "spec_draft_tokens", "spec_accepted_tokens")}
-    return {"tokens_per_s": decode_tokens / wall if wall > 0 else 0.0, "decode_tokens": decode_tokens,
-            "seconds": wall, "decode_steps": engine.steps - steps_at_t0, **d}
+    return {"tokens_per_s": decode_tokens / wall if wall > 0 else 0.0,
+            "tokens_per_cpu_s": decode_tokens / cpu if cpu > 0 else 0.0, "decode_tokens": decode_tokens,
+            "seconds": wall, "cpu_seconds": cpu, "decode_steps": engine.steps - steps_at_t0, **d}
 
 
 def main() -> None:
@@ -134,28 +136,34 @@ def main() -> None:
             for name, e in engines.items():  # alternating: drift hits every engine alike
                 runs[name].append(decode_run(e, prompts, args.output_len))
         med = {name: statistics.median(r["tokens_per_s"] for r in rs) for name, rs in runs.items()}
+        cpu = {name: statistics.median(r["tokens_per_cpu_s"] for r in rs) for name, rs in runs.items()}
         s = runs["spec"]
         drafted = sum(r["spec_draft_tokens"] for r in s)
         accepted = sum(r["spec_accepted_tokens"] for r in s)
         verif = sum(r["spec_verifications"] for r in s)
         share = sum(r["spec_steps"] for r in s) / max(sum(r["decode_steps"] for r in s), 1)
         ratio = med["spec"] / med["plain"]
+        cpu_ratio = cpu["spec"] / cpu["plain"]
         row = {"plain_tokens_per_s": med["plain"], "spec_tokens_per_s": med["spec"], "ratio": ratio,
+               "cpu_ratio": cpu_ratio,
                "acceptance_rate": accepted / drafted if drafted else None,
                "tokens_per_spec_step": (accepted + verif) / verif if verif else None,
                "speculated_step_share": share, "runs": runs}
         line = (f"batch {b:>3}: plain {med['plain']:8.1f} tok/s  speculative {med['spec']:8.1f} tok/s  "
-                f"ratio {ratio:.3f}  speculated {share:.0%} of decode steps")
+                f"ratio {ratio:.3f} (per CPU second {cpu_ratio:.3f})  speculated {share:.0%} of decode steps")
         if drafted:
             line += f"  acceptance {accepted / drafted:.3f}  tokens/step {(accepted + verif) / verif:.2f}"
         if "always" in med:
             row["always_ratio"] = med["always"] / med["plain"]
-            line += f"  (always speculating: {row['always_ratio']:.3f})"
+            row["always_cpu_ratio"] = cpu["always"] / cpu["plain"]
+            line += f"  (always speculating: {row['always_ratio']:.3f}, per CPU second {row['always_cpu_ratio']:.3f})"
         print(line)
         if b in BARS and dev.type == "cpu":
             ok = ratio >= BARS[b]
             failed |= not ok
-            print(f"  bar at batch {b}: >= {BARS[b]}x: {'PASS' if ok else 'FAIL'}")
+            print(f"  bar at batch {b}: >= {BARS[b]}x: {'PASS' if ok else 'FAIL'} "
+                  f"(per CPU second, robust where other processes share the cores: "
+                  f"{'PASS' if cpu_ratio >= BARS[b] else 'FAIL'})")
         results["batches"][b] = row
     print(f"policy at the measured acceptance ({', '.join(f'{a:.3f}' for a in spec.tracker.rates())} per draft "
           f"depth): drafts per step at batch 1, 2, 4, ...: "

@@ -209,9 +209,12 @@ class LLMEngine:
                 chunks.append((seq, n))
         if not chunks:
             return []
-        if self.spec is not None:
-            return self._step_speculative(chunks, look)
+        drafts = self.spec.propose(chunks, look) if look and self.spec is not None else {}
+        if drafts:
+            return self._step_speculative(chunks, drafts)
         logits, samplers = self.runner.execute(chunks)
+        if self.spec is not None:  # MTP entries of prompt chunks, hidden states kept for later drafts
+            self.spec.keep_plain(chunks, self.runner.hidden)
         for seq, n in chunks:
             if seq.num_computed < len(seq.prompt_ids):
                 self.prompt_tokens += min(n, len(seq.prompt_ids) - seq.num_computed)
@@ -303,12 +306,12 @@ class LLMEngine:
             out.text = self._detok[seq.request_id].delta(final=False)
         return out
 
-    def _step_speculative(self, chunks: list[tuple[Sequence, int]], look: dict[str, int]) -> list[RequestOutput]:
-        """A step of an engine with MTP speculation (engine/speculative.py): drafts, one main pass that
-        verifies them (and computes prompt chunks), the prompt chunks' MTP entries, verification,
-        rollback of rejected drafts. Without drafts it is a plain step that keeps hidden states."""
+    def _step_speculative(self, chunks: list[tuple[Sequence, int]],
+                          drafts: dict[str, list[int]]) -> list[RequestOutput]:
+        """A step that verifies MTP drafts (engine/speculative.py): one main pass over the drafts
+        (and any prompt chunks), the prompt chunks' MTP entries, verification, rollback of rejected
+        drafts."""
         assert self.spec is not None
-        drafts = self.spec.propose(chunks, look)
         hidden, starts = self.runner.forward(chunks, drafts)
         self.spec.fill_prompt(chunks, hidden, starts)
         rows: list[int] = []

@@ -55,6 +55,7 @@ class ModelRunner:
         self.kv_cache = PagedLatentCache(model.num_cache_layers, self.num_blocks, cfg.block_size,
                                          mc.kv_cache_dim, dtype, device)
         self.kv_cache_bytes = self.num_blocks * per_block
+        self.hidden: torch.Tensor | None = None  # the last execute()'s final hidden states
         log.info("KV cache: %d blocks x %d tokens (%.1f MiB) on %s", self.num_blocks, cfg.block_size,
                  self.kv_cache_bytes / 2**20, device)
         if device.type == "cpu":
@@ -63,8 +64,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, chunks: list[tuple[Sequence, int]]) -> tuple[torch.Tensor | None, list[Sequence]]:
         """Compute ``n`` new tokens for each ``(seq, n)``; return logits for sequences that are now
-        fully computed (they sample their next token), in the same order as the returned list."""
+        fully computed (they sample their next token), in the same order as the returned list. The
+        step's hidden states stay in :attr:`hidden` (MTP speculation keeps some)."""
         hidden, _ = self.forward(chunks)
+        self.hidden = hidden
         rows, samplers = [], []
         offset = 0
         for seq, n in chunks:

@@ -105,6 +105,7 @@ class MTPSpeculator:
             raise ValueError(f"--speculative mtp needs a checkpoint with an MTP module; {cfg.model or 'the model'} "
                              f"has none loaded (its config.json declares num_nextn_predict_layers = "
                              f"{model.config.num_nextn_predict_layers})")
+        model.share_mtp_weights()
         self.k = cfg.num_speculative_tokens
         self.runner = runner
         self.sampler = sampler
@@ -178,6 +179,25 @@ class MTPSpeculator:
         if rows:
             self.runner.mtp(rows)
 
+    def keep_plain(self, chunks: list[tuple[Sequence, int]], hidden: torch.Tensor | None) -> None:
+        """After a step without drafts (the plain path, kept as lean as an engine without
+        speculation): decode rows join their sequence's pending states, prompt chunks fill their
+        MTP entries."""
+        assert hidden is not None
+        first, starts, prompt = 0, [], False
+        for seq, n in chunks:
+            if seq.num_computed < seq.num_tokens - 1:
+                prompt = True
+            else:
+                keep(seq, hidden, first, first + n)
+            starts.append(first)
+            first += n
+        if prompt:
+            self.fill_prompt(chunks, hidden, starts)
+            for (seq, n), f in zip(chunks, starts):
+                if seq.mtp_start > seq.num_computed:  # a prompt chunk: its completed prompt's last row
+                    keep(seq, hidden, f + seq.mtp_start - seq.num_computed, f + n)
+
     def advance(self, seq: Sequence, n: int, drafts: list[int], emitted: list[int] | None, hidden: torch.Tensor,
                 first: int) -> int:
         """Bookkeeping after verification; returns the positions of the chunk that are now computed
@@ -209,11 +229,12 @@ class MTPSpeculator:
             seqs = [Sequence(f"calibration-{i}", [0] * ctx, _GREEDY) for i in range(b)]
             for i, s in enumerate(seqs):
                 s.block_table = list(range(i * per_seq, (i + 1) * per_seq))
-            t_plain = self._time(seqs, 0)
+            times = self._time(seqs)
+            t_plain = times[0]
             batches.append(b)
             plain.append(t_plain)
             for k in range(1, self.k + 1):
-                spec[k - 1].append(self._time(seqs, k))
+                spec[k - 1].append(times[k])
             if all(spec[k - 1][-1] >= (k + 1) * t_plain for k in range(1, self.k + 1)):
                 complete = True
                 break
@@ -237,19 +258,21 @@ class MTPSpeculator:
         self.sampler.verify(logits, [s.request_id for s in seqs], [s.params for s in seqs],
                             [drafts.get(s.request_id, []) for s in seqs])
 
-    def _time(self, seqs: list[Sequence], k: int) -> float:
-        """Median of three timed steps after a warm-up."""
-        self._fake_step(seqs, k)
-        times = []
-        for _ in range(3):
-            if self.runner.device.type == "cuda":
-                torch.cuda.synchronize(self.runner.device)
-            t0 = time.perf_counter()
-            self._fake_step(seqs, k)
-            if self.runner.device.type == "cuda":
-                torch.cuda.synchronize(self.runner.device)
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[1]
+    def _time(self, seqs: list[Sequence]) -> list[float]:
+        """Seconds of a step with 0, 1, ..., K drafts: the fastest of five rounds that interleave
+        the variants after a warm-up (interference from other processes only ever adds time)."""
+        best = [float("inf")] * (self.k + 1)
+        for r in range(6):
+            for k in range(self.k + 1):
+                if self.runner.device.type == "cuda":
+                    torch.cuda.synchronize(self.runner.device)
+                t0 = time.perf_counter()
+                self._fake_step(seqs, k)
+                if self.runner.device.type == "cuda":
+                    torch.cuda.synchronize(self.runner.device)
+                if r:
+                    best[k] = min(best[k], time.perf_counter() - t0)
+        return best
 
 
 def _argmax(logits: torch.Tensor) -> list[int]:

@@ -219,5 +219,20 @@ class DeepseekForCausalLM(CustomOp):
         x = m.block(x, cos, sin, self.rope, meta, kv_cache, step)
         return m.shared_head.norm(x)
 
+    def share_mtp_weights(self) -> int:
+        """Make each MTP module use the main model's embedding and output head where its own are
+        equal to them (DeepSeek-V3 shares both; checkpoints store copies): one copy in memory and
+        in the caches when drafts and verification alternate. Returns the tensors now shared."""
+        shared = 0
+        for layer in self.mtp:
+            m = cast(MTPLayer, layer)
+            for mine, main in ((m.embed_tokens, self.model.embed_tokens), (m.shared_head.head, self.lm_head)):
+                w, v = mine.weight, main.weight
+                if w is not v and w.shape == v.shape and w.dtype == v.dtype and w.device == v.device \
+                        and torch.equal(w, v):
+                    mine.weight = v
+                    shared += 1
+        return shared
+
     def mtp_logits(self, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:
         return cast(MTPLayer, self.mtp[depth]).shared_head.head(hidden).float()
