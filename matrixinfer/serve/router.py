@@ -5,7 +5,9 @@ reserves KV blocks for it) and the least-loaded prefill instance (which computes
 cached prefix blocks from EMS, and pushes the KV to that decode instance). Tokens stream back from
 the decode instance. Workers join over the control port (``matrixinfer worker --router``); a lost
 prefill instance's unfinished requests are retried elsewhere, a lost decode instance's requests end
-with an error while everything else keeps running.
+with an error while everything else keeps running. An instance that sends nothing (not even its
+load report, due every 0.2 s) for ``frozen_after`` seconds is treated as lost but kept: nothing is
+routed to it until it speaks again.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from matrixinfer.serve.router_policy import InstanceLoad, pick_instance
 
 log = logging.getLogger(__name__)
 _DEC = msgspec.msgpack.Decoder(m.WorkerToRouter)
+FROZEN_AFTER_S = 10.0  # an instance silent this long (it reports load every 0.2 s) is treated as frozen
+WATCH_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -42,6 +46,8 @@ class Instance:
     stats: EngineStats = field(default_factory=EngineStats)
     assigned_tokens: int = 0
     requests: set[str] = field(default_factory=set)
+    last_heard: float = field(default_factory=time.monotonic)
+    frozen: bool = False  # silent past the router's frozen_after: not routed to until it speaks again
 
     def send(self, msg: m.RouterToWorker) -> None:
         try:
@@ -73,7 +79,7 @@ class Router:
     """Implements the API server's backend interface over prefill and decode instances."""
 
     def __init__(self, model_path: Path, served_model_name: str | None = None, reserve_timeout: float = 30.0,
-                 max_prefill_retries: int = 3, ems_controller: str = "") -> None:
+                 max_prefill_retries: int = 3, ems_controller: str = "", frozen_after: float = FROZEN_AFTER_S) -> None:
         cfg = ModelConfig.from_file(model_path)
         self.tokenizer = Tokenizer(model_path)
         self.model_path = model_path
@@ -88,13 +94,15 @@ class Router:
         self.pending: dict[str, Pending] = {}
         self.ctrl_addr = ""
         self.lost_instances = 0
+        self.frozen_after = frozen_after
+        self.frozen_instances = 0  # times an instance was found frozen
         self._turn: dict[str, int] = {}
 
     # -- backend interface ------------------------------------------------------------------------
     def health(self) -> str | None:
-        """A request needs a prefill and a decode instance."""
+        """A request needs a responsive prefill and decode instance."""
         missing = [role for role in ("prefill", "decode") if not self.role(role)]
-        return f"no {' and no '.join(missing)} instance is registered" if missing else None
+        return f"no {' and no '.join(missing)} instance is registered and responding" if missing else None
 
     @property
     def stats(self) -> EngineStats:
@@ -105,7 +113,8 @@ class Router:
         return [(i.info.instance_id, i.info.role, i.stats) for i in self.instances.values()]
 
     def role(self, role: str) -> list[Instance]:
-        return [i for i in self.instances.values() if i.info.role == role]
+        """The registered, responsive instances of ``role`` (frozen ones are not routed to)."""
+        return [i for i in self.instances.values() if i.info.role == role and not i.frozen]
 
     def _candidates(self, role: str) -> list[InstanceLoad]:
         """Views of one role's instances, rotated per call so equally loaded ones take turns."""
@@ -199,7 +208,27 @@ class Router:
         server = await asyncio.start_server(self._on_worker, host, port)
         self.ctrl_addr = format_addr(host, server.sockets[0].getsockname()[1])
         self._server = server
+        self._watchdog = asyncio.create_task(self._watch())
         return self.ctrl_addr
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            self.check_frozen(time.monotonic())
+
+    def check_frozen(self, now: float) -> None:
+        """Stop routing to instances silent for ``frozen_after`` seconds (stopped, hung, cut off) and
+        move their requests: a prefill's are retried elsewhere, a decode's end with an error. One
+        that speaks again is routed to again (its failed requests are aborted on it)."""
+        for inst in list(self.instances.values()):
+            silent = now - inst.last_heard
+            if inst.frozen or silent <= self.frozen_after:
+                continue
+            inst.frozen = True
+            self.frozen_instances += 1
+            log.warning("%s instance %s has sent nothing for %.1f s; not routing to it, %d request(s) affected",
+                        inst.info.role, inst.info.instance_id, silent, len(inst.requests))
+            self._move_requests(inst, f"stopped responding ({silent:.0f} s without a message)")
 
     async def _on_worker(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = str(writer.get_extra_info("peername"))
@@ -228,6 +257,10 @@ class Router:
                 except MessageError as exc:  # one bad message: fail its request, keep the instance
                     self._undecodable(inst, exc)
                     continue
+                inst.last_heard = time.monotonic()
+                if inst.frozen:
+                    inst.frozen = False
+                    log.info("%s instance %s is responding again", reg.role, reg.instance_id)
                 self._handle(inst, msg)
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, WireError, OSError) as exc:
             if inst is None:
@@ -284,12 +317,18 @@ class Router:
         del self.instances[iid]
         self.lost_instances += 1
         log.warning("%s instance %s is gone; %d request(s) affected", inst.info.role, iid, len(inst.requests))
+        self._move_requests(inst, "died")
+
+    def _move_requests(self, inst: Instance, what_happened: str) -> None:
+        """The requests of an instance that died or froze: a prefill's are retried on another
+        instance while no token was sent, a decode's end with an error."""
+        iid = inst.info.instance_id
         for rid in list(inst.requests):
             req = self.pending.get(rid)
             if req is None:
                 continue
             if inst.info.role == "decode":
-                self._fail(rid, EngineDeadError(f"decode instance {iid} died; the request was lost"))
+                self._fail(rid, EngineDeadError(f"decode instance {iid} {what_happened}; the request was lost"))
                 prefill = self.instances.get(req.prefill) if req.prefill else None
                 if prefill is not None:
                     prefill.send(Abort(rid))
@@ -301,3 +340,7 @@ class Router:
                     self._fail(rid, exc)
             elif not req.got_first:
                 self._fail(rid, EngineDeadError(f"prefill failed on {len(req.tried)} instances"))
+            if inst.info.role == "prefill" and req.prefill != iid:
+                inst.requests.discard(rid)  # moved: a late answer from this instance is not awaited
+                if iid in self.instances:  # frozen, not gone: it drops the request when it resumes
+                    inst.send(Abort(rid))
