@@ -273,7 +273,11 @@ def run_worker(role: str, router: str, cfg: EngineConfig, kv_host: str, ems: lis
     else:
         raise ValueError(f"worker role must be prefill or decode, got {role!r}")
     # SIGTERM (the launcher stopping) and Ctrl-C (the terminal's whole process group) end the loop quietly
-    signal.signal(signal.SIGTERM, lambda signum, frame: (worker.stopped.set(), worker.inbox.wake()))
+    def stop(signum: int, frame: object) -> None:
+        worker.stopped.set()
+        worker.inbox.wake()
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         worker.run()
     except KeyboardInterrupt:
