@@ -5,9 +5,15 @@ config.json: the attention projections, the dense MLP, the shared experts and on
 and 1-64 rows, times the two modules a loaded model would run on this machine: the float32
 ``Linear`` (its ``cpu`` backend: the native small-batch kernel) and ``Int8Linear`` (its ``cpu``
 backend: the native W8A8 kernel, which quantizes the rows itself). Prints each time and the ratio
-float32 / INT8 (above 1: INT8 faster), and whether INT8 is faster at every size. ``--int-mm`` adds
-``torch._int_mm`` on the CPU for the shapes where it finishes in reasonable time (it is a reference
-loop there, which is why the CPU path does not use it).
+float32 / INT8 (above 1: INT8 faster), and whether INT8 is faster at every size.
+
+Two cache regimes, both printed: ``cold`` (the default figure) cycles through enough copies of
+each matrix that they do not fit in the last-level cache, so every call streams its weights from
+memory as a decode step does (the demo model's float32 weights, 48 MB, already exceed this
+machine's 32 MB L3; DeepSeek's exceed any cache); ``warm`` calls one matrix over and over, so a
+small one stays in cache and the figure is the kernels' arithmetic and call overhead.
+``--int-mm`` adds ``torch._int_mm`` on the CPU (warm, small shapes only: it is a reference loop
+there, which is why the CPU path does not use it).
 
     python benchmarks/int8_linear.py [--rows 1,2,4,8,16,32,64] [--threads N] [--json out.json]
 """
@@ -72,11 +78,29 @@ def timed(fns: list[Callable[..., object]], *args: object, min_time: float = 0.0
     return [statistics.median(s) for s in samples]
 
 
+class Cycle:
+    """Calls the next of ``modules`` each time (one module: always that one)."""
+
+    def __init__(self, modules: list[torch.nn.Module]) -> None:
+        self.modules, self.i = modules, 0
+
+    def __call__(self, x: torch.Tensor) -> object:
+        self.i = (self.i + 1) % len(self.modules)
+        return self.modules[self.i](x)
+
+
+def copies_for(out_f: int, in_f: int, budget: int) -> int:
+    """Copies of a float32 ``[out_f, in_f]`` matrix that together exceed ``budget`` bytes."""
+    return max(2, -(-budget // (out_f * in_f * 4)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="1,2,4,8,16,32,64")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--int-mm", action="store_true", help="also time torch._int_mm on the CPU (small shapes)")
+    ap.add_argument("--cold-bytes", type=int, default=96 << 20,
+                    help="float32 bytes of matrix copies cycled through in the cold regime (default 96 MiB)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -89,38 +113,49 @@ def main() -> None:
     cases = [(m, n, s) for m, cfg in models.items() for n, s in linear_shapes(cfg).items()]
     with torch.no_grad():
         for model, name, (out_f, in_f) in tqdm(cases, desc="shapes", unit="shape"):
-            lin = Linear(in_f, out_f, bias=False)
-            torch.nn.init.normal_(lin.weight, std=in_f ** -0.5)
-            q = int8_linear(lin)
-            for mod in (lin, q):
-                select_backend(mod, "cpu")
-            assert lin.backend == "cpu" and q.backend == "cpu", "the native kernels are not available"
+            floats, ints = [], []
+            for _ in range(copies_for(out_f, in_f, args.cold_bytes)):
+                lin = Linear(in_f, out_f, bias=False)
+                torch.nn.init.normal_(lin.weight, std=in_f ** -0.5)
+                q = int8_linear(lin)
+                for mod in (lin, q):
+                    select_backend(mod, "cpu")
+                assert lin.backend == "cpu" and q.backend == "cpu", "the native kernels are not available"
+                floats.append(lin)
+                ints.append(q)
             for m in rows:
                 x = torch.randn(m, in_f)
-                t_fp, t_q = timed([lin, q], x)
-                r = {"model": model, "matrix": name, "out": out_f, "in": in_f, "rows": m,
-                     "fp32_us": t_fp * 1e6, "int8_us": t_q * 1e6, "fp32_over_int8": t_fp / t_q}
+                cold_fp, cold_q = timed([Cycle(floats), Cycle(ints)], x)
+                warm_fp, warm_q = timed([floats[0], ints[0]], x)
+                r = {"model": model, "matrix": name, "out": out_f, "in": in_f, "rows": m, "copies": len(floats),
+                     "fp32_us": cold_fp * 1e6, "int8_us": cold_q * 1e6, "fp32_over_int8": cold_fp / cold_q,
+                     "warm_fp32_us": warm_fp * 1e6, "warm_int8_us": warm_q * 1e6,
+                     "warm_fp32_over_int8": warm_fp / warm_q}
                 if args.int_mm and m * in_f * out_f <= 64 * 256 * 512:
                     xq = torch.randint(-127, 127, (max(m, 17), in_f), dtype=torch.int8)
-                    r["int_mm_us"] = timed([torch._int_mm], xq, q.weight.t(), reps=3)[0] * 1e6
+                    r["int_mm_us"] = timed([torch._int_mm], xq, ints[0].weight.t(), reps=3)[0] * 1e6
                 results.append(r)
     print(f"\nthreads: {torch.get_num_threads()}; float32 = Linear's cpu backend (native small-batch kernel), "
-          "INT8 = Int8Linear's cpu backend (native W8A8 kernel, activation quantization included)")
-    head = f"{'model':<8} {'matrix':<15} {'out x in':>12} {'rows':>4} {'fp32 us':>9} {'int8 us':>9} {'fp32/int8':>9}"
+          "INT8 = Int8Linear's cpu backend (native W8A8 kernel, activation quantization included); "
+          "cold: weights streamed from memory, warm: one matrix kept in cache")
+    head = (f"{'model':<8} {'matrix':<15} {'out x in':>12} {'rows':>4} {'cold fp32 us':>12} {'int8 us':>9} "
+            f"{'fp32/int8':>9} {'warm fp32 us':>12} {'int8 us':>9} {'fp32/int8':>9}")
     print(head + ("  int_mm us" if args.int_mm else ""))
     for r in results:
-        line = (f"{r['model']:<8} {r['matrix']:<15} {r['out']:>5} x {r['in']:<5} {r['rows']:>4} {r['fp32_us']:>9.1f} "
-                f"{r['int8_us']:>9.1f} {r['fp32_over_int8']:>9.2f}")
+        line = (f"{r['model']:<8} {r['matrix']:<15} {r['out']:>5} x {r['in']:<5} {r['rows']:>4} {r['fp32_us']:>12.1f} "
+                f"{r['int8_us']:>9.1f} {r['fp32_over_int8']:>9.2f} {r['warm_fp32_us']:>12.1f} "
+                f"{r['warm_int8_us']:>9.1f} {r['warm_fp32_over_int8']:>9.2f}")
         if "int_mm_us" in r:
             line += f"  {r['int_mm_us']:>9.1f}"
         print(line)
-    worst = min(results, key=lambda r: r["fp32_over_int8"])
-    for model in models:
-        ratios = [r["fp32_over_int8"] for r in results if r["model"] == model]
-        print(f"{model}: fp32/int8 geometric mean {statistics.geometric_mean(ratios):.2f}, "
-              f"min {min(ratios):.2f}, max {max(ratios):.2f}")
-    print(f"INT8 faster at every size: {'yes' if worst['fp32_over_int8'] > 1 else 'no'} (slowest case: "
-          f"{worst['model']} {worst['matrix']} x{worst['rows']} rows, ratio {worst['fp32_over_int8']:.2f})")
+    for key, regime in (("fp32_over_int8", "cold"), ("warm_fp32_over_int8", "warm")):
+        for model in models:
+            ratios = [r[key] for r in results if r["model"] == model]
+            print(f"{regime} {model}: fp32/int8 geometric mean {statistics.geometric_mean(ratios):.2f}, "
+                  f"min {min(ratios):.2f}, max {max(ratios):.2f}")
+        worst = min(results, key=lambda r: r[key])
+        print(f"{regime}: INT8 faster at every size: {'yes' if worst[key] > 1 else 'no'} (slowest case: "
+              f"{worst['model']} {worst['matrix']} x{worst['rows']} rows, ratio {worst[key]:.2f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": torch.get_num_threads(), "results": results}, f, indent=1)

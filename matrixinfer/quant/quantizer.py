@@ -38,7 +38,6 @@ from matrixinfer.model.deepseek import Block, DeepseekForCausalLM, MTPLayer
 from matrixinfer.model.experts import Experts, Int8Experts, Routing
 from matrixinfer.model.layers import MLP, Int8Linear, Linear, RotaryEmbedding
 from matrixinfer.model.moe import MoE
-from matrixinfer.quant.calibration import nll
 from matrixinfer.quant.int8 import quantize_weight, rotate, rotation_block, w8a8_linear
 from matrixinfer.quant.policy import QuantRecipe, flag_sensitive, high_precision_by_default, may_be_int8
 from matrixinfer.quant.search import search_clip, search_smoothing
@@ -170,10 +169,10 @@ class Quantizer:
     :meth:`run` turns the model's chosen modules into INT8 in place and returns the report."""
 
     def __init__(self, model: DeepseekForCausalLM, windows: torch.Tensor, recipe: QuantRecipe | None = None,
-                 progress: bool = True, echo: Callable[[str], None] = print) -> None:
+                 progress: bool = True) -> None:
         self.model, self.windows = model, windows.long()
         self.recipe = recipe or QuantRecipe()
-        self.progress, self.echo = progress, echo
+        self.progress = progress
         self.rotated: dict[str, int] = {}
 
     @torch.no_grad()
@@ -213,16 +212,9 @@ class Quantizer:
         for name in units:
             if high_precision_by_default(name):
                 high.setdefault(name, "policy")
-        sample = self.windows[:SENSITIVITY_WINDOWS]
-        base, base_mtp = nll(model, sample)
-        deltas: dict[str, float] = {}
-        for name, m in tqdm(units.items(), desc="sensitivity", unit="module", disable=not self.progress):
-            with _swapped(model, {name: _int8_form(m)}):
-                main, mtp = nll(model, sample)
-            if name.startswith("mtp.") and mtp is not None and base_mtp is not None:
-                deltas[name] = (mtp - base_mtp) / base_mtp
-            else:
-                deltas[name] = (main - base) / base
+        probe = _SensitivityProbe(model, self.windows[:SENSITIVITY_WINDOWS])
+        deltas = {name: probe.delta(name, _int8_form(m))
+                  for name, m in tqdm(units.items(), desc="sensitivity", unit="module", disable=not self.progress)}
         for name in flag_sensitive(deltas, recipe.sensitivity_threshold):
             high.setdefault(name, "sensitive")
         return high, deltas
@@ -302,6 +294,49 @@ class Quantizer:
         hidden = model.model.norm(x_main_out)
         e = m.enorm(m.embed_tokens(w[:, 1:].reshape(-1)))
         return m.eh_proj(torch.cat([e, m.hnorm(hidden)], dim=-1)).float()
+
+
+class _SensitivityProbe:
+    """The calibration NLL with one module swapped for its INT8 form, recomputed only from where
+    that module acts: block inputs, the final hidden states and the baseline losses are kept, so
+    a module of block l reruns blocks l.. and the head; an MTP module reruns MTP alone."""
+
+    def __init__(self, model: DeepseekForCausalLM, windows: torch.Tensor) -> None:
+        self.model, self.windows = model, windows
+        self.batch = _Batch(model.rope, windows.shape[0], windows.shape[1] - 1)
+        self.positions = torch.arange(self.batch.length).repeat(self.batch.n)
+        x = model.model.embed_tokens(windows[:, :-1].reshape(-1))
+        self.inputs = []
+        for layer in model.model.layers:
+            self.inputs.append(x)
+            x = self.batch.run(cast(Block, layer), x)
+        self.hidden = model.model.norm(x)
+        self.base_main = self._main_nll(self.hidden)
+        self.base_mtp = self._mtp_nll() if len(model.mtp) else None
+
+    def _main_nll(self, hidden: torch.Tensor) -> float:
+        return float(F.cross_entropy(self.model.compute_logits(hidden), self.windows[:, 1:].reshape(-1)))
+
+    def _mtp_nll(self) -> float:
+        model, w, b = self.model, self.windows, self.batch
+        h = model.mtp_forward(w[:, 1:].reshape(-1), self.positions, self.hidden, b.meta)
+        draft = model.mtp_logits(h).view(b.n, b.length, -1)[:, :-1]
+        return float(F.cross_entropy(draft.reshape(-1, draft.shape[-1]), w[:, 2:].reshape(-1)))
+
+    def delta(self, name: str, int8: nn.Module) -> float:
+        """Relative NLL increase with ``name`` replaced by ``int8`` (MTP modules: of the MTP NLL)."""
+        with _swapped(self.model, {name: int8}):
+            if name.startswith("mtp.") and self.base_mtp is not None:
+                return (self._mtp_nll() - self.base_mtp) / self.base_mtp
+            if name.startswith("model.layers."):
+                first = int(name.split(".")[2])
+                x = self.inputs[first]
+                for layer in self.model.model.layers[first:]:
+                    x = self.batch.run(cast(Block, layer), x)
+                hidden = self.model.model.norm(x)
+            else:
+                hidden = self.hidden
+            return (self._main_nll(hidden) - self.base_main) / self.base_main
 
 
 # -- activations and smoothing (steps 2 and 3) --------------------------------------------------------
