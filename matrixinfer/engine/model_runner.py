@@ -13,7 +13,7 @@ import torch
 from matrixinfer import envs
 from matrixinfer.config import EngineConfig
 from matrixinfer.engine.sequence import Sequence
-from matrixinfer.model.attention import AttentionMetadata, PagedLatentCache
+from matrixinfer.model.attention import AttentionMetadata, PagedLatentCache, block_slots
 from matrixinfer.model.deepseek import DeepseekForCausalLM
 
 log = logging.getLogger(__name__)
@@ -102,10 +102,8 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             q_lens.append(n)
             ctx_lens.append(start + n)
-        dev = self.device
-        meta = AttentionMetadata.build(q_lens, ctx_lens, self._tables([seq for seq, _ in chunks]), self.block_size, dev)
-        hidden = self.model(torch.tensor(ids).to(dev, non_blocking=True),
-                            torch.tensor(positions).to(dev, non_blocking=True), meta, self.kv_cache)
+        meta, pos = self._metadata([seq for seq, _ in chunks], q_lens, ctx_lens, positions)
+        hidden = self.model(torch.tensor(ids).to(self.device, non_blocking=True), pos, meta, self.kv_cache)
         return hidden, starts
 
     @torch.inference_mode()
@@ -124,11 +122,9 @@ class ModelRunner:
             ctx_lens.append(start + len(next_ids))
             last.append(len(ids) - 1)
         dev = self.device
-        meta = AttentionMetadata.build(q_lens, ctx_lens, self._tables([seq for seq, _, _, _ in rows]), self.block_size,
-                                       dev)
+        meta, pos = self._metadata([seq for seq, _, _, _ in rows], q_lens, ctx_lens, positions)
         prev = rows[0][3] if len(rows) == 1 else torch.cat([h for _, _, _, h in rows])
-        out = self.model.mtp_forward(torch.tensor(ids).to(dev, non_blocking=True),
-                                     torch.tensor(positions).to(dev, non_blocking=True), prev, meta, self.kv_cache)
+        out = self.model.mtp_forward(torch.tensor(ids).to(dev, non_blocking=True), pos, prev, meta, self.kv_cache)
         return out if len(last) == out.shape[0] else out[torch.tensor(last, device=dev)]
 
     @torch.inference_mode()
@@ -139,9 +135,23 @@ class ModelRunner:
             hidden = hidden[torch.tensor(rows, device=self.device)]
         return self.model.mtp_logits(hidden) if mtp else self.model.compute_logits(hidden)
 
-    def _tables(self, seqs: list[Sequence]) -> torch.Tensor:
+    def _metadata(self, seqs: list[Sequence], q_lens: list[int], ctx_lens: list[int],
+                  positions: list[int]) -> tuple[AttentionMetadata, torch.Tensor]:
+        """The paged batch's metadata (what :meth:`AttentionMetadata.build` computes, here from host
+        arrays in a handful of tensor operations: at decode batch sizes, and twice or more per
+        speculative step, the per-step overhead is a visible share of the step) and the positions."""
         width = max(len(seq.block_table) for seq in seqs)
-        table_rows = np.zeros((len(seqs), width), dtype=np.int32)
-        for row, seq in zip(table_rows, seqs):
+        tables = np.zeros((len(seqs), width), dtype=np.int32)
+        for row, seq in zip(tables, seqs):
             row[:len(seq.block_table)] = seq.block_table
-        return torch.from_numpy(table_rows).to(self.device, non_blocking=True)
+        pos = np.asarray(positions, dtype=np.int64)
+        seq_idx = np.repeat(np.arange(len(seqs), dtype=np.int32), q_lens)
+        slots = block_slots(torch.from_numpy(tables[seq_idx, pos // self.block_size]), torch.from_numpy(pos),
+                            self.block_size)
+        dev = self.device
+        meta = AttentionMetadata(q_lens, ctx_lens, slots.to(dev, non_blocking=True),
+                                 block_tables=torch.from_numpy(tables).to(dev, non_blocking=True),
+                                 block_size=self.block_size,
+                                 tok_seq=torch.from_numpy(seq_idx).to(dev, non_blocking=True),
+                                 tok_nkeys=torch.from_numpy((pos + 1).astype(np.int32)).to(dev, non_blocking=True))
+        return meta, torch.from_numpy(pos).to(dev, non_blocking=True)
