@@ -15,6 +15,10 @@ ALPHA_GRID: tuple[float | None, ...] = (None, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7,
 #: clipping ratios tried per block (1.0: the largest weight of a channel maps to 127)
 CLIP_GRID: tuple[float, ...] = (1.0, 0.97, 0.94, 0.9, 0.85, 0.8, 0.75, 0.7)
 
+#: block-relative linears whose input step 3's rotation option rotates (online, block Hadamard): the
+#: down projections read the SwiGLU product, whose outlier channels smoothing cannot tame from a norm
+ROTATED_INPUTS: tuple[str, ...] = ("mlp.down_proj", "mlp.shared_experts.down_proj")
+
 # Linear modules the runtime could run in INT8 but the mixed-precision policy keeps in high
 # precision: the vocabulary heads (their errors go straight into the logits) and MTP's input
 # projection (it mixes two normalised streams of different scale).

@@ -21,7 +21,6 @@ later blocks see (and compensate) the error that reaches them in serving.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -38,11 +37,10 @@ from matrixinfer.model.deepseek import Block, DeepseekForCausalLM, MTPLayer
 from matrixinfer.model.experts import Experts, Int8Experts, Routing
 from matrixinfer.model.layers import MLP, Int8Linear, Linear, RotaryEmbedding
 from matrixinfer.model.moe import MoE
+from matrixinfer.quant import policy
 from matrixinfer.quant.int8 import quantize_weight, rotate, rotation_block, w8a8_linear
 from matrixinfer.quant.policy import QuantRecipe, flag_sensitive, high_precision_by_default, may_be_int8
 from matrixinfer.quant.search import search_clip, search_smoothing
-
-log = logging.getLogger(__name__)
 
 SEARCH_WINDOWS = 16  # windows the clip and compensation searches run on (all windows propagate)
 SMOOTH_ROWS = 2048  # activation rows per consumer in the smoothing search
@@ -274,11 +272,11 @@ class Quantizer:
         return after < before
 
     def _rotations(self, name: str, block: Block, int8: set[str]) -> dict[str, int]:
-        """Step 3's rotation option: the dense / shared-expert down projections' Hadamard blocks."""
+        """Step 3's rotation option: the Hadamard block of each INT8 linear of :data:`ROTATED_INPUTS`."""
         if not self.recipe.rotate:
             return {}
         out: dict[str, int] = {}
-        for p in ("mlp.down_proj", "mlp.shared_experts.down_proj"):
+        for p in policy.ROTATED_INPUTS:
             if p in int8:
                 b = rotation_block(cast(Linear, block.get_submodule(p)).in_features)
                 if b > 1:
@@ -389,8 +387,8 @@ def _smooth(block: Block, acts: dict[str, Any], int8: set[str], recipe: QuantRec
 
     def linear_group(key: str, paths: list[str], absorb: Callable[[torch.Tensor], object]) -> None:
         quantized = [p for p in paths if p in int8]
-        if not quantized:
-            return
+        if not quantized or (recipe.rotate and any(p in policy.ROTATED_INPUTS for p in quantized)):
+            return  # (a rotated input is spread by the rotation instead)
         x = acts[key]
         label, s = _choose(x, [(lin(p).weight, _rows(x)) for p in quantized])
         chosen[key] = label
@@ -411,7 +409,7 @@ def _smooth(block: Block, acts: dict[str, Any], int8: set[str], recipe: QuantRec
     linear_group("o_in", ["self_attn.o_proj"], into_values)
     prefix = "mlp." if isinstance(mlp, MLP) else "mlp.shared_experts."
     dense = mlp if isinstance(mlp, MLP) else mlp.shared_experts
-    if not recipe.rotate and dense is not None:
+    if dense is not None:
         up = dense.up_proj.weight
         linear_group("down_in", [prefix + "down_proj"], lambda s: up.div_(s[:, None]))
     if isinstance(mlp, MoE):
