@@ -10,7 +10,7 @@ draft given the earlier ones were accepted. The step uses the ``k <= K`` with th
 Where a small batch is bound by reading weights (CPU decode, a GPU at small batch), ``t_spec(1)``
 is close to ``t_plain(1)`` and speculation wins; as the batch grows the step becomes compute bound,
 ``t_spec`` approaches ``(K + 1) t_plain`` and a wide batch loses (the reference design's gain falls
-from +49% at small batch to +6%, paper-notes §4). The costs are measured once at start-up
+from +49% at small batch to +6%, docs/reference-design.md §4). The costs are measured once at start-up
 (:meth:`matrixinfer.engine.speculative.MTPSpeculator.measure_costs`); ``--speculative-max-batch``
 replaces the model with a fixed cut-off. Torch-free and I/O-free, so it is tested directly.
 """

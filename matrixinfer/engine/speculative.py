@@ -1,5 +1,5 @@
 """MTP speculative decoding: drafts from the checkpoint's multi-token-prediction module, verified by
-the main model in one pass over the paged cache (DeepSeek-V3's MTP as a draft model, paper-notes §4).
+the main model in one pass over the paged cache (DeepSeek-V3's MTP as a draft model, docs/reference-design.md §4).
 
 The MTP module at position ``i`` combines the main model's hidden state ``h_i`` with the embedding
 of token ``i + 1`` and predicts token ``i + 2``; its block has its own layer in the paged cache,

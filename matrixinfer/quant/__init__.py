@@ -1,4 +1,4 @@
-"""Training-free INT8 (W8A8) quantization, after the reference design's five steps (paper-notes §7).
+"""Training-free INT8 (W8A8) quantization, after the reference design's five steps (docs/reference-design.md §7).
 
 - :mod:`.int8`: the arithmetic (per-token / per-channel quantization, the INT8 GEMM, Hadamard
   rotation) shared by the runtime modules and the quantizer; :mod:`.format`: the checkpoint layout.

@@ -1,7 +1,7 @@
 """The offline INT8 pass: a float model and calibration windows in, the same model with INT8
 modules out (served as is, or written by :mod:`matrixinfer.quant.checkpoint`).
 
-The five steps of the reference design (paper-notes §7), each switchable (:class:`QuantRecipe`):
+The five steps of the reference design (docs/reference-design.md §7), each switchable (:class:`QuantRecipe`):
 
 1. mixed precision: the heads stay in high precision, and so does every linear whose INT8 form
    alone raises the calibration NLL by more than the threshold (the sensitivity table);

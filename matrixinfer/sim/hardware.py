@@ -1,7 +1,7 @@
 """Hardware catalog: the one source of truth for chip, node and network numbers.
 
 Every constant names its source. ``[paper §n]`` means "Serving Large Language Models on Huawei
-CloudMatrix384" (arXiv 2506.12708) as restated in ``shared/paper-notes.md`` section n; NVIDIA
+CloudMatrix384" (arXiv 2506.12708) as restated in ``docs/reference-design.md`` §n; NVIDIA
 figures come from the public datasheets named next to them. Nothing here is tuned to hit an
 end-to-end result.
 """

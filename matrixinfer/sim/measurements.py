@@ -2,7 +2,7 @@
 
 Each value is a measured property of one operator (a kernel, a transfer, one pipeline
 optimisation in isolation), never an end-to-end throughput. Sources: ``[paper §n]`` is
-arXiv 2506.12708 as restated in ``shared/paper-notes.md``; NVIDIA values come from the public
+arXiv 2506.12708 as restated in ``docs/reference-design.md``; NVIDIA values come from the public
 READMEs of the libraries DeepSeek published (FlashMLA, DeepGEMM, DeepEP) and the FlashAttention-3
 paper. docs/simulator.md lists them again with the reasoning.
 """
