@@ -185,12 +185,14 @@ async def generate_response(request: Request, backend: Backend, metrics: ServerM
     timing = _Timing(metrics)
     first = await until_disconnected(request, first_output(stream))
     if first is None:  # the client left while the request was queued: it was aborted
+        metrics.aborted.inc()
         return Response(status_code=499)
     timing.token(first)
     if req.stream:
         return StreamingResponse(sse_events(call, stream, first, timing, metrics), media_type="text/event-stream")
     outs = await collect(request, stream, first, timing)
     if outs is None:
+        metrics.aborted.inc()
         return Response(status_code=499)
     return JSONResponse(completion_body(call, outs))
 
@@ -327,6 +329,9 @@ async def sse_events(call: _Call, stream: AsyncIterator[RequestOutput], first: R
                 timing.token(out)
                 last = out
                 yield _chunk(call, _delta(call, out))
+        except (asyncio.CancelledError, GeneratorExit):  # the client left: the request is aborted
+            metrics.aborted.inc()
+            raise
         except ANSWERED_ERRORS as exc:
             err = api_error(exc)
             metrics.errors.labels(str(err.status)).inc()

@@ -79,6 +79,8 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.requests = Counter("matrixinfer_requests", "Finished requests by finish reason",
                                 ["finish_reason"], registry=self.registry)
+        self.aborted = Counter("matrixinfer_requests_aborted", "Requests aborted because their client left",
+                               registry=self.registry)
         self.errors = Counter("matrixinfer_request_errors", "Requests rejected with an error, by HTTP status",
                               ["status"], registry=self.registry)
         self.ttft = Histogram("matrixinfer_time_to_first_token_seconds", "Time to first token",
