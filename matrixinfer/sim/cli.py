@@ -47,8 +47,30 @@ def register(subparsers) -> None:
     des = simsub.add_parser("des", help="discrete-event run of the paper's decode load")
     des.add_argument("--model")
     des.add_argument("--minutes", type=float, default=10.0)
-    des.set_defaults(func=_cmd_des)
     sim.set_defaults(func=lambda args: (sim.print_help(), 2)[1])
+
+    des.set_defaults(func=_cmd_des)
+    val = simsub.add_parser("validate", help="simulate this machine's engine from a profile and compare with "
+                            "measured `matrixinfer bench` runs (colocated and P/D)")
+    val.add_argument("--profile", default="profile.json", help="profile taken here (`matrixinfer profile`)")
+    val.add_argument("--model", default=None, help="checkpoint (default: the built-in demo model)")
+    val.add_argument("--quick", action="store_true", help="few short runs (a smoke test, not the bar)")
+    val.add_argument("--skip-pd", action="store_true", help="colocated engine only")
+    val.add_argument("--simulate-only", action="store_true", help="print the predictions, measure nothing")
+    val.add_argument("--result-json", default=None, help="write the table here as JSON")
+    val.set_defaults(func=_cmd_validate)
+
+    prof = subparsers.add_parser("profile", help="measure the runtime's operators on this device (for the simulator)")
+    prof.add_argument("--model", default=None, help="checkpoint (default: the built-in demo model)")
+    prof.add_argument("--out", default="profile.json", help="profile JSON (a CSV of the same table goes beside it)")
+    prof.add_argument("--grid", choices=("tiny", "full"), default="full", help="shape grid (tiny: a schema check)")
+    prof.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    prof.add_argument("--threads", default=None,
+                      help="torch threads, comma-separated for several tables, e.g. 2,1 (default: all cores "
+                           "and the P/D workers' share)")
+    prof.add_argument("--no-ems", action="store_true", help="skip EMS get/put")
+    prof.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    prof.set_defaults(func=_cmd_profile)
 
     plan = subparsers.add_parser("plan", help="recommend a P/D deployment for an SLO and workload")
     plan.add_argument("--model")
@@ -151,3 +173,43 @@ def _cmd_plan(args) -> int:
             print(f"{h.hour:>4}  {h.load_rps:>11.1f}  {h.prefill_instances:>7}  "
                   f"{h.decode_instances:>6}  {h.chips:>5}")
     return 0
+
+
+def _cmd_profile(args) -> int:
+    import os
+    import sys
+    from pathlib import Path
+
+    from matrixinfer.model.default_model import default_model_path
+    from matrixinfer.model.device import resolve_device
+    from matrixinfer.sim.profiler import GRIDS, run_profile, threads_tables
+
+    try:
+        device = resolve_device(args.device)
+        threads = threads_tables(args.threads, os.cpu_count() or 1)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model = Path(args.model) if args.model else default_model_path()
+    out = Path(args.out)
+    for n in threads:
+        path = out if n == threads[0] else out.with_name(f"{out.stem}.t{n}{out.suffix}")
+        prof = run_profile(model, path, GRIDS[args.grid], device, n, progress=not args.disable_tqdm,
+                           with_ems=not args.no_ems)
+        m = prof.meta
+        print(f"wrote {path} and {path.with_suffix('.csv')}: {sum(len(t.points) for t in prof.ops.values())} points, "
+              f"{len(prof.ops)} operators, {m['threads']} thread(s), {m['wall_s']} s on {m['device_name']} "
+              f"(load average {m['load_avg_start']:.1f} -> {m['load_avg_end']:.1f})")
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    import sys
+
+    from matrixinfer.sim.validate import run_validation
+
+    try:
+        return run_validation(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

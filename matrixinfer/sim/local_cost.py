@@ -1,0 +1,129 @@
+"""Step costs of this machine's engine from a measured profile (pure; no timing here).
+
+A step's time is built from operators, never from a fitted end-to-end constant:
+
+    step = forward operators + composition overhead + sampling + engine host work
+
+- **Forward operators.** Decode-sized batches (at most ``Linear.small_rows`` rows, the CPU
+  backend's one-call layers) cost one ``layer_decode``/``layer_decode_dense`` per layer; larger
+  batches cost the per-operator path (norms, MLA prolog/core/epilogue, dense MLP or routing +
+  experts + shared expert). Then the final norm and the vocabulary head over the sampled rows.
+- **Composition overhead** is measured, not assumed: at each profiled model-runner step
+  (``step_decode``, ``step_prefill``) it is the step's time minus the sum of its operators
+  (metadata, embedding, rope tables, the native step set-up, what runs between kernels). It is
+  interpolated over the same grid as those steps.
+- **Sampling** and **engine host work** (scheduler, block manager, detokenizer) are their own
+  profiled operators.
+
+Every term is a :class:`~matrixinfer.sim.profile_data.Cost` that says whether it came from the
+profile (interpolated), the scaled roofline (outside the grid) or the nearest measurement.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from matrixinfer.sim.local_ops import Dims, StepShape, work
+from matrixinfer.sim.profile_data import Cost, OpTable, Profile
+
+HOST_OPS = ("engine_host", "ems_get", "ems_put")  # host work: no roofline to scale
+SMALL_ROWS = 64  # matrixinfer.model.layers.Linear.small_rows: the CPU backend's one-call layer limit
+
+
+@dataclass
+class StepCost:
+    """A step's predicted seconds and the terms that make it up."""
+
+    seconds: float = 0.0
+    terms: list[Cost] = field(default_factory=list)
+
+    def add(self, cost: Cost, times: float = 1.0) -> None:
+        self.seconds += cost.seconds * times
+        self.terms.append(Cost(cost.seconds * times, cost.source, cost.op))
+
+    def sources(self) -> dict[str, float]:
+        """Seconds per source (``profile``, ``roofline``, ``linear``, ``nearest``)."""
+        out: dict[str, float] = defaultdict(float)
+        for t in self.terms:
+            out[t.source] += t.seconds
+        return out
+
+
+class LocalCostModel:
+    """Operator and step costs of one model on the device a :class:`Profile` was taken on."""
+
+    def __init__(self, profile: Profile, dims: Dims) -> None:
+        self.profile, self.dims = profile, dims
+        self.native = profile.meta.get("device") == "cpu"
+        self._composition = {"decode": self._residuals("step_decode", True),
+                             "prefill": self._residuals("step_prefill", False)}
+
+    def op(self, name: str, *point: float) -> Cost:
+        if name.startswith("composition_"):
+            table = self._composition[name.removeprefix("composition_")]
+            if table.covers(point):
+                return Cost(table.interpolate(point), "profile", name)
+            return Cost(table.seconds[table.nearest(point)], "nearest", name)
+        if name in HOST_OPS:
+            return self.profile.lookup(name, point)
+        return self.profile.lookup(name, point, lambda p: work(self.dims, name, p))
+
+    def forward_ops(self, shape: StepShape, sampled: int) -> StepCost:
+        """The forward pass's operators (no composition overhead)."""
+        d, t, keys = self.dims, float(shape.tokens), shape.mean_keys
+        out = StepCost()
+        if self.native and t <= SMALL_ROWS and (shape.decode_only or d.absorbed_prefill):
+            if d.moe_layers:
+                out.add(self.op("layer_decode", t, keys), d.moe_layers)
+            if d.dense_layers:
+                out.add(self.op("layer_decode_dense", t, keys), d.dense_layers)
+        else:
+            for name in ("rmsnorm", "rmsnorm", "mla_prolog", "mla_epilogue"):
+                out.add(self.op(name, t), d.layers)
+            decodes = [c for q, c in zip(shape.query_lens, shape.context_lens) if q == 1]
+            if decodes:
+                out.add(self.op("mla_core_q1", float(len(decodes)), sum(decodes) / len(decodes)), d.layers)
+            for q in shape.query_lens:  # prompt chunks: causal attention over the chunk
+                if q > 1:
+                    out.add(self.op("mla_core_prefill", float(q)), d.layers)
+            if d.dense_layers:
+                out.add(self.op("dense_mlp", t), d.dense_layers)
+            if d.moe_layers:
+                out.add(self.op("routing", t), d.moe_layers)
+                out.add(self.op("experts", max(t * d.top_k / d.n_experts, 1.0)), d.moe_layers)
+                if d.n_shared:
+                    out.add(self.op("shared_expert", t), d.moe_layers)
+        out.add(self.op("rmsnorm", t))
+        if sampled:
+            out.add(self.op("lm_head", float(sampled)))
+        return out
+
+    def forward(self, shape: StepShape, sampled: int) -> StepCost:
+        """The model runner's step: operators plus the measured composition overhead."""
+        out = self.forward_ops(shape, sampled)
+        if shape.decode_only:
+            out.add(self.op("composition_decode", float(shape.tokens), shape.mean_keys))
+        else:
+            out.add(self.op("composition_prefill", float(shape.tokens)))
+        return out
+
+    def step(self, shape: StepShape, sampled: int, running: int) -> StepCost:
+        """An engine step: forward, sampling of ``sampled`` rows, host work with ``running`` sequences."""
+        out = self.forward(shape, sampled)
+        if sampled:
+            out.add(self.op("sampling", float(sampled)))
+        out.add(self.op("engine_host", float(max(running, 1))))
+        return out
+
+    def _residuals(self, op: str, decode: bool) -> OpTable:
+        """Measured model-runner step minus its operators, at each profiled step."""
+        measured = self.profile.ops.get(op)
+        if measured is None:
+            raise KeyError(f"the profile has no {op!r} measurements, which the composition overhead needs")
+        table = OpTable(measured.axes)
+        for point, seconds in zip(measured.points, measured.seconds):
+            t = int(point[0])
+            shape = StepShape((1,) * t, (int(point[1]),) * t) if decode else StepShape((t,), (t,))
+            table.add(point, seconds - self.forward_ops(shape, t if decode else 1).seconds)
+        return table

@@ -1,0 +1,229 @@
+"""``matrixinfer simulate validate``: the simulator against this machine's engine.
+
+For each scenario the same requests (the bench's own dataset and arrival functions, same seeds)
+are simulated from a profile taken here and then measured with ``matrixinfer bench``'s client
+against a real ``matrixinfer serve`` (``--colocated``, and the default P/D deployment). The table
+gives both figures, the error and the bar (10% colocated, 15% P/D), and for each simulated figure
+the share of step time that came from interpolated profile points (the rest from the scaled
+roofline or the nearest measurement).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from matrixinfer.config import EngineConfig, ModelConfig
+from matrixinfer.engine.scheduler import Budget
+from matrixinfer.sim.engine_sim import SimEngine, SimRequest, SimResult, simulate
+from matrixinfer.sim.local_cost import LocalCostModel
+from matrixinfer.sim.local_ops import Dims
+from matrixinfer.sim.profile_data import Profile
+
+COLOCATED_BAR, PD_BAR = 0.10, 0.15
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One bench run: the dataset, the load (rate or concurrency) and the figures it checks."""
+
+    name: str
+    deployment: str  # "colocated" or "pd"
+    num_prompts: int
+    input_len: str
+    output_len: str
+    request_rate: float = float("inf")
+    max_concurrency: int | None = None
+    figures: tuple[str, ...] = ("output_throughput",)
+
+
+def scenarios(quick: bool) -> list[Scenario]:
+    if quick:
+        return [Scenario("decode batch 4", "colocated", 8, "32", "16", max_concurrency=4),
+                Scenario("rate 4/s", "colocated", 8, "32:64", "8:16", request_rate=4.0, figures=("ttft", "tpot"))]
+    out = [Scenario(f"decode batch {b}", "colocated", max(4, 2 * b), "32", "128", max_concurrency=b)
+           for b in (1, 8, 32, 64)]
+    out += [Scenario(f"rate {r:g}/s", "colocated", 60, "64:256", "32:128", request_rate=r, figures=("ttft", "tpot"))
+            for r in (2.0, 8.0)]
+    out.append(Scenario("P/D rate 2/s", "pd", 40, "64:256", "32:128", request_rate=2.0,
+                        figures=("ttft", "tpot", "output_throughput")))
+    return out
+
+
+@dataclass
+class Row:
+    scenario: str
+    deployment: str
+    figure: str
+    simulated: float
+    measured: float | None = None
+    profile_share: float = 1.0
+
+    @property
+    def error(self) -> float | None:
+        return None if self.measured in (None, 0) else (self.simulated - self.measured) / self.measured
+
+    @property
+    def bar(self) -> float:
+        return COLOCATED_BAR if self.deployment == "colocated" else PD_BAR
+
+
+@dataclass
+class Setup:
+    """What the simulation needs to know about the deployment: costs per thread count, budgets."""
+
+    model_path: Path
+    config: ModelConfig
+    colocated: LocalCostModel
+    pd: LocalCostModel
+    notes: list[str] = field(default_factory=list)
+
+
+def _specs(sc: Scenario, vocab: int):
+    from matrixinfer.bench import datasets
+
+    return datasets.random_dataset(sc.num_prompts, datasets.parse_range(sc.input_len),
+                                   datasets.parse_range(sc.output_len), vocab, seed=0)
+
+
+def _engine(cost: LocalCostModel, cfg: ModelConfig, ecfg: EngineConfig) -> SimEngine:
+    from matrixinfer.engine.model_runner import available_host_memory
+
+    layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers or 0)
+    per_block = ecfg.block_size * layers * cfg.kv_cache_dim * 4  # float32 on the CPU
+    # the model runner's formula: the KV budget over the bytes of one block
+    budget = ecfg.kv_cache_memory or int(available_host_memory() * ecfg.kv_cache_fraction)
+    return SimEngine(cost, Budget(ecfg.max_num_batched_tokens, ecfg.max_num_seqs, ecfg.block_size),
+                     budget // per_block)
+
+
+def simulate_scenario(sc: Scenario, setup: Setup) -> tuple[SimResult, float]:
+    """Simulated result and the share of simulated step time from interpolated profile points."""
+    from matrixinfer.bench.datasets import arrival_offsets
+
+    cfg = setup.config
+    specs = _specs(sc, cfg.vocab_size)
+    offsets = arrival_offsets(len(specs), sc.request_rate, 0)
+    reqs = [SimRequest(i, off, s.prompt_len, s.output_len) for i, (s, off) in enumerate(zip(specs, offsets))]
+    ecfg = EngineConfig()
+    if sc.deployment == "colocated":
+        eng = _engine(setup.colocated, cfg, ecfg)
+        res = simulate(reqs, eng, max_concurrency=sc.max_concurrency)
+        engines = [eng]
+    else:
+        pre, dec = _engine(setup.pd, cfg, ecfg), _engine(setup.pd, cfg, ecfg)
+        layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers or 0)
+        per_token = layers * cfg.kv_cache_dim * 4
+
+        def transfer(n: int) -> float:
+            kib = per_token * ecfg.block_size / 1024
+            blocks = -(-n // ecfg.block_size)
+            return blocks * setup.pd.profile.lookup("ems_get", (kib, 1.0)).seconds
+        res = simulate(reqs, pre, dec, sc.max_concurrency, transfer)
+        engines = [pre, dec]
+    shares: dict[str, float] = defaultdict(float)
+    for e in engines:
+        for source, seconds in e.source_seconds.items():
+            shares[source] += seconds
+    total = sum(shares.values()) or 1.0
+    return res, shares["profile"] / total
+
+
+def _figure(res, name: str) -> float:
+    if name == "output_throughput":
+        return res.output_throughput
+    value = res.mean_ttft if name == "ttft" else res.mean_tpot
+    return value * 1e3  # ms
+
+
+def measure_scenario(sc: Scenario, model_path: Path | None) -> dict[str, float]:
+    """Run the bench client against a fresh ``matrixinfer serve`` of this scenario's deployment."""
+    from matrixinfer.bench.client import BenchConfig, resolve_model, run_benchmark
+    from matrixinfer.bench.launch import ServerProcess
+    from matrixinfer.bench.metrics import summarize
+
+    args = (["--model", str(model_path)] if model_path else []) + \
+        (["--colocated"] if sc.deployment == "colocated" else [])
+    server = ServerProcess(args, timeout=300)
+    try:
+        config = BenchConfig(base_url=server.url, request_rate=sc.request_rate,
+                             max_concurrency=sc.max_concurrency, seed=0, show_progress=False)
+        model, vocab = asyncio.run(resolve_model(config, None))
+        from dataclasses import replace
+        config = replace(config, model=model)
+        records, duration = asyncio.run(run_benchmark(_specs(sc, vocab), config))
+    finally:
+        server.stop()
+    s = summarize(records, duration)
+    if s.completed < sc.num_prompts:
+        raise RuntimeError(f"{sc.name}: only {s.completed} of {sc.num_prompts} requests completed")
+    return {"output_throughput": s.output_throughput, "ttft": s.ttft.mean, "tpot": s.tpot.mean}
+
+
+def load_setup(profile_path: Path, model: str | None) -> Setup:
+    from matrixinfer.model.default_model import default_model_path
+
+    model_path = Path(model) if model else default_model_path()
+    cfg = ModelConfig.from_dict(json.loads((model_path / "config.json").read_text()))
+    dims = Dims.of(cfg)
+    colocated = Profile.load(profile_path)
+    notes = []
+    cores = os.cpu_count() or 1
+    if colocated.meta.get("threads") != cores:
+        notes.append(f"the colocated engine runs {cores} thread(s); {profile_path} was taken with "
+                     f"{colocated.meta.get('threads')}")
+    pd_path = profile_path.with_name(f"{profile_path.stem}.t{max(1, cores // 2)}{profile_path.suffix}")
+    pd = Profile.load(pd_path) if pd_path.exists() else colocated
+    if pd is colocated and max(1, cores // 2) != colocated.meta.get("threads"):
+        notes.append(f"no {pd_path.name}: the P/D workers ({max(1, cores // 2)} thread(s) each) are simulated "
+                     f"from the {colocated.meta.get('threads')}-thread profile")
+    return Setup(model_path, cfg, LocalCostModel(colocated, dims), LocalCostModel(pd, dims), notes)
+
+
+def format_rows(rows: list[Row]) -> str:
+    units = {"output_throughput": "tok/s", "ttft": "ms", "tpot": "ms"}
+    lines = [f"{'deployment':<10} {'scenario':<16} {'figure':<18} {'simulated':>10} {'measured':>10} "
+             f"{'error':>8} {'bar':>5}  ok   profile share", "-" * 100]
+    for r in rows:
+        meas = "-" if r.measured is None else f"{r.measured:>10.1f}"
+        err = "-" if r.error is None else f"{r.error:+.1%}"
+        ok = "-" if r.error is None else ("yes" if abs(r.error) <= r.bar else "NO")
+        lines.append(f"{r.deployment:<10} {r.scenario:<16} {r.figure + ' ' + units[r.figure]:<18} "
+                     f"{r.simulated:>10.1f} {meas:>10} {err:>8} {r.bar:>5.0%}  {ok:<4} {r.profile_share:.0%}")
+    judged = [r for r in rows if r.error is not None]
+    if judged:
+        held = sum(abs(r.error) <= r.bar for r in judged)  # type: ignore[arg-type]
+        lines.append("-" * 100)
+        lines.append(f"{held}/{len(judged)} figures within their bar (colocated 10%, P/D 15%)")
+    return "\n".join(lines)
+
+
+def run_validation(args) -> int:
+    setup = load_setup(Path(args.profile), args.model)
+    for note in setup.notes:
+        print(f"note: {note}")
+    print(f"profile {args.profile}: {setup.colocated.profile.meta.get('device_name')}, taken "
+          f"{setup.colocated.profile.meta.get('date')} at load average "
+          f"{setup.colocated.profile.meta.get('load_avg_start', 0):.1f}; load average now {os.getloadavg()[0]:.1f}")
+    rows: list[Row] = []
+    for sc in scenarios(args.quick):
+        if sc.deployment == "pd" and args.skip_pd:
+            continue
+        res, share = simulate_scenario(sc, setup)
+        measured = None if args.simulate_only else measure_scenario(sc, setup.model_path)
+        for fig in sc.figures:
+            m = None
+            if measured is not None:
+                m = measured[fig] * (1e3 if fig in ("ttft", "tpot") else 1.0)
+            rows.append(Row(sc.name, sc.deployment, fig, _figure(res, fig), m, share))
+        print(f"  {sc.name}: done (load average {os.getloadavg()[0]:.1f})", flush=True)
+    print(format_rows(rows))
+    if args.result_json:
+        Path(args.result_json).write_text(json.dumps(
+            {"profile": args.profile, "load_avg_end": os.getloadavg()[0], "notes": setup.notes,
+             "rows": [{**r.__dict__, "error": r.error, "bar": r.bar} for r in rows]}, indent=1))
+    return 0

@@ -1,0 +1,145 @@
+"""`matrixinfer profile` on a tiny grid (schema), profile lookups, the profiled cost model and the
+engine simulation (pure parts on synthetic profiles)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from matrixinfer.config import ModelConfig
+from matrixinfer.engine.scheduler import Budget
+from matrixinfer.model.default_model import RANDOM_CONFIG, write_random_model
+from matrixinfer.sim.engine_sim import SimEngine, SimRequest, simulate
+from matrixinfer.sim.local_cost import LocalCostModel
+from matrixinfer.sim.local_ops import Dims, StepShape, work
+from matrixinfer.sim.profile_data import SCHEMA, VERSION, Profile, pchip
+
+EXPECTED_OPS = {"mla_prolog": 1, "mla_core_q1": 2, "mla_core_qk": 2, "mla_core_prefill": 1, "mla_epilogue": 1,
+                "dense_mlp": 1, "shared_expert": 1, "routing": 1, "experts": 1, "rmsnorm": 1, "lm_head": 1,
+                "sampling": 1, "layer_decode": 2, "layer_decode_dense": 2, "step_decode": 2, "step_prefill": 1,
+                "engine_host": 1, "ems_get": 2, "ems_put": 2}
+
+
+def test_profile_command_writes_versioned_profile_on_tiny_grid(tmp_path, capsys):
+    """The real command on the tiny grid (about 5 s: model load, engine, EMS server in process)."""
+    from matrixinfer.cli import main
+
+    model = write_random_model(tmp_path / "model")
+    out = tmp_path / "prof.json"
+    assert main(["profile", "--model", str(model), "--grid", "tiny", "--out", str(out), "--threads", "1",
+                 "--disable-tqdm"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == SCHEMA and doc["version"] == VERSION
+    meta = doc["meta"]
+    for key in ("device", "device_name", "torch", "numpy", "python", "date", "threads", "grid", "load_avg_start"):
+        assert meta[key] not in (None, ""), key
+    assert meta["threads"] == 1 and meta["grid"] == "tiny"
+    prof = Profile.load(out)
+    assert {k: len(t.axes) for k, t in prof.ops.items()} == EXPECTED_OPS
+    assert all(s > 0 for name, t in prof.ops.items() for s in t.seconds if name != "engine_host")
+    assert prof.roofline["gemm_flops"] > 1e8 and prof.roofline["stream_bw"] > 1e8
+    rows = out.with_suffix(".csv").read_text().splitlines()
+    assert rows[0].startswith("op,axis1") and len(rows) - 1 == sum(len(t.points) for t in prof.ops.values())
+    # the validation's simulation runs from it (no server started)
+    assert main(["simulate", "validate", "--profile", str(out), "--model", str(model), "--quick",
+                 "--simulate-only"]) == 0
+    assert "decode batch 4" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**doc, "version": 99}))
+    assert main(["simulate", "validate", "--profile", str(bad), "--simulate-only"]) == 2
+    assert "profile version 99" in capsys.readouterr().err
+
+
+def test_pchip_is_monotone_between_points():
+    xs, ys = [1.0, 2.0, 4.0, 8.0], [1.0, 1.1, 5.0, 5.2]
+    vals = [pchip(xs, ys, 1 + i * 7 / 200) for i in range(201)]
+    assert all(b >= a - 1e-12 for a, b in zip(vals, vals[1:]))
+    assert max(vals) <= 5.2 + 1e-12 and pchip(xs, ys, 4.0) == pytest.approx(5.0)
+
+
+def _synthetic(dims: Dims, gemm: float = 1e10, bw: float = 1e10, scale: float = 2.0) -> Profile:
+    """Every operator measured at ``scale`` x its roofline time on a small grid; model-runner steps
+    at the operator sum plus 1 ms (decode) or 2 ms (prefill); host work 0.1 ms + 10 us per sequence."""
+    prof = Profile({"device": "cpu", "threads": 1}, {"gemm_flops": gemm, "stream_bw": bw})
+    roof = prof.roofline_time
+    for op in ("mla_prolog", "mla_epilogue", "dense_mlp", "shared_expert", "routing", "rmsnorm", "lm_head",
+               "sampling", "mla_core_prefill"):
+        for t in (1, 8, 64, 512):
+            prof.table(op, ("tokens",)).add((t,), scale * roof(*work(dims, op, (t,))))
+    for tpe in (1, 8, 64):
+        prof.table("experts", ("tokens_per_expert",)).add((tpe,), scale * roof(*work(dims, "experts", (tpe,))))
+    for op in ("mla_core_q1", "mla_core_qk", "layer_decode", "layer_decode_dense"):
+        for b in (1, 8, 64):
+            for kv in (16, 256):
+                prof.table(op, ("tokens", "kv_len")).add((b, kv), scale * roof(*work(dims, op, (b, kv))))
+    for b in (1, 8, 64):
+        for kv in (16, 256):
+            ops = (dims.moe_layers * prof.ops["layer_decode"].interpolate((b, kv))
+                   + dims.dense_layers * prof.ops["layer_decode_dense"].interpolate((b, kv))
+                   + prof.ops["rmsnorm"].interpolate((b,)) + prof.ops["lm_head"].interpolate((b,)))
+            prof.table("step_decode", ("tokens", "kv_len")).add((b, kv), ops + 1e-3)
+    for t in (16, 128, 512):
+        prof.table("step_prefill", ("tokens",)).add((t,), 0.05 * t / 512 + 2e-3)
+    for b in (1, 64):
+        prof.table("engine_host", ("tokens",)).add((b,), 1e-4 + 1e-5 * b)
+    return prof
+
+
+def _dims() -> Dims:
+    return Dims.of(ModelConfig.from_dict(RANDOM_CONFIG))
+
+
+def test_lookup_says_where_each_cost_came_from():
+    dims = _dims()
+    prof = _synthetic(dims)
+    inside = prof.lookup("mla_prolog", (32,), lambda p: work(dims, "mla_prolog", p))
+    assert inside.source == "profile"
+    lo, hi = prof.ops["mla_prolog"].seconds[1:3]
+    assert lo <= inside.seconds <= hi
+    outside = prof.lookup("mla_prolog", (4096,), lambda p: work(dims, "mla_prolog", p))
+    assert outside.source == "roofline"  # 2x the roofline, the ratio at the nearest point (512)
+    assert outside.seconds == pytest.approx(2.0 * prof.roofline_time(*work(dims, "mla_prolog", (4096,))))
+    host = prof.lookup("engine_host", (128,))
+    assert host.source == "linear" and host.seconds == pytest.approx(1e-4 + 1e-5 * 128)
+    with pytest.raises(KeyError, match="no measurements of 'nope'"):
+        prof.lookup("nope", (1,))
+
+
+def test_step_is_operators_plus_measured_composition():
+    dims = _dims()
+    model = LocalCostModel(_synthetic(dims), dims)
+    # at a profiled decode step the prediction reproduces it: operators + its measured residual (1 ms)
+    shape = StepShape((1,) * 8, (256,) * 8)
+    fwd = model.forward(shape, 8)
+    measured = model.profile.ops["step_decode"].interpolate((8, 256))
+    assert fwd.seconds == pytest.approx(measured)
+    comp = [t for t in fwd.terms if t.op == "composition_decode"]
+    assert comp and comp[0].seconds == pytest.approx(1e-3) and comp[0].source == "profile"
+    step = model.step(shape, 8, 8)
+    assert {t.op for t in step.terms} >= {"layer_decode", "sampling", "engine_host", "composition_decode"}
+    assert step.seconds > fwd.seconds
+    # a 300-token prompt chunk runs the per-operator path (beyond the one-call layer's 64 rows)
+    pre = model.forward(StepShape((300,), (300,)), 1)
+    assert {"mla_prolog", "mla_core_prefill", "experts", "composition_prefill"} <= {t.op for t in pre.terms}
+    assert set(pre.sources()) <= {"profile", "roofline"}
+
+
+def test_engine_simulation_follows_the_step_costs():
+    dims = _dims()
+    model = LocalCostModel(_synthetic(dims), dims)
+    reqs = [SimRequest(i, 0.0, 32, 20) for i in range(4)]
+
+    def engine() -> SimEngine:
+        return SimEngine(model, Budget(1024, 128, 16), 1000)
+    one = simulate(reqs, engine(), max_concurrency=1)
+    four = simulate(reqs, engine(), max_concurrency=4)
+    assert one.output_tokens == four.output_tokens == 80
+    assert four.output_throughput > 1.5 * one.output_throughput  # batching pays on this profile
+    decode_step = model.step(StepShape((1,), (40,)), 1, 1).seconds
+    assert one.mean_tpot == pytest.approx(decode_step, rel=0.05)
+    # P/D: the same requests, the first token on the prefill instance, the KV moved in 5 ms
+    pd = simulate(reqs, engine(), engine(), max_concurrency=1, transfer_s=lambda n: 5e-3)
+    assert pd.output_tokens == 80 and pd.mean_ttft < one.mean_ttft + 1e-9
+    assert pd.mean_tpot == pytest.approx(one.mean_tpot + 5e-3 / 19, rel=0.05)
