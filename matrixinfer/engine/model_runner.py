@@ -13,7 +13,7 @@ import torch
 from matrixinfer import envs
 from matrixinfer.config import EngineConfig
 from matrixinfer.engine.sequence import Sequence
-from matrixinfer.model.attention import AttentionMetadata, PagedLatentCache, block_slots
+from matrixinfer.model.attention import AttentionMetadata, block_slots, cache_bytes_per_block, make_cache
 from matrixinfer.model.deepseek import DeepseekForCausalLM
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ class ModelRunner:
         self.block_size = cfg.block_size
         dtype = model.model.embed_tokens.weight.dtype
         mc = model.config
-        per_block = PagedLatentCache.bytes_per_block(model.num_cache_layers, cfg.block_size, mc.kv_cache_dim, dtype)
+        per_block = cache_bytes_per_block(cfg.kv_cache_dtype, model.num_cache_layers, cfg.block_size,
+                                          mc.kv_cache_dim, dtype)
         if cfg.kv_cache_memory is not None:
             budget = cfg.kv_cache_memory
         elif device.type == "cuda":
@@ -52,12 +53,12 @@ class ModelRunner:
         if self.num_blocks < 2:
             raise ValueError(f"KV cache budget of {budget} bytes holds {self.num_blocks} blocks of {per_block} bytes; "
                              "raise --kv-cache-memory or --kv-cache-fraction")
-        self.kv_cache = PagedLatentCache(model.num_cache_layers, self.num_blocks, cfg.block_size,
-                                         mc.kv_cache_dim, dtype, device)
+        self.kv_cache = make_cache(cfg.kv_cache_dtype, model.num_cache_layers, self.num_blocks, cfg.block_size,
+                                   mc.kv_cache_dim, mc.kv_lora_rank, dtype, device)
         self.kv_cache_bytes = self.num_blocks * per_block
         self.hidden: torch.Tensor | None = None  # the last execute()'s final hidden states
-        log.info("KV cache: %d blocks x %d tokens (%.1f MiB) on %s", self.num_blocks, cfg.block_size,
-                 self.kv_cache_bytes / 2**20, device)
+        log.info("KV cache: %d blocks x %d tokens (%.1f MiB, %s) on %s", self.num_blocks, cfg.block_size,
+                 self.kv_cache_bytes / 2**20, "int8" if cfg.kv_cache_dtype == "int8" else dtype, device)
         if device.type == "cpu":
             torch.set_num_threads(envs.threads() or torch.get_num_threads())
 

@@ -26,6 +26,10 @@ class KVCache(ABC):
     def layer_slots(self, layer: int) -> torch.Tensor:
         """The ``[num_slots, dim]`` table of ``layer`` that key slots index into."""
 
+    def gather(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """The latents at ``slots`` of ``layer``, ``[len(slots), dim]``, in the cache's compute dtype."""
+        return self.layer_slots(layer).index_select(0, slots)
+
 
 def block_slots(blocks: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
     """Cache slot of each token at position ``pos`` whose block is ``blocks`` (the block table
@@ -238,3 +242,102 @@ class AttentionMetadata:
         # Padding rows attend to key 0 only, so their (discarded) softmax stays finite.
         mask = mask | (~valid[:, :, None] & (kj == 0)[None, None, :])
         return AttentionGroup(token_index, key_slots, mask, valid, decode)
+
+
+class Int8PagedLatentCache(PagedLatentCache):
+    """A paged latent cache holding INT8 latents (``--kv-cache-dtype int8``): half the bytes of a
+    bfloat16 cache, a quarter of a float32 one, so twice or four times the tokens in the same memory.
+
+    Each slot stores its ``dim`` values as symmetric INT8 with two float32 scales, one for the
+    compressed latent (the first ``split`` values, RMS-normalised) and one for the rotary key part,
+    whose ranges differ. Scales are per token rather than per block: a block fills one token at a
+    time, and a per-token scale never has to be widened (and the block re-quantized) when a later
+    token is larger. A slot is one byte row (values, padding to 4 bytes, the scales), so
+    :meth:`block_view` is a plain byte tensor that the EMS context cache stores as it stores any
+    block; :meth:`read_tokens` returns dequantized values (the KV handed from prefill to decode),
+    and quantizing them again gives back the same integers and scales.
+
+    Attention reads through :meth:`gather` (dequantizing the slots it needs); the fused native
+    kernels take float32 caches only, so an INT8 cache runs the PyTorch attention.
+    """
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, dim: int, split: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        if not 0 < split < dim:
+            raise ValueError(f"latent split {split} must lie inside the slot width {dim}")
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.dim = dim
+        self.split = split
+        self.compute_dtype = dtype
+        self.row = self.row_bytes(dim)
+        self.data = torch.zeros(num_layers, num_blocks * block_size, self.row, dtype=torch.uint8, device=device)
+
+    @staticmethod
+    def row_bytes(dim: int) -> int:
+        return -(-dim // 4) * 4 + 8
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, dim: int, dtype: torch.dtype = torch.int8) -> int:
+        return num_layers * block_size * Int8PagedLatentCache.row_bytes(dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype
+
+    def _pack(self, latent: torch.Tensor) -> torch.Tensor:
+        """``[n, dim]`` values -> ``[n, row]`` bytes: INT8 values (round half even), padding, two scales."""
+        x = latent.to(self.data.device, torch.float32)
+        parts = (x[:, :self.split], x[:, self.split:])
+        scales = torch.stack([p.abs().amax(dim=1) for p in parts], dim=1) / 127.0  # 0 for an all-zero part
+        div = scales.clamp_min(torch.finfo(torch.float32).tiny)
+        q = torch.cat([torch.round(p / div[:, i:i + 1]) for i, p in enumerate(parts)], dim=1)
+        out = torch.zeros(x.shape[0], self.row, dtype=torch.uint8, device=x.device)
+        out[:, :self.dim] = q.clamp_(-127, 127).to(torch.int8).view(torch.uint8)
+        out[:, self.row - 8:] = scales.contiguous().view(torch.uint8)
+        return out
+
+    def _unpack(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[n, row]`` bytes -> ``[n, dim]`` values in the compute dtype."""
+        q = rows[:, :self.dim].contiguous().view(torch.int8).float()
+        scales = rows[:, self.row - 8:].contiguous().view(torch.float32)
+        q[:, :self.split] *= scales[:, :1]
+        q[:, self.split:] *= scales[:, 1:]
+        return q.to(self.compute_dtype)
+
+    def write(self, layer: int, slots: torch.Tensor, latent: torch.Tensor) -> None:
+        self.data[layer].index_copy_(0, slots, self._pack(latent))
+
+    def gather(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        return self._unpack(self.data[layer].index_select(0, slots))
+
+    def read_tokens(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
+        rows = self.data.index_select(1, self.slots(block_table, num_tokens))
+        return self._unpack(rows.reshape(-1, self.row)).view(self.num_layers, num_tokens, self.dim).cpu()
+
+    def write_tokens(self, block_table: list[int], kv: torch.Tensor, layer_start: int = 0) -> None:
+        layers, tokens, dim = kv.shape
+        if dim != self.dim or layer_start < 0 or layer_start + layers > self.num_layers:
+            raise ValueError(f"KV of shape {list(kv.shape)} at layer {layer_start} does not fit a cache of "
+                             f"{self.num_layers} layers x {self.dim} values")
+        if -(-tokens // self.block_size) > len(block_table):
+            raise ValueError(f"{tokens} tokens do not fit {len(block_table)} blocks of {self.block_size}")
+        packed = self._pack(kv.reshape(-1, dim)).view(layers, tokens, self.row)
+        self.data[layer_start:layer_start + layers].index_copy_(1, self.slots(block_table, tokens), packed)
+
+
+def make_cache(kv_cache_dtype: str, num_layers: int, num_blocks: int, block_size: int, dim: int, split: int,
+               dtype: torch.dtype, device: torch.device | str) -> PagedLatentCache:
+    """The paged cache for ``--kv-cache-dtype``: ``auto`` stores the runtime dtype, ``int8`` INT8 latents."""
+    if kv_cache_dtype == "int8":
+        return Int8PagedLatentCache(num_layers, num_blocks, block_size, dim, split, dtype, device)
+    if kv_cache_dtype != "auto":
+        raise ValueError(f"kv_cache_dtype must be 'auto' or 'int8', got {kv_cache_dtype!r}")
+    return PagedLatentCache(num_layers, num_blocks, block_size, dim, dtype, device)
+
+
+def cache_bytes_per_block(kv_cache_dtype: str, num_layers: int, block_size: int, dim: int, dtype: torch.dtype) -> int:
+    """Bytes of one block of every layer in the cache :func:`make_cache` would build."""
+    cls = Int8PagedLatentCache if kv_cache_dtype == "int8" else PagedLatentCache
+    return cls.bytes_per_block(num_layers, block_size, dim, dtype)

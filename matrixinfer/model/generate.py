@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import torch
 
-from matrixinfer.model.attention import AttentionMetadata, PagedLatentCache
+from matrixinfer.model.attention import AttentionMetadata, make_cache
 from matrixinfer.model.deepseek import DeepseekForCausalLM
 
 
 @torch.inference_mode()
 def generate(model: DeepseekForCausalLM, prompts: list[list[int]], max_new_tokens: int,
              temperature: float = 0.0, eos_token_ids: list[int] | None = None,
-             seed: int | None = None, block_size: int = 16) -> list[list[int]]:
-    """Continue each prompt by up to ``max_new_tokens`` tokens (greedy when ``temperature`` is 0)."""
+             seed: int | None = None, block_size: int = 16, kv_cache_dtype: str = "auto") -> list[list[int]]:
+    """Continue each prompt by up to ``max_new_tokens`` tokens (greedy when ``temperature`` is 0),
+    with a paged cache of ``kv_cache_dtype`` (``auto``: the model's dtype; ``int8``)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one non-empty prompt")
     device = next(model.parameters()).device
@@ -25,8 +26,8 @@ def generate(model: DeepseekForCausalLM, prompts: list[list[int]], max_new_token
         gen.manual_seed(seed)
     n = len(prompts)
     blocks_per_seq = -(-(max(len(p) for p in prompts) + max_new_tokens) // block_size)
-    cache = PagedLatentCache(model.num_cache_layers, n * blocks_per_seq, block_size,
-                             model.config.kv_cache_dim, dtype, device)
+    cache = make_cache(kv_cache_dtype, model.num_cache_layers, n * blocks_per_seq, block_size,
+                       model.config.kv_cache_dim, model.config.kv_lora_rank, dtype, device)
     tables = torch.arange(n * blocks_per_seq, device=device).view(n, blocks_per_seq)
     lens = [len(p) for p in prompts]
     ids = torch.tensor([t for p in prompts for t in p], device=device)

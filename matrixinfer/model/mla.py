@@ -8,6 +8,8 @@ attention runs in the latent space and never materialises per-head keys.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -94,17 +96,16 @@ class MLA(CustomOp):
         q_pe = rope.rotate(q_pe, cos, sin)
         ckv, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = torch.cat([self.kv_a_layernorm(ckv), rope.rotate(k_pe, cos, sin)], dim=-1)
-        if kv_cache is None or meta.slot_mapping is None:
-            slots = latent
-        else:
+        gather = partial(torch.index_select, latent, 0)  # keys are the batch's own tokens, or cache slots:
+        if kv_cache is not None and meta.slot_mapping is not None:
             kv_cache.write(self.layer_idx, meta.slot_mapping, latent)
-            slots = kv_cache.layer_slots(self.layer_idx)
+            gather = partial(kv_cache.gather, self.layer_idx)
         out = q.new_empty(q.shape[0], self.n_heads, self.v_dim)
         for group in meta.groups:
             absorbed = meta.mode == "absorbed" or (meta.mode == "auto" and group.decode)
             attend = self._absorbed if absorbed else self._naive
             s_, l_ = group.key_slots.shape
-            ctx = slots.index_select(0, group.key_slots.reshape(-1)).view(s_, l_, -1).to(q.dtype)
+            ctx = gather(group.key_slots.reshape(-1)).view(s_, l_, -1).to(q.dtype)
             o = attend(q_nope[group.token_index], q_pe[group.token_index], ctx, group)
             if group.decode:  # one real query per sequence: no padding to drop
                 out.index_copy_(0, group.token_index[:, 0], o[:, 0])

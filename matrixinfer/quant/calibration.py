@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from matrixinfer.model.attention import AttentionMetadata
+from matrixinfer.model.attention import AttentionMetadata, KVCache, make_cache
 from matrixinfer.model.deepseek import DeepseekForCausalLM
 from matrixinfer.model.tokenizer import Tokenizer
 from matrixinfer.train import corpus
@@ -77,9 +77,11 @@ def windows(model_dir: str | Path, source: str | Sequence[str | Path], length: i
 
 
 @torch.no_grad()
-def nll(model: DeepseekForCausalLM, windows: torch.Tensor, batch_size: int = 8) -> tuple[float, float | None]:
+def nll(model: DeepseekForCausalLM, windows: torch.Tensor, batch_size: int = 8,
+        kv_cache_dtype: str | None = None) -> tuple[float, float | None]:
     """Mean next-token negative log-likelihood of ``windows`` ``[N, L + 1]`` and, with an MTP module,
-    the mean NLL of its token-after-next prediction (None without one)."""
+    the mean NLL of its token-after-next prediction (None without one). With ``kv_cache_dtype``
+    (``auto``/``int8``) the main model attends through a paged cache of that kind, as in serving."""
     device = model.model.embed_tokens.weight.device
     length = windows.shape[1] - 1
     total, mtp_total, n_tok, n_mtp = 0.0, 0.0, 0, 0
@@ -88,7 +90,11 @@ def nll(model: DeepseekForCausalLM, windows: torch.Tensor, batch_size: int = 8) 
         b = w.shape[0]
         meta = AttentionMetadata.build([length] * b, device=device)
         pos = torch.arange(length, device=device).repeat(b)
-        hidden = model(w[:, :-1].reshape(-1), pos, meta)
+        if kv_cache_dtype is None:
+            hidden = model(w[:, :-1].reshape(-1), pos, meta)
+        else:
+            cache, paged = _cache_for(model, kv_cache_dtype, b, length)
+            hidden = model(w[:, :-1].reshape(-1), pos, paged, cache)
         total += F.cross_entropy(model.compute_logits(hidden), w[:, 1:].reshape(-1), reduction="sum").item()
         n_tok += b * length
         if len(model.mtp):
@@ -99,6 +105,17 @@ def nll(model: DeepseekForCausalLM, windows: torch.Tensor, batch_size: int = 8) 
     return total / max(n_tok, 1), (mtp_total / n_mtp if n_mtp else None)
 
 
-def perplexity(model: DeepseekForCausalLM, windows: torch.Tensor) -> float:
-    """Held-out perplexity of ``windows`` ``[N, L + 1]``."""
-    return math.exp(nll(model, windows)[0])
+def perplexity(model: DeepseekForCausalLM, windows: torch.Tensor, kv_cache_dtype: str | None = None) -> float:
+    """Held-out perplexity of ``windows`` ``[N, L + 1]`` (through a paged cache of ``kv_cache_dtype``)."""
+    return math.exp(nll(model, windows, kv_cache_dtype=kv_cache_dtype)[0])
+
+
+def _cache_for(model: DeepseekForCausalLM, kv_cache_dtype: str, seqs: int, length: int,
+               block_size: int = 16) -> tuple[KVCache, AttentionMetadata]:
+    """A paged cache of ``kv_cache_dtype`` for ``seqs`` sequences of ``length`` tokens, and their metadata."""
+    device = model.model.embed_tokens.weight.device
+    per_seq = -(-length // block_size)
+    cache = make_cache(kv_cache_dtype, model.num_cache_layers, seqs * per_seq, block_size, model.config.kv_cache_dim,
+                       model.config.kv_lora_rank, model.model.embed_tokens.weight.dtype, device)
+    tables = torch.arange(seqs * per_seq, device=device).view(seqs, per_seq)
+    return cache, AttentionMetadata.build([length] * seqs, [length] * seqs, tables, block_size, device)

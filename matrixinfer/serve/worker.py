@@ -109,8 +109,9 @@ class Worker:
             return None
         from matrixinfer.serve.pool import EmsConnector
 
-        return EmsConnector(self.ems, self.cfg.block_size, self.cfg.served_model_name or "",
-                            read=store == "prompt", store=store)
+        # INT8 cache blocks are another byte layout: keep them apart from other instances' blocks
+        namespace = (self.cfg.served_model_name or "") + ("/kv-int8" if self.cfg.kv_cache_dtype == "int8" else "")
+        return EmsConnector(self.ems, self.cfg.block_size, namespace, read=store == "prompt", store=store)
 
     def register(self, engine: LLMEngine, kv_addr: str = "") -> None:
         self.engine = engine
