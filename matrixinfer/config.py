@@ -221,8 +221,6 @@ class EngineConfig:
         kv_cache_memory: bytes for the KV cache; overrides ``kv_cache_fraction`` when set.
         kv_cache_fraction: fraction of available memory (host RAM on CPU, free GPU memory after
             the weights on CUDA) given to the KV cache.
-        kv_cache_dtype: ``auto`` stores latents in the runtime dtype; ``int8`` stores them as INT8 with
-            per-token scales (2x the tokens of a bfloat16 cache, 4x of float32; PyTorch attention only).
         max_num_seqs: most sequences running at once.
         max_num_batched_tokens: token budget per step (chunked prefill splits longer prompts).
         max_model_len: longest prompt + output (default: the model's max_position_embeddings).
@@ -236,6 +234,15 @@ class EngineConfig:
             checkpoint's first MTP module recursively on its own output).
         speculative_max_batch: speculate only in steps with at most this many decoding sequences
             (default: decided per step from step costs measured at start-up and the measured acceptance).
+        ep: expert-parallel ranks of this instance: every rank runs attention for its own requests
+            (DP attention) and holds a share of the routed experts (EP MoE); 1 is one process.
+        dispatch_dtype: dtype of the tokens dispatched to the expert ranks (int8: per-token INT8 with
+            its scale, half the bytes of bf16); the combine returns the model's dtype.
+        ep_timeout: seconds a rank waits in a collective before it declares the instance failed.
+        nnodes: hosts the EP ranks are spread over (--ep divided evenly; rank 0 is on node 0).
+        node_rank: this host's index among --nnodes (node 0 serves the API).
+        master_addr: address of node 0 where the ranks meet (torchrun's MASTER_ADDR).
+        master_port: port of that meeting point (default: a free port; required with --nnodes > 1).
     """
 
     model: str | None = None
@@ -245,7 +252,6 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory: int | None = None
     kv_cache_fraction: float = 0.05
-    kv_cache_dtype: str = field(default="auto", metadata={"choices": ["auto", "int8"]})
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None
@@ -255,16 +261,34 @@ class EngineConfig:
     speculative: str | None = field(default=None, metadata={"choices": ["mtp"]})
     num_speculative_tokens: int = 1
     speculative_max_batch: int | None = None
+    ep: int = 1
+    dispatch_dtype: str = field(default="fp32", metadata={"choices": ["fp32", "bf16", "int8"]})
+    ep_timeout: float = 20.0
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
 
     def __post_init__(self) -> None:
+        if self.ep < 1 or self.nnodes < 1 or self.ep % self.nnodes:
+            raise ValueError(f"ep ({self.ep}) must be a positive multiple of nnodes ({self.nnodes})")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} is outside 0..{self.nnodes - 1}")
+        if self.dispatch_dtype not in ("fp32", "bf16", "int8"):
+            raise ValueError(f"dispatch_dtype must be fp32, bf16 or int8, got {self.dispatch_dtype!r}")
+        if self.ep_timeout <= 0:
+            raise ValueError(f"ep_timeout must be positive, got {self.ep_timeout}")
+        if self.ep > 1 and self.speculative is not None:
+            raise ValueError("speculative decoding is not supported with ep > 1 (the MTP passes would break the "
+                             "ranks' lockstep)")
+        if self.nnodes > 1 and self.master_port is None:
+            raise ValueError("--master-port is required with --nnodes > 1 (every node must meet at the same port)")
         if self.speculative not in (None, "mtp"):
             raise ValueError(f"speculative must be 'mtp' or unset, got {self.speculative!r}")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be at least 1, got {self.num_speculative_tokens}")
         if self.speculative_max_batch is not None and self.speculative_max_batch < 0:
             raise ValueError(f"speculative_max_batch must be >= 0, got {self.speculative_max_batch}")
-        if self.kv_cache_dtype not in ("auto", "int8"):
-            raise ValueError(f"kv_cache_dtype must be 'auto' or 'int8', got {self.kv_cache_dtype!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

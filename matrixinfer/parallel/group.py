@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 20.0  # a collective that waits longer than this means a rank is gone
+RENDEZVOUS_TIMEOUT_S = 600.0  # ranks meet once every rank has loaded its model
 
 
 class RankFailure(RuntimeError):
@@ -67,8 +68,10 @@ class EPGroup:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
         if not dist.is_initialized():
-            dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                                    rank=env.rank, world_size=env.world_size, timeout=timeout)
+            # meeting takes as long as the slowest rank's model load; collectives then time out fast
+            store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=env.rank == 0,
+                                  timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
+            dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
         self.ctrl = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
         self.broken: str | None = None
         self._bufs: dict[str, torch.Tensor] = {}
