@@ -77,6 +77,14 @@ def _serve(args: argparse.Namespace) -> int:
     if configs is None:
         return 1
     engine_cfg, serve_cfg = configs
+    if engine_cfg.node_rank > 0:  # another host of an EP instance: its ranks only, no API
+        from matrixinfer.parallel.launch import run_node
+
+        logging.basicConfig(level=serve_cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return run_node(engine_cfg)
+    if engine_cfg.ep > 1 and not serve_cfg.colocated:
+        print("error: --ep > 1 serves colocated instances for now: add --colocated", file=sys.stderr)
+        return 1
     busy = _busy_port(serve_cfg)
     if busy:  # found before any model loads or worker starts
         print(f"error: {busy}", file=sys.stderr)
@@ -107,23 +115,29 @@ def _serve_colocated(engine_cfg: EngineConfig, cfg: ServeConfig) -> int:
     import uvicorn
 
     from matrixinfer.engine.async_engine import AsyncEngine
-    from matrixinfer.engine.llm_engine import LLMEngine
+    from matrixinfer.parallel.launch import make_engine
     from matrixinfer.serve.api_server import create_app
     from matrixinfer.serve.worker import quiet_gc
 
     try:
-        engine = LLMEngine(engine_cfg)
+        engine, ep_instance = make_engine(engine_cfg)  # --ep N: rank 0 of N rank processes
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     quiet_gc()
     async_engine = AsyncEngine(engine)
     app = create_app(async_engine, api_key=cfg.api_key, max_request_bytes=cfg.max_request_bytes)
+    if ep_instance is not None:
+        from matrixinfer.parallel.metrics import add_ep_routes
+
+        add_ep_routes(app, ep_instance.engine)
     print_banner(f"MatrixInfer serving '{engine.model_id}'", engine.model_id, cfg)
     try:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
     finally:
         async_engine.shutdown()
+        if ep_instance is not None:
+            ep_instance.close()
     return 0
 
 
