@@ -18,9 +18,9 @@ static void swiglu_mlp(const float *h, int64_t t, int64_t hidden, const float *g
     float *g = scratch, *u = scratch + t * inter;
     mi_linear(h, gate, t, hidden, inter, g, nthreads);
     mi_linear(h, up, t, hidden, inter, u, nthreads);
-#pragma omp simd
-    for (int64_t i = 0; i < t * inter; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    mi_linear(g, down, t, inter, hidden, out, nthreads);
+    /* silu(gate) * up, into u */
+    for (int64_t r = 0; r < t; r++) swiglu_row(u + r * inter, g + r * inter, inter);
+    mi_linear(u, down, t, inter, hidden, out, nthreads);
 }
 
 int mi_decoder_layer(const MiLayer *L, const MiStep *S, float *x, int64_t t, int nthreads) {

@@ -3,50 +3,30 @@
  * x [M, K], W [N, K] (nn.Linear's layout), y [M, N], float32. A BLAS GEMM packs W for every call,
  * which at a handful of rows costs more than the arithmetic; here each thread streams its block of
  * W's rows once and reuses every 4-row tile of x against it (register tiles of 4 rows x 2 outputs;
- * a single row takes 1 x 4 tiles instead of repeating itself four times).
+ * the last 1-3 rows take 1-3 x 4 tiles instead of repeating a row to fill a 4-row one, so the two
+ * rows of a speculative step's verification cost little more than one).
  */
 #include "matrixinfer.h"
 #include "simd.h"
 
 #define NBLOCK 64 /* output columns per task: their weight rows stay in cache across the row tiles */
 
-/* One row (a single decoding sequence): four weight rows at a time, no repeated rows. */
-static void linear_row(const float *x, const float *w, int64_t k, int64_t n, float *y, int nthreads) {
-    int64_t n_blocks = (n + NBLOCK - 1) / NBLOCK;
-#pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static) if (n * k >= 1 << 18)
-    for (int64_t b = 0; b < n_blocks; b++) {
-        int64_t n0 = b * NBLOCK, n1 = n0 + NBLOCK < n ? n0 + NBLOCK : n;
-        float dots[4];
-        for (int64_t j = n0; j < n1; j += 4) {
-            const float *wr[4];
-            for (int c = 0; c < 4; c++) wr[c] = w + (j + c < n1 ? j + c : n1 - 1) * k;
-            dot_1x4(x, wr, k, dots);
-            for (int c = 0; c < 4 && j + c < n1; c++) y[j + c] = dots[c];
-        }
-    }
-}
-
 void mi_linear(const float *x, const float *w, int64_t m, int64_t k, int64_t n, float *y, int nthreads) {
-    if (m == 1) {
-        linear_row(x, w, k, n, y, nthreads);
-        return;
-    }
     int64_t n_blocks = (n + NBLOCK - 1) / NBLOCK;
 #pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static) if (m * n * k >= 1 << 18)
     for (int64_t b = 0; b < n_blocks; b++) {
         int64_t n0 = b * NBLOCK, n1 = n0 + NBLOCK < n ? n0 + NBLOCK : n;
-        float dots[2 * TILE];
+        float dots[4 * TILE];
         for (int64_t r0 = 0; r0 < m; r0 += TILE) {
-            int64_t rows = m - r0 < TILE ? m - r0 : TILE;
+            int rows = m - r0 < TILE ? (int)(m - r0) : TILE;
             const float *xr[TILE];
-            for (int i = 0; i < TILE; i++) xr[i] = x + (r0 + (i < rows ? i : rows - 1)) * k;
-            for (int64_t j = n0; j < n1; j += 2) {
-                const float *w1 = j + 1 < n1 ? w + (j + 1) * k : w + j * k;
-                dot_4x2(xr, w + j * k, w1, k, dots);
-                for (int i = 0; i < rows; i++) {
-                    y[(r0 + i) * n + j] = dots[i];
-                    if (j + 1 < n1) y[(r0 + i) * n + j + 1] = dots[TILE + i];
-                }
+            for (int i = 0; i < rows; i++) xr[i] = x + (r0 + i) * k;
+            for (int64_t j = n0; j < n1; j += 4) {
+                const float *wr[4];
+                for (int c = 0; c < 4; c++) wr[c] = w + (j + c < n1 ? j + c : n1 - 1) * k;
+                dot_rx4(xr, rows, wr, k, dots);
+                for (int i = 0; i < rows; i++)
+                    for (int c = 0; c < 4 && j + c < n1; c++) y[(r0 + i) * n + j + c] = dots[4 * i + c];
             }
         }
     }

@@ -3,7 +3,8 @@
  * out[t] = sum_j w[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])),  e = ids[t, j]
  * with gate_up [E, 2I, H] (gate rows then up rows) and down [E, H, I], row-major float32.
  * Assignments are bucketed by expert (moe_tiles.h); tiles of up to four rows of one expert run in
- * parallel (OpenMP), each reading the expert's weights once for its rows. Every assignment writes its
+ * parallel (OpenMP), each reading the expert's weights once for its rows (a tile of one to three rows
+ * computes only those: at decode batch sizes most experts see a row or two). Every assignment writes its
  * own row of a scratch buffer, and a second parallel pass sums each token's rows, so no two threads
  * ever write the same memory. Returns 0, or -2 when out of memory.
  */
@@ -29,37 +30,40 @@ int mi_moe_experts(const float *x, int64_t num_tokens, int64_t hidden, const int
         float *h = malloc(sizeof(float) * TILE * inter);
         float *g = malloc(sizeof(float) * TILE * inter);
         float *y = malloc(sizeof(float) * TILE * hidden);
-        float dots[2 * TILE];
+        float dots[4 * TILE];
 #pragma omp for schedule(dynamic, 1)
         for (int64_t k = 0; k < tl.n_tiles; k++) {
             int64_t e = tl.tile_expert[k], s = tl.tile_start[k];
-            int64_t rows = tl.first[e + 1] - s < TILE ? tl.first[e + 1] - s : TILE;
+            int rows = tl.first[e + 1] - s < TILE ? (int)(tl.first[e + 1] - s) : TILE;
             const float *xr[TILE];
             const float *hr[TILE];
-            for (int i = 0; i < TILE; i++) { /* short tiles repeat their last row */
-                int64_t a = tl.order[s + (i < rows ? i : rows - 1)];
-                xr[i] = x + (a / top_k) * hidden;
+            for (int i = 0; i < rows; i++) {
+                xr[i] = x + (tl.order[s + i] / top_k) * hidden;
                 hr[i] = h + i * inter;
             }
             const float *wg = gate_up + e * 2 * inter * hidden;
             const float *wu = wg + inter * hidden;
-            for (int64_t j = 0; j < inter; j++) {
-                dot_4x2(xr, wg + j * hidden, wu + j * hidden, hidden, dots);
-                for (int i = 0; i < TILE; i++) {
-                    g[i * inter + j] = dots[i];
-                    h[i * inter + j] = dots[TILE + i];
+            for (int64_t j = 0; j < inter; j += 2) { /* gate and up rows j, j + 1 together */
+                int64_t j1 = j + 1 < inter ? j + 1 : j;
+                const float *wr[4] = {wg + j * hidden, wg + j1 * hidden, wu + j * hidden, wu + j1 * hidden};
+                dot_rx4(xr, rows, wr, hidden, dots);
+                for (int i = 0; i < rows; i++) {
+                    g[i * inter + j] = dots[4 * i];
+                    h[i * inter + j] = dots[4 * i + 2];
+                    if (j + 1 < inter) {
+                        g[i * inter + j + 1] = dots[4 * i + 1];
+                        h[i * inter + j + 1] = dots[4 * i + 3];
+                    }
                 }
             }
-#pragma omp simd
-            for (int64_t j = 0; j < TILE * inter; j++) h[j] *= g[j] / (1.0f + expf(-g[j])); /* SwiGLU */
+            for (int i = 0; i < rows; i++) swiglu_row(h + i * inter, g + i * inter, inter);
             const float *wd = down + e * hidden * inter;
-            for (int64_t o = 0; o < hidden; o += 2) {
-                const float *w1 = o + 1 < hidden ? wd + (o + 1) * inter : wd + o * inter;
-                dot_4x2(hr, wd + o * inter, w1, inter, dots);
-                for (int i = 0; i < TILE; i++) {
-                    y[i * hidden + o] = dots[i];
-                    if (o + 1 < hidden) y[i * hidden + o + 1] = dots[TILE + i];
-                }
+            for (int64_t o = 0; o < hidden; o += 4) {
+                const float *wr[4];
+                for (int c = 0; c < 4; c++) wr[c] = wd + (o + c < hidden ? o + c : hidden - 1) * inter;
+                dot_rx4(hr, rows, wr, inter, dots);
+                for (int i = 0; i < rows; i++)
+                    for (int c = 0; c < 4 && o + c < hidden; c++) y[i * hidden + o + c] = dots[4 * i + c];
             }
             for (int i = 0; i < rows; i++) {
                 int64_t a = tl.order[s + i];

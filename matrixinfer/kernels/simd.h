@@ -27,6 +27,13 @@ static inline void rms_row(const float *x, const float *weight, int64_t n, float
 __attribute__((simd("notinbranch"))) float expf(float);
 #endif
 
+/* h[j] *= silu(g[j]) for one row of n (SwiGLU). Row by row, so that each value takes the same
+ * (vector or scalar-tail) exponential whatever the other rows of the batch. */
+static inline void swiglu_row(float *h, const float *g, int64_t n) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) h[j] *= g[j] / (1.0f + expf(-g[j]));
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 /* Sums of eight vectors, one per lane: [sum(a0), ..., sum(a7)]. */
 static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
@@ -56,42 +63,6 @@ static inline void dot8(const float *q, const float *const *rows, int64_t dim, f
 #else
 #define HAVE_DOT8 0
 #endif
-
-/* out[i] = x_i . w0 and out[4 + i] = x_i . w1 for the four rows x[0..3] (length n). */
-static inline void dot_4x2(const float *const *x, const float *w0, const float *w1, int64_t n, float *out) {
-    int64_t d = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-    if (n % 8 == 0) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-        for (; d < n; d += 8) {
-            __m256 v0 = _mm256_loadu_ps(w0 + d), v1 = _mm256_loadu_ps(w1 + d);
-            __m256 x0 = _mm256_loadu_ps(x[0] + d), x1 = _mm256_loadu_ps(x[1] + d);
-            __m256 x2 = _mm256_loadu_ps(x[2] + d), x3 = _mm256_loadu_ps(x[3] + d);
-            a0 = _mm256_fmadd_ps(x0, v0, a0);
-            a1 = _mm256_fmadd_ps(x1, v0, a1);
-            a2 = _mm256_fmadd_ps(x2, v0, a2);
-            a3 = _mm256_fmadd_ps(x3, v0, a3);
-            b0 = _mm256_fmadd_ps(x0, v1, b0);
-            b1 = _mm256_fmadd_ps(x1, v1, b1);
-            b2 = _mm256_fmadd_ps(x2, v1, b2);
-            b3 = _mm256_fmadd_ps(x3, v1, b3);
-        }
-        _mm256_storeu_ps(out, hsum8(a0, a1, a2, a3, b0, b1, b2, b3));
-        return;
-    }
-#endif
-    for (int i = 0; i < TILE; i++) {
-        float s0 = 0.0f, s1 = 0.0f;
-        const float *xi = x[i];
-#pragma omp simd reduction(+ : s0, s1)
-        for (d = 0; d < n; d++) {
-            s0 += xi[d] * w0[d];
-            s1 += xi[d] * w1[d];
-        }
-        out[i] = s0;
-        out[TILE + i] = s1;
-    }
-}
 
 /* out[j] = x . w[j] for one row x and four weight rows w[0..3] (length n): a single decode row
  * without the 4-row tile's repeated rows. */
@@ -123,6 +94,119 @@ static inline void dot_1x4(const float *x, const float *const *w, int64_t n, flo
         s3 += x[d] * w3[d];
     }
     out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+}
+
+/* out[i] = x_i . w0 and out[4 + i] = x_i . w1 for the four rows x[0..3] (length n). */
+static inline void dot_4x2(const float *const *x, const float *w0, const float *w1, int64_t n, float *out) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (n % 8 == 0) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (int64_t d = 0; d < n; d += 8) {
+            __m256 v0 = _mm256_loadu_ps(w0 + d), v1 = _mm256_loadu_ps(w1 + d);
+            __m256 x0 = _mm256_loadu_ps(x[0] + d), x1 = _mm256_loadu_ps(x[1] + d);
+            __m256 x2 = _mm256_loadu_ps(x[2] + d), x3 = _mm256_loadu_ps(x[3] + d);
+            a0 = _mm256_fmadd_ps(x0, v0, a0);
+            a1 = _mm256_fmadd_ps(x1, v0, a1);
+            a2 = _mm256_fmadd_ps(x2, v0, a2);
+            a3 = _mm256_fmadd_ps(x3, v0, a3);
+            b0 = _mm256_fmadd_ps(x0, v1, b0);
+            b1 = _mm256_fmadd_ps(x1, v1, b1);
+            b2 = _mm256_fmadd_ps(x2, v1, b2);
+            b3 = _mm256_fmadd_ps(x3, v1, b3);
+        }
+        _mm256_storeu_ps(out, hsum8(a0, a1, a2, a3, b0, b1, b2, b3));
+        return;
+    }
+#endif
+    /* portable: each row as dot_1x4 computes it, so a row's result never depends on its tile */
+    const float *w[4] = {w0, w1, w0, w1};
+    float r[4];
+    for (int i = 0; i < TILE; i++) {
+        dot_1x4(x[i], w, n, r);
+        out[i] = r[0];
+        out[TILE + i] = r[1];
+    }
+}
+
+/* out[4 i + c] = x_i . w[c] for two or three rows x[0..rows) and four weight rows w[0..3] (length n):
+ * the short tiles of a few decode rows (a speculative step's verification) read each weight row once
+ * without the 4-row tile's repeated rows. Lanes and sums as in dot_4x2: the same result, bit for bit. */
+static inline void dot_2x4(const float *const *x, const float *const *w, int64_t n, float *out) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (n % 8 == 0) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (int64_t d = 0; d < n; d += 8) {
+            __m256 x0 = _mm256_loadu_ps(x[0] + d), x1 = _mm256_loadu_ps(x[1] + d);
+            __m256 v = _mm256_loadu_ps(w[0] + d);
+            a0 = _mm256_fmadd_ps(x0, v, a0);
+            b0 = _mm256_fmadd_ps(x1, v, b0);
+            v = _mm256_loadu_ps(w[1] + d);
+            a1 = _mm256_fmadd_ps(x0, v, a1);
+            b1 = _mm256_fmadd_ps(x1, v, b1);
+            v = _mm256_loadu_ps(w[2] + d);
+            a2 = _mm256_fmadd_ps(x0, v, a2);
+            b2 = _mm256_fmadd_ps(x1, v, b2);
+            v = _mm256_loadu_ps(w[3] + d);
+            a3 = _mm256_fmadd_ps(x0, v, a3);
+            b3 = _mm256_fmadd_ps(x1, v, b3);
+        }
+        _mm256_storeu_ps(out, hsum8(a0, a1, a2, a3, b0, b1, b2, b3));
+        return;
+    }
+#endif
+    dot_1x4(x[0], w, n, out);
+    dot_1x4(x[1], w, n, out + 4);
+}
+
+static inline void dot_3x4(const float *const *x, const float *const *w, int64_t n, float *out) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (n % 8 == 0) { /* 12 accumulators, three rows and one weight vector: the 16 registers */
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        __m256 c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+        for (int64_t d = 0; d < n; d += 8) {
+            __m256 x0 = _mm256_loadu_ps(x[0] + d), x1 = _mm256_loadu_ps(x[1] + d), x2 = _mm256_loadu_ps(x[2] + d);
+            __m256 v = _mm256_loadu_ps(w[0] + d);
+            a0 = _mm256_fmadd_ps(x0, v, a0);
+            b0 = _mm256_fmadd_ps(x1, v, b0);
+            c0 = _mm256_fmadd_ps(x2, v, c0);
+            v = _mm256_loadu_ps(w[1] + d);
+            a1 = _mm256_fmadd_ps(x0, v, a1);
+            b1 = _mm256_fmadd_ps(x1, v, b1);
+            c1 = _mm256_fmadd_ps(x2, v, c1);
+            v = _mm256_loadu_ps(w[2] + d);
+            a2 = _mm256_fmadd_ps(x0, v, a2);
+            b2 = _mm256_fmadd_ps(x1, v, b2);
+            c2 = _mm256_fmadd_ps(x2, v, c2);
+            v = _mm256_loadu_ps(w[3] + d);
+            a3 = _mm256_fmadd_ps(x0, v, a3);
+            b3 = _mm256_fmadd_ps(x1, v, b3);
+            c3 = _mm256_fmadd_ps(x2, v, c3);
+        }
+        __m256 z = _mm256_setzero_ps();
+        float lanes[8];
+        _mm256_storeu_ps(out, hsum8(a0, a1, a2, a3, b0, b1, b2, b3));
+        _mm256_storeu_ps(lanes, hsum8(c0, c1, c2, c3, z, z, z, z));
+        out[8] = lanes[0], out[9] = lanes[1], out[10] = lanes[2], out[11] = lanes[3];
+        return;
+    }
+#endif
+    for (int i = 0; i < 3; i++) dot_1x4(x[i], w, n, out + 4 * i);
+}
+
+/* out[4 i + c] = x_i . w[c] for rows x[0..rows) (1 <= rows <= TILE) and four weight rows w[0..3]:
+ * each weight row read once for all the rows, none computed twice. */
+static inline void dot_rx4(const float *const *x, int rows, const float *const *w, int64_t n, float *out) {
+    float t[2 * TILE];
+    switch (rows) {
+    case 1: dot_1x4(x[0], w, n, out); return;
+    case 2: dot_2x4(x, w, n, out); return;
+    case 3: dot_3x4(x, w, n, out); return;
+    default:
+        dot_4x2(x, w[0], w[1], n, t);
+        for (int i = 0; i < TILE; i++) out[4 * i] = t[i], out[4 * i + 1] = t[TILE + i];
+        dot_4x2(x, w[2], w[3], n, t);
+        for (int i = 0; i < TILE; i++) out[4 * i + 2] = t[i], out[4 * i + 3] = t[TILE + i];
+    }
 }
 
 /* --- INT8 (W8A8) helpers ------------------------------------------------------------------------ */

@@ -339,3 +339,24 @@ def test_a_native_library_is_built_and_loaded_once_per_process(tmp_path, monkeyp
     lib.forget()
     on[0] = False
     assert lib.load() is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [64, 20])  # the vector path, and the portable one (k not a multiple of 8)
+def test_linear_and_experts_give_each_row_the_same_bits_in_any_batch(k):
+    """A row's result must not depend on the rows beside it (1-3 row tiles against the 4-row one):
+    a speculative step's verification rows must match the plain step's single row bit for bit,
+    or greedy outputs with speculation could differ from those without."""
+    torch.manual_seed(0)
+    x, w = torch.randn(9, k), torch.randn(37, k)
+    alone = torch.cat([kernels.linear(x[i:i + 1], w) for i in range(9)])
+    for m in range(2, 10):
+        assert torch.equal(kernels.linear(x[:m], w), alone[:m]), m
+    e, inter = 4, 6
+    gate_up, down = torch.randn(e, 2 * inter, k), torch.randn(e, k, inter)
+    ids = torch.tensor([[0, 1], [0, 2], [0, 1], [0, 3], [0, 1], [2, 3], [0, 1]])  # 1 to 7 rows per expert
+    weights = torch.rand(7, 2)
+    alone = torch.cat([kernels.moe_experts(x[i:i + 1], ids[i:i + 1], weights[i:i + 1], gate_up, down)
+                       for i in range(7)])
+    for m in range(2, 8):
+        assert torch.equal(kernels.moe_experts(x[:m], ids[:m], weights[:m], gate_up, down), alone[:m]), m
