@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "matrixinfer.sim.cli",
     "matrixinfer.train.cli",
     "matrixinfer.quant.cli",
+    "matrixinfer.parallel.cli",
 ]
 
 
