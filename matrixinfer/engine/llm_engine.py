@@ -231,15 +231,17 @@ class LLMEngine:
         """Sample and append a token per sequence; a sequence whose sampling or bookkeeping raises
         fails alone (after a failed batch the rows are sampled one by one to find it)."""
         ids, params = [s.request_id for s in seqs], [s.params for s in seqs]
+        hist = [(s.prompt_ids, s.output_ids) for s in seqs] if any(p.penalized for p in params) else None
         rows: list[tuple[int, float | None] | Exception]
         try:
-            tokens, logprobs = self.sampler(logits, ids, params)
+            tokens, logprobs = self.sampler(logits, ids, params, hist)
             rows = [(tokens[i], logprobs[i] if logprobs else None) for i in range(len(seqs))]
         except Exception:
             rows = []
             for i in range(len(seqs)):
                 try:
-                    token, lp = self.sampler(logits[i:i + 1], ids[i:i + 1], params[i:i + 1])
+                    token, lp = self.sampler(logits[i:i + 1], ids[i:i + 1], params[i:i + 1],
+                                             hist[i:i + 1] if hist else None)
                     rows.append((token[0], lp[0] if lp else None))
                 except Exception as exc:
                     rows.append(exc)
@@ -310,7 +312,8 @@ class LLMEngine:
                           drafts: dict[str, list[int]]) -> list[RequestOutput]:
         """A step that verifies MTP drafts (engine/speculative.py): one main pass over the drafts
         (and any prompt chunks), the prompt chunks' MTP entries, verification, rollback of rejected
-        drafts."""
+        drafts. As in :meth:`_sample_and_append`, a sequence whose verification or bookkeeping
+        raises fails alone."""
         assert self.spec is not None
         hidden, starts = self.runner.forward(chunks, drafts)
         self.spec.fill_prompt(chunks, hidden, starts)
@@ -321,29 +324,52 @@ class LLMEngine:
             if seq.num_computed + n - len(d) == seq.num_tokens:
                 rows.extend(range(first + n - len(d) - 1, first + n))
                 samplers.append(seq)
-        emitted: dict[str, tuple[list[int], list[float] | None]] = {}
-        if samplers:
-            ids = [s.request_id for s in samplers]
-            tokens, logprobs = self.sampler.verify(self.runner.logits(hidden, rows), ids, [s.params for s in samplers],
-                                                   [drafts.get(i, []) for i in ids])
-            emitted = {i: (t, logprobs[j] if logprobs else None) for j, (i, t) in enumerate(zip(ids, tokens))}
+        emitted = self._verify(self.runner.logits(hidden, rows), samplers, drafts) if samplers else {}
         self.spec.steps += bool(drafts)
+        outputs: list[RequestOutput] = []
         for (seq, n), first in zip(chunks, starts):
             out = emitted.get(seq.request_id)
-            done = self.spec.advance(seq, n, drafts.get(seq.request_id, []), out[0] if out else None, hidden, first)
-            if seq.num_computed < len(seq.prompt_ids):
-                self.prompt_tokens += min(done, len(seq.prompt_ids) - seq.num_computed)
-            seq.num_computed += done
-            if done < n:  # roll back the rejected drafts: blocks that held only them go back to the pool
-                self.blocks.truncate(seq, seq.num_computed)
-            self._name_known_blocks(seq)
-        outputs = []
-        for seq in samplers:
             try:
-                outputs.append(self._append_tokens(seq, *emitted[seq.request_id]))
-            except Exception as exc:  # one request's bookkeeping fails it alone, as in _sample_and_append
+                if isinstance(out, Exception):
+                    raise out
+                done = self.spec.advance(seq, n, drafts.get(seq.request_id, []), out[0] if out else None, hidden,
+                                         first)
+                if seq.num_computed < len(seq.prompt_ids):
+                    self.prompt_tokens += min(done, len(seq.prompt_ids) - seq.num_computed)
+                seq.num_computed += done
+                if done < n:  # roll back the rejected drafts: blocks that held only them go back to the pool
+                    self.blocks.truncate(seq, seq.num_computed)
+                self._name_known_blocks(seq)
+                if out is not None:
+                    outputs.append(self._append_tokens(seq, *out))
+            except Exception as exc:  # one request's verification or bookkeeping fails it alone
                 outputs.append(self._fail(seq, exc))
         return outputs
+
+    def _verify(self, logits: torch.Tensor, seqs: list[Sequence], drafts: dict[str, list[int]]
+                ) -> dict[str, tuple[list[int], list[float] | None] | Exception]:
+        """Each sequence's emitted tokens (and log-probabilities), or the exception verifying it
+        raised: after a failed batch the sequences are verified one by one to find the culprit."""
+        ids = [s.request_id for s in seqs]
+        params = [s.params for s in seqs]
+        ds = [drafts.get(i, []) for i in ids]
+        hist = [(s.prompt_ids, s.output_ids) for s in seqs] if any(p.penalized for p in params) else None
+        try:
+            tokens, logprobs = self.sampler.verify(logits, ids, params, ds, hist)
+            return {i: (t, logprobs[j] if logprobs else None) for j, (i, t) in enumerate(zip(ids, tokens))}
+        except Exception:  # noqa: BLE001 - found and reported per sequence below
+            pass
+        out: dict[str, tuple[list[int], list[float] | None] | Exception] = {}
+        first = 0
+        for j, i in enumerate(ids):
+            rows = logits[first:first + len(ds[j]) + 1]
+            first += len(ds[j]) + 1
+            try:
+                t, lp = self.sampler.verify(rows, [i], [params[j]], [ds[j]], hist[j:j + 1] if hist else None)
+                out[i] = (t[0], lp[0] if lp else None)
+            except Exception as exc:
+                out[i] = exc
+        return out
 
     def _name_known_blocks(self, seq: Sequence) -> None:
         """Commit and offer the full blocks whose tokens are known: accepted drafts are computed

@@ -1,4 +1,11 @@
-"""Token sampling for a batch of rows with per-row parameters (greedy, temperature, top-k, top-p, seed)."""
+"""Token sampling for a batch of rows with per-row parameters: logit processing (logit bias;
+presence, frequency and repetition penalties), then greedy or temperature sampling with top-k,
+top-p and min-p, seeded per request.
+
+Penalties need the tokens each row has seen: the engine passes ``histories`` (prompt ids, output
+ids) when any row asks for a penalty. Log-probabilities are those of the model's raw distribution
+(as vLLM reports by default), not of the processed one.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,8 @@ import torch
 
 from matrixinfer import kernels
 from matrixinfer.engine.sampling_params import SamplingParams
+
+History = tuple[list[int], list[int]]  # a row's prompt ids and output ids so far
 
 
 class Sampler:
@@ -40,9 +49,12 @@ class Sampler:
         return gen
 
     def __call__(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
-                 ) -> tuple[list[int], list[float] | None]:
-        """Pick a token per row; also return each chosen token's log-probability when any row asks."""
-        logits = logits.float()
+                 histories: list[History] | None = None) -> tuple[list[int], list[float] | None]:
+        """Pick a token per row; also return each chosen token's log-probability when any row asks.
+        ``histories``: each row's (prompt ids, output ids), needed by rows with penalties."""
+        raw = logits = logits.float()
+        if any(p.processed for p in params):
+            logits = process_logits(logits, params, histories)
         if logits.dim() == 2 and logits.shape[1] and logits.is_cpu and logits.is_contiguous() and kernels.available():
             tokens = kernels.argmax_rows(logits)
         else:
@@ -54,19 +66,20 @@ class Sampler:
             temps = torch.tensor([params[i].temperature for i in sampled_rows], device=logits.device)
             rows = rows / temps[:, None]
             rows = _top_k_top_p(rows, [params[i].top_k for i in sampled_rows], [params[i].top_p for i in sampled_rows])
-            probs = rows.softmax(dim=-1)
+            probs = _min_p(rows.softmax(dim=-1), [params[i].min_p for i in sampled_rows])
             for j, i in enumerate(sampled_rows):
                 gen = self._generator(request_ids[i], params[i], logits.device)
                 tokens[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
         chosen = tokens.tolist()  # the one host synchronisation per step
         logprobs = None
         if any(p.logprobs for p in params):
-            lp = logits.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
+            lp = raw.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
             logprobs = lp.tolist()
         return chosen, logprobs
 
     def verify(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
-               drafts: list[list[int]]) -> tuple[list[list[int]], list[list[float]] | None]:
+               drafts: list[list[int]], histories: list[History] | None = None,
+               ) -> tuple[list[list[int]], list[list[float]] | None]:
         """Speculative verification. Sequence i owns ``len(drafts[i]) + 1`` consecutive rows of
         ``logits``: the target model's next-token logits at its last verified token and at each of
         its draft tokens. Returns the tokens each sequence emits (its accepted drafts, then one token
@@ -75,15 +88,22 @@ class Sampler:
         Greedy rows accept a draft that equals the target's argmax, so the output is exactly the
         greedy output. Sampled rows use speculative rejection sampling (:func:`rejection_sample`), so
         each emitted token follows the target distribution exactly; a seeded request draws from its
-        own generator (reproducible, though not the same draws as without speculation)."""
-        logits = logits.float()
+        own generator (reproducible, though not the same draws as without speculation). Logit
+        processing sees, at each draft row, the drafts before it as generated tokens."""
+        raw = logits = logits.float()
+        starts = [0]
+        for d in drafts:
+            starts.append(starts[-1] + len(d) + 1)
+        if any(p.processed for p in params):
+            row_params = [p for i, p in enumerate(params) for _ in range(starts[i + 1] - starts[i])]
+            row_hist = None
+            if histories is not None:
+                row_hist = [(h[0], h[1] + d[:j]) for h, d in zip(histories, drafts) for j in range(len(d) + 1)]
+            logits = process_logits(logits, row_params, row_hist)
         if logits.dim() == 2 and logits.shape[1] and logits.is_cpu and logits.is_contiguous() and kernels.available():
             best = kernels.argmax_rows(logits)
         else:
             best = logits.argmax(dim=-1)
-        starts = [0]
-        for d in drafts:
-            starts.append(starts[-1] + len(d) + 1)
         target = best.tolist()  # the one host synchronisation for greedy rows
         out: list[list[int]] = []
         for i, d in enumerate(drafts):
@@ -98,6 +118,7 @@ class Sampler:
             z = logits[torch.tensor(rows, device=logits.device)]
             z = z / torch.tensor([p.temperature for p in per_row], device=logits.device)[:, None]
             probs = _top_k_top_p(z, [p.top_k for p in per_row], [p.top_p for p in per_row]).softmax(dim=-1)
+            probs = _min_p(probs, [p.min_p for p in per_row])
             at = 0
             for i in sampled:
                 n = starts[i + 1] - starts[i]
@@ -106,7 +127,7 @@ class Sampler:
                 at += n
         logprobs = None
         if any(p.logprobs for p in params):
-            lp = logits.log_softmax(dim=-1)
+            lp = raw.log_softmax(dim=-1)
             dev = lp.device
             logprobs = [lp[starts[i] + torch.arange(len(toks), device=dev), torch.tensor(toks, device=dev)].tolist()
                         for i, toks in enumerate(out)]
@@ -154,3 +175,43 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     drop |= (cum - sorted_logits.softmax(dim=-1)) >= ps[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def process_logits(logits: torch.Tensor, params: list[SamplingParams], histories: list[History] | None,
+                   ) -> torch.Tensor:
+    """A copy of ``logits`` with each row's logit bias and penalties applied (vLLM's semantics:
+    repetition over prompt and output, presence and frequency over the output only)."""
+    out = logits.clone()
+    vocab = logits.shape[-1]
+    dev = logits.device
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            ids = list(p.logit_bias)
+            if max(ids) >= vocab:
+                raise ValueError(f"logit_bias names token {max(ids)}, outside the vocabulary of {vocab}")
+            out[i, torch.tensor(ids, device=dev)] += torch.tensor(list(p.logit_bias.values()), device=dev)
+        if not p.penalized:
+            continue
+        if histories is None:
+            raise ValueError("penalties need the tokens each row has seen (histories)")
+        prompt, output = histories[i]
+        row = out[i]
+        if p.repetition_penalty != 1.0:
+            seen = torch.zeros(vocab, dtype=torch.bool, device=dev)
+            seen[torch.tensor(prompt + output, dtype=torch.long, device=dev)] = True
+            r = p.repetition_penalty
+            row[seen] = torch.where(row[seen] > 0, row[seen] / r, row[seen] * r)
+        if output and (p.presence_penalty or p.frequency_penalty):
+            counts = torch.bincount(torch.tensor(output, dtype=torch.long, device=dev), minlength=vocab)[:vocab]
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    return out
+
+
+def _min_p(probs: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    """Zero the probabilities under ``min_p`` times each row's largest and renormalise (the most
+    likely token always stays)."""
+    if all(m <= 0.0 for m in min_p):
+        return probs
+    floor = probs.max(dim=-1, keepdim=True).values * torch.tensor(min_p, device=probs.device)[:, None]
+    kept = probs.masked_fill(probs < floor, 0.0)
+    return kept / kept.sum(dim=-1, keepdim=True)

@@ -23,6 +23,9 @@ MIN_TOP_P = 1e-6
 INT64_MIN, INT64_MAX, UINT64_MAX = -(1 << 63), (1 << 63) - 1, (1 << 64) - 1
 MAX_STOP_STRINGS = 16
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 300  # entries; OpenAI's limit
+MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2] (OpenAI's range)
+MAX_REPETITION_PENALTY = 10.0
 
 
 def _is_int(value: object) -> bool:
@@ -55,6 +58,14 @@ class SamplingParams(msgspec.Struct, kw_only=True):
         stop_token_ids: token ids that end generation (in addition to EOS; at most 1024).
         ignore_eos: keep generating past EOS (benchmarks use it for exact lengths).
         logprobs: return the log-probability of each chosen token.
+        min_p: drop tokens whose probability (after temperature) is under ``min_p`` times the most
+            likely token's (0: off).
+        presence_penalty: subtracted from the logit of every token already generated ([-2, 2]).
+        frequency_penalty: subtracted once per earlier occurrence in the output ([-2, 2]).
+        repetition_penalty: logits of tokens in the prompt or output are divided by it when
+            positive and multiplied by it when negative (1: off; (0, 10]).
+        logit_bias: token id -> value added to its logit before sampling ([-100, 100]; at most
+            300 entries). Penalties and biases apply to greedy requests too.
     """
 
     temperature: float = 1.0
@@ -67,6 +78,11 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     stop_token_ids: list[int] = msgspec.field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -85,6 +101,16 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits depend on the tokens seen so far (the sampler then needs them)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def processed(self) -> bool:
+        """Whether the logits are changed before the greedy pick (penalties or biases)."""
+        return self.penalized or bool(self.logit_bias)
 
     def validate(self) -> None:
         """Raise ValueError naming the first out-of-range field."""
@@ -112,3 +138,18 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             raise ValueError("stop_token_ids must be non-negative 64-bit integers")
         if not isinstance(self.ignore_eos, bool) or not isinstance(self.logprobs, bool):
             raise ValueError("ignore_eos and logprobs must be booleans")
+        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be a number in [0, 1], got {shown(self.min_p)}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_number(v) or not -MAX_PENALTY <= v <= MAX_PENALTY:
+                raise ValueError(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {shown(v)}")
+        r = self.repetition_penalty
+        if not _is_number(r) or not 0.0 < r <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be a number in (0, {MAX_REPETITION_PENALTY:g}], got {shown(r)}")
+        if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to biases")
+        for t, b in self.logit_bias.items():
+            if not _is_int(t) or not 0 <= t <= INT64_MAX or not _is_number(b) or not -100.0 <= b <= 100.0:
+                raise ValueError(f"logit_bias maps token ids (non-negative integers) to numbers in [-100, 100], "
+                                 f"got {shown(t)}: {shown(b)}")

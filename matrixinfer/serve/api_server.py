@@ -26,12 +26,22 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from matrixinfer import __version__
 from matrixinfer.config import ServeConfig
 from matrixinfer.engine.errors import EngineDeadError, RequestError, RequestFailedError
+from matrixinfer.engine.sampling_params import SamplingParams
 from matrixinfer.serve.backend import Backend, PromptTokenizer
 from matrixinfer.serve.metrics import ServerMetrics
-from matrixinfer.serve.protocol import ApiError, GenerateRequest, parse_chat, parse_completion
+from matrixinfer.serve.protocol import (
+    ApiError,
+    GenerateRequest,
+    parse_chat,
+    parse_completion,
+    parse_detokenize,
+    parse_tokenize,
+)
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -43,7 +53,9 @@ T = TypeVar("T")
 # What the exception handlers answer (request validation aside); anything else stays a plain 500.
 ANSWERED_ERRORS = (ApiError, RequestError, EngineDeadError, RequestFailedError)
 _DONE = "data: [DONE]\n\n"
+PROTECTED_PREFIXES = ("/v1", "/tokenize", "/detokenize")  # what --api-key guards
 MAX_REQUEST_BYTES = ServeConfig.max_request_bytes  # the default of --max-request-bytes
+PREFIX_CHARS_PER_TOKEN = 8  # a longer prompt is first tokenized only this far (_refuse_long_text)
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks whether its client is still there
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _tokenize_pool: ThreadPoolExecutor | None = None  # prompts are tokenized off the event loop
@@ -59,6 +71,19 @@ def create_app(backend: Backend, api_key: str | None = None, max_request_bytes: 
     _add_error_handlers(app, metrics)
     app.add_middleware(ApiKeyCheck, api_key=api_key, metrics=metrics)
     _add_info_routes(app, backend, metrics)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        body = await read_json(request, max_request_bytes)
+        req = parse_tokenize(body)
+        ids = await asyncio.get_running_loop().run_in_executor(_tokenizer_pool(), tokenize_only, backend, req)
+        return JSONResponse({"count": len(ids), "max_model_len": backend.max_seq_len, "tokens": ids})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        body = await read_json(request, max_request_bytes)
+        ids = parse_detokenize(body, backend.model_id, backend.vocab_size)
+        return JSONResponse({"prompt": backend.tokenizer.decode(ids, skip_special_tokens=False)})
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -107,8 +132,24 @@ def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     async def answer(request: Request, exc: Exception) -> Response:
         return error_response(api_error(exc), metrics)
 
+    async def routing(request: Request, exc: Exception) -> Response:
+        """Unknown routes and wrong methods (Starlette's HTTPException) in the OpenAI error shape."""
+        status = getattr(exc, "status_code", 500)
+        where = f"{request.method} {request.url.path}"
+        if status == 404:
+            err = ApiError(404, f"unknown route: {where}", code="not_found")
+        elif status == 405:
+            err = ApiError(405, f"method not allowed: {where}", code="method_not_allowed")
+        else:
+            err = ApiError(status, f"{where}: {getattr(exc, 'detail', exc)}",
+                           type_="server_error" if status >= 500 else "invalid_request_error")
+        response = error_response(err, metrics)
+        response.headers.update(getattr(exc, "headers", None) or {})
+        return response
+
     for kind in (*ANSWERED_ERRORS, RequestValidationError):
         app.add_exception_handler(kind, answer)
+    app.add_exception_handler(StarletteHTTPException, routing)
 
 
 class ApiKeyCheck:
@@ -123,7 +164,7 @@ class ApiKeyCheck:
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.key and scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if self.key and scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIXES):
             header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             given = header[7:].strip() if header[:7].lower() == b"bearer " else b""
             if not given or not secrets.compare_digest(given, self.key):
@@ -147,11 +188,24 @@ def _add_info_routes(app: FastAPI, backend: Backend, metrics: ServerMetrics) -> 
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def model_card() -> dict[str, Any]:
+        return {"id": backend.model_id, "object": "model", "created": int(time.time()), "owned_by": "matrixinfer",
+                "max_model_len": backend.max_model_len, "vocab_size": backend.vocab_size}
+
     @app.get("/v1/models")
     async def models() -> Response:
-        return JSONResponse({"object": "list", "data": [{
-            "id": backend.model_id, "object": "model", "created": int(time.time()), "owned_by": "matrixinfer",
-            "max_model_len": backend.max_model_len, "vocab_size": backend.vocab_size}]})
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> Response:
+        if model_id != backend.model_id:
+            raise ApiError(404, f"the model '{model_id}' does not exist; this server serves '{backend.model_id}'",
+                           param="model", code="model_not_found")
+        return JSONResponse(model_card())
+
+    @app.get("/version")
+    async def version() -> Response:
+        return JSONResponse({"version": __version__})
 
 
 # -- completions and chat completions -------------------------------------------------------------------
@@ -167,34 +221,117 @@ class _Call:
     req: GenerateRequest
     n_prompt: int
     tok: PromptTokenizer
+    echo_text: str = ""  # completions with echo: the prompt, before each choice's text
 
     @property
     def chunk_object(self) -> str:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
 
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """The engine requests of ``n`` choices: the same parameters, a seeded request's seed moved on by
+    the choice's index (so choices differ yet the request stays reproducible)."""
+    if n == 1:
+        return [params]
+    return [params if params.seed is None or i == 0 else
+            msgspec.structs.replace(params, seed=(params.seed + i) % (1 << 64)) for i in range(n)]
+
+
 async def generate_response(request: Request, backend: Backend, metrics: ServerMetrics, chat: bool,
                             max_bytes: int = MAX_REQUEST_BYTES) -> Response:
-    """Parse, run and answer one completions (``chat`` False) or chat completions request."""
+    """Parse, run and answer one completions (``chat`` False) or chat completions request.
+
+    ``n`` > 1 runs one engine request per choice. The first runs alone until its first token, so
+    its prompt's full KV blocks are in the prefix cache when the others start, and they share them."""
     body = await read_json(request, max_bytes)
     req = parse_chat(body) if chat else parse_completion(body)
     ids = await asyncio.get_running_loop().run_in_executor(_tokenizer_pool(), prompt_ids, backend, req)
     call = _Call(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()), backend.model_id,
                  chat, req, len(ids), backend.tokenizer)
-    stream = backend.generate(call.rid, ids, req.params)
+    if req.echo:
+        call.echo_text = req.prompt_text if req.prompt_text is not None else backend.tokenizer.decode(ids)
+    params = choice_params(req.params, req.n)
+    streams = [backend.generate(call.rid if req.n == 1 else f"{call.rid}-{i}", ids, p) for i, p in enumerate(params)]
     timing = _Timing(metrics)
-    first = await until_disconnected(request, first_output(stream))
-    if first is None:  # the client left while the request was queued: it was aborted
+    try:
+        first = await until_disconnected(request, first_output(streams[0]))
+        firsts = [first]
+        if first is not None and req.n > 1:
+            rest = await until_disconnected(request, _first_outputs(streams[1:]))
+            firsts = [first, *rest] if rest is not None else [None]
+    except BaseException:
+        await _close(streams)
+        raise
+    if any(f is None for f in firsts):  # the client left while the request was queued: it was aborted
+        await _close(streams)
         metrics.aborted.inc()
         return Response(status_code=499)
-    timing.token(first)
+    outs0 = [f for f in firsts if f is not None]
+    timing.token(outs0[0])
+    rest_outputs = _merged([(i, s) for i, (s, f) in enumerate(zip(streams, outs0)) if not f.finished])
     if req.stream:
-        return StreamingResponse(sse_events(call, stream, first, timing, metrics), media_type="text/event-stream")
-    outs = await collect(request, stream, first, timing)
+        return StreamingResponse(sse_events(call, rest_outputs, outs0, timing, metrics),
+                                 media_type="text/event-stream")
+    outs = await collect(request, rest_outputs, outs0, timing)
     if outs is None:
         metrics.aborted.inc()
         return Response(status_code=499)
     return JSONResponse(completion_body(call, outs))
+
+
+async def _first_outputs(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    """Every stream's first output; if one fails (or this is cancelled) the others are cancelled."""
+    tasks = [asyncio.ensure_future(first_output(s)) for s in streams]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def _close(streams: list[AsyncIterator[RequestOutput]]) -> None:
+    """Close backend streams (an unfinished one aborts its request)."""
+    for s in streams:
+        aclose = getattr(s, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def _merged(streams: list[tuple[int, AsyncIterator[RequestOutput]]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The outputs of several choices' streams as they come, tagged with the choice index. Closing
+    or cancelling this cancels every stream still running (aborting its request)."""
+    if len(streams) <= 1:
+        for i, s in streams:
+            async for out in s:
+                yield i, out
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, s: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in s:
+                queue.put_nowait((i, out))
+            queue.put_nowait((i, None))
+        except Exception as exc:  # noqa: BLE001 - re-raised by the consumer
+            queue.put_nowait((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in streams]
+    try:
+        left = len(tasks)
+        while left:
+            i, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _tokenizer_pool() -> ThreadPoolExecutor:
@@ -251,12 +388,17 @@ def prompt_ids(backend: Backend, req: GenerateRequest) -> list[int]:
     if req.model != backend.model_id:
         raise ApiError(404, f"the model '{req.model}' does not exist; this server serves '{backend.model_id}'",
                        param="model", code="model_not_found")
+    vocab = backend.vocab_size
+    if any(t >= vocab for t in req.params.logit_bias):
+        raise ApiError(400, f"logit_bias names token {max(req.params.logit_bias)}, outside the vocabulary "
+                            f"[0, {vocab})", param="logit_bias")
+    limit = backend.max_seq_len
+    _refuse_long_text(backend, req, limit)
     try:
         if req.messages is not None:
             ids = backend.tokenizer.encode_chat(req.messages)
         elif req.prompt_ids is not None:
             ids = req.prompt_ids
-            vocab = backend.vocab_size
             if any(not 0 <= t < vocab for t in ids):
                 raise ApiError(400, f"prompt token ids must be integers in [0, {vocab})", param="prompt")
         else:
@@ -264,7 +406,6 @@ def prompt_ids(backend: Backend, req: GenerateRequest) -> list[int]:
     except ValueError as exc:  # TokenizerError: e.g. the chat template refused the conversation
         raise ApiError(400, f"cannot tokenize the prompt: {exc}",
                        param="messages" if req.messages is not None else "prompt") from None
-    limit = backend.max_seq_len
     if req.messages is not None and not req.max_tokens_given:
         req.params.max_tokens = max(1, limit - len(ids))
     if len(ids) + req.params.max_tokens > limit:
@@ -272,6 +413,36 @@ def prompt_ids(backend: Backend, req: GenerateRequest) -> list[int]:
                             f"{len(ids)} prompt tokens and asks for {req.params.max_tokens} more",
                        param="max_tokens" if req.max_tokens_given else "prompt", code="context_length_exceeded")
     return ids
+
+
+def tokenize_only(backend: Backend, req: GenerateRequest) -> list[int]:
+    """/tokenize: the prompt's token ids as a generation request would see them (no length check)."""
+    if req.model != backend.model_id:
+        raise ApiError(404, f"the model '{req.model}' does not exist; this server serves '{backend.model_id}'",
+                       param="model", code="model_not_found")
+    try:
+        if req.messages is not None:
+            return backend.tokenizer.encode_chat(req.messages)
+        return backend.tokenizer.encode(req.prompt_text or "", add_special_tokens=req.add_special_tokens)
+    except ValueError as exc:
+        raise ApiError(400, f"cannot tokenize the prompt: {exc}") from None
+
+
+def _refuse_long_text(backend: Backend, req: GenerateRequest, limit: int) -> None:
+    """A prompt far over the context length is refused after tokenizing a bounded prefix of it,
+    never the whole text (issue 19): text longer than ``PREFIX_CHARS_PER_TOKEN`` characters per
+    allowed token is cut there, and if that prefix alone has more tokens than the context holds the
+    request gets a 400. (A prefix's token count can exceed the whole text's by at most the one
+    token that the cut splits, hence the + 1.)"""
+    text = req.prompt_text if req.messages is None else "".join(m["content"] for m in req.messages)
+    cut = limit * PREFIX_CHARS_PER_TOKEN
+    if text is None or len(text) <= cut:
+        return
+    n = len(backend.tokenizer.encode(text[:cut], add_special_tokens=False))
+    if n > limit + 1:
+        raise ApiError(400, f"this model's maximum context length is {limit} tokens; the prompt has more than "
+                            f"{n - 1} tokens in its first {cut} characters alone",
+                       param="messages" if req.messages is not None else "prompt", code="context_length_exceeded")
 
 
 async def first_output(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
@@ -283,74 +454,79 @@ async def first_output(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
         raise ApiError(500, "the request ended without output", type_="server_error") from None
 
 
-async def collect(request: Request, stream: AsyncIterator[RequestOutput], first: RequestOutput,
-                  timing: _Timing) -> list[RequestOutput] | None:
-    """All of a request's outputs, or None when the client went away (its request is then aborted)."""
-    outs = [first]
+async def collect(request: Request, stream: AsyncIterator[tuple[int, RequestOutput]], firsts: list[RequestOutput],
+                  timing: _Timing) -> list[list[RequestOutput]] | None:
+    """Every choice's outputs, or None when the client went away (its requests are then aborted)."""
+    outs = [[f] for f in firsts]
 
-    async def consume() -> list[RequestOutput]:
-        if not first.finished:
-            async for out in stream:
-                timing.token(out)
-                outs.append(out)
+    async def consume() -> list[list[RequestOutput]]:
+        async for i, out in stream:
+            timing.token(out)
+            outs[i].append(out)
         return outs
 
     return await until_disconnected(request, consume())
 
 
-def completion_body(call: _Call, outs: list[RequestOutput]) -> dict[str, Any]:
+def completion_body(call: _Call, choices: list[list[RequestOutput]]) -> dict[str, Any]:
     """The non-streamed ``text_completion`` or ``chat.completion`` object."""
-    last = outs[-1]
-    text = "".join(o.text for o in outs)
-    token_ids = [t for o in outs for t in o.token_ids]
-    lps = [lp for o in outs for lp in o.logprobs]
-    logprobs = _logprobs(call, token_ids, lps) if call.req.params.logprobs else None
-    choice: dict[str, Any]
-    if call.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "finish_reason": last.finish_reason, "logprobs": logprobs}
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": last.finish_reason, "logprobs": logprobs}
+    body: list[dict[str, Any]] = []
+    for index, outs in enumerate(choices):
+        last = outs[-1]
+        text = "".join(o.text for o in outs)
+        token_ids = [t for o in outs for t in o.token_ids]
+        lps = [lp for o in outs for lp in o.logprobs]
+        logprobs = _logprobs(call, token_ids, lps) if call.req.params.logprobs else None
+        if call.chat:
+            body.append({"index": index, "message": {"role": "assistant", "content": text},
+                         "finish_reason": last.finish_reason, "logprobs": logprobs})
+        else:
+            body.append({"index": index, "text": call.echo_text + text, "finish_reason": last.finish_reason,
+                         "logprobs": logprobs})
     return {"id": call.rid, "object": "chat.completion" if call.chat else "text_completion",
-            "created": call.created, "model": call.model, "choices": [choice], "usage": _usage(call, last)}
+            "created": call.created, "model": call.model, "choices": body,
+            "usage": _usage(call, [outs[-1] for outs in choices])}
 
 
-async def sse_events(call: _Call, stream: AsyncIterator[RequestOutput], first: RequestOutput, timing: _Timing,
-                     metrics: ServerMetrics) -> AsyncIterator[str]:
-    """Server-sent events: a chunk per output (chat opens with the assistant role), the usage chunk
-    when asked for, ``[DONE]``. A client that goes away cancels this, which aborts the request."""
-    if call.chat:
-        yield _chunk(call, {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-    yield _chunk(call, _delta(call, first))
-    last = first
-    if not first.finished:
-        try:
-            async for out in stream:
-                timing.token(out)
-                last = out
-                yield _chunk(call, _delta(call, out))
-        except (asyncio.CancelledError, GeneratorExit):  # the client left: the request is aborted
-            metrics.aborted.inc()
-            raise
-        except ANSWERED_ERRORS as exc:
-            err = api_error(exc)
-            metrics.errors.labels(str(err.status)).inc()
-            yield _event(err.body())
-            yield _DONE
-            return
+async def sse_events(call: _Call, stream: AsyncIterator[tuple[int, RequestOutput]], firsts: list[RequestOutput],
+                     timing: _Timing, metrics: ServerMetrics) -> AsyncIterator[str]:
+    """Server-sent events: a chunk per output and choice (chat opens each choice with the assistant
+    role; echo opens it with the prompt), the usage chunk when asked for, ``[DONE]``. A client that
+    goes away cancels this, which aborts the requests."""
+    last = list(firsts)
+    for i, first in enumerate(firsts):
+        if call.chat:
+            yield _chunk(call, {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+        elif call.echo_text:
+            yield _chunk(call, {"index": i, "text": call.echo_text, "finish_reason": None, "token_ids": []})
+        yield _chunk(call, _delta(call, first, i))
+    try:
+        async for i, out in stream:
+            timing.token(out)
+            last[i] = out
+            yield _chunk(call, _delta(call, out, i))
+    except (asyncio.CancelledError, GeneratorExit):  # the client left: the requests are aborted
+        metrics.aborted.inc()
+        raise
+    except ANSWERED_ERRORS as exc:
+        err = api_error(exc)
+        metrics.errors.labels(str(err.status)).inc()
+        yield _event(err.body())
+        yield _DONE
+        return
     if call.req.include_usage:
         yield _event({"id": call.rid, "object": call.chunk_object, "created": call.created, "model": call.model,
                       "choices": [], "usage": _usage(call, last)})
     yield _DONE
 
 
-def _delta(call: _Call, out: RequestOutput) -> dict[str, Any]:
+def _delta(call: _Call, out: RequestOutput, index: int = 0) -> dict[str, Any]:
     """One streamed choice: the new text (chat: as a delta), finish reason, logprobs, token ids."""
     c: dict[str, Any]
     if call.chat:
-        c = {"index": 0, "delta": {"content": out.text} if out.text else {}, "finish_reason": out.finish_reason}
+        c = {"index": index, "delta": {"content": out.text} if out.text else {}, "finish_reason": out.finish_reason}
     else:
-        c = {"index": 0, "text": out.text, "finish_reason": out.finish_reason}
+        c = {"index": index, "text": out.text, "finish_reason": out.finish_reason}
     if call.req.params.logprobs:
         c["logprobs"] = _logprobs(call, out.token_ids, out.logprobs)
     c["token_ids"] = out.token_ids
@@ -366,10 +542,11 @@ def _chunk(call: _Call, choice: dict[str, Any]) -> str:
                    "choices": [choice]})
 
 
-def _usage(call: _Call, last: RequestOutput) -> dict[str, Any]:
-    n_out = last.num_output_tokens
+def _usage(call: _Call, lasts: list[RequestOutput]) -> dict[str, Any]:
+    """OpenAI's usage: the prompt counted once, the completion tokens of every choice."""
+    n_out = sum(last.num_output_tokens for last in lasts)
     return {"prompt_tokens": call.n_prompt, "completion_tokens": n_out, "total_tokens": call.n_prompt + n_out,
-            "prompt_tokens_details": {"cached_tokens": last.num_cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": lasts[0].num_cached_tokens}}
 
 
 def _logprobs(call: _Call, ids: list[int], lps: list[float]) -> dict[str, Any]:

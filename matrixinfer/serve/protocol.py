@@ -35,6 +35,60 @@ class GenerateRequest:
     prompt_ids: list[int] | None = None
     messages: list[dict[str, str]] | None = None
     max_tokens_given: bool = False
+    n: int = 1  # choices per request (each a request of its own to the engine, seeded seed + index)
+    echo: bool = False  # completions: the prompt text precedes each choice's text
+    add_special_tokens: bool = True  # /tokenize: BOS before a text prompt
+
+
+MAX_N = 16
+
+# Every field a request may carry, per endpoint. A field is either honoured (read by the parsers
+# below) or refused with a 400 that names it, unless its value is the no-op one (null, or the value
+# listed). Fields that by definition do not change the output (``user``, ``metadata``, ...) are
+# accepted. Anything else is an unknown field: also a 400 naming it, never silently ignored.
+_COMMON = {"model", "stream", "stream_options", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
+           "stop_token_ids", "ignore_eos", "min_tokens", "max_tokens", "n", "presence_penalty",
+           "frequency_penalty", "repetition_penalty", "logit_bias", "logprobs"}
+_NO_EFFECT = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
+_HONOURED = {"completion": _COMMON | _NO_EFFECT | {"prompt", "echo", "best_of"},
+             "chat": _COMMON | _NO_EFFECT | {"messages", "top_logprobs", "max_completion_tokens"}}
+# field -> (no-op values, why it is refused)
+_REFUSED: dict[str, dict[str, tuple[tuple[Any, ...], str]]] = {
+    "completion": {
+        "suffix": (("",), "'suffix' (fill-in-the-middle) is not supported"),
+    },
+    "chat": {
+        "tools": (([],), "'tools' needs a tool-call parser, and none is configured on this server"),
+        "tool_choice": (("none",), "'tool_choice' needs a tool-call parser, and none is configured on this server"),
+        "parallel_tool_calls": ((True, False), ""),
+        "functions": (([],), "'functions' (deprecated tool calling) is not supported"),
+        "function_call": (("none",), "'function_call' (deprecated tool calling) is not supported"),
+        "response_format": (({"type": "text"},),
+                            "'response_format' other than {\"type\": \"text\"} (structured output) is not supported"),
+        "audio": ((), "'audio' output is not supported"),
+        "modalities": ((["text"],), "'modalities' other than [\"text\"] are not supported"),
+        "prediction": ((), "'prediction' (predicted outputs) is not supported"),
+        "web_search_options": ((), "'web_search_options' is not supported"),
+        "reasoning_effort": ((), "'reasoning_effort' is not supported by this server"),
+        "verbosity": ((), "'verbosity' is not supported by this server"),
+    },
+}
+
+
+def check_fields(body: dict, endpoint: str) -> None:
+    """400 for an unknown field or a refused one with a value that would change the output."""
+    honoured, refused = _HONOURED[endpoint], _REFUSED[endpoint]
+    for key, value in body.items():
+        if key in honoured:
+            continue
+        if key in refused:
+            no_ops, why = refused[key]
+            if value is None or any(value == v and type(value) is type(v) for v in no_ops):
+                continue
+            raise _bad(why or f"'{key}' is not supported", key)
+        where = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+        raise _bad(f"unknown field '{shown(key)[1:-1] if isinstance(key, str) else key}' for {where}; "
+                   "this server refuses fields it would otherwise ignore", key if isinstance(key, str) else None)
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -52,13 +106,28 @@ def _number(body: dict, key: str, default: float | None, kind: type = float) -> 
     return kind(value)
 
 
-def _sampling(body: dict, default_max_tokens: int, logprobs: bool) -> tuple[SamplingParams, bool]:
-    for key in ("presence_penalty", "frequency_penalty"):
-        if _number(body, key, 0.0) != 0.0:
-            raise _bad(f"'{key}' is not supported (only 0)", key)
+def _logit_bias(body: dict) -> dict[int, float]:
+    """OpenAI's ``{"token id as a string": bias}`` as ``{id: bias}`` (ranges checked by SamplingParams;
+    ids against the vocabulary by the API server)."""
+    raw = body.get("logit_bias")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise _bad("'logit_bias' must be an object mapping token ids to biases", "logit_bias")
+    out = {}
+    for k, v in raw.items():
+        key = k.strip() if isinstance(k, str) else ""
+        if not key.isdigit() or len(key) > 19 or isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise _bad(f"'logit_bias' maps token ids to numbers in [-100, 100], got {shown(k)}: {shown(v)}",
+                       "logit_bias")
+        out[int(key)] = float(v)
+    return out
+
+
+def _sampling(body: dict, default_max_tokens: int, logprobs: bool) -> tuple[SamplingParams, bool, int]:
     n = _number(body, "n", 1, int)
-    if n != 1:
-        raise _bad(f"'n' must be 1 (got {n}); request several completions separately", "n")
+    if not 1 <= n <= MAX_N:
+        raise _bad(f"'n' must be an integer in [1, {MAX_N}], got {n}", "n")
     max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     given = body.get(max_key) is not None
     stop = body.get("stop")
@@ -71,32 +140,52 @@ def _sampling(body: dict, default_max_tokens: int, logprobs: bool) -> tuple[Samp
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise _bad(f"'seed' must be an integer, got {shown(seed)}", "seed")
+    ignore_eos = body.get("ignore_eos", False)
+    if ignore_eos is not None and not isinstance(ignore_eos, bool):
+        raise _bad("'ignore_eos' must be a boolean", "ignore_eos")
     try:
         params = SamplingParams(
             temperature=_number(body, "temperature", 1.0),
             top_p=_number(body, "top_p", 1.0),
             top_k=_number(body, "top_k", -1, int),
+            min_p=_number(body, "min_p", 0.0),
             seed=seed,
             max_tokens=_number(body, max_key, default_max_tokens, int),
             min_tokens=_number(body, "min_tokens", 0, int),
             stop=stops,
             stop_token_ids=stop_ids,
-            ignore_eos=bool(body.get("ignore_eos", False)),
+            ignore_eos=bool(ignore_eos),
             logprobs=logprobs,
+            presence_penalty=_number(body, "presence_penalty", 0.0),
+            frequency_penalty=_number(body, "frequency_penalty", 0.0),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0),
+            logit_bias=_logit_bias(body),
         )
     except ValueError as exc:
         field = str(exc).split(" ", 1)[0]
         raise _bad(str(exc), field) from None
-    return params, given
+    return params, given, n
 
 
 def _stream_flags(body: dict) -> tuple[bool, bool]:
     stream = body.get("stream", False)
+    if stream is None:
+        stream = False
     if not isinstance(stream, bool):
         raise _bad("'stream' must be a boolean", "stream")
-    opts = body.get("stream_options") or {}
+    opts = body.get("stream_options")
+    if opts is None:
+        return stream, False
     if not isinstance(opts, dict):
         raise _bad("'stream_options' must be an object", "stream_options")
+    if not stream:
+        raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    for key, value in opts.items():
+        if key not in ("include_usage", "continuous_usage_stats") or not isinstance(value, bool):
+            raise _bad(f"'stream_options' takes 'include_usage' (a boolean), got {shown(key)}: {shown(value)}",
+                       "stream_options")
+        if key == "continuous_usage_stats" and value:
+            raise _bad("'stream_options.continuous_usage_stats' is not supported", "stream_options")
     return stream, bool(opts.get("include_usage", False))
 
 
@@ -111,18 +200,26 @@ def parse_completion(body: Any, default_max_tokens: int = 16) -> GenerateRequest
     """Validate a /v1/completions body (prompt: text, one-element list of text, or token ids)."""
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")
+    check_fields(body, "completion")
     model = _model(body)
-    if body.get("echo"):
-        raise _bad("'echo' is not supported", "echo")
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise _bad("'echo' must be a boolean", "echo")
     lp = body.get("logprobs")
     if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or lp < 0 or lp > 1):
-        raise _bad("'logprobs' must be 0 or 1 (log-probabilities of the chosen tokens)", "logprobs")
-    params, given = _sampling(body, default_max_tokens, lp is not None)
+        raise _bad("'logprobs' must be 0 or 1 (log-probabilities of the chosen tokens; more alternatives "
+                   "are not supported)", "logprobs")
+    params, given, n = _sampling(body, default_max_tokens, lp is not None)
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != n:
+        raise _bad(f"'best_of' must equal 'n' ({n}): ranking candidates by likelihood is not supported", "best_of")
+    if echo and lp is not None:
+        raise _bad("'echo' with 'logprobs' (prompt log-probabilities) is not supported", "echo")
     stream, usage = _stream_flags(body)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
-    req = GenerateRequest(model, params, stream, usage, max_tokens_given=given)
+    req = GenerateRequest(model, params, stream, usage, max_tokens_given=given, n=n, echo=bool(echo))
     if isinstance(prompt, str):
         if not prompt:
             raise _bad("the prompt is empty", "prompt")
@@ -142,13 +239,17 @@ def parse_chat(body: Any) -> GenerateRequest:
     """Validate a /v1/chat/completions body (text content only)."""
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")
+    check_fields(body, "chat")
     model = _model(body)
     lp = body.get("logprobs", False)
+    if lp is None:
+        lp = False
     if not isinstance(lp, bool):
         raise _bad("'logprobs' must be a boolean", "logprobs")
     if body.get("top_logprobs"):
-        raise _bad("'top_logprobs' is not supported (only the chosen tokens' log-probabilities)", "top_logprobs")
-    params, given = _sampling(body, 1 << 30, lp)
+        raise _bad("'top_logprobs' above 0 is not supported (only the chosen tokens' log-probabilities)",
+                   "top_logprobs")
+    params, given, n = _sampling(body, 1 << 30, lp)
     stream, usage = _stream_flags(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -172,4 +273,45 @@ def parse_chat(body: Any) -> GenerateRequest:
         parsed.append({"role": m["role"], "content": content})
     if not any(m["content"] for m in parsed):
         raise _bad("the prompt is empty: every message has empty content", "messages")
-    return GenerateRequest(model, params, stream, usage, messages=parsed, max_tokens_given=given)
+    return GenerateRequest(model, params, stream, usage, messages=parsed, max_tokens_given=given, n=n)
+
+
+def parse_tokenize(body: Any) -> GenerateRequest:
+    """A /tokenize body (vLLM's): ``model`` and a text ``prompt`` (``add_special_tokens``, default
+    true) or chat ``messages``."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    unknown = set(body) - {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt"}
+    if unknown:
+        raise _bad(f"unknown field '{sorted(unknown)[0]}' for /tokenize", sorted(unknown)[0])
+    special = body.get("add_special_tokens", True)
+    if not isinstance(special, bool):
+        raise _bad("'add_special_tokens' must be a boolean", "add_special_tokens")
+    if body.get("add_generation_prompt") not in (None, True):
+        raise _bad("'add_generation_prompt' false is not supported", "add_generation_prompt")
+    if "messages" in body:
+        req = parse_chat({"model": body.get("model"), "messages": body["messages"]})
+    else:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise _bad("'prompt' must be a string (or send 'messages')", "prompt")
+        req = GenerateRequest(_model(body), SamplingParams(), False, False, prompt_text=prompt)
+    req.add_special_tokens = special
+    return req
+
+
+def parse_detokenize(body: Any, model: str, vocab_size: int) -> list[int]:
+    """A /detokenize body: ``model`` and ``tokens`` (ids in the vocabulary)."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    unknown = set(body) - {"model", "tokens"}
+    if unknown:
+        raise _bad(f"unknown field '{sorted(unknown)[0]}' for /detokenize", sorted(unknown)[0])
+    if _model(body) != model:
+        raise ApiError(404, f"the model '{body['model']}' does not exist; this server serves '{model}'",
+                       param="model", code="model_not_found")
+    ids = body.get("tokens")
+    if not isinstance(ids, list) or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size
+                                        for t in ids):
+        raise _bad(f"'tokens' must be a list of token ids in [0, {vocab_size})", "tokens")
+    return ids

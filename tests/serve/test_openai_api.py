@@ -80,7 +80,7 @@ def test_unknown_model(client):
     (dict(temperature=-1), "temperature"),
     (dict(top_p=0), "top_p"),
     (dict(max_tokens=0), "max_tokens"),
-    (dict(n=2), "n"),
+    (dict(n=17), "n"),
 ])
 def test_bad_parameter(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as e:
