@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 #   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 
-.PHONY: setup serve test lint clean
+.PHONY: setup serve test test-gpu-visible lint clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ serve: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q
+
+# the suite as a GPU machine runs it: every process sees torch.cuda.is_available() as True (tests/gpu_visible)
+test-gpu-visible: $(STAMP)
+	MATRIXINFER_TEST_PRETEND_GPU=1 $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check matrixinfer tests benchmarks
