@@ -48,9 +48,15 @@ class MLA(CustomOp):
         self.o_proj = Linear(self.n_heads * self.v_dim, h, bias=bias)
         self.scale = softmax_scale(cfg)
         # Latent-space (absorbed) attention costs H x (D + R) per query-key pair, the naive one
-        # H x (qk + v) plus expanding each key: absorbed prefill pays off only for few wide heads.
+        # H x (qk + v) plus expanding each key (H x (nope + v) x R): absorbed prefill pays off only
+        # for few wide heads. Short queries against a longer context (a speculative verification's
+        # K + 1 per sequence) are cheaper absorbed while q (D + R - qk - v) L <= (L - q) (nope + v) R;
+        # with L >= 2q, that holds up to absorbed_max_query (85 for DeepSeek-V3).
         latent = self.kv_lora_rank + self.rope_dim
         self.absorbed_prefill = latent + self.kv_lora_rank <= 2 * (self.qk_dim + self.v_dim)
+        extra = latent + self.kv_lora_rank - (self.qk_dim + self.v_dim)
+        expand = (self.nope_dim + self.v_dim) * self.kv_lora_rank
+        self.absorbed_max_query = max(1, expand // (2 * extra)) if extra > 0 else 1 << 30
 
     def _kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``kv_b_proj`` split per head: ``W_UK [H, nope, R]`` and ``W_UV [H, v, R]``."""
@@ -115,11 +121,18 @@ class MLA(CustomOp):
 
     def absorbed_for(self, meta: AttentionMetadata) -> bool:
         """Whether this batch may run entirely in the absorbed (latent-space) form, as the fused
-        kernels do: always in ``absorbed`` mode, never in ``naive``, and in ``auto`` when it holds
-        only decodes or absorbed prefill is the cheaper form for this model."""
-        if meta.mode == "naive":
-            return False
-        return meta.mode == "absorbed" or self.absorbed_prefill or all(q == 1 for q in meta.query_lens)
+        kernels do: always in ``absorbed`` mode, never in ``naive``, and in ``auto`` when absorbed
+        prefill is the cheaper form for this model, or every sequence's query is short against its
+        context (decodes, speculative verifications: see ``absorbed_max_query``)."""
+        if meta.mode != "auto":
+            return meta.mode == "absorbed"
+        if self.absorbed_prefill:
+            return True
+        longest = max(meta.query_lens, default=1)
+        if longest == 1:
+            return True
+        return longest <= self.absorbed_max_query and all(2 * q <= c for q, c in zip(meta.query_lens,
+                                                                                     meta.context_lens))
 
     def _fused_slots(self, meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor | None:
         """This layer's cache table where the fused kernels can run the batch (they read and write

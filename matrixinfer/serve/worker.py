@@ -240,6 +240,10 @@ class DecodeWorker(Worker):
             except RequestError as exc:
                 self.link.send(m.Reserved(msg.request_id, False, str(exc)))
                 continue
+            except Exception as exc:  # noqa: BLE001 - a failed reservation must not end the worker
+                log.exception("%s: reserving KV blocks for %s failed", self.instance_id, msg.request_id)
+                self.link.send(m.Reserved(msg.request_id, False, f"reserving KV blocks failed: {exc!r}"))
+                continue
             if blocks is not None:
                 self.reserved[msg.request_id] = msg
                 self.link.send(m.Reserved(msg.request_id, True))

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from matrixinfer import kernels
 from matrixinfer.config import EngineConfig, ModelConfig
 from matrixinfer.engine.block_manager import BlockManager
 from matrixinfer.engine.errors import RequestError
@@ -21,12 +22,15 @@ from matrixinfer.engine.sampling_params import SamplingParams
 from matrixinfer.engine.sequence import Sequence
 from matrixinfer.engine.spec_policy import AcceptanceTracker, SpecPolicy, StepCosts
 from matrixinfer.engine.speculative import last_hidden
-from matrixinfer.model.attention import AttentionMetadata
+from matrixinfer.model.attention import AttentionMetadata, PagedLatentCache
 from matrixinfer.model.backend import select_backend
 from matrixinfer.model.default_model import default_model_path
+from matrixinfer.model.layers import RotaryEmbedding
 from matrixinfer.model.loader import load_model
+from matrixinfer.model.mla import MLA
 from matrixinfer.model.tokenizer import Tokenizer
 from matrixinfer.train.corpus import is_heldout, stdlib_root
+from tests.checkpoints import tiny_config
 
 BLOCK_BYTES = 5 * 16 * 80 * 4  # demo model: 4 layers + MTP, 16 tokens, 64 + 16 latent values, float32
 
@@ -131,6 +135,40 @@ def test_logprobs_with_speculation_are_the_plain_engines(demo):
     for rid, (ids, lps) in plain.items():
         assert spec[rid][0] == ids and len(spec[rid][1]) == len(ids) == 12
         assert spec[rid][1] == pytest.approx(lps, abs=1e-4)
+
+
+@pytest.mark.parametrize("where", ["verify", "advance"])
+def test_a_request_whose_verification_raises_fails_alone(demo, monkeypatch, where):
+    """An error verifying one request, or in its bookkeeping, fails that request only: its batch
+    neighbours get the plain engine's outputs and every block is freed."""
+    prompts = _requests(demo[2], 3)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    expect = _engine(demo, kv_cache_memory=64 * BLOCK_BYTES).generate(prompts, [params] * 3)
+    eng = _engine(demo, kv_cache_memory=64 * BLOCK_BYTES, speculative="mtp", num_speculative_tokens=1,
+                  speculative_max_batch=8)
+    assert eng.spec is not None
+    obj = eng.sampler if where == "verify" else eng.spec
+    real = getattr(obj, where)
+
+    def flaky(*a, **kw):
+        ids = a[1] if where == "verify" else [a[0].request_id]
+        if "1" in ids and eng.spec.steps >= 3:
+            raise RuntimeError("boom")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(obj, where, flaky)
+    for i, p in enumerate(prompts):
+        eng.add_request(str(i), p, params)
+    got: dict[str, list[int]] = {str(i): [] for i in range(3)}
+    errors = {}
+    while eng.has_work():
+        for out in eng.step():
+            got[out.request_id].extend(out.token_ids)
+            if out.error:
+                errors[out.request_id] = out.error
+    assert list(errors) == ["1"] and "boom" in errors["1"]
+    assert got["0"] == expect[0] and got["2"] == expect[2]
+    assert eng.blocks.num_used == 0 and eng.spec.verifications > 0
 
 
 def test_blocks_of_accepted_drafts_are_named_for_the_prefix_cache(demo):
@@ -482,3 +520,39 @@ def test_speculation_on_cuda_gives_the_plain_cuda_engines_greedy_tokens(demo):
     eng, got = run(speculative="mtp", num_speculative_tokens=2)
     assert got == expect
     assert eng.stats().spec_draft_tokens > 0 and eng.stats().spec_acceptance_rate > 0.4
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no C compiler: the native kernels cannot be built")
+def test_verification_of_v3_shaped_attention_runs_absorbed_and_matches_the_naive_form(monkeypatch):
+    """DeepSeek-V3's attention shape (rank 512, rope 64, nope 128, v 128; tiny hidden size): a
+    verification (query length K + 1 = 3) over a longer context runs in the fused absorbed kernels,
+    as plain decode does, and equals the naive form; a fresh prompt chunk still runs naive."""
+    cfg = ModelConfig.from_dict(tiny_config(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128,
+                                            v_head_dim=128, num_attention_heads=2).to_dict())
+    torch.manual_seed(0)
+    mla = MLA(cfg, 0)
+    for p in mla.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    assert not mla.absorbed_prefill and mla.absorbed_max_query == 85
+    select_backend(mla, "cpu")
+    rope = RotaryEmbedding(cfg)
+    fused: list[int] = []
+    real = kernels.paged_mla
+    monkeypatch.setattr(kernels, "paged_mla", lambda *a, **k: fused.append(a[0].shape[0]) or real(*a, **k))
+    tables = torch.tensor([[3, 0, 2, 1]])
+
+    def run(mode: str) -> list[torch.Tensor]:
+        cache = PagedLatentCache(1, 4, 16, cfg.kv_cache_dim)
+        outs = []
+        for q, c in ((40, 40), (3, 43)):
+            torch.manual_seed(c)
+            x = torch.randn(q, cfg.hidden_size)
+            cos, sin = rope.cos_sin(torch.arange(c - q, c))
+            with torch.no_grad():
+                outs.append(mla(x, cos, sin, rope, AttentionMetadata.build([q], [c], tables, 16, mode=mode), cache))
+        return outs
+
+    auto = run("auto")
+    assert fused == [3]  # the prompt chunk ran naive, the verification absorbed
+    for a, b in zip(auto, run("naive")):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -158,3 +158,35 @@ def test_a_command_that_raises_fails_its_request_and_the_worker_goes_on(tmp_path
     failed = [x for x in sent if isinstance(x, m.Failed)]
     assert [(f.request_id, f.status) for f in failed] == [("bad", 500)]
     assert not eng.has_reservation("bad") and eng.blocks.num_used == 0
+
+
+def test_a_reservation_that_raises_is_refused_and_the_worker_goes_on(tmp_path, monkeypatch):
+    """``engine.reserve`` raising something other than a RequestError (a bug, a broken allocator):
+    that reservation is refused, the next one is served, and tick returns (it used to raise out of
+    the loop, ending the process)."""
+    from matrixinfer.serve import worker as wk
+
+    ck = make_checkpoint(tmp_path / "m", "v3", seed=3, vocab_size=264, bos_token_id=256, eos_token_id=257)
+    write_byte_tokenizer(ck)
+    eng = LLMEngine(EngineConfig(model=str(ck), device="cpu", dtype="float32", kv_cache_memory=2 << 20,
+                                 block_size=8))
+    w = wk.DecodeWorker.__new__(wk.DecodeWorker)  # the handlers, without a router or KV port
+    sent: list[object] = []
+    w.instance_id, w.engine = "d0", eng
+    w.link = SimpleNamespace(send=sent.append, stats=None)  # type: ignore[assignment]
+    w.pending, w.reserved = [], {}
+    real = eng.reserve
+
+    def flaky(rid, n, timeout):
+        if rid == "bad":
+            raise KeyError("broken allocator")
+        return real(rid, n, timeout)
+
+    monkeypatch.setattr(eng, "reserve", flaky)
+    deadline = time.monotonic() + 30
+    for rid in ("bad", "good"):
+        w.pending.append((m.Reserve(rid, [5, 6, 7, 8], SamplingParams(max_tokens=4), 30.0), deadline))
+    w.tick()
+    replies = {x.request_id: x for x in sent if isinstance(x, m.Reserved)}
+    assert not replies["bad"].ok and "broken allocator" in replies["bad"].error
+    assert replies["good"].ok and "good" in w.reserved and w.pending == []
