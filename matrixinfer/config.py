@@ -322,6 +322,8 @@ class ServeConfig:
         decode_kv_cache_memory: KV cache bytes of each decode instance (default: --kv-cache-memory).
         worker_threads: torch threads per worker process (default: the cores shared among workers).
         max_request_bytes: largest HTTP request body in bytes; larger ones are refused with 413.
+        secret_file: file (mode 0600) with the deployment secret that workers and EMS servers must prove
+            (default: $MATRIXINFER_SECRET, then $MATRIXINFER_SECRET_FILE, else a new one in a private file).
     """
 
     host: str = "127.0.0.1"
@@ -339,6 +341,7 @@ class ServeConfig:
     decode_kv_cache_memory: int | None = None
     worker_threads: int | None = None
     max_request_bytes: int = 16 << 20
+    secret_file: str | None = None
 
     def __post_init__(self) -> None:
         # 0 local instances is valid: workers on other hosts join with `matrixinfer worker --router`

@@ -22,6 +22,8 @@ VARIABLES: dict[str, str] = {
     "MATRIXINFER_THREADS": "torch threads of an engine process on CPU (default: torch's choice)",
     "MATRIXINFER_LOG": "log level of worker processes (default INFO)",
     "MATRIXINFER_API_KEY": "API key the HTTP server requires when --api-key is not given",
+    "MATRIXINFER_SECRET": "deployment secret of the internal ports (router control, KV, EMS); `serve` generates one",
+    "MATRIXINFER_SECRET_FILE": "file (mode 0600) holding the deployment secret, read when MATRIXINFER_SECRET is unset",
     "MATRIXINFER_EMS_SOCKET_BUFFER": "SO_SNDBUF/SO_RCVBUF bytes of EMS server sockets (0: the kernel's default)",
     "CC": "the C compiler used for native helpers (default: cc, then gcc)",
 }
@@ -71,6 +73,14 @@ def log_level() -> str:
 
 def api_key() -> str | None:
     return os.environ.get("MATRIXINFER_API_KEY") or None
+
+
+def secret() -> str | None:
+    return os.environ.get("MATRIXINFER_SECRET") or None
+
+
+def secret_file() -> str | None:
+    return os.environ.get("MATRIXINFER_SECRET_FILE") or None
 
 
 def ems_socket_buffer() -> int:

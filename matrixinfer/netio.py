@@ -38,6 +38,10 @@ class WireError(ConnectionError):
     """A peer sent something that is not a valid frame, or went away in the middle of one."""
 
 
+class PeerClosed(WireError):
+    """The peer closed the connection (between frames or in the middle of one)."""
+
+
 class MessageError(WireError):
     """A whole frame arrived but its header is not a valid message (a bad value, a peer of another
     version). The stream is still in step, so a receiver that expects no payload after such a
@@ -168,7 +172,7 @@ def recv_exact_into(sock: socket.socket, view: memoryview, peer: str = "peer") -
     while got < n:
         k = sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
         if k == 0:
-            raise WireError(f"{peer} closed the connection mid-frame ({got} of {n} bytes received)")
+            raise PeerClosed(f"{peer} closed the connection mid-frame ({got} of {n} bytes received)")
         got += k
 
 
@@ -179,7 +183,7 @@ def recv_scatter(sock: socket.socket, views: Sequence[memoryview], peer: str = "
     while i < len(bufs):
         k = sock.recvmsg_into(bufs[i:i + MAX_IOV], 0, socket.MSG_WAITALL)[0]
         if k == 0:
-            raise WireError(f"{peer} closed the connection mid-frame")
+            raise PeerClosed(f"{peer} closed the connection mid-frame")
         i = _advance(bufs, i, k)
 
 

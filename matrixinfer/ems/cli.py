@@ -24,9 +24,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats.add_argument("--namespace", default="default",
                        help="namespace of the session that asks (namespaces with a token show only to their own)")
     stats.add_argument("--token-file", help="file holding that namespace's token (kept out of the process list)")
+    stats.add_argument("--secret-file", help="file holding the deployment secret the servers and controller "
+                       "require (default: $MATRIXINFER_SECRET or $MATRIXINFER_SECRET_FILE)")
     stats.set_defaults(func=_stats)
     ctl = ems_sub.add_parser("controller", help="run the single-host membership controller")
     ctl.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0 picks a free one)")
+    ctl.add_argument("--secret-file", help="file holding the deployment secret servers and clients must prove "
+                     "(default: $MATRIXINFER_SECRET or $MATRIXINFER_SECRET_FILE; none: not authenticated)")
     ctl.set_defaults(func=_controller)
     ems.set_defaults(func=lambda args: (ems.print_help(), 2)[1])
 
@@ -41,10 +45,16 @@ def _run_server(args: argparse.Namespace) -> int:
 def _controller(args: argparse.Namespace) -> int:
     import time
 
+    from matrixinfer.auth import load_secret
     from matrixinfer.ems.controller import Controller
     from matrixinfer.netio import parse_addr
 
-    ctl = Controller(*parse_addr(args.listen)).start()
+    try:
+        secret = load_secret(args.secret_file)
+    except ValueError as exc:
+        print(f"ems controller: {exc}")
+        return 2
+    ctl = Controller(*parse_addr(args.listen), secret=secret).start()
     print(f"EMS controller listening on {ctl.address}", flush=True)
     try:
         while True:
@@ -82,19 +92,21 @@ def _stats(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from matrixinfer.auth import load_secret
     from matrixinfer.ems.connection import EmsError, server_stats
     from matrixinfer.ems.membership import membership_from
 
     try:
         token = Path(args.token_file).read_text().strip() if args.token_file else ""
-        addrs = membership_from(args.servers, args.controller, args.etcd, args.cluster).members()
+        secret = load_secret(args.secret_file)
+        addrs = membership_from(args.servers, args.controller, args.etcd, args.cluster, secret).members()
     except (ValueError, OSError, ConnectionError) as exc:
         print(f"ems stats: {exc}")
         return 2
     per_server: dict[str, dict | str] = {}
     for addr in addrs:
         try:
-            per_server[addr] = server_stats(addr, args.namespace, token)
+            per_server[addr] = server_stats(addr, args.namespace, token, secret=secret)
         except (OSError, EmsError) as exc:
             per_server[addr] = str(exc)
     if not per_server and not args.json:

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import defaultdict
@@ -24,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar, overload
 
+from matrixinfer.auth import AuthError
 from matrixinfer.ems.connection import EmsError, EmsPermissionError, EmsRefused, ServerConnection
 from matrixinfer.ems.membership import Membership, StaticMembership
 from matrixinfer.ems.protocol import ErrorCode
@@ -31,6 +33,7 @@ from matrixinfer.ems.ring import DEFAULT_VNODES, HashRing
 
 __all__ = ["EmsClient", "EmsError", "EmsPermissionError", "EmsRefused", "ErrorCode"]
 
+log = logging.getLogger(__name__)
 Key = bytes | str
 STALE_CHECK_S = 1.0  # a connection idle this long is checked for a close by the server before reuse
 T = TypeVar("T")
@@ -54,11 +57,12 @@ class EmsClient:
     def __init__(self, servers: Sequence[str] | None = None, *, membership: Membership | None = None,
                  namespace: str = "default", token: str = "", replicas: int = 1, timeout: float = 5.0,
                  connect_timeout: float = 0.5, retry_after: float = 1.0, refresh_s: float = 1.0,
-                 fast_path: bool = True, vnodes: int = DEFAULT_VNODES) -> None:
+                 fast_path: bool = True, vnodes: int = DEFAULT_VNODES, secret: bytes | None = None) -> None:
         if (servers is None) == (membership is None):
             raise ValueError("give EmsClient either servers=[...] or membership=...")
         self.membership = membership or StaticMembership(list(servers or []))
         self.namespace, self.token = namespace, token
+        self.secret = secret  # the deployment secret the servers require (matrixinfer.auth), if any
         self.replicas = max(1, replicas)
         self.timeout, self.connect_timeout, self.retry_after = timeout, connect_timeout, retry_after
         self.refresh_s = float("inf") if isinstance(self.membership, StaticMembership) else refresh_s
@@ -99,9 +103,13 @@ class EmsClient:
             return None
         try:
             conn = ServerConnection(addr, self.namespace, self.token, self.timeout, self.connect_timeout,
-                                    self.fast_path)
+                                    self.fast_path, self.secret)
         except EmsPermissionError:
             raise
+        except AuthError as exc:  # not a network fault: say so, then treat the server as down
+            log.warning("%s", exc)
+            self._mark_down(addr)
+            return None
         except (OSError, EmsError):
             self._mark_down(addr)
             return None

@@ -46,6 +46,8 @@ class EmsServerConfig:
         lease_ttl: membership lease in seconds (renewed every third of it)
         max_connections: connections served at once (more are closed as they arrive)
         idle_timeout: seconds a connection may send nothing, or stall mid-frame, before it is closed
+        secret_file: file (mode 0600) with the deployment secret every client and the controller must prove
+            (default: $MATRIXINFER_SECRET, then $MATRIXINFER_SECRET_FILE; none: connections are not authenticated)
     """
 
     capacity: int
@@ -62,6 +64,7 @@ class EmsServerConfig:
     lease_ttl: float = 3.0
     max_connections: int = 1024
     idle_timeout: float = 300.0
+    secret_file: str | None = None
 
 
 _SIZES = ("capacity", "ssd_capacity", "default_quota")

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
-from matrixinfer import netio
+from matrixinfer import auth, netio
 from matrixinfer.ems import protocol as p
 from matrixinfer.ems.arena import map_arena
 from matrixinfer.ems.index import SUPPORTED as INDEX_SUPPORTED
@@ -72,12 +72,19 @@ class ServerConnection:
     """A socket to one server bound to one namespace; not thread-safe (one per thread)."""
 
     def __init__(self, addr: str, namespace: str, token: str = "", timeout: float = 5.0,
-                 connect_timeout: float = 0.5, fast_path: bool = True) -> None:
+                 connect_timeout: float = 0.5, fast_path: bool = True, secret: bytes | None = None) -> None:
         self.addr = addr
         self.peer = f"EMS server {addr}"  # names the server in errors
+        self.secret = secret
         self.sock = socket.create_connection(netio.parse_addr(addr), timeout=connect_timeout)
         netio.set_timeouts(self.sock, timeout)
         p.tune_socket(self.sock)
+        if secret is not None:
+            try:
+                auth.client_handshake(self.sock, secret, "ems", self.peer)
+            except BaseException:
+                self.sock.close()
+                raise
         self._held_lease = 0  # a same-host read lease to drop with the next request
         self.last_used = time.monotonic()  # the client checks a connection idle for a while before reuse
         self._hits = 0  # reads served from the shared index, not yet reported
@@ -113,6 +120,8 @@ class ServerConnection:
             sock.settimeout(connect_timeout)
             sock.connect(local_addr)
             netio.set_timeouts(sock, timeout)
+            if self.secret is not None:
+                auth.client_handshake(sock, self.secret, "ems", self.peer)
             p.send_frame(sock, p.Hello(namespace=namespace, token=token))
             reply, fd = p.recv_reply_with_fd(sock, self.peer)
         except OSError:  # includes netio.WireError
@@ -318,11 +327,14 @@ class ServerConnection:
         return self._call(p.Delete(keys=keys)).found
 
 
-def server_stats(addr: str, namespace: str = "default", token: str = "", timeout: float = 2.0) -> dict:
+def server_stats(addr: str, namespace: str = "default", token: str = "", timeout: float = 2.0,
+                 secret: bytes | None = None) -> dict:
     """The stats dict of one server, asked from a session of ``namespace`` (a namespace protected by
-    a token shows only to its own sessions)."""
+    a token shows only to its own sessions; ``secret``: the deployment secret the server requires)."""
     peer = f"EMS server {addr}"
     with netio.connect(addr, timeout=timeout) as sock:
+        if secret is not None:
+            auth.client_handshake(sock, secret, "ems", peer)
         p.send_frame(sock, p.Hello(namespace=namespace, token=token))
         reply = p.recv_reply(sock, peer)
         if reply.code:

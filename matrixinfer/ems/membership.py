@@ -12,7 +12,7 @@ import abc
 import base64
 import threading
 
-from matrixinfer import netio
+from matrixinfer import auth, netio
 from matrixinfer.ems import protocol as p
 from matrixinfer.ems.protocol import ErrorCode
 
@@ -49,16 +49,22 @@ class StaticMembership(Membership):
 
 
 class ControllerMembership(Membership):
-    """Client of an EMS controller over the EMS wire protocol."""
+    """Client of an EMS controller over the EMS wire protocol (authenticated with ``secret`` if given)."""
 
-    def __init__(self, addr: str, timeout: float = CONTROLLER_TIMEOUT) -> None:
+    def __init__(self, addr: str, timeout: float = CONTROLLER_TIMEOUT, secret: bytes | None = None) -> None:
         self.addr = addr
         self.timeout = timeout
+        self.secret = secret
 
     def _call(self, req: p.Request) -> p.Reply:
         with netio.connect(self.addr, timeout=self.timeout) as sock:
+            if self.secret is not None:
+                auth.client_handshake(sock, self.secret, "ems-controller", f"EMS controller {self.addr}")
             p.send_frame(sock, req)
-            return p.recv_reply(sock, f"EMS controller {self.addr}")
+            reply = p.recv_reply(sock, f"EMS controller {self.addr}")
+        if reply.code == ErrorCode.REFUSED:
+            raise ConnectionRefusedError(f"EMS controller {self.addr}: {reply.error}")
+        return reply
 
     def members(self) -> list[str]:
         return self._call(p.Members()).members
@@ -119,15 +125,16 @@ class EtcdMembership(Membership):
 
 
 def membership_from(servers: str | None = None, controller: str | None = None, etcd: str | None = None,
-                    cluster: str = "default") -> Membership:
-    """The membership view named by command-line style options (exactly one must be given)."""
+                    cluster: str = "default", secret: bytes | None = None) -> Membership:
+    """The membership view named by command-line style options (exactly one must be given); ``secret``
+    authenticates connections to a controller."""
     given = [x for x in (servers, controller, etcd) if x]
     if len(given) != 1:
         raise ValueError("give exactly one of --servers, --controller or --etcd")
     if servers:
         return StaticMembership([s.strip() for s in servers.split(",") if s.strip()])
     if controller:
-        return ControllerMembership(controller)
+        return ControllerMembership(controller, secret=secret)
     assert etcd is not None  # the one given
     return EtcdMembership(etcd, cluster)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 from enum import StrEnum
 
 import msgspec
@@ -151,6 +152,7 @@ class Reply(msgspec.Struct, omit_defaults=True):
 FRAMING = netio.Framing(b"EMS1", 64 << 20, "EMS")
 send_frame = FRAMING.send  # (sock, header, payloads=()): the header, then its payload buffers
 _request_decoder = msgspec.msgpack.Decoder(Request)
+request_decoder = _request_decoder
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
 
 
@@ -195,6 +197,21 @@ def recv_reply_with_fd(sock: socket.socket, peer: str = "EMS server") -> tuple[R
             os.close(fd)
         raise
     return reply, fd
+
+
+def refuse_unauthenticated(conn: socket.socket) -> None:
+    """Answer the first request of a client that skipped the handshake with REFUSED (reading that
+    small request first, so the answer is not lost to a reset), before the connection closes."""
+    try:
+        prefix = bytearray(netio.PREFIX.size - len(FRAMING.magic))
+        netio.recv_exact_into(conn, memoryview(prefix))
+        (n,) = struct.unpack("<I", prefix)
+        if n <= 4096:
+            netio.discard(conn, n)
+            send_frame(conn, Reply(code=ErrorCode.REFUSED, error="this server requires the deployment "
+                                       "secret (MATRIXINFER_SECRET or --secret-file)"))
+    except OSError:
+        pass
 
 
 def tune_socket(sock: socket.socket) -> None:

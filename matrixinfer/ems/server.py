@@ -6,6 +6,10 @@ the socket. Same-host clients continue on an abstract unix socket named in the `
 receives the arena's descriptor with its ``Hello`` reply (SCM_RIGHTS) and maps it. Run it with
 ``matrixinfer ems-server`` or ``python -m matrixinfer.ems.server``; it prints ``EMS server
 listening on HOST:PORT`` once it accepts connections.
+
+With a deployment secret every connection, on either socket, opens with :mod:`matrixinfer.auth`'s
+handshake before its first request; one that does not complete it within ``auth.HANDSHAKE_TIMEOUT``
+is closed. Namespace tokens still separate the namespaces of authenticated clients.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import struct
 import sys
 import threading
 
-from matrixinfer import netio
+from matrixinfer import auth, netio
 from matrixinfer.ems import protocol as p
 from matrixinfer.ems.config import EmsServerConfig, add_server_args, server_config
 from matrixinfer.ems.protocol import ErrorCode
@@ -38,8 +42,9 @@ class EmsServer:
     """
 
     def __init__(self, service: EmsService, host: str = netio.LOOPBACK, port: int = 0,
-                 max_connections: int = 1024, idle_timeout: float = 300.0) -> None:
+                 max_connections: int = 1024, idle_timeout: float = 300.0, secret: bytes | None = None) -> None:
         self.service = service
+        self.secret = secret
         self.listener = netio.listen(host, port)
         self.address = netio.format_addr(host, self.listener.getsockname()[1])
         self.local_listener, self.local_address = self._listen_local() if service.arena else (None, "")
@@ -79,7 +84,8 @@ class EmsServer:
                 continue
             try:
                 p.tune_socket(conn)
-                netio.set_timeouts(conn, self.idle_timeout)
+                netio.set_timeouts(conn, min(self.idle_timeout, auth.HANDSHAKE_TIMEOUT) if self.secret
+                                   else self.idle_timeout)
                 threading.Thread(target=self._serve_conn, args=(conn,), daemon=True, name="ems-conn").start()
             except BaseException:
                 conn.close()
@@ -102,6 +108,14 @@ class EmsServer:
         session = Session()
         try:
             with conn:
+                if self.secret is not None:
+                    try:
+                        auth.server_handshake(conn, self.secret, "ems", "EMS client")
+                    except auth.AuthError as exc:
+                        if exc.first == p.FRAMING.magic:  # an EMS client without the secret: tell it why
+                            p.refuse_unauthenticated(conn)
+                        raise
+                    netio.set_timeouts(conn, self.idle_timeout)
                 while True:
                     req = p.recv_request(conn)
                     if not session.namespace and not isinstance(req, p.Hello):
@@ -217,9 +231,10 @@ def _peer_is_this_user(conn: socket.socket) -> bool:
 def run_server(cfg: EmsServerConfig) -> int:
     """Serve ``cfg`` until SIGTERM/SIGINT (after printing ``EMS server listening on ADDR``)."""
     host, port = netio.parse_addr(cfg.listen)  # a bad address fails before the arena is created
+    secret = auth.load_secret(cfg.secret_file)  # and so does an unusable secret
     service = EmsService.from_config(cfg)
     try:
-        server = EmsServer(service, host, port, cfg.max_connections, cfg.idle_timeout)
+        server = EmsServer(service, host, port, cfg.max_connections, cfg.idle_timeout, secret)
     except BaseException:  # e.g. the port is taken: do not leave the shared segment behind
         service.shutdown()
         raise
@@ -228,7 +243,8 @@ def run_server(cfg: EmsServerConfig) -> int:
     if cfg.controller or cfg.etcd:
         from matrixinfer.ems.membership import Registrar, membership_from
 
-        registrar = Registrar(membership_from(controller=cfg.controller, etcd=cfg.etcd, cluster=cfg.cluster),
+        registrar = Registrar(membership_from(controller=cfg.controller, etcd=cfg.etcd, cluster=cfg.cluster,
+                                              secret=secret),
                               advertise, cfg.lease_ttl)
         registrar.start()
 

@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--kv-host", default="127.0.0.1",
                    help="address this host is reached at for KV transfers (decode) or EMS traffic (ems)")
     w.add_argument("--ems", default=None, help="comma-separated EMS servers (default: the router's pool)")
+    w.add_argument("--secret-file", default=None,
+                   help="file (mode 0600) with the deployment secret (default: $MATRIXINFER_SECRET, then "
+                        "$MATRIXINFER_SECRET_FILE); `matrixinfer serve` logs where its secret is")
     w.add_argument("--ems-capacity", default="512M", help="ems role: DRAM arena size")
     w.add_argument("--ssd-dir", default=None, help="ems role: SSD tier directory")
     w.add_argument("--ssd-capacity", default="0", help="ems role: SSD tier size")
@@ -39,35 +42,57 @@ def _configs(args: argparse.Namespace) -> tuple[EngineConfig, ServeConfig] | Non
         return None
 
 
-def _worker(args: argparse.Namespace) -> int:
-    if args.role == "ems":
-        return _ems_worker(args)
-    from matrixinfer.serve.worker import run_worker
+def _worker_secret(args: argparse.Namespace) -> bytes | None:
+    """The deployment secret a worker proves to the router and its peers; None (after saying why) if missing."""
+    from matrixinfer.auth import load_secret
 
     try:
-        cfg = from_args(EngineConfig, args)
+        secret = load_secret(args.secret_file)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return None
+    if secret is None:
+        print("error: a worker needs the deployment secret of the router it joins: give --secret-file (the "
+              "file `matrixinfer serve` logged) or set MATRIXINFER_SECRET", file=sys.stderr)
+    return secret
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from matrixinfer.auth import AuthError
+
+    secret = _worker_secret(args)
+    if secret is None:
         return 1
-    return run_worker(args.role, args.router, cfg, args.kv_host, args.ems.split(",") if args.ems else None)
+    try:
+        if args.role == "ems":
+            return _ems_worker(args, secret)
+        from matrixinfer.serve.worker import run_worker
+
+        cfg = from_args(EngineConfig, args)
+        return run_worker(args.role, args.router, cfg, args.kv_host, args.ems.split(",") if args.ems else None,
+                          secret)
+    except (ValueError, AuthError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
-def _ems_worker(args: argparse.Namespace) -> int:
-    """An EMS server that joins the router's pool (it only needs the controller's address)."""
+def _ems_worker(args: argparse.Namespace, secret: bytes) -> int:
+    """An EMS server that joins the router's pool (it only needs the controller's address); it reads
+    the same secret the same way (flag, then environment)."""
     import uuid
 
     from matrixinfer.ems.config import EmsServerConfig, parse_size
     from matrixinfer.ems.server import run_server
     from matrixinfer.serve.router_link import join
 
-    sock, welcome = join(args.router, "ems", f"ems-{uuid.uuid4().hex[:8]}", timeout=30)
+    sock, welcome = join(args.router, "ems", f"ems-{uuid.uuid4().hex[:8]}", secret, timeout=30)
     sock.close()
     if not welcome.ems_controller:
         print("error: the router has no EMS pool (started with --num-ems 0)", file=sys.stderr)
         return 1
     return run_server(EmsServerConfig(capacity=parse_size(args.ems_capacity), ssd_dir=args.ssd_dir,
                                       ssd_capacity=parse_size(args.ssd_capacity), listen=f"{args.kv_host}:0",
-                                      controller=welcome.ems_controller))
+                                      controller=welcome.ems_controller, secret_file=args.secret_file))
 
 
 def _serve(args: argparse.Namespace) -> int:

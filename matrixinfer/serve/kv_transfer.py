@@ -6,7 +6,9 @@ chunks of a few layers, from a sender thread, so the transfer overlaps the next 
 :class:`KVReceiver` is the decode side: it accepts prefill peers and writes each chunk straight
 into the blocks the engine reserved for the request (through the engine's locked
 :meth:`~matrixinfer.engine.llm_engine.LLMEngine.write_reserved`), then hands ``KVDone`` to the
-worker's loop, which attaches the sequence.
+worker's loop, which attaches the sequence. With a deployment secret each KV connection opens with
+:mod:`matrixinfer.auth`'s handshake; the receiver serves at most ``MAX_PEERS`` connections at once and
+closes one that does not authenticate within ``auth.HANDSHAKE_TIMEOUT``.
 """
 
 from __future__ import annotations
@@ -21,15 +23,26 @@ from concurrent.futures import ThreadPoolExecutor
 import msgspec
 import torch
 
+from matrixinfer import auth
 from matrixinfer.engine.kv_connector import KVConnector
 from matrixinfer.engine.llm_engine import LLMEngine
 from matrixinfer.engine.sequence import Sequence
 from matrixinfer.engine.speculative import last_hidden
-from matrixinfer.netio import FRAMING, WireError, connect, format_addr, listen, recv_exact_into
+from matrixinfer.netio import (
+    FRAMING,
+    PeerClosed,
+    WireError,
+    connect,
+    format_addr,
+    listen,
+    recv_exact_into,
+    set_timeouts,
+)
 from matrixinfer.serve import messages as m
 
 log = logging.getLogger(__name__)
 LAYER_GROUP = 4  # layers per KV chunk
+MAX_PEERS = 64  # KV connections a decode instance serves at once (prefill instances keep one each)
 _KV_DEC = msgspec.msgpack.Decoder(m.KVMessage)
 _ACK_DEC = msgspec.msgpack.Decoder(m.Reserved)
 
@@ -39,7 +52,8 @@ class KVSender(KVConnector):
     (request id -> the decode instance's KV address, filled by the worker from the router's
     Prefill message). ``report_failure(request_id, error)`` tells the router a transfer failed."""
 
-    def __init__(self, report_failure: Callable[[str, str], None]) -> None:
+    def __init__(self, report_failure: Callable[[str, str], None], secret: bytes | None = None) -> None:
+        self.secret = secret
         self.destinations: dict[str, str] = {}
         self.report_failure = report_failure
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-send")
@@ -73,6 +87,12 @@ class KVSender(KVConnector):
         sock = self._socks.get(addr)
         if sock is None:
             sock = connect(addr, timeout=30)
+            if self.secret is not None:
+                try:
+                    auth.client_handshake(sock, self.secret, "kv", f"decode instance {addr}")
+                except BaseException:
+                    sock.close()
+                    raise
             self._socks[addr] = sock
         return sock
 
@@ -126,8 +146,11 @@ class KVReceiver:
     whose reservation still exists to ``on_done`` (after acknowledging it to the sender)."""
 
     def __init__(self, engine: LLMEngine, host: str, on_done: Callable[[m.KVDone], None],
-                 stopped: threading.Event) -> None:
+                 stopped: threading.Event, secret: bytes | None = None) -> None:
         self.engine = engine
+        self.secret = secret
+        self.refused = 0  # connections that failed authentication or sent an invalid frame
+        self._slots = threading.BoundedSemaphore(MAX_PEERS)
         self.on_done = on_done
         self.stopped = stopped
         self._server = listen(host, 0)
@@ -140,11 +163,19 @@ class KVReceiver:
                 conn, _ = self._server.accept()
             except OSError:
                 return
+            if not self._slots.acquire(blocking=False):
+                log.warning("KV port: %d connections already open; closing a new one", MAX_PEERS)
+                conn.close()
+                continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve, args=(conn,), daemon=True, name="kv-recv").start()
 
     def _serve(self, conn: socket.socket) -> None:
         try:
+            if self.secret is not None:
+                set_timeouts(conn, auth.HANDSHAKE_TIMEOUT)
+                auth.server_handshake(conn, self.secret, "kv", "KV peer")
+                set_timeouts(conn, 0)  # authenticated: prefill instances keep their connection open while idle
             while True:
                 msg = FRAMING.recv(conn, _KV_DEC, "prefill peer")
                 if isinstance(msg, m.KVChunk):
@@ -161,6 +192,11 @@ class KVReceiver:
                     if ok:
                         self.on_done(msg)
         except (OSError, WireError, ValueError, TypeError, AttributeError) as exc:
-            log.debug("KV connection closed: %s", exc)
+            if isinstance(exc, WireError) and not isinstance(exc, PeerClosed):
+                self.refused += 1
+                log.warning("KV connection refused: %s", exc)
+            else:
+                log.debug("KV connection closed: %s", exc)
         finally:
             conn.close()
+            self._slots.release()

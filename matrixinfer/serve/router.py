@@ -8,6 +8,10 @@ prefill instance's unfinished requests are retried elsewhere, a lost decode inst
 with an error while everything else keeps running. An instance that sends nothing (not even its
 load report, due every 0.2 s) for ``frozen_after`` seconds is treated as lost but kept: nothing is
 routed to it until it speaks again.
+
+With a deployment secret (:mod:`matrixinfer.auth`) a worker must prove it holds the secret before it
+may join; an instance id already registered cannot be taken by another connection; the limits a
+worker reports are checked and clamped to the model's, and recomputed whenever an instance leaves.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ from pathlib import Path
 
 import msgspec
 
+from matrixinfer import auth
 from matrixinfer.config import ModelConfig
 from matrixinfer.engine.commands import Abort
 from matrixinfer.engine.errors import EngineDeadError, RequestError, RequestFailedError
 from matrixinfer.engine.outputs import EngineStats, RequestOutput, drain, sum_stats
 from matrixinfer.engine.sampling_params import SamplingParams
 from matrixinfer.model.tokenizer import Tokenizer
-from matrixinfer.netio import FRAMING, MessageError, WireError, format_addr
+from matrixinfer.netio import FRAMING, MessageError, WireError, format_addr, parse_addr
 from matrixinfer.serve import messages as m
 from matrixinfer.serve.router_policy import InstanceLoad, pick_instance
 
@@ -35,6 +40,8 @@ log = logging.getLogger(__name__)
 _DEC = msgspec.msgpack.Decoder(m.WorkerToRouter)
 FROZEN_AFTER_S = 10.0  # an instance silent this long (it reports load every 0.2 s) is treated as frozen
 WATCH_INTERVAL_S = 0.5
+MAX_CONNECTIONS = 256  # control connections at once (workers and handshakes in progress)
+MAX_INSTANCE_ID = 128  # characters of an instance id
 
 
 @dataclass
@@ -79,12 +86,15 @@ class Router:
     """Implements the API server's backend interface over prefill and decode instances."""
 
     def __init__(self, model_path: Path, served_model_name: str | None = None, reserve_timeout: float = 30.0,
-                 max_prefill_retries: int = 3, ems_controller: str = "", frozen_after: float = FROZEN_AFTER_S) -> None:
+                 max_prefill_retries: int = 3, ems_controller: str = "", frozen_after: float = FROZEN_AFTER_S,
+                 secret: bytes | None = None) -> None:
         cfg = ModelConfig.from_file(model_path)
+        self.secret = secret  # None: workers join unauthenticated (in-process tests only; `serve` always has one)
         self.tokenizer = Tokenizer(model_path)
         self.model_path = model_path
         self.ems_controller = ems_controller
         self.model_id = served_model_name or model_path.name
+        self.model_max_len = cfg.max_position_embeddings
         self.max_model_len = cfg.max_position_embeddings
         self.max_seq_len = cfg.max_position_embeddings
         self.vocab_size = cfg.vocab_size
@@ -96,6 +106,8 @@ class Router:
         self.lost_instances = 0
         self.frozen_after = frozen_after
         self.frozen_instances = 0  # times an instance was found frozen
+        self.refused_workers = 0  # connections that failed authentication or registration
+        self._connections = 0
         self._turn: dict[str, int] = {}
 
     # -- backend interface ------------------------------------------------------------------------
@@ -232,8 +244,16 @@ class Router:
 
     async def _on_worker(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = str(writer.get_extra_info("peername"))
+        if self._connections >= MAX_CONNECTIONS:
+            log.warning("control port: %d connections already open; closing one from %s", MAX_CONNECTIONS, peer)
+            writer.close()
+            return
+        self._connections += 1
         inst = None
         try:
+            if self.secret is not None:
+                await asyncio.wait_for(auth.server_handshake_async(reader, writer, self.secret, "control", peer),
+                                       auth.HANDSHAKE_TIMEOUT)
             join = await asyncio.wait_for(FRAMING.read(reader, _DEC, peer), 30)
             if not isinstance(join, m.Join):
                 raise WireError(f"{peer}: expected Join, got {type(join).__name__}")
@@ -244,12 +264,10 @@ class Router:
             reg = await asyncio.wait_for(FRAMING.read(reader, _DEC, peer), 900)  # model loading takes a while
             if not isinstance(reg, m.Register):
                 raise WireError(f"{peer}: expected Register, got {type(reg).__name__}")
-            if reg.model_id != self.model_id:
-                raise WireError(f"{peer}: serves model {reg.model_id!r}, this router serves {self.model_id!r}")
+            self._check_registration(join, reg, peer)
             inst = Instance(reg, writer)
             self.instances[reg.instance_id] = inst
-            self.max_model_len = min(i.info.max_model_len for i in self.instances.values())
-            self.max_seq_len = min(i.info.max_seq_len for i in self.instances.values())
+            self._recompute_limits()
             log.info("%s instance %s joined (kv %s)", reg.role, reg.instance_id, reg.kv_addr or "-")
             while True:
                 try:
@@ -264,13 +282,47 @@ class Router:
                 self._handle(inst, msg)
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, WireError, OSError) as exc:
             if inst is None:
-                log.warning("worker %s failed to register: %s", peer, exc)
+                self.refused_workers += 1
+                log.warning("worker %s failed to register: %s", peer, exc or type(exc).__name__)
         except asyncio.CancelledError:  # the server is shutting down: not an error worth a traceback
             pass
         finally:
+            self._connections -= 1
             writer.close()
             if inst is not None:
                 self._lost(inst)
+
+    def _check_registration(self, join: m.Join, reg: m.Register, peer: str) -> None:
+        """WireError unless ``reg`` is a sound registration this router can take: the role and id it
+        joined with, an id no live connection holds, this router's model and vocabulary, and limits
+        that make sense (they are clamped to the model's when the router recomputes its own)."""
+        iid = reg.instance_id
+        if reg.role not in ("prefill", "decode") or reg.role != join.role or iid != join.instance_id:
+            raise WireError(f"{peer}: registers as {reg.role} {iid!r} after joining as {join.role} "
+                            f"{join.instance_id!r}")
+        if not iid or len(iid) > MAX_INSTANCE_ID or not iid.isprintable():
+            raise WireError(f"{peer}: an instance id must be 1 to {MAX_INSTANCE_ID} printable characters")
+        if iid in self.instances:
+            raise WireError(f"{peer}: instance id {iid!r} is already registered by another connection")
+        if reg.model_id != self.model_id:
+            raise WireError(f"{peer}: serves model {reg.model_id!r}, this router serves {self.model_id!r}")
+        if reg.vocab_size != self.vocab_size:
+            raise WireError(f"{peer}: vocabulary of {reg.vocab_size} tokens, the model has {self.vocab_size}")
+        if min(reg.max_model_len, reg.max_seq_len, reg.num_blocks, reg.block_size) < 1:
+            raise WireError(f"{peer}: limits must be positive (max_model_len {reg.max_model_len}, max_seq_len "
+                            f"{reg.max_seq_len}, {reg.num_blocks} blocks of {reg.block_size})")
+        if reg.role == "decode":
+            try:
+                parse_addr(reg.kv_addr)
+            except ValueError as exc:
+                raise WireError(f"{peer}: KV address: {exc}") from None
+
+    def _recompute_limits(self) -> None:
+        """The request limits: the smallest of the model's and every registered instance's (the
+        model's alone when none is registered), so one that leaves no longer constrains them."""
+        infos = [i.info for i in self.instances.values()]
+        self.max_model_len = min([self.model_max_len, *(i.max_model_len for i in infos)])
+        self.max_seq_len = min([self.model_max_len, *(i.max_seq_len for i in infos)])
 
     def _handle(self, inst: Instance, msg: m.WorkerToRouter) -> None:
         if isinstance(msg, EngineStats):
@@ -315,6 +367,7 @@ class Router:
         if self.instances.get(iid) is not inst:
             return
         del self.instances[iid]
+        self._recompute_limits()
         self.lost_instances += 1
         log.warning("%s instance %s is gone; %d request(s) affected", inst.info.role, iid, len(inst.requests))
         self._move_requests(inst, "died")

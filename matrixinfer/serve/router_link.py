@@ -5,7 +5,8 @@ on a reader thread and go into the worker's :class:`~matrixinfer.engine.commands
 that cannot be decoded fails its request (``Failed``, 400) and the worker reads on, since only a
 closed or broken connection means the router is gone. The latest
 :class:`~matrixinfer.engine.outputs.EngineStats` snapshot goes back every 0.2 s from a reporter
-thread (the router's only scheduling input).
+thread (the router's only scheduling input). With a deployment secret, the connection opens with
+:mod:`matrixinfer.auth`'s handshake (the router and the worker each prove they hold it).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from matrixinfer import auth
 from matrixinfer.engine.commands import Inbox
 from matrixinfer.engine.outputs import EngineStats
 from matrixinfer.netio import FRAMING, MessageError, WireError, connect
@@ -28,8 +30,10 @@ _ROUTER_DEC = msgspec.msgpack.Decoder(m.RouterToWorker)
 REPORT_INTERVAL = 0.2  # seconds between load reports
 
 
-def join(router: str, role: str, instance_id: str, timeout: float = 60.0) -> tuple[socket.socket, m.Welcome]:
-    """Connect to the router's control port (retrying while it starts) and introduce this process."""
+def join(router: str, role: str, instance_id: str, secret: bytes | None, timeout: float = 60.0
+         ) -> tuple[socket.socket, m.Welcome]:
+    """Connect to the router's control port (retrying while it starts), authenticate with ``secret``
+    and introduce this process."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -39,8 +43,14 @@ def join(router: str, role: str, instance_id: str, timeout: float = 60.0) -> tup
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
-    FRAMING.send(sock, m.Join(role, instance_id))
-    welcome = FRAMING.recv(sock, _ROUTER_DEC, "router")
+    try:
+        if secret is not None:
+            auth.client_handshake(sock, secret, "control", f"router {router}")
+        FRAMING.send(sock, m.Join(role, instance_id))
+        welcome = FRAMING.recv(sock, _ROUTER_DEC, "router")
+    except BaseException:
+        sock.close()
+        raise
     if not isinstance(welcome, m.Welcome):
         raise WireError(f"router sent {type(welcome).__name__} instead of Welcome")
     sock.settimeout(None)
@@ -50,12 +60,13 @@ def join(router: str, role: str, instance_id: str, timeout: float = 60.0) -> tup
 class RouterLink:
     """The control connection of one prefill or decode instance."""
 
-    def __init__(self, router: str, role: str, instance_id: str, inbox: Inbox[Any], stopped: threading.Event) -> None:
+    def __init__(self, router: str, role: str, instance_id: str, inbox: Inbox[Any], stopped: threading.Event,
+                 secret: bytes | None = None) -> None:
         self.router = router
         self.instance_id = instance_id
         self.inbox = inbox
         self.stopped = stopped
-        self.sock, self.welcome = join(router, role, instance_id)
+        self.sock, self.welcome = join(router, role, instance_id, secret)
         self._send_lock = threading.Lock()
         self.stats = EngineStats()
 

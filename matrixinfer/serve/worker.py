@@ -11,6 +11,9 @@ locked reservation methods).
 - :class:`DecodeWorker` holds blocks for incoming KV (reclaimed after a deadline), receives it
   (:class:`~matrixinfer.serve.kv_transfer.KVReceiver`) and continues each sequence in its
   continuous batch, streaming tokens to the router.
+
+Every connection a worker opens or accepts (router, KV peers, EMS servers and controller) is
+authenticated with the deployment ``secret`` (:mod:`matrixinfer.auth`).
 """
 
 from __future__ import annotations
@@ -83,11 +86,12 @@ class Worker:
     role = ""
 
     def __init__(self, router: str, cfg: EngineConfig, ems_servers: list[str] | None = None,
-                 instance_id: str | None = None) -> None:
+                 instance_id: str | None = None, secret: bytes | None = None) -> None:
         self.instance_id = instance_id or f"{self.role}-{uuid.uuid4().hex[:8]}"
+        self.secret = secret
         self.inbox: Inbox[Any] = Inbox()
         self.stopped = threading.Event()
-        self.link = RouterLink(router, self.role, self.instance_id, self.inbox, self.stopped)
+        self.link = RouterLink(router, self.role, self.instance_id, self.inbox, self.stopped, secret)
         welcome = self.link.welcome
         if cfg.model is None and welcome.model_path and Path(welcome.model_path).is_dir():
             cfg = dataclasses.replace(cfg, model=welcome.model_path)
@@ -98,9 +102,9 @@ class Worker:
             from matrixinfer.ems.client import EmsClient
             from matrixinfer.ems.membership import ControllerMembership
 
-            kw: dict[str, Any] = dict(namespace="matrixinfer", timeout=2.0, connect_timeout=0.3)
+            kw: dict[str, Any] = dict(namespace="matrixinfer", timeout=2.0, connect_timeout=0.3, secret=secret)
             self.ems = (EmsClient(ems_servers, **kw) if ems_servers
-                        else EmsClient(membership=ControllerMembership(welcome.ems_controller), **kw))
+                        else EmsClient(membership=ControllerMembership(welcome.ems_controller, secret=secret), **kw))
         self.cfg = cfg
         self._stats_at = 0.0
 
@@ -175,9 +179,9 @@ class PrefillWorker(Worker):
     role = "prefill"
 
     def __init__(self, router: str, cfg: EngineConfig, ems_servers: list[str] | None = None,
-                 instance_id: str | None = None) -> None:
-        super().__init__(router, cfg, ems_servers, instance_id)
-        self.sender = KVSender(lambda rid, err: self.link.send(m.Failed(rid, err, 503)))
+                 instance_id: str | None = None, secret: bytes | None = None) -> None:
+        super().__init__(router, cfg, ems_servers, instance_id, secret)
+        self.sender = KVSender(lambda rid, err: self.link.send(m.Failed(rid, err, 503)), secret)
         ems = self._ems_connector("prompt")
         connector = MultiConnector([ems, self.sender]) if ems is not None else self.sender
         self.register(build_engine(self.cfg, self.ems, self.instance_id, connector))
@@ -209,14 +213,15 @@ class DecodeWorker(Worker):
     role = "decode"
 
     def __init__(self, router: str, cfg: EngineConfig, ems_servers: list[str] | None = None,
-                 instance_id: str | None = None, kv_host: str = "127.0.0.1") -> None:
+                 instance_id: str | None = None, kv_host: str = "127.0.0.1", secret: bytes | None = None) -> None:
         # decode KV arrives from prefill instances; there is no prompt to match locally
-        super().__init__(router, dataclasses.replace(cfg, enable_prefix_caching=False), ems_servers, instance_id)
+        super().__init__(router, dataclasses.replace(cfg, enable_prefix_caching=False), ems_servers, instance_id,
+                         secret)
         connector = self._ems_connector("generated") if self.cfg.store_generated_kv else None
         engine = build_engine(self.cfg, self.ems, self.instance_id, connector)
         self.pending: list[tuple[m.Reserve, float]] = []  # reservations waiting for free blocks
         self.reserved: dict[str, m.Reserve] = {}
-        self.receiver = KVReceiver(engine, kv_host, self.inbox.put, self.stopped)
+        self.receiver = KVReceiver(engine, kv_host, self.inbox.put, self.stopped, secret)
         self.register(engine, self.receiver.addr)
 
     def handle(self, msg: Any) -> None:
@@ -268,13 +273,14 @@ class DecodeWorker(Worker):
         self.link.send(out)
 
 
-def run_worker(role: str, router: str, cfg: EngineConfig, kv_host: str, ems: list[str] | None) -> int:
+def run_worker(role: str, router: str, cfg: EngineConfig, kv_host: str, ems: list[str] | None,
+               secret: bytes | None) -> int:
     logging.basicConfig(level=envs.log_level(), format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
     worker: Worker
     if role == "prefill":
-        worker = PrefillWorker(router, cfg, ems)
+        worker = PrefillWorker(router, cfg, ems, secret=secret)
     elif role == "decode":
-        worker = DecodeWorker(router, cfg, ems, kv_host=kv_host)
+        worker = DecodeWorker(router, cfg, ems, kv_host=kv_host, secret=secret)
     else:
         raise ValueError(f"worker role must be prefill or decode, got {role!r}")
     # SIGTERM (the launcher stopping) and Ctrl-C (the terminal's whole process group) end the loop quietly

@@ -81,3 +81,32 @@ def wait_idle(server: ServerProcess, timeout: float = 30.0) -> dict[str, float]:
         if idle or time.monotonic() > deadline:
             return m
         time.sleep(0.2)
+
+
+def child_restarts(server: ServerProcess) -> dict[str, float]:
+    """``matrixinfer_child_restarts_total`` per child process of a PDC launcher."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+    return {s.labels["child"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == "matrixinfer_child_restarts_total"}
+
+
+def listening_ports(pid: int) -> list[int]:
+    """TCP ports process ``pid`` listens on (from /proc: its socket inodes in the LISTEN state)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                    ports.append(int(cols[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)

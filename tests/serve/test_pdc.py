@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -16,7 +14,7 @@ import torch
 from matrixinfer.config import EngineConfig
 from matrixinfer.engine.llm_engine import LLMEngine
 from matrixinfer.engine.sampling_params import SamplingParams
-from tests.serve.helpers import API_KEY, HEADERS, Server, stream_tokens
+from tests.serve.helpers import API_KEY, HEADERS, Server, child_restarts, stream_tokens
 
 
 @pytest.fixture(scope="module")
@@ -160,11 +158,24 @@ def test_killing_a_prefill_instance_mid_request_retries_elsewhere(pdc):
 
     results = asyncio.run(go())
     assert all(reason == "length" and len(ids) == 8 for ids, reason in results)
-    assert len(_settled(pdc)["prompt_tokens"]) == 2  # one prefill instance left, plus decode
+    _wait_restarted(pdc, "prefill0", roles={"prefill": 2, "decode": 1})
     _wait_idle(pdc)
 
 
-def test_killing_the_decode_instance_fails_cleanly_then_a_replacement_serves(pdc, served_checkpoint):
+def _wait_restarted(server, child: str, roles: dict[str, int], timeout: float = 90) -> None:
+    """Wait until the launcher restarted ``child`` once and the router has ``roles`` instances again."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        running = server.instance_metrics().get("running", {})
+        have = {role: sum(1 for i in running if i.startswith(role)) for role in roles}
+        if child_restarts(server).get(child) == 1 and have == roles:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{child} not restarted and back: restarts {child_restarts(server)}, "
+                         f"instances {server.instance_metrics().get('running')}")
+
+
+def test_killing_the_decode_instance_fails_cleanly_then_the_launcher_restarts_it(pdc):
     async def go():
         async with httpx.AsyncClient(timeout=60) as client:
             task = asyncio.create_task(stream_tokens(client, pdc.url, {
@@ -185,21 +196,29 @@ def test_killing_the_decode_instance_fails_cleanly_then_a_replacement_serves(pdc
     assert r.status_code == 503 and "decode" in r.json()["error"]["message"]
     health = httpx.get(f"{pdc.url}/health")  # truthful: nothing can be served without a decode instance
     assert health.status_code == 503 and "no decode instance" in health.json()["error"]
-    ctrl = f"127.0.0.1:{pdc.port + 1}"
-    replacement = subprocess.Popen([sys.executable, "-m", "matrixinfer.cli", "worker", "--role", "decode",
-                                    "--router", ctrl, "--model", str(served_checkpoint), "--device", "cpu",
-                                    "--kv-cache-memory", str(8 << 20)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline and "decode" not in " ".join(pdc.instance_metrics().get("running", {})):
-            time.sleep(0.3)
-        assert httpx.get(f"{pdc.url}/health").status_code == 200
-        out = _complete(pdc, [9] * 30, n=5, ignore_eos=True)
-        assert out["usage"]["completion_tokens"] == 5
-        m = _wait_idle(pdc)
-        assert all(v == 0 for v in m["kv_used"].values()) and all(v == 0 for v in m["reserved_blocks"].values())
-    finally:
-        replacement.terminate()
-        replacement.wait(timeout=10)
+    _wait_restarted(pdc, "decode0", roles={"prefill": 2, "decode": 1})  # backoff, model load, join
+    assert httpx.get(f"{pdc.url}/health").status_code == 200
+    out = _complete(pdc, [9] * 30, n=5, ignore_eos=True)
+    assert out["usage"]["completion_tokens"] == 5
+    m = _wait_idle(pdc)
+    assert all(v == 0 for v in m["kv_used"].values()) and all(v == 0 for v in m["reserved_blocks"].values())
 
+
+def test_prefix_cache_metrics_add_up(pdc):
+    """Issue 18 (defect 3): the deployment's hit rate is hits (local or EMS) over tokens looked up,
+    summed over the instances (it read 52736.0 with the queried tokens stuck at 0)."""
+    def counts():
+        m = pdc.metrics()
+        return (m["matrixinfer_prefix_cache_queried_tokens_total"],
+                m["matrixinfer_prefix_cache_hit_tokens_total"] + m["matrixinfer_external_cache_hit_tokens_total"])
+
+    q0, h0 = counts()
+    prompt = [(17 * i + 5) % 250 + 3 for i in range(70)]  # 4 full blocks to look up; new to every cache
+    cached = [_complete(pdc, prompt, n=2)["usage"]["prompt_tokens_details"]["cached_tokens"] for _ in range(3)]
+    deadline = time.time() + 5  # instances report every 0.2 s
+    while counts() != (q0 + 3 * 64, h0 + sum(cached)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert cached[0] == 0 and cached[1] == cached[2] == 64
+    assert counts() == (q0 + 3 * 64, h0 + 128)
+    q, h = counts()
+    assert pdc.metrics()["matrixinfer_prefix_cache_hit_rate"] == pytest.approx(h / q)

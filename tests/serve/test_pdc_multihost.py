@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from matrixinfer import auth
 from matrixinfer.config import EngineConfig
 from matrixinfer.engine.llm_engine import LLMEngine
 from matrixinfer.engine.sampling_params import SamplingParams
@@ -30,10 +31,12 @@ import asyncio, json, sys, time
 import httpx
 from matrixinfer.bench.launch import instance_metrics
 from matrixinfer.ems.connection import server_stats
+from matrixinfer.auth import read_secret_file
 from tests.serve.helpers import stream_tokens
 
 url, prompts, repeated, max_tokens, em_addr = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), \
     int(sys.argv[4]), sys.argv[5]
+secret = read_secret_file(sys.argv[6])
 
 def metrics():
     return instance_metrics(httpx.get(f"{url}/metrics", timeout=5).text, by="role")
@@ -82,7 +85,7 @@ second = complete(repeated)
 out["before_repeat"], out["after_repeat"] = before, settled()
 out["repeat_texts"] = [first["choices"][0]["text"], second["choices"][0]["text"]]
 out["repeat_cached"] = second["usage"]["prompt_tokens_details"]["cached_tokens"]
-out["em_stats"] = server_stats(em_addr)
+out["em_stats"] = server_stats(em_addr, secret=secret)
 print(json.dumps(out))
 '''
 
@@ -106,10 +109,13 @@ def _logs(tmp_path: Path) -> str:
 def test_router_workers_and_ems_on_separate_hosts(netns_hosts, tmp_path, served_checkpoint):
     hosts = netns_hosts(*HOSTS)
     router_addr = hosts["rt"].address
+    # the deployment secret, shared by every host as a private file (a shared file system stands in for
+    # however a real deployment distributes it); workers without it cannot join
+    secret_file = auth.write_secret_file(auth.generate_secret(), str(tmp_path))
 
     def start(host: str, args: list[str], log: str) -> subprocess.Popen:
         return hosts.start(host, [sys.executable, "-m", "matrixinfer.cli", *args], tmp_path / log,
-                           MATRIXINFER_THREADS="1")
+                           MATRIXINFER_THREADS="1", MATRIXINFER_SECRET_FILE=str(secret_file))
 
     model = ["--model", str(served_checkpoint), "--device", "cpu", "--kv-cache-memory", str(8 << 20)]
     router = start("rt", [
@@ -126,9 +132,13 @@ def test_router_workers_and_ems_on_separate_hosts(netns_hosts, tmp_path, served_
     start("pf", ["worker", "--role", "prefill", *join, "--kv-host", hosts["pf"].address, *model,
                  "--no-prefix-caching"], "prefill.log")
     start("dc", ["worker", "--role", "decode", *join, "--kv-host", hosts["dc"].address, *model], "decode.log")
+    # an intruder on the decode host, with a secret of its own, is refused and learns nothing
+    intruder = hosts.start("dc", [sys.executable, "-m", "matrixinfer.cli", "worker", "--role", "prefill", *join,
+                                  "--kv-host", hosts["dc"].address, *model], tmp_path / "intruder.log",
+                           MATRIXINFER_THREADS="1", MATRIXINFER_SECRET="intruder-" + "x" * 20)
 
     client = hosts.run_python("rt", CLIENT_SCRIPT, f"http://{router_addr}:{API_PORT}", json.dumps(PROMPTS),
-                              json.dumps(REPEATED), str(MAX_TOKENS), em_addr, timeout=150)
+                              json.dumps(REPEATED), str(MAX_TOKENS), em_addr, str(secret_file), timeout=150)
     assert client.returncode == 0, f"{client.stderr[-3000:]}\n{_logs(tmp_path)}"
     out = json.loads(client.stdout.strip().splitlines()[-1])
 
@@ -136,6 +146,7 @@ def test_router_workers_and_ems_on_separate_hosts(netns_hosts, tmp_path, served_
                                     kv_cache_memory=8 << 20))
     expect = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
     assert out["outputs"] == expect  # P/D across hosts == the colocated engine, token for token
+    assert intruder.wait(timeout=30) != 0 and "failed authentication" in (tmp_path / "intruder.log").read_text()
 
     m = out["after_outputs"]
     assert m["kv_sent_bytes"]["prefill"] > 0 and m["kv_received_bytes"]["decode"] > 0
