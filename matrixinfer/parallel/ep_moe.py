@@ -60,10 +60,9 @@ class ExpertParallelExperts(ExpertsBackend):
         recv = g.buffer("dispatch_recv", n_recv * rb).view(n_recv, rb)
         g.all_to_all(recv, send, recv_split, send_split, "dispatch")
         g.dispatch_bytes += (n_send - send_split[g.rank]) * rb
-        mid = g.timed()
-        g.dispatch_s += mid - start
-        # this rank's experts, over the (row, slot) pairs that name one of them
         xr, lr, wr = decode_rows(recv, h, k, g.dispatch_dtype, x.dtype)
+        g.dispatch_s += g.timed() - start
+        # this rank's experts, over the (row, slot) pairs that name one of them
         row, slot = (lr >= 0).nonzero(as_tuple=True)
         y = torch.zeros(n_recv, h, dtype=x.dtype, device=x.device)
         if row.numel():
