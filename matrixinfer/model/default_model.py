@@ -75,12 +75,15 @@ def write_byte_tokenizer(path: Path) -> None:
     """A byte-level tokenizer (256 byte tokens, ids 256.. special) with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+    from matrixinfer.train.bpe import add_bos_post_processor
+
     # sorted: sets are unordered
     byte_vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tok = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|system|>"])
+    add_bos_post_processor(tok, "<|bos|>")
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|bos|>", "eos_token": "<|eos|>", "add_bos_token": True,

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from matrixinfer.model.default_model import CHAT_TEMPLATE
 from matrixinfer.train.recipe import BOS, EOS, SPECIAL_TOKENS
@@ -35,9 +35,18 @@ def special_id(tok: Tokenizer, token: str) -> int:
     return i
 
 
+def add_bos_post_processor(tok: Tokenizer, bos: str) -> None:
+    """Make ``tokenizer.json`` itself prepend BOS, so that Hugging Face's tokenizer (which reads the
+    post-processor, not ``add_bos_token``) counts the same tokens as the server does."""
+    bos_id = tok.token_to_id(bos)
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, bos_id)])
+
+
 def write_tokenizer(tok: Tokenizer, out_dir: Path, max_length: int) -> None:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` (special tokens, chat template)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    add_bos_post_processor(tok, BOS)
     tok.save(str(out_dir / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -154,7 +154,8 @@ def test_over_long_prompt_refused_without_tokenizing_all(client, server):
 
 def test_routes_answer_in_openai_shape(server, client):
     r = httpx.get(f"{server.url}/v1/nope", headers=HEADERS)
-    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found" and "/v1/nope" in r.json()["error"]["message"]
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert "/v1/nope" in r.json()["error"]["message"]
     r = httpx.delete(f"{server.url}/v1/completions", headers=HEADERS)
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
     assert client.models.retrieve("tiny").id == "tiny"

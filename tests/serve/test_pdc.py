@@ -129,6 +129,27 @@ def test_client_disconnect_frees_blocks_on_both_sides(pdc):
     _wait_idle(pdc)
 
 
+def test_prefix_cache_metrics_add_up(pdc):
+    """Issue 18 (defect 3): the deployment's hit rate is hits (local or EMS) over tokens looked up,
+    summed over the instances (it read 52736.0 with the queried tokens stuck at 0). Runs before the
+    tests that kill instances: a lost instance's counters leave the deployment's sums."""
+    def counts():
+        m = pdc.metrics()
+        return (m["matrixinfer_prefix_cache_queried_tokens_total"],
+                m["matrixinfer_prefix_cache_hit_tokens_total"] + m["matrixinfer_external_cache_hit_tokens_total"])
+
+    q0, h0 = counts()
+    prompt = [(17 * i + 5) % 250 + 3 for i in range(70)]  # 4 full blocks to look up; new to every cache
+    cached = [_complete(pdc, prompt, n=2)["usage"]["prompt_tokens_details"]["cached_tokens"] for _ in range(3)]
+    deadline = time.time() + 5  # instances report every 0.2 s
+    while counts() != (q0 + 3 * 64, h0 + sum(cached)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert cached[0] == 0 and cached[1] == cached[2] == 64
+    assert counts() == (q0 + 3 * 64, h0 + 128)
+    q, h = counts()
+    assert pdc.metrics()["matrixinfer_prefix_cache_hit_rate"] == pytest.approx(h / q)
+
+
 def test_killing_an_ems_server_only_lowers_the_hit_rate(pdc):
     os.kill(pdc.child_pid("ems-server", 0), signal.SIGKILL)
     for k in range(4):
@@ -202,23 +223,3 @@ def test_killing_the_decode_instance_fails_cleanly_then_the_launcher_restarts_it
     assert out["usage"]["completion_tokens"] == 5
     m = _wait_idle(pdc)
     assert all(v == 0 for v in m["kv_used"].values()) and all(v == 0 for v in m["reserved_blocks"].values())
-
-
-def test_prefix_cache_metrics_add_up(pdc):
-    """Issue 18 (defect 3): the deployment's hit rate is hits (local or EMS) over tokens looked up,
-    summed over the instances (it read 52736.0 with the queried tokens stuck at 0)."""
-    def counts():
-        m = pdc.metrics()
-        return (m["matrixinfer_prefix_cache_queried_tokens_total"],
-                m["matrixinfer_prefix_cache_hit_tokens_total"] + m["matrixinfer_external_cache_hit_tokens_total"])
-
-    q0, h0 = counts()
-    prompt = [(17 * i + 5) % 250 + 3 for i in range(70)]  # 4 full blocks to look up; new to every cache
-    cached = [_complete(pdc, prompt, n=2)["usage"]["prompt_tokens_details"]["cached_tokens"] for _ in range(3)]
-    deadline = time.time() + 5  # instances report every 0.2 s
-    while counts() != (q0 + 3 * 64, h0 + sum(cached)) and time.time() < deadline:
-        time.sleep(0.1)
-    assert cached[0] == 0 and cached[1] == cached[2] == 64
-    assert counts() == (q0 + 3 * 64, h0 + 128)
-    q, h = counts()
-    assert pdc.metrics()["matrixinfer_prefix_cache_hit_rate"] == pytest.approx(h / q)
