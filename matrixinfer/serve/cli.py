@@ -69,6 +69,10 @@ def _worker(args: argparse.Namespace) -> int:
         from matrixinfer.serve.worker import run_worker
 
         cfg = from_args(EngineConfig, args)
+        if cfg.ep > 1:
+            print("error: --ep > 1 runs colocated instances only for now (matrixinfer serve --colocated --ep N)",
+                  file=sys.stderr)
+            return 1
         return run_worker(args.role, args.router, cfg, args.kv_host, args.ems.split(",") if args.ems else None,
                           secret)
     except (ValueError, AuthError) as exc:
