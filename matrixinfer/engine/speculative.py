@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import cast
 
 import torch
 
@@ -43,9 +44,12 @@ from matrixinfer.engine.sampler import Sampler
 from matrixinfer.engine.sampling_params import SamplingParams
 from matrixinfer.engine.sequence import Sequence
 from matrixinfer.engine.spec_policy import AcceptanceTracker, SpecPolicy, StepCosts
+from matrixinfer.kernels.layer import MTPDraft
+from matrixinfer.model.deepseek import MTPLayer
 
 log = logging.getLogger(__name__)
 
+INT8_DRAFT_HEAD = True  # the one-call CPU draft step projects with an INT8 copy of the head (see MTPDraft)
 PENDING_CAP = 64  # hidden states a sequence keeps through steps that do not speculate
 CALIBRATION_CONTEXT = 128  # tokens of context of the sequences timed at start-up
 _GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 30, ignore_eos=True)
@@ -112,6 +116,8 @@ class MTPSpeculator:
         self.max_seq_len = max_seq_len
         self.steps = self.verifications = self.drafted = self.accepted = 0
         self.tracker = AcceptanceTracker(self.k)
+        self._fused: MTPDraft | None = None
+        self._fused_key: tuple[object, ...] | None = None
         costs = None
         if cfg.speculative_max_batch is None:
             costs = self.measure_costs(min(cfg.max_num_seqs, 256), free_blocks)
@@ -146,11 +152,12 @@ class MTPSpeculator:
             c = seq.num_computed
             rows.append((seq, seq.mtp_start, seq.token_ids(seq.mtp_start + 1, c - seq.mtp_start), _pending_rows(seq)))
             reset(seq)
-        hidden = self.runner.mtp(rows)
+        hidden, tokens = self._draft(rows)
         drafts: dict[str, list[int]] = {seq.request_id: [] for seq, _ in want}
         live = list(range(len(want)))
         for depth in range(max(k for _, k in want)):
-            tokens = _argmax(self.runner.logits(hidden, mtp=True))
+            if tokens is None:
+                tokens = _argmax(self.runner.logits(hidden, mtp=True))
             for i, tok in zip(live, tokens):
                 drafts[want[i][0].request_id].append(tok)
             keep_rows = [j for j, i in enumerate(live) if want[i][1] > depth + 1]
@@ -161,8 +168,57 @@ class MTPSpeculator:
             # position c + depth: the previous draft as the next token, the MTP state as its hidden state
             rows = [(want[i][0], want[i][0].num_computed + depth, [drafts[want[i][0].request_id][-1]], h[j:j + 1])
                     for j, i in enumerate(live)]
-            hidden = self.runner.mtp(rows)
+            hidden, tokens = self._draft(rows)
         return drafts
+
+    @torch.inference_mode()
+    def _draft(self, rows: list[tuple[Sequence, int, list[int], torch.Tensor]]
+               ) -> tuple[torch.Tensor, list[int] | None]:
+        """The MTP module over ``rows`` (as :meth:`ModelRunner.mtp` takes them): the hidden state of
+        each entry's last row and, where the whole draft step ran in one native call, its greedy
+        draft token (else None: the caller projects the states)."""
+        fused = self._fused_draft()
+        if fused is not None:
+            runner, model = self.runner, self.runner.model
+            ids: list[int] = []
+            positions: list[int] = []
+            q_lens, ctx_lens, last = [], [], []
+            for _, start, next_ids, _ in rows:
+                ids.extend(next_ids)
+                positions.extend(range(start, start + len(next_ids)))
+                q_lens.append(len(next_ids))
+                ctx_lens.append(start + len(next_ids))
+                last.append(len(ids) - 1)
+            meta, pos = runner._metadata([seq for seq, _, _, _ in rows], q_lens, ctx_lens, positions)
+            prev = (rows[0][3] if len(rows) == 1 else torch.cat([h for _, _, _, h in rows])).contiguous()
+            cos, sin = model.rope.cos_sin(pos)
+            step = model._native_step(prev, cos, sin, meta, runner.kv_cache)
+            if step is not None:
+                out, tokens = fused(step, torch.tensor(ids, dtype=torch.int64), prev, last, runner.kv_cache.data)
+                return (out if len(last) == out.shape[0] else out[torch.tensor(last)]), tokens
+        return self.runner.mtp(rows), None
+
+    def _fused_draft(self) -> MTPDraft | None:
+        """The one-call draft step (:class:`MTPDraft`) where the MTP block runs natively and its
+        norms share one epsilon; rebuilt when the module's weights or backend change."""
+        m = cast(MTPLayer, self.runner.model.mtp[0])
+        block = m.block.native
+        cache = getattr(self.runner.kv_cache, "data", None)
+        if block is None or not isinstance(cache, torch.Tensor) or cache.dtype is not torch.float32 \
+                or not cache.is_cpu:
+            return None
+        weights = (m.embed_tokens.weight, m.enorm.weight, m.hnorm.weight, m.eh_proj.weight, m.shared_head.norm.weight,
+                   m.shared_head.head.weight)
+        key = (block, *weights)
+        if self._fused_key is None or len(key) != len(self._fused_key) \
+                or any(a is not b for a, b in zip(key, self._fused_key)):
+            self._fused_key, self._fused = key, None
+            if all(n.eps == block.dims.eps for n in (m.enorm, m.hnorm, m.shared_head.norm)):
+                try:
+                    self._fused = MTPDraft(block, *weights, int8_head=INT8_DRAFT_HEAD)
+                except ValueError:  # weights the kernel cannot take: the per-operator path
+                    self._fused = None
+        return self._fused
 
     def fill_prompt(self, chunks: list[tuple[Sequence, int]], hidden: torch.Tensor, starts: list[int]) -> None:
         """After the main pass: MTP entries of prompt chunks for every position whose next token is

@@ -89,3 +89,39 @@ done:
     free(w);
     return rc;
 }
+
+int mi_mtp_draft(const MiLayer *L, const MiStep *S, const int64_t *next_ids, const float *prev, int64_t t,
+                 const float *embed, const float *enorm, const float *hnorm, const float *eh_proj, const float *norm,
+                 const float *head, const int8_t *head_q, const float *head_scale, int64_t vocab, const int64_t *rows,
+                 int64_t n_rows, float *out, int64_t *tokens, int nthreads) {
+    int64_t hd = L->hidden, n_sel = n_rows > 0 ? n_rows : 1;
+    float *cat = malloc(sizeof(float) * (t > 0 ? t : 1) * 2 * hd);
+    float *sel = malloc(sizeof(float) * n_sel * hd);
+    float *logits = malloc(sizeof(float) * n_sel * vocab);
+    int rc = 0;
+    if (!cat || !sel || !logits) {
+        rc = -2;
+        goto done;
+    }
+    for (int64_t i = 0; i < t; i++) { /* [enorm(embed(next token)) ; hnorm(previous hidden state)] */
+        rms_row(embed + next_ids[i] * hd, enorm, hd, L->eps, cat + i * 2 * hd);
+        rms_row(prev + i * hd, hnorm, hd, L->eps, cat + i * 2 * hd + hd);
+    }
+    mi_linear(cat, eh_proj, t, 2 * hd, hd, out, nthreads);
+    rc = mi_decoder_layer(L, S, out, t, nthreads);
+    if (rc != 0) goto done;
+    mi_rmsnorm(out, norm, t, hd, L->eps, out, nthreads); /* row by row: in place is safe */
+    for (int64_t i = 0; i < n_rows; i++) memcpy(sel + i * hd, out + rows[i] * hd, sizeof(float) * hd);
+    if (head_q) { /* the INT8 copy of the head: a quarter of the bytes, drafts only */
+        rc = mi_linear_w8a8(sel, n_rows, hd, NULL, head_q, head_scale, NULL, vocab, logits, nthreads);
+        if (rc != 0) goto done;
+    } else {
+        mi_linear(sel, head, n_rows, hd, vocab, logits, nthreads);
+    }
+    mi_argmax_rows(logits, n_rows, vocab, tokens);
+done:
+    free(cat);
+    free(sel);
+    free(logits);
+    return rc;
+}

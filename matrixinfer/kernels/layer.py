@@ -16,7 +16,7 @@ from dataclasses import astuple, dataclass, fields
 
 import torch
 
-from matrixinfer.kernels import LIBRARY, _check, _lib
+from matrixinfer.kernels import LIBRARY, _check, _lib, quantize_rows
 
 ATTENTION_WEIGHTS = ("in_norm", "q_a", "q_a_norm", "q_b", "kv_a", "kv_a_norm", "kv_b", "o_proj", "post_norm")
 MLP_WEIGHTS = ("mlp_gate", "mlp_up", "mlp_down")
@@ -84,15 +84,18 @@ class DecoderLayer:
     def __call__(self, step: ctypes.Structure, x: torch.Tensor, cache: torch.Tensor) -> None:
         """Run the layer on ``x`` (the ``x`` :func:`native_step` checked) with ``step`` over
         ``cache``, the whole ``[layers, num_slots, rank + rope]`` paged latent cache."""
+        struct = self.struct(cache)
+        if x.shape[1] != self.dims.hidden:
+            raise ValueError(f"decoder layer {self.layer}: x has {x.shape[1]} columns, hidden is {self.dims.hidden}")
+        _raise_for(self._run(struct, step, x.data_ptr(), x.shape[0], torch.get_num_threads()), "decoder layer")
+
+    def struct(self, cache: torch.Tensor) -> ctypes.Structure:
+        """The ``MiLayer`` over ``cache``, rebuilt (and its tensors checked again) when a weight or
+        the cache has moved."""
         key = (cache.data_ptr(), cache.stride(0), *map(torch.Tensor.data_ptr, self._tensors))
         if key != self._key or self._struct is None:
             self._struct, self._key = self._build(cache), key
-        if x.shape[1] != self.dims.hidden:
-            raise ValueError(f"decoder layer {self.layer}: x has {x.shape[1]} columns, hidden is {self.dims.hidden}")
-        rc = self._run(self._struct, step, x.data_ptr(), x.shape[0], torch.get_num_threads())
-        if rc != 0:
-            why = "out of memory" if rc == -2 else "unsupported routing"
-            raise RuntimeError(f"native decoder layer failed ({why})")
+        return self._struct
 
     def _check_weights(self) -> None:
         for name, w, shape in self._weights:
@@ -110,6 +113,68 @@ class DecoderLayer:
         scalars = {f.name: (int(v) if isinstance(v, bool) else v) for f, v in zip(fields(d), astuple(d))}
         pointers = {name: w.data_ptr() for name, w, _ in self._weights}
         return LIBRARY.structs["MiLayer"](**scalars, **pointers, cache=cache[self.layer].data_ptr())
+
+
+def _raise_for(rc: int, what: str) -> None:
+    if rc != 0:
+        why = "out of memory" if rc == -2 else "unsupported routing"
+        raise RuntimeError(f"native {what} failed ({why})")
+
+
+class MTPDraft:
+    """A DeepSeek-V3 MTP module's greedy draft step in one native call (``mi_mtp_draft``): the
+    projection of the normed next-token embedding and previous hidden state, the module's block
+    (``block``, over the paged cache), the output norm, and the head's argmax for the rows that
+    draft. The same kernels, in the same order, as the per-operator path of the ``cpu`` backend,
+    without its dispatch (several operators' worth per draft, each about as long as its arithmetic
+    at one row)."""
+
+    def __init__(self, block: DecoderLayer, embed: torch.Tensor, enorm: torch.Tensor, hnorm: torch.Tensor,
+                 eh_proj: torch.Tensor, norm: torch.Tensor, head: torch.Tensor, int8_head: bool = False) -> None:
+        h = block.dims.hidden
+        self.vocab = embed.shape[0]
+        shapes = {"embed": (embed, (self.vocab, h)), "enorm": (enorm, (h,)), "hnorm": (hnorm, (h,)),
+                  "eh_proj": (eh_proj, (h, 2 * h)), "norm": (norm, (h,)), "head": (head, (self.vocab, h))}
+        for name, (w, shape) in shapes.items():
+            _check(f"MTP weight {name}", w, torch.float32)
+            if tuple(w.shape) != shape:
+                raise ValueError(f"MTP weight {name} has shape {tuple(w.shape)}, expected {shape}")
+        self.block = block
+        self._weights = (embed, enorm, hnorm, eh_proj, norm, head)
+        self._run = _lib().mi_mtp_draft
+        # int8_head: draft from a per-row INT8 copy of the head (a quarter of its bytes, the largest
+        # read of a draft step at small batch). A draft is only a guess that verification checks, so
+        # a rare near-tie resolved differently costs acceptance, never a different output.
+        self.head_q: torch.Tensor | None = None
+        self.head_scale: torch.Tensor | None = None
+        if int8_head:
+            self.head_q, self.head_scale = quantize_rows(head)
+
+    def __call__(self, step: ctypes.Structure, next_ids: torch.Tensor, prev: torch.Tensor, rows: list[int],
+                 cache: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """MTP hidden states ``[T, hidden]`` of the rows ``prev`` ``[T, hidden]`` (the previous
+        depth's states) and ``next_ids`` ``[T]`` (int64: the token after each row's position), with
+        ``step`` (:func:`native_step` over ``prev``) over ``cache``; and the greedy draft token of
+        each row in ``rows``."""
+        _check("next_ids", next_ids, torch.int64)
+        _check("prev", prev, torch.float32)
+        t, h = prev.shape
+        if next_ids.shape != (t,) or h != self.block.dims.hidden:
+            raise ValueError(f"MTP draft: {tuple(next_ids.shape)} ids for hidden states of shape {tuple(prev.shape)}")
+        if t and (int(next_ids.min()) < 0 or int(next_ids.max()) >= self.vocab):
+            raise ValueError(f"MTP draft: a token id outside [0, {self.vocab})")
+        if any(not 0 <= r < t for r in rows):
+            raise ValueError(f"MTP draft: rows {rows} outside the {t} rows")
+        sel = torch.tensor(rows, dtype=torch.int64)
+        out = torch.empty(t, h, dtype=torch.float32)
+        tokens = torch.empty(len(rows), dtype=torch.int64)
+        embed, enorm, hnorm, eh_proj, norm, head = (w.data_ptr() for w in self._weights)
+        head_q = None if self.head_q is None else self.head_q.data_ptr()
+        head_scale = None if self.head_scale is None else self.head_scale.data_ptr()
+        _raise_for(self._run(self.block.struct(cache), step, next_ids.data_ptr(), prev.data_ptr(), t, embed, enorm,
+                             hnorm, eh_proj, norm, head, head_q, head_scale, self.vocab, sel.data_ptr(), len(rows),
+                             out.data_ptr(), tokens.data_ptr(), torch.get_num_threads()), "MTP draft")
+        return out, tokens.tolist()
 
 
 def native_step(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,

@@ -42,6 +42,17 @@ typedef struct {
  * unsupported routing shape, -2 when out of memory. */
 int mi_decoder_layer(const MiLayer *L, const MiStep *S, float *x, int64_t t, int nthreads);
 
+/* One greedy draft step of a DeepSeek-V3 MTP module (one depth) over t rows, in a single call
+ * (layer.c): x = eh_proj [enorm(embed[next_ids[i]]) ; hnorm(prev[i])], x += the MTP block L (a
+ * decoder layer over the paged cache, with S), out [t, hidden] = norm(x); then tokens[j] = the
+ * argmax of head [vocab, hidden] applied to out[rows[j]], for the n_rows rows that draft, or with
+ * head_q (not NULL) of its INT8 copy head_q [vocab, hidden] with per-row scales head_scale [vocab]
+ * (W8A8, as mi_linear_w8a8). All norms use L->eps. Returns as mi_decoder_layer. */
+int mi_mtp_draft(const MiLayer *L, const MiStep *S, const int64_t *next_ids, const float *prev, int64_t t,
+                 const float *embed, const float *enorm, const float *hnorm, const float *eh_proj, const float *norm,
+                 const float *head, const int8_t *head_q, const float *head_scale, int64_t vocab, const int64_t *rows,
+                 int64_t n_rows, float *out, int64_t *tokens, int nthreads);
+
 /* y [m, n] = x [m, k] w^T for w [n, k] (linear.c). */
 void mi_linear(const float *x, const float *w, int64_t m, int64_t k, int64_t n, float *y, int nthreads);
 

@@ -12,6 +12,7 @@ import torch
 
 from matrixinfer import kernels
 from matrixinfer.config import EngineConfig, ModelConfig
+from matrixinfer.engine import speculative
 from matrixinfer.engine.block_manager import BlockManager
 from matrixinfer.engine.errors import RequestError
 from matrixinfer.engine.kv_connector import KVConnector
@@ -21,7 +22,7 @@ from matrixinfer.engine.sampler import rejection_sample
 from matrixinfer.engine.sampling_params import SamplingParams
 from matrixinfer.engine.sequence import Sequence
 from matrixinfer.engine.spec_policy import AcceptanceTracker, SpecPolicy, StepCosts
-from matrixinfer.engine.speculative import last_hidden
+from matrixinfer.engine.speculative import _pending_rows, last_hidden
 from matrixinfer.model.attention import AttentionMetadata, PagedLatentCache
 from matrixinfer.model.backend import select_backend
 from matrixinfer.model.default_model import default_model_path
@@ -169,6 +170,29 @@ def test_a_request_whose_verification_raises_fails_alone(demo, monkeypatch, wher
     assert list(errors) == ["1"] and "boom" in errors["1"]
     assert got["0"] == expect[0] and got["2"] == expect[2]
     assert eng.blocks.num_used == 0 and eng.spec.verifications > 0
+
+
+def test_one_call_draft_step_matches_the_per_operator_path(demo, monkeypatch):
+    """The MTP draft step in one native call (MTPDraft, here with the float32 head) gives the
+    per-operator path's hidden states and greedy drafts, over catch-up rows of several sequences."""
+    monkeypatch.setattr(speculative, "INT8_DRAFT_HEAD", False)
+    eng = _engine(demo, kv_cache_memory=64 * BLOCK_BYTES, speculative="mtp", num_speculative_tokens=2,
+                  speculative_max_batch=8)
+    spec = eng.spec
+    assert spec is not None
+    for i, p in enumerate(_requests(demo[2], 3)[0]):
+        eng.add_request(str(i), p, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+    rows = [(s, s.mtp_start, s.token_ids(s.mtp_start + 1, s.num_computed - s.mtp_start), _pending_rows(s))
+            for s in eng.running]
+    assert sum(len(r[2]) for r in rows) > len(rows)  # some sequences catch up more than one position
+    fused_h, fused_t = spec._draft(rows)
+    monkeypatch.setattr(spec, "_fused_draft", lambda: None)
+    per_op_h, per_op_t = spec._draft(rows)
+    assert fused_t is not None and per_op_t is None
+    torch.testing.assert_close(fused_h, per_op_h, atol=1e-6, rtol=1e-6)
+    assert fused_t == eng.runner.logits(per_op_h, mtp=True).argmax(-1).tolist()
 
 
 def test_blocks_of_accepted_drafts_are_named_for_the_prefix_cache(demo):
