@@ -26,6 +26,9 @@ COMMAND_MODULES = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="matrixinfer", description=__doc__.splitlines()[0])
+    from matrixinfer import __version__
+
+    parser.add_argument("--version", action="version", version=f"matrixinfer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:

@@ -324,6 +324,10 @@ class ServeConfig:
         max_request_bytes: largest HTTP request body in bytes; larger ones are refused with 413.
         secret_file: file (mode 0600) with the deployment secret that workers and EMS servers must prove
             (default: $MATRIXINFER_SECRET, then $MATRIXINFER_SECRET_FILE, else a new one in a private file).
+        reasoning_parser: split chat answers into ``reasoning_content`` and ``content``
+            (``deepseek-r1``: ``<think>...</think>``, as vLLM and SGLang do).
+        protect_metrics: with --api-key, /metrics needs the key too (off by default, as in vLLM, so that
+            scrapers without a bearer token keep working; /health and /version stay open).
     """
 
     host: str = "127.0.0.1"
@@ -342,6 +346,8 @@ class ServeConfig:
     worker_threads: int | None = None
     max_request_bytes: int = 16 << 20
     secret_file: str | None = None
+    reasoning_parser: str | None = field(default=None, metadata={"choices": ["deepseek-r1"]})
+    protect_metrics: bool = False
 
     def __post_init__(self) -> None:
         # 0 local instances is valid: workers on other hosts join with `matrixinfer worker --router`

@@ -42,6 +42,7 @@ from matrixinfer.serve.protocol import (
     parse_detokenize,
     parse_tokenize,
 )
+from matrixinfer.serve.reasoning import REASONING_PARSERS, ReasoningParser, split_reasoning
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -61,15 +62,21 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _tokenize_pool: ThreadPoolExecutor | None = None  # prompts are tokenized off the event loop
 
 
-def create_app(backend: Backend, api_key: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
+def create_app(backend: Backend, api_key: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
+               reasoning_parser: str | None = None, protect_metrics: bool = False) -> FastAPI:
     """The API app around a backend: the colocated ``AsyncEngine`` or the PDC ``Router``
-    (``api_key``: require ``Bearer`` auth on /v1; bodies over ``max_request_bytes`` get 413)."""
+    (``api_key``: require ``Bearer`` auth on /v1, /tokenize, /detokenize, and on /metrics too with
+    ``protect_metrics``; bodies over ``max_request_bytes`` get 413; ``reasoning_parser``: split chat
+    answers into ``reasoning_content`` and ``content``, :mod:`.reasoning`)."""
+    if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
+        raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; known: {', '.join(REASONING_PARSERS)}")
     metrics = ServerMetrics(lambda: backend.stats, backend.instance_metrics)
     app = FastAPI(title="MatrixInfer", docs_url=None, redoc_url=None)
     app.state.backend = backend
     app.state.metrics = metrics
     _add_error_handlers(app, metrics)
-    app.add_middleware(ApiKeyCheck, api_key=api_key, metrics=metrics)
+    app.add_middleware(ApiKeyCheck, api_key=api_key, metrics=metrics,
+                       prefixes=PROTECTED_PREFIXES + (("/metrics",) if protect_metrics else ()))
     _add_info_routes(app, backend, metrics)
 
     @app.post("/tokenize")
@@ -91,7 +98,8 @@ def create_app(backend: Backend, api_key: str | None = None, max_request_bytes: 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await generate_response(request, backend, metrics, chat=True, max_bytes=max_request_bytes)
+        return await generate_response(request, backend, metrics, chat=True, max_bytes=max_request_bytes,
+                                       reasoning_parser=reasoning_parser)
 
     return app
 
@@ -158,13 +166,15 @@ class ApiKeyCheck:
     wraps the receive channel, so a request could no longer notice that its client left. The key is
     compared as bytes, so a header with any bytes at all is a 401, never a 500."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, metrics: ServerMetrics) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, metrics: ServerMetrics,
+                 prefixes: tuple[str, ...] = ("/v1",)) -> None:
         self.app = app
+        self.prefixes = prefixes
         self.key = api_key.encode() if api_key else b""
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.key and scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIXES):
+        if self.key and scope["type"] == "http" and scope["path"].startswith(self.prefixes):
             header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             given = header[7:].strip() if header[:7].lower() == b"bearer " else b""
             if not given or not secrets.compare_digest(given, self.key):
@@ -222,6 +232,7 @@ class _Call:
     n_prompt: int
     tok: PromptTokenizer
     echo_text: str = ""  # completions with echo: the prompt, before each choice's text
+    reasoning: list[ReasoningParser] | None = None  # chat with --reasoning-parser: one per choice
 
     @property
     def chunk_object(self) -> str:
@@ -238,7 +249,7 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
 
 
 async def generate_response(request: Request, backend: Backend, metrics: ServerMetrics, chat: bool,
-                            max_bytes: int = MAX_REQUEST_BYTES) -> Response:
+                            max_bytes: int = MAX_REQUEST_BYTES, reasoning_parser: str | None = None) -> Response:
     """Parse, run and answer one completions (``chat`` False) or chat completions request.
 
     ``n`` > 1 runs one engine request per choice. The first runs alone until its first token, so
@@ -248,6 +259,8 @@ async def generate_response(request: Request, backend: Backend, metrics: ServerM
     ids = await asyncio.get_running_loop().run_in_executor(_tokenizer_pool(), prompt_ids, backend, req)
     call = _Call(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()), backend.model_id,
                  chat, req, len(ids), backend.tokenizer)
+    if chat and reasoning_parser:
+        call.reasoning = [ReasoningParser() for _ in range(req.n)]
     if req.echo:
         call.echo_text = req.prompt_text if req.prompt_text is not None else backend.tokenizer.decode(ids)
     params = choice_params(req.params, req.n)
@@ -478,8 +491,11 @@ def completion_body(call: _Call, choices: list[list[RequestOutput]]) -> dict[str
         lps = [lp for o in outs for lp in o.logprobs]
         logprobs = _logprobs(call, token_ids, lps) if call.req.params.logprobs else None
         if call.chat:
-            body.append({"index": index, "message": {"role": "assistant", "content": text},
-                         "finish_reason": last.finish_reason, "logprobs": logprobs})
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if call.reasoning is not None:
+                message["reasoning_content"], message["content"] = split_reasoning(text)
+            body.append({"index": index, "message": message, "finish_reason": last.finish_reason,
+                         "logprobs": logprobs})
         else:
             body.append({"index": index, "text": call.echo_text + text, "finish_reason": last.finish_reason,
                          "logprobs": logprobs})
@@ -523,7 +539,15 @@ async def sse_events(call: _Call, stream: AsyncIterator[tuple[int, RequestOutput
 def _delta(call: _Call, out: RequestOutput, index: int = 0) -> dict[str, Any]:
     """One streamed choice: the new text (chat: as a delta), finish reason, logprobs, token ids."""
     c: dict[str, Any]
-    if call.chat:
+    if call.chat and call.reasoning is not None:
+        parser = call.reasoning[index]
+        reasoning, content = parser.feed(out.text)
+        if out.finished:
+            more = parser.finish()
+            reasoning, content = reasoning + more[0], content + more[1]
+        delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
+        c = {"index": index, "delta": delta, "finish_reason": out.finish_reason}
+    elif call.chat:
         c = {"index": index, "delta": {"content": out.text} if out.text else {}, "finish_reason": out.finish_reason}
     else:
         c = {"index": index, "text": out.text, "finish_reason": out.finish_reason}

@@ -155,7 +155,8 @@ def _serve_colocated(engine_cfg: EngineConfig, cfg: ServeConfig) -> int:
         return 1
     quiet_gc()
     async_engine = AsyncEngine(engine)
-    app = create_app(async_engine, api_key=cfg.api_key, max_request_bytes=cfg.max_request_bytes)
+    app = create_app(async_engine, api_key=cfg.api_key, max_request_bytes=cfg.max_request_bytes,
+                     reasoning_parser=cfg.reasoning_parser, protect_metrics=cfg.protect_metrics)
     if ep_instance is not None:
         from matrixinfer.parallel.metrics import add_ep_routes
 

@@ -235,3 +235,15 @@ def test_chat_stream_format():
         [],
     ]
     assert chunks[-1]["usage"]["completion_tokens"] == 2
+
+
+def test_metrics_behind_the_key_only_when_asked():
+    """Issue 19 (low): ``--protect-metrics`` puts /metrics behind --api-key; by default it stays open
+    (as in vLLM) so that existing scrapers keep working. /health stays open either way."""
+    open_app = TestClient(create_app(ScriptedBackend([]), api_key=KEY))
+    assert open_app.get("/metrics").status_code == 200
+    guarded = TestClient(create_app(ScriptedBackend([]), api_key=KEY, protect_metrics=True))
+    r = guarded.get("/metrics")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert guarded.get("/metrics", headers=AUTH).status_code == 200
+    assert guarded.get("/health").status_code == 200
