@@ -30,6 +30,10 @@ def register(subparsers) -> None:
     paper = simsub.add_parser("paper", help="reproduce the paper's figures side by side")
     paper.add_argument("--model", help="config.json (default: shared DeepSeek-R1)")
     paper.add_argument("--nvidia", action="store_true", help="also print the H800/H100 predictions")
+    paper.add_argument("--profile", default="profile.json",
+                       help="profile for the profile-informed column (cached KV loaded at its measured EMS get "
+                            "rate, one client, largest block, where that is below the link's); used when it exists")
+    paper.add_argument("--no-profile", action="store_true", help="the analytic model only")
     paper.set_defaults(func=_cmd_paper)
     nv = simsub.add_parser("nvidia", help="DeepSeek-R1 tok/s per GPU on H800/H100 (H200 optional)")
     nv.add_argument("--model")
@@ -69,6 +73,7 @@ def register(subparsers) -> None:
                       help="torch threads, comma-separated for several tables, e.g. 2,1 (default: all cores "
                            "and the P/D workers' share)")
     prof.add_argument("--no-ems", action="store_true", help="skip EMS get/put")
+    prof.add_argument("--no-ep", action="store_true", help="skip expert-parallel dispatch/combine (EP 2 and 4)")
     prof.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     prof.set_defaults(func=_cmd_profile)
 
@@ -89,7 +94,22 @@ def _cmd_paper(args) -> int:
 
     shapes = _shapes(args.model)
     print(f"Model: {shapes.name} (weights {shapes.weight_bytes() / 1e9:.0f} GB INT8)")
-    print(format_figures(reproduce_paper(shapes)))
+    from pathlib import Path
+
+    if not args.no_profile and Path(args.profile).exists():
+        import sys
+
+        from matrixinfer.sim.profile_data import Profile
+        try:
+            rate, label = Profile.load(args.profile).ems_get_rate()
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(format_figures(reproduce_paper(shapes), reproduce_paper(shapes, rate), label))
+    else:
+        if not args.no_profile:
+            print(f"(no {args.profile}: analytic model only; `matrixinfer profile` writes one)")
+        print(format_figures(reproduce_paper(shapes)))
     if args.nvidia:
         _print_nvidia(shapes, ("h800", "h100"), 0.050)
     return 0
@@ -195,7 +215,7 @@ def _cmd_profile(args) -> int:
     for n in threads:
         path = out if n == threads[0] else out.with_name(f"{out.stem}.t{n}{out.suffix}")
         prof = run_profile(model, path, GRIDS[args.grid], device, n, progress=not args.disable_tqdm,
-                           with_ems=not args.no_ems)
+                           with_ems=not args.no_ems, with_ep=not args.no_ep and n == threads[0])
         m = prof.meta
         print(f"wrote {path} and {path.with_suffix('.csv')}: {sum(len(t.points) for t in prof.ops.values())} points, "
               f"{len(prof.ops)} operators, {m['threads']} thread(s), {m['wall_s']} s on {m['device_name']} "

@@ -187,13 +187,24 @@ class StreamSplit:
         return self.serial / self.layer - 1.0
 
 
-def stream_split(die: Die, shapes: ModelShapes, cfg: DecodeConfig) -> StreamSplit | None:
-    """The two-stream pipeline of one MoE layer for ``cfg``, on the core split that balances it.
+# [paper §4.2.3] stream 0 (MLA prolog, attention, o_proj) runs on 16 of the die's 24 AI cores
+# (+32 vector cores), stream 1 (gate, dispatch, MLP, combine) on 8 (+16).
+PAPER_ATTENTION_CORES = 16
+# [paper §4.2.3] single-microbatch gating, dispatch and MoE are marginally slower than unsplit
+# ones: a half-batch operator on the stream's cores is never cheaper than the full batch on the die.
+MOE_STREAM_OPS = ("gate", "dispatch", "experts", "combine")
 
-    Derived from core counts, operator measurements and the step's shapes only; the decode step
-    itself applies the measured pipeline gain (:func:`decode_step`), and this view checks that
-    gain, the paper's core split and its per-stream times. None where the chip's matrix cores
-    are not split between streams.
+
+def stream_split(die: Die, shapes: ModelShapes, cfg: DecodeConfig,
+                 attention_cores: int | None = None) -> StreamSplit | None:
+    """The two-stream pipeline of one MoE layer for ``cfg``.
+
+    ``attention_cores``: the attention stream's matrix cores (the paper's 16 is
+    :data:`PAPER_ATTENTION_CORES`); None picks the split that balances the streams. The MoE
+    stream's operators take at least their unsplit time (the paper's observation). Derived from
+    core counts, operator measurements and the step's shapes only; the decode step itself applies
+    the measured pipeline gain (:func:`decode_step`), and this view checks that gain and the
+    paper's per-stream times. None where the chip's matrix cores are not split between streams.
     """
     cores = die.chip.matrix_cores_per_die
     if cores < 2:
@@ -202,14 +213,15 @@ def stream_split(die: Die, shapes: ModelShapes, cfg: DecodeConfig) -> StreamSpli
     q_tokens = seqs * (2 if cfg.mtp else 1)
     whole = _paths(die, shapes, cfg, seqs, q_tokens)
     best: StreamSplit | None = None
-    for attention_cores in range(1, cores):
-        share = attention_cores / cores
+    for a_cores in (range(1, cores) if attention_cores is None else (attention_cores,)):
+        share = a_cores / cores
         half = _paths(die, shapes, cfg, seqs / 2, q_tokens / 2, share, 1.0 - share)
+        moe = half.moe + sum(max(whole.parts[k] - half.parts[k], 0.0) for k in MOE_STREAM_OPS)
         hbm = (half.attention_bytes + half.moe_bytes) / die.stream_bw
-        layer = 2.0 * max(half.attention, half.moe, hbm)
+        layer = 2.0 * max(half.attention, moe, hbm)
         if best is None or layer < best.layer:
-            best = StreamSplit(attention_cores, cores - attention_cores, half.attention, half.moe,
-                               hbm, layer, whole.attention + whole.moe)
+            best = StreamSplit(a_cores, cores - a_cores, half.attention, moe, hbm, layer,
+                               whole.attention + whole.moe)
     return best
 
 

@@ -28,6 +28,8 @@ from matrixinfer.sim.local_ops import Dims, StepShape, work
 from matrixinfer.sim.profile_data import Cost, OpTable, Profile
 
 HOST_OPS = ("engine_host", "ems_get", "ems_put")  # host work: no roofline to scale
+REQUIRED_OPS = ("mla_prolog", "mla_core_q1", "mla_core_prefill", "mla_epilogue", "rmsnorm", "lm_head", "sampling",
+                "layer_decode", "step_decode", "step_prefill", "engine_host")
 SMALL_ROWS = 64  # matrixinfer.model.layers.Linear.small_rows: the CPU backend's one-call layer limit
 
 
@@ -55,6 +57,10 @@ class LocalCostModel:
 
     def __init__(self, profile: Profile, dims: Dims) -> None:
         self.profile, self.dims = profile, dims
+        missing = sorted(set(REQUIRED_OPS) - set(profile.ops))
+        if missing:
+            raise ValueError(f"the profile ({profile.meta.get('date', 'undated')}) lacks {', '.join(missing)}: "
+                             "take a new one with `matrixinfer profile`")
         self.native = profile.meta.get("device") == "cpu"
         self._composition = {"decode": self._residuals("step_decode", True),
                              "prefill": self._residuals("step_prefill", False)}

@@ -22,6 +22,7 @@ Operator names and axes (``tokens`` = rows of the flat batch, ``kv_len`` = keys 
 | ``step_decode`` | tokens, kv_len | ``ModelRunner.execute``: metadata, forward, logits; one decode per sequence |
 | ``step_prefill`` | tokens | ``ModelRunner.execute`` over one prompt chunk from position 0 |
 | ``engine_host`` | tokens | engine step minus model runner and sampler (scheduler, blocks, detokenizer), decoding |
+| ``ep_dispatch`` / ``ep_combine`` | ep, tokens | the expert-parallel backend's dispatch / combine over gloo ranks |
 | ``ems_get`` / ``ems_put`` | block_kib, concurrency | seconds per block through the EMS client at that concurrency |
 """
 

@@ -16,6 +16,7 @@ from matrixinfer.sim.shapes import ModelShapes
 # Deployment shapes DeepSeek published for H800 (inference-system overview, Feb 2025):
 # prefill EP32 over 4 nodes with DP attention; decode EP144 over 18 nodes, 32 redundant experts.
 PREFILL_GPUS = 32
+GPUS_PER_NODE = 8  # HGX: NVLink inside a node, one 400 Gb/s NIC per GPU between nodes
 DECODE_GPUS = 144
 
 
@@ -37,11 +38,12 @@ def predict(shapes: ModelShapes, gpus: tuple[str, ...] = ("h800", "h100"),
         die = Die(chip, NVIDIA_PROFILE)
         for label, skew in (("default balance", PREFILL_DEFAULT_SKEW), ("perfect balance", 1.0)):
             prefill = prefill_step(die, shapes, PrefillConfig(dies=PREFILL_GPUS, tp=1, tokens_per_chip=16384,
-                                                              prompt_len=prompt, imbalance=skew))
+                                                              prompt_len=prompt, imbalance=skew,
+                                                              dies_per_node=GPUS_PER_NODE))
             out.append(NvidiaPrediction(
                 chip.name, f"prefill ({label})", prefill.tokens_per_s_per_chip,
                 f"EP{PREFILL_GPUS}, DP attention, 16384 tok/GPU, {prompt}-token prompts, "
-                f"FP8 GEMM, skew {skew}"))
+                f"FP8 GEMM, RDMA once per remote node, skew {skew}"))
         best = None
         for batch in BATCHES:
             cfg = DecodeConfig(dies=DECODE_GPUS, batch_per_chip=batch, context=prompt + output / 2,

@@ -12,6 +12,8 @@ from matrixinfer.sim.hardware import ChipSpec
 from matrixinfer.sim.measurements import OperatorProfile, interpolate_a2a
 from matrixinfer.sim.shapes import BF16, INT8
 
+DISPATCH_SCALE_BYTES = 512  # the per-token scale, padded to 512 B in the dispatch message [paper §4]
+
 
 @dataclass(frozen=True)
 class Die:
@@ -67,8 +69,9 @@ def attention_time(die: Die, flops: float, kv_bytes: float, compute_share: float
 
 
 def dispatch_bytes_per_token(hidden: int, destinations: float) -> float:
-    """INT8 dispatch payload: the hidden vector in INT8 plus a 4-byte scale per destination."""
-    return destinations * (hidden * INT8 + 4)
+    """INT8 dispatch payload: the hidden vector in INT8 plus its scale padded to
+    :data:`DISPATCH_SCALE_BYTES`, once per destination (7.5 KB for a 7,168-wide token [paper §4])."""
+    return destinations * (hidden * INT8 + DISPATCH_SCALE_BYTES)
 
 
 def combine_bytes_per_token(hidden: int, destinations: float) -> float:

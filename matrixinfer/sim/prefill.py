@@ -40,6 +40,10 @@ class PrefillConfig:
         redundant_experts: extra expert copies (spread over the dies).
         microbatch: two-microbatch compute/communication overlap.
         kv_bytes: bytes per cached value (2 = BF16).
+        dies_per_node: dies joined by a fast intra-node fabric (NVLink: 8 GPUs), or 0 where every
+            die reaches every other over one fabric (the supernode's UB). With nodes, a token's
+            dispatch/combine crosses the network once per remote node and fans out inside the
+            node over NVLink (DeepEP's normal kernels), so only those bytes count.
     """
 
     dies: int = 32
@@ -52,6 +56,7 @@ class PrefillConfig:
     redundant_experts: int = 32
     microbatch: bool = True
     kv_bytes: int = BF16
+    dies_per_node: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,15 @@ def _distinct_remote_dies(top_k: int, experts_per_die: float, dies: int) -> floa
     # Each of the top-k experts lands on a uniformly random die.
     distinct = dies * (1.0 - (1.0 - 1.0 / dies) ** picks)
     return distinct * (dies - 1) / dies
+
+
+def _distinct_remote_nodes(top_k: int, experts_per_die: float, dies: int, dies_per_node: int) -> float:
+    """Expected distinct remote nodes a token's top-k experts land on (one network copy per node)."""
+    nodes = max(dies // max(dies_per_node, 1), 1)
+    if nodes <= 1:
+        return 0.0
+    picks = min(top_k, dies * max(experts_per_die, 1.0))
+    return nodes * (1.0 - (1.0 - 1.0 / nodes) ** picks) * (nodes - 1) / nodes
 
 
 def prefill_step(die: Die, shapes: ModelShapes, cfg: PrefillConfig) -> PrefillResult:
@@ -104,7 +118,10 @@ def prefill_step(die: Die, shapes: ModelShapes, cfg: PrefillConfig) -> PrefillRe
     per_die = physical / cfg.dies
     experts = (gemm_time(die, computed * shapes.top_k * cfg.imbalance, shapes.expert_params, INT8)
                + gemm_time(die, computed, shapes.shared_experts * shapes.expert_params, INT8))
-    dest = _distinct_remote_dies(shapes.top_k, per_die, cfg.dies)
+    if cfg.dies_per_node:  # network bytes once per remote node; NVLink fan-out inside it
+        dest = _distinct_remote_nodes(shapes.top_k, per_die, cfg.dies, cfg.dies_per_node)
+    else:
+        dest = _distinct_remote_dies(shapes.top_k, per_die, cfg.dies)
     a2a_bytes = computed * (dispatch_bytes_per_token(shapes.hidden, dest)
                             + combine_bytes_per_token(shapes.hidden, dest))
     moe_comm = a2a_bulk_time(die, a2a_bytes) * cfg.imbalance

@@ -158,6 +158,17 @@ class Profile:
         ratio = t.seconds[i] / max(self.roofline_time(*work(t.points[i])), 1e-12)
         return Cost(self.roofline_time(*work(point)) * ratio, "roofline", op)
 
+    def ems_get_rate(self, concurrency: float = 1.0) -> tuple[float, str]:
+        """Bytes per second one EMS client reads at the largest profiled block (and a label)."""
+        t = self.ops.get("ems_get")
+        if t is None:
+            raise KeyError("the profile has no ems_get measurements (it was taken with --no-ems)")
+        kib = t.values(0)[-1]
+        seconds = self.lookup("ems_get", (kib, concurrency)).seconds
+        rate = kib * 1024 / seconds
+        return rate, (f"EMS get {rate / 1e9:.2f} GB/s per client, {kib:g} KiB blocks, "
+                      f"{self.meta.get('device_name', '?')}, {self.meta.get('date', '?')}")
+
     # -- files ---------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "version": VERSION, "meta": self.meta, "roofline": self.roofline,

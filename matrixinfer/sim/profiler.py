@@ -2,7 +2,7 @@
 
 Every timing calls the module or kernel the engine calls (the model loaded as the engine loads it,
 backends bound the same way), on a paged latent cache filled with random latents. A point's time
-is the median of repeated runs after a warm-up (the median, not the minimum: the simulator
+is the mean of repeated runs after a warm-up (the mean, not the minimum: the simulator
 predicts what the engine sees on this machine, other load included; the header records the load
 average). Operator names and axes are listed in :mod:`matrixinfer.sim.local_ops`.
 """
@@ -43,6 +43,8 @@ class Grid:
     host_batch: tuple[int, ...]
     ems_block_kib: tuple[int, ...]
     ems_concurrency: tuple[int, ...]
+    ep: tuple[int, ...]
+    ep_tokens: tuple[int, ...]
     min_time: float
     max_reps: int
 
@@ -50,27 +52,40 @@ class Grid:
 GRIDS = {
     "tiny": Grid("tiny", tokens=(1, 4), batch=(1, 2), kv_len=(16, 32), prefill=(8, 16),
                  tokens_per_expert=(1, 2), host_batch=(1, 2), ems_block_kib=(4, 16), ems_concurrency=(1, 2),
+                 ep=(2,), ep_tokens=(1, 4),
                  min_time=0.002, max_reps=3),
     "full": Grid("full", tokens=(1, 4, 16, 64, 256, 1024), batch=(1, 4, 8, 16, 32, 64),
                  kv_len=(16, 64, 256, 1024), prefill=(16, 64, 128, 256, 512, 1024),
                  tokens_per_expert=(1, 4, 16, 64, 256), host_batch=(1, 8, 32, 64),
-                 ems_block_kib=(16, 64, 256, 1024), ems_concurrency=(1, 2, 4),
-                 min_time=0.05, max_reps=200),
+                 ems_block_kib=(16, 64, 256, 1024), ems_concurrency=(1, 2, 4), ep=(2, 4), ep_tokens=(1, 8, 64),
+                 min_time=0.15, max_reps=200),
 }
 
 
 def time_call(fn: Callable[[], object], min_time: float, max_reps: int) -> float:
-    """Median seconds of ``fn`` over repeats filling ``min_time`` (at least 3, at most ``max_reps``)."""
-    fn()  # warm-up: caches, lazy native builds, allocator
-    times: list[float] = []
+    """Mean seconds of ``fn`` over repeats filling ``min_time`` (at least 3, at most ``max_reps``)."""
+    return time_calls([fn], min_time, max_reps)[0]
+
+
+def time_calls(fns: list[Callable[[], object]], min_time: float, max_reps: int) -> list[float]:
+    """Mean seconds of each of ``fns``, run in interleaved rounds after one warm-up each.
+
+    The mean, not the median or minimum: the simulator predicts averages (throughput, mean TTFT
+    and TPOT) on this machine as it is, other load included. Interleaving puts a step and its
+    operators in the same stretch of that load, so their difference (the composition overhead)
+    is not a difference between two moments."""
+    for fn in fns:
+        fn()  # warm-up: caches, lazy native builds, allocator
+    times: list[list[float]] = [[] for _ in fns]
     spent = 0.0
-    while len(times) < 3 or (spent < min_time and len(times) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        times.append(dt)
-        spent += dt
-    return statistics.median(times)
+    while len(times[0]) < 3 or (spent < min_time * len(fns) and len(times[0]) < max_reps):
+        for fn, out in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            out.append(dt)
+            spent += dt
+    return [statistics.fmean(t) for t in times]
 
 
 def device_name(device: torch.device) -> str:
@@ -102,11 +117,14 @@ class Profiler:
     """Loads the model once and measures each operator family into a :class:`Profile`."""
 
     def __init__(self, model_path: Path, device: torch.device, grid: Grid, threads: int,
-                 with_ems: bool = True, with_engine: bool = True) -> None:
+                 with_ems: bool = True, with_engine: bool = True, with_ep: bool = True) -> None:
         from matrixinfer.model.loader import load_model
 
         self.path, self.device, self.grid, self.threads = model_path, device, grid, threads
+        from matrixinfer.sim.profile_ep import available
+
         self.with_ems, self.with_engine = with_ems, with_engine
+        self.with_ep = with_ep and available() and device.type == "cpu" and bool(grid.ep)
         torch.set_num_threads(threads)
         self.model = load_model(model_path, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16,
                                 device=device, progress=False)
@@ -122,11 +140,14 @@ class Profiler:
             torch.cuda.synchronize(self.device)
 
     def _time(self, fn: Callable[[], object]) -> float:
-        def run() -> None:
+        return self._time_many([fn])[0]
+
+    def _time_many(self, fns: list[Callable[[], object]]) -> list[float]:
+        def synced(fn: Callable[[], object]) -> None:
             fn()
             self._sync()
         with torch.inference_mode():
-            return time_call(run, self.grid.min_time, self.grid.max_reps)
+            return time_calls([partial(synced, fn) for fn in fns], self.grid.min_time, self.grid.max_reps)
 
     def _paged(self, seqs: int, q_len: int, ctx: int):
         """A paged cache holding ``seqs`` sequences of ``ctx`` keys and the metadata of a step that
@@ -154,6 +175,8 @@ class Profiler:
             n += len(g.host_batch)
         if self.with_ems:
             n += 2 * len(g.ems_block_kib) * len(g.ems_concurrency)
+        if self.with_ep:
+            n += len(g.ep)
         return n
 
     # -- measurements ----------------------------------------------------------------------------
@@ -170,6 +193,9 @@ class Profiler:
                 tick(label)
         if self.with_ems:
             for label in self._ems():
+                tick(label)
+        if self.with_ep:
+            for label in self._ep():
                 tick(label)
         self.prof.meta["wall_s"] = round(time.perf_counter() - t0, 1)
         self.prof.meta["load_avg_end"] = os.getloadavg()[0]
@@ -296,20 +322,21 @@ class Profiler:
         p = self.prof
         for b in self.grid.batch:
             for kv in self.grid.kv_len:
-                p.table("mla_core_q1", ("tokens", "kv_len")).add((b, kv), self._time(self._attention(attn, b, 1, kv)))
-                p.table("mla_core_qk", ("tokens", "kv_len")).add((2 * b, kv),
-                                                                  self._time(self._attention(attn, b, 2, kv)))
                 cache, meta, pos = self._paged(b, 1, kv)
                 ids = torch.randint(0, self.cfg.vocab_size, (b,), device=self.device)
+                names = [("mla_core_q1", (b, kv)), ("mla_core_qk", (2 * b, kv)), ("step_decode", (b, kv))]
+                fns = [self._attention(attn, b, 1, kv), self._attention(attn, b, 2, kv), self._runner_step(b, 1, kv)]
                 for name, block in (("layer_decode", moe_block), ("layer_decode_dense", dense_block)):
                     if block is not None:
-                        p.table(name, ("tokens", "kv_len")).add((b, kv), self._time(
-                            partial(self._layer, block, ids, pos, meta, cache)))
-                p.table("step_decode", ("tokens", "kv_len")).add((b, kv), self._time(self._runner_step(b, 1, kv)))
+                        names.append((name, (b, kv)))
+                        fns.append(partial(self._layer, block, ids, pos, meta, cache))
+                for (name, point), seconds in zip(names, self._time_many(fns)):
+                    p.table(name, ("tokens", "kv_len")).add(point, seconds)
                 yield f"attention + step b{b} kv{kv}"
         for t in self.grid.prefill:
-            p.table("mla_core_prefill", ("tokens",)).add((t,), self._time(self._attention(attn, 1, t, t)))
-            p.table("step_prefill", ("tokens",)).add((t,), self._time(self._runner_step(1, t, t)))
+            core, step = self._time_many([self._attention(attn, 1, t, t), self._runner_step(1, t, t)])
+            p.table("mla_core_prefill", ("tokens",)).add((t,), core)
+            p.table("step_prefill", ("tokens",)).add((t,), step)
             yield f"prefill step {t}"
 
     def _engine_host(self) -> Iterator[str]:
@@ -361,10 +388,26 @@ class Profiler:
                 t0 = time.perf_counter()
                 engine.step()
                 samples.append(time.perf_counter() - t0 - timer["run"])
-            self.prof.table("engine_host", ("tokens",)).add((b,), max(statistics.median(samples), 0.0))
+            self.prof.table("engine_host", ("tokens",)).add((b,), max(statistics.fmean(samples), 0.0))
             for rid in list(engine.seqs):
                 engine.abort(rid)
             yield f"engine host b{b}"
+
+    def _ep(self) -> Iterator[str]:
+        """Dispatch/combine of the expert-parallel backend at EP 2/4 (separate rank processes)."""
+        from matrixinfer.sim.profile_ep import profile_dispatch_combine
+
+        c = self.cfg
+        if not c.n_routed_experts or not c.num_experts_per_tok:
+            return
+        reps = 3 if self.grid.name == "tiny" else 30
+        for ep in self.grid.ep:
+            got = profile_dispatch_combine(ep, c.hidden_size, c.n_routed_experts, c.num_experts_per_tok,
+                                           list(self.grid.ep_tokens), reps)
+            for t, (disp, comb) in got.items():
+                self.prof.table("ep_dispatch", ("ep", "tokens")).add((ep, t), disp)
+                self.prof.table("ep_combine", ("ep", "tokens")).add((ep, t), comb)
+            yield f"dispatch/combine EP{ep}"
 
     def _ems(self) -> Iterator[str]:
         """EMS put/get through the client against an in-process server on loopback."""
@@ -422,16 +465,38 @@ def threads_tables(text: str | None, cores: int) -> list[int]:
     return out
 
 
+def _on_worker_thread(fn: Callable[[Callable[[str], None]], Profile], tick: Callable[[str], None]) -> Profile:
+    """Run ``fn`` on a thread of its own, as the engine runs its steps (AsyncEngine's and the
+    workers' engine threads): with other load on the cores, multi-threaded operators launched from
+    the main thread were measured 10-100x slower here than the same calls on a worker thread, so
+    only the engine's own context gives the engine's times."""
+    result: list[Profile] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(fn(tick))
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            errors.append(exc)
+    thread = threading.Thread(target=target, name="profile")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return result[0]
+
+
 def run_profile(model_path: Path, out: Path, grid: Grid, device: torch.device, threads: int,
-                progress: bool = True, with_ems: bool = True, with_engine: bool = True) -> Profile:
+                progress: bool = True, with_ems: bool = True, with_engine: bool = True,
+                with_ep: bool = True) -> Profile:
     """Measure ``grid`` and write ``out`` (JSON) and its CSV; returns the profile."""
     from tqdm import tqdm
 
-    profiler = Profiler(model_path, device, grid, threads, with_ems, with_engine)
+    profiler = Profiler(model_path, device, grid, threads, with_ems, with_engine, with_ep)
     with tqdm(total=profiler.points(), disable=not progress, unit="op", desc="profile") as bar:
         def tick(label: str) -> None:
             bar.set_postfix_str(label, refresh=False)
             bar.update(1)
-        prof = profiler.run(tick)
+        prof = _on_worker_thread(profiler.run, tick)
     prof.save(out)
     return prof

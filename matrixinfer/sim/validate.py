@@ -161,7 +161,7 @@ def measure_scenario(sc: Scenario, model_path: Path | None) -> dict[str, float]:
     s = summarize(records, duration)
     if s.completed < sc.num_prompts:
         raise RuntimeError(f"{sc.name}: only {s.completed} of {sc.num_prompts} requests completed")
-    return {"output_throughput": s.output_throughput, "ttft": s.ttft.mean, "tpot": s.tpot.mean}
+    return {"output_throughput": s.output_throughput, "ttft": s.ttft.mean, "tpot": s.tpot.mean}  # ms
 
 
 def load_setup(profile_path: Path, model: str | None) -> Setup:
@@ -218,7 +218,7 @@ def run_validation(args) -> int:
         for fig in sc.figures:
             m = None
             if measured is not None:
-                m = measured[fig] * (1e3 if fig in ("ttft", "tpot") else 1.0)
+                m = measured[fig]
             rows.append(Row(sc.name, sc.deployment, fig, _figure(res, fig), m, share))
         print(f"  {sc.name}: done (load average {os.getloadavg()[0]:.1f})", flush=True)
     print(format_rows(rows))

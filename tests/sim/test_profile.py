@@ -22,13 +22,14 @@ EXPECTED_OPS = {"mla_prolog": 1, "mla_core_q1": 2, "mla_core_qk": 2, "mla_core_p
 
 
 def test_profile_command_writes_versioned_profile_on_tiny_grid(tmp_path, capsys):
-    """The real command on the tiny grid (about 5 s: model load, engine, EMS server in process)."""
+    """The real command on the tiny grid (about 8 s: model load, engine, EMS server in process; the
+    EP 2/4 dispatch/combine part spawns rank processes, ~30 s here, so it is left to the full run)."""
     from matrixinfer.cli import main
 
     model = write_random_model(tmp_path / "model")
     out = tmp_path / "prof.json"
     assert main(["profile", "--model", str(model), "--grid", "tiny", "--out", str(out), "--threads", "1",
-                 "--disable-tqdm"]) == 0
+                 "--no-ep", "--disable-tqdm"]) == 0
     assert "wrote" in capsys.readouterr().out
     doc = json.loads(out.read_text())
     assert doc["schema"] == SCHEMA and doc["version"] == VERSION
