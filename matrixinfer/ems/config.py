@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from matrixinfer.cli_args import add_dataclass_args, field_docs, flag_name, from_args
 
@@ -37,6 +38,7 @@ class EmsServerConfig:
         listen: HOST:PORT to accept clients on (port 0 picks a free one; an empty host is loopback)
         advertise: address clients should use (default: the listen address)
         namespaces: declared namespaces, NAME=QUOTA[:TOKEN] each: a DRAM quota and an access token
+            (TOKEN as @FILE reads it from that file, keeping it out of the process list)
         closed: refuse namespaces that were not declared
         default_quota: DRAM quota in bytes of each undeclared namespace (default: the capacity the declared
             namespaces' quotas leave; undeclared namespaces never evict declared ones' entries)
@@ -80,11 +82,20 @@ def parse_size(text: str) -> int:
 
 
 def parse_namespace(text: str) -> tuple[str, NamespaceConfig]:
-    """``NAME=QUOTA[:TOKEN]`` -> ``(NAME, NamespaceConfig)``."""
+    """``NAME=QUOTA[:TOKEN]`` -> ``(NAME, NamespaceConfig)``; a token ``@PATH`` is read from that file
+    (so it stays out of the process list)."""
     name, sep, rest = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"namespace {text!r} is not NAME=QUOTA[:TOKEN]")
     quota, _, token = rest.partition(":")
+    if token.startswith("@"):
+        try:
+            token = Path(token[1:]).read_text().strip()
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"namespace {name!r}: cannot read its token file {token[1:]}: "
+                                             f"{exc.strerror or exc}") from None
+        if not token:
+            raise argparse.ArgumentTypeError(f"namespace {name!r}: its token file is empty")
     return name, NamespaceConfig(parse_size(quota), token)
 
 

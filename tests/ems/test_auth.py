@@ -133,3 +133,15 @@ def test_garbage_on_the_controller_port_costs_only_that_connection():
         assert view.members() == ["127.0.0.1:7000"]
     finally:
         ctl.stop()
+
+
+def test_a_namespace_token_can_come_from_a_file_and_stays_off_the_command_line(ems_servers, tmp_path):
+    token_file = tmp_path / "vault.token"
+    token_file.write_text("vault-token-0123456789\n")
+    server = ems_servers("8M", extra=["--namespace", f"vault=4M:@{token_file}", "--closed"])
+    with open(f"/proc/{server.proc.pid}/cmdline", "rb") as f:
+        assert b"vault-token" not in f.read()
+    with pytest.raises(EmsPermissionError):
+        ServerConnection(server.addr, "vault", token="guess")
+    client = EmsClient([server.addr], namespace="vault", token="vault-token-0123456789")
+    assert client.put(b"k", b"v") and client.get(b"k") == b"v"
