@@ -3,12 +3,13 @@ own requests, and all ranks step in lockstep so that each MoE layer's dispatch a
 every rank there (a rank without work runs an empty batch, as SGLang's DP attention does).
 
 Rank 0 is the instance's face (:class:`DPEngine`, an :class:`LLMEngine` for the API server, the
-worker and :class:`~matrixinfer.engine.async_engine.AsyncEngine`): it spreads new requests over
-the ranks by load and, before every step, broadcasts a :class:`StepPlan` (new requests, aborts,
-whether a forward pass runs); after the step every rank sends a :class:`RankReport` (outputs,
-stats, EP metrics) back. The other ranks run :func:`follow`. Without work, rank 0 still sends a
-heartbeat plan every ``heartbeat`` seconds, so that a waiting rank's collective never times out
-while one that died is noticed within ``ep_timeout``.
+worker and :class:`~matrixinfer.engine.async_engine.AsyncEngine`). It spreads new requests over
+the ranks by load (in the prefill/decode roles, whose KV handoff is bound to rank 0's cache, every
+request stays on rank 0 and the others only hold experts). Before every step it broadcasts a
+:class:`StepPlan` (new requests, aborts, whether a forward pass runs); after the step every rank
+sends a :class:`RankReport` (outputs, stats, EP metrics) back. The other ranks run :func:`follow`.
+Without work, rank 0 still sends a heartbeat plan every ``heartbeat`` seconds, so that a waiting
+rank's collective never times out while one that died is noticed within ``ep_timeout``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import msgspec
 from matrixinfer.config import EngineConfig
 from matrixinfer.engine.commands import AddRequest
 from matrixinfer.engine.errors import RequestError
+from matrixinfer.engine.kv_connector import KVConnector
 from matrixinfer.engine.llm_engine import LLMEngine
 from matrixinfer.engine.outputs import EngineStats, FinishReason, RequestOutput, sum_stats
 from matrixinfer.engine.sampling_params import SamplingParams
@@ -91,9 +93,13 @@ class DPEngine(LLMEngine):
     other ranks (see the module docstring). Its outputs and stats are the whole instance's."""
 
     def __init__(self, cfg: EngineConfig, group: EPGroup, model: DeepseekForCausalLM,
-                 tokenizer: Tokenizer | None = None, heartbeat: float = 1.0) -> None:
-        super().__init__(cfg, model=model, tokenizer=tokenizer)
+                 tokenizer: Tokenizer | None = None, connector: KVConnector | None = None,
+                 heartbeat: float = 1.0) -> None:
+        super().__init__(cfg, model=model, tokenizer=tokenizer, connector=connector)
         self.group = group
+        # A KV connector (prefill handoff, EMS) is bound to this rank's cache: with one, every request
+        # stays here and the other ranks only hold experts (EP MoE without DP attention).
+        self.spread = connector is None
         self.heartbeat = min(heartbeat, group.timeout_s / 4)
         self._owner: dict[str, int] = {}  # request id -> rank, for requests on other ranks
         self._adds: list[RankAdd] = []
@@ -116,7 +122,7 @@ class DPEngine(LLMEngine):
         """Queue a request on the least loaded rank (requests, then queued tokens)."""
         if request_id in self._owner:
             raise RequestError(f"request id {request_id!r} is already in use")
-        rank = min(range(self.group.world), key=lambda r: (*self._load(r), r))
+        rank = min(range(self.group.world), key=lambda r: (*self._load(r), r)) if self.spread else 0
         if rank == 0:
             super().add_request(request_id, prompt_ids, params)
             return

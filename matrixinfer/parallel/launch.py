@@ -46,7 +46,8 @@ def node_ranks(cfg: EngineConfig) -> range:
     return range(cfg.node_rank * per, (cfg.node_rank + 1) * per)
 
 
-def build_rank(cfg: EngineConfig, env: RankEnv, model: DeepseekForCausalLM | None = None) -> tuple[LLMEngine, EPGroup]:
+def build_rank(cfg: EngineConfig, env: RankEnv, model: DeepseekForCausalLM | None = None,
+               connector: KVConnector | None = None) -> tuple[LLMEngine, EPGroup]:
     """This rank's model (only its experts kept) and engine: a :class:`DPEngine` on rank 0."""
     from matrixinfer.model.default_model import default_model_path
     from matrixinfer.model.device import resolve_device, resolve_dtype
@@ -65,7 +66,7 @@ def build_rank(cfg: EngineConfig, env: RankEnv, model: DeepseekForCausalLM | Non
     group = EPGroup(env, ExpertPlacement.contiguous(n, env.world_size), cfg.dispatch_dtype, dev, cfg.ep_timeout)
     try:
         enable_expert_parallel(model, group)
-        engine = DPEngine(cfg, group, model) if env.rank == 0 else LLMEngine(cfg, model=model)
+        engine = DPEngine(cfg, group, model, connector=connector) if env.rank == 0 else LLMEngine(cfg, model=model)
     except BaseException:
         group.close()
         raise
@@ -119,8 +120,10 @@ class EPInstance:
         stop_ranks(self.procs)
 
 
-def start_instance(cfg: EngineConfig) -> EPInstance:
-    """Node 0: start this host's other ranks and become rank 0 (blocks until every rank joined)."""
+def start_instance(cfg: EngineConfig, model: DeepseekForCausalLM | None = None,
+                   connector: KVConnector | None = None) -> EPInstance:
+    """Node 0: start this host's other ranks and become rank 0 (blocks until every rank joined);
+    ``model``: rank 0's model when already loaded, ``connector``: its KV connector."""
     if cfg.node_rank != 0:
         raise ValueError("only node 0 serves; other nodes run run_node()")
     port = cfg.master_port or free_port(cfg.master_addr)
@@ -129,7 +132,7 @@ def start_instance(cfg: EngineConfig) -> EPInstance:
     if torch_threads is None:
         os.environ["MATRIXINFER_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(node_ranks(cfg))))
     try:
-        engine, _ = build_rank(cfg, RankEnv(0, cfg.ep, cfg.master_addr, port))
+        engine, _ = build_rank(cfg, RankEnv(0, cfg.ep, cfg.master_addr, port), model, connector)
     except BaseException:
         stop_ranks(procs)
         raise
@@ -166,7 +169,5 @@ def make_engine(cfg: EngineConfig, model: DeepseekForCausalLM | None = None,
     """The engine an instance serves with: one process (``--ep 1``) or rank 0 of an EP instance."""
     if cfg.ep == 1:
         return LLMEngine(cfg, model=model, connector=connector), None
-    if connector is not None:
-        raise ValueError("--ep > 1 with a KV connector (prefill/decode roles, EMS) is not supported yet")
-    inst = start_instance(cfg)
+    inst = start_instance(cfg, model, connector)
     return inst.engine, inst

@@ -69,10 +69,6 @@ def _worker(args: argparse.Namespace) -> int:
         from matrixinfer.serve.worker import run_worker
 
         cfg = from_args(EngineConfig, args)
-        if cfg.ep > 1:
-            print("error: --ep > 1 runs colocated instances only for now (matrixinfer serve --colocated --ep N)",
-                  file=sys.stderr)
-            return 1
         return run_worker(args.role, args.router, cfg, args.kv_host, args.ems.split(",") if args.ems else None,
                           secret)
     except (ValueError, AuthError) as exc:
@@ -111,9 +107,6 @@ def _serve(args: argparse.Namespace) -> int:
 
         logging.basicConfig(level=serve_cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return run_node(engine_cfg)
-    if engine_cfg.ep > 1 and not serve_cfg.colocated:
-        print("error: --ep > 1 serves colocated instances for now: add --colocated", file=sys.stderr)
-        return 1
     busy = _busy_port(serve_cfg)
     if busy:  # found before any model loads or worker starts
         print(f"error: {busy}", file=sys.stderr)

@@ -54,7 +54,9 @@ def quiet_gc() -> None:
 
 def build_engine(cfg: EngineConfig, ems: Any, instance_id: str, connector: KVConnector | None) -> LLMEngine:
     """The instance's engine; with an EMS pool, weights come from its model cache when present
-    (and are published there after a cold load, for the next instance)."""
+    (and are published there after a cold load, for the next instance). With ``--ep N`` it is rank 0
+    of an expert-parallel instance whose requests all stay on rank 0 (the KV handoff is bound to its
+    cache) while the routed experts are spread over the N ranks."""
     from matrixinfer.model.default_model import default_model_path
     from matrixinfer.model.device import resolve_device, resolve_dtype
     from matrixinfer.model.loader import load_model
@@ -77,7 +79,9 @@ def build_engine(cfg: EngineConfig, ems: Any, instance_id: str, connector: KVCon
             written = publish_tensors(ems, path, model_id, version)
             log.info("%s: weights loaded from %s; %d bytes published to the EMS model cache",
                      instance_id, path, written)
-    return LLMEngine(cfg, model=model, connector=connector)
+    from matrixinfer.parallel.launch import make_engine
+
+    return make_engine(cfg, model, connector)[0]  # --ep N: rank 0 of N rank processes (they end with this one)
 
 
 class Worker:

@@ -1,0 +1,97 @@
+"""EP instances in a P/D deployment: ``matrixinfer serve --num-prefill 1 --num-decode 2 --ep 2``
+(every instance rank 0 of two ranks, its routed experts spread over both) gives one process's
+greedy tokens; killing a rank of one decode instance mid-request ends that request with an error
+within 30 s, and the router keeps serving with the remaining instances. Costs ~2-3 min on 2 busy
+cores (a router and three EP instances of two processes each start)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import httpx
+
+from matrixinfer.bench.launch import instance_metrics
+from matrixinfer.config import EngineConfig
+from matrixinfer.engine.llm_engine import LLMEngine
+from matrixinfer.engine.sampling_params import SamplingParams
+from tests.serve.helpers import Server, stream_tokens
+
+PROMPTS = [[72, 101, 108, 108, 111], list(range(40, 75)), [3, 9, 27, 81]]
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) != pid:
+                        continue
+                with open(f"/proc/{entry}/cmdline") as f:
+                    out.append((int(entry), f.read().replace("\0", " ")))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def _wait_instances(server: Server, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            roles = instance_metrics(httpx.get(f"{server.url}/metrics", timeout=5).text, by="role")
+            running = roles.get("running", {})
+            if "prefill" in running and len(instance_metrics(server._scrape()).get("running", {})) >= 3:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"the EP instances did not register:\n{server.output()[-3000:]}")
+
+
+def test_pd_deployment_of_ep_instances(served_checkpoint):
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expect = LLMEngine(EngineConfig(model=str(served_checkpoint), device="cpu", dtype="float32",
+                                    kv_cache_memory=4 << 20)).generate(PROMPTS, params)
+    server = Server(served_checkpoint, "--num-prefill", "1", "--num-decode", "2", "--num-ems", "0", "--ep", "2",
+                    "--ep-timeout", "10", "--kv-cache-memory", str(4 << 20))
+    try:
+        _wait_instances(server)
+
+        async def run(prompts: list[list[int]], max_tokens: int) -> list[tuple[list[int], str | None]]:
+            async with httpx.AsyncClient(timeout=180) as client:
+                body = {"model": "tiny", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+                return list(await asyncio.gather(*[stream_tokens(client, server.url, dict(body, prompt=p), headers={})
+                                                   for p in prompts]))
+
+        assert [ids for ids, _ in asyncio.run(run(PROMPTS, 8))] == expect
+
+        decode = [pid for pid, cmd in server.children() if "--role decode" in cmd]
+        assert len(decode) == 2
+        victim = next(pid for pid, cmd in _children(decode[0]) if "matrixinfer.parallel.rank" in cmd)
+
+        async def kill_mid_request() -> tuple[list[tuple[list[int], str | None]], float]:
+            async with httpx.AsyncClient(timeout=180) as client:
+                body = {"model": "tiny", "max_tokens": 300, "temperature": 0, "ignore_eos": True}
+                first = asyncio.create_task(stream_tokens(client, server.url, dict(body, prompt=PROMPTS[0]),
+                                                          headers={}))
+                await asyncio.sleep(2.0)  # the router sees the first decode instance loaded before the second
+                second = asyncio.create_task(stream_tokens(client, server.url, dict(body, prompt=PROMPTS[2]),
+                                                           headers={}))
+                await asyncio.sleep(2.0)
+                os.kill(victim, signal.SIGKILL)
+                killed = time.monotonic()
+                done = await asyncio.gather(first, second)
+                return list(done), time.monotonic() - killed
+
+        done, waited = asyncio.run(kill_mid_request())
+        errors = [reason for _, reason in done if (reason or "").startswith("error")]
+        assert errors, f"no request failed after a rank of its decode instance died: {done}"
+        assert waited < 30, f"the requests took {waited:.1f} s to end after the rank died"
+        print(f"rank killed -> {len(errors)} request(s) ended with an error; all ended {waited:.1f} s after")
+        # the router still serves, through the decode instance that is left (or the restarted one)
+        assert [ids for ids, _ in asyncio.run(run(PROMPTS, 8))] == expect
+    finally:
+        server.stop()
