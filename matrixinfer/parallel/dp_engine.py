@@ -40,6 +40,7 @@ from matrixinfer.parallel.messages import (
     RankReport,
     StepPlan,
 )
+from matrixinfer.parallel.placement import load_imbalance
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,8 @@ class DPEngine(LLMEngine):
     def load_snapshot(self) -> dict:
         """The instance's per-rank and per-expert load (the JSON behind ``/ep/load`` and
         ``matrixinfer ep-load``): the placement table, each rank's :class:`EPMetrics` and its
-        requests, and ``expert_tokens[moe_layer][expert]`` summed over the ranks."""
+        requests, ``expert_tokens[moe_layer][expert]`` summed over the ranks, and their ``imbalance``
+        (busiest rank over the mean: the simulator's ``DecodeConfig.imbalance``)."""
         ranks = [ep_metrics(self.group)] + [r.ep for r in self._reports[1:] if r is not None]
         stats = [LLMEngine.stats(self)] + [r.stats for r in self._reports[1:] if r is not None]
         layers = max((len(m.expert_tokens) for m in ranks), default=0)
@@ -215,6 +217,7 @@ class DPEngine(LLMEngine):
                            generation_tokens=s.generation_tokens, prompt_tokens=s.prompt_tokens)
                       for m, s in zip(ranks, stats)],
             "expert_tokens": total,
+            "imbalance": load_imbalance(self.group.placement, total),
         }
 
     def load_snapshot_json(self) -> str:

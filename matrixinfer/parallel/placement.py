@@ -86,3 +86,24 @@ class ExpertPlacement:
         """``[experts of rank 0, experts of rank 1, ...]`` (what :meth:`from_table` reads and the load
         snapshot records)."""
         return [self.experts_of(r) for r in range(self.ep_size)]
+
+
+def rank_loads(placement: ExpertPlacement, expert_tokens: list[int]) -> list[int]:
+    """Tokens each rank's experts received, from one layer's per-expert counts."""
+    loads = [0] * placement.ep_size
+    for e, n in enumerate(expert_tokens):
+        loads[placement.rank_of[e]] += n
+    return loads
+
+
+def load_imbalance(placement: ExpertPlacement, expert_tokens: list[list[int]]) -> float:
+    """The busiest rank's expert load over the mean, averaged over MoE layers (1.0 = balanced):
+    the simulator's ``DecodeConfig.imbalance``, measured. Ranks holding no expert are left out;
+    1.0 where nothing was routed yet."""
+    holders = [r for r in range(placement.ep_size) if placement.experts_of(r)]
+    ratios = []
+    for layer in expert_tokens:
+        loads = [rank_loads(placement, layer)[r] for r in holders]
+        if sum(loads):
+            ratios.append(max(loads) / (sum(loads) / len(loads)))
+    return sum(ratios) / len(ratios) if ratios else 1.0

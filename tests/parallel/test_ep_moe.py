@@ -16,7 +16,7 @@ from matrixinfer.model.moe import MoE
 from matrixinfer.parallel.dispatch import decode_rows, encode_rows, row_bytes
 from matrixinfer.parallel.ep_moe import enable_expert_parallel
 from matrixinfer.parallel.group import EPGroup, RankEnv
-from matrixinfer.parallel.placement import ExpertPlacement
+from matrixinfer.parallel.placement import ExpertPlacement, load_imbalance, rank_loads
 
 
 def _cfg(n_experts: int) -> ModelConfig:
@@ -106,3 +106,8 @@ def test_placement_table():
         ExpertPlacement.from_table([[0, 1], [0]], 2)
     with pytest.raises(ValueError, match=r"expert\(s\) \[2\] are on no rank"):
         ExpertPlacement.from_table([[0, 1]], 3)
+    two = ExpertPlacement.contiguous(4, 2)
+    assert rank_loads(two, [5, 1, 2, 0]) == [6, 2]
+    assert load_imbalance(two, [[5, 1, 2, 0], [1, 1, 1, 1]]) == pytest.approx((6 / 4 + 1.0) / 2)
+    assert load_imbalance(ExpertPlacement.contiguous(2, 3), [[3, 1]]) == pytest.approx(1.5)  # rank 2 holds none
+    assert load_imbalance(two, [[0, 0, 0, 0]]) == 1.0

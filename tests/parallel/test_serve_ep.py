@@ -47,7 +47,7 @@ def test_serve_ep2_outputs_metrics_snapshot_and_rank_death(served_checkpoint):
         moe_layers = len(snap["expert_tokens"])
         assert moe_layers == 2  # 3 layers, the first dense
         assert sum(map(sum, snap["expert_tokens"])) == 2 * moe_layers * sum(r["tokens"] for r in ranks)  # top-2
-        assert sum(r["dispatch_bytes"] for r in ranks) > 0
+        assert sum(r["dispatch_bytes"] for r in ranks) > 0 and snap["imbalance"] >= 1.0
         text = httpx.get(f"{server.url}/metrics", timeout=10).text
         assert 'matrixinfer_ep_expert_tokens_total{expert="5",layer="1",rank="1"}' in text
         assert 'matrixinfer_ep_dispatch_bytes_total{rank="1"}' in text
