@@ -9,7 +9,9 @@ Clients behave as ``matrixinfer bench`` does: Poisson send times (the same seeds
 requests) or a fixed number in flight (``max_concurrency``), TTFT from send to first token, TPOT
 ``(e2e - TTFT) / (output - 1)``, throughput = output tokens / duration.
 
-P/D: the prefill instance computes the prompt and samples the first token (streamed to the client
+P/D, as the router runs it: the decode instance first reserves blocks for the request (a worker
+reads its messages between steps, so a busy decode instance answers when its current step ends),
+then the prefill instance computes the prompt and samples the first token (streamed to the client
 at once), then the prompt's KV goes to the decode instance (``transfer_s(prompt_len)``), which
 attaches it and decodes the rest. The two instances step independently.
 """
@@ -89,6 +91,7 @@ class SimEngine:
         self.steps = 0
         self.source_seconds: dict[str, float] = defaultdict(float)  # simulated step time by cost source
         self._chunks: list[tuple[_Seq, int]] = []
+        self.reserves: list[int] = []  # requests whose reservation waits for the current step to end
 
     def free_blocks(self) -> int:
         return self.num_blocks - sum(s.blocks for s in self.running)
@@ -186,7 +189,15 @@ def simulate(requests: list[SimRequest], prefill: SimEngine, decode: SimEngine |
             s = seqs[key]
             s.sent = now
             s.stop_after = s.req.output_len if decode is None else 1
-            prefill.waiting.append(s)
+            if decode is None:
+                prefill.waiting.append(s)
+                kick(0, now)
+            elif decode.busy:
+                decode.reserves.append(key)
+            else:
+                heapq.heappush(events, (now, next(tick), "prefill", key))
+        elif kind == "prefill":
+            prefill.waiting.append(seqs[key])
             kick(0, now)
         elif kind == "kv":
             s = seqs[key]
@@ -197,6 +208,9 @@ def simulate(requests: list[SimRequest], prefill: SimEngine, decode: SimEngine |
         else:
             eng = engines[key]
             eng.busy = False
+            for rid in eng.reserves:  # the decode worker answers reservations between steps
+                heapq.heappush(events, (now, next(tick), "prefill", rid))
+            eng.reserves.clear()
             for s in eng.end_step(now):
                 if s.generated >= s.req.output_len:
                     finish(s, now)
