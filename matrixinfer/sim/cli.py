@@ -61,6 +61,9 @@ def register(subparsers) -> None:
     val.add_argument("--quick", action="store_true", help="few short runs (a smoke test, not the bar)")
     val.add_argument("--skip-pd", action="store_true", help="colocated engine only")
     val.add_argument("--simulate-only", action="store_true", help="print the predictions, measure nothing")
+    val.add_argument("--repeats", type=int, default=1,
+                     help="measure each scenario this many times: the table gives the mean and the spread "
+                          "(max - min over mean), the measurement's own noise floor")
     val.add_argument("--result-json", default=None, help="write the table here as JSON")
     val.set_defaults(func=_cmd_validate)
 

@@ -62,6 +62,7 @@ class Row:
     simulated: float
     measured: float | None = None
     profile_share: float = 1.0
+    spread: float | None = None  # (max - min) / mean of the measured repeats: the noise floor
 
     @property
     def error(self) -> float | None:
@@ -187,22 +188,25 @@ def load_setup(profile_path: Path, model: str | None) -> Setup:
 def format_rows(rows: list[Row]) -> str:
     units = {"output_throughput": "tok/s", "ttft": "ms", "tpot": "ms"}
     lines = [f"{'deployment':<10} {'scenario':<16} {'figure':<18} {'simulated':>10} {'measured':>10} "
-             f"{'error':>8} {'bar':>5}  ok   profile share", "-" * 100]
+             f"{'error':>8} {'bar':>5}  ok   profile  spread", "-" * 108]
     for r in rows:
         meas = "-" if r.measured is None else f"{r.measured:>10.1f}"
         err = "-" if r.error is None else f"{r.error:+.1%}"
         ok = "-" if r.error is None else ("yes" if abs(r.error) <= r.bar else "NO")
         lines.append(f"{r.deployment:<10} {r.scenario:<16} {r.figure + ' ' + units[r.figure]:<18} "
-                     f"{r.simulated:>10.1f} {meas:>10} {err:>8} {r.bar:>5.0%}  {ok:<4} {r.profile_share:.0%}")
+                     f"{r.simulated:>10.1f} {meas:>10} {err:>8} {r.bar:>5.0%}  {ok:<4} {r.profile_share:>7.0%}  "
+                     + ("-" if r.spread is None else f"{r.spread:.0%}"))
     judged = [r for r in rows if r.error is not None]
     if judged:
         held = sum(abs(r.error) <= r.bar for r in judged)  # type: ignore[arg-type]
-        lines.append("-" * 100)
+        lines.append("-" * 108)
         lines.append(f"{held}/{len(judged)} figures within their bar (colocated 10%, P/D 15%)")
     return "\n".join(lines)
 
 
 def run_validation(args) -> int:
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
     setup = load_setup(Path(args.profile), args.model)
     for note in setup.notes:
         print(f"note: {note}")
@@ -214,12 +218,14 @@ def run_validation(args) -> int:
         if sc.deployment == "pd" and args.skip_pd:
             continue
         res, share = simulate_scenario(sc, setup)
-        measured = None if args.simulate_only else measure_scenario(sc, setup.model_path)
+        runs = [] if args.simulate_only else [measure_scenario(sc, setup.model_path) for _ in range(args.repeats)]
         for fig in sc.figures:
-            m = None
-            if measured is not None:
-                m = measured[fig]
-            rows.append(Row(sc.name, sc.deployment, fig, _figure(res, fig), m, share))
+            m = spread = None
+            if runs:
+                values = [run[fig] for run in runs]
+                m = sum(values) / len(values)
+                spread = (max(values) - min(values)) / m if len(values) > 1 and m else None
+            rows.append(Row(sc.name, sc.deployment, fig, _figure(res, fig), m, share, spread))
         print(f"  {sc.name}: done (load average {os.getloadavg()[0]:.1f})", flush=True)
     print(format_rows(rows))
     if args.result_json:

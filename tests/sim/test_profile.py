@@ -47,6 +47,8 @@ def test_profile_command_writes_versioned_profile_on_tiny_grid(tmp_path, capsys)
     assert main(["simulate", "validate", "--profile", str(out), "--model", str(model), "--quick",
                  "--simulate-only"]) == 0
     assert "decode batch 4" in capsys.readouterr().out
+    assert main(["simulate", "validate", "--profile", str(out), "--repeats", "0", "--simulate-only"]) == 2
+    assert "--repeats must be at least 1" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**doc, "version": 99}))
     assert main(["simulate", "validate", "--profile", str(bad), "--simulate-only"]) == 2
