@@ -28,7 +28,9 @@ class ExpertParallelExperts(ExpertsBackend):
     (an :data:`EXPERTS_BACKENDS` backend over the local expert rows)."""
 
     name = "expert-parallel"
-    differentiable = False
+    # True so that Experts.forward never swaps in a local backend over this rank's shard (which would
+    # be silently wrong); forward refuses autograd itself.
+    differentiable = True
 
     def __init__(self, experts: Experts, group: EPGroup, moe_index: int, inner: ExpertsBackend,
                  hidden: int, top_k: int) -> None:
@@ -37,6 +39,9 @@ class ExpertParallelExperts(ExpertsBackend):
         self.hidden, self.top_k = hidden, top_k
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("expert-parallel experts run for inference only (no gradients through dispatch and "
+                               "combine): use torch.no_grad() or torch.inference_mode()")
         g = self.group
         ids, w = routing.topk_ids, routing.topk_weights
         t, k = ids.shape
