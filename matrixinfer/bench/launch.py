@@ -16,9 +16,10 @@ INSTANCE_PREFIX = "matrixinfer_instance_"
 
 
 def unlabelled_metrics(text: str) -> dict[str, float]:
-    """``{sample name: value}`` of the samples without labels in Prometheus exposition ``text``."""
+    """``{sample name: value}`` of the samples without labels in Prometheus exposition ``text``
+    (``model_name``, which every MatrixInfer series carries, does not count)."""
     return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
-            if not s.labels}
+            if not set(s.labels) - {"model_name"}}
 
 
 def instance_metrics(text: str, by: str = "instance") -> dict[str, dict[str, float]]:

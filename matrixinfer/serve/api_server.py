@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -33,7 +34,7 @@ from matrixinfer.config import ServeConfig
 from matrixinfer.engine.errors import EngineDeadError, RequestError, RequestFailedError
 from matrixinfer.engine.sampling_params import SamplingParams
 from matrixinfer.serve.backend import Backend, PromptTokenizer
-from matrixinfer.serve.metrics import ServerMetrics
+from matrixinfer.serve.metrics import ServerMetrics, log_stats_forever
 from matrixinfer.serve.protocol import (
     ApiError,
     GenerateRequest,
@@ -70,8 +71,16 @@ def create_app(backend: Backend, api_key: str | None = None, max_request_bytes: 
     answers into ``reasoning_content`` and ``content``, :mod:`.reasoning`)."""
     if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
         raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; known: {', '.join(REASONING_PARSERS)}")
-    metrics = ServerMetrics(lambda: backend.stats, backend.instance_metrics)
-    app = FastAPI(title="MatrixInfer", docs_url=None, redoc_url=None)
+    metrics = ServerMetrics(lambda: backend.stats, backend.instance_metrics, backend.model_id)
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stats_logger = asyncio.create_task(log_stats_forever(lambda: backend.stats))
+        try:
+            yield
+        finally:
+            stats_logger.cancel()
+
+    app = FastAPI(title="MatrixInfer", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.backend = backend
     app.state.metrics = metrics
     _add_error_handlers(app, metrics)

@@ -466,11 +466,12 @@ def test_speculation_metrics_are_exported():
 
     stats = EngineStats(spec_steps=10, spec_verifications=40, spec_draft_tokens=40, spec_accepted_tokens=26)
     assert stats.spec_acceptance_rate == pytest.approx(0.65) and stats.spec_tokens_per_step == pytest.approx(1.65)
-    text = generate_latest(ServerMetrics(lambda: stats, lambda: []).registry).decode()
+    text = generate_latest(ServerMetrics(lambda: stats, lambda: [], "m").registry).decode()
     for line in ("matrixinfer_spec_decode_draft_tokens_total 40.0",
                  "matrixinfer_spec_decode_accepted_tokens_total 26.0",
                  "matrixinfer_spec_decode_acceptance_rate 0.65", "matrixinfer_spec_decode_tokens_per_step 1.65"):
-        assert line in text
+        name, value = line.split()
+        assert f'{name}{{model_name="m"}} {value}' in text
 
 
 def test_pd_with_speculation_matches_the_colocated_engine_without(demo, reference):

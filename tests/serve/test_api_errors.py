@@ -217,7 +217,7 @@ def test_unstreamed_bodies():
                                     "finish_reason": "stop", "logprobs": None}]
     metrics = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
     assert [s.labels for s in metrics["matrixinfer_requests"].samples if s.name.endswith("_total")] == \
-        [{"finish_reason": "length"}]
+        [{"model_name": "fake", "finish_reason": "length"}]
 
 
 def test_chat_stream_format():
