@@ -111,6 +111,19 @@ def _clean(server: Server, results: list[tuple[list[int], str | None]], max_toke
         assert ok, f"{reason} after {len(ids)} tokens; server log:\n{server.output()[-4000:]}"
 
 
+def test_the_secret_reaches_children_by_a_private_file_never_their_command_line(pd):
+    pids = [pd.proc.pid] + [pid for pid, _ in pd.children()]
+    with open(f"/proc/{pids[1]}/environ", "rb") as f:
+        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    path = env[auth.ENV_SECRET_FILE.encode()].decode()
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    secret = auth.read_secret_file(path)
+    for pid in pids:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert secret not in f.read()
+    assert secret.decode() not in pd.output()
+
+
 # -- garbage on every port ----------------------------------------------------------------------------
 GARBAGE = [
     os.urandom(2048),
@@ -167,20 +180,27 @@ def test_kill_9_under_load_recovers_and_reclaims(pd, role):
         os.kill(pid, signal.SIGKILL)
         killed_at.append(time.monotonic())
 
-    results = asyncio.run(_load_then(pd, kill, role))
-    _clean(pd, results)
+    max_tokens = 480 if role == "decode" else 96  # the decode instance dies with every request mid-stream
+    results = asyncio.run(_load_then(pd, kill, role, max_tokens=max_tokens))
+    _clean(pd, results, max_tokens)
     if role == "ems":  # the pool is a cache: every request still completes
         assert all(reason == "length" for _, reason in results), results
     else:
         if role == "decode":  # killed while decoding all of them
             assert all((r or "").startswith("error:") for _, r in results), results
-        assert not _healthy(pd) or child_restarts(pd).get(child, 0) > before  # truthful while it is gone
+        # truthful while it is gone (the router learns of the death from its closed connection: allow it 3 s)
+        deadline = time.monotonic() + 3
+        while _healthy(pd) and child_restarts(pd).get(child, 0) == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _healthy(pd) or child_restarts(pd).get(child, 0) > before
     took = _wait_restored(pd, killed_at[0])
     deadline = time.monotonic() + RESTORE_BOUND_S
     while child_restarts(pd).get(child, 0) != before + 1 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert child_restarts(pd).get(child, 0) == before + 1
-    print(f"\nkill -9 {role}: service restored {took:.1f} s after the kill")
+    errors = sum((r or "").startswith("error:") for _, r in results)
+    print(f"\nkill -9 {role}: {errors} of {len(results)} requests ended with an error event, the rest finished; "
+          f"service restored {took:.1f} s after the kill")
     _wait_reclaimed(pd)
 
 
@@ -203,6 +223,8 @@ def test_sigstop_under_load_ends_requests_cleanly_and_recovers(pd, role):
         os.kill(pid, signal.SIGCONT)
     resumed = time.monotonic()
     took = _wait_restored(pd, resumed)
-    print(f"\nSIGSTOP {role}: service restored {took:.1f} s after SIGCONT")
+    errors = sum((r or "").startswith("error:") for _, r in results)
+    print(f"\nSIGSTOP {role}: {errors} of {len(results)} requests ended with an error event, the rest finished; "
+          f"service restored {took:.1f} s after SIGCONT")
     assert child_restarts(pd) == restarts  # a stopped child is not killed or restarted
     _wait_reclaimed(pd)
