@@ -214,6 +214,9 @@ def _cmd_profile(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     model = Path(args.model) if args.model else default_model_path()
+    if not (model / "config.json").exists():
+        print(f"error: {model}: not a checkpoint directory (no config.json)", file=sys.stderr)
+        return 2
     out = Path(args.out)
     for n in threads:
         path = out if n == threads[0] else out.with_name(f"{out.stem}.t{n}{out.suffix}")
