@@ -328,6 +328,7 @@ class ServeConfig:
             (``deepseek-r1``: ``<think>...</think>``, as vLLM and SGLang do).
         protect_metrics: with --api-key, /metrics needs the key too (off by default, as in vLLM, so that
             scrapers without a bearer token keep working; /health and /version stay open).
+        chat_template: a Jinja chat template file used instead of the checkpoint's.
     """
 
     host: str = "127.0.0.1"
@@ -348,6 +349,7 @@ class ServeConfig:
     secret_file: str | None = None
     reasoning_parser: str | None = field(default=None, metadata={"choices": ["deepseek-r1"]})
     protect_metrics: bool = False
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         # 0 local instances is valid: workers on other hosts join with `matrixinfer worker --router`

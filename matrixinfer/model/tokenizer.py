@@ -44,9 +44,21 @@ class Tokenizer:
         if isinstance(self.chat_template, list):  # named templates: take "default"
             named = {t["name"]: t["template"] for t in self.chat_template}
             self.chat_template = named.get("default", next(iter(named.values()), None))
+        self._template = self._compile(self.chat_template) if self.chat_template else None
+
+    def _compile(self, template: str) -> Any:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = self._raise
-        self._template = env.from_string(self.chat_template) if self.chat_template else None
+        return env.from_string(template)
+
+    def set_chat_template(self, template: str) -> None:
+        """Replace the checkpoint's chat template (``serve --chat-template FILE``); TokenizerError
+        if it is not valid Jinja."""
+        try:
+            self._template = self._compile(template)
+        except Exception as exc:  # jinja2.TemplateSyntaxError and friends
+            raise TokenizerError(f"chat template: {exc}") from None
+        self.chat_template = template
 
     @staticmethod
     def _raise(message: str) -> None:

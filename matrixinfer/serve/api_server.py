@@ -64,11 +64,22 @@ _tokenize_pool: ThreadPoolExecutor | None = None  # prompts are tokenized off th
 
 
 def create_app(backend: Backend, api_key: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
-               reasoning_parser: str | None = None, protect_metrics: bool = False) -> FastAPI:
+               reasoning_parser: str | None = None, protect_metrics: bool = False,
+               chat_template: str | None = None) -> FastAPI:
     """The API app around a backend: the colocated ``AsyncEngine`` or the PDC ``Router``
     (``api_key``: require ``Bearer`` auth on /v1, /tokenize, /detokenize, and on /metrics too with
     ``protect_metrics``; bodies over ``max_request_bytes`` get 413; ``reasoning_parser``: split chat
-    answers into ``reasoning_content`` and ``content``, :mod:`.reasoning`)."""
+    answers into ``reasoning_content`` and ``content``, :mod:`.reasoning`; ``chat_template``: a
+    template file replacing the checkpoint's)."""
+    if chat_template is not None:
+        set_template = getattr(backend.tokenizer, "set_chat_template", None)
+        if set_template is None:
+            raise ValueError("this backend's tokenizer cannot take another chat template")
+        try:
+            with open(chat_template) as f:
+                set_template(f.read())
+        except OSError as exc:
+            raise ValueError(f"--chat-template {chat_template}: {exc.strerror or exc}") from None
     if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
         raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; known: {', '.join(REASONING_PARSERS)}")
     metrics = ServerMetrics(lambda: backend.stats, backend.instance_metrics, backend.model_id)

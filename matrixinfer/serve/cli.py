@@ -16,6 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the OpenAI-compatible API (router + prefill + decode + EMS by default)")
     add_dataclass_args(p.add_argument_group("engine"), EngineConfig)
     add_dataclass_args(p.add_argument_group("deployment"), ServeConfig, defaults={"api_key": envs.api_key()})
+    p.add_argument("--config", metavar="FILE.yaml", help="read flags from a YAML file of `flag-name: value` "
+                   "lines (`true` for a switch); flags on the command line win (matrixinfer.cli.expand_config_file)")
     p.set_defaults(func=_serve)
 
     w = sub.add_parser("worker", help="run one prefill, decode or EMS instance that joins a router")
@@ -148,8 +150,14 @@ def _serve_colocated(engine_cfg: EngineConfig, cfg: ServeConfig) -> int:
         return 1
     quiet_gc()
     async_engine = AsyncEngine(engine)
-    app = create_app(async_engine, api_key=cfg.api_key, max_request_bytes=cfg.max_request_bytes,
-                     reasoning_parser=cfg.reasoning_parser, protect_metrics=cfg.protect_metrics)
+    try:
+        app = create_app(async_engine, api_key=cfg.api_key, max_request_bytes=cfg.max_request_bytes,
+                         reasoning_parser=cfg.reasoning_parser, protect_metrics=cfg.protect_metrics,
+                         chat_template=cfg.chat_template)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        async_engine.shutdown()
+        return 1
     if ep_instance is not None:
         from matrixinfer.parallel.metrics import add_ep_routes
 

@@ -274,7 +274,8 @@ def serve_pdc(engine_cfg: EngineConfig, cfg: ServeConfig) -> int:
             await router.wait_for(cfg.num_prefill, cfg.num_decode, timeout=600)
             quiet_gc()
             app = create_app(router, api_key=cfg.api_key, max_request_bytes=cfg.max_request_bytes,
-                             reasoning_parser=cfg.reasoning_parser, protect_metrics=cfg.protect_metrics)
+                             reasoning_parser=cfg.reasoning_parser, protect_metrics=cfg.protect_metrics,
+                             chat_template=cfg.chat_template)
             app.state.metrics.registry.register(SupervisionCollector(children))
             print_banner(f"MatrixInfer PDC serving '{router.model_id}' ({cfg.num_prefill} prefill, {cfg.num_decode} "
                          f"decode, {cfg.num_ems} EMS server(s); workers join at {ctrl})", router.model_id, cfg)

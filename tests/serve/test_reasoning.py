@@ -96,3 +96,24 @@ def test_r1_template_answer_is_reasoning_until_the_end_tag(r1_server):
     chunks = [ch.choices[0].delta for ch in c.chat.completions.create(**kw, stream=True) if ch.choices]
     assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in chunks) == reasoning
     assert not any(d.content for d in chunks)
+
+
+def test_chat_template_file_replaces_the_checkpoints(tmp_path, served_checkpoint):
+    """``serve --chat-template FILE`` (create_app's ``chat_template``): the file's template renders chats."""
+    from matrixinfer.model.tokenizer import Tokenizer
+
+    class Backend(ScriptedBackend):
+        pass
+
+    backend = Backend([out("x", FinishReason.STOP)])
+    backend.tokenizer = Tokenizer(served_checkpoint)
+    f = tmp_path / "t.jinja"
+    f.write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    c = TestClient(create_app(backend, chat_template=str(f)))
+    r = c.post("/tokenize", json={"model": "fake", "messages": [{"role": "user", "content": "hi"}]})
+    assert backend.tokenizer.decode(r.json()["tokens"]) == "[hi]"
+    f.write_text("{% for %}")
+    with pytest.raises(ValueError, match="chat template"):
+        create_app(backend, chat_template=str(f))
+    with pytest.raises(ValueError, match="chat-template"):
+        create_app(backend, chat_template=str(tmp_path / "none.jinja"))
