@@ -35,6 +35,7 @@ def _stat_fields() -> list[tuple[str, str, str, str]]:
 
 
 STAT_FIELDS = _stat_fields()
+COUNTER_FIELDS = [name for name, _, _, kind in STAT_FIELDS if kind == "counter"]
 
 InstanceStats = tuple[str, str, EngineStats]  # (instance id, role, its last report)
 

@@ -34,6 +34,7 @@ from matrixinfer.engine.sampling_params import SamplingParams
 from matrixinfer.model.tokenizer import Tokenizer
 from matrixinfer.netio import FRAMING, MessageError, WireError, format_addr, parse_addr
 from matrixinfer.serve import messages as m
+from matrixinfer.serve.metrics import COUNTER_FIELDS
 from matrixinfer.serve.router_policy import InstanceLoad, pick_instance
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,11 @@ FROZEN_AFTER_S = 10.0  # an instance silent this long (it reports load every 0.2
 WATCH_INTERVAL_S = 0.5
 MAX_CONNECTIONS = 256  # control connections at once (workers and handshakes in progress)
 MAX_INSTANCE_ID = 128  # characters of an instance id
+
+
+def counters_only(stats: EngineStats) -> EngineStats:
+    """``stats`` with its gauges zeroed (what stays counted after its instance is gone)."""
+    return EngineStats(**{name: getattr(stats, name) for name in COUNTER_FIELDS})
 
 
 @dataclass
@@ -106,6 +112,7 @@ class Router:
         self.lost_instances = 0
         self.frozen_after = frozen_after
         self.frozen_instances = 0  # times an instance was found frozen
+        self.retired = EngineStats()  # counters of instances that left: the deployment's counters never go back
         self.refused_workers = 0  # connections that failed authentication or registration
         self._connections = 0
         self._turn: dict[str, int] = {}
@@ -118,8 +125,9 @@ class Router:
 
     @property
     def stats(self) -> EngineStats:
-        """The deployment's totals: every instance's last report, summed field by field."""
-        return sum_stats([i.stats for i in self.instances.values()])
+        """The deployment's totals: every instance's last report, summed field by field, plus the
+        counters of instances that are gone (so a restarted instance does not reset them)."""
+        return sum_stats([*(i.stats for i in self.instances.values()), self.retired])
 
     def instance_metrics(self) -> list[tuple[str, str, EngineStats]]:
         return [(i.info.instance_id, i.info.role, i.stats) for i in self.instances.values()]
@@ -367,6 +375,7 @@ class Router:
         if self.instances.get(iid) is not inst:
             return
         del self.instances[iid]
+        self.retired = sum_stats([self.retired, counters_only(inst.stats)])
         self._recompute_limits()
         self.lost_instances += 1
         log.warning("%s instance %s is gone; %d request(s) affected", inst.info.role, iid, len(inst.requests))
