@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import struct
+import threading
 import time
 
 import httpx
@@ -33,7 +34,7 @@ RESTORE_BOUND_S = 60.0  # a killed worker is back within this on a loaded 2-core
 def pd(served_checkpoint):
     srv = Server(served_checkpoint, "--num-prefill", "1", "--num-decode", "1", "--num-ems", "1",
                  "--kv-cache-memory", str(8 << 20), "--reserve-timeout", "10", "--ems-capacity", "32M",
-                 "--max-num-batched-tokens", "64",
+                 "--max-num-batched-tokens", "64", "--store-decode-kv",  # decode writes to EMS as it streams
                  api_key=API_KEY)
     yield srv
     srv.stop()
@@ -73,10 +74,12 @@ def _wait_reclaimed(server: Server, timeout: float = 30.0) -> dict[str, dict[str
 
 async def _load_then(server: Server, fault, role: str, n: int = 4, max_tokens: int = 96
                      ) -> list[tuple[list[int], str | None]]:
-    """Stream ``n`` requests, apply ``fault()`` once ``role``'s instance has requests (EMS: once decoding
-    is under way), and return every result; a request that takes longer than REQUEST_BOUND_S fails the
-    test (a hang)."""
-    busy = "prefill" if role == "prefill" else "decode"
+    """Stream ``n`` requests with ``fault()`` applied while they are in flight (decode, EMS: once decoding
+    is under way; prefill: just before they are sent, since the tiny model prefills in milliseconds, so
+    every prompt goes to the faulty instance), and return every result; a request that takes longer
+    than REQUEST_BOUND_S fails the test (a hang)."""
+    if role == "prefill":
+        await asyncio.to_thread(fault)
     async with httpx.AsyncClient(timeout=REQUEST_BOUND_S) as client:
         prompt_len = 300 if role == "prefill" else 40  # long prompts keep the prefill instance busy
 
@@ -94,13 +97,14 @@ async def _load_then(server: Server, fault, role: str, n: int = 4, max_tokens: i
                 return [], f"unclean: {exc!r}"
 
         tasks = [asyncio.create_task(one(k)) for k in range(n)]
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            m = await asyncio.to_thread(server.instance_metrics)
-            if any(v > 0 for f in ("running", "waiting") for k, v in m.get(f, {}).items() if k.startswith(busy)):
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.to_thread(fault)
+        if role != "prefill":
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                m = await asyncio.to_thread(server.instance_metrics)
+                if any(v > 0 for k, v in m.get("running", {}).items() if k.startswith("decode")):
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.to_thread(fault)
         return await asyncio.gather(*tasks)
 
 
@@ -176,9 +180,16 @@ def test_kill_9_under_load_recovers_and_reclaims(pd, role):
     before = child_restarts(pd).get(child, 0)
     killed_at: list[float] = []
 
-    def kill() -> None:
+    def kill_now() -> None:
         os.kill(pid, signal.SIGKILL)
         killed_at.append(time.monotonic())
+
+    def kill() -> None:
+        if role == "prefill":  # hold it, and kill it once the router has handed it every prompt
+            os.kill(pid, signal.SIGSTOP)
+            threading.Timer(1.5, kill_now).start()
+        else:
+            kill_now()
 
     max_tokens = 480 if role == "decode" else 96  # the decode instance dies with every request mid-stream
     results = asyncio.run(_load_then(pd, kill, role, max_tokens=max_tokens))
@@ -186,8 +197,8 @@ def test_kill_9_under_load_recovers_and_reclaims(pd, role):
     if role == "ems":  # the pool is a cache: every request still completes
         assert all(reason == "length" for _, reason in results), results
     else:
-        if role == "decode":  # killed while decoding all of them
-            assert all((r or "").startswith("error:") for _, r in results), results
+        # the only instance of its role died with every request in it: each ends with an error
+        assert all((r or "").startswith("error:") for _, r in results), results
         # truthful while it is gone (the router learns of the death from its closed connection: allow it 3 s)
         deadline = time.monotonic() + 3
         while _healthy(pd) and child_restarts(pd).get(child, 0) == before and time.monotonic() < deadline:
@@ -214,7 +225,8 @@ def test_sigstop_under_load_ends_requests_cleanly_and_recovers(pd, role):
         _clean(pd, results)
         if role == "ems":
             assert all(reason == "length" for _, reason in results), results
-        else:  # the frozen instance stops counting as serving once it has been silent for 10 s
+        else:  # every request was on the frozen instance; it stops counting as serving after 10 s silent
+            assert all((r or "").startswith("error:") for _, r in results), results
             deadline = time.monotonic() + 15
             while _healthy(pd) and time.monotonic() < deadline:
                 time.sleep(0.2)
