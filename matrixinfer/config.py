@@ -329,6 +329,8 @@ class ServeConfig:
         protect_metrics: with --api-key, /metrics needs the key too (off by default, as in vLLM, so that
             scrapers without a bearer token keep working; /health and /version stay open).
         chat_template: a Jinja chat template file used instead of the checkpoint's.
+        tool_call_parser: accept ``tools`` / ``tool_choice`` and return ``tool_calls`` (``deepseek``:
+            DeepSeek-V3/R1 tool-call markup); without one, ``tools`` get a 400.
     """
 
     host: str = "127.0.0.1"
@@ -350,6 +352,7 @@ class ServeConfig:
     reasoning_parser: str | None = field(default=None, metadata={"choices": ["deepseek-r1"]})
     protect_metrics: bool = False
     chat_template: str | None = None
+    tool_call_parser: str | None = field(default=None, metadata={"choices": ["deepseek"]})
 
     def __post_init__(self) -> None:
         # 0 local instances is valid: workers on other hosts join with `matrixinfer worker --router`

@@ -77,17 +77,20 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` with the checkpoint's chat template (BOS included by the template)."""
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
+        """Render ``messages`` (and the ``tools`` offered, as Hugging Face templates take them) with
+        the checkpoint's chat template (BOS included by the template)."""
         if self._template is None:
             raise TokenizerError("this tokenizer has no chat_template in tokenizer_config.json")
         return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Token ids of a chat prompt (the template already carries any BOS)."""
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    suffix: str = "") -> list[int]:
+        """Token ids of a chat prompt (the template already carries any BOS), ``suffix`` text after it."""
+        return self.encode(self.apply_chat_template(messages, tools=tools) + suffix, add_special_tokens=False)
 
 
 class IncrementalDecoder:

@@ -44,6 +44,7 @@ from matrixinfer.serve.protocol import (
     parse_tokenize,
 )
 from matrixinfer.serve.reasoning import REASONING_PARSERS, ReasoningParser, split_reasoning
+from matrixinfer.serve.tool_calls import TOOL_CALL_PARSERS, ToolCallStream, forced_call_prefix, parse_tool_calls
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -65,12 +66,15 @@ _tokenize_pool: ThreadPoolExecutor | None = None  # prompts are tokenized off th
 
 def create_app(backend: Backend, api_key: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
                reasoning_parser: str | None = None, protect_metrics: bool = False,
-               chat_template: str | None = None) -> FastAPI:
+               chat_template: str | None = None, tool_call_parser: str | None = None) -> FastAPI:
     """The API app around a backend: the colocated ``AsyncEngine`` or the PDC ``Router``
     (``api_key``: require ``Bearer`` auth on /v1, /tokenize, /detokenize, and on /metrics too with
     ``protect_metrics``; bodies over ``max_request_bytes`` get 413; ``reasoning_parser``: split chat
     answers into ``reasoning_content`` and ``content``, :mod:`.reasoning`; ``chat_template``: a
-    template file replacing the checkpoint's)."""
+    template file replacing the checkpoint's; ``tool_call_parser``: accept ``tools`` and return
+    ``tool_calls``, :mod:`.tool_calls`)."""
+    if tool_call_parser is not None and tool_call_parser not in TOOL_CALL_PARSERS:
+        raise ValueError(f"unknown tool-call parser {tool_call_parser!r}; known: {', '.join(TOOL_CALL_PARSERS)}")
     if chat_template is not None:
         set_template = getattr(backend.tokenizer, "set_chat_template", None)
         if set_template is None:
@@ -119,7 +123,7 @@ def create_app(backend: Backend, api_key: str | None = None, max_request_bytes: 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await generate_response(request, backend, metrics, chat=True, max_bytes=max_request_bytes,
-                                       reasoning_parser=reasoning_parser)
+                                       reasoning_parser=reasoning_parser, tool_parser=tool_call_parser)
 
     return app
 
@@ -253,6 +257,8 @@ class _Call:
     tok: PromptTokenizer
     echo_text: str = ""  # completions with echo: the prompt, before each choice's text
     reasoning: list[ReasoningParser] | None = None  # chat with --reasoning-parser: one per choice
+    tool_streams: list[ToolCallStream] | None = None  # chat offering tools (--tool-call-parser): one per choice
+    tool_prefix: str = ""  # the call that tool_choice opened in the prompt
 
     @property
     def chunk_object(self) -> str:
@@ -269,18 +275,22 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
 
 
 async def generate_response(request: Request, backend: Backend, metrics: ServerMetrics, chat: bool,
-                            max_bytes: int = MAX_REQUEST_BYTES, reasoning_parser: str | None = None) -> Response:
+                            max_bytes: int = MAX_REQUEST_BYTES, reasoning_parser: str | None = None,
+                            tool_parser: str | None = None) -> Response:
     """Parse, run and answer one completions (``chat`` False) or chat completions request.
 
     ``n`` > 1 runs one engine request per choice. The first runs alone until its first token, so
     its prompt's full KV blocks are in the prefix cache when the others start, and they share them."""
     body = await read_json(request, max_bytes)
-    req = parse_chat(body) if chat else parse_completion(body)
+    req = parse_chat(body, tool_parser) if chat else parse_completion(body)
     ids = await asyncio.get_running_loop().run_in_executor(_tokenizer_pool(), prompt_ids, backend, req)
     call = _Call(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()), backend.model_id,
                  chat, req, len(ids), backend.tokenizer)
     if chat and reasoning_parser:
         call.reasoning = [ReasoningParser() for _ in range(req.n)]
+    if req.tools:
+        call.tool_prefix = forced_call_prefix(req.tool_choice)
+        call.tool_streams = [ToolCallStream(call.tool_prefix) for _ in range(req.n)]
     if req.echo:
         call.echo_text = req.prompt_text if req.prompt_text is not None else backend.tokenizer.decode(ids)
     params = choice_params(req.params, req.n)
@@ -429,7 +439,11 @@ def prompt_ids(backend: Backend, req: GenerateRequest) -> list[int]:
     _refuse_long_text(backend, req, limit)
     try:
         if req.messages is not None:
-            ids = backend.tokenizer.encode_chat(req.messages)
+            if req.tools:  # only then: a tokenizer without tool support still serves plain chats
+                ids = backend.tokenizer.encode_chat(req.messages, tools=req.tools,
+                                                    suffix=forced_call_prefix(req.tool_choice))
+            else:
+                ids = backend.tokenizer.encode_chat(req.messages)
         elif req.prompt_ids is not None:
             ids = req.prompt_ids
             if any(not 0 <= t < vocab for t in ids):
@@ -512,10 +526,14 @@ def completion_body(call: _Call, choices: list[list[RequestOutput]]) -> dict[str
         logprobs = _logprobs(call, token_ids, lps) if call.req.params.logprobs else None
         if call.chat:
             message: dict[str, Any] = {"role": "assistant", "content": text}
+            finish: str | None = last.finish_reason
             if call.reasoning is not None:
                 message["reasoning_content"], message["content"] = split_reasoning(text)
-            body.append({"index": index, "message": message, "finish_reason": last.finish_reason,
-                         "logprobs": logprobs})
+            if call.tool_streams is not None:
+                message["content"], calls = parse_tool_calls(message["content"] or "", call.tool_prefix)
+                if calls:
+                    message["tool_calls"], finish = calls, "tool_calls"
+            body.append({"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs})
         else:
             body.append({"index": index, "text": call.echo_text + text, "finish_reason": last.finish_reason,
                          "logprobs": logprobs})
@@ -559,14 +577,27 @@ async def sse_events(call: _Call, stream: AsyncIterator[tuple[int, RequestOutput
 def _delta(call: _Call, out: RequestOutput, index: int = 0) -> dict[str, Any]:
     """One streamed choice: the new text (chat: as a delta), finish reason, logprobs, token ids."""
     c: dict[str, Any]
-    if call.chat and call.reasoning is not None:
-        parser = call.reasoning[index]
-        reasoning, content = parser.feed(out.text)
-        if out.finished:
-            more = parser.finish()
-            reasoning, content = reasoning + more[0], content + more[1]
-        delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
-        c = {"index": index, "delta": delta, "finish_reason": out.finish_reason}
+    if call.chat and (call.reasoning is not None or call.tool_streams is not None):
+        reasoning, content = "", out.text
+        if call.reasoning is not None:
+            parser = call.reasoning[index]
+            reasoning, content = parser.feed(out.text)
+            if out.finished:
+                more = parser.finish()
+                reasoning, content = reasoning + more[0], content + more[1]
+        delta: dict[str, Any] = {}
+        finish: str | None = out.finish_reason
+        if call.tool_streams is not None:
+            tools = call.tool_streams[index]
+            content = tools.feed(content)
+            if out.finished:
+                rest, calls = tools.finish()
+                content += rest
+                if calls:
+                    delta["tool_calls"] = [{"index": k, **tc} for k, tc in enumerate(calls)]
+                    finish = "tool_calls"
+        delta.update({k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v})
+        c = {"index": index, "delta": delta, "finish_reason": finish}
     elif call.chat:
         c = {"index": index, "delta": {"content": out.text} if out.text else {}, "finish_reason": out.finish_reason}
     else:

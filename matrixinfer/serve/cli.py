@@ -153,7 +153,7 @@ def _serve_colocated(engine_cfg: EngineConfig, cfg: ServeConfig) -> int:
     try:
         app = create_app(async_engine, api_key=cfg.api_key, max_request_bytes=cfg.max_request_bytes,
                          reasoning_parser=cfg.reasoning_parser, protect_metrics=cfg.protect_metrics,
-                         chat_template=cfg.chat_template)
+                         chat_template=cfg.chat_template, tool_call_parser=cfg.tool_call_parser)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         async_engine.shutdown()

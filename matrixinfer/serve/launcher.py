@@ -275,7 +275,7 @@ def serve_pdc(engine_cfg: EngineConfig, cfg: ServeConfig) -> int:
             quiet_gc()
             app = create_app(router, api_key=cfg.api_key, max_request_bytes=cfg.max_request_bytes,
                              reasoning_parser=cfg.reasoning_parser, protect_metrics=cfg.protect_metrics,
-                             chat_template=cfg.chat_template)
+                             chat_template=cfg.chat_template, tool_call_parser=cfg.tool_call_parser)
             app.state.metrics.registry.register(SupervisionCollector(children))
             print_banner(f"MatrixInfer PDC serving '{router.model_id}' ({cfg.num_prefill} prefill, {cfg.num_decode} "
                          f"decode, {cfg.num_ems} EMS server(s); workers join at {ctrl})", router.model_id, cfg)

@@ -33,7 +33,9 @@ class GenerateRequest:
     include_usage: bool
     prompt_text: str | None = None
     prompt_ids: list[int] | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None  # chat with a tool-call parser: the functions offered
+    tool_choice: Any = None  # "auto", "required" or {"type": "function", "function": {"name": ...}}
     max_tokens_given: bool = False
     n: int = 1  # choices per request (each a request of its own to the engine, seeded seed + index)
     echo: bool = False  # completions: the prompt text precedes each choice's text
@@ -235,11 +237,39 @@ def parse_completion(body: Any, default_max_tokens: int = 16) -> GenerateRequest
     return req
 
 
-def parse_chat(body: Any) -> GenerateRequest:
-    """Validate a /v1/chat/completions body (text content only)."""
+def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, Any]:
+    """``tools`` and ``tool_choice`` for a server with a tool-call parser (None: no tools offered)."""
+    tools = body.get("tools")
+    if tools is not None and (not isinstance(tools, list) or any(
+            not isinstance(t, dict) or t.get("type") != "function" or not isinstance(t.get("function"), dict)
+            or not isinstance(t["function"].get("name"), str) or not t["function"]["name"] for t in tools)):
+        raise _bad("'tools' must be a list of {\"type\": \"function\", \"function\": {\"name\": ...}}", "tools")
+    names = [t["function"]["name"] for t in tools or []]
+    choice = body.get("tool_choice")
+    if choice is None:
+        choice = "auto" if names else "none"
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        if choice.get("type") != "function" or not isinstance(fn, dict) or fn.get("name") not in names:
+            raise _bad(f"'tool_choice' must be none, auto, required or one of the tools "
+                       f"({', '.join(names) or 'none given'})", "tool_choice")
+    elif choice not in ("none", "auto", "required"):
+        raise _bad("'tool_choice' must be none, auto, required or {\"type\": \"function\", ...}", "tool_choice")
+    if choice != "none" and not names:
+        raise _bad(f"'tool_choice' {choice!r} needs 'tools'", "tool_choice")
+    if body.get("parallel_tool_calls") is False:
+        raise _bad("'parallel_tool_calls' false is not supported (the model may call several tools)",
+                   "parallel_tool_calls")
+    return (tools if names and choice != "none" else None), choice
+
+
+def parse_chat(body: Any, tool_parser: str | None = None) -> GenerateRequest:
+    """Validate a /v1/chat/completions body (text content only; ``tools`` when the server has a
+    tool-call parser)."""
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")
-    check_fields(body, "chat")
+    tool_fields = {k: body[k] for k in ("tools", "tool_choice", "parallel_tool_calls") if k in body}
+    check_fields({k: v for k, v in body.items() if k not in tool_fields} if tool_parser else body, "chat")
     model = _model(body)
     lp = body.get("logprobs", False)
     if lp is None:
@@ -270,10 +300,20 @@ def parse_chat(body: Any) -> GenerateRequest:
             content = ""
         if not isinstance(content, str):
             raise _bad(f"messages[{i}].content must be a string or a list of text parts", "messages")
-        parsed.append({"role": m["role"], "content": content})
-    if not any(m["content"] for m in parsed):
+        msg: dict[str, Any] = {"role": m["role"], "content": content}
+        if tool_parser and m["role"] == "assistant" and m.get("tool_calls") is not None:
+            if not isinstance(m["tool_calls"], list):
+                raise _bad(f"messages[{i}].tool_calls must be a list", "messages")
+            msg["tool_calls"] = m["tool_calls"]
+        if tool_parser and m["role"] == "tool" and isinstance(m.get("tool_call_id"), str):
+            msg["tool_call_id"] = m["tool_call_id"]
+        parsed.append(msg)
+    if not any(m["content"] or m.get("tool_calls") for m in parsed):
         raise _bad("the prompt is empty: every message has empty content", "messages")
-    return GenerateRequest(model, params, stream, usage, messages=parsed, max_tokens_given=given, n=n)
+    req = GenerateRequest(model, params, stream, usage, messages=parsed, max_tokens_given=given, n=n)
+    if tool_parser:
+        req.tools, req.tool_choice = _tools(tool_fields)
+    return req
 
 
 def parse_tokenize(body: Any) -> GenerateRequest:
