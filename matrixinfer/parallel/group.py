@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 20.0  # a collective that waits longer than this means a rank is gone
 RENDEZVOUS_TIMEOUT_S = 600.0  # ranks meet once every rank has loaded its model
+STORE_ENV = "MATRIXINFER_EP_STORE"
 
 
 class RankFailure(RuntimeError):
@@ -37,19 +38,24 @@ class RankFailure(RuntimeError):
 class RankEnv:
     """Where this rank is: torchrun's variables, or the values given."""
 
-    def __init__(self, rank: int, world_size: int, master_addr: str = "127.0.0.1", master_port: int = 29500) -> None:
+    def __init__(self, rank: int, world_size: int, master_addr: str = "127.0.0.1", master_port: int = 29500,
+                 store_path: str | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside the instance's {world_size} ranks")
         self.rank, self.world_size, self.master_addr, self.master_port = rank, world_size, master_addr, master_port
+        # ranks of one host meet through a file in a private directory instead of a TCP store (which
+        # listens on every interface whatever master_addr says)
+        self.store_path = store_path
 
     @classmethod
     def from_environ(cls) -> RankEnv:
-        """From ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` (all required)."""
+        """From ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` (all required), and
+        ``MATRIXINFER_EP_STORE`` (a file store, set by the launcher for ranks of one host)."""
         missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
             raise ValueError(f"an EP rank needs torchrun's environment; {', '.join(missing)} not set")
         return cls(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), os.environ["MASTER_ADDR"],
-                   int(os.environ["MASTER_PORT"]))
+                   int(os.environ["MASTER_PORT"]), os.environ.get(STORE_ENV) or None)
 
 
 class EPGroup:
@@ -69,10 +75,18 @@ class EPGroup:
         timeout = datetime.timedelta(seconds=timeout_s)
         if not dist.is_initialized():
             # meeting takes as long as the slowest rank's model load; collectives then time out fast
-            store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=env.rank == 0,
-                                  timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
-            dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
-        self.ctrl = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+            meet = datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S)
+            store: dist.Store
+            if env.store_path is not None:
+                store = dist.FileStore(env.store_path, env.world_size)
+                store.set_timeout(meet)
+            else:
+                store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=env.rank == 0,
+                                      timeout=meet)
+            dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=meet)
+        # the groups the instance runs on, with the short timeout (the default group's covers the meeting)
+        self.pg = dist.new_group(backend=backend, timeout=timeout)
+        self.ctrl = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else self.pg
         self.broken: str | None = None
         self._bufs: dict[str, torch.Tensor] = {}
         self.backends: list[ExpertParallelExperts] = []  # in layer order; enable_expert_parallel fills it
@@ -109,7 +123,7 @@ class EPGroup:
         self._check()
         recv = torch.empty_like(send)
         try:
-            dist.all_to_all_single(recv, send)
+            dist.all_to_all_single(recv, send, group=self.pg)
         except RuntimeError as e:
             raise self._failed("exchanging split sizes", e) from e
         return [int(n) for n in recv.tolist()]
@@ -118,7 +132,7 @@ class EPGroup:
                    in_splits: Sequence[int], what: str) -> None:
         self._check()
         try:
-            dist.all_to_all_single(out, inp, list(out_splits), list(in_splits))
+            dist.all_to_all_single(out, inp, list(out_splits), list(in_splits), group=self.pg)
         except RuntimeError as e:
             raise self._failed(what, e) from e
 

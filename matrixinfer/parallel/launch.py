@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from matrixinfer.engine.llm_engine import LLMEngine
 from matrixinfer.model.deepseek import DeepseekForCausalLM
 from matrixinfer.parallel.dp_engine import DPEngine
 from matrixinfer.parallel.ep_moe import enable_expert_parallel
-from matrixinfer.parallel.group import EPGroup, RankEnv
+from matrixinfer.parallel.group import STORE_ENV, EPGroup, RankEnv
 from matrixinfer.parallel.placement import ExpertPlacement
 
 log = logging.getLogger(__name__)
@@ -73,8 +75,10 @@ def build_rank(cfg: EngineConfig, env: RankEnv, model: DeepseekForCausalLM | Non
     return engine, group
 
 
-def spawn_ranks(cfg: EngineConfig, ranks: range, master_addr: str, master_port: int) -> list[subprocess.Popen]:
-    """Start ``python -m matrixinfer.parallel.rank`` for each of ``ranks`` with torchrun's variables."""
+def spawn_ranks(cfg: EngineConfig, ranks: range, master_addr: str, master_port: int,
+                store_path: str | None = None) -> list[subprocess.Popen]:
+    """Start ``python -m matrixinfer.parallel.rank`` for each of ``ranks`` with torchrun's variables
+    (and the file store of a one-host instance)."""
     local = max(1, len(node_ranks(cfg)))
     threads = os.environ.get("MATRIXINFER_THREADS") or str(max(1, (os.cpu_count() or 1) // local))
     argv = to_argv(dataclasses.replace(cfg, master_port=master_port, master_addr=master_addr))
@@ -82,6 +86,8 @@ def spawn_ranks(cfg: EngineConfig, ranks: range, master_addr: str, master_port: 
     for r in ranks:
         env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r - ranks.start), WORLD_SIZE=str(cfg.ep),
                    MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), MATRIXINFER_THREADS=threads)
+        if store_path is not None:
+            env[STORE_ENV] = store_path
         procs.append(subprocess.Popen([sys.executable, "-m", "matrixinfer.parallel.rank", *argv], env=env,
                                       preexec_fn=_die_with_parent))
     return procs
@@ -112,12 +118,14 @@ def stop_ranks(procs: list[subprocess.Popen], timeout: float = 10.0) -> None:
 class EPInstance:
     """Rank 0's engine and the rank processes this host started for it."""
 
-    def __init__(self, engine: DPEngine, procs: list[subprocess.Popen]) -> None:
-        self.engine, self.procs = engine, procs
+    def __init__(self, engine: DPEngine, procs: list[subprocess.Popen], store_dir: str | None = None) -> None:
+        self.engine, self.procs, self.store_dir = engine, procs, store_dir
 
     def close(self) -> None:
         self.engine.close()
         stop_ranks(self.procs)
+        if self.store_dir is not None:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
 
 
 def start_instance(cfg: EngineConfig, model: DeepseekForCausalLM | None = None,
@@ -127,14 +135,21 @@ def start_instance(cfg: EngineConfig, model: DeepseekForCausalLM | None = None,
     if cfg.node_rank != 0:
         raise ValueError("only node 0 serves; other nodes run run_node()")
     port = cfg.master_port or free_port(cfg.master_addr)
-    procs = spawn_ranks(cfg, node_ranks(cfg)[1:], cfg.master_addr, port)
+    # one host: meet through a file in a private directory (a TCP store would listen on every interface)
+    store_dir = tempfile.mkdtemp(prefix="matrixinfer-ep-") if cfg.nnodes == 1 else None
+    store = os.path.join(store_dir, "store") if store_dir is not None else None
+    if cfg.nnodes == 1 and "GLOO_SOCKET_IFNAME" not in os.environ and "lo" in (n for _, n in socket.if_nameindex()):
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo would listen where the host name resolves (maybe a LAN)
+    procs = spawn_ranks(cfg, node_ranks(cfg)[1:], cfg.master_addr, port, store)
     torch_threads = os.environ.get("MATRIXINFER_THREADS")
     if torch_threads is None:
         os.environ["MATRIXINFER_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(node_ranks(cfg))))
     try:
-        engine, _ = build_rank(cfg, RankEnv(0, cfg.ep, cfg.master_addr, port), model, connector)
+        engine, _ = build_rank(cfg, RankEnv(0, cfg.ep, cfg.master_addr, port, store), model, connector)
     except BaseException:
         stop_ranks(procs)
+        if store_dir is not None:
+            shutil.rmtree(store_dir, ignore_errors=True)
         raise
     finally:
         if torch_threads is None:
@@ -142,7 +157,7 @@ def start_instance(cfg: EngineConfig, model: DeepseekForCausalLM | None = None,
     assert isinstance(engine, DPEngine)
     log.info("EP instance: %d ranks over %d node(s), rendezvous %s:%d, dispatch %s", cfg.ep, cfg.nnodes,
              cfg.master_addr, port, cfg.dispatch_dtype)
-    return EPInstance(engine, procs)
+    return EPInstance(engine, procs, store_dir)
 
 
 def run_node(cfg: EngineConfig) -> int:
