@@ -301,6 +301,10 @@ def parse_chat(body: Any, tool_parser: str | None = None) -> GenerateRequest:
         if not isinstance(content, str):
             raise _bad(f"messages[{i}].content must be a string or a list of text parts", "messages")
         msg: dict[str, Any] = {"role": m["role"], "content": content}
+        if m.get("name") is not None:  # a participant's name: the chat template may render it
+            if not isinstance(m["name"], str):
+                raise _bad(f"messages[{i}].name must be a string", "messages")
+            msg["name"] = m["name"]
         if tool_parser and m["role"] == "assistant" and m.get("tool_calls") is not None:
             if not isinstance(m["tool_calls"], list):
                 raise _bad(f"messages[{i}].tool_calls must be a list", "messages")
