@@ -221,6 +221,8 @@ class EngineConfig:
         kv_cache_memory: bytes for the KV cache; overrides ``kv_cache_fraction`` when set.
         kv_cache_fraction: fraction of available memory (host RAM on CPU, free GPU memory after
             the weights on CUDA) given to the KV cache.
+        kv_cache_dtype: ``auto`` stores latents in the runtime dtype; ``int8`` stores them as INT8 with
+            per-token scales (2x the tokens of a bfloat16 cache, 4x of float32; PyTorch attention only).
         max_num_seqs: most sequences running at once.
         max_num_batched_tokens: token budget per step (chunked prefill splits longer prompts).
         max_model_len: longest prompt + output (default: the model's max_position_embeddings).
@@ -252,6 +254,7 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory: int | None = None
     kv_cache_fraction: float = 0.05
+    kv_cache_dtype: str = field(default="auto", metadata={"choices": ["auto", "int8"]})
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None
@@ -289,6 +292,8 @@ class EngineConfig:
             raise ValueError(f"num_speculative_tokens must be at least 1, got {self.num_speculative_tokens}")
         if self.speculative_max_batch is not None and self.speculative_max_batch < 0:
             raise ValueError(f"speculative_max_batch must be >= 0, got {self.speculative_max_batch}")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ValueError(f"kv_cache_dtype must be 'auto' or 'int8', got {self.kv_cache_dtype!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
