@@ -548,17 +548,21 @@ async def sse_events(call: _Call, stream: AsyncIterator[tuple[int, RequestOutput
     role; echo opens it with the prompt), the usage chunk when asked for, ``[DONE]``. A client that
     goes away cancels this, which aborts the requests."""
     last = list(firsts)
+
+    def chunk(choice: dict[str, Any]) -> str:  # with continuous_usage_stats, the usage so far on each chunk
+        return _chunk(call, choice, _usage(call, last) if call.req.continuous_usage else None)
+
     for i, first in enumerate(firsts):
         if call.chat:
-            yield _chunk(call, {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+            yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
         elif call.echo_text:
-            yield _chunk(call, {"index": i, "text": call.echo_text, "finish_reason": None, "token_ids": []})
-        yield _chunk(call, _delta(call, first, i))
+            yield chunk({"index": i, "text": call.echo_text, "finish_reason": None, "token_ids": []})
+        yield chunk(_delta(call, first, i))
     try:
         async for i, out in stream:
             timing.token(out)
             last[i] = out
-            yield _chunk(call, _delta(call, out, i))
+            yield chunk(_delta(call, out, i))
     except (asyncio.CancelledError, GeneratorExit):  # the client left: the requests are aborted
         metrics.aborted.inc()
         raise
@@ -612,9 +616,12 @@ def _event(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def _chunk(call: _Call, choice: dict[str, Any]) -> str:
-    return _event({"id": call.rid, "object": call.chunk_object, "created": call.created, "model": call.model,
-                   "choices": [choice]})
+def _chunk(call: _Call, choice: dict[str, Any], usage: dict[str, Any] | None = None) -> str:
+    body = {"id": call.rid, "object": call.chunk_object, "created": call.created, "model": call.model,
+            "choices": [choice]}
+    if usage is not None:
+        body["usage"] = usage
+    return _event(body)
 
 
 def _usage(call: _Call, lasts: list[RequestOutput]) -> dict[str, Any]:

@@ -39,6 +39,7 @@ class GenerateRequest:
     max_tokens_given: bool = False
     n: int = 1  # choices per request (each a request of its own to the engine, seeded seed + index)
     echo: bool = False  # completions: the prompt text precedes each choice's text
+    continuous_usage: bool = False  # streaming: the running usage on every chunk
     add_special_tokens: bool = True  # /tokenize: BOS before a text prompt
 
 
@@ -169,7 +170,9 @@ def _sampling(body: dict, default_max_tokens: int, logprobs: bool) -> tuple[Samp
     return params, given, n
 
 
-def _stream_flags(body: dict) -> tuple[bool, bool]:
+def _stream_flags(body: dict) -> tuple[bool, bool, bool]:
+    """``stream``, ``stream_options.include_usage`` and ``stream_options.continuous_usage_stats``
+    (vLLM's: the running usage on every chunk; guidellm asks for it)."""
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -177,18 +180,16 @@ def _stream_flags(body: dict) -> tuple[bool, bool]:
         raise _bad("'stream' must be a boolean", "stream")
     opts = body.get("stream_options")
     if opts is None:
-        return stream, False
+        return stream, False, False
     if not isinstance(opts, dict):
         raise _bad("'stream_options' must be an object", "stream_options")
     if not stream:
         raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
     for key, value in opts.items():
         if key not in ("include_usage", "continuous_usage_stats") or not isinstance(value, bool):
-            raise _bad(f"'stream_options' takes 'include_usage' (a boolean), got {shown(key)}: {shown(value)}",
-                       "stream_options")
-        if key == "continuous_usage_stats" and value:
-            raise _bad("'stream_options.continuous_usage_stats' is not supported", "stream_options")
-    return stream, bool(opts.get("include_usage", False))
+            raise _bad(f"'stream_options' takes 'include_usage' and 'continuous_usage_stats' (booleans), got "
+                       f"{shown(key)}: {shown(value)}", "stream_options")
+    return stream, bool(opts.get("include_usage", False)), bool(opts.get("continuous_usage_stats", False))
 
 
 def _model(body: dict) -> str:
@@ -217,11 +218,12 @@ def parse_completion(body: Any, default_max_tokens: int = 16) -> GenerateRequest
         raise _bad(f"'best_of' must equal 'n' ({n}): ranking candidates by likelihood is not supported", "best_of")
     if echo and lp is not None:
         raise _bad("'echo' with 'logprobs' (prompt log-probabilities) is not supported", "echo")
-    stream, usage = _stream_flags(body)
+    stream, usage, continuous = _stream_flags(body)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
-    req = GenerateRequest(model, params, stream, usage, max_tokens_given=given, n=n, echo=bool(echo))
+    req = GenerateRequest(model, params, stream, usage, max_tokens_given=given, n=n, echo=bool(echo),
+                          continuous_usage=continuous)
     if isinstance(prompt, str):
         if not prompt:
             raise _bad("the prompt is empty", "prompt")
@@ -280,7 +282,7 @@ def parse_chat(body: Any, tool_parser: str | None = None) -> GenerateRequest:
         raise _bad("'top_logprobs' above 0 is not supported (only the chosen tokens' log-probabilities)",
                    "top_logprobs")
     params, given, n = _sampling(body, 1 << 30, lp)
-    stream, usage = _stream_flags(body)
+    stream, usage, continuous = _stream_flags(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("'messages' must be a non-empty list", "messages")
@@ -314,7 +316,8 @@ def parse_chat(body: Any, tool_parser: str | None = None) -> GenerateRequest:
         parsed.append(msg)
     if not any(m["content"] or m.get("tool_calls") for m in parsed):
         raise _bad("the prompt is empty: every message has empty content", "messages")
-    req = GenerateRequest(model, params, stream, usage, messages=parsed, max_tokens_given=given, n=n)
+    req = GenerateRequest(model, params, stream, usage, messages=parsed, max_tokens_given=given, n=n,
+                          continuous_usage=continuous)
     if tool_parser:
         req.tools, req.tool_choice = _tools(tool_fields)
     return req

@@ -5,6 +5,7 @@ unknown routes and methods answer in the OpenAI error shape; /v1/models/{id}, /v
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -88,6 +89,29 @@ def test_echo_and_stream_usage(client):
                                             stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_guidellm_shaped_streams_get_running_usage(server, chat):
+    """The bodies guidellm sends (stream_options with continuous_usage_stats, stop null, ignore_eos,
+    chat content as a list of text parts, max_completion_tokens): accepted, and every chunk carries
+    the usage so far, as vLLM does."""
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    if chat:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi there"}]}],
+                "max_completion_tokens": 6, "stop": None, "ignore_eos": True}
+    else:
+        body = {"model": "tiny", "prompt": "hi there", "max_tokens": 6, "stop": None, "ignore_eos": True}
+    url = f"{server.url}/v1/{'chat/completions' if chat else 'completions'}"
+    with httpx.stream("POST", url, json={**body, "stream": True, "stream_options": opts}, headers=HEADERS,
+                      timeout=60) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert all("usage" in e for e in events)
+    done = [e["usage"]["completion_tokens"] for e in events]
+    assert done == sorted(done) and done[-1] == 6 and events[-1]["choices"] == []
+    assert all(e["usage"]["total_tokens"] == e["usage"]["prompt_tokens"] + e["usage"]["completion_tokens"]
+               for e in events)
 
 
 def test_no_effect_fields_are_accepted(client):
