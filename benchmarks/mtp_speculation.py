@@ -13,7 +13,7 @@ every batch size (no policy), to show what the policy avoids.
 Bar (demo model, CPU): batch 1 >= 1.3x, batch 64 >= 0.98x.
 
     python benchmarks/mtp_speculation.py [--model DIR] [--device cpu|cuda] [-k 1] [--batch-sizes 1,64]
-        [--trials 3] [--output-len 128] [--always] [--json out.json]
+        [--trials 3] [--output-len 128] [--always] [--threads N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -97,9 +97,13 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--always", action="store_true", help="also run an engine that speculates at every batch size")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch/OpenMP threads (default: torch's); 1 on a machine other processes share")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     path = args.model or str(default_model_path())
     dev = torch.device(args.device)
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
@@ -154,9 +158,18 @@ def main() -> None:
         if drafted:
             line += f"  acceptance {accepted / drafted:.3f}  tokens/step {(accepted + verif) / verif:.2f}"
         if "always" in med:
+            a = runs["always"]
+            a_drafted = sum(r["spec_draft_tokens"] for r in a)
+            a_verif = sum(r["spec_verifications"] for r in a)
+            a_accepted = sum(r["spec_accepted_tokens"] for r in a)
             row["always_ratio"] = med["always"] / med["plain"]
             row["always_cpu_ratio"] = cpu["always"] / cpu["plain"]
-            line += f"  (always speculating: {row['always_ratio']:.3f}, per CPU second {row['always_cpu_ratio']:.3f})"
+            line += f"  (always speculating: {row['always_ratio']:.3f}, per CPU second {row['always_cpu_ratio']:.3f}"
+            if a_drafted:
+                row["always_acceptance_rate"] = a_accepted / a_drafted
+                row["always_tokens_per_spec_step"] = (a_accepted + a_verif) / a_verif
+                line += f", acceptance {a_accepted / a_drafted:.3f}, tokens/step {(a_accepted + a_verif) / a_verif:.2f}"
+            line += ")"
         print(line)
         if b in BARS and dev.type == "cpu":
             ok = ratio >= BARS[b]
