@@ -23,6 +23,7 @@ PRIOR_ACCEPTANCE = 0.6  # before any draft is verified (the reference design mea
 PRIOR_WEIGHT = 8.0  # how many verified drafts the prior is worth
 DECAY = 0.999  # per verification: the estimate follows the traffic over the last few thousand drafts
 MARGIN = 0.05  # speculate only when it is expected to be at least 5% faster
+EXPLORE_EVERY = 16  # a declining policy still verifies one draft every this many steps where it could pay
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,8 @@ class SpecPolicy:
         self.costs = costs
         self.max_batch = max_batch
         self.margin = margin
+        self.explore_every = EXPLORE_EVERY
+        self._declined = 0
 
     def choose(self, batch: int) -> int:
         if batch < 1:
@@ -130,6 +133,23 @@ class SpecPolicy:
             if gain > best_gain:
                 best, best_gain = k, gain
         return best
+
+    def decide(self, batch: int) -> int:
+        """The engine's per-step draft count: :meth:`choose`, except that after ``explore_every``
+        steps in a row without speculation at a batch where it would pay if every draft were
+        accepted, one step verifies a single draft. Acceptance is only measured by verifying, so
+        without this a pessimistic prior could keep the policy from ever speculating."""
+        k = self.choose(batch)
+        if k or self.max_batch is not None or batch < 1:
+            self._declined = 0
+            return k
+        self._declined += 1
+        if self._declined < self.explore_every:
+            return 0
+        self._declined = 0
+        assert self.costs is not None
+        t = self.costs.at(batch)
+        return 1 if t is not None and 2.0 * t[0] / t[1][0] > 1.0 + self.margin else 0
 
     def speculate(self, batch: int) -> bool:
         return self.choose(batch) > 0

@@ -130,7 +130,7 @@ class MTPSpeculator:
     def lookahead(self, running: list[Sequence]) -> dict[str, int]:
         """Drafts each decoding sequence would verify this step ({} when the policy says no)."""
         decoding = [s for s in running if s.num_computed == s.num_tokens - 1]
-        drafts = self.policy.choose(len(decoding)) if decoding else 0
+        drafts = self.policy.decide(len(decoding)) if decoding else 0
         if not drafts:
             return {}
         out = {}

@@ -438,6 +438,22 @@ def test_policy_speculates_where_the_measured_costs_pay():
     assert not SpecPolicy(2, AcceptanceTracker(2), max_batch=4).speculate(5)
 
 
+def test_a_declining_policy_explores_and_learns_the_acceptance():
+    """At the prior (0.6) one draft does not pay at 1.55x a plain step's cost, so the policy declines;
+    it still verifies one draft every EXPLORE_EVERY steps where full acceptance would pay (never at
+    batch 8, where a step with drafts costs 2.2x), and once acceptance is measured at 0.8 it speculates."""
+    costs = StepCosts((1, 8), plain=(1.0, 1.0), spec=((1.55, 2.2),), complete=True)
+    tracker = AcceptanceTracker(1)
+    policy = SpecPolicy(1, tracker, costs)
+    assert policy.choose(1) == 0
+    steps = [policy.decide(1) for _ in range(3 * policy.explore_every)]
+    assert sum(steps) == 3 and steps[policy.explore_every - 1] == 1
+    assert not any(policy.decide(8) for _ in range(3 * policy.explore_every))
+    for i in range(40):  # what the explored verifications measure
+        tracker.record(1, int(i % 5 != 0))
+    assert policy.choose(1) == 1 and policy.decide(1) == 1 and policy.choose(8) == 0
+
+
 def test_policy_picks_the_draft_count_that_pays_most():
     # two drafts cost little more than one at batch 1, much more at batch 8
     costs = StepCosts((1, 8, 64), plain=(1.0, 1.2, 3.0), spec=((1.15, 1.6, 6.5), (1.3, 2.4, 9.5)))
