@@ -90,6 +90,8 @@ class EngineStats(msgspec.Struct, tag=True, kw_only=True):
     kv_transfers: Annotated[int, _stat("KV transfers completed", kind="counter")] = 0
     ems_stored_blocks: Annotated[int, _stat("KV blocks stored to the EMS context cache", kind="counter")] = 0
     ems_loaded_blocks: Annotated[int, _stat("KV blocks loaded from the EMS context cache", kind="counter")] = 0
+    ep_remote_requests: Annotated[int, _stat("Requests an expert-parallel instance's rank 0 gave to its other ranks' "
+                                             "schedulers (DP attention)", kind="counter")] = 0
     spec_steps: Annotated[int, _stat("Engine steps that verified speculative drafts", "spec_decode_steps",
                                      "counter")] = 0
     spec_verifications: Annotated[int, _stat("Sequences verified in speculative steps (one per sequence per step)",

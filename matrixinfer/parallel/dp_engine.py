@@ -4,10 +4,17 @@ every rank there (a rank without work runs an empty batch, as SGLang's DP attent
 
 Rank 0 is the instance's face (:class:`DPEngine`, an :class:`LLMEngine` for the API server, the
 worker and :class:`~matrixinfer.engine.async_engine.AsyncEngine`). It spreads new requests over
-the ranks by load (in the prefill/decode roles, whose KV handoff is bound to rank 0's cache, every
-request stays on rank 0 and the others only hold experts). Before every step it broadcasts a
-:class:`StepPlan` (new requests, aborts, whether a forward pass runs); after the step every rank
-sends a :class:`RankReport` (outputs, stats, EP metrics) back. The other ranks run :func:`follow`.
+the ranks by load. Before every step it broadcasts a :class:`StepPlan` (new requests, aborts,
+whether a forward pass runs); after the step every rank sends a :class:`RankReport` (outputs,
+stats, EP metrics) back. The other ranks run :func:`follow`.
+
+In the prefill/decode roles rank 0 alone talks to the router and holds the KV port, and the KV
+handoff goes over the same control channel: a prefill rank that computed a request hands its KV
+back in its report (:class:`KVHandoff`, taken by :class:`HandoffCollector`) and rank 0's
+``KVSender`` sends it on (:meth:`DPEngine.hand_off_from_ranks`); on a decode instance the KV lands
+in rank 0's reservation, and :meth:`DPEngine.attach` moves a request to a less loaded rank in the
+next plan (:class:`RankAttach`), whose engine reserves, writes and attaches it. With another
+connector on rank 0 (the EMS context cache), requests stay on rank 0.
 Without work, rank 0 still sends a heartbeat plan every ``heartbeat`` seconds, so that a waiting
 rank's collective never times out while one that died is noticed within ``ep_timeout``.
 """
@@ -20,14 +27,17 @@ import time
 from collections.abc import Callable
 
 import msgspec
+import torch
 
 from matrixinfer.config import EngineConfig
 from matrixinfer.engine.commands import AddRequest
 from matrixinfer.engine.errors import RequestError
 from matrixinfer.engine.kv_connector import KVConnector
-from matrixinfer.engine.llm_engine import LLMEngine
+from matrixinfer.engine.llm_engine import LLMEngine, _Detok
 from matrixinfer.engine.outputs import EngineStats, FinishReason, RequestOutput, sum_stats
 from matrixinfer.engine.sampling_params import SamplingParams
+from matrixinfer.engine.sequence import Sequence
+from matrixinfer.engine.speculative import last_hidden
 from matrixinfer.model.deepseek import DeepseekForCausalLM
 from matrixinfer.model.tokenizer import Tokenizer
 from matrixinfer.parallel.group import EPGroup, RankFailure
@@ -36,7 +46,9 @@ from matrixinfer.parallel.messages import (
     PLAN_DECODER,
     REPORT_DECODER,
     EPMetrics,
+    KVHandoff,
     RankAdd,
+    RankAttach,
     RankReport,
     StepPlan,
 )
@@ -50,6 +62,63 @@ def ep_metrics(group: EPGroup) -> EPMetrics:
                      passes=group.passes, idle_passes=group.idle_passes, dispatch_bytes=group.dispatch_bytes,
                      combine_bytes=group.combine_bytes, dispatch_seconds=group.dispatch_s,
                      combine_seconds=group.combine_s, expert_tokens=group.expert_tokens.tolist())
+
+
+def kv_bytes(kv: torch.Tensor) -> tuple[str, list[int], bytes]:
+    """A CPU KV tensor as (dtype name, shape, raw bytes) for the control channel."""
+    raw = kv.contiguous().view(torch.uint8) if kv.dtype != torch.uint8 else kv.contiguous()
+    return str(kv.dtype).removeprefix("torch."), list(kv.shape), raw.numpy().tobytes()
+
+
+def kv_tensor(dtype: str, shape: list[int], data: bytes) -> torch.Tensor:
+    """The inverse of :func:`kv_bytes`."""
+    return torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype)).view(*shape)
+
+
+class HandoffCollector(KVConnector):
+    """The connector of a rank other than 0: a request rank 0 marked as a prefill handoff leaves
+    after its first token, its KV read out into a :class:`KVHandoff` for the next report."""
+
+    def __init__(self) -> None:
+        self.wanted: set[str] = set()
+        self.ready: list[KVHandoff] = []
+
+    def take_over(self, seq: Sequence, token: int, logprob: float | None) -> bool:
+        if seq.request_id not in self.wanted:
+            return False
+        self.wanted.discard(seq.request_id)
+        dtype, shape, data = kv_bytes(self.cache.read_tokens(seq.block_table, len(seq.prompt_ids)))
+        self.ready.append(KVHandoff(seq.request_id, token, logprob, seq.num_cached_tokens,
+                                    self.sampler.export_state(seq.request_id), last_hidden(seq), dtype, shape, data))
+        return True
+
+    def request_finished(self, seq: Sequence) -> None:
+        self.wanted.discard(seq.request_id)
+
+
+def _collector(engine: LLMEngine) -> HandoffCollector:
+    """This rank's :class:`HandoffCollector`, bound on the first prefill handoff (a rank of another
+    role runs without a connector)."""
+    if not isinstance(engine.connector, HandoffCollector):
+        engine.connector = HandoffCollector()
+        engine.connector.bind(engine.runner.kv_cache, engine.sampler)
+    return engine.connector
+
+
+def _attach_here(engine: LLMEngine, a: RankAttach) -> None:
+    """Continue a decode request moved here by rank 0 (reserve, write its KV, attach); the first
+    token's output was streamed by rank 0, so the one :meth:`LLMEngine.attach` returns is dropped."""
+    r = a.request
+    if engine.reserve(r.request_id, len(r.prompt_ids), timeout=3600.0) is None:
+        raise RequestError(f"request {r.request_id!r}: EP rank has no free KV blocks for the moved request")
+    try:
+        engine.write_reserved(r.request_id, 0, kv_tensor(a.dtype, a.shape, a.kv))
+        engine.sampler.import_state(r.request_id, a.sampler_state, engine.runner.device)
+        engine.attach(r.request_id, r.prompt_ids, a.first_token, a.first_logprob, r.params, a.num_cached, a.hidden)
+    except BaseException:
+        engine.release_reservation(r.request_id)
+        engine.sampler.forget(r.request_id)
+        raise
 
 
 def run_step(step: Callable[[], list[RequestOutput]], group: EPGroup) -> list[RequestOutput]:
@@ -78,14 +147,27 @@ def follow(engine: LLMEngine, group: EPGroup) -> None:
             r = add.request
             try:
                 engine.add_request(r.request_id, r.prompt_ids, r.params)
+                if add.handoff:
+                    _collector(engine).wanted.add(r.request_id)
             except RequestError as e:
                 outputs.append(RequestOutput(request_id=r.request_id, finished=True,
+                                             finish_reason=FinishReason.ABORT, error=str(e)))
+        for att in plan.attaches:
+            if att.rank != group.rank:
+                continue
+            try:
+                _attach_here(engine, att)
+            except (RequestError, ValueError) as e:
+                outputs.append(RequestOutput(request_id=att.request.request_id, finished=True,
                                              finish_reason=FinishReason.ABORT, error=str(e)))
         for rid in plan.aborts:
             engine.abort(rid)
         if plan.run:
             outputs += run_step(engine.step, group)
-        report = RankReport(outputs, engine.stats(), engine.has_work(), ep_metrics(group))
+        handoffs: list[KVHandoff] = []
+        if isinstance(engine.connector, HandoffCollector):
+            handoffs, engine.connector.ready = engine.connector.ready, []
+        report = RankReport(outputs, engine.stats(), engine.has_work(), ep_metrics(group), handoffs)
         group.gather_bytes(ENCODER.encode(report))
 
 
@@ -98,9 +180,14 @@ class DPEngine(LLMEngine):
                  heartbeat: float = 1.0) -> None:
         super().__init__(cfg, model=model, tokenizer=tokenizer, connector=connector)
         self.group = group
-        # A KV connector (prefill handoff, EMS) is bound to this rank's cache: with one, every request
-        # stays here and the other ranks only hold experts (EP MoE without DP attention).
+        # A KV connector (EMS) is bound to this rank's cache: with one, every request stays here and the
+        # other ranks only hold experts (EP MoE without DP attention). A decode instance (no connector)
+        # spreads at attach; a prefill instance's handoff connector spreads via hand_off_from_ranks.
         self.spread = connector is None
+        self._send_handoff: Callable[[KVHandoff], None] | None = None
+        self._attaches: list[RankAttach] = []
+        self._blocks_sent: list[int] = [0] * group.world  # KV blocks of attaches sent since the last report
+        self.remote_requests = 0  # requests given to the other ranks (adds and attaches)
         self.heartbeat = min(heartbeat, group.timeout_s / 4)
         self._owner: dict[str, int] = {}  # request id -> rank, for requests on other ranks
         self._adds: list[RankAdd] = []
@@ -111,6 +198,13 @@ class DPEngine(LLMEngine):
         self.closed = False
 
     # -- requests ------------------------------------------------------------------------------
+    def hand_off_from_ranks(self, send: Callable[[KVHandoff], None]) -> None:
+        """A prefill instance whose only connector is the KV handoff: spread its requests over the
+        ranks anyway; a request prefilled on another rank comes back as a :class:`KVHandoff` in
+        that rank's report and is passed to ``send`` (on the engine's thread)."""
+        self.spread = True
+        self._send_handoff = send
+
     def _load(self, rank: int) -> tuple[int, int]:
         if rank == 0:
             return len(self.running) + len(self.waiting), 0
@@ -132,15 +226,66 @@ class DPEngine(LLMEngine):
         self._check_prompt(prompt_ids)
         self._owner[request_id] = rank
         self._sent[rank] += 1
-        self._adds.append(RankAdd(rank, AddRequest(request_id, list(prompt_ids), params)))
+        self.remote_requests += 1
+        self._adds.append(RankAdd(rank, AddRequest(request_id, list(prompt_ids), params),
+                                  handoff=self._send_handoff is not None))
+
+    def _attach_rank(self, num_tokens: int) -> int:
+        """The least loaded rank whose last report leaves room for ``num_tokens`` of KV (rank 0
+        already holds the reservation)."""
+        need = self.blocks.blocks_needed(num_tokens + 1)
+        fits = [0]
+        for r in range(1, self.group.world):
+            rep = self._reports[r]
+            if rep is not None and rep.stats.kv_total - rep.stats.kv_used - self._blocks_sent[r] >= need:
+                fits.append(r)
+        return min(fits, key=lambda r: (*self._load(r), r))
+
+    def attach(self, request_id: str, prompt_ids: list[int], first_token: int, first_logprob: float | None,
+               params: SamplingParams, num_cached: int = 0, hidden: bytes = b"") -> RequestOutput:
+        """A decode instance's request whose KV arrived in this rank's reservation: attach it here, or
+        on the least loaded rank with room (its KV and sampler state go there in the next plan; the
+        first token's output is made here, as :meth:`LLMEngine.attach` makes it)."""
+        rank = self._attach_rank(len(prompt_ids)) if self.spread else 0
+        if rank == 0:
+            return super().attach(request_id, prompt_ids, first_token, first_logprob, params, num_cached, hidden)
+        width = self.model.config.hidden_size * 4
+        if hidden and len(hidden) != width:
+            raise RequestError(f"request {request_id!r}: the handed-over hidden state has {len(hidden)} bytes; "
+                               f"this model's is {width} (hidden_size {width // 4} float32)")
+        with self._kv_lock:
+            held = self._reservations.get(request_id)
+            if held is None:
+                raise RequestError(f"request {request_id!r} holds no reservation (aborted or expired)")
+            kv = self.runner.kv_cache.read_tokens(held[0].block_table, len(prompt_ids))
+        self.release_reservation(request_id)
+        state = self.sampler.export_state(request_id)
+        self.sampler.forget(request_id)
+        dtype, shape, data = kv_bytes(kv)
+        self._owner[request_id] = rank
+        self._sent[rank] += 1
+        self._blocks_sent[rank] += self.blocks.blocks_needed(len(prompt_ids) + 1)
+        self.remote_requests += 1
+        self._attaches.append(RankAttach(rank, AddRequest(request_id, list(prompt_ids), params), first_token,
+                                         first_logprob, num_cached, state, hidden, dtype, shape, data))
+        detok = _Detok(self.tokenizer, params.stop)
+        detok.push(first_token)
+        logprobs = [first_logprob] if params.logprobs and first_logprob is not None else []
+        return RequestOutput(request_id=request_id, token_ids=[first_token], logprobs=logprobs,
+                             text=detok.delta(final=False), num_prompt_tokens=len(prompt_ids), num_output_tokens=1,
+                             num_cached_tokens=num_cached)
 
     def abort(self, request_id: str) -> bool:
         if request_id not in self._owner:
             return super().abort(request_id)
         pending = [a for a in self._adds if a.request.request_id == request_id]
+        moving = [a for a in self._attaches if a.request.request_id == request_id]
         if pending:
             self._adds.remove(pending[0])
             self._sent[pending[0].rank] -= 1
+        elif moving:
+            self._attaches.remove(moving[0])
+            self._sent[moving[0].rank] -= 1
         else:
             self._aborts.append(request_id)
         del self._owner[request_id]
@@ -150,7 +295,7 @@ class DPEngine(LLMEngine):
         return any(r is not None and r.has_work for r in self._reports[1:])
 
     def has_work(self) -> bool:
-        return (super().has_work() or bool(self._adds or self._aborts) or self._remote_work()
+        return (super().has_work() or bool(self._adds or self._attaches or self._aborts) or self._remote_work()
                 or time.monotonic() - self._last >= self.heartbeat)
 
     # -- one lockstep step ---------------------------------------------------------------------
@@ -159,10 +304,11 @@ class DPEngine(LLMEngine):
         rank failure raises :class:`RankFailure` (the instance is dead; the caller fails its requests)."""
         if self.closed:
             raise RankFailure("this EP instance is closed")
-        run = LLMEngine.has_work(self) or bool(self._adds) or self._remote_work()
-        plan = StepPlan(self._adds, self._aborts, run=run)
-        self._adds, self._aborts = [], []
+        run = LLMEngine.has_work(self) or bool(self._adds or self._attaches) or self._remote_work()
+        plan = StepPlan(self._adds, self._attaches, self._aborts, run=run)
+        self._adds, self._attaches, self._aborts = [], [], []
         self._sent = [0] * self.group.world
+        self._blocks_sent = [0] * self.group.world
         self._last = time.monotonic()
         self.group.broadcast_bytes(ENCODER.encode(plan))
         outputs = run_step(lambda: LLMEngine.step(self), self.group) if run else []
@@ -171,6 +317,9 @@ class DPEngine(LLMEngine):
                 continue
             rep = REPORT_DECODER.decode(data)
             self._reports[rank] = rep
+            for h in rep.handoffs:  # before the outputs: their handed_off ends the request's ownership
+                if h.request_id in self._owner and self._send_handoff is not None:
+                    self._send_handoff(h)
             for out in rep.outputs:
                 if out.request_id not in self._owner:  # aborted here while that rank stepped
                     continue
@@ -196,7 +345,7 @@ class DPEngine(LLMEngine):
         mine = LLMEngine.stats(self)
         others = [r.stats for r in self._reports[1:] if r is not None]
         total = sum_stats([mine, *others])
-        return msgspec.structs.replace(total, steps=mine.steps)
+        return msgspec.structs.replace(total, steps=mine.steps, ep_remote_requests=self.remote_requests)
 
     def load_snapshot(self) -> dict:
         """The instance's per-rank and per-expert load (the JSON behind ``/ep/load`` and

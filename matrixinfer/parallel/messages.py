@@ -1,5 +1,8 @@
 """Typed messages of DP attention's control channel (msgspec, never pickle): rank 0's plan for
-each step and every rank's report after it."""
+each step and every rank's report after it. In the prefill/decode roles the channel also carries
+the KV handoff between rank 0 (which faces the router and holds the instance's KV port) and the
+rank that owns a request: :class:`KVHandoff` in a prefill rank's report, :class:`RankAttach` in a
+decode instance's plan."""
 
 from __future__ import annotations
 
@@ -10,10 +13,45 @@ from matrixinfer.engine.outputs import EngineStats, RequestOutput
 
 
 class RankAdd(msgspec.Struct, tag=True):
-    """A request rank 0 gives to rank ``rank``'s scheduler."""
+    """A request rank 0 gives to rank ``rank``'s scheduler. ``handoff``: a prefill instance's
+    request, which leaves that rank after its first token as a :class:`KVHandoff`."""
 
     rank: int
     request: AddRequest
+    handoff: bool = False
+
+
+class KVHandoff(msgspec.Struct, tag=True):
+    """A request prefilled on a rank other than 0, handed back with its prompt's KV (``kv``: the
+    raw bytes of a ``[layers, tokens, dim]`` tensor of ``dtype``) for rank 0 to send to the decode
+    instance; the other fields are those of the KV port's ``KVDone``."""
+
+    request_id: str
+    first_token: int
+    first_logprob: float | None
+    num_cached: int
+    sampler_state: bytes
+    hidden: bytes
+    dtype: str
+    shape: list[int]
+    kv: bytes
+
+
+class RankAttach(msgspec.Struct, tag=True):
+    """A decode instance's request whose KV arrived on rank 0, moved to rank ``rank``: that rank
+    reserves blocks, writes ``kv`` (as in :class:`KVHandoff`) into them and continues the
+    sequence after ``first_token`` (which rank 0 already streamed)."""
+
+    rank: int
+    request: AddRequest
+    first_token: int
+    first_logprob: float | None
+    num_cached: int
+    sampler_state: bytes
+    hidden: bytes
+    dtype: str
+    shape: list[int]
+    kv: bytes
 
 
 class StepPlan(msgspec.Struct, tag=True):
@@ -21,6 +59,7 @@ class StepPlan(msgspec.Struct, tag=True):
     (with its own batch, possibly empty); otherwise the step is a heartbeat. ``stop``: shut down."""
 
     adds: list[RankAdd] = msgspec.field(default_factory=list)
+    attaches: list[RankAttach] = msgspec.field(default_factory=list)
     aborts: list[str] = msgspec.field(default_factory=list)
     run: bool = False
     stop: bool = False
@@ -59,6 +98,7 @@ class RankReport(msgspec.Struct, tag=True):
     stats: EngineStats
     has_work: bool
     ep: EPMetrics
+    handoffs: list[KVHandoff] = msgspec.field(default_factory=list)
 
 
 ENCODER = msgspec.msgpack.Encoder()

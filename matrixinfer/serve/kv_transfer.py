@@ -38,6 +38,7 @@ from matrixinfer.netio import (
     recv_exact_into,
     set_timeouts,
 )
+from matrixinfer.parallel.messages import KVHandoff
 from matrixinfer.serve import messages as m
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,16 @@ class KVSender(KVConnector):
 
     def request_finished(self, seq: Sequence) -> None:
         self.destinations.pop(seq.request_id, None)
+
+    def send_handoff(self, h: KVHandoff) -> None:
+        """Send KV that another rank of this expert-parallel instance prefilled (it came back to
+        rank 0 over the instance's control channel) like a request of this engine's own."""
+        dest = self.destinations.pop(h.request_id, None)
+        if dest is None:  # aborted meanwhile
+            return
+        kv = torch.frombuffer(bytearray(h.kv), dtype=getattr(torch, h.dtype)).view(*h.shape)
+        done = m.KVDone(h.request_id, h.first_token, h.first_logprob, h.num_cached, h.sampler_state, h.hidden)
+        self.pool.submit(self._send, dest, kv, done)
 
     def stats(self) -> dict[str, int | float]:
         return {"kv_sent_bytes": self.sent_bytes, "kv_transfer_seconds": self.seconds,

@@ -55,8 +55,9 @@ def quiet_gc() -> None:
 def build_engine(cfg: EngineConfig, ems: Any, instance_id: str, connector: KVConnector | None) -> LLMEngine:
     """The instance's engine; with an EMS pool, weights come from its model cache when present
     (and are published there after a cold load, for the next instance). With ``--ep N`` it is rank 0
-    of an expert-parallel instance whose requests all stay on rank 0 (the KV handoff is bound to its
-    cache) while the routed experts are spread over the N ranks."""
+    of an expert-parallel instance: the routed experts are spread over the N ranks, and so are the
+    requests (DP attention; the KV handoff passes through rank 0, see
+    :mod:`matrixinfer.parallel.dp_engine`) unless an EMS connector binds them to rank 0's cache."""
     from matrixinfer.model.default_model import default_model_path
     from matrixinfer.model.device import resolve_device, resolve_dtype
     from matrixinfer.model.loader import load_model
@@ -188,7 +189,10 @@ class PrefillWorker(Worker):
         self.sender = KVSender(lambda rid, err: self.link.send(m.Failed(rid, err, 503)), secret)
         ems = self._ems_connector("prompt")
         connector = MultiConnector([ems, self.sender]) if ems is not None else self.sender
-        self.register(build_engine(self.cfg, self.ems, self.instance_id, connector))
+        engine = build_engine(self.cfg, self.ems, self.instance_id, connector)
+        if ems is None and hasattr(engine, "hand_off_from_ranks"):  # --ep N: prefill on every rank
+            engine.hand_off_from_ranks(self.sender.send_handoff)
+        self.register(engine)
 
     def handle(self, msg: Any) -> None:
         if isinstance(msg, m.Prefill):
@@ -199,10 +203,13 @@ class PrefillWorker(Worker):
                 self.sender.destinations.pop(msg.request_id, None)
                 self.link.send(m.Failed(msg.request_id, str(exc), 400))
         else:
+            if isinstance(msg, Abort):  # a request on another EP rank: its destination is dropped here
+                self.sender.destinations.pop(msg.request_id, None)
             super().handle(msg)
 
     def emit(self, out: RequestOutput) -> None:
         if out.finished:  # the first token ended the request: the router frees the reservation
+            self.sender.destinations.pop(out.request_id, None)
             self.link.send(out)
         else:  # the first token reaches the client from the decode instance once it holds the KV
             self.link.send(RequestOutput(request_id=out.request_id, handed_off=True))

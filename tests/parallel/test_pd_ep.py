@@ -1,8 +1,10 @@
 """EP instances in a P/D deployment: ``matrixinfer serve --num-prefill 1 --num-decode 2 --ep 2``
-(every instance rank 0 of two ranks, its routed experts spread over both) gives one process's
-greedy tokens; killing a rank of one decode instance mid-request ends that request with an error
-within 30 s, and the router keeps serving with the remaining instances. Costs ~2-3 min on 2 busy
-cores (a router and three EP instances of two processes each start)."""
+(every instance two ranks, its routed experts spread over both) gives one process's greedy tokens
+while requests are spread over the ranks' DP attention schedulers in both roles (the KV handoff
+passing through rank 0 over the instance's control channel); killing a rank of one decode
+instance mid-request ends that request with an error within 30 s, and the router keeps serving
+with the remaining instances. Costs ~1.5-2.5 min on 2 busy cores (a router and three EP instances
+of two processes each start)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from matrixinfer.engine.llm_engine import LLMEngine
 from matrixinfer.engine.sampling_params import SamplingParams
 from tests.serve.helpers import Server, stream_tokens
 
-PROMPTS = [[72, 101, 108, 108, 111], list(range(40, 75)), [3, 9, 27, 81]]
+PROMPTS = [[72, 101, 108, 108, 111], list(range(40, 75)), [3, 9, 27, 81], list(range(100, 121)), [5] * 12,
+           list(range(200, 207))]
 
 
 def _children(pid: int) -> list[tuple[int, str]]:
@@ -67,6 +70,11 @@ def test_pd_deployment_of_ep_instances(served_checkpoint):
                                                    for p in prompts]))
 
         assert [ids for ids, _ in asyncio.run(run(PROMPTS, 8))] == expect
+        # six requests at once: each instance's rank 0 gave some to rank 1 (prefill: to prefill there
+        # and hand the KV back; decode: the KV that arrived on rank 0, moved to rank 1 to continue)
+        remote = instance_metrics(server._scrape(), by="role")["ep_remote_requests"]
+        print(f"requests placed on rank 1 by role: {remote}")
+        assert remote.get("prefill", 0) > 0 and remote.get("decode", 0) > 0, remote
 
         decode = [pid for pid, cmd in server.children() if "--role decode" in cmd]
         assert len(decode) == 2
