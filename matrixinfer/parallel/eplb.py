@@ -252,17 +252,18 @@ def _improve(slots: list[list[int]], w: list[float], c: list[int], target: float
                 if q == p:
                     continue
                 for i, a in enumerate(slots[q]):
-                    if c[a] < 2 or a in slots[p]:
+                    if c[a] < 2:
                         continue
                     grow = w[a] / (c[a] - 1) - w[a] / c[a]
-                    holders_a = [r for r in range(n_ranks) if r != q and a in slots[r]]
+                    touched = [r for r in range(n_ranks) if r != q and (r == p or a in slots[r])]
                     for f in slots[p]:
                         if f in slots[q] or c[f] >= n_ranks:
                             continue
                         shrink = w[f] / c[f] - w[f] / (c[f] + 1)
-                        worst = max(load[p] - shrink, load[q] - w[a] / c[a] + w[f] / (c[f] + 1))
-                        for r in holders_a:
-                            worst = max(worst, load[r] + grow - (shrink if f in slots[r] else 0.0))
+                        worst = load[q] - w[a] / c[a] + w[f] / (c[f] + 1)
+                        for r in touched:
+                            worst = max(worst, load[r] + (grow if a in slots[r] else 0.0)
+                                        - (shrink if f in slots[r] else 0.0))
                         if worst < peak - _EPS * max(1.0, peak):
                             cand = (peak - worst, -worst, (1, q, i, f, 0))
                             if best is None or cand[:2] > best[:2]:
