@@ -316,6 +316,11 @@ def _fill(current: ReplicatedPlacement, w: list[float], per_rank: int) -> tuple[
         if not free:
             return slots, c
         load = _rank_loads(slots, w, c)
+        by_load = sorted(range(n_ranks), key=lambda r: -load[r])
+        holders: list[list[int]] = [[] for _ in w]
+        for r, experts in enumerate(slots):
+            for e in experts:
+                holders[e].append(r)
         best: tuple[float, float, int, int] | None = None
         for q in free:
             for e in range(len(w)):
@@ -323,9 +328,9 @@ def _fill(current: ReplicatedPlacement, w: list[float], per_rank: int) -> tuple[
                     continue
                 share = w[e] / (c[e] + 1)
                 worst = load[q] + share
-                for r in range(n_ranks):
-                    if r != q:
-                        worst = max(worst, load[r] - (w[e] / c[e] - share if e in slots[r] else 0.0))
+                # the other ranks: holders of e lose a little, the busiest non-holder keeps its load
+                worst = max(worst, max((load[r] - (w[e] / c[e] - share) for r in holders[e]), default=0.0))
+                worst = max(worst, next((load[r] for r in by_load if r != q and r not in holders[e]), 0.0))
                 cand = (worst, -w[e] / c[e], q, e)
                 if best is None or cand < best:
                     best = cand
