@@ -25,6 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from collections.abc import Sequence as Sequence_
 
 import msgspec
 import torch
@@ -189,6 +190,7 @@ class DPEngine(LLMEngine):
         self._blocks_sent: list[int] = [0] * group.world  # KV blocks of attaches sent since the last report
         self.remote_requests = 0  # requests given to the other ranks (adds and attaches)
         self.heartbeat = min(heartbeat, group.timeout_s / 4)
+        self._turn = 0  # the rank that wins the next tie of loads
         self._owner: dict[str, int] = {}  # request id -> rank, for requests on other ranks
         self._adds: list[RankAdd] = []
         self._aborts: list[str] = []
@@ -213,11 +215,19 @@ class DPEngine(LLMEngine):
             return self._sent[rank], 0
         return rep.stats.running + rep.stats.waiting + self._sent[rank], rep.stats.queued_tokens
 
+    def _pick(self, ranks: Sequence_[int]) -> int:
+        """The least loaded of ``ranks`` (requests, then queued tokens); ties go round-robin, so that
+        requests arriving one at a time on an idle instance still spread over its ranks."""
+        world = self.group.world
+        rank = min(ranks, key=lambda r: (*self._load(r), (r - self._turn) % world))
+        self._turn = (rank + 1) % world
+        return rank
+
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request on the least loaded rank (requests, then queued tokens)."""
+        """Queue a request on the least loaded rank (see :meth:`_pick`)."""
         if request_id in self._owner:
             raise RequestError(f"request id {request_id!r} is already in use")
-        rank = min(range(self.group.world), key=lambda r: (*self._load(r), r)) if self.spread else 0
+        rank = self._pick(range(self.group.world)) if self.spread else 0
         if rank == 0:
             super().add_request(request_id, prompt_ids, params)
             return
@@ -239,7 +249,7 @@ class DPEngine(LLMEngine):
             rep = self._reports[r]
             if rep is not None and rep.stats.kv_total - rep.stats.kv_used - self._blocks_sent[r] >= need:
                 fits.append(r)
-        return min(fits, key=lambda r: (*self._load(r), r))
+        return self._pick(fits)
 
     def attach(self, request_id: str, prompt_ids: list[int], first_token: int, first_logprob: float | None,
                params: SamplingParams, num_cached: int = 0, hidden: bytes = b"") -> RequestOutput:
