@@ -22,6 +22,7 @@ load over the mean over all ranks (1.0 = even; the simulator's ``imbalance``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -144,8 +145,8 @@ def _check(loads: list[float], n_ranks: int, n_redundant: int) -> int:
     n = len(loads)
     if n < 1:
         raise ValueError("no expert loads given")
-    if any(not x >= 0 for x in loads):
-        raise ValueError("expert loads must be non-negative numbers")
+    if any(not 0 <= x < math.inf for x in loads):
+        raise ValueError("expert loads must be finite non-negative numbers")
     if n_ranks < 1 or n_redundant < 0:
         raise ValueError(f"need ranks >= 1 and redundant >= 0, got {n_ranks} and {n_redundant}")
     if (n + n_redundant) % n_ranks:

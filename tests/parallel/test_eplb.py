@@ -186,8 +186,9 @@ def test_placement_round_trip_and_refusals() -> None:
         plan_placement([1.0] * 8, 3, 0)
     with pytest.raises(ValueError, match="target"):
         plan_incremental([1.0] * 8, rp, 0, target=0.9)
-    with pytest.raises(ValueError, match="non-negative"):
-        plan_placement([1.0, -1.0], 2, 0)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite non-negative"):
+            plan_placement([1.0, bad], 2, 0)
 
 
 def test_eplb_cli(tmp_path, capsys) -> None:
