@@ -361,6 +361,19 @@ def plan_placement(loads: list[float], n_ranks: int, n_redundant: int = 0,
         alt = ReplicatedPlacement(len(w), tuple(tuple(x) for x in kept))
         if max(alt.rank_loads(w)) < max(plan.rank_loads(w)) - _EPS * max(1.0, sum(w)):
             plan = alt
+    if max(plan.rank_loads(w)) > max(current.rank_loads(w)) + _EPS * max(1.0, sum(w)):
+        # Still less balanced than now (it happens when the current ranks hold unequal numbers of
+        # experts): spend the extra slots on copies of the coldest experts, which weigh little
+        # wherever they land, and pack again.
+        cold = [1] * len(w)
+        for _ in range(n_redundant):
+            e = min((e for e in range(len(w)) if cold[e] < n_ranks), key=lambda e: (w[e] / cold[e], e))
+            cold[e] += 1
+        slots = _pack(w, cold, n_ranks, per_rank)
+        _improve(slots, w, cold, 1.0, max_steps=4 * (len(w) + n_redundant))
+        alt = ReplicatedPlacement(len(w), tuple(tuple(x) for x in slots))
+        if max(alt.rank_loads(w)) < max(plan.rank_loads(w)) - _EPS * max(1.0, sum(w)):
+            plan = alt
     return ReplicatedPlacement(len(w), tuple(tuple(x) for x in relabel(plan.as_table(), current)))
 
 

@@ -113,9 +113,9 @@ def test_incremental_from_contiguous_adds_the_redundant_slots(problem: tuple[lis
         assert r.balance_after <= full.balance(loads) + TOL
     assert r.moves >= redundant  # every new slot is filled by a copy
     if n % n_ranks == 0:
-        # With uneven blocks (E % N != 0) adding slots can cost balance: 9 experts on 2 ranks,
-        # loads [1, 1, 1, 1, 4, 5, 0, 0, 3], 5 + 4 slots, balance 1.0; one copy more puts 5 + 5 slots
-        # at 1.0625 (the search misses a 1.0 layout that moves 4 experts). Documented.
+        # With uneven blocks (E % N != 0) equal slot counts can force a worse balance: loads
+        # [4, 4, 717, 4, 4, 10, 786, 3, 1, 5, 0] on 2 ranks hold 743 + 795 in 6 + 5 slots; with one
+        # copy more (6 + 6 slots) the rank of expert 6 holds 5 more experts, at best 796.
         assert r.balance_after <= r.balance_before + TOL
         assert full.balance(loads) <= r.balance_before + TOL
 
@@ -170,6 +170,19 @@ def test_route_to_replicas_is_balanced_and_deterministic() -> None:
     shifted = route_to_replicas(topk, placement, offset=1)
     assert torch.equal(phy2log[shifted], topk) and not torch.equal(shifted, phys)
     assert route_to_replicas(torch.zeros(0, 2, dtype=torch.long), placement).shape == (0, 2)
+
+
+def test_uneven_current_placement() -> None:
+    # 5 + 4 experts at 8 + 8; the tenth slot goes to a copy of a cold expert and a repacking
+    loads = [1.0, 1.0, 1.0, 1.0, 4.0, 5.0, 0.0, 0.0, 3.0]
+    current = ReplicatedPlacement.from_placement(ExpertPlacement.contiguous(9, 2))
+    assert current.balance(loads) == 1.0
+    assert plan_placement(loads, 2, 1, current).balance(loads) == 1.0
+    # ... but equal slots can force worse (the case in the comment above)
+    loads = [4.0, 4.0, 717.0, 4.0, 4.0, 10.0, 786.0, 3.0, 1.0, 5.0, 0.0]
+    current = ReplicatedPlacement.from_placement(ExpertPlacement.contiguous(11, 2))
+    assert max(current.rank_loads(loads)) == 795
+    assert max(plan_placement(loads, 2, 1, current).rank_loads(loads)) == 796
 
 
 def test_placement_round_trip_and_refusals() -> None:
