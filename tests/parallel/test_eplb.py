@@ -1,5 +1,5 @@
 """Expert-load balancing policy (matrixinfer.parallel.eplb) and ``matrixinfer eplb``: pure, no model.
-The property tests run in about 5 s together."""
+The whole file runs in about 8 s on 2 busy cores."""
 
 from __future__ import annotations
 
