@@ -190,7 +190,9 @@ class PrefillWorker(Worker):
         ems = self._ems_connector("prompt")
         connector = MultiConnector([ems, self.sender]) if ems is not None else self.sender
         engine = build_engine(self.cfg, self.ems, self.instance_id, connector)
-        if ems is None and hasattr(engine, "hand_off_from_ranks"):  # --ep N: prefill on every rank
+        from matrixinfer.parallel.dp_engine import DPEngine
+
+        if ems is None and isinstance(engine, DPEngine):  # --ep N: every rank prefills, rank 0 sends the KV
             engine.hand_off_from_ranks(self.sender.send_handoff)
         self.register(engine)
 
