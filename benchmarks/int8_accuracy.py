@@ -13,7 +13,7 @@ Greedy agreement over ``--prompts`` prompts x ``--tokens`` tokens, two ways:
 - free-running: both models generate on their own; the share of positions holding the same token
   (one early divergence makes every later position count as a miss).
 
-    python benchmarks/int8_accuracy.py [--model DIR] [--no-ablation] [--json out.json]
+    python benchmarks/int8_accuracy.py [--model DIR] [--no-ablation] [--kv-cache] [--json out.json]
 """
 
 from __future__ import annotations
@@ -51,14 +51,21 @@ ABLATION = [
 
 
 @torch.no_grad()
-def teacher_forced(model: DeepseekForCausalLM, prompts: list[list[int]], conts: list[list[int]]) -> float:
-    """Share of continuation positions where ``model``'s greedy choice equals ``conts``."""
+def teacher_forced(model: DeepseekForCausalLM, prompts: list[list[int]], conts: list[list[int]],
+                   kv_cache_dtype: str | None = None) -> float:
+    """Share of continuation positions where ``model``'s greedy choice equals ``conts`` (attending
+    through a paged cache of ``kv_cache_dtype`` when given)."""
     seqs = [p + c for p, c in zip(prompts, conts)]
     lens = [len(s) - 1 for s in seqs]
-    meta = AttentionMetadata.build(lens)
     ids = torch.tensor([t for s in seqs for t in s[:-1]])
     pos = torch.cat([torch.arange(n) for n in lens])
-    pred = model.compute_logits(model(ids, pos, meta)).argmax(-1).split(lens)
+    if kv_cache_dtype is None:
+        hidden = model(ids, pos, AttentionMetadata.build(lens))
+    else:
+        assert len(set(lens)) == 1, "equal lengths through a cache"
+        cache, meta = calibration.paged_cache(model, kv_cache_dtype, len(lens), lens[0])
+        hidden = model(ids, pos, meta, cache)
+    pred = model.compute_logits(hidden).argmax(-1).split(lens)
     hits = total = 0
     for p, c, row in zip(prompts, conts, pred):
         got = row[len(p) - 1:].tolist()
@@ -67,16 +74,50 @@ def teacher_forced(model: DeepseekForCausalLM, prompts: list[list[int]], conts: 
     return hits / total
 
 
+@torch.no_grad()
+def inject_outliers(model: DeepseekForCausalLM, channels: int, scale: float, seed: int = 0) -> None:
+    """Give every block's normalised inputs ``channels`` outlier channels ``scale`` times larger, the
+    way trained LLMs have a few huge activation channels, without changing the float model: the
+    norms' weights are multiplied and every consumer's input columns divided (router included).
+    The demo model, trained briefly, has no such channels, so on it every step buys little."""
+    from matrixinfer.model.layers import MLP
+    from matrixinfer.model.moe import MoE
+
+    g = torch.Generator().manual_seed(seed)
+    for block in model.model.layers:
+        hidden = block.input_layernorm.weight.shape[0]
+        for norm, consumers in (
+            (block.input_layernorm, [m.weight for m in (getattr(block.self_attn, "q_proj", None),
+                                                         getattr(block.self_attn, "q_a_proj", None),
+                                                         block.self_attn.kv_a_proj_with_mqa) if m is not None]),
+            (block.post_attention_layernorm, _mlp_inputs(block.mlp, MLP, MoE)),
+        ):
+            c = torch.randperm(hidden, generator=g)[:channels]
+            norm.weight[c] *= scale
+            for w in consumers:
+                w[..., c] /= scale
+
+
+def _mlp_inputs(mlp, mlp_cls, moe_cls) -> list[torch.Tensor]:
+    if isinstance(mlp, mlp_cls):
+        return [mlp.gate_proj.weight, mlp.up_proj.weight]
+    assert isinstance(mlp, moe_cls)
+    out = [mlp.gate.weight, mlp.experts.gate_up_proj]
+    if mlp.shared_experts is not None:
+        out += [mlp.shared_experts.gate_proj.weight, mlp.shared_experts.up_proj.weight]
+    return out
+
+
 def free_running(a: list[list[int]], b: list[list[int]]) -> float:
     pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
     return sum(x == y for x, y in pairs) / len(pairs)
 
 
 def evaluate(model: DeepseekForCausalLM, eval_windows: torch.Tensor, prompts: list[list[int]],
-             reference: list[list[int]], tokens: int) -> dict[str, float]:
-    ppl = calibration.perplexity(model, eval_windows)
-    own = generate(model, prompts, tokens)
-    return {"perplexity": ppl, "teacher_forced_agreement": teacher_forced(model, prompts, reference),
+             reference: list[list[int]], tokens: int, kv_cache_dtype: str | None = None) -> dict[str, float]:
+    ppl = calibration.perplexity(model, eval_windows, kv_cache_dtype)
+    own = generate(model, prompts, tokens, kv_cache_dtype=kv_cache_dtype or "auto")
+    return {"perplexity": ppl, "teacher_forced_agreement": teacher_forced(model, prompts, reference, kv_cache_dtype),
             "free_running_agreement": free_running(own, reference)}
 
 
@@ -90,6 +131,12 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--no-ablation", action="store_true", help="only the default recipe")
+    ap.add_argument("--recipes", default=None,
+                    help="comma-separated indices of the ablation rows to run (0: default; all by default)")
+    ap.add_argument("--outlier-channels", type=int, default=0,
+                    help="first give the model this many outlier channels per norm (an exact float transform)")
+    ap.add_argument("--outlier-scale", type=float, default=30.0)
+    ap.add_argument("--kv-cache", action="store_true", help="also the INT8 KV cache (--kv-cache-dtype int8) rows")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -98,7 +145,13 @@ def main() -> None:
     calib = calibration.windows(args.model, calibration.BUILTIN, args.seq_len + 1, args.windows, "calibration")
     evalw = calibration.windows(args.model, calibration.BUILTIN, args.seq_len + 1, args.eval_windows, "evaluation")
     prompts = calibration.windows(args.model, calibration.BUILTIN, args.prompt_len, args.prompts, "evaluation").tolist()
-    original = load_model(args.model, progress=False)
+    def load() -> DeepseekForCausalLM:
+        model = load_model(args.model, progress=False)
+        if args.outlier_channels:
+            inject_outliers(model, args.outlier_channels, args.outlier_scale)
+        return model
+
+    original = load()
     reference = generate(original, prompts, args.tokens)
     base = evaluate(original, evalw, prompts, reference, args.tokens)
     print(f"original: held-out perplexity {base['perplexity']:.4f} ({evalw.shape[0]} x {args.seq_len} tokens; "
@@ -110,8 +163,16 @@ def main() -> None:
     print(f"original on the PyTorch path: teacher-forced agreement {100 * floor['teacher_forced_agreement']:.2f}%, "
           f"free-running {100 * floor['free_running_agreement']:.2f}%")
     rows = []
-    for name, recipe in ABLATION[:1] if args.no_ablation else ABLATION:
-        model = load_model(args.model, progress=False)
+    if args.kv_cache:  # the optional INT8 latent cache, alone (float weights) and with the default recipe
+        r = {"recipe": "original weights + INT8 KV cache", **evaluate(original, evalw, prompts, reference,
+                                                                      args.tokens, "int8")}
+        r["perplexity_change"] = r["perplexity"] / base["perplexity"] - 1
+        rows.append(r)
+    chosen = ABLATION[:1] if args.no_ablation else ABLATION
+    if args.recipes:
+        chosen = [ABLATION[int(i)] for i in args.recipes.split(",")]
+    for name, recipe in chosen:
+        model = load()
         start = time.perf_counter()
         report = Quantizer(model, calib, recipe).run()
         seconds = time.perf_counter() - start
@@ -124,6 +185,11 @@ def main() -> None:
              "high_precision": report.high_precision, **evaluate(model, evalw, prompts, reference, args.tokens)}
         r["perplexity_change"] = r["perplexity"] / base["perplexity"] - 1
         rows.append(r)
+        if recipe == DEFAULT and args.kv_cache:
+            kv = {"recipe": "all five steps + INT8 KV cache", **evaluate(model, evalw, prompts, reference,
+                                                                         args.tokens, "int8")}
+            kv["perplexity_change"] = kv["perplexity"] / base["perplexity"] - 1
+            rows.append(kv)
         print(f"{name}: perplexity {r['perplexity']:.4f} ({100 * r['perplexity_change']:+.3f}%), teacher-forced "
               f"agreement {100 * r['teacher_forced_agreement']:.2f}%, "
               f"free-running {100 * r['free_running_agreement']:.2f}%")
@@ -136,16 +202,21 @@ def main() -> None:
     for r in rows:
         print(f"| {r['recipe']} | {r['perplexity']:.4f} | {100 * r['perplexity_change']:+.3f}% | "
               f"{100 * r['teacher_forced_agreement']:.2f}% | {100 * r['free_running_agreement']:.2f}% |")
-    d = rows[0]
-    print(f"\nbar: perplexity within +1%: {'yes' if d['perplexity_change'] <= 0.01 else 'no'} "
-          f"({100 * d['perplexity_change']:+.3f}%); greedy agreement >= 98% over {args.prompts} prompts x "
-          f"{args.tokens} tokens: teacher-forced {'yes' if d['teacher_forced_agreement'] >= 0.98 else 'no'} "
-          f"({100 * d['teacher_forced_agreement']:.2f}%), free-running "
-          f"{'yes' if d['free_running_agreement'] >= 0.98 else 'no'} ({100 * d['free_running_agreement']:.2f}%)")
+    d = next((r for r in rows if r["recipe"] == ABLATION[0][0]), None)
+    if d is not None:
+        _print_bar(d, args.prompts, args.tokens)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"original": base, "noise_floor": floor, "rows": rows, "args": vars(args)}, f, indent=1,
                       default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o))
+
+
+def _print_bar(d: dict, prompts: int, tokens: int) -> None:
+    print(f"\nbar: perplexity within +1%: {'yes' if d['perplexity_change'] <= 0.01 else 'no'} "
+          f"({100 * d['perplexity_change']:+.3f}%); greedy agreement >= 98% over {prompts} prompts x "
+          f"{tokens} tokens: teacher-forced {'yes' if d['teacher_forced_agreement'] >= 0.98 else 'no'} "
+          f"({100 * d['teacher_forced_agreement']:.2f}%), free-running "
+          f"{'yes' if d['free_running_agreement'] >= 0.98 else 'no'} ({100 * d['free_running_agreement']:.2f}%)")
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def nll(model: DeepseekForCausalLM, windows: torch.Tensor, batch_size: int = 8,
         if kv_cache_dtype is None:
             hidden = model(w[:, :-1].reshape(-1), pos, meta)
         else:
-            cache, paged = _cache_for(model, kv_cache_dtype, b, length)
+            cache, paged = paged_cache(model, kv_cache_dtype, b, length)
             hidden = model(w[:, :-1].reshape(-1), pos, paged, cache)
         total += F.cross_entropy(model.compute_logits(hidden), w[:, 1:].reshape(-1), reduction="sum").item()
         n_tok += b * length
@@ -110,7 +110,7 @@ def perplexity(model: DeepseekForCausalLM, windows: torch.Tensor, kv_cache_dtype
     return math.exp(nll(model, windows, kv_cache_dtype=kv_cache_dtype)[0])
 
 
-def _cache_for(model: DeepseekForCausalLM, kv_cache_dtype: str, seqs: int, length: int,
+def paged_cache(model: DeepseekForCausalLM, kv_cache_dtype: str, seqs: int, length: int,
                block_size: int = 16) -> tuple[KVCache, AttentionMetadata]:
     """A paged cache of ``kv_cache_dtype`` for ``seqs`` sequences of ``length`` tokens, and their metadata."""
     device = model.model.embed_tokens.weight.device
