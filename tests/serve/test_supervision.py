@@ -62,7 +62,9 @@ def test_a_crashed_child_is_restarted_after_its_delay_and_counted(children):
 
 @pytest.mark.parametrize("stop", ["exit0", "sigterm", "sigint"])
 def test_a_child_stopped_on_purpose_is_not_restarted(children, stop):
-    code = "import sys; sys.exit(0)" if stop == "exit0" else "import time; time.sleep(60)"
+    # (SIGINT's default handler set explicitly: a suite started in the background inherits SIGINT ignored)
+    code = ("import sys; sys.exit(0)" if stop == "exit0" else
+            "import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); time.sleep(60)")
     proc = children.start("prefill0", [code], role="prefill")
     if stop != "exit0":
         proc.send_signal(signal.SIGTERM if stop == "sigterm" else signal.SIGINT)
