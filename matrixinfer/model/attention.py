@@ -75,7 +75,7 @@ class PagedLatentCache(KVCache):
 
     def read_tokens(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
         """A CPU copy of every layer's latents of the first ``num_tokens`` tokens, ``[layers, tokens, dim]``."""
-        return self.data.index_select(1, self.slots(block_table, num_tokens)).cpu()
+        return self._decode(self.data.index_select(1, self.slots(block_table, num_tokens))).cpu()
 
     def write_tokens(self, block_table: list[int], kv: torch.Tensor, layer_start: int = 0) -> None:
         """Store ``kv`` ``[layers, tokens, dim]`` as layers ``layer_start..`` of the first tokens of a
@@ -86,8 +86,15 @@ class PagedLatentCache(KVCache):
                              f"{self.num_layers} layers x {self.dim} values")
         if -(-tokens // self.block_size) > len(block_table):
             raise ValueError(f"{tokens} tokens do not fit {len(block_table)} blocks of {self.block_size}")
-        self.data[layer_start:layer_start + layers].index_copy_(
-            1, self.slots(block_table, tokens), kv.to(self.data.device, self.data.dtype))
+        self.data[layer_start:layer_start + layers].index_copy_(1, self.slots(block_table, tokens), self._encode(kv))
+
+    def _encode(self, kv: torch.Tensor) -> torch.Tensor:
+        """``[layers, tokens, dim]`` values as stored."""
+        return kv.to(self.data.device, self.data.dtype)
+
+    def _decode(self, stored: torch.Tensor) -> torch.Tensor:
+        """Stored ``[layers, tokens, *]`` rows as values."""
+        return stored
 
     def block_view(self, block_id: int) -> torch.Tensor:
         """All layers' latents of one block, ``[num_layers, block_size, dim]`` (a view)."""
@@ -312,19 +319,11 @@ class Int8PagedLatentCache(PagedLatentCache):
     def gather(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         return self._unpack(self.data[layer].index_select(0, slots))
 
-    def read_tokens(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
-        rows = self.data.index_select(1, self.slots(block_table, num_tokens))
-        return self._unpack(rows.reshape(-1, self.row)).view(self.num_layers, num_tokens, self.dim).cpu()
+    def _encode(self, kv: torch.Tensor) -> torch.Tensor:
+        return self._pack(kv.reshape(-1, self.dim)).view(*kv.shape[:2], self.row)
 
-    def write_tokens(self, block_table: list[int], kv: torch.Tensor, layer_start: int = 0) -> None:
-        layers, tokens, dim = kv.shape
-        if dim != self.dim or layer_start < 0 or layer_start + layers > self.num_layers:
-            raise ValueError(f"KV of shape {list(kv.shape)} at layer {layer_start} does not fit a cache of "
-                             f"{self.num_layers} layers x {self.dim} values")
-        if -(-tokens // self.block_size) > len(block_table):
-            raise ValueError(f"{tokens} tokens do not fit {len(block_table)} blocks of {self.block_size}")
-        packed = self._pack(kv.reshape(-1, dim)).view(layers, tokens, self.row)
-        self.data[layer_start:layer_start + layers].index_copy_(1, self.slots(block_table, tokens), packed)
+    def _decode(self, stored: torch.Tensor) -> torch.Tensor:
+        return self._unpack(stored.reshape(-1, self.row)).view(*stored.shape[:2], self.dim)
 
 
 def make_cache(kv_cache_dtype: str, num_layers: int, num_blocks: int, block_size: int, dim: int, split: int,

@@ -33,6 +33,15 @@ class Capture(KVConnector):
         return True
 
 
+def continue_attached(engine: LLMEngine, rid: str, prompt: list[int], token: int, params: SamplingParams) -> list[int]:
+    """Attach a request whose KV was written into its reservation, run it to the end: its tokens."""
+    got = list(engine.attach(rid, prompt, token, None, params).token_ids)
+    while engine.has_work():
+        for out in engine.step():
+            got.extend(out.token_ids)
+    return got
+
+
 def test_unclaimed_reservation_is_reclaimed_after_its_deadline(tmp_path):
     eng = _engine(tmp_path)
     free = eng.blocks.num_free
@@ -59,12 +68,7 @@ def test_attach_continues_exactly_like_local_prefill(tmp_path):
     kv = capture.captured["kv"]
     assert b.write_reserved("x", 0, kv[:2]) and b.write_reserved("x", 2, kv[2:])  # in layer chunks
     assert not b.write_reserved("y", 0, kv)  # no reservation: the bytes are dropped
-    first = b.attach("x", prompt, capture.captured["token"], None, params)
-    got = list(first.token_ids)
-    while b.has_work():
-        for out in b.step():
-            got.extend(out.token_ids)
-    assert got == expect
+    assert continue_attached(b, "x", prompt, capture.captured["token"], params) == expect
     assert b.blocks.num_used == 0 and not b.has_reservation("x")
 
 

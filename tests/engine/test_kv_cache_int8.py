@@ -13,7 +13,7 @@ from matrixinfer.model.attention import AttentionMetadata, Int8PagedLatentCache,
 from matrixinfer.model.default_model import write_byte_tokenizer
 from matrixinfer.model.loader import load_model
 from tests.checkpoints import make_checkpoint
-from tests.engine.test_disaggregation import Capture, DictCache
+from tests.engine.test_disaggregation import Capture, DictCache, continue_attached
 
 
 def _engine(ck, kv_cache_dtype: str, connector=None) -> LLMEngine:
@@ -94,12 +94,7 @@ def test_handoff_and_external_cache_keep_every_token(tmp_path):
         a.step()
     assert b.reserve("x", len(prompt), timeout=10) is not None
     assert b.write_reserved("x", 0, capture.captured["kv"])
-    first = b.attach("x", prompt, capture.captured["token"], None, params)
-    got = list(first.token_ids)
-    while b.has_work():
-        for out in b.step():
-            got.extend(out.token_ids)
-    assert got == expect
+    assert continue_attached(b, "x", prompt, capture.captured["token"], params) == expect
 
     shared: dict[bytes, torch.Tensor] = {}
     c, d = _engine(ck, "int8", DictCache(shared)), _engine(ck, "int8", DictCache(shared))
