@@ -62,11 +62,14 @@ def test_a_crashed_child_is_restarted_after_its_delay_and_counted(children):
 
 @pytest.mark.parametrize("stop", ["exit0", "sigterm", "sigint"])
 def test_a_child_stopped_on_purpose_is_not_restarted(children, stop):
-    # (SIGINT's default handler set explicitly: a suite started in the background inherits SIGINT ignored)
+    # The child sets the default handlers and says so before it is signalled: a suite started in the
+    # background passes SIGINT on ignored, and a signal that arrives before the handler is set is lost.
     code = ("import sys; sys.exit(0)" if stop == "exit0" else
-            "import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); time.sleep(60)")
+            "import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "signal.signal(signal.SIGTERM, signal.SIG_DFL); print('ready', flush=True); time.sleep(60)")
     proc = children.start("prefill0", [code], role="prefill")
     if stop != "exit0":
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         proc.send_signal(signal.SIGTERM if stop == "sigterm" else signal.SIGINT)
     _dead(proc)
     now = time.monotonic()

@@ -29,7 +29,7 @@ def test_profile_command_writes_versioned_profile_on_tiny_grid(tmp_path, capsys)
     model = write_random_model(tmp_path / "model")
     out = tmp_path / "prof.json"
     assert main(["profile", "--model", str(model), "--grid", "tiny", "--out", str(out), "--threads", "1",
-                 "--no-ep", "--disable-tqdm"]) == 0
+                 "--device", "cpu", "--no-ep", "--disable-tqdm"]) == 0
     assert "wrote" in capsys.readouterr().out
     doc = json.loads(out.read_text())
     assert doc["schema"] == SCHEMA and doc["version"] == VERSION
