@@ -138,7 +138,13 @@ def test_prefix_cache_metrics_add_up(pdc):
         return (m["matrixinfer_prefix_cache_queried_tokens_total"],
                 m["matrixinfer_prefix_cache_hit_tokens_total"] + m["matrixinfer_external_cache_hit_tokens_total"])
 
-    q0, h0 = counts()
+    _wait_idle(pdc)
+    q0, h0 = counts()  # the earlier tests' counters, once every instance has reported them (every 0.2 s)
+    for _ in range(20):
+        time.sleep(0.5)
+        if counts() == (q0, h0):
+            break
+        q0, h0 = counts()
     prompt = [(17 * i + 5) % 250 + 3 for i in range(70)]  # 4 full blocks to look up; new to every cache
     cached = [_complete(pdc, prompt, n=2)["usage"]["prompt_tokens_details"]["cached_tokens"] for _ in range(3)]
     deadline = time.time() + 5  # instances report every 0.2 s
