@@ -107,12 +107,10 @@ class ModelRunner:
         hidden = self.model(torch.tensor(ids).to(self.device, non_blocking=True), pos, meta, self.kv_cache)
         return hidden, starts
 
-    @torch.inference_mode()
-    def mtp(self, rows: list[tuple[Sequence, int, list[int], torch.Tensor]]) -> torch.Tensor:
-        """The MTP module over consecutive positions of each ``(seq, start, next_ids, hidden)``: row i
-        is position ``start + i``, combining the main model's (or the previous draft's) hidden state
-        ``hidden[i]`` with the embedding of the token after it, ``next_ids[i]``; its latent goes to
-        the MTP layer of the paged cache. Returns the MTP hidden state of each entry's last row."""
+    def mtp_batch(self, rows: list[tuple[Sequence, int, list[int], torch.Tensor]]
+                  ) -> tuple[list[int], AttentionMetadata, torch.Tensor, torch.Tensor, list[int]]:
+        """The flat batch of an MTP pass over ``rows`` (see :meth:`mtp`): token ids, metadata,
+        positions, the hidden states it combines with, and each entry's last row."""
         ids: list[int] = []
         positions: list[int] = []
         q_lens, ctx_lens, last = [], [], []
@@ -122,9 +120,21 @@ class ModelRunner:
             q_lens.append(len(next_ids))
             ctx_lens.append(start + len(next_ids))
             last.append(len(ids) - 1)
-        dev = self.device
         meta, pos = self._metadata([seq for seq, _, _, _ in rows], q_lens, ctx_lens, positions)
         prev = rows[0][3] if len(rows) == 1 else torch.cat([h for _, _, _, h in rows])
+        return ids, meta, pos, prev, last
+
+    @torch.inference_mode()
+    def mtp(self, rows: list[tuple[Sequence, int, list[int], torch.Tensor]],
+            batch: tuple[list[int], AttentionMetadata, torch.Tensor, torch.Tensor, list[int]] | None = None
+            ) -> torch.Tensor:
+        """The MTP module over consecutive positions of each ``(seq, start, next_ids, hidden)``: row i
+        is position ``start + i``, combining the main model's (or the previous draft's) hidden state
+        ``hidden[i]`` with the embedding of the token after it, ``next_ids[i]``; its latent goes to
+        the MTP layer of the paged cache. Returns the MTP hidden state of each entry's last row.
+        ``batch``: :meth:`mtp_batch` of ``rows`` when the caller has built it already."""
+        ids, meta, pos, prev, last = batch if batch is not None else self.mtp_batch(rows)
+        dev = self.device
         out = self.model.mtp_forward(torch.tensor(ids).to(dev, non_blocking=True), pos, prev, meta, self.kv_cache)
         return out if len(last) == out.shape[0] else out[torch.tensor(last, device=dev)]
 

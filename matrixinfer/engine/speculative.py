@@ -178,25 +178,18 @@ class MTPSpeculator:
         each entry's last row and, where the whole draft step ran in one native call, its greedy
         draft token (else None: the caller projects the states)."""
         fused = self._fused_draft()
-        if fused is not None:
-            runner, model = self.runner, self.runner.model
-            ids: list[int] = []
-            positions: list[int] = []
-            q_lens, ctx_lens, last = [], [], []
-            for _, start, next_ids, _ in rows:
-                ids.extend(next_ids)
-                positions.extend(range(start, start + len(next_ids)))
-                q_lens.append(len(next_ids))
-                ctx_lens.append(start + len(next_ids))
-                last.append(len(ids) - 1)
-            meta, pos = runner._metadata([seq for seq, _, _, _ in rows], q_lens, ctx_lens, positions)
-            prev = (rows[0][3] if len(rows) == 1 else torch.cat([h for _, _, _, h in rows])).contiguous()
-            cos, sin = model.rope.cos_sin(pos)
-            step = model._native_step(prev, cos, sin, meta, runner.kv_cache)
-            if step is not None:
-                out, tokens = fused(step, torch.tensor(ids, dtype=torch.int64), prev, last, runner.kv_cache.data)
-                return (out if len(last) == out.shape[0] else out[torch.tensor(last)]), tokens
-        return self.runner.mtp(rows), None
+        if fused is None:
+            return self.runner.mtp(rows), None
+        runner, model = self.runner, self.runner.model
+        batch = runner.mtp_batch(rows)
+        ids, meta, pos, prev, last = batch
+        prev = prev.contiguous()
+        cos, sin = model.rope.cos_sin(pos)
+        step = model._native_step(prev, cos, sin, meta, runner.kv_cache)
+        if step is None:
+            return runner.mtp(rows, batch), None  # (the batch is built once either way)
+        out, tokens = fused(step, torch.tensor(ids, dtype=torch.int64), prev, last, runner.kv_cache.data)
+        return (out if len(last) == out.shape[0] else out[torch.tensor(last)]), tokens
 
     def _fused_draft(self) -> MTPDraft | None:
         """The one-call draft step (:class:`MTPDraft`) where the MTP block runs natively and its
