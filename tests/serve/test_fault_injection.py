@@ -5,9 +5,12 @@ error, within a bound), /health tells the truth, the service is restored (the la
 died, the router takes it back), and every KV block and reservation is reclaimed.
 
 One deployment serves the whole module (router + 1 prefill + 1 decode + 1 EMS server). Costs about
-3 minutes on 2 shared cores (165 s measured): each kill waits for a restarted worker to start Python
-and torch and build the model (20-45 s there), each SIGSTOP of a worker waits for the router's
-frozen-instance bound (10 s). Run with ``-s`` to see the measured restoration times.
+90 s on 2 quiet cores: each kill waits for a restarted worker to start Python and torch and build the
+model (6.8 s from kill -9 of the decode worker to a served request, 5.8 s for the prefill worker,
+measured quiet), each SIGSTOP of a worker waits for the router's frozen-instance bound (10 s). The
+restoration bound is the issue's 15 s; on a machine shared with other heavy jobs (load 10+ on 2
+cores measured 14-43 s) set ``MATRIXINFER_TEST_RESTORE_BOUND_S`` higher. Run with ``-s`` to see the
+measured restoration times.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from matrixinfer import auth
 from tests.serve.helpers import API_KEY, HEADERS, Server, child_restarts, listening_ports, stream_tokens
 
 REQUEST_BOUND_S = 40.0  # no request may take longer than this, whatever fault it meets
-RESTORE_BOUND_S = 60.0  # a killed worker is back within this on a loaded 2-core machine (measured: see test output)
+# a killed worker is back and serving within this (issue 19's bar; see the module docstring for figures)
+RESTORE_BOUND_S = float(os.environ.get("MATRIXINFER_TEST_RESTORE_BOUND_S", "15"))
 
 
 @pytest.fixture(scope="module")
