@@ -327,6 +327,10 @@ class ServeConfig:
         decode_kv_cache_memory: KV cache bytes of each decode instance (default: --kv-cache-memory).
         worker_threads: torch threads per worker process (default: the cores shared among workers).
         max_request_bytes: largest HTTP request body in bytes; larger ones are refused with 413.
+        request_read_timeout: seconds a client has to send a whole request (headers and body) once it
+            starts; a slower one is disconnected (a byte-at-a-time client would otherwise hold its
+            connection forever).
+        max_connections: open HTTP connections at most; more are closed as they arrive.
         secret_file: file (mode 0600) with the deployment secret that workers and EMS servers must prove
             (default: $MATRIXINFER_SECRET, then $MATRIXINFER_SECRET_FILE, else a new one in a private file).
         reasoning_parser: split chat answers into ``reasoning_content`` and ``content``
@@ -353,6 +357,8 @@ class ServeConfig:
     decode_kv_cache_memory: int | None = None
     worker_threads: int | None = None
     max_request_bytes: int = 16 << 20
+    request_read_timeout: float = 30.0
+    max_connections: int = 2048
     secret_file: str | None = None
     reasoning_parser: str | None = field(default=None, metadata={"choices": ["deepseek-r1"]})
     protect_metrics: bool = False
@@ -366,6 +372,9 @@ class ServeConfig:
                              f"decode {self.num_decode}, EMS {self.num_ems})")
         if self.reserve_timeout <= 0:
             raise ValueError(f"reserve_timeout must be positive, got {self.reserve_timeout}")
+        if self.request_read_timeout <= 0 or self.max_connections < 1:
+            raise ValueError(f"request_read_timeout must be positive and max_connections at least 1, got "
+                             f"{self.request_read_timeout} and {self.max_connections}")
 
     @property
     def control_port(self) -> int:

@@ -18,6 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_dataclass_args(p.add_argument_group("deployment"), ServeConfig, defaults={"api_key": envs.api_key()})
     p.add_argument("--config", metavar="FILE.yaml", help="read flags from a YAML file of `flag-name: value` "
                    "lines (`true` for a switch); flags on the command line win (matrixinfer.cli.expand_config_file)")
+    p.add_argument("--deploy", metavar="FILE.yaml", help="run a deployment spec (`matrixinfer plan --out`; pools, "
+                   "ranks, EMS, ports and engine settings come from it; docs/cluster.md)")
+    p.add_argument("--ray", metavar="ADDRESS", help="with --deploy: run it on the Ray cluster at ADDRESS (HOST:PORT "
+                   "of its head, or `auto`)")
     p.set_defaults(func=_serve)
 
     w = sub.add_parser("worker", help="run one prefill, decode or EMS instance that joins a router")
@@ -104,6 +108,13 @@ def _serve(args: argparse.Namespace) -> int:
     if configs is None:
         return 1
     engine_cfg, serve_cfg = configs
+    if args.deploy or args.ray:  # the deployment comes from a spec (matrixinfer.cluster)
+        from matrixinfer.cluster.cli import resolve_deploy
+
+        resolved = resolve_deploy(args, engine_cfg, serve_cfg)
+        if isinstance(resolved, int):
+            return resolved
+        engine_cfg, serve_cfg = resolved
     if engine_cfg.node_rank > 0:  # another host of an EP instance: its ranks only, no API
         from matrixinfer.parallel.launch import run_node
 
@@ -141,6 +152,7 @@ def _serve_colocated(engine_cfg: EngineConfig, cfg: ServeConfig) -> int:
     from matrixinfer.engine.async_engine import AsyncEngine
     from matrixinfer.parallel.launch import make_engine
     from matrixinfer.serve.api_server import create_app
+    from matrixinfer.serve.http_guard import uvicorn_config
     from matrixinfer.serve.worker import quiet_gc
 
     try:
@@ -163,13 +175,16 @@ def _serve_colocated(engine_cfg: EngineConfig, cfg: ServeConfig) -> int:
 
         add_ep_routes(app, ep_instance.engine)
     print_banner(f"MatrixInfer serving '{engine.model_id}'", engine.model_id, cfg)
+    server = uvicorn.Server(uvicorn_config(app, cfg))
     try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+        server.run()
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        pass
     finally:
         async_engine.shutdown()
         if ep_instance is not None:
             ep_instance.close()
-    return 0
+    return 0 if server.started else 1
 
 
 def print_banner(title: str, model_id: str, cfg: ServeConfig) -> None:

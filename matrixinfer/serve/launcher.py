@@ -229,6 +229,7 @@ def serve_pdc(engine_cfg: EngineConfig, cfg: ServeConfig) -> int:
     from matrixinfer.model.default_model import default_model_path
     from matrixinfer.serve.api_server import create_app
     from matrixinfer.serve.cli import print_banner
+    from matrixinfer.serve.http_guard import uvicorn_config
     from matrixinfer.serve.router import Router
     from matrixinfer.serve.worker import quiet_gc
 
@@ -279,7 +280,7 @@ def serve_pdc(engine_cfg: EngineConfig, cfg: ServeConfig) -> int:
             app.state.metrics.registry.register(SupervisionCollector(children))
             print_banner(f"MatrixInfer PDC serving '{router.model_id}' ({cfg.num_prefill} prefill, {cfg.num_decode} "
                          f"decode, {cfg.num_ems} EMS server(s); workers join at {ctrl})", router.model_id, cfg)
-            server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level))
+            server = uvicorn.Server(uvicorn_config(app, cfg))
             await server.serve()
         finally:
             children.stop()

@@ -6,6 +6,8 @@ served."""
 from __future__ import annotations
 
 import json
+import socket
+import time
 
 import httpx
 import pytest
@@ -25,7 +27,7 @@ RAW = [b'{"model": "tiny", "prompt": "a\\ud800", "max_tokens": 2}', b"[" * 50_00
 def deployment(served_checkpoint):
     """P/D (the colocated engine meets the same probes in process: test_request_isolation, test_api_fuzz)."""
     srv = Server(served_checkpoint, "--kv-cache-memory", str(8 << 20), "--num-prefill", "1", "--num-decode", "1",
-                 "--num-ems", "0", "--reserve-timeout", "10", api_key=API_KEY)
+                 "--num-ems", "0", "--reserve-timeout", "10", "--request-read-timeout", "2", api_key=API_KEY)
     yield srv
     srv.stop()
 
@@ -51,3 +53,28 @@ def test_probes_are_answered_and_the_deployment_stays_up(deployment):
         assert httpx.get(f"{deployment.url}/health", timeout=10).status_code == 200
     assert instances and {k: set(v) for k, v in deployment.instance_metrics().items()} == \
         {k: set(v) for k, v in instances.items()}  # the same instances are still registered
+
+
+def test_a_byte_at_a_time_client_is_disconnected_while_others_are_served(deployment):
+    """A "slowloris" client (its headers never end) is cut off at --request-read-timeout (2 s here);
+    meanwhile a normal request is served."""
+    with socket.create_connection(("127.0.0.1", deployment.port), timeout=10) as s:
+        start = time.monotonic()
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\n")
+        r = httpx.post(f"{deployment.url}/v1/completions", headers=HEADERS, timeout=30,
+                       json={"model": "tiny", "prompt": "hi", "max_tokens": 2, "ignore_eos": True})
+        assert r.status_code == 200
+        try:
+            for _ in range(40):  # a byte every 0.25 s: without the deadline this would go on for 10 s
+                s.sendall(b"a")
+                time.sleep(0.25)
+            closed = False
+        except (BrokenPipeError, ConnectionResetError):
+            closed = True
+        if not closed:
+            s.settimeout(1)
+            try:
+                closed = s.recv(1) == b""
+            except TimeoutError:
+                closed = False
+        assert closed and time.monotonic() - start < 8
