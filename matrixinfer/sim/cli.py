@@ -89,6 +89,9 @@ def register(subparsers) -> None:
     plan.add_argument("--price-per-hour", type=float, default=2.0, help="price per chip-hour")
     plan.add_argument("--autoscale-peak-rps", type=float, default=None,
                       help="also print instances per hour for a diurnal load with this peak")
+    from matrixinfer.cluster.cli import add_plan_args
+
+    add_plan_args(plan)
     plan.set_defaults(func=_cmd_plan)
 
 
@@ -195,6 +198,10 @@ def _cmd_plan(args) -> int:
         for h in autoscale(pl, req, diurnal_curve(args.autoscale_peak_rps), hw.chips):
             print(f"{h.hour:>4}  {h.load_rps:>11.1f}  {h.prefill_instances:>7}  "
                   f"{h.decode_instances:>6}  {h.chips:>5}")
+    if args.out:
+        from matrixinfer.cluster.cli import write_plan
+
+        return write_plan(args, pl, hw, req)
     return 0
 
 
