@@ -20,6 +20,9 @@ def add_plan_args(plan: argparse.ArgumentParser) -> None:
     plan.add_argument("--paper-deployment", action="store_true",
                       help="write the reference design's deployment (1 decode x 160 NPUs + 6 prefill x 16 NPUs "
                            "+ EMS) instead of the recommendation")
+    plan.add_argument("--checkpoint", default=None, metavar="DIR",
+                      help="checkpoint directory the deployment serves, as its hosts see it (default: the "
+                           "directory of --model's config.json)")
     plan.add_argument("--image", default=None, help="container image of the manifests (default: matrixinfer:latest)")
 
 
@@ -31,7 +34,7 @@ def write_plan(args: argparse.Namespace, pl, hw, req) -> int:
     from matrixinfer.cluster.spec import dumps
 
     # --model is the planner's config.json; the spec names the checkpoint directory that holds it
-    model = str(Path(args.model).parent) if args.model and Path(args.model).is_file() else args.model
+    model = args.checkpoint or (str(Path(args.model).parent) if args.model and Path(args.model).is_file() else None)
     try:
         spec = paper_deployment(hw, req, model) if args.paper_deployment else from_plan(pl, hw, req, model)
     except ValueError as exc:
@@ -44,10 +47,22 @@ def write_plan(args: argparse.Namespace, pl, hw, req) -> int:
         out.write_text(dumps(spec))
         print(f"wrote {out}: {_summary(spec)}; run it with `matrixinfer serve --deploy {out}`")
         return 0
+    from matrixinfer.cluster import k8s_schema
     from matrixinfer.cluster.k8s import manifests, write_manifests
 
-    paths = write_manifests(manifests(spec), out)
-    print(f"wrote {len(paths)} manifest files under {out}/ ({_summary(spec)}); apply with `kubectl apply -f {out}`")
+    objs = manifests(spec)
+    checked = "not validated: pip install 'matrixinfer[cluster]' for the schema check"
+    if k8s_schema.available():
+        try:
+            for obj in objs:
+                k8s_schema.validate_manifest(obj)
+        except k8s_schema.ManifestError as exc:
+            print(f"error: a generated manifest is invalid (a bug; please report it): {exc}", file=sys.stderr)
+            return 1
+        checked = f"validated against the Kubernetes {k8s_schema.K8S_VERSION} schemas"
+    paths = write_manifests(objs, out)
+    print(f"wrote {len(paths)} manifest files under {out}/ ({_summary(spec)}; {checked}); apply with "
+          f"`kubectl apply -f {out}` after creating the Secret {spec.name}-secret (key `secret`)")
     return 0
 
 

@@ -43,6 +43,9 @@ class Hardware(Base, frozen=True):
         accelerator_resource: the Kubernetes extended resource of one device
             (``nvidia.com/gpu``, ``huawei.com/ascend-1980``); empty for CPU-only hosts.
         ranks_per_device: EP ranks per device (2 on an Ascend 910C: one per die).
+        group_topology_key: the Kubernetes node label whose value names one scale-up domain (a
+            supernode, an NVLink or rail-aligned group of hosts); an instance spanning hosts is kept
+            inside one such domain.
     """
 
     name: str = "local"
@@ -51,6 +54,7 @@ class Hardware(Base, frozen=True):
     uniform_fabric: bool = False
     accelerator_resource: str = ""
     ranks_per_device: int = 1
+    group_topology_key: str = "matrixinfer.io/scale-up-domain"
 
 
 class Slo(Base, frozen=True):
@@ -102,7 +106,6 @@ class Router(Base, frozen=True):
 
     port: int | None = None
     control_port: int | None = None
-    replicas: int = 1
     cpus: float = 1.0
     memory: str = "2G"
 
@@ -219,8 +222,6 @@ def validate(spec: DeploymentSpec, source: str = "spec") -> DeploymentSpec:
     if spec.ems.servers < 0:
         fail("ems.servers", f"cannot be negative, got {spec.ems.servers}")
     parse_bytes(spec.ems.capacity, f"{source}: ems.capacity")
-    if spec.router.replicas < 1:
-        fail("router.replicas", f"must be at least 1, got {spec.router.replicas}")
     a = spec.autoscale
     if a.interval_s <= 0 or a.cooldown_s < 0 or a.up_after < 1 or a.down_after < 1:
         fail("autoscale", "interval_s must be positive, cooldown_s non-negative, up_after and down_after >= 1")
