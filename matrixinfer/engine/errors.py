@@ -5,7 +5,12 @@ from __future__ import annotations
 
 
 class RequestError(ValueError):
-    """A request the engine refuses (the API maps it to HTTP 400)."""
+    """A request the engine refuses (the API maps it to HTTP 400; ``param``: the request field to
+    name in the error, when it is not the prompt)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class EngineDeadError(RuntimeError):

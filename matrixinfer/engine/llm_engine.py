@@ -22,11 +22,12 @@ from matrixinfer.engine.errors import RequestError
 from matrixinfer.engine.kv_connector import KVConnector
 from matrixinfer.engine.model_runner import ModelRunner
 from matrixinfer.engine.outputs import EngineStats, FinishReason, RequestOutput
-from matrixinfer.engine.sampler import Sampler
+from matrixinfer.engine.sampler import Sampler, TopLogprobs
 from matrixinfer.engine.sampling_params import SamplingParams
 from matrixinfer.engine.scheduler import Budget, SeqView, schedule
 from matrixinfer.engine.sequence import Sequence, SequenceStatus
 from matrixinfer.engine.speculative import MTPSpeculator, keep, reset
+from matrixinfer.engine.structured import Grammars
 from matrixinfer.model.deepseek import DeepseekForCausalLM
 from matrixinfer.model.device import resolve_device, resolve_dtype
 from matrixinfer.model.tokenizer import IncrementalDecoder, Tokenizer
@@ -89,12 +90,12 @@ class LLMEngine:
         self.max_seq_len = min(self.max_model_len, self.runner.num_blocks * cfg.block_size)
         self.blocks = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.cache_namespace or self.model_id)
         self.budget = Budget(cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.block_size)
-        self.sampler = Sampler()
-        self.spec = MTPSpeculator(cfg, self.runner, self.sampler, self.max_seq_len, self.blocks.num_free) \
-            if cfg.speculative == "mtp" else None
         self.eos_ids = set(mc.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.sampler = Sampler(Grammars(lambda: self.tokenizer.to_json(), mc.vocab_size, sorted(self.eos_ids)))
+        self.spec = MTPSpeculator(cfg, self.runner, self.sampler, self.max_seq_len, self.blocks.num_free) \
+            if cfg.speculative == "mtp" else None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.seqs: dict[str, Sequence] = {}
@@ -116,10 +117,16 @@ class LLMEngine:
         if request_id in self.seqs or self.has_reservation(request_id):
             raise RequestError(f"request id {request_id!r} is already in use")
         self._check_prompt(prompt_ids)
+        self._check_params(params)
         seq = Sequence(request_id, list(prompt_ids), params)
         self.seqs[request_id] = seq
         self._detok[request_id] = _Detok(self.tokenizer, params.stop)
         self.waiting.append(seq)
+
+    def _check_params(self, params: SamplingParams) -> None:
+        if params.structured is not None and self.spec is not None:
+            raise RequestError("'response_format' (structured output) cannot be combined with speculative decoding, "
+                               "which this server runs (--speculative mtp)", param="response_format")
 
     def _check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -231,18 +238,20 @@ class LLMEngine:
         """Sample and append a token per sequence; a sequence whose sampling or bookkeeping raises
         fails alone (after a failed batch the rows are sampled one by one to find it)."""
         ids, params = [s.request_id for s in seqs], [s.params for s in seqs]
-        hist = [(s.prompt_ids, s.output_ids) for s in seqs] if any(p.penalized for p in params) else None
-        rows: list[tuple[int, float | None] | Exception]
+        hist = [(s.prompt_ids, s.output_ids) for s in seqs] if any(p.needs_history for p in params) else None
+        rows: list[tuple[int, float | None, TopLogprobs] | Exception]
         try:
-            tokens, logprobs = self.sampler(logits, ids, params, hist)
-            rows = [(tokens[i], logprobs[i] if logprobs else None) for i in range(len(seqs))]
+            top: list[TopLogprobs] = []
+            tokens, logprobs = self.sampler(logits, ids, params, hist, top)
+            rows = [(tokens[i], logprobs[i] if logprobs else None, top[i] if top else []) for i in range(len(seqs))]
         except Exception:
             rows = []
             for i in range(len(seqs)):
                 try:
+                    top = []
                     token, lp = self.sampler(logits[i:i + 1], ids[i:i + 1], params[i:i + 1],
-                                             hist[i:i + 1] if hist else None)
-                    rows.append((token[0], lp[0] if lp else None))
+                                             hist[i:i + 1] if hist else None, top)
+                    rows.append((token[0], lp[0] if lp else None, top[0] if top else []))
                 except Exception as exc:
                     rows.append(exc)
         outputs = []
@@ -273,11 +282,14 @@ class LLMEngine:
                              num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=len(seq.output_ids),
                              error=f"processing the request failed: {exc!r}")
 
-    def _append(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
+    def _append(self, seq: Sequence, token: int, logprob: float | None, top: TopLogprobs | None = None
+                ) -> RequestOutput:
         p = seq.params
         seq.output_ids.append(token)
         if p.logprobs and logprob is not None:
             seq.logprobs.append(logprob)
+        tops = [top] if p.top_logprobs and top is not None else []
+        seq.top_logprobs.extend(tops)
         self.generation_tokens += 1
         n_out = len(seq.output_ids)
         reason = None
@@ -288,7 +300,7 @@ class LLMEngine:
         if reason is None and (n_out >= p.max_tokens or seq.num_tokens >= self.max_seq_len):
             reason = FinishReason.LENGTH
         out = RequestOutput(request_id=seq.request_id, token_ids=[token],
-                            logprobs=[logprob] if p.logprobs and logprob is not None else [],
+                            logprobs=[logprob] if p.logprobs and logprob is not None else [], top_logprobs=tops,
                             num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=n_out,
                             num_cached_tokens=seq.num_cached_tokens)
         if reason is None and n_out == 1 and self.connector is not None \
@@ -347,26 +359,29 @@ class LLMEngine:
         return outputs
 
     def _verify(self, logits: torch.Tensor, seqs: list[Sequence], drafts: dict[str, list[int]]
-                ) -> dict[str, tuple[list[int], list[float] | None] | Exception]:
+                ) -> dict[str, tuple[list[int], list[float] | None, list[TopLogprobs]] | Exception]:
         """Each sequence's emitted tokens (and log-probabilities), or the exception verifying it
         raised: after a failed batch the sequences are verified one by one to find the culprit."""
         ids = [s.request_id for s in seqs]
         params = [s.params for s in seqs]
         ds = [drafts.get(i, []) for i in ids]
-        hist = [(s.prompt_ids, s.output_ids) for s in seqs] if any(p.penalized for p in params) else None
+        hist = [(s.prompt_ids, s.output_ids) for s in seqs] if any(p.needs_history for p in params) else None
         try:
-            tokens, logprobs = self.sampler.verify(logits, ids, params, ds, hist)
-            return {i: (t, logprobs[j] if logprobs else None) for j, (i, t) in enumerate(zip(ids, tokens))}
+            top: list[list[TopLogprobs]] = []
+            tokens, logprobs = self.sampler.verify(logits, ids, params, ds, hist, top)
+            return {i: (t, logprobs[j] if logprobs else None, top[j] if top else [])
+                    for j, (i, t) in enumerate(zip(ids, tokens))}
         except Exception:  # noqa: BLE001 - found and reported per sequence below
             pass
-        out: dict[str, tuple[list[int], list[float] | None] | Exception] = {}
+        out: dict[str, tuple[list[int], list[float] | None, list[TopLogprobs]] | Exception] = {}
         first = 0
         for j, i in enumerate(ids):
             rows = logits[first:first + len(ds[j]) + 1]
             first += len(ds[j]) + 1
             try:
-                t, lp = self.sampler.verify(rows, [i], [params[j]], [ds[j]], hist[j:j + 1] if hist else None)
-                out[i] = (t[0], lp[0] if lp else None)
+                top = []
+                t, lp = self.sampler.verify(rows, [i], [params[j]], [ds[j]], hist[j:j + 1] if hist else None, top)
+                out[i] = (t[0], lp[0] if lp else None, top[0] if top else [])
             except Exception as exc:
                 out[i] = exc
         return out
@@ -381,16 +396,18 @@ class LLMEngine:
         if self.connector is not None:
             self.connector.save(seq, self.blocks.block_hashes(seq, known // self.cfg.block_size))
 
-    def _append_tokens(self, seq: Sequence, tokens: list[int], logprobs: list[float] | None) -> RequestOutput:
+    def _append_tokens(self, seq: Sequence, tokens: list[int], logprobs: list[float] | None,
+                       top: list[TopLogprobs]) -> RequestOutput:
         """:meth:`_append` for each of a step's tokens up to the first that ends the request (the
         rest are dropped, never emitted), as one output."""
-        out = self._append(seq, tokens[0], logprobs[0] if logprobs else None)
+        out = self._append(seq, tokens[0], logprobs[0] if logprobs else None, top[0] if top else None)
         for i in range(1, len(tokens)):
             if out.finished or out.handed_off:
                 break
-            more = self._append(seq, tokens[i], logprobs[i] if logprobs else None)
+            more = self._append(seq, tokens[i], logprobs[i] if logprobs else None, top[i] if top else None)
             more.token_ids = out.token_ids + more.token_ids
             more.logprobs = out.logprobs + more.logprobs
+            more.top_logprobs = out.top_logprobs + more.top_logprobs
             more.text = out.text + more.text
             out = more
         return out
@@ -492,6 +509,7 @@ class LLMEngine:
             held = self._reservations.pop(request_id, None)
         if held is None:
             raise RequestError(f"request {request_id!r} holds no reservation (aborted or expired)")
+        self._check_params(params)
         seq = Sequence(request_id, list(prompt_ids), params)
         seq.block_table = held[0].block_table
         seq.num_computed = len(prompt_ids)

@@ -35,6 +35,8 @@ class RequestOutput(msgspec.Struct, tag=True, kw_only=True):
         request_id: the request's id.
         token_ids: tokens produced since the previous output.
         logprobs: their log-probabilities (when the request asked for them).
+        top_logprobs: per token, the most likely tokens at its position as (token id,
+            log-probability), most likely first (when the request asked for ``top_logprobs``).
         text: newly decodable text (stop strings held back until they cannot match).
         finished / finish_reason: whether the request ended with this output, and why.
         num_prompt_tokens / num_output_tokens / num_cached_tokens: usage so far.
@@ -46,6 +48,7 @@ class RequestOutput(msgspec.Struct, tag=True, kw_only=True):
     request_id: str
     token_ids: list[int] = msgspec.field(default_factory=list)
     logprobs: list[float] = msgspec.field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = msgspec.field(default_factory=list)
     text: str = ""
     finished: bool = False
     finish_reason: FinishReason | None = None

@@ -1,10 +1,11 @@
 """Token sampling for a batch of rows with per-row parameters: logit processing (logit bias;
-presence, frequency and repetition penalties), then greedy or temperature sampling with top-k,
-top-p and min-p, seeded per request.
+presence, frequency and repetition penalties; a structured-output grammar's mask), then greedy or
+temperature sampling with top-k, top-p and min-p, seeded per request.
 
-Penalties need the tokens each row has seen: the engine passes ``histories`` (prompt ids, output
-ids) when any row asks for a penalty. Log-probabilities are those of the model's raw distribution
-(as vLLM reports by default), not of the processed one.
+Penalties and grammars need the tokens each row has seen: the engine passes ``histories`` (prompt
+ids, output ids) when any row asks for either. Log-probabilities, and the most likely alternatives
+(``top_logprobs``), are those of the model's raw distribution (as vLLM reports by default), not of
+the processed one.
 """
 
 from __future__ import annotations
@@ -13,19 +14,25 @@ import torch
 
 from matrixinfer import kernels
 from matrixinfer.engine.sampling_params import SamplingParams
+from matrixinfer.engine.structured import Grammars
 
 History = tuple[list[int], list[int]]  # a row's prompt ids and output ids so far
+TopLogprobs = list[tuple[int, float]]  # the most likely tokens at one position and their log-probabilities
 
 
 class Sampler:
     """Samples one token per logits row; seeded rows use their own generator so that a request's
-    sample does not depend on what else is in the batch."""
+    sample does not depend on what else is in the batch. ``grammars``: the engine's structured-output
+    matchers (requests with ``structured`` params fail without them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, grammars: Grammars | None = None) -> None:
         self._generators: dict[str, torch.Generator] = {}
+        self.grammars = grammars
 
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        if self.grammars is not None:
+            self.grammars.forget(request_id)
 
     def export_state(self, request_id: str) -> bytes:
         """A seeded request's generator state (empty if unseeded), to continue it elsewhere."""
@@ -49,12 +56,15 @@ class Sampler:
         return gen
 
     def __call__(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
-                 histories: list[History] | None = None) -> tuple[list[int], list[float] | None]:
+                 histories: list[History] | None = None, top: list[TopLogprobs] | None = None,
+                 ) -> tuple[list[int], list[float] | None]:
         """Pick a token per row; also return each chosen token's log-probability when any row asks.
-        ``histories``: each row's (prompt ids, output ids), needed by rows with penalties."""
+        ``histories``: each row's (prompt ids, output ids), needed by rows with penalties or a
+        grammar. ``top``: when given, each row's ``top_logprobs`` alternatives are appended to it."""
         raw = logits = logits.float()
         if any(p.processed for p in params):
             logits = process_logits(logits, params, histories)
+        logits = self._constrain(logits, raw, request_ids, params, histories)
         if logits.dim() == 2 and logits.shape[1] and logits.is_cpu and logits.is_contiguous() and kernels.available():
             tokens = kernels.argmax_rows(logits)
         else:
@@ -73,12 +83,35 @@ class Sampler:
         chosen = tokens.tolist()  # the one host synchronisation per step
         logprobs = None
         if any(p.logprobs for p in params):
-            lp = raw.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
-            logprobs = lp.tolist()
+            log_probs = raw.log_softmax(dim=-1)
+            logprobs = log_probs.gather(1, tokens[:, None])[:, 0].tolist()
+            if top is not None:
+                top.extend(top_logprobs(log_probs, [p.top_logprobs for p in params]))
         return chosen, logprobs
+
+    def _constrain(self, logits: torch.Tensor, raw: torch.Tensor, request_ids: list[str],
+                   params: list[SamplingParams], histories: list[History] | None) -> torch.Tensor:
+        """``logits`` with every token a row's grammar forbids masked to -inf (a copy where any
+        row has a grammar)."""
+        rows = [i for i, p in enumerate(params) if p.structured is not None]
+        if not rows:
+            return logits
+        if self.grammars is None:
+            raise ValueError("structured output needs the engine's grammars (Sampler(grammars=...))")
+        if histories is None:
+            raise ValueError("structured output needs the tokens each row has generated (histories)")
+        if logits is raw:
+            logits = logits.clone()
+        for i in rows:
+            so = params[i].structured
+            assert so is not None
+            allowed = self.grammars.allowed(request_ids[i], so, histories[i][1])
+            logits[i].masked_fill_(~allowed.to(logits.device), float("-inf"))
+        return logits
 
     def verify(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
                drafts: list[list[int]], histories: list[History] | None = None,
+               top: list[list[TopLogprobs]] | None = None,
                ) -> tuple[list[list[int]], list[list[float]] | None]:
         """Speculative verification. Sequence i owns ``len(drafts[i]) + 1`` consecutive rows of
         ``logits``: the target model's next-token logits at its last verified token and at each of
@@ -89,7 +122,11 @@ class Sampler:
         greedy output. Sampled rows use speculative rejection sampling (:func:`rejection_sample`), so
         each emitted token follows the target distribution exactly; a seeded request draws from its
         own generator (reproducible, though not the same draws as without speculation). Logit
-        processing sees, at each draft row, the drafts before it as generated tokens."""
+        processing sees, at each draft row, the drafts before it as generated tokens. ``top``: when
+        given, each sequence's list of its emitted tokens' ``top_logprobs`` alternatives is appended.
+        Grammars (structured output) are not applied here: the engine refuses them with speculation."""
+        if any(p.structured is not None for p in params):
+            raise ValueError("structured output is not supported with speculative decoding")
         raw = logits = logits.float()
         starts = [0]
         for d in drafts:
@@ -131,6 +168,9 @@ class Sampler:
             dev = lp.device
             logprobs = [lp[starts[i] + torch.arange(len(toks), device=dev), torch.tensor(toks, device=dev)].tolist()
                         for i, toks in enumerate(out)]
+            if top is not None:
+                for i, toks in enumerate(out):
+                    top.append(top_logprobs(lp[starts[i]:starts[i] + len(toks)], [params[i].top_logprobs] * len(toks)))
         return out, logprobs
 
 
@@ -158,6 +198,17 @@ def rejection_sample(probs: torch.Tensor, drafts: list[int], generator: torch.Ge
     else:
         last = int(torch.multinomial(probs[k], 1, generator=generator)[0])
     return drafts[:a] + [last]
+
+
+def top_logprobs(log_probs: torch.Tensor, counts: list[int]) -> list[TopLogprobs]:
+    """Row i's ``counts[i]`` most likely tokens and their log-probabilities, most likely first
+    (one ``topk`` for the batch and one host copy)."""
+    k = max(counts, default=0)
+    if k <= 0:
+        return [[] for _ in counts]
+    values, ids = log_probs.topk(min(k, log_probs.shape[-1]), dim=-1)
+    vs, ts = values.tolist(), ids.tolist()
+    return [list(zip(ts[i][:c], vs[i][:c])) for i, c in enumerate(counts)]
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

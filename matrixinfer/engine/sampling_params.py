@@ -26,6 +26,9 @@ MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGIT_BIAS = 300  # entries; OpenAI's limit
 MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2] (OpenAI's range)
 MAX_REPETITION_PENALTY = 10.0
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat's top_logprobs
+STRUCTURED_KINDS = ("json_object", "json_schema", "regex", "choice")
+MAX_STRUCTURED_SPEC = 1 << 20  # characters of a schema, regex or choice list
 
 
 def _is_int(value: object) -> bool:
@@ -41,6 +44,21 @@ def shown(value: object) -> str:
     if isinstance(value, int) and value.bit_length() > 64:
         return f"an integer of {value.bit_length()} bits"
     return repr(value)
+
+
+class StructuredOutput(msgspec.Struct, frozen=True, kw_only=True):
+    """What the output must match (OpenAI's ``response_format``; vLLM's ``guided_regex`` and
+    ``guided_choice``), enforced token by token by :mod:`matrixinfer.engine.structured`.
+
+    Attributes:
+        kind: ``json_object`` (any JSON object), ``json_schema`` (``spec``: the schema as JSON
+            text), ``regex`` (``spec``: the regular expression) or ``choice`` (``spec``: a JSON list
+            of the allowed strings).
+        spec: see ``kind`` (empty for ``json_object``).
+    """
+
+    kind: str
+    spec: str = ""
 
 
 class SamplingParams(msgspec.Struct, kw_only=True):
@@ -66,6 +84,10 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             positive and multiplied by it when negative (1: off; (0, 10]).
         logit_bias: token id -> value added to its logit before sampling ([-100, 100]; at most
             300 entries). Penalties and biases apply to greedy requests too.
+        top_logprobs: also return the ``top_logprobs`` most likely tokens and their
+            log-probabilities at each generated position (0 to 20; needs ``logprobs``).
+        structured: constrain the output to a grammar (:class:`StructuredOutput`); the request then
+            ends with EOS once the grammar is complete (``ignore_eos`` is refused with it).
     """
 
     temperature: float = 1.0
@@ -83,6 +105,8 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = msgspec.field(default_factory=dict)
+    top_logprobs: int = 0
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -106,6 +130,11 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     def penalized(self) -> bool:
         """Whether the logits depend on the tokens seen so far (the sampler then needs them)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether the sampler needs the row's tokens so far (penalties; a grammar's state)."""
+        return self.penalized or self.structured is not None
 
     @property
     def processed(self) -> bool:
@@ -153,3 +182,18 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             if not _is_int(t) or not 0 <= t <= INT64_MAX or not _is_number(b) or not -100.0 <= b <= 100.0:
                 raise ValueError(f"logit_bias maps token ids (non-negative integers) to numbers in [-100, 100], "
                                  f"got {shown(t)}: {shown(b)}")
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], "
+                             f"got {shown(self.top_logprobs)}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs")
+        so = self.structured
+        if so is not None:
+            if not isinstance(so, StructuredOutput) or so.kind not in STRUCTURED_KINDS:
+                raise ValueError(f"structured must be one of {', '.join(STRUCTURED_KINDS)}")
+            if not isinstance(so.spec, str) or len(so.spec) > MAX_STRUCTURED_SPEC:
+                raise ValueError(f"structured: the {so.kind} must be a string of at most {MAX_STRUCTURED_SPEC} "
+                                 "characters")
+            if self.ignore_eos:
+                raise ValueError("ignore_eos cannot be combined with structured output (the grammar ends the "
+                                 "output with EOS)")

@@ -64,6 +64,10 @@ class Tokenizer:
     def _raise(message: str) -> None:
         raise TokenizerError(f"chat template: {message}")
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (what llguidance builds its token table from)."""
+        return str(self._tok.to_str())
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()

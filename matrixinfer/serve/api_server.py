@@ -134,8 +134,8 @@ def api_error(exc: Exception) -> ApiError:
     """The OpenAI error an exception is answered with."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, RequestError):  # a prompt the model cannot take
-        return ApiError(400, str(exc), param="prompt")
+    if isinstance(exc, RequestError):  # a prompt (or an option) the model cannot take
+        return ApiError(400, str(exc), param=getattr(exc, "param", None) or "prompt")
     if isinstance(exc, EngineDeadError):
         return ApiError(503, str(exc), type_="server_error")
     if isinstance(exc, RequestFailedError):  # this request failed inside the engine; the engine goes on
@@ -523,7 +523,8 @@ def completion_body(call: _Call, choices: list[list[RequestOutput]]) -> dict[str
         text = "".join(o.text for o in outs)
         token_ids = [t for o in outs for t in o.token_ids]
         lps = [lp for o in outs for lp in o.logprobs]
-        logprobs = _logprobs(call, token_ids, lps) if call.req.params.logprobs else None
+        tops = [t for o in outs for t in o.top_logprobs]
+        logprobs = _logprobs(call, token_ids, lps, tops) if call.req.params.logprobs else None
         if call.chat:
             message: dict[str, Any] = {"role": "assistant", "content": text}
             finish: str | None = last.finish_reason
@@ -607,7 +608,7 @@ def _delta(call: _Call, out: RequestOutput, index: int = 0) -> dict[str, Any]:
     else:
         c = {"index": index, "text": out.text, "finish_reason": out.finish_reason}
     if call.req.params.logprobs:
-        c["logprobs"] = _logprobs(call, out.token_ids, out.logprobs)
+        c["logprobs"] = _logprobs(call, out.token_ids, out.logprobs, out.top_logprobs)
     c["token_ids"] = out.token_ids
     return c
 
@@ -631,13 +632,30 @@ def _usage(call: _Call, lasts: list[RequestOutput]) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": lasts[0].num_cached_tokens}}
 
 
-def _logprobs(call: _Call, ids: list[int], lps: list[float]) -> dict[str, Any]:
-    """The chosen tokens' log-probabilities in the chat or the completions layout."""
-    texts = [call.tok.decode([t], skip_special_tokens=False) for t in ids]
+def _logprobs(call: _Call, ids: list[int], lps: list[float], tops: list[list[tuple[int, float]]]
+              ) -> dict[str, Any]:
+    """The chosen tokens' log-probabilities, and with ``top_logprobs`` (chat) or ``logprobs`` N
+    (completions) the most likely alternatives at each position, in the chat or the completions
+    layout. Completions' alternatives also hold the chosen token (OpenAI: up to N + 1 entries)."""
+    def text(t: int) -> str:
+        return call.tok.decode([t], skip_special_tokens=False)
+
+    texts = [text(t) for t in ids]
+    want = call.req.params.top_logprobs
+    alts = tops if want and len(tops) == len(ids) else [[] for _ in ids]
     if call.chat:
-        return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []}
-                            for s, lp in zip(texts, lps)]}
-    return {"tokens": texts, "token_logprobs": lps, "top_logprobs": None, "text_offset": None}
+        return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode()),
+                             "top_logprobs": [{"token": text(a), "logprob": alp, "bytes": list(text(a).encode())}
+                                              for a, alp in alt]}
+                            for s, lp, alt in zip(texts, lps, alts)]}
+    top: list[dict[str, float]] | None = None
+    if want:
+        top = []
+        for s, lp, alt in zip(texts, lps, alts):
+            entry = {text(a): alp for a, alp in alt}
+            entry.setdefault(s, lp)
+            top.append(entry)
+    return {"tokens": texts, "token_logprobs": lps, "top_logprobs": top, "text_offset": None}
 
 
 class _Timing:

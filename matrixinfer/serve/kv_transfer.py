@@ -70,7 +70,8 @@ class KVSender(KVConnector):
             return False
         kv = self.cache.read_tokens(seq.block_table, len(seq.prompt_ids))  # a copy: the blocks are freed next
         done = m.KVDone(seq.request_id, token, logprob, seq.num_cached_tokens,
-                        self.sampler.export_state(seq.request_id), last_hidden(seq))
+                        self.sampler.export_state(seq.request_id), last_hidden(seq),
+                        first_top_logprobs=seq.top_logprobs[0] if seq.top_logprobs else [])
         self.pool.submit(self._send, dest, kv, done)
         return True
 

@@ -46,11 +46,13 @@ class Reserved(msgspec.Struct, tag=True):
 
 
 class Failed(msgspec.Struct, tag=True):
-    """A request failed inside a worker (bad input, transfer failure)."""
+    """A request failed inside a worker (bad input, transfer failure); ``param``: the request field
+    a 400 names, when it is not the prompt."""
 
     request_id: str
     error: str
     status: int = 500
+    param: str | None = None
 
 
 # -- router -> worker ----------------------------------------------------------------------------
@@ -97,7 +99,10 @@ class KVChunk(msgspec.Struct, tag=True):
 class KVDone(msgspec.Struct, tag=True):
     """All chunks sent: the decode instance may start the sequence with ``first_token``.
     ``hidden``: the main model's float32 hidden state at the last prompt position (with MTP
-    speculation, what the decode instance drafts the next tokens from; empty otherwise)."""
+    speculation, what the decode instance drafts the next tokens from; empty otherwise).
+    ``first_top_logprobs``: the first token's most likely alternatives (token id, log-probability),
+    when the request asked for ``top_logprobs``. A structured-output grammar's state does not
+    travel: the decode instance rebuilds it from ``first_token``."""
 
     request_id: str
     first_token: int
@@ -105,6 +110,7 @@ class KVDone(msgspec.Struct, tag=True):
     num_cached: int
     sampler_state: bytes = b""
     hidden: bytes = b""
+    first_top_logprobs: list[tuple[int, float]] = msgspec.field(default_factory=list)
 
 
 WorkerToRouter = Join | Register | EngineStats | RequestOutput | Reserved | Failed

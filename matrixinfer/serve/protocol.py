@@ -5,10 +5,19 @@ Every problem becomes an :class:`ApiError` carrying the HTTP status and the Open
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
-from matrixinfer.engine.sampling_params import INT64_MIN, UINT64_MAX, SamplingParams, shown
+from matrixinfer.engine.sampling_params import (
+    INT64_MIN,
+    MAX_TOP_LOGPROBS,
+    UINT64_MAX,
+    SamplingParams,
+    StructuredOutput,
+    shown,
+)
+from matrixinfer.engine.structured import GrammarError, compile_grammar
 
 
 class ApiError(Exception):
@@ -44,6 +53,9 @@ class GenerateRequest:
 
 
 MAX_N = 16
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's legacy completions limit
+# structured output: OpenAI's response_format, and vLLM's guided_* fields (one of them per request)
+STRUCTURED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice")
 
 # Every field a request may carry, per endpoint. A field is either honoured (read by the parsers
 # below) or refused with a 400 that names it, unless its value is the no-op one (null, or the value
@@ -51,7 +63,7 @@ MAX_N = 16
 # accepted. Anything else is an unknown field: also a 400 naming it, never silently ignored.
 _COMMON = {"model", "stream", "stream_options", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
            "stop_token_ids", "ignore_eos", "min_tokens", "max_tokens", "n", "presence_penalty",
-           "frequency_penalty", "repetition_penalty", "logit_bias", "logprobs"}
+           "frequency_penalty", "repetition_penalty", "logit_bias", "logprobs", *STRUCTURED_FIELDS}
 _NO_EFFECT = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
 _HONOURED = {"completion": _COMMON | _NO_EFFECT | {"prompt", "echo", "best_of"},
              "chat": _COMMON | _NO_EFFECT | {"messages", "top_logprobs", "max_completion_tokens"}}
@@ -66,8 +78,6 @@ _REFUSED: dict[str, dict[str, tuple[tuple[Any, ...], str]]] = {
         "parallel_tool_calls": ((True, False), ""),
         "functions": (([],), "'functions' (deprecated tool calling) is not supported"),
         "function_call": (("none",), "'function_call' (deprecated tool calling) is not supported"),
-        "response_format": (({"type": "text"},),
-                            "'response_format' other than {\"type\": \"text\"} (structured output) is not supported"),
         "audio": ((), "'audio' output is not supported"),
         "modalities": ((["text"],), "'modalities' other than [\"text\"] are not supported"),
         "prediction": ((), "'prediction' (predicted outputs) is not supported"),
@@ -127,7 +137,63 @@ def _logit_bias(body: dict) -> dict[int, float]:
     return out
 
 
-def _sampling(body: dict, default_max_tokens: int, logprobs: bool) -> tuple[SamplingParams, bool, int]:
+def _structured(body: dict) -> StructuredOutput | None:
+    """The grammar a request's output must follow (``response_format`` json_object / json_schema,
+    or vLLM's ``guided_json`` / ``guided_regex`` / ``guided_choice``), checked by compiling it."""
+    given = [k for k in STRUCTURED_FIELDS if body.get(k) is not None]
+    rf = body.get("response_format")
+    if rf is not None:
+        if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+            raise _bad("'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                       "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                       "response_format")
+        if rf["type"] == "text":
+            given.remove("response_format")
+    if not given:
+        return None
+    key = given[0]
+    if len(given) > 1:
+        raise _bad(f"'{given[0]}' and '{given[1]}' both constrain the output; send one of them", given[1])
+    value = body[key]
+    if key == "response_format":
+        extra = set(value) - {"type", "json_schema"}
+        if extra:
+            raise _bad(f"'response_format' has an unknown field '{sorted(extra)[0]}'", key)
+        if value["type"] == "json_object":
+            so = StructuredOutput(kind="json_object")
+        else:
+            js = value.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("schema", {}), (dict, bool)):
+                raise _bad("'response_format' json_schema must be {\"name\": ..., \"schema\": {...}}", key)
+            so = StructuredOutput(kind="json_schema", spec=_json_text(js.get("schema", {})))
+    elif key == "guided_json":
+        if isinstance(value, str):  # vLLM takes the schema as an object or as JSON text
+            so = StructuredOutput(kind="json_schema", spec=value)
+        elif isinstance(value, (dict, bool)):
+            so = StructuredOutput(kind="json_schema", spec=_json_text(value))
+        else:
+            raise _bad("'guided_json' must be a JSON schema (an object or its JSON text)", key)
+    elif key == "guided_regex":
+        if not isinstance(value, str):
+            raise _bad("'guided_regex' must be a string", key)
+        so = StructuredOutput(kind="regex", spec=value)
+    else:
+        if not isinstance(value, list):
+            raise _bad("'guided_choice' must be a list of strings", key)
+        so = StructuredOutput(kind="choice", spec=_json_text(value))
+    try:
+        compile_grammar(so)
+    except GrammarError as exc:
+        raise _bad(f"'{key}': {exc}", key) from None
+    return so
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value)
+
+
+def _sampling(body: dict, default_max_tokens: int, logprobs: bool, top_logprobs: int = 0,
+              ) -> tuple[SamplingParams, bool, int]:
     n = _number(body, "n", 1, int)
     if not 1 <= n <= MAX_N:
         raise _bad(f"'n' must be an integer in [1, {MAX_N}], got {n}", "n")
@@ -146,6 +212,10 @@ def _sampling(body: dict, default_max_tokens: int, logprobs: bool) -> tuple[Samp
     ignore_eos = body.get("ignore_eos", False)
     if ignore_eos is not None and not isinstance(ignore_eos, bool):
         raise _bad("'ignore_eos' must be a boolean", "ignore_eos")
+    structured = _structured(body)
+    if structured is not None and ignore_eos:
+        raise _bad("'ignore_eos' cannot be combined with structured output (the grammar ends the output with EOS)",
+                   "ignore_eos")
     try:
         params = SamplingParams(
             temperature=_number(body, "temperature", 1.0),
@@ -163,6 +233,8 @@ def _sampling(body: dict, default_max_tokens: int, logprobs: bool) -> tuple[Samp
             frequency_penalty=_number(body, "frequency_penalty", 0.0),
             repetition_penalty=_number(body, "repetition_penalty", 1.0),
             logit_bias=_logit_bias(body),
+            top_logprobs=top_logprobs,
+            structured=structured,
         )
     except ValueError as exc:
         field = str(exc).split(" ", 1)[0]
@@ -209,10 +281,10 @@ def parse_completion(body: Any, default_max_tokens: int = 16) -> GenerateRequest
     if echo is not None and not isinstance(echo, bool):
         raise _bad("'echo' must be a boolean", "echo")
     lp = body.get("logprobs")
-    if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or lp < 0 or lp > 1):
-        raise _bad("'logprobs' must be 0 or 1 (log-probabilities of the chosen tokens; more alternatives "
-                   "are not supported)", "logprobs")
-    params, given, n = _sampling(body, default_max_tokens, lp is not None)
+    if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_COMPLETION_LOGPROBS):
+        raise _bad(f"'logprobs' must be an integer in [0, {MAX_COMPLETION_LOGPROBS}] (the chosen tokens' "
+                   "log-probabilities and that many most likely alternatives)", "logprobs")
+    params, given, n = _sampling(body, default_max_tokens, lp is not None, lp or 0)
     best_of = body.get("best_of")
     if best_of is not None and best_of != n:
         raise _bad(f"'best_of' must equal 'n' ({n}): ranking candidates by likelihood is not supported", "best_of")
@@ -278,10 +350,12 @@ def parse_chat(body: Any, tool_parser: str | None = None) -> GenerateRequest:
         lp = False
     if not isinstance(lp, bool):
         raise _bad("'logprobs' must be a boolean", "logprobs")
-    if body.get("top_logprobs"):
-        raise _bad("'top_logprobs' above 0 is not supported (only the chosen tokens' log-probabilities)",
-                   "top_logprobs")
-    params, given, n = _sampling(body, 1 << 30, lp)
+    top = body.get("top_logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise _bad(f"'top_logprobs' must be an integer in [0, {MAX_TOP_LOGPROBS}]", "top_logprobs")
+    if top and not lp:
+        raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    params, given, n = _sampling(body, 1 << 30, lp, top or 0)
     stream, usage, continuous = _stream_flags(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:

@@ -360,7 +360,7 @@ class Router:
             if req is None or req.got_first:
                 return  # a late failure of a superseded attempt
             if msg.status == 400:
-                self._fail(msg.request_id, RequestError(msg.error))
+                self._fail(msg.request_id, RequestError(msg.error, param=msg.param))
             else:
                 self._fail(msg.request_id, EngineDeadError(msg.error))
 

@@ -203,7 +203,7 @@ class PrefillWorker(Worker):
                 self.engine.add_request(msg.request_id, msg.prompt_ids, msg.params)
             except RequestError as exc:
                 self.sender.destinations.pop(msg.request_id, None)
-                self.link.send(m.Failed(msg.request_id, str(exc), 400))
+                self.link.send(m.Failed(msg.request_id, str(exc), 400, exc.param))
         else:
             if isinstance(msg, Abort):  # a request on another EP rank: its destination is dropped here
                 self.sender.destinations.pop(msg.request_id, None)
@@ -283,6 +283,8 @@ class DecodeWorker(Worker):
             self.engine.release_reservation(done.request_id)
             self.link.send(m.Failed(done.request_id, str(exc), 500))
             return
+        if req.params.top_logprobs and done.first_top_logprobs:  # the first token was sampled on the prefill side
+            out.top_logprobs = [list(done.first_top_logprobs)]
         self.link.send(out)
 
 

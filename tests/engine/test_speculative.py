@@ -19,7 +19,7 @@ from matrixinfer.engine.kv_connector import KVConnector
 from matrixinfer.engine.llm_engine import LLMEngine
 from matrixinfer.engine.outputs import EngineStats
 from matrixinfer.engine.sampler import rejection_sample
-from matrixinfer.engine.sampling_params import SamplingParams
+from matrixinfer.engine.sampling_params import SamplingParams, StructuredOutput
 from matrixinfer.engine.sequence import Sequence
 from matrixinfer.engine.spec_policy import AcceptanceTracker, SpecPolicy, StepCosts
 from matrixinfer.engine.speculative import _pending_rows, last_hidden
@@ -118,24 +118,35 @@ def test_greedy_speculation_gives_the_plain_engines_outputs(demo, reference, k, 
 
 
 def test_logprobs_with_speculation_are_the_plain_engines(demo):
+    """Also the top_logprobs alternatives (issue 18), and a structured-output request is refused by
+    name on a speculating engine."""
     prompts = _requests(demo[2], 4)[0]
-    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=True, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=True, ignore_eos=True, top_logprobs=3)
 
     def run(**kw):
         eng = _engine(demo, kv_cache_memory=64 * BLOCK_BYTES, **kw)
         for i, p in enumerate(prompts):
             eng.add_request(str(i), p, params)
-        got: dict[str, tuple[list[int], list[float]]] = {str(i): ([], []) for i in range(len(prompts))}
+        got: dict[str, tuple[list[int], list[float], list]] = {str(i): ([], [], []) for i in range(len(prompts))}
         while eng.has_work():
             for out in eng.step():
                 got[out.request_id][0].extend(out.token_ids)
                 got[out.request_id][1].extend(out.logprobs)
-        return got
+                got[out.request_id][2].extend(out.top_logprobs)
+        return got, eng
 
-    plain, spec = run(), run(speculative="mtp", num_speculative_tokens=2, speculative_max_batch=8)
-    for rid, (ids, lps) in plain.items():
+    (plain, _), (spec, eng) = run(), run(speculative="mtp", num_speculative_tokens=2, speculative_max_batch=8)
+    assert eng.spec is not None and eng.spec.accepted > 0
+    for rid, (ids, lps, tops) in plain.items():
         assert spec[rid][0] == ids and len(spec[rid][1]) == len(ids) == 12
         assert spec[rid][1] == pytest.approx(lps, abs=1e-4)
+        assert len(tops) == len(spec[rid][2]) == 12 and all(len(t) == 3 and t[0][0] == i for t, i in zip(tops, ids))
+        assert [[t for t, _ in top] for top in spec[rid][2]] == [[t for t, _ in top] for top in tops]
+        assert [v for top in spec[rid][2] for _, v in top] == pytest.approx([v for top in tops for _, v in top],
+                                                                            abs=1e-4)
+    with pytest.raises(RequestError, match="response_format") as e:
+        eng.add_request("json", prompts[0], SamplingParams(structured=StructuredOutput(kind="json_object")))
+    assert e.value.param == "response_format"
 
 
 @pytest.mark.parametrize("where", ["verify", "advance"])

@@ -110,3 +110,71 @@ def listening_ports(pid: int) -> list[int]:
                 if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
                     ports.append(int(cols[1].rsplit(":", 1)[1], 16))
     return sorted(ports)
+
+
+# -- structured output and top_logprobs (issue 18) -----------------------------------------------------
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}, "colour": {"enum": ["red", "green"]},
+                                           "tag": {"type": "string", "maxLength": 5}},
+          "required": ["n", "colour", "tag"], "additionalProperties": False}
+SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}}
+
+
+def matches_schema(text: str) -> bool:
+    """Whether ``text`` is JSON that validates against :data:`SCHEMA` (checked by hand: no
+    validator package is a dependency)."""
+    import json
+
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return False
+    return (isinstance(obj, dict) and set(obj) == {"n", "colour", "tag"} and type(obj["n"]) is int
+            and obj["colour"] in ("red", "green") and isinstance(obj["tag"], str) and len(obj["tag"]) <= 5)
+
+
+def stream_chat(url: str, body: dict[str, Any]) -> tuple[list[int], str, str | None, list[dict[str, Any]]]:
+    """A streamed chat completion: token ids, text, finish reason and the logprobs entries."""
+    import json
+
+    ids: list[int] = []
+    text, reason, entries = "", None, []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, headers=HEADERS,
+                      timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            for c in json.loads(line[6:])["choices"]:
+                ids += c.get("token_ids", [])
+                text += c["delta"].get("content") or ""
+                reason = c["finish_reason"] or reason
+                entries += (c.get("logprobs") or {}).get("content") or []
+    return ids, text, reason, entries
+
+
+def reference_logprobs(checkpoint: str | Path, ids: list[int]) -> Any:
+    """``log_softmax`` of transformers' own model's logits at every position of ``ids`` (float32)."""
+    import torch
+
+    from tests.checkpoints import load_reference
+
+    with torch.no_grad():
+        return load_reference(Path(checkpoint))(torch.tensor([ids])).logits[0].log_softmax(-1)
+
+
+def check_top_logprobs(checkpoint: str | Path, prompt_ids: list[int], ids: list[int], entries: list[dict[str, Any]],
+                       k: int) -> None:
+    """Greedy chat output's ``top_logprobs``: k alternatives per token, sorted, the chosen token
+    first, and their log-probabilities those of the reference model at that position."""
+    ref = reference_logprobs(checkpoint, prompt_ids + ids)
+    assert len(entries) == len(ids) > 0
+    for i, (token, e) in enumerate(zip(ids, entries)):
+        row = ref[len(prompt_ids) - 1 + i]
+        alts = e["top_logprobs"]
+        values = [a["logprob"] for a in alts]
+        assert len(alts) == k and values == sorted(values, reverse=True)
+        assert alts[0]["token"] == e["token"] and alts[0]["logprob"] == e["logprob"]  # greedy: chosen is the top
+        assert int(row.argmax()) == token
+        assert abs(e["logprob"] - float(row[token])) < 1e-4
+        expect = row.topk(k).values.tolist()
+        assert max(abs(a - b) for a, b in zip(values, expect)) < 1e-4, (values, expect)

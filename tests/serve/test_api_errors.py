@@ -208,7 +208,8 @@ def test_unstreamed_bodies():
     body = r.json()
     assert r.status_code == 200 and body["object"] == "text_completion" and body["model"] == "fake"
     assert body["choices"] == [{"index": 0, "text": "AB", "finish_reason": "length", "logprobs": {
-        "tokens": ["A", "B"], "token_logprobs": [-0.5, -0.5], "top_logprobs": None, "text_offset": None}}]
+        "tokens": ["A", "B"], "token_logprobs": [-0.5, -0.5],
+        "top_logprobs": [{"A": -0.5}, {"B": -0.5}], "text_offset": None}}]  # logprobs 1: the chosen token at least
     assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4,
                              "prompt_tokens_details": {"cached_tokens": 0}}
     r = client([out("A", FinishReason.STOP)]).post("/v1/chat/completions", json=CHAT, headers=AUTH)

@@ -1,7 +1,8 @@
 """Issue 18 (defects 4 and 5, endpoint features) through the official ``openai`` client against a real
-server: every documented completions and chat field is honoured or refused with a 400 naming it;
-unknown routes and methods answer in the OpenAI error shape; /v1/models/{id}, /version,
-/tokenize and /detokenize. Shares the module's colocated server (about 10 s to start)."""
+server: every documented completions and chat field is honoured or refused with a 400 naming it
+(structured output and top_logprobs included); unknown routes and methods answer in the OpenAI error
+shape; /v1/models/{id}, /version, /tokenize and /detokenize. Shares the module's colocated server
+(about 10 s to start)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ import httpx
 import openai
 import pytest
 
-from tests.serve.helpers import API_KEY, HEADERS
+from tests.serve.helpers import (
+    API_KEY,
+    HEADERS,
+    SCHEMA_FORMAT,
+    check_top_logprobs,
+    matches_schema,
+    stream_chat,
+)
 
 PROMPT = [5, 6, 7, 8, 9]
 GREEDY = dict(model="tiny", prompt=PROMPT, max_tokens=24, temperature=0)
@@ -128,8 +136,7 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
 CHAT_REFUSED = {
     "tools": dict(tools=[TOOL]),
     "tool_choice": dict(tool_choice="auto"),
-    "response_format": dict(response_format={"type": "json_object"}),
-    "top_logprobs": dict(logprobs=True, top_logprobs=2),
+    "top_logprobs": dict(top_logprobs=2),  # without logprobs
     "functions": dict(functions=[TOOL["function"]]),
     "audio": dict(audio={"voice": "alloy", "format": "wav"}),
     "prediction": dict(prediction={"type": "content", "content": "x"}),
@@ -140,9 +147,9 @@ CHAT_REFUSED = {
 COMPLETION_REFUSED = {
     "suffix": dict(suffix="end"),
     "best_of": dict(best_of=3),
-    "logprobs": dict(logprobs=3),
+    "logprobs": dict(logprobs=6),
     "stream_options": dict(stream_options={"include_usage": True}),
-    "guided_json": dict(extra_body={"guided_json": {}}),
+    "guided_regex": dict(extra_body={"guided_regex": "(unclosed"}),
 }
 
 
@@ -209,3 +216,72 @@ def test_n_choices_share_the_prompt_blocks(client, server):
     before = server.metrics()["matrixinfer_prefix_cache_hit_tokens_total"]
     client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=1, n=3)
     assert server.metrics()["matrixinfer_prefix_cache_hit_tokens_total"] - before == 2 * 32
+
+
+
+# -- structured output and top_logprobs ---------------------------------------------------------------
+
+def _chat(client, **kw):
+    return client.chat.completions.create(**{"model": "tiny", "messages": MESSAGES, **kw})
+
+
+def test_json_schema_output_validates(client, server):
+    """The untrained model's output is random, so only the grammar makes it valid: without it, the
+    same request is not JSON. Streamed and not."""
+    for seed in (0, 1):
+        r = _chat(client, response_format=SCHEMA_FORMAT, temperature=1, seed=seed, max_tokens=200)
+        assert r.choices[0].finish_reason == "stop" and matches_schema(r.choices[0].message.content), r
+        assert not matches_schema(_chat(client, temperature=1, seed=seed, max_tokens=60).choices[0].message.content)
+    _, text, reason, _ = stream_chat(server.url, {"model": "tiny", "messages": MESSAGES, "temperature": 1,
+                                                  "seed": 7, "max_tokens": 200, "response_format": SCHEMA_FORMAT})
+    assert reason == "stop" and matches_schema(text), text
+
+
+def test_json_object_and_vllm_guided_fields(client):
+    for seed in (0, 1):
+        r = _chat(client, response_format={"type": "json_object"}, temperature=1, seed=seed, max_tokens=300)
+        assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].message.content), dict)
+    choice = client.completions.create(model="tiny", prompt="a", max_tokens=8, temperature=1, seed=2,
+                                       extra_body={"guided_choice": ["yes", "no"]})
+    assert choice.choices[0].text in ("yes", "no") and choice.choices[0].finish_reason == "stop"
+    regex = client.completions.create(model="tiny", prompt="a", max_tokens=8, temperature=1, seed=2,
+                                      extra_body={"guided_regex": "[ab]{3}"})
+    assert len(regex.choices[0].text) == 3 and set(regex.choices[0].text) <= {"a", "b"}
+
+
+def test_structured_output_cut_by_max_tokens_is_length(client, server):
+    r = _chat(client, response_format=SCHEMA_FORMAT, max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.content.startswith('{"n')
+    _, text, reason, _ = stream_chat(server.url, {"model": "tiny", "messages": MESSAGES, "max_tokens": 4,
+                                                  "response_format": SCHEMA_FORMAT})
+    assert reason == "length" and text == r.choices[0].message.content
+
+
+def test_logit_bias_combines_with_response_format(client, server):
+    a = httpx.post(f"{server.url}/tokenize", json={"model": "tiny", "prompt": "a", "add_special_tokens": False},
+                   headers=HEADERS).json()["tokens"][0]
+    r = _chat(client, response_format=SCHEMA_FORMAT, max_tokens=200, temperature=0, logit_bias={str(a): 100})
+    assert json.loads(r.choices[0].message.content)["tag"] == "aaaaa"  # the bias wins wherever the schema allows
+
+
+@pytest.mark.parametrize("fmt", [{"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}},
+                                 {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}},
+                                 {"type": "json_schema"}, {"type": "xml"}])
+def test_bad_response_format_is_a_400(client, fmt):
+    assert "response_format" in _refused(lambda: _chat(client, response_format=fmt, max_tokens=2), "response_format")
+
+
+def test_top_logprobs_match_the_model(client, server, served_checkpoint):
+    prompt = httpx.post(f"{server.url}/tokenize", json={"model": "tiny", "messages": MESSAGES},
+                        headers=HEADERS).json()["tokens"]
+    ids, _, _, entries = stream_chat(server.url, {"model": "tiny", "messages": MESSAGES, "max_tokens": 6,
+                                                  "temperature": 0, "logprobs": True, "top_logprobs": 5})
+    check_top_logprobs(served_checkpoint, prompt, ids, entries, 5)
+    r = _chat(client, max_tokens=6, temperature=0, logprobs=True, top_logprobs=20)
+    content = r.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx([e["logprob"] for e in entries], abs=1e-5)
+    assert all(len(c.top_logprobs) == 20 and c.top_logprobs[0].logprob == c.logprob for c in content)
+    legacy = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, logprobs=3)
+    lp = legacy.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx([e["logprob"] for e in entries], abs=1e-5)
+    assert all(1 <= len(t) <= 4 and t[tok] == v for t, tok, v in zip(lp.top_logprobs, lp.tokens, lp.token_logprobs))
