@@ -14,7 +14,17 @@ import torch
 from matrixinfer.config import EngineConfig
 from matrixinfer.engine.llm_engine import LLMEngine
 from matrixinfer.engine.sampling_params import SamplingParams
-from tests.serve.helpers import API_KEY, HEADERS, Server, child_restarts, stream_tokens
+from tests.serve.helpers import (
+    API_KEY,
+    HEADERS,
+    SCHEMA_FORMAT,
+    Server,
+    check_top_logprobs,
+    child_restarts,
+    matches_schema,
+    stream_chat,
+    stream_tokens,
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +83,24 @@ def _settled(server) -> dict[str, dict[str, float]]:
     """Per-instance metrics once the load reports (every 0.2 s) have caught up."""
     time.sleep(0.6)
     return server.instance_metrics()
+
+
+def test_pd_structured_output_and_top_logprobs(pdc, served_checkpoint):
+    """Issue 18: the first token is sampled on a prefill instance and the rest on the decode instance,
+    which rebuilds the grammar's state from the tokens so far; the first token's alternatives travel
+    in the KV handoff. About 3 s."""
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}]}
+    for seed in (0, 3):
+        _, text, reason, _ = stream_chat(pdc.url, {**chat, "response_format": SCHEMA_FORMAT, "temperature": 1,
+                                                   "seed": seed, "max_tokens": 200})
+        assert reason == "stop" and matches_schema(text), text
+    r = httpx.post(f"{pdc.url}/v1/chat/completions", json={**chat, "response_format": SCHEMA_FORMAT,
+                                                           "max_tokens": 200}, headers=HEADERS, timeout=120)
+    assert r.status_code == 200 and matches_schema(r.json()["choices"][0]["message"]["content"]), r.text
+    prompt = httpx.post(f"{pdc.url}/tokenize", json=chat, headers=HEADERS).json()["tokens"]
+    ids, _, _, entries = stream_chat(pdc.url, {**chat, "max_tokens": 6, "temperature": 0, "logprobs": True,
+                                               "top_logprobs": 5})
+    check_top_logprobs(served_checkpoint, prompt, ids, entries, 5)
 
 
 def test_prefix_stored_by_one_prefill_instance_is_hit_by_the_other(pdc):
