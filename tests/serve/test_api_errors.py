@@ -104,6 +104,8 @@ def test_fake_backend_satisfies_the_protocol():
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("script,status,expected", [
     ([RequestError("the prompt is empty")], 400, error_body("the prompt is empty", "invalid_request_error", "prompt")),
+    ([RequestError("no grammar with speculation", param="response_format")], 400,  # an option the engine refuses
+     error_body("no grammar with speculation", "invalid_request_error", "response_format")),
     ([EngineDeadError("engine failed: boom")], 503, error_body("engine failed: boom", "server_error")),
     ([ApiError(429, "slow down", code="rate_limited")], 429,
      error_body("slow down", "invalid_request_error", code="rate_limited")),
