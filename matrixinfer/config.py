@@ -245,6 +245,11 @@ class EngineConfig:
         node_rank: this host's index among --nnodes (node 0 serves the API).
         master_addr: address of node 0 where the ranks meet (torchrun's MASTER_ADDR).
         master_port: port of that meeting point (default: a free port; required with --nnodes > 1).
+        redundant_experts: extra routed-expert slots spread over the EP ranks (--ep must divide the
+            experts + this), holding copies of hot experts; a token goes to one copy.
+        eplb_interval: steps between live expert rebalances of an EP instance (each MoE layer
+            re-placed from the load routed since the last one, moving few experts; 0: never).
+        eplb_target: busiest rank's expert load over the mean that a live rebalance aims for.
     """
 
     model: str | None = None
@@ -271,6 +276,9 @@ class EngineConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
+    redundant_experts: int = 0
+    eplb_interval: int = 0
+    eplb_target: float = 1.05
 
     def __post_init__(self) -> None:
         if self.ep < 1 or self.nnodes < 1 or self.ep % self.nnodes:
@@ -284,6 +292,11 @@ class EngineConfig:
         if self.ep > 1 and self.speculative is not None:
             raise ValueError("speculative decoding is not supported with ep > 1 (the MTP passes would break the "
                              "ranks' lockstep)")
+        if self.redundant_experts < 0 or self.eplb_interval < 0:
+            raise ValueError(f"redundant_experts ({self.redundant_experts}) and eplb_interval ({self.eplb_interval}) "
+                             f"must be >= 0")
+        if not self.eplb_target >= 1.0:
+            raise ValueError(f"eplb_target is the busiest rank's load over the mean: >= 1.0, got {self.eplb_target}")
         if self.nnodes > 1 and self.master_port is None:
             raise ValueError("--master-port is required with --nnodes > 1 (every node must meet at the same port)")
         if self.speculative not in (None, "mtp"):

@@ -13,8 +13,16 @@ handoff goes over the same control channel: a prefill rank that computed a reque
 back in its report (:class:`KVHandoff`, taken by :class:`HandoffCollector`) and rank 0's
 ``KVSender`` sends it on (:meth:`DPEngine.hand_off_from_ranks`); on a decode instance the KV lands
 in rank 0's reservation, and :meth:`DPEngine.attach` moves a request to a less loaded rank in the
-next plan (:class:`RankAttach`), whose engine reserves, writes and attaches it. With another
-connector on rank 0 (the EMS context cache), requests stay on rank 0.
+next plan (:class:`RankAttach`), whose engine reserves, writes and attaches it. With the EMS
+context cache, every rank has its own EMS connector (the launcher gives ranks >= 1 the pool's
+addresses and the deployment secret in their environment), so requests spread in the same way.
+
+Live expert rebalance: every ``eplb_interval`` steps rank 0 plans each MoE layer's placement from
+the expert load routed since the last plan (:func:`~matrixinfer.parallel.eplb.plan_incremental`:
+few expert moves to a balance target, ``redundant_experts`` extra slots) and, when a layer
+changes, puts the new tables in the next :class:`StepPlan`; every rank switches before that step
+(:func:`~matrixinfer.parallel.ep_moe.apply_placements`), so the switch is atomic between steps and
+requests keep running.
 Without work, rank 0 still sends a heartbeat plan every ``heartbeat`` seconds, so that a waiting
 rank's collective never times out while one that died is noticed within ``ep_timeout``.
 """
@@ -33,7 +41,7 @@ import torch
 from matrixinfer.config import EngineConfig
 from matrixinfer.engine.commands import AddRequest
 from matrixinfer.engine.errors import RequestError
-from matrixinfer.engine.kv_connector import KVConnector
+from matrixinfer.engine.kv_connector import KVConnector, MultiConnector
 from matrixinfer.engine.llm_engine import LLMEngine, _Detok
 from matrixinfer.engine.outputs import EngineStats, FinishReason, RequestOutput, sum_stats
 from matrixinfer.engine.sampling_params import SamplingParams
@@ -41,6 +49,8 @@ from matrixinfer.engine.sequence import Sequence
 from matrixinfer.engine.speculative import last_hidden
 from matrixinfer.model.deepseek import DeepseekForCausalLM
 from matrixinfer.model.tokenizer import Tokenizer
+from matrixinfer.parallel.ep_moe import apply_placements
+from matrixinfer.parallel.eplb import ReplicatedPlacement, plan_incremental
 from matrixinfer.parallel.group import EPGroup, RankFailure
 from matrixinfer.parallel.messages import (
     ENCODER,
@@ -59,10 +69,11 @@ log = logging.getLogger(__name__)
 
 
 def ep_metrics(group: EPGroup) -> EPMetrics:
-    return EPMetrics(rank=group.rank, experts=group.placement.experts_of(group.rank), tokens=group.tokens,
+    return EPMetrics(rank=group.rank, experts=group.slots_of(group.rank), tokens=group.tokens,
                      passes=group.passes, idle_passes=group.idle_passes, dispatch_bytes=group.dispatch_bytes,
                      combine_bytes=group.combine_bytes, dispatch_seconds=group.dispatch_s,
-                     combine_seconds=group.combine_s, expert_tokens=group.expert_tokens.tolist())
+                     combine_seconds=group.combine_s, expert_tokens=group.expert_tokens.tolist(),
+                     rebalances=group.rebalances, experts_received=group.experts_received)
 
 
 def kv_bytes(kv: torch.Tensor) -> tuple[str, list[int], bytes]:
@@ -97,13 +108,24 @@ class HandoffCollector(KVConnector):
         self.wanted.discard(seq.request_id)
 
 
+def _find_collector(engine: LLMEngine) -> HandoffCollector | None:
+    c = engine.connector
+    if isinstance(c, MultiConnector):
+        c = next((x for x in c.connectors if isinstance(x, HandoffCollector)), None)
+    return c if isinstance(c, HandoffCollector) else None
+
+
 def _collector(engine: LLMEngine) -> HandoffCollector:
     """This rank's :class:`HandoffCollector`, bound on the first prefill handoff (a rank of another
-    role runs without a connector)."""
-    if not isinstance(engine.connector, HandoffCollector):
-        engine.connector = HandoffCollector()
-        engine.connector.bind(engine.runner.kv_cache, engine.sampler)
-    return engine.connector
+    role runs without one); beside the rank's EMS connector when it has one (the EMS connector
+    first: it stores the prompt's blocks before the request leaves)."""
+    found = _find_collector(engine)
+    if found is not None:
+        return found
+    collector = HandoffCollector()
+    engine.connector = collector if engine.connector is None else MultiConnector([engine.connector, collector])
+    engine.connector.bind(engine.runner.kv_cache, engine.sampler)
+    return collector
 
 
 def _attach_here(engine: LLMEngine, a: RankAttach) -> None:
@@ -163,11 +185,14 @@ def follow(engine: LLMEngine, group: EPGroup) -> None:
                                              finish_reason=FinishReason.ABORT, error=str(e)))
         for rid in plan.aborts:
             engine.abort(rid)
+        if plan.placements is not None:
+            apply_placements(group, plan.placements)
         if plan.run:
             outputs += run_step(engine.step, group)
         handoffs: list[KVHandoff] = []
-        if isinstance(engine.connector, HandoffCollector):
-            handoffs, engine.connector.ready = engine.connector.ready, []
+        collector = _find_collector(engine)
+        if collector is not None:
+            handoffs, collector.ready = collector.ready, []
         report = RankReport(outputs, engine.stats(), engine.has_work(), ep_metrics(group), handoffs)
         group.gather_bytes(ENCODER.encode(report))
 
@@ -178,13 +203,18 @@ class DPEngine(LLMEngine):
 
     def __init__(self, cfg: EngineConfig, group: EPGroup, model: DeepseekForCausalLM,
                  tokenizer: Tokenizer | None = None, connector: KVConnector | None = None,
-                 heartbeat: float = 1.0) -> None:
+                 heartbeat: float = 1.0, ranks_have_connector: bool = False) -> None:
         super().__init__(cfg, model=model, tokenizer=tokenizer, connector=connector)
         self.group = group
-        # A KV connector (EMS) is bound to this rank's cache: with one, every request stays here and the
-        # other ranks only hold experts (EP MoE without DP attention). A decode instance (no connector)
-        # spreads at attach; a prefill instance's handoff connector spreads via hand_off_from_ranks.
-        self.spread = connector is None
+        # A KV connector (EMS) is bound to this rank's cache: unless the other ranks have their own
+        # (ranks_have_connector), every request stays here and the other ranks only hold experts. A
+        # decode instance spreads at attach; a prefill instance's handoff spreads via hand_off_from_ranks.
+        self.spread = connector is None or ranks_have_connector
+        # live rebalance (eplb_interval steps apart; 0: never)
+        self.eplb_interval, self.eplb_target = cfg.eplb_interval, cfg.eplb_target
+        self._steps_since_plan = 0
+        self._window_base: list[list[int]] = []  # expert_tokens totals when the last plan was made
+        self._placements: list[list[list[int]]] | None = None  # tables for the next step plan
         self._send_handoff: Callable[[KVHandoff], None] | None = None
         self._attaches: list[RankAttach] = []
         self._blocks_sent: list[int] = [0] * group.world  # KV blocks of attaches sent since the last report
@@ -315,12 +345,21 @@ class DPEngine(LLMEngine):
         if self.closed:
             raise RankFailure("this EP instance is closed")
         run = LLMEngine.has_work(self) or bool(self._adds or self._attaches) or self._remote_work()
-        plan = StepPlan(self._adds, self._attaches, self._aborts, run=run)
-        self._adds, self._attaches, self._aborts = [], [], []
+        if run and self.eplb_interval:
+            self._steps_since_plan += 1
+            if self._steps_since_plan >= self.eplb_interval:
+                self._steps_since_plan = 0
+                self._plan_rebalance()
+        plan = StepPlan(self._adds, self._attaches, self._aborts, run=run, placements=self._placements)
+        self._adds, self._attaches, self._aborts, self._placements = [], [], [], None
         self._sent = [0] * self.group.world
         self._blocks_sent = [0] * self.group.world
         self._last = time.monotonic()
         self.group.broadcast_bytes(ENCODER.encode(plan))
+        if plan.placements is not None:
+            moved = apply_placements(self.group, plan.placements)
+            log.info("EP instance: placement switched (rebalance %d; rank 0 received %d expert copies)",
+                     self.group.rebalances, moved)
         outputs = run_step(lambda: LLMEngine.step(self), self.group) if run else []
         for rank, data in enumerate(self.group.gather_bytes(b"")):
             if rank == 0:
@@ -337,6 +376,51 @@ class DPEngine(LLMEngine):
                 if out.finished or out.handed_off:
                     del self._owner[out.request_id]
         return outputs
+
+    # -- expert placement ------------------------------------------------------------------------
+    def placements(self) -> list[list[list[int]]]:
+        """The current placement of every MoE layer (``[moe_layer][rank]``: experts in its slots)."""
+        return [b.placement.as_table() for b in self.group.backends]
+
+    def rebalance_to(self, tables: list[list[list[int]]]) -> None:
+        """Switch to ``tables`` at the next step boundary (all ranks at once, weights moved over the
+        collective backend). Checked here, so that a bad table never reaches the ranks."""
+        if len(tables) != len(self.group.backends):
+            raise ValueError(f"{len(tables)} placement tables for {len(self.group.backends)} MoE layers")
+        for b, t in zip(self.group.backends, tables):
+            p = ReplicatedPlacement.from_table(t, b.placement.n_experts)
+            if p.ep_size != self.group.world:
+                raise ValueError(f"placement over {p.ep_size} ranks; the instance has {self.group.world}")
+        self._placements = [[list(map(int, r)) for r in t] for t in tables]
+
+    def _expert_totals(self) -> list[list[int]]:
+        ranks = [ep_metrics(self.group)] + [r.ep for r in self._reports[1:] if r is not None]
+        layers = len(self.group.backends)
+        n = self.group.placement.n_experts
+        return [[sum(m.expert_tokens[i][e] for m in ranks if i < len(m.expert_tokens)) for e in range(n)]
+                for i in range(layers)]
+
+    def _plan_rebalance(self) -> None:
+        """Plan each MoE layer from the load routed since the last plan; queue the tables if one moves."""
+        totals = self._expert_totals()
+        base = self._window_base or [[0] * len(t) for t in totals]
+        self._window_base = totals
+        tables, changed = [], False
+        for b, now, before in zip(self.group.backends, totals, base):
+            window = [float(a - c) for a, c in zip(now, before)]
+            if not sum(window):
+                tables.append(b.placement.as_table())
+                continue
+            plan = plan_incremental(window, b.placement, b.placement.n_redundant, self.eplb_target)
+            if plan.moves and plan.balance_after < plan.balance_before:
+                changed = True
+                tables.append(plan.placement.as_table())
+                log.info("EP rebalance: MoE layer %d balance %.3f -> %.3f, %d expert copies move", b.moe_index,
+                         plan.balance_before, plan.balance_after, plan.moves)
+            else:
+                tables.append(b.placement.as_table())
+        if changed:
+            self._placements = tables
 
     def close(self) -> None:
         """Tell the other ranks to stop, then leave the group (idempotent)."""
@@ -368,15 +452,25 @@ class DPEngine(LLMEngine):
         n = self.group.placement.n_experts
         total = [[sum(m.expert_tokens[i][e] for m in ranks if i < len(m.expert_tokens)) for e in range(n)]
                  for i in range(layers)]
+        current = [b.placement for b in self.group.backends]
+        one_copy = ReplicatedPlacement.from_placement(self.group.placement)
+        if all(p == one_copy for p in current):
+            imbalance = load_imbalance(self.group.placement, total)
+        else:  # replicas or re-placed layers: each layer's counts under its current placement
+            ratios = [p.balance([float(x) for x in t]) for p, t in zip(current, total) if sum(t)]
+            imbalance = sum(ratios) / len(ratios) if ratios else 1.0
         return {
             "ep": self.group.world,
             "dispatch_dtype": self.group.dispatch_dtype,
-            "placement": self.group.placement.as_table(),
+            "placement": current[0].as_table() if current else self.group.placement.as_table(),
+            "layers": [{"slots": p.as_table()} for p in current],
+            "redundant": current[0].n_redundant if current else 0,
+            "rebalances": self.group.rebalances,
             "ranks": [dict(msgspec.to_builtins(m), running=s.running, waiting=s.waiting,
                            generation_tokens=s.generation_tokens, prompt_tokens=s.prompt_tokens)
                       for m, s in zip(ranks, stats)],
             "expert_tokens": total,
-            "imbalance": load_imbalance(self.group.placement, total),
+            "imbalance": imbalance,
         }
 
     def load_snapshot_json(self) -> str:

@@ -6,11 +6,19 @@ ids and weights of those experts), runs this rank's experts over what it receive
 one weighted row back per received row, which the source adds up. Dispatch and combine are
 ``all_to_all_single`` with the split sizes exchanged first, into reused buffers
 (:meth:`EPGroup.buffer`). Shared experts stay on every rank (the MoE layer runs them).
+
+Each layer has its own placement (:class:`~matrixinfer.parallel.eplb.ReplicatedPlacement`: the
+experts in each rank's slots, hot ones possibly in several). A token routed to a replicated
+expert goes to one copy (:func:`~matrixinfer.parallel.eplb.route_to_replicas`, offset by the
+source rank). :meth:`ExpertParallelExperts.repartition` switches a layer to another placement,
+moving the expert weights a rank lacks from a rank that holds them (one ``all_to_all_single``
+per stacked tensor); every rank calls it at the same step boundary (:mod:`.dp_engine`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
@@ -18,6 +26,7 @@ from torch import nn
 from matrixinfer.model.experts import EXPERTS_BACKENDS, BackendUnavailable, Experts, ExpertsBackend, Routing
 from matrixinfer.model.moe import MoE
 from matrixinfer.parallel.dispatch import decode_rows, encode_rows, row_bytes
+from matrixinfer.parallel.eplb import ReplicatedPlacement, route_to_replicas
 from matrixinfer.parallel.group import EPGroup
 
 log = logging.getLogger(__name__)
@@ -33,10 +42,32 @@ class ExpertParallelExperts(ExpertsBackend):
     differentiable = True
 
     def __init__(self, experts: Experts, group: EPGroup, moe_index: int, inner: ExpertsBackend,
-                 hidden: int, top_k: int) -> None:
+                 hidden: int, top_k: int, placement: ReplicatedPlacement | None = None) -> None:
         super().__init__(experts)
         self.group, self.moe_index, self.inner = group, moe_index, inner
         self.hidden, self.top_k = hidden, top_k
+        self._set_placement(placement or ReplicatedPlacement.from_placement(group.placement))
+
+    def _set_placement(self, placement: ReplicatedPlacement) -> None:
+        if placement.ep_size != self.group.world:
+            raise ValueError(f"MoE layer {self.moe_index}: placement over {placement.ep_size} ranks, the instance "
+                             f"has {self.group.world}")
+        self.placement = placement
+        dev = self.group.device
+        # physical slot p (ranks in order) -> its rank and its row there
+        self.slot_rank = torch.tensor([r for r, xs in enumerate(placement.slots) for _ in xs], dtype=torch.long,
+                                      device=dev)
+        self.slot_local = torch.tensor([i for xs in placement.slots for i in range(len(xs))], dtype=torch.long,
+                                       device=dev)
+        self.replicated = placement.n_redundant > 0
+        self.first_slot = torch.tensor([x[0] for x in placement.log2phy()], dtype=torch.long, device=dev)
+
+    def physical_slots(self, ids: torch.Tensor) -> torch.Tensor:
+        """The physical slot each (token, chosen expert) goes to: the one copy, or one of the
+        replicas (balanced, deterministic; offset by this rank)."""
+        if not self.replicated:
+            return self.first_slot[ids]
+        return route_to_replicas(ids.cpu(), self.placement, offset=self.group.rank).to(ids.device)
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
@@ -49,12 +80,13 @@ class ExpertParallelExperts(ExpertsBackend):
         g.record(self.moe_index, ids)
         start = g.timed()
         # dispatch: one row per (token, destination rank), sorted by rank
-        dest = g.rank_of[ids]
+        phys = self.physical_slots(ids)
+        dest = self.slot_rank[phys]
         hit = torch.zeros(t, g.world, dtype=torch.bool, device=x.device).scatter_(1, dest, True)
         to_rank, tok = hit.t().nonzero(as_tuple=True)
         send_counts = hit.sum(0)
         mine = dest[tok] == to_rank[:, None]
-        lid = torch.where(mine, g.local_index[ids[tok]], -1)
+        lid = torch.where(mine, self.slot_local[phys[tok]], -1)
         lw = torch.where(mine, w[tok].float(), 0.0)
         rb = row_bytes(h, k, g.dispatch_dtype)
         n_send = tok.shape[0]
@@ -90,6 +122,49 @@ class ExpertParallelExperts(ExpertsBackend):
         self.forward(x, Routing(torch.zeros(0, self.top_k, dtype=torch.long, device=dev),
                                 torch.zeros(0, self.top_k, device=dev)))
 
+    @torch.inference_mode()
+    def repartition(self, new: ReplicatedPlacement) -> int:
+        """Switch this layer to ``new`` (every rank calls it at the same step boundary, with the
+        same ``new``): each expert copy a rank gains comes from the lowest rank that held it, one
+        ``all_to_all_single`` per stacked tensor of the experts (weights, INT8 scales, biases).
+        Returns the copies this rank received."""
+        old, g, me = self.placement, self.group, self.group.rank
+        if new.n_experts != old.n_experts:
+            raise ValueError(f"MoE layer {self.moe_index}: new placement has {new.n_experts} experts, the layer "
+                             f"{old.n_experts}")
+        if new == old:
+            return 0
+        holder = [min(r for r, xs in enumerate(old.slots) if e in xs) for e in range(old.n_experts)]
+        # (destination, expert) transfers, in the same order on every rank
+        gains = [(d, e) for d, xs in enumerate(new.slots) for e in xs if e not in old.slots[d]]
+        send = [[e for d, e in gains if holder[e] == me and d == dst] for dst in range(g.world)]
+        recv = [[e for d, e in gains if d == me and holder[e] == src] for src in range(g.world)]
+        mine_old = {e: i for i, e in enumerate(old.slots[me])}
+        send_rows = torch.tensor([mine_old[e] for xs in send for e in xs], dtype=torch.long)
+        recv_order = [e for xs in recv for e in xs]
+        got = {e: i for i, e in enumerate(recv_order)}
+        ex = self.experts
+        n_old = len(old.slots[me])
+        tensors: list[tuple[str, torch.Tensor, bool]] = [(n, t, True) for n, t in ex.named_parameters(recurse=False)]
+        tensors += [(name, t, False) for name, t in ex.named_buffers(recurse=False) if t is not None]
+        for name, t, is_param in tensors:
+            if not t.dim() or t.shape[0] != n_old:
+                continue
+            t = t.detach()
+            row_bytes_ = math.prod(t.shape[1:]) * t.element_size()  # rows travel as raw bytes (any dtype, any backend)
+            inp = t[send_rows.to(t.device)].contiguous().view(-1).view(torch.uint8).view(len(send_rows), row_bytes_)
+            out = torch.empty((len(recv_order), row_bytes_), dtype=torch.uint8, device=t.device)
+            g.all_to_all(out, inp, [len(x) for x in recv], [len(x) for x in send], f"moving experts ({name})")
+            moved = out.view(-1).view(t.dtype).view(len(recv_order), *t.shape[1:])
+            rows = [t[mine_old[e]] if e in mine_old else moved[got[e]] for e in new.slots[me]]
+            fresh = (torch.stack(rows) if rows else t[:0].clone()).contiguous()
+            setattr(ex, name, nn.Parameter(fresh, requires_grad=False) if is_param else fresh)
+        ex.n_experts = len(new.slots[me])
+        self.inner = _inner_backend(ex, self.inner.name)
+        self._set_placement(new)
+        return len(recv_order)
+
+
     @property
     def experts_dtype(self) -> torch.dtype:
         """The dtype of the activations this layer sees (its experts' float dtype, else float32)."""
@@ -97,6 +172,19 @@ class ExpertParallelExperts(ExpertsBackend):
             if p.is_floating_point():
                 return p.dtype
         return torch.float32
+
+
+def apply_placements(group: EPGroup, tables: list[list[list[int]]]) -> int:
+    """Switch every MoE layer to its table (``tables[layer][rank]``: the experts in that rank's
+    slots), moving expert weights between the ranks; every rank calls it at the same step
+    boundary. Returns the expert copies this rank received."""
+    if len(tables) != len(group.backends):
+        raise ValueError(f"{len(tables)} placement tables for {len(group.backends)} MoE layers")
+    new = [ReplicatedPlacement.from_table(t, b.placement.n_experts) for b, t in zip(group.backends, tables)]
+    moved = sum(b.repartition(p) for b, p in zip(group.backends, new))
+    group.rebalances += 1
+    group.experts_received += moved
+    return moved
 
 
 def shard_experts(experts: Experts, local: list[int]) -> None:
@@ -113,32 +201,40 @@ def shard_experts(experts: Experts, local: list[int]) -> None:
     experts.n_experts = len(local)
 
 
-def enable_expert_parallel(model: nn.Module, group: EPGroup) -> int:
+def _inner_backend(ex: Experts, name: str) -> ExpertsBackend:
+    try:
+        return EXPERTS_BACKENDS[name](ex)
+    except BackendUnavailable:
+        return EXPERTS_BACKENDS[ex.fallback_backend](ex)
+
+
+def enable_expert_parallel(model: nn.Module, group: EPGroup,
+                           placements: list[ReplicatedPlacement] | None = None) -> int:
     """Make every MoE layer of ``model`` (main layers; MTP modules are not run under EP) keep only
-    this rank's experts and compute through :class:`ExpertParallelExperts`. Returns the number of
-    MoE layers. Call after the model's compute backends are chosen."""
+    this rank's expert slots and compute through :class:`ExpertParallelExperts`. ``placements``:
+    one per MoE layer (default: ``group.placement`` for all). Returns the number of MoE layers.
+    Call after the model's compute backends are chosen."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise TypeError(f"{type(model).__name__} has no model.layers: not a DeepSeek causal LM")
-    local = group.placement.experts_of(group.rank)
+    moes = [(block, block.mlp) for block in layers if isinstance(getattr(block, "mlp", None), MoE)]
+    if placements is None:
+        placements = [ReplicatedPlacement.from_placement(group.placement)] * len(moes)
+    if len(placements) != len(moes):
+        raise ValueError(f"{len(placements)} placements for the model's {len(moes)} MoE layers")
     group.backends.clear()
-    for block in layers:
-        moe = getattr(block, "mlp", None)
-        if not isinstance(moe, MoE):
-            continue
-        if moe.gate.n_experts != group.placement.n_experts:
-            raise ValueError(f"placement is for {group.placement.n_experts} experts; the model's MoE layers have "
+    for (block, moe), placement in zip(moes, placements):
+        if moe.gate.n_experts != placement.n_experts:
+            raise ValueError(f"placement is for {placement.n_experts} experts; the model's MoE layers have "
                              f"{moe.gate.n_experts}")
         ex = moe.experts
         inner_name = ex.impl.name
-        shard_experts(ex, local)
-        try:
-            inner = EXPERTS_BACKENDS[inner_name](ex)
-        except BackendUnavailable:
-            inner = EXPERTS_BACKENDS[ex.fallback_backend](ex)
+        shard_experts(ex, list(placement.slots[group.rank]))
+        inner = _inner_backend(ex, inner_name)
         block.native = None  # the one-call native layer would compute every expert locally
-        ex.impl = ExpertParallelExperts(ex, group, len(group.backends), inner, moe.gate.weight.shape[1], moe.gate.top_k)
+        ex.impl = ExpertParallelExperts(ex, group, len(group.backends), inner, moe.gate.weight.shape[1],
+                                        moe.gate.top_k, placement)
         group.backends.append(ex.impl)
-    log.info("EP rank %d/%d: %d MoE layers, experts %s, dispatch %s", group.rank, group.world, len(group.backends),
-             local, group.dispatch_dtype)
+    log.info("EP rank %d/%d: %d MoE layers, slots %s, dispatch %s", group.rank, group.world, len(group.backends),
+             [list(p.slots[group.rank]) for p in placements[:1]], group.dispatch_dtype)
     return len(group.backends)

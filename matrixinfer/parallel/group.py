@@ -95,6 +95,7 @@ class EPGroup:
         self.dispatch_bytes = self.combine_bytes = 0
         self.dispatch_s = self.combine_s = 0.0
         self.expert_tokens = torch.zeros(0, placement.n_experts, dtype=torch.long)
+        self.rebalances = self.experts_received = 0  # placement switches and expert copies received in them
 
     # -- buffers -----------------------------------------------------------------------------
     def buffer(self, name: str, nbytes: int, device: torch.device | None = None) -> torch.Tensor:
@@ -169,6 +170,12 @@ class EPGroup:
         if parts is None:
             return []
         return [p[:int(s)].numpy().tobytes() for p, s in zip(parts, sizes)]
+
+    def slots_of(self, rank: int) -> list[int]:
+        """The experts in ``rank``'s slots of the first MoE layer (its row of the placement table)."""
+        if self.backends:
+            return list(self.backends[0].placement.slots[rank])
+        return self.placement.experts_of(rank)
 
     # -- lockstep ----------------------------------------------------------------------------
     @torch.inference_mode()

@@ -56,13 +56,16 @@ class RankAttach(msgspec.Struct, tag=True):
 
 class StepPlan(msgspec.Struct, tag=True):
     """Broadcast by rank 0 before every step. ``run``: every rank takes part in a forward pass
-    (with its own batch, possibly empty); otherwise the step is a heartbeat. ``stop``: shut down."""
+    (with its own batch, possibly empty); otherwise the step is a heartbeat. ``stop``: shut down.
+    ``placements``: switch to these expert placements (``[moe_layer][rank]``: the experts in that
+    rank's slots) before this step, moving expert weights between the ranks (a live rebalance)."""
 
     adds: list[RankAdd] = msgspec.field(default_factory=list)
     attaches: list[RankAttach] = msgspec.field(default_factory=list)
     aborts: list[str] = msgspec.field(default_factory=list)
     run: bool = False
     stop: bool = False
+    placements: list[list[list[int]]] | None = None
 
 
 class EPMetrics(msgspec.Struct, tag=True, kw_only=True):
@@ -77,6 +80,8 @@ class EPMetrics(msgspec.Struct, tag=True, kw_only=True):
         dispatch_seconds / combine_seconds: time in dispatch (encode, split sizes, all-to-all) and
             combine (all-to-all, sum).
         expert_tokens: ``[moe_layer][expert]`` tokens of its batches routed to each expert.
+        rebalances / experts_received: placement switches it took part in / expert copies it
+            received in them.
     """
 
     rank: int
@@ -89,6 +94,8 @@ class EPMetrics(msgspec.Struct, tag=True, kw_only=True):
     dispatch_seconds: float = 0.0
     combine_seconds: float = 0.0
     expert_tokens: list[list[int]] = msgspec.field(default_factory=list)
+    rebalances: int = 0
+    experts_received: int = 0
 
 
 class RankReport(msgspec.Struct, tag=True):
@@ -101,6 +108,22 @@ class RankReport(msgspec.Struct, tag=True):
     handoffs: list[KVHandoff] = msgspec.field(default_factory=list)
 
 
+class RankConnector(msgspec.Struct):
+    """What a rank >= 1 builds its own EMS connector from (rank 0's worker knows the pool): the
+    EMS servers (or the controller that lists them), the context cache's hash namespace, what it
+    stores (``prompt``: a prefill instance, which also reads; ``generated``: a decode instance with
+    ``--store-decode-kv``) and the block size. The launcher passes it as JSON in the rank's
+    environment (:data:`CONNECTOR_ENV`); the deployment secret goes separately, also in the
+    environment (never argv)."""
+
+    servers: list[str]
+    controller: str
+    namespace: str
+    store: str
+    block_size: int
+
+
+CONNECTOR_ENV = "MATRIXINFER_EP_CONNECTOR"
 ENCODER = msgspec.msgpack.Encoder()
 PLAN_DECODER = msgspec.msgpack.Decoder(StepPlan)
 REPORT_DECODER = msgspec.msgpack.Decoder(RankReport)

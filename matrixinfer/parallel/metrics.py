@@ -41,13 +41,16 @@ class EPCollector:
             for r in snap["ranks"]:
                 fam.add_metric([str(r["rank"])], float(r[key]))
             yield fam
-        owner = {e: r for r, experts in enumerate(snap["placement"]) for e in experts}
+        tables = [x["slots"] for x in snap.get("layers", [])] or [snap["placement"]] * len(snap["expert_tokens"])
+        # the rank holding each expert in each layer ("0+2" for an expert with copies on ranks 0 and 2)
+        owners = [{e: "+".join(str(r) for r, xs in enumerate(t) if e in xs) for e in range(len(counts))}
+                  for t, counts in zip(tables, snap["expert_tokens"])]
         experts = CounterMetricFamily("matrixinfer_ep_expert_tokens", "Tokens routed to each routed expert, by MoE "
                                       "layer (0 = the first MoE layer) and the rank holding the expert",
                                       labels=["layer", "expert", "rank"])
         for layer, counts in enumerate(snap["expert_tokens"]):
             for e, n in enumerate(counts):
-                experts.add_metric([str(layer), str(e), str(owner[e])], float(n))
+                experts.add_metric([str(layer), str(e), owners[layer][e]], float(n))
         yield experts
 
 

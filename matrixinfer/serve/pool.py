@@ -115,6 +115,16 @@ class EmsConnector(KVConnector):
         return {"ems_stored_blocks": self.stored_blocks, "ems_loaded_blocks": self.loaded_blocks}
 
 
+def ems_client(servers: list[str] | None, controller: str, secret: bytes | None) -> EmsClient:
+    """The client an instance reaches the pool with: the given servers, else the controller's view."""
+    from matrixinfer.ems.membership import ControllerMembership
+
+    kw: dict = dict(namespace="matrixinfer", timeout=2.0, connect_timeout=0.3, secret=secret)
+    if servers:
+        return EmsClient(servers, **kw)
+    return EmsClient(membership=ControllerMembership(controller, secret=secret), **kw)
+
+
 def checkpoint_version(path: Path) -> str:
     """A version id that changes whenever the checkpoint's files change (names, sizes, mtimes)."""
     h = hashlib.blake2b(digest_size=8)

@@ -52,12 +52,14 @@ def quiet_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-def build_engine(cfg: EngineConfig, ems: Any, instance_id: str, connector: KVConnector | None) -> LLMEngine:
+def build_engine(cfg: EngineConfig, ems: Any, instance_id: str, connector: KVConnector | None,
+                 rank_connector: Any = None, secret: bytes | None = None) -> LLMEngine:
     """The instance's engine; with an EMS pool, weights come from its model cache when present
     (and are published there after a cold load, for the next instance). With ``--ep N`` it is rank 0
     of an expert-parallel instance: the routed experts are spread over the N ranks, and so are the
     requests (DP attention; the KV handoff passes through rank 0, see
-    :mod:`matrixinfer.parallel.dp_engine`) unless an EMS connector binds them to rank 0's cache."""
+    :mod:`matrixinfer.parallel.dp_engine`); ``rank_connector``: the EMS connector the other ranks
+    build for themselves (with ``secret``, passed in their environment)."""
     from matrixinfer.model.default_model import default_model_path
     from matrixinfer.model.device import resolve_device, resolve_dtype
     from matrixinfer.model.loader import load_model
@@ -82,7 +84,8 @@ def build_engine(cfg: EngineConfig, ems: Any, instance_id: str, connector: KVCon
                      instance_id, path, written)
     from matrixinfer.parallel.launch import make_engine
 
-    return make_engine(cfg, model, connector)[0]  # --ep N: rank 0 of N rank processes (they end with this one)
+    # --ep N: rank 0 of N rank processes (they end with this one)
+    return make_engine(cfg, model, connector, rank_connector, secret)[0]
 
 
 class Worker:
@@ -103,13 +106,11 @@ class Worker:
         if cfg.served_model_name is None:
             cfg = dataclasses.replace(cfg, served_model_name=welcome.model_id)
         self.ems = None
+        self.ems_servers, self.ems_controller = list(ems_servers or []), welcome.ems_controller
         if ems_servers or welcome.ems_controller:
-            from matrixinfer.ems.client import EmsClient
-            from matrixinfer.ems.membership import ControllerMembership
+            from matrixinfer.serve.pool import ems_client
 
-            kw: dict[str, Any] = dict(namespace="matrixinfer", timeout=2.0, connect_timeout=0.3, secret=secret)
-            self.ems = (EmsClient(ems_servers, **kw) if ems_servers
-                        else EmsClient(membership=ControllerMembership(welcome.ems_controller, secret=secret), **kw))
+            self.ems = ems_client(ems_servers, welcome.ems_controller, secret)
         self.cfg = cfg
         self._stats_at = 0.0
 
@@ -118,9 +119,19 @@ class Worker:
             return None
         from matrixinfer.serve.pool import EmsConnector
 
+        return EmsConnector(self.ems, self.cfg.block_size, self._ems_namespace(), read=store == "prompt", store=store)
+
+    def _ems_namespace(self) -> str:
         # INT8 cache blocks are another byte layout: keep them apart from other instances' blocks
-        namespace = (self.cfg.served_model_name or "") + ("/kv-int8" if self.cfg.kv_cache_dtype == "int8" else "")
-        return EmsConnector(self.ems, self.cfg.block_size, namespace, read=store == "prompt", store=store)
+        return (self.cfg.served_model_name or "") + ("/kv-int8" if self.cfg.kv_cache_dtype == "int8" else "")
+
+    def _rank_connector(self, store: str) -> Any:
+        """What the other ranks of an EP instance build their own EMS connector from (None: no pool)."""
+        if self.ems is None or self.cfg.ep == 1:
+            return None
+        from matrixinfer.parallel.messages import RankConnector
+
+        return RankConnector(self.ems_servers, self.ems_controller, self._ems_namespace(), store, self.cfg.block_size)
 
     def register(self, engine: LLMEngine, kv_addr: str = "") -> None:
         self.engine = engine
@@ -189,10 +200,11 @@ class PrefillWorker(Worker):
         self.sender = KVSender(lambda rid, err: self.link.send(m.Failed(rid, err, 503)), secret)
         ems = self._ems_connector("prompt")
         connector = MultiConnector([ems, self.sender]) if ems is not None else self.sender
-        engine = build_engine(self.cfg, self.ems, self.instance_id, connector)
+        engine = build_engine(self.cfg, self.ems, self.instance_id, connector, self._rank_connector("prompt"),
+                              self.secret)
         from matrixinfer.parallel.dp_engine import DPEngine
 
-        if ems is None and isinstance(engine, DPEngine):  # --ep N: every rank prefills, rank 0 sends the KV
+        if isinstance(engine, DPEngine):  # --ep N: every rank prefills (with its own EMS connector), rank 0 sends
             engine.hand_off_from_ranks(self.sender.send_handoff)
         self.register(engine)
 
@@ -231,7 +243,8 @@ class DecodeWorker(Worker):
         super().__init__(router, dataclasses.replace(cfg, enable_prefix_caching=False), ems_servers, instance_id,
                          secret)
         connector = self._ems_connector("generated") if self.cfg.store_generated_kv else None
-        engine = build_engine(self.cfg, self.ems, self.instance_id, connector)
+        engine = build_engine(self.cfg, self.ems, self.instance_id, connector,
+                              self._rank_connector("generated") if connector is not None else None, self.secret)
         self.pending: list[tuple[m.Reserve, float]] = []  # reservations waiting for free blocks
         self.reserved: dict[str, m.Reserve] = {}
         self.receiver = KVReceiver(engine, kv_host, self.inbox.put, self.stopped, secret)

@@ -1,10 +1,12 @@
-"""EP instances in a P/D deployment: ``matrixinfer serve --num-prefill 1 --num-decode 2 --ep 2``
-(every instance two ranks, its routed experts spread over both) gives one process's greedy tokens
-while requests are spread over the ranks' DP attention schedulers in both roles (the KV handoff
-passing through rank 0 over the instance's control channel); killing a rank of one decode
-instance mid-request ends that request with an error within 30 s, and the router keeps serving
-with the remaining instances. Costs ~1.5-2.5 min on 2 busy cores (a router and three EP instances
-of two processes each start)."""
+"""EP instances in the default P/D deployment, with the EMS pool: ``matrixinfer serve --num-prefill 1
+--num-decode 2 --num-ems 1 --store-decode-kv --ep 2`` (every instance two ranks, its routed experts
+spread over both) gives one process's greedy tokens while requests are spread over the ranks' DP
+attention schedulers in both roles (the KV handoff passing through rank 0 over the instance's
+control channel), every rank with its own EMS connector: a repeated prompt placed on the rank that
+did not compute it loads its prefix from EMS. Killing a rank of one decode instance mid-request
+ends that request with an error within 30 s, and the router keeps serving with the remaining
+instances. Costs ~1.5-2.5 min on 2 busy cores (a router, an EMS server and three EP instances of
+two processes each start)."""
 
 from __future__ import annotations
 
@@ -58,8 +60,8 @@ def test_pd_deployment_of_ep_instances(served_checkpoint):
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)  # 16: the requests overlap on decode
     expect = LLMEngine(EngineConfig(model=str(served_checkpoint), device="cpu", dtype="float32",
                                     kv_cache_memory=4 << 20)).generate(PROMPTS, params)
-    server = Server(served_checkpoint, "--num-prefill", "1", "--num-decode", "2", "--num-ems", "0", "--ep", "2",
-                    "--ep-timeout", "10", "--kv-cache-memory", str(4 << 20))
+    server = Server(served_checkpoint, "--num-prefill", "1", "--num-decode", "2", "--num-ems", "1", "--ep", "2",
+                    "--store-decode-kv", "--ep-timeout", "10", "--kv-cache-memory", str(4 << 20))
     try:
         _wait_instances(server)
 
@@ -72,9 +74,20 @@ def test_pd_deployment_of_ep_instances(served_checkpoint):
         assert [ids for ids, _ in asyncio.run(run(PROMPTS, 16))] == expect
         # six requests at once: each instance's rank 0 gave some to rank 1 (prefill: to prefill there
         # and hand the KV back; decode: the KV that arrived on rank 0, moved to rank 1 to continue)
-        remote = instance_metrics(server._scrape(), by="role")["ep_remote_requests"]
-        print(f"requests placed on rank 1 by role: {remote}")
+        roles = instance_metrics(server._scrape(), by="role")
+        remote, stored = roles["ep_remote_requests"], roles["ems_stored_blocks"]
+        print(f"requests placed on rank 1 by role: {remote}; EMS blocks stored by role: {stored}")
         assert remote.get("prefill", 0) > 0 and remote.get("decode", 0) > 0, remote
+        assert stored.get("prefill", 0) > 0 and stored.get("decode", 0) > 0, stored  # prompt / generated blocks
+        # the two prompts with full blocks, each sent twice at once: one copy of each goes to the prefill
+        # rank that did not compute it before, which has its prefix only in EMS (through its own client)
+        again = [PROMPTS[1], PROMPTS[1], PROMPTS[3], PROMPTS[3]]
+        assert [ids for ids, _ in asyncio.run(run(again, 16))] == [expect[1], expect[1], expect[3], expect[3]]
+        roles = instance_metrics(server._scrape(), by="role")
+        ems_hits = roles["external_hit_tokens"].get("prefill", 0)
+        print(f"repeated prompts: {ems_hits:.0f} prompt tokens loaded from EMS, "
+              f"{roles['prefix_hit_tokens'].get('prefill', 0):.0f} from the ranks' own caches")
+        assert ems_hits >= 16, roles["external_hit_tokens"]
 
         decode = [pid for pid, cmd in server.children() if "--role decode" in cmd]
         assert len(decode) == 2
