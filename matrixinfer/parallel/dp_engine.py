@@ -411,7 +411,12 @@ class DPEngine(LLMEngine):
             if not sum(window):
                 tables.append(b.placement.as_table())
                 continue
-            plan = plan_incremental(window, b.placement, b.placement.n_redundant, self.eplb_target)
+            try:
+                plan = plan_incremental(window, b.placement, b.placement.n_redundant, self.eplb_target)
+            except ValueError as e:  # a placement the policy cannot re-plan: keep it (never fail the step)
+                log.warning("EP rebalance of MoE layer %d skipped: %s", b.moe_index, e)
+                tables.append(b.placement.as_table())
+                continue
             if plan.moves and plan.balance_after < plan.balance_before:
                 changed = True
                 tables.append(plan.placement.as_table())

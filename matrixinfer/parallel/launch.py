@@ -57,9 +57,13 @@ def node_ranks(cfg: EngineConfig) -> range:
     return range(cfg.node_rank * per, (cfg.node_rank + 1) * per)
 
 
-def initial_placement(n_experts: int, n_ranks: int, n_redundant: int) -> ReplicatedPlacement:
+def initial_placement(n_experts: int, n_ranks: int, n_redundant: int, live: bool = False) -> ReplicatedPlacement:
     """Where the experts start: contiguous blocks, or with ``n_redundant`` extra slots the
-    balanced plan for an even load (the same on every rank: a pure function of its arguments)."""
+    balanced plan for an even load (the same on every rank: a pure function of its arguments).
+    ``live``: the instance will rebalance, which needs equal slot counts on every rank."""
+    if live and (n_experts + n_redundant) % n_ranks:
+        raise ValueError(f"--eplb-interval: live rebalance needs the {n_experts} routed experts + --redundant-experts "
+                         f"{n_redundant} to divide over --ep {n_ranks} ranks (every rank holds the same slots)")
     contiguous = ReplicatedPlacement.from_placement(ExpertPlacement.contiguous(n_experts, n_ranks))
     if not n_redundant:
         return contiguous
@@ -84,7 +88,8 @@ def build_rank(cfg: EngineConfig, env: RankEnv, model: DeepseekForCausalLM | Non
     n = model.config.n_routed_experts
     if not n:
         raise ValueError(f"{path}: a dense model has no routed experts to spread over --ep {cfg.ep} ranks")
-    start = initial_placement(n, env.world_size, cfg.redundant_experts)  # before joining: a bad R fails fast
+    # before joining the group: a bad --redundant-experts fails fast, on every rank
+    start = initial_placement(n, env.world_size, cfg.redundant_experts, live=cfg.eplb_interval > 0)
     group = EPGroup(env, ExpertPlacement.contiguous(n, env.world_size), cfg.dispatch_dtype, dev, cfg.ep_timeout)
     try:
         moe_layers = sum(isinstance(getattr(b, "mlp", None), MoE) for b in model.model.layers)
