@@ -34,6 +34,7 @@ LWS_API = "leaderworkerset.x-k8s.io/v1"
 EXCLUSIVE_TOPOLOGY = "leaderworkerset.sigs.k8s.io/exclusive-topology"
 HOSTNAME = "kubernetes.io/hostname"
 DEFAULT_PORT = 8000
+EP_PORT = 29500  # an EP instance's rendezvous on its leader pod
 SECRET_DIR = "/etc/matrixinfer/secret"
 APP = "app.kubernetes.io/name"
 COMPONENT = "app.kubernetes.io/component"
@@ -105,7 +106,8 @@ def _router_addr(spec: DeploymentSpec) -> str:
 def router_objects(spec: DeploymentSpec) -> list[dict[str, Any]]:
     http, control = _ports(spec)
     eng = EngineConfig(model=spec.model, **spec.engine)  # type: ignore[arg-type]
-    args = ["serve", "--host", "0.0.0.0", "--port", str(http), "--router-port", str(control),
+    # the pod's own address: the router advertises its control port and EMS controller at it
+    args = ["serve", "--host", "$(POD_IP)", "--port", str(http), "--router-port", str(control),
             "--num-prefill", "0", "--num-decode", "0", "--num-ems", "1" if spec.ems.servers else "0",
             "--ems-capacity", spec.ems.capacity, *to_argv(eng, skip=("ep",))]
     mem = parse_bytes(spec.router.memory, "router.memory") + \
@@ -129,9 +131,9 @@ def _rank_args(spec: DeploymentSpec, role: str, leader: bool) -> list[str]:
     nnodes = spec.nodes_per_instance(role)
     ep = ["--ep", str(eng.ep)] if eng.ep > 1 else []
     if nnodes > 1:
-        ep += ["--nnodes", str(nnodes), "--master-addr", "$(LWS_LEADER_ADDRESS)",
+        ep += ["--nnodes", str(nnodes), "--master-addr", "$(LWS_LEADER_ADDRESS)", "--master-port", str(EP_PORT),
                "--node-rank", "0" if leader else "$(LWS_WORKER_INDEX)"]
-    base = to_argv(eng, skip=("ep", "nnodes", "node_rank", "master_addr"))
+    base = to_argv(eng, skip=("ep", "nnodes", "node_rank", "master_addr", "master_port"))
     if leader:
         return ["worker", "--role", role, "--router", _router_addr(spec), "--kv-host", "$(POD_IP)", *ep, *base]
     return ["serve", *ep, *base]

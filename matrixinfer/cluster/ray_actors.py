@@ -128,27 +128,35 @@ class RouterActor:
     async def _main(self) -> None:
         from pathlib import Path
 
+        import ray
         import uvicorn
 
         from matrixinfer.ems.controller import Controller
+        from matrixinfer.netio import format_addr, parse_addr
         from matrixinfer.serve.api_server import create_app
         from matrixinfer.serve.http_guard import uvicorn_config
         from matrixinfer.serve.router import Router
 
         cfg = self.cfg
         self.loop = asyncio.get_running_loop()
+        # bound to a wildcard address, the ports are advertised at this node's address
+        here = ray.util.get_node_ip_address() if cfg.host in ("", "0.0.0.0", "::") else cfg.host
+
+        def advertised(addr: str) -> str:
+            return format_addr(here, parse_addr(addr)[1])
+
         self.controller = Controller(cfg.host, 0, secret=self.secret).start() if self.with_ems else None
+        ems = advertised(self.controller.address) if self.controller else ""
         self.router = Router(Path(self.model), self.served_model_name, reserve_timeout=cfg.reserve_timeout,
-                             ems_controller=self.controller.address if self.controller else "", secret=self.secret)
-        ctrl = await self.router.start(cfg.host, cfg.control_port)
+                             ems_controller=ems, secret=self.secret)
+        ctrl = advertised(await self.router.start(cfg.host, cfg.control_port))
         app = create_app(self.router, api_key=cfg.api_key, max_request_bytes=cfg.max_request_bytes,
                          reasoning_parser=cfg.reasoning_parser, protect_metrics=cfg.protect_metrics,
                          chat_template=cfg.chat_template, tool_call_parser=cfg.tool_call_parser)
         app.state.metrics.registry.register(self.scaling)
         self.metrics_registry = app.state.metrics.registry
         self.server = uvicorn.Server(uvicorn_config(app, cfg))
-        self.addr = {"http": f"http://{cfg.host}:{cfg.port}", "control": ctrl,
-                     "ems_controller": self.controller.address if self.controller else ""}
+        self.addr = {"http": f"http://{format_addr(here, cfg.port)}", "control": ctrl, "ems_controller": ems}
         serving = asyncio.create_task(self.server.serve())
         while not self.server.started and not serving.done():
             await asyncio.sleep(0.05)

@@ -172,10 +172,15 @@ def _cmd_des(args) -> int:
 
 
 def _cmd_plan(args) -> int:
+    import sys
+
     from matrixinfer.sim.autoscale import autoscale, diurnal_curve
     from matrixinfer.sim.hardware import parse_hardware
     from matrixinfer.sim.planner import PlanRequest, format_plan, plan
 
+    if not args.out and (args.emit != "spec" or args.paper_deployment):
+        print("error: --emit k8s and --paper-deployment write files: give --out PATH", file=sys.stderr)
+        return 2
     try:
         hw = parse_hardware(args.hardware)
     except ValueError as exc:

@@ -49,6 +49,9 @@ def test_paper_deployment_manifests(tmp_path, capsys):
     assert leader["resources"]["limits"]["huawei.com/Ascend910"] == 8  # 16 ranks = 8 two-die NPUs per host
     rank = _container(decode["leaderWorkerTemplate"]["workerTemplate"])
     assert rank["args"][rank["args"].index("--node-rank") + 1] == "$(LWS_WORKER_INDEX)"
+    for c in (leader, rank):  # the rendezvous: the leader pod's address and one agreed port
+        assert c["args"][c["args"].index("--master-addr") + 1] == "$(LWS_LEADER_ADDRESS)"
+        assert c["args"][c["args"].index("--master-port") + 1] == "29500"
     meta = objs["LeaderWorkerSet/decode"]["metadata"]
     assert meta["annotations"]["leaderworkerset.sigs.k8s.io/exclusive-topology"] == "matrixinfer.io/scale-up-domain"
     assert objs["StatefulSet/ems"]["spec"]["replicas"] == 31  # 32 hosts' pools; server 0 beside the router
@@ -80,3 +83,8 @@ def test_the_schemas_refuse_bad_manifests(tmp_path, capsys):
     dep["spec"]["replicas"] = "one"
     with pytest.raises(ManifestError, match="replicas"):
         validate_manifest(dep)
+
+
+def test_emit_needs_out(capsys):
+    assert main([*PLAN, "--hardware", "cm384", "--workload", "4096/256"]) == 2
+    assert "give --out PATH" in capsys.readouterr().err
