@@ -163,18 +163,20 @@ class RayDeployment:
     # -- supervise -------------------------------------------------------------------------------
     def supervise(self) -> None:
         """Notice restarted single-rank instances and recreate EP instances that lost a rank."""
-        from ray.exceptions import GetTimeoutError, RayActorError
+        from ray.exceptions import ActorDiedError, RayError
 
-        for inst in self.instances:
-            infos: list[Any] = []
+        for inst in list(self.instances):
+            infos: list[Any] = []  # a rank's info, None when its actor died, "?" when it did not answer
             for a in inst.actors:
                 try:
                     infos.append(self.ray.get(a.info.remote(), timeout=5))
-                except (RayActorError, GetTimeoutError):
+                except ActorDiedError:
                     infos.append(None)
+                except RayError:  # restarting, unreachable or slow: judged next round
+                    infos.append("?")
             if len(inst.actors) == 1:
                 info = infos[0]
-                if info is not None and info["pid"] != inst.pids[0]:
+                if isinstance(info, dict) and info["pid"] != inst.pids[0]:
                     inst.restarts += 1
                     log.warning("%s%d restarted by Ray (process %d -> %d, restart %d)", inst.role, inst.index,
                                 inst.pids[0], info["pid"], inst.restarts)
@@ -219,7 +221,7 @@ class RayDeployment:
     def _remove_idle(self, role: str, mine: list[Instance], idle: set[str]) -> bool:
         """Stop the newest instance of ``role`` that the router reports idle; False if none is."""
         for inst in reversed(mine):
-            iid = self.ray.get(inst.actors[0].info.remote())["instance_id"]
+            iid = self.ray.get(inst.actors[0].info.remote(), timeout=10)["instance_id"]
             if iid in idle:
                 self.stop_instance(inst)
                 return True
