@@ -117,16 +117,10 @@ class LLMEngine:
         if request_id in self.seqs or self.has_reservation(request_id):
             raise RequestError(f"request id {request_id!r} is already in use")
         self._check_prompt(prompt_ids)
-        self._check_params(params)
         seq = Sequence(request_id, list(prompt_ids), params)
         self.seqs[request_id] = seq
         self._detok[request_id] = _Detok(self.tokenizer, params.stop)
         self.waiting.append(seq)
-
-    def _check_params(self, params: SamplingParams) -> None:
-        if params.structured is not None and self.spec is not None:
-            raise RequestError("'response_format' (structured output) cannot be combined with speculative decoding, "
-                               "which this server runs (--speculative mtp)", param="response_format")
 
     def _check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -509,7 +503,6 @@ class LLMEngine:
             held = self._reservations.pop(request_id, None)
         if held is None:
             raise RequestError(f"request {request_id!r} holds no reservation (aborted or expired)")
-        self._check_params(params)
         seq = Sequence(request_id, list(prompt_ids), params)
         seq.block_table = held[0].block_table
         seq.num_computed = len(prompt_ids)

@@ -124,9 +124,8 @@ class Sampler:
         own generator (reproducible, though not the same draws as without speculation). Logit
         processing sees, at each draft row, the drafts before it as generated tokens. ``top``: when
         given, each sequence's list of its emitted tokens' ``top_logprobs`` alternatives is appended.
-        Grammars (structured output) are not applied here: the engine refuses them with speculation."""
-        if any(p.structured is not None for p in params):
-            raise ValueError("structured output is not supported with speculative decoding")
+        A grammar (structured output) masks each row as if the drafts before it were generated, so
+        a draft the grammar forbids is rejected and every emitted token follows the grammar."""
         raw = logits = logits.float()
         starts = [0]
         for d in drafts:
@@ -137,6 +136,16 @@ class Sampler:
             if histories is not None:
                 row_hist = [(h[0], h[1] + d[:j]) for h, d in zip(histories, drafts) for j in range(len(d) + 1)]
             logits = process_logits(logits, row_params, row_hist)
+        if any(p.structured is not None for p in params):
+            if self.grammars is None or histories is None:
+                raise ValueError("structured output needs the engine's grammars and each row's tokens (histories)")
+            if logits is raw:
+                logits = logits.clone()
+            for i, p in enumerate(params):
+                if p.structured is not None:
+                    masks = self.grammars.allowed_with_drafts(request_ids[i], p.structured, histories[i][1], drafts[i])
+                    for j, allowed in enumerate(masks):
+                        logits[starts[i] + j].masked_fill_(~allowed.to(logits.device), float("-inf"))
         if logits.dim() == 2 and logits.shape[1] and logits.is_cpu and logits.is_contiguous() and kernels.available():
             best = kernels.argmax_rows(logits)
         else:

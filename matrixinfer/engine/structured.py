@@ -10,7 +10,7 @@ request's output tokens so far. The matcher's state is therefore a function of t
 a decode instance of a P/D deployment builds it afresh from the first token the prefill instance
 sampled (nothing is pickled or sent), and a preempted request keeps it.
 
-This module imports torch only inside :meth:`Grammars.allowed`, so the API server (torch-free)
+This module imports torch only where a mask is built, so the API server (torch-free)
 checks grammars with it. JSON is generated compactly (``", "`` and ``": "`` separators, no free
 whitespace): an untrained or weak model otherwise tends to fill a flexible-whitespace grammar with
 blank runs.
@@ -100,13 +100,33 @@ class Grammars:
     def allowed(self, request_id: str, so: StructuredOutput, output_ids: list[int]) -> torch.Tensor:
         """The tokens ``request_id`` may sample next (a bool mask over the vocabulary), given the
         tokens it has generated so far; ValueError when they left the grammar or nothing is allowed."""
-        import torch  # here: the API server checks grammars with this module and stays torch-free
+        return self.allowed_with_drafts(request_id, so, output_ids, [])[0]
 
+    def allowed_with_drafts(self, request_id: str, so: StructuredOutput, output_ids: list[int],
+                            drafts: list[int]) -> list[torch.Tensor]:
+        """Speculative verification: the masks after ``output_ids`` and after each prefix of
+        ``drafts`` (``len(drafts) + 1`` masks). At the first draft the grammar forbids, the masks
+        stop following the drafts: that draft is rejected by its own row's mask, so the rows after
+        it are never used (they get the same mask). The matcher is left after ``output_ids``."""
+        matcher = self._sync(request_id, so, output_ids)
+        masks = [self._mask(matcher)]
+        taken = 0
+        for d in drafts:
+            if not bool(masks[-1][d]) or d in self.eos_ids or not matcher.consume_token(d):
+                break
+            taken += 1
+            masks.append(self._mask(matcher))
+        if taken:
+            matcher.rollback(taken)
+        return masks + [masks[-1]] * (len(drafts) + 1 - len(masks))
+
+    def _sync(self, request_id: str, so: StructuredOutput, output_ids: list[int]) -> llguidance.LLMatcher:
+        """``request_id``'s matcher (built on first use), advanced over ``output_ids``."""
         held = self._matchers.get(request_id)
         if held is None:
             matcher = llguidance.LLMatcher(self.tokenizer, compile_grammar(so), log_level=0)
             if matcher.is_error():
-                raise ValueError(f"structured output: {matcher.get_error()}")
+                raise ValueError(f"structured output: {_first_line(matcher.get_error())}")
             held = (matcher, 0)
         matcher, done = held
         if done > len(output_ids):  # tokens were taken back (never by this engine today; cheap to honour)
@@ -118,14 +138,26 @@ class Grammars:
                 pass  # EOS after the grammar completed (min_tokens kept the request going): nothing to match
             elif not matcher.consume_tokens(new):
                 self._matchers.pop(request_id, None)
-                raise ValueError(f"structured output: the generated tokens left the grammar ({matcher.get_error()})")
+                raise ValueError("structured output: the generated tokens left the grammar "
+                                 f"({_first_line(matcher.get_error())})")
             done = len(output_ids)
         self._matchers[request_id] = (matcher, done)
+        return matcher
+
+    def _mask(self, matcher: llguidance.LLMatcher) -> torch.Tensor:
+        import torch  # here: the API server checks grammars with this module and stays torch-free
+
         words = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
         mask = ((words[:, None] >> torch.arange(32, dtype=torch.int32)) & 1).flatten()[:self.vocab_size].bool()
         if matcher.is_stopped():  # complete: only EOS ends it
             mask[:] = False
             mask[self.eos_ids] = True
         if not bool(mask.any()):
-            raise ValueError(f"structured output: no token can continue the output ({matcher.get_error()})")
+            raise ValueError("structured output: no token can continue the output "
+                             f"({_first_line(matcher.get_error())})")
         return mask
+
+
+def _first_line(error: str) -> str:
+    """llguidance's error without the parser state dump that follows it."""
+    return error.strip().splitlines()[0] if error.strip() else "no error message"

@@ -80,6 +80,18 @@ def test_matcher_rebuilt_from_the_tokens_allows_the_same(tok):
         follower.allowed("a", so, ids + tok.encode("x", add_special_tokens=False))
 
 
+def test_draft_masks_follow_the_drafts_and_leave_the_matcher_as_it_was(tok):
+    so = StructuredOutput(kind="json_schema", spec=json.dumps(SCHEMA))
+    g, ids = _grammars(tok), tok.encode('{"n": 12, "colour": "', add_special_tokens=False)
+    before = g.allowed("a", so, ids)
+    good, bad = tok.encode("gr", add_special_tokens=False), tok.encode("x", add_special_tokens=False)
+    masks = g.allowed_with_drafts("a", so, ids, good + bad + good)
+    assert len(good) == 2 and len(masks) == 6 and torch.equal(masks[0], before)
+    assert [torch.equal(masks[i], _grammars(tok).allowed("b", so, ids + good[:i])) for i in range(3)] == [True] * 3
+    assert not masks[2][bad[0]] and all(torch.equal(m, masks[2]) for m in masks[3:])  # rejected at "x"
+    assert torch.equal(g.allowed("a", so, ids), before)  # verification leaves the matcher after the output
+
+
 def test_logit_bias_combines_with_the_grammar(tok):
     a = tok.encode("a", add_special_tokens=False)[0]
     so = StructuredOutput(kind="json_schema", spec=json.dumps(SCHEMA))
