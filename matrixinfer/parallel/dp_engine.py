@@ -101,7 +101,8 @@ class HandoffCollector(KVConnector):
         self.wanted.discard(seq.request_id)
         dtype, shape, data = kv_bytes(self.cache.read_tokens(seq.block_table, len(seq.prompt_ids)))
         self.ready.append(KVHandoff(seq.request_id, token, logprob, seq.num_cached_tokens,
-                                    self.sampler.export_state(seq.request_id), last_hidden(seq), dtype, shape, data))
+                                    self.sampler.export_state(seq.request_id), last_hidden(seq), dtype, shape, data,
+                                    seq.top_logprobs[0] if seq.top_logprobs else []))
         return True
 
     def request_finished(self, seq: Sequence) -> None:

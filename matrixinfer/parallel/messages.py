@@ -35,6 +35,7 @@ class KVHandoff(msgspec.Struct, tag=True):
     dtype: str
     shape: list[int]
     kv: bytes
+    first_top_logprobs: list[tuple[int, float]] = msgspec.field(default_factory=list)
 
 
 class RankAttach(msgspec.Struct, tag=True):

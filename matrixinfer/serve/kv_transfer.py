@@ -85,7 +85,8 @@ class KVSender(KVConnector):
         if dest is None:  # aborted meanwhile
             return
         kv = torch.frombuffer(bytearray(h.kv), dtype=getattr(torch, h.dtype)).view(*h.shape)
-        done = m.KVDone(h.request_id, h.first_token, h.first_logprob, h.num_cached, h.sampler_state, h.hidden)
+        done = m.KVDone(h.request_id, h.first_token, h.first_logprob, h.num_cached, h.sampler_state, h.hidden,
+                        first_top_logprobs=h.first_top_logprobs)
         self.pool.submit(self._send, dest, kv, done)
 
     def stats(self) -> dict[str, int | float]:

@@ -137,3 +137,31 @@ def test_new_fields_travel_on_the_wire():
         SamplingParams(logprobs=True, top_logprobs=21)
     with pytest.raises(ValueError, match="ignore_eos"):
         SamplingParams(ignore_eos=True, structured=StructuredOutput(kind="json_object"))
+
+
+def test_first_token_alternatives_travel_with_an_ep_rank_handoff():
+    """An EP prefill instance's rank other than 0 hands its request back to rank 0 (KVHandoff), which
+    sends it on as KVDone: the first token's alternatives go along."""
+    from matrixinfer.engine.sequence import Sequence
+    from matrixinfer.parallel.dp_engine import HandoffCollector
+    from matrixinfer.serve.kv_transfer import KVSender
+
+    class Cache:
+        def read_tokens(self, blocks, n):
+            return torch.zeros(2, n, 4)
+
+    col = HandoffCollector()
+    col.bind(Cache(), Sampler())  # type: ignore[arg-type]
+    col.wanted.add("r")
+    seq = Sequence("r", [1, 2, 3], SamplingParams(logprobs=True, top_logprobs=2))
+    seq.top_logprobs = [[(5, -0.1), (6, -2.5)]]
+    assert col.take_over(seq, 5, -0.1)
+    handoff = col.ready[0]
+    assert handoff.first_top_logprobs == [(5, -0.1), (6, -2.5)]
+    sent = []
+    sender = KVSender(lambda rid, err: None)
+    sender.pool.submit = lambda fn, dest, kv, done: sent.append(done)  # type: ignore[method-assign]
+    sender.destinations["r"] = "127.0.0.1:1"
+    sender.send_handoff(handoff)
+    sender.close()
+    assert sent[0].first_top_logprobs == [(5, -0.1), (6, -2.5)] and sent[0].first_token == 5
