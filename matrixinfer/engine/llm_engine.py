@@ -350,6 +350,9 @@ class LLMEngine:
                     outputs.append(self._append_tokens(seq, *out))
             except Exception as exc:  # one request's verification or bookkeeping fails it alone
                 outputs.append(self._fail(seq, exc))
+        # the next step's first drafts, on this pass's metadata
+        self.spec.draft_ahead([(seq, first) for (seq, _), first in zip(chunks, starts) if seq.request_id in drafts],
+                              hidden, len(self.running))
         return outputs
 
     def _verify(self, logits: torch.Tensor, seqs: list[Sequence], drafts: dict[str, list[int]]

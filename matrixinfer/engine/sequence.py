@@ -48,6 +48,9 @@ class Sequence:
     mtp_start: int = 0
     mtp_count: int = 0
     mtp_pending: list[tuple[torch.Tensor, int, int]] = field(default_factory=list)
+    # the first draft of the next step and the MTP state it came from, when the verification step
+    # drafted ahead (engine/speculative.py); cleared whenever the pending states change
+    mtp_draft: tuple[int, torch.Tensor] | None = None
 
     @property
     def all_ids(self) -> list[int]:

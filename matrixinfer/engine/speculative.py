@@ -44,8 +44,9 @@ from matrixinfer.engine.sampler import Sampler
 from matrixinfer.engine.sampling_params import SamplingParams
 from matrixinfer.engine.sequence import Sequence
 from matrixinfer.engine.spec_policy import AcceptanceTracker, SpecPolicy, StepCosts
-from matrixinfer.kernels.layer import MTPDraft
+from matrixinfer.kernels.layer import MTPDraft, native_step
 from matrixinfer.model.deepseek import MTPLayer
+from matrixinfer.model.layers import Linear
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def reset(seq: Sequence, start: int | None = None) -> None:
     seq.mtp_start = seq.num_computed if start is None else start
     seq.mtp_count = 0
     seq.mtp_pending = []
+    seq.mtp_draft = None
 
 
 def keep(seq: Sequence, hidden: torch.Tensor, first: int, end: int) -> None:
@@ -68,6 +70,7 @@ def keep(seq: Sequence, hidden: torch.Tensor, first: int, end: int) -> None:
     states, dropping the oldest beyond :data:`PENDING_CAP`."""
     if end <= first:
         return
+    seq.mtp_draft = None  # drafted for the position before these rows
     if hidden.shape[0] > 4 * PENDING_CAP:  # a prefill step's hidden states: keep a copy of the rows, not all
         hidden, first, end = hidden[first:end].clone(), 0, end - first
     seq.mtp_pending.append((hidden, first, end))
@@ -137,22 +140,28 @@ class MTPSpeculator:
         for s in decoding:
             # never draft past max_tokens or the context: the step emits at most k + 1 tokens
             k = min(drafts, s.params.max_tokens - len(s.output_ids) - 1, self.max_seq_len - s.num_tokens)
-            if k > 0 and s.mtp_pending:
+            if k > 0 and (s.mtp_pending or s.mtp_draft is not None):
                 out[s.request_id] = k
         return out
 
     def propose(self, chunks: list[tuple[Sequence, int]], lookahead: dict[str, int]) -> dict[str, list[int]]:
         """Draft tokens for each chunk of a sequence in ``lookahead`` that the scheduler granted more
-        than one token (``n - 1`` drafts): the MTP catch-up rows, then recursive drafts."""
+        than one token (``n - 1`` drafts): the first from the previous step's draft-ahead
+        (:meth:`draft_ahead`) or the MTP catch-up rows, then recursive drafts."""
         want = [(seq, n - 1) for seq, n in chunks if n > 1 and seq.request_id in lookahead]
         if not want:
             return {}
         rows = []
         for seq, _ in want:
-            c = seq.num_computed
-            rows.append((seq, seq.mtp_start, seq.token_ids(seq.mtp_start + 1, c - seq.mtp_start), _pending_rows(seq)))
-            reset(seq)
-        hidden, tokens = self._draft(rows)
+            if seq.mtp_draft is None:
+                c = seq.num_computed
+                rows.append((seq, seq.mtp_start, seq.token_ids(seq.mtp_start + 1, c - seq.mtp_start),
+                             _pending_rows(seq)))
+                reset(seq)
+        if len(rows) == len(want):  # nothing drafted ahead
+            hidden, tokens = self._draft(rows)
+        else:
+            hidden, tokens = self._first_drafts(want, rows)
         drafts: dict[str, list[int]] = {seq.request_id: [] for seq, _ in want}
         live = list(range(len(want)))
         for depth in range(max(k for _, k in want)):
@@ -170,6 +179,87 @@ class MTPSpeculator:
                     for j, i in enumerate(live)]
             hidden, tokens = self._draft(rows)
         return drafts
+
+    def _first_drafts(self, want: list[tuple[Sequence, int]], rows: list[tuple[Sequence, int, list[int], torch.Tensor]]
+                      ) -> tuple[torch.Tensor, list[int]]:
+        """Depth 1 of :meth:`propose` where some sequences drafted ahead: theirs as stored, the
+        others' from their catch-up ``rows``, in ``want``'s order."""
+        caught: dict[str, tuple[int, torch.Tensor]] = {}
+        if rows:
+            h, toks = self._draft(rows)
+            if toks is None:
+                toks = _argmax(self.runner.logits(h, mtp=True))
+            caught = {r[0].request_id: (t, h[j:j + 1]) for j, (r, t) in enumerate(zip(rows, toks))}
+        firsts = []
+        for seq, _ in want:
+            first = seq.mtp_draft if seq.mtp_draft is not None else caught[seq.request_id]
+            seq.mtp_draft = None
+            firsts.append(first)
+        states = [h for _, h in firsts]
+        return (states[0] if len(states) == 1 else torch.cat(states)), [t for t, _ in firsts]
+
+    def draft_ahead(self, verified: list[tuple[Sequence, int]], hidden: torch.Tensor, batch: int) -> None:
+        """:meth:`_draft_ahead` when the policy would speculate at ``batch`` decoding sequences;
+        a failure leaves the sequences to :meth:`propose` (a draft is an optimisation, never an
+        output)."""
+        if not verified or not self.policy.choose(batch):
+            return
+        try:
+            self._draft_ahead(verified, hidden)
+        except Exception:  # noqa: BLE001 - the states are unchanged until the draft succeeded
+            log.warning("drafting ahead failed; the next step drafts as usual", exc_info=True)
+
+    @torch.inference_mode()
+    def _draft_ahead(self, verified: list[tuple[Sequence, int]], hidden: torch.Tensor) -> None:
+        """After a verification pass (the runner's last forward): for each ``(sequence, its first
+        row in hidden)`` that goes on decoding, the MTP catch-up of the positions just verified and
+        the next step's first draft (``Sequence.mtp_draft``), now, on that pass's metadata.
+
+        The catch-up rows are the verification's own positions (its first ``accepted + 1`` rows),
+        so their slots, block tables, key counts and rotary rows are a subset of what the pass
+        built: at batch 1 a prefix, taken as views. Drafting at the next step instead would build
+        them again (at batch 1 on the CPU that rebuild cost as much as the MTP module's
+        arithmetic). Only the one-call draft step runs here; elsewhere :meth:`propose` does it."""
+        fused = self._fused_draft()
+        batch = self.runner.last_batch
+        if fused is None or batch is None:
+            return
+        meta, pos = batch
+        slots, tables, tok_seq, tok_nkeys = meta.slot_mapping, meta.block_tables, meta.tok_seq, meta.tok_nkeys
+        if slots is None or tables is None or tok_seq is None or tok_nkeys is None or meta.block_size is None \
+                or not meta.paged or not cast(MTPLayer, self.runner.model.mtp[0]).block.self_attn.absorbed_for(meta):
+            return
+        seqs: list[Sequence] = []
+        sel: list[int] = []
+        ids: list[int] = []
+        last: list[int] = []
+        for seq, first in verified:
+            n = seq.mtp_count
+            if seq.finished or len(seq.mtp_pending) != 1 or seq.mtp_pending[0][0] is not hidden \
+                    or seq.mtp_pending[0][1] != first or seq.mtp_start + n != seq.num_computed:
+                continue  # not a plain verified decode (a fallback or a finished request): propose catches up
+            seqs.append(seq)
+            sel.extend(range(first, first + n))
+            ids.extend(seq.token_ids(seq.mtp_start + 1, n))
+            last.append(len(sel) - 1)
+        if not seqs or len(sel) > Linear.small_rows:
+            return
+        if sel[-1] - sel[0] + 1 == len(sel):  # consecutive rows (always at batch 1): views
+            a, b = sel[0], sel[-1] + 1
+            prev, slots, tok_seq, tok_nkeys, pos = hidden[a:b], slots[a:b], tok_seq[a:b], tok_nkeys[a:b], pos[a:b]
+        else:
+            idx = torch.tensor(sel, device=hidden.device)
+            prev, slots, tok_seq, tok_nkeys, pos = (t.index_select(0, idx) for t in (hidden, slots, tok_seq,
+                                                                                       tok_nkeys, pos))
+        prev = prev.contiguous()
+        cos, sin = self.runner.model.rope.cos_sin(pos)
+        cache = self.runner.kv_cache.data
+        step = native_step(prev, cos, sin, slots.contiguous(), tables, tok_seq.contiguous(), tok_nkeys.contiguous(),
+                           meta.block_size, cache.shape[1])
+        out, tokens = fused(step, torch.tensor(ids, dtype=torch.int64), prev, last, cache)
+        for seq, row, tok in zip(seqs, last, tokens):
+            reset(seq)  # every position before num_computed has its MTP entry now
+            seq.mtp_draft = (tok, out[row:row + 1])
 
     @torch.inference_mode()
     def _draft(self, rows: list[tuple[Sequence, int, list[int], torch.Tensor]]

@@ -211,6 +211,7 @@ def test_one_call_draft_step_matches_the_per_operator_path(demo, monkeypatch):
                   speculative_max_batch=8)
     spec = eng.spec
     assert spec is not None
+    monkeypatch.setattr(spec, "draft_ahead", lambda *a: None)  # keep the catch-up rows pending
     for i, p in enumerate(_requests(demo[2], 3)[0]):
         eng.add_request(str(i), p, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     for _ in range(3):
@@ -224,6 +225,33 @@ def test_one_call_draft_step_matches_the_per_operator_path(demo, monkeypatch):
     assert fused_t is not None and per_op_t is None
     torch.testing.assert_close(fused_h, per_op_h, atol=1e-6, rtol=1e-6)
     assert fused_t == eng.runner.logits(per_op_h, mtp=True).argmax(-1).tolist()
+
+
+def test_drafting_ahead_gives_the_next_steps_catch_up_drafts(demo, monkeypatch):
+    """The verification step's draft-ahead (on the pass's own metadata: a prefix of its rows at
+    batch 1, a gathered subset in a batch) gives the MTP states and first drafts that the next
+    step's catch-up of the same rows gives, and the outputs stay the plain engine's."""
+    prompts = _requests(demo[2], 3)[0]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (10, 16, 24)]
+    expect = _engine(demo, kv_cache_memory=64 * BLOCK_BYTES).generate(prompts, params)
+    eng = _engine(demo, kv_cache_memory=64 * BLOCK_BYTES, speculative="mtp", num_speculative_tokens=1,
+                  speculative_max_batch=8)
+    spec = eng.spec
+    assert spec is not None
+    real, batches = spec._draft_ahead, []
+
+    def both(verified, hidden):
+        rows = [(s, s.mtp_start, s.token_ids(s.mtp_start + 1, s.num_computed - s.mtp_start), _pending_rows(s))
+                for s, _ in verified if not s.finished]
+        caught_h, caught_t = spec._draft(rows)  # (rewrites the same MTP cache entries with the same values)
+        real(verified, hidden)
+        assert caught_t is not None and [s.mtp_draft[0] for s, *_ in rows] == caught_t
+        torch.testing.assert_close(torch.cat([s.mtp_draft[1] for s, *_ in rows]), caught_h, atol=1e-5, rtol=1e-5)
+        batches.append(len(rows))
+
+    monkeypatch.setattr(spec, "_draft_ahead", both)
+    assert eng.generate(prompts, params) == expect
+    assert 3 in batches and 1 in batches  # drafted ahead in a batch and alone
 
 
 def test_blocks_of_accepted_drafts_are_named_for_the_prefix_cache(demo):
