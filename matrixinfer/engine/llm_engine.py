@@ -524,8 +524,7 @@ class LLMEngine:
         detok.push(first_token)
         self._detok[request_id] = detok
         self.seqs[request_id] = seq
-        self.running.append(seq)
-        self.generation_tokens += 1
+        self.running.append(seq)  # the first token was generated and counted by the prefill instance
         return RequestOutput(request_id=request_id, token_ids=[first_token], logprobs=list(seq.logprobs),
                              text=detok.delta(final=False), num_prompt_tokens=len(prompt_ids), num_output_tokens=1,
                              num_cached_tokens=num_cached)

@@ -18,7 +18,6 @@ from typing import cast
 
 import torch
 from safetensors import safe_open
-from tqdm import tqdm
 
 from matrixinfer.config import ModelConfig
 from matrixinfer.model.backend import select_backend
@@ -27,6 +26,7 @@ from matrixinfer.model.experts import Experts, Int8Experts
 from matrixinfer.model.fp8 import FP8_DTYPE, dequantize_fp8_blocks
 from matrixinfer.model.layers import Int8Linear, Linear, RotaryEmbedding
 from matrixinfer.model.moe import Gate
+from matrixinfer.progress import progress as progress_bar
 from matrixinfer.quant.format import Int8Layout, QuantFormatError, parse_layout
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     written: set[str] = set()
     if fill_in_place is not None and torch.device(device).type == "cpu":
         written = fill_in_place(_destinations(params, expected, todo, n_layers))
-    for name in tqdm(todo, desc=f"loading {ckpt.name}", unit="tensor", disable=not progress):
+    for name in progress_bar(todo, desc=f"loading {ckpt.name}", unit="tensor", disable=not progress):
         if name in written:
             filled.add(name)
             continue

@@ -28,6 +28,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from matrixinfer import auth, envs
 from matrixinfer.cli_args import to_argv
 from matrixinfer.config import EngineConfig, ServeConfig
+from matrixinfer.progress import ENV as PROGRESS_ENV
+from matrixinfer.progress import ChildBars
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ RESTART_MIN_S = 1.0  # delay before restarting a child that died
 RESTART_MAX_S = 30.0  # the delay doubles per quick death up to this
 STABLE_AFTER_S = 60.0  # a child that ran this long before dying is restarted after RESTART_MIN_S again
 SUPERVISE_INTERVAL_S = 0.25
+_BARS = ChildBars()  # the children's progress bars (weight loading)
 STOPPED_ON_PURPOSE = (0, -signal.SIGTERM, -signal.SIGINT)  # exit statuses of a child someone stopped: not restarted
 
 
@@ -184,13 +187,17 @@ def _wait_line(proc: subprocess.Popen, pattern: str, timeout: float, name: str) 
 
 
 def _drain(proc: subprocess.Popen, name: str) -> None:
-    """Forward a child's output to our log (so it never blocks on a full pipe)."""
+    """Forward a child's output to our log (so it never blocks on a full pipe); its progress lines
+    become one bar per child (:class:`~matrixinfer.progress.ChildBars`)."""
     import threading
+
+    from tqdm import tqdm
 
     def pump() -> None:
         assert proc.stdout is not None  # started with stdout=PIPE
         for line in proc.stdout:
-            sys.stderr.write(f"[{name}] {line}")
+            if not _BARS.feed(name, line):
+                tqdm.write(f"[{name}] {line}", file=sys.stderr, end="")
 
     threading.Thread(target=pump, daemon=True).start()
 
@@ -264,7 +271,7 @@ def serve_pdc(engine_cfg: EngineConfig, cfg: ServeConfig) -> int:
                 log.info("EMS server %d at %s", i, addr)
             # Share the cores: oversubscribed intra-op thread pools spin against each other.
             threads = cfg.worker_threads or max(1, (os.cpu_count() or 1) // max(1, cfg.num_prefill + cfg.num_decode))
-            env = {**secret_env, "MATRIXINFER_THREADS": str(envs.threads() or threads),
+            env = {**secret_env, "MATRIXINFER_THREADS": str(envs.threads() or threads), PROGRESS_ENV: "1",
                    # huge pages for weight and KV allocations: first-touch of 4 KB pages dominates loading
                    "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")}
             for role, n in (("prefill", cfg.num_prefill), ("decode", cfg.num_decode)):

@@ -78,3 +78,14 @@ def test_a_byte_at_a_time_client_is_disconnected_while_others_are_served(deploym
             except TimeoutError:
                 closed = False
         assert closed and time.monotonic() - start < 8
+
+
+def test_the_workers_loading_bars_are_not_split_into_lines(deployment):
+    """Each worker's weight-loading bar is one bar in the launcher's output (tqdm redraws it with
+    carriage returns), not one line per redraw as when the children's bars were piped through."""
+    with open(deployment.log_path, newline="") as f:  # keep the carriage returns
+        lines = f.read().split("\n")
+    for child in ("prefill0", "decode0"):
+        bars = [line for line in lines if f"[{child}] loading" in line]
+        assert len(bars) == 1, bars
+    assert "@@progress" not in "\n".join(lines)

@@ -184,6 +184,29 @@ def test_prefix_cache_metrics_add_up(pdc):
     assert pdc.metrics()["matrixinfer_prefix_cache_hit_rate"] == pytest.approx(h / q)
 
 
+def test_token_counters_equal_usage(pdc):
+    """The deployment's prompt and generation token counters grow by what ``usage`` reports (the
+    decode instance counted the prefill instance's first token again: +1 per request)."""
+    def counts():
+        m = pdc.metrics()
+        return m["matrixinfer_prompt_tokens_total"], m["matrixinfer_generation_tokens_total"]
+
+    _wait_idle(pdc)
+    before = counts()
+    for _ in range(20):  # until every instance has reported the earlier tests' counts (every 0.2 s)
+        time.sleep(0.5)
+        if counts() == before:
+            break
+        before = counts()
+    usages = [_complete(pdc, [(7 * i + k) % 250 + 3 for i in range(20 + k)], n=5 + k)["usage"] for k in range(3)]
+    want = (before[0] + sum(u["prompt_tokens"] for u in usages),
+            before[1] + sum(u["completion_tokens"] for u in usages))
+    deadline = time.time() + 5
+    while counts() != want and time.time() < deadline:
+        time.sleep(0.1)
+    assert counts() == want
+
+
 def test_killing_an_ems_server_only_lowers_the_hit_rate(pdc):
     os.kill(pdc.child_pid("ems-server", 0), signal.SIGKILL)
     for k in range(4):
