@@ -25,6 +25,7 @@ VARIABLES: dict[str, str] = {
     "MATRIXINFER_SECRET": "deployment secret of the internal ports (router control, KV, EMS); `serve` generates one",
     "MATRIXINFER_SECRET_FILE": "file (mode 0600) holding the deployment secret, read when MATRIXINFER_SECRET is unset",
     "MATRIXINFER_EMS_SOCKET_BUFFER": "SO_SNDBUF/SO_RCVBUF bytes of EMS server sockets (0: the kernel's default)",
+    "MATRIXINFER_PROGRESS_LINES": "1: progress bars are written as lines for a parent process (the launcher sets it)",
     "CC": "the C compiler used for native helpers (default: cc, then gcc)",
 }
 
@@ -85,6 +86,10 @@ def secret_file() -> str | None:
 
 def ems_socket_buffer() -> int:
     return _int("MATRIXINFER_EMS_SOCKET_BUFFER", 0) or 0
+
+
+def progress_lines() -> bool:
+    return _flag("MATRIXINFER_PROGRESS_LINES", False)
 
 
 def c_compiler() -> str | None:

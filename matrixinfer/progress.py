@@ -12,7 +12,6 @@ them. Without the variable, :func:`progress` is tqdm itself.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time
@@ -20,6 +19,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 from tqdm import tqdm
+
+from matrixinfer import envs
 
 T = TypeVar("T")
 
@@ -34,7 +35,7 @@ def progress(items: Iterable[T], desc: str, unit: str = "it", total: int | None 
     process when ``MATRIXINFER_PROGRESS_LINES`` is set."""
     if disable:
         return items
-    if os.environ.get(ENV):
+    if envs.progress_lines():
         return _lines(items, desc, unit, total if total is not None else _len(items))
     return tqdm(items, desc=desc, unit=unit, total=total)
 
