@@ -15,7 +15,8 @@ small one stays in cache and the figure is the kernels' arithmetic and call over
 ``--int-mm`` adds ``torch._int_mm`` on the CPU (warm, small shapes only: it is a reference loop
 there, which is why the CPU path does not use it).
 
-    python benchmarks/int8_linear.py [--rows 1,2,4,8,16,32,64] [--threads N] [--json out.json]
+    python benchmarks/int8_linear.py [--rows 1,2,4,8,16,32,64] [--models demo,V2-Lite] [--threads N]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -101,13 +102,17 @@ def main() -> None:
     ap.add_argument("--int-mm", action="store_true", help="also time torch._int_mm on the CPU (small shapes)")
     ap.add_argument("--cold-bytes", type=int, default=96 << 20,
                     help="float32 bytes of matrix copies cycled through in the cold regime (default 96 MiB)")
+    ap.add_argument("--models", default="demo,V2-Lite", help="which models' shapes (demo, V2-Lite)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [int(r) for r in args.rows.split(",")]
-    models = {"demo": ModelConfig.from_file(SHIPPED),
-              "V2-Lite": ModelConfig.from_file(MODEL_CONFIGS / "deepseek-v2-lite.config.json")}
+    known = {"demo": SHIPPED, "V2-Lite": MODEL_CONFIGS / "deepseek-v2-lite.config.json"}
+    wanted = args.models.split(",")
+    if unknown := [m for m in wanted if m not in known]:
+        ap.error(f"unknown model {unknown[0]!r}: choose from {', '.join(known)}")
+    models = {m: ModelConfig.from_file(known[m]) for m in wanted}
     torch.manual_seed(0)
     results = []
     cases = [(m, n, s) for m, cfg in models.items() for n, s in linear_shapes(cfg).items()]

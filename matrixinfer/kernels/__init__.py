@@ -181,27 +181,58 @@ def quantize_rows(x: torch.Tensor, mul: torch.Tensor | None = None) -> tuple[tor
     return q, scale
 
 
+class LinearW8A8:
+    """``x W^T (+ bias)`` through ``mi_linear_w8a8`` with the weight operands checked once, here:
+    a call checks only ``x``. ``weight`` int8 ``[N, K]``, ``weight_scale`` float32 with ``N``
+    elements, optional float32 ``bias`` ``[N]`` and ``pre_scale`` ``[K]`` (multiplied into ``x``
+    before its per-row quantization). It keeps references to the operands (their memory lives as
+    long as it does); a module rebuilds it when it replaces one (``Int8Linear``)."""
+
+    __slots__ = ("weight", "weight_scale", "bias", "pre_scale", "k", "n")
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 pre_scale: torch.Tensor | None = None) -> None:
+        _lib()
+        _check("weight", weight, torch.int8)
+        _check("weight_scale", weight_scale, torch.float32)
+        if weight.dim() != 2 or weight_scale.numel() != weight.shape[0]:
+            raise ValueError(f"linear_w8a8: weight {tuple(weight.shape)} with weight_scale "
+                             f"{tuple(weight_scale.shape)}: expected [N, K] and N scales")
+        self.n, self.k = weight.shape
+        _optional("bias", bias, (self.n,))
+        _optional("pre_scale", pre_scale, (self.k,))
+        self.weight, self.weight_scale, self.bias, self.pre_scale = weight, weight_scale, bias, pre_scale
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is not torch.float32 or not x.is_cpu or x.dim() != 2:
+            raise ValueError(f"x must be a 2-D CPU torch.float32 tensor, got {x.dtype} {tuple(x.shape)} on {x.device}")
+        m, k = x.shape
+        if k != self.k:
+            raise ValueError(f"linear_w8a8: x has {k} columns, weight {tuple(self.weight.shape)}")
+        if not x.is_contiguous():
+            x = x.contiguous()
+        out = torch.empty(m, self.n, dtype=torch.float32)
+        b, p = self.bias, self.pre_scale
+        rc = _lib().mi_linear_w8a8(x.data_ptr(), m, k, None if p is None else p.data_ptr(), self.weight.data_ptr(),
+                                   self.weight_scale.data_ptr(), None if b is None else b.data_ptr(), self.n,
+                                   out.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("linear_w8a8: out of memory")
+        return out
+
+
 def linear_w8a8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
                 pre_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``x W^T (+ bias)`` with ``W = weight * weight_scale`` (int8 ``[N, K]``, float32 ``[N]`` or
     ``[N, 1]``) and ``x`` ``[M, K]`` float32 quantized per row on entry, after multiplying by
-    ``pre_scale`` ``[K]`` (see ``linear_w8a8.c``: for decode-sized M)."""
-    lib = _lib()
+    ``pre_scale`` ``[K]`` (see ``linear_w8a8.c``: for decode-sized M). Checks every operand; a
+    module calling with the same weights each time holds a :class:`LinearW8A8` instead."""
     _check("x", x, torch.float32)
     _check("weight", weight, torch.int8)
-    _check("weight_scale", weight_scale, torch.float32)
-    m, k = x.shape
-    n = weight.shape[0]
-    if weight.dim() != 2 or weight.shape[1] != k or weight_scale.numel() != n:
-        raise ValueError(f"linear_w8a8: x has {k} columns, weight {tuple(weight.shape)}, "
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"linear_w8a8: x has {x.shape[-1]} columns, weight {tuple(weight.shape)}, "
                          f"weight_scale {tuple(weight_scale.shape)}")
-    out = torch.empty(m, n, dtype=torch.float32)
-    rc = lib.mi_linear_w8a8(x.data_ptr(), m, k, _optional("pre_scale", pre_scale, (k,)), weight.data_ptr(),
-                            weight_scale.data_ptr(), _optional("bias", bias, (n,)), n, out.data_ptr(),
-                            torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError("linear_w8a8: out of memory")
-    return out
+    return LinearW8A8(weight, weight_scale, bias, pre_scale)(x)
 
 
 def moe_experts_w8a8(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor,

@@ -117,8 +117,21 @@ class Int8Linear(CustomOp):
     def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[0] > self.small_rows or x.dtype is not torch.float32:
             return self.forward_native(x)
-        xin, pre = self._input(x)
-        return kernels.linear_w8a8(xin.contiguous(), self.weight, self.weight_scale, self.bias, pre)
+        if self.rotate_block:
+            x = self._input(x)[0]
+        return self._kernel()(x)
+
+    def _kernel(self) -> kernels.LinearW8A8:
+        """The native call with this module's operands checked once (rebuilt if one was replaced):
+        a decode step's small matrices cost little more than the call itself, so the per-call
+        checks are kept to the input's."""
+        b, k = self._buffers, self.__dict__.get("_w8a8")
+        pre = None if self.rotate_block else b["pre_quant_scale"]
+        if k is None or k.weight is not b["weight"] or k.weight_scale is not b["weight_scale"] \
+                or k.bias is not b["bias"] or k.pre_scale is not pre:
+            k = kernels.LinearW8A8(self.weight, self.weight_scale, self.bias, pre)
+            self.__dict__["_w8a8"] = k
+        return k
 
 
 class MLP(nn.Module):

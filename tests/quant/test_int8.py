@@ -97,6 +97,26 @@ def test_native_w8a8_linear_matches_the_definition(m, k, n):
 
 
 @needs_kernel
+@pytest.mark.parametrize("m,k,n", [(1, 256, 80), (2, 40, 13), (3, 200, 9), (9, 128, 37), (64, 48, 24)])
+def test_native_w8a8_integer_products_are_exact(m, k, n):
+    """Rows whose largest value is 127 quantize to their rounded values with scale 1, so with unit
+    weight scales the output is the integer product itself: every tile shape, the k tails past the
+    vector loop and round-half-to-even on exact halves, checked to the last bit."""
+    g = torch.Generator().manual_seed(m * 1000 + k + n)
+    x = torch.randint(-127, 128, (m, k), generator=g).float()
+    x[:, 0] = 127.0
+    x[:, 1:k:7] += 0.5  # halves: 2.5 -> 2, 3.5 -> 4 (and -2.5 -> -2)
+    x[:, 1:k:7].clamp_(-127, 127)
+    wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    want = torch.round(x).double() @ wq.double().T  # torch.round rounds half to even
+    for layer in (kernels.linear_w8a8, lambda x, w, s: kernels.LinearW8A8(w, s)(x)):
+        got = layer(x, wq, torch.ones(n))
+        assert torch.equal(got.double(), want)
+    bias = torch.randn(n)
+    assert torch.equal(kernels.linear_w8a8(x, wq, torch.ones(n), bias), want.float() + bias)
+
+
+@needs_kernel
 def test_native_w8a8_rejects_bad_operands():
     q, s = quantize_weight(torch.randn(8, 16))
     with pytest.raises(ValueError, match="weight must be a contiguous CPU torch.int8"):

@@ -1,0 +1,201 @@
+/* What the INT8 (W8A8) kernels (linear_w8a8.c, moe_w8a8.c) share: activation rows quantized once
+ * into per-thread scratch, and the register tiles of exact int32 dot products.
+ *
+ * Activations are quantized to the int8 values of quantize_row_i8 (simd.h) but stored widened to
+ * int16, and each 16 weights are sign-extended once per tile (vpmovsxbw) and multiplied with
+ * vpmaddwd: 16 multiply-adds per instruction, exact (|x|, |w| <= 127, so a pair sums to at most
+ * 32258 in an int32 lane), with no saturation and no per-pair sign fix-up. Without VNNI this is as
+ * many multiply-adds per instruction as vpmaddubsw + vpmaddwd and fewer instructions per tile.
+ * Accumulators stay in int32 vector lanes across the whole row and eight outputs are reduced at
+ * once by one transpose-add (hsum8_epi32). Portable loops where the CPU lacks AVX2.
+ */
+#ifndef MATRIXINFER_W8A8_H
+#define MATRIXINFER_W8A8_H
+
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "simd.h"
+
+/* Per-thread scratch that grows to the largest request and is kept (no malloc on the hot path).
+ * Slot 0: a call's own buffers (the calling thread); slot 1: per-thread work inside a parallel
+ * region (every thread of the team, the calling one included). Requests above W8_ARENA_MAX are not
+ * kept: the caller frees them (w8_release). */
+#define W8_ARENA_MAX ((size_t)16 << 20)
+
+static inline void *w8_arena(int slot, size_t bytes) {
+    static _Thread_local void *buf[2];
+    static _Thread_local size_t cap[2];
+    bytes = (bytes + 63) & ~(size_t)63;
+    if (bytes > W8_ARENA_MAX) return aligned_alloc(64, bytes);
+    if (cap[slot] < bytes) {
+        void *p = aligned_alloc(64, bytes);
+        if (!p) return NULL;
+        free(buf[slot]);
+        buf[slot] = p;
+        cap[slot] = bytes;
+    }
+    return buf[slot];
+}
+
+/* Frees what w8_arena(slot, bytes) returned if it was not kept. */
+static inline void w8_release(void *p, size_t bytes) {
+    if (((bytes + 63) & ~(size_t)63) > W8_ARENA_MAX) free(p);
+}
+
+/* quantize_row_i8's values (times mul[i] first when mul is not NULL) into int16 q[0..n), bit for
+ * bit: the same float operations, vectorised; returns the row's scale amax / 127. */
+static inline float quantize_row_i16(const float *x, const float *mul, int64_t n, int16_t *q) {
+    float amax = 0.0f;
+    int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 vmax = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        if (mul) v = _mm256_mul_ps(v, _mm256_loadu_ps(mul + i));
+        vmax = _mm256_max_ps(_mm256_and_ps(v, abs_mask), vmax); /* a NaN is skipped, as fmaxf does */
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vmax);
+    for (int l = 0; l < 8; l++) amax = fmaxf(amax, lanes[l]);
+#endif
+    for (; i < n; i++) amax = fmaxf(amax, fabsf(mul ? x[i] * mul[i] : x[i]));
+    float inv = 127.0f / fmaxf(amax, 1e-30f);
+    i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256 vinv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+    for (; i + 16 <= n; i += 16) {
+        __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+        if (mul) {
+            a = _mm256_mul_ps(a, _mm256_loadu_ps(mul + i));
+            b = _mm256_mul_ps(b, _mm256_loadu_ps(mul + i + 8));
+        }
+        a = _mm256_round_ps(_mm256_mul_ps(a, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        b = _mm256_round_ps(_mm256_mul_ps(b, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        a = _mm256_max_ps(_mm256_min_ps(a, hi), lo);
+        b = _mm256_max_ps(_mm256_min_ps(b, hi), lo);
+        __m256i p = _mm256_packs_epi32(_mm256_cvttps_epi32(a), _mm256_cvttps_epi32(b));
+        _mm256_storeu_si256((__m256i *)(q + i), _mm256_permute4x64_epi64(p, 0xD8)); /* undo packs' lane order */
+    }
+#endif
+    for (; i < n; i++) {
+        float v = nearbyintf((mul ? x[i] * mul[i] : x[i]) * inv);
+        q[i] = (int16_t)(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
+    }
+    return amax / 127.0f;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* 16 int8 weights sign-extended to int16. */
+static inline __m256i w8_load16(const int8_t *w) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w)); }
+#define W8_MAC(acc, a, b) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+#endif
+
+/* out[c] = x . w[c] for c < 8: one int16 activation row, eight int8 weight rows (length k). */
+static inline void w8_dot_1x8(const int16_t *x, const int8_t *const *w, int64_t k, int32_t *out) {
+    int64_t d = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (; d + 16 <= k; d += 16) {
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(x + d));
+        W8_MAC(a0, xv, w8_load16(w[0] + d));
+        W8_MAC(a1, xv, w8_load16(w[1] + d));
+        W8_MAC(a2, xv, w8_load16(w[2] + d));
+        W8_MAC(a3, xv, w8_load16(w[3] + d));
+        W8_MAC(a4, xv, w8_load16(w[4] + d));
+        W8_MAC(a5, xv, w8_load16(w[5] + d));
+        W8_MAC(a6, xv, w8_load16(w[6] + d));
+        W8_MAC(a7, xv, w8_load16(w[7] + d));
+    }
+    _mm256_storeu_si256((__m256i *)out, hsum8_epi32(a0, a1, a2, a3, a4, a5, a6, a7));
+#else
+    for (int c = 0; c < 8; c++) out[c] = 0;
+#endif
+    for (; d < k; d++)
+        for (int c = 0; c < 8; c++) out[c] += (int32_t)x[d] * w[c][d];
+}
+
+/* out[4 r + c] = x_r . w[c] for r < 2, c < 4: two activation rows, four weight rows. */
+static inline void w8_dot_2x4(const int16_t *x0, const int16_t *x1, const int8_t *const *w, int64_t k,
+                              int32_t *out) {
+    int64_t d = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (; d + 16 <= k; d += 16) {
+        __m256i w0 = w8_load16(w[0] + d), w1 = w8_load16(w[1] + d);
+        __m256i w2 = w8_load16(w[2] + d), w3 = w8_load16(w[3] + d);
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(x0 + d));
+        W8_MAC(a0, xv, w0);
+        W8_MAC(a1, xv, w1);
+        W8_MAC(a2, xv, w2);
+        W8_MAC(a3, xv, w3);
+        xv = _mm256_loadu_si256((const __m256i *)(x1 + d));
+        W8_MAC(b0, xv, w0);
+        W8_MAC(b1, xv, w1);
+        W8_MAC(b2, xv, w2);
+        W8_MAC(b3, xv, w3);
+    }
+    _mm256_storeu_si256((__m256i *)out, hsum8_epi32(a0, a1, a2, a3, b0, b1, b2, b3));
+#else
+    for (int c = 0; c < 8; c++) out[c] = 0;
+#endif
+    for (; d < k; d++)
+        for (int c = 0; c < 4; c++) {
+            out[c] += (int32_t)x0[d] * w[c][d];
+            out[4 + c] += (int32_t)x1[d] * w[c][d];
+        }
+}
+
+/* y[c] = dots[c] * s * w_scale[c] (+ bias[c]) for c < cols. */
+static inline void w8_store(const int32_t *dots, int cols, float s, const float *w_scale, const float *bias, float *y) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (cols == 8) {
+        __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)dots)),
+                                               _mm256_set1_ps(s)),
+                                 _mm256_loadu_ps(w_scale));
+        _mm256_storeu_ps(y, bias ? _mm256_add_ps(v, _mm256_loadu_ps(bias)) : v);
+        return;
+    }
+    if (cols == 4) {
+        __m128 v = _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(_mm_loadu_si128((const __m128i *)dots)), _mm_set1_ps(s)),
+                              _mm_loadu_ps(w_scale));
+        _mm_storeu_ps(y, bias ? _mm_add_ps(v, _mm_loadu_ps(bias)) : v);
+        return;
+    }
+#endif
+    for (int c = 0; c < cols; c++) {
+        float v = (float)dots[c] * s;
+        v *= w_scale[c];
+        y[c] = bias ? v + bias[c] : v;
+    }
+}
+
+/* y[r, j] = (xq_r . w_j) * xs[r] * w_scale[j] (+ bias[j]) for rows r < m of xq [m, k] (int16) and
+ * output columns j0 <= j < j1 of w [n, k] (int8); y rows ldy apart. Each group of eight weight rows
+ * is read once from memory for all the rows: pairs of rows take 2 x 4 tiles, an odd last row 1 x 8. */
+static inline void w8_block(const int16_t *xq, const float *xs, int64_t m, const int8_t *w, const float *w_scale,
+                            const float *bias, int64_t k, int64_t j0, int64_t j1, float *y, int64_t ldy) {
+    int32_t dots[8];
+    for (int64_t j = j0; j < j1; j += 8) {
+        int cols = j1 - j < 8 ? (int)(j1 - j) : 8;
+        const int8_t *wr[8];
+        const float *bj = bias ? bias + j : NULL;
+        for (int c = 0; c < 8; c++) wr[c] = w + (j + (c < cols ? c : cols - 1)) * k;
+        int64_t r = 0;
+        for (; r + 2 <= m; r += 2)
+            for (int h = 0; h < 2 && 4 * h < cols; h++) {
+                int hc = cols - 4 * h < 4 ? cols - 4 * h : 4;
+                w8_dot_2x4(xq + r * k, xq + (r + 1) * k, wr + 4 * h, k, dots);
+                for (int i = 0; i < 2; i++)
+                    w8_store(dots + 4 * i, hc, xs[r + i], w_scale + j + 4 * h, bj ? bj + 4 * h : NULL,
+                             y + (r + i) * ldy + j + 4 * h);
+            }
+        if (r < m) {
+            w8_dot_1x8(xq + r * k, wr, k, dots);
+            w8_store(dots, cols, xs[r], w_scale + j, bj, y + r * ldy + j);
+        }
+    }
+}
+
+#endif
