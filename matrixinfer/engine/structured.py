@@ -145,17 +145,19 @@ class Grammars:
         return matcher
 
     def _mask(self, matcher: llguidance.LLMatcher) -> torch.Tensor:
+        import numpy as np
         import torch  # here: the API server checks grammars with this module and stays torch-free
 
-        words = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
-        mask = ((words[:, None] >> torch.arange(32, dtype=torch.int32)) & 1).flatten()[:self.vocab_size].bool()
+        # one bit per token in little-endian 32-bit words: token 8 * byte + bit, in byte order
+        bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        mask = bits[:self.vocab_size].astype(bool)
         if matcher.is_stopped():  # complete: only EOS ends it
             mask[:] = False
             mask[self.eos_ids] = True
-        if not bool(mask.any()):
+        if not mask.any():
             raise ValueError("structured output: no token can continue the output "
                              f"({_first_line(matcher.get_error())})")
-        return mask
+        return torch.from_numpy(mask)
 
 
 def _first_line(error: str) -> str:
