@@ -36,6 +36,7 @@ from matrixinfer.engine.sampling_params import SamplingParams
 from matrixinfer.serve.backend import Backend, PromptTokenizer
 from matrixinfer.serve.metrics import ServerMetrics, log_stats_forever
 from matrixinfer.serve.protocol import (
+    STRUCTURED_FIELDS,
     ApiError,
     GenerateRequest,
     parse_chat,
@@ -282,7 +283,14 @@ async def generate_response(request: Request, backend: Backend, metrics: ServerM
     ``n`` > 1 runs one engine request per choice. The first runs alone until its first token, so
     its prompt's full KV blocks are in the prefix cache when the others start, and they share them."""
     body = await read_json(request, max_bytes)
-    req = parse_chat(body, tool_parser) if chat else parse_completion(body)
+    def parse() -> GenerateRequest:
+        return parse_chat(body, tool_parser) if chat else parse_completion(body)
+
+    if isinstance(body, dict) and any(body.get(k) is not None for k in STRUCTURED_FIELDS):
+        # compiling a grammar can take a while for a large schema: not on the event loop
+        req = await asyncio.get_running_loop().run_in_executor(_tokenizer_pool(), parse)
+    else:
+        req = parse()
     ids = await asyncio.get_running_loop().run_in_executor(_tokenizer_pool(), prompt_ids, backend, req)
     call = _Call(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()), backend.model_id,
                  chat, req, len(ids), backend.tokenizer)
