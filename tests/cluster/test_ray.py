@@ -40,8 +40,9 @@ def deployment(cluster, served_checkpoint, tmp_path_factory):
     control = free_port()
     spec = DeploymentSpec(
         model=str(served_checkpoint), hardware=Hardware(nodes=2, ranks_per_node=2),
-        # TPOT target 4 ms: the load step (12 streams) is far over it on these cores, idle is under it
-        slo=Slo(ttft_ms=60000, tpot_ms=4),
+        # TPOT target 1 ms: the load step (12 streams) is far over it on any CPU (11-15 ms measured on 2
+        # busy cores); an idle pool finishes nothing and has no queue, so it shrinks
+        slo=Slo(ttft_ms=60000, tpot_ms=1),
         prefill=Pool(instances=1, min_instances=1, max_instances=1, ranks=2, kv_cache_memory="8M"),
         decode=Pool(instances=1, min_instances=1, max_instances=2, ranks=1, kv_cache_memory="8M"),
         ems=Ems(servers=1, capacity="64M", cpus=0.5),
@@ -51,7 +52,7 @@ def deployment(cluster, served_checkpoint, tmp_path_factory):
     path = tmp_path_factory.mktemp("ray") / "deploy.yaml"
     path.write_text(dumps(spec))
     srv = ServerProcess(["--deploy", str(path), "--ray", cluster.address, "--log-level", "info"],
-                        env={"MATRIXINFER_THREADS": "1"}, timeout=400)
+                        env={"MATRIXINFER_THREADS": "1", "RAY_DEDUP_LOGS": "0"}, timeout=400)
     srv.control = control
     yield srv
     srv.stop()
@@ -132,7 +133,8 @@ def test_a_load_step_scales_decode_up_within_bounds_and_back(deployment):
     assert len(_decode_instances(deployment)) == 2, deployment.output()[-3000:]
     ups = _series(deployment, "matrixinfer_autoscale_decisions_total")
     assert ups['{action="up",pool="decode"}'] >= 1
-    assert re.search(r"autoscale decode: up to 2 instances \(TPOT \d+ ms = \d+% of the SLO 4 ms", deployment.output())
+    up = r"autoscale decode: up to 2 instances \((TPOT \d+ ms = \d+% of the SLO 1 ms|queue [\d.]+/instance > 4)"
+    assert re.search(up, deployment.output())
     deadline = time.monotonic() + 120  # idle now: three votes, then the idle instance is stopped
     while time.monotonic() < deadline and len(_decode_instances(deployment)) > 1:
         seen_targets.extend(_series(deployment, "matrixinfer_autoscale_target_instances").values())
@@ -175,14 +177,20 @@ def test_killed_decode_actor_is_restarted_and_rejoins(deployment):
     assert any(reason and reason.startswith("error: ") for _, reason in ended), ended
     for _, reason in ended:
         assert reason == "length" or (reason or "").startswith("error: "), reason
+    # the restarted actor's new process joins the router as a new instance (the autoscaler may add
+    # another meanwhile: the one to find is the restarted actor's, by the id its process logged)
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        now = _decode_instances(deployment)
-        if now and now != before and len(now) >= len(before):
-            break
+    rejoined = None
+    while time.monotonic() < deadline and rejoined is None:
+        out = deployment.output()
+        restart = re.search(r"(decode\d+) restarted by Ray \(process \d+ -> \d+, restart 1\)", out)
+        if restart:
+            ids = re.findall(rf"\[{restart.group(1)}\.0\] .*?(decode-\w+) registered with router", out)
+            live = {re.search(r'instance="([^"]+)"', k).group(1) for k in _decode_instances(deployment)}
+            if ids and ids[-1] in live and not any(ids[-1] in k for k in before):
+                rejoined = ids[-1]
         time.sleep(1)
-    assert now != before and len(now) >= len(before), (before, now)  # a new decode instance joined
-    assert re.search(r"decode\d+ restarted by Ray \(process \d+ -> \d+, restart 1\)", deployment.output())
+    assert rejoined, deployment.output()[-3000:]
     r = httpx.post(f"{deployment.url}/v1/completions", json={**MODEL, "prompt": [5, 6, 7], "max_tokens": 8},
                    timeout=60)
     assert r.status_code == 200, r.text
