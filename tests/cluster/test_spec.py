@@ -94,7 +94,8 @@ def test_serve_deploy_refuses_a_bad_spec(tmp_path, capsys):
 
 
 def test_serve_deploy_runs_the_spec(tmp_path, served_checkpoint):
-    """The spec's pools start through the launcher (about 15 s on 2 busy cores: three processes load)."""
+    """The spec's pools start through the launcher (two workers load the model: 55-80 s measured on the 2
+    shared cores at load average 7-18)."""
     spec = DeploymentSpec(model=str(served_checkpoint), prefill=Pool(kv_cache_memory="8M"),
                           decode=Pool(kv_cache_memory="8M"), engine={"served_model_name": "tiny", "device": "cpu",
                                                                      "dtype": "float32"})
