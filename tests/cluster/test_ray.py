@@ -3,8 +3,9 @@ a P/D deployment from a spec whose prefill instance is EP2 (one placement group)
 equal to the colocated engine's, autoscaling of the decode pool under a load step, and a decode
 actor killed under load.
 
-Cost (2 busy cores): the cluster about 50 s, the deployment about 40 s, the tests about 2-3 min;
-one cluster and one deployment for the module.
+Cost, measured on the 2 shared cores at load average 11-19: 257-323 s for the module (the cluster
+27 s, cluster and deployment together 132-145 s, the autoscaling test 61-67 s, the kill test
+32-75 s); one cluster and one deployment for the module.
 """
 
 from __future__ import annotations
