@@ -18,11 +18,12 @@ context cache, every rank has its own EMS connector (the launcher gives ranks >=
 addresses and the deployment secret in their environment), so requests spread in the same way.
 
 Live expert rebalance: every ``eplb_interval`` steps rank 0 plans each MoE layer's placement from
-the expert load routed since the last plan (:func:`~matrixinfer.parallel.eplb.plan_incremental`:
-few expert moves to a balance target, ``redundant_experts`` extra slots) and, when a layer
-changes, puts the new tables in the next :class:`StepPlan`; every rank switches before that step
-(:func:`~matrixinfer.parallel.ep_moe.apply_placements`), so the switch is atomic between steps and
-requests keep running.
+the expert load routed so far, older intervals decayed (:data:`EPLB_DECAY`; a plan from one short
+interval's few tokens fits noise), with :func:`~matrixinfer.parallel.eplb.plan_incremental` (few
+expert moves to a balance target, ``redundant_experts`` extra slots) and, when a layer changes,
+puts the new tables in the next :class:`StepPlan`; every rank switches before that step
+(:func:`~matrixinfer.parallel.ep_moe.apply_placements`), so the switch is atomic between steps
+and requests keep running.
 Without work, rank 0 still sends a heartbeat plan every ``heartbeat`` seconds, so that a waiting
 rank's collective never times out while one that died is noticed within ``ep_timeout``.
 """
@@ -66,6 +67,8 @@ from matrixinfer.parallel.messages import (
 from matrixinfer.parallel.placement import load_imbalance
 
 log = logging.getLogger(__name__)
+EPLB_DECAY = 0.75  # weight of the load before the last interval, per interval, in a live re-plan
+EPLB_MIN_PER_EXPERT = 32  # routed tokens per expert (decayed) before the first live re-plan
 
 
 def ep_metrics(group: EPGroup) -> EPMetrics:
@@ -215,6 +218,7 @@ class DPEngine(LLMEngine):
         self.eplb_interval, self.eplb_target = cfg.eplb_interval, cfg.eplb_target
         self._steps_since_plan = 0
         self._window_base: list[list[int]] = []  # expert_tokens totals when the last plan was made
+        self._expert_load: list[list[float]] = []  # per layer, per expert: routed tokens, older intervals decayed
         self._placements: list[list[list[int]]] | None = None  # tables for the next step plan
         self._send_handoff: Callable[[KVHandoff], None] | None = None
         self._attaches: list[RankAttach] = []
@@ -402,14 +406,16 @@ class DPEngine(LLMEngine):
                 for i in range(layers)]
 
     def _plan_rebalance(self) -> None:
-        """Plan each MoE layer from the load routed since the last plan; queue the tables if one moves."""
+        """Plan each MoE layer from its decayed load; queue the tables if one moves."""
         totals = self._expert_totals()
         base = self._window_base or [[0] * len(t) for t in totals]
+        prev = self._expert_load or [[0.0] * len(t) for t in totals]
         self._window_base = totals
+        self._expert_load = [[EPLB_DECAY * x + (a - c) for x, a, c in zip(p, now, before)]
+                      for p, now, before in zip(prev, totals, base)]
         tables, changed = [], False
-        for b, now, before in zip(self.group.backends, totals, base):
-            window = [float(a - c) for a, c in zip(now, before)]
-            if not sum(window):
+        for b, window in zip(self.group.backends, self._expert_load):
+            if sum(window) < EPLB_MIN_PER_EXPERT * len(window):  # too few tokens yet to tell hot from cold
                 tables.append(b.placement.as_table())
                 continue
             try:
