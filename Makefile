@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# pinned: an unpinned or newer torch would pull a newer multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -e '.[dev]'
+	# cuda: triton (~290 MB wheel, no torch dependency): its kernels are tested on CPU under TRITON_INTERPRET=1
+	$(PY) -m pip install -q -e '.[dev,cuda]'
 	@touch $(STAMP)
 
 serve: $(STAMP)

@@ -18,6 +18,7 @@ VARIABLES: dict[str, str] = {
     "MATRIXINFER_HOME": "where generated models and training state live (default ~/.cache/matrixinfer)",
     "MATRIXINFER_CACHE": "where compiled native helpers are cached (default ~/.cache/matrixinfer)",
     "MATRIXINFER_KERNELS": "0 turns the native CPU kernels off (the PyTorch paths run instead)",
+    "MATRIXINFER_TRITON": "0 turns the Triton kernels of the cuda backend off (the PyTorch paths run on the GPU)",
     "MATRIXINFER_EMS_NATIVE": "0 turns EMS's native read helpers off (hashlib and Python loops instead)",
     "MATRIXINFER_THREADS": "torch threads of an engine process on CPU (default: torch's choice)",
     "MATRIXINFER_LOG": "log level of worker processes (default INFO)",
@@ -57,6 +58,10 @@ def cache_dir() -> Path:
 
 def kernels_enabled() -> bool:
     return _flag("MATRIXINFER_KERNELS", True)
+
+
+def triton_enabled() -> bool:
+    return _flag("MATRIXINFER_TRITON", True)
 
 
 def ems_native_enabled() -> bool:

@@ -15,14 +15,16 @@ import torch.nn.functional as F
 
 from matrixinfer import kernels
 from matrixinfer.config import ModelConfig
-from matrixinfer.model.attention import AttentionGroup, AttentionMetadata, KVCache
+from matrixinfer.kernels import triton as triton_kernels
+from matrixinfer.model.attention import AttentionGroup, AttentionMetadata, Int8PagedLatentCache, KVCache, block_slots
 from matrixinfer.model.backend import CustomOp, cpu_float32
 from matrixinfer.model.layers import Linear, RMSNorm, RotaryEmbedding, softmax_scale
 
 
 class MLA(CustomOp):
     """MLA of DeepSeek-V2/V3; parameter names follow the Hugging Face checkpoints. The ``cpu``
-    backend runs paged absorbed-form batches through the fused native kernels."""
+    backend runs paged absorbed-form batches through the fused native kernels; the ``cuda``
+    backend runs attention through the Triton kernels (:mod:`matrixinfer.kernels.triton`)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -66,6 +68,8 @@ class MLA(CustomOp):
     def supports(self, backend: str) -> bool:
         if backend == "cpu":  # the fused path reads these two weights itself; the projections are Linears
             return cpu_float32(self.kv_b_proj.weight, self.kv_a_layernorm.weight)
+        if backend == "cuda":
+            return triton_kernels.usable(self.kv_b_proj.weight)
         return super().supports(backend)
 
     def forward_native(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RotaryEmbedding,
@@ -86,6 +90,76 @@ class MLA(CustomOp):
         else:
             out = self._fused(q, kv, cos, sin, rope, meta, slots)
         return self.o_proj(out.view(x.shape[0], self.n_heads * self.v_dim))
+
+    def forward_cuda(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RotaryEmbedding,
+                     meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
+        """:meth:`forward_native` with attention in one Triton launch per layer: the absorbed form
+        straight from a paged cache (:meth:`_triton_absorbed`) where :meth:`absorbed_for` allows,
+        else the naive form over the whole flat batch (:meth:`_triton_naive`)."""
+        q, kv = self._project(x)
+        table = self._triton_table(meta, kv_cache)
+        if table is not None and self.absorbed_for(meta):
+            out = self._triton_absorbed(q, kv, cos, sin, rope, meta, kv_cache, table)
+        elif meta.mode == "absorbed" or (self.absorbed_for(meta) and meta.paged):
+            out = self._attend(q, kv, cos, sin, rope, meta, kv_cache)  # absorbed over an INT8 cache: PyTorch
+        else:
+            out = self._triton_naive(q, kv, cos, sin, rope, meta, kv_cache)
+        return self.o_proj(out.reshape(x.shape[0], self.n_heads * self.v_dim))
+
+    def _triton_table(self, meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor | None:
+        """This layer's slot table where the absorbed kernel can read it (a paged cache storing
+        values, not INT8 rows), else None."""
+        if kv_cache is None or meta.slot_mapping is None or not meta.paged \
+                or isinstance(kv_cache, Int8PagedLatentCache):
+            return None
+        table = kv_cache.layer_slots(self.layer_idx)
+        return table if table.is_floating_point() and table.stride(1) == 1 and triton_kernels.usable(table) else None
+
+    def _latent(self, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
+        ckv, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return torch.cat([self.kv_a_layernorm(ckv), rope.rotate(k_pe, cos, sin)], dim=-1)
+
+    def _triton_absorbed(self, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         rope: RotaryEmbedding, meta: AttentionMetadata, kv_cache: KVCache | None,
+                         table: torch.Tensor) -> torch.Tensor:
+        from matrixinfer.kernels.triton.decode_attention import mla_decode  # imports triton: only once chosen
+
+        tables, tok_seq, tok_nkeys = meta.block_tables, meta.tok_seq, meta.tok_nkeys
+        assert kv_cache is not None and meta.slot_mapping is not None and tables is not None and tok_seq is not None \
+            and tok_nkeys is not None and meta.block_size is not None, "a paged batch's metadata"
+        kv_cache.write(self.layer_idx, meta.slot_mapping, self._latent(kv, cos, sin, rope))
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        w_uk, w_uv = self._kv_b()
+        q_full = torch.cat([torch.einsum("thd,hdr->thr", q_nope, w_uk), rope.rotate(q_pe, cos, sin)], dim=-1)
+        o_lat = mla_decode(q_full.to(table.dtype), table, tables, tok_seq, tok_nkeys, self.kv_lora_rank,
+                           meta.block_size, self.scale, max(meta.context_lens))
+        return torch.einsum("thr,hvr->thv", o_lat.to(q.dtype), w_uv)
+
+    def _triton_naive(self, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      rope: RotaryEmbedding, meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
+        """Keys of every sequence gathered into one flat tensor (the cached prefix and the new
+        tokens), expanded with ``kv_b_proj`` in one matmul, then one causal varlen launch."""
+        from matrixinfer.kernels.triton.prefill_attention import varlen_prefill
+
+        latent = self._latent(kv, cos, sin, rope)
+        if kv_cache is not None and meta.slot_mapping is not None:
+            kv_cache.write(self.layer_idx, meta.slot_mapping, latent)
+            assert meta.block_tables is not None and meta.block_size is not None, "a paged batch's metadata"
+            # every sequence's positions 0 .. context_len - 1, built on the host: no device sync
+            seq = torch.repeat_interleave(torch.arange(len(meta.context_lens)), torch.tensor(meta.context_lens))
+            pos = torch.cat([torch.arange(c) for c in meta.context_lens])
+            seq, pos = seq.to(latent.device, non_blocking=True), pos.to(latent.device, non_blocking=True)
+            slots = block_slots(meta.block_tables[seq, pos // meta.block_size], pos, meta.block_size)
+            ctx = kv_cache.gather(self.layer_idx, slots).to(q.dtype)
+            k_lens = meta.context_lens
+        else:
+            ctx, k_lens = latent, meta.query_lens
+        n = ctx.shape[0]
+        k_nope, v = self.kv_b_proj(ctx[:, :self.kv_lora_rank]).view(n, self.n_heads, -1).split(
+            [self.nope_dim, self.v_dim], dim=-1)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        return varlen_prefill(q_nope, rope.rotate(q_pe, cos, sin), k_nope, ctx[:, self.kv_lora_rank:], v,
+                              meta.query_lens, k_lens, self.scale)
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries ``[T, H, qk]`` and each token's compressed KV and rope key ``[T, rank + rope]``."""

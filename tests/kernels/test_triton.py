@@ -1,0 +1,165 @@
+"""The Triton kernels of the CUDA backend, checked on CPU under Triton's interpreter against the
+PyTorch paths (skipped where triton, the ``cuda`` extra, is not installed).
+
+The interpreter runs every program of a grid in Python, so shapes are tiny; the module-level
+tests run a two-layer checkpoint through ``MLA.forward_cuda`` (the code the CUDA backend runs)
+against ``forward_native``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+# Triton decides at import whether its own helpers (tl.zeros ...) and our kernels are interpreted:
+# the variable must be set before triton is first imported in this process.
+if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run tests/kernels in its own process",
+                allow_module_level=True)
+_before = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    pytest.importorskip("triton", reason="triton (the cuda extra) is not installed")
+    from matrixinfer.kernels.triton.decode_attention import mla_decode
+    from matrixinfer.kernels.triton.norm import add_rmsnorm, rmsnorm
+    from matrixinfer.kernels.triton.prefill_attention import varlen_prefill
+finally:
+    if _before is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _before
+
+from matrixinfer.model.attention import AttentionMetadata, Int8PagedLatentCache, PagedLatentCache  # noqa: E402
+from matrixinfer.model.backend import select_backend  # noqa: E402
+from matrixinfer.model.layers import RMSNorm  # noqa: E402
+from matrixinfer.model.loader import load_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # kernels.triton.usable() accepts CPU tensors
+    monkeypatch.delenv("MATRIXINFER_TRITON", raising=False)
+
+
+def _paged_reference(q, kv, tables, tok_seq, tok_nkeys, rank, bs, scale):
+    out = []
+    for t in range(q.shape[0]):
+        n = int(tok_nkeys[t])
+        pos = torch.arange(n)
+        keys = kv[tables[int(tok_seq[t])][pos // bs].long() * bs + pos % bs]
+        out.append((q[t] @ keys.T * scale).softmax(-1) @ keys[:, :rank])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_mla_decode_reads_the_block_table(num_splits):
+    """Decodes and a 3-token verification in one launch, over shuffled blocks, with the keys in
+    one range or split in three (the partial outputs combined by log-sum-exp; the third range of
+    32 keys is empty)."""
+    g = torch.Generator().manual_seed(0)
+    heads, rank, rope, bs, nblocks = 3, 20, 8, 8, 24
+    kv = torch.randn(nblocks * bs, rank + rope, generator=g)
+    tables = torch.randperm(nblocks, generator=g)[:3 * 8].view(3, 8).int()
+    tok_seq = torch.tensor([0, 1, 1, 1, 2], dtype=torch.int32)
+    tok_nkeys = torch.tensor([64, 33, 34, 35, 1], dtype=torch.int32)
+    q = torch.randn(5, heads, rank + rope, generator=g)
+    got = mla_decode(q, kv, tables, tok_seq, tok_nkeys, rank, bs, 0.2, max_keys=64, num_splits=num_splits)
+    want = _paged_reference(q, kv, tables, tok_seq, tok_nkeys, rank, bs, 0.2)
+    assert (got - want).abs().max().item() < 1e-5
+
+
+def test_mla_decode_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="disagree"):
+        mla_decode(torch.zeros(2, 2, 10), torch.zeros(8, 12), torch.zeros(1, 1, dtype=torch.int32),
+                   torch.zeros(2, dtype=torch.int32), torch.ones(2, dtype=torch.int32), 8, 8, 1.0, 1)
+
+
+def test_varlen_prefill_is_causal_per_sequence():
+    """Three sequences in one launch, two of them after a cached prefix (queries are the last
+    tokens), against SDPA per sequence with the same offset causal mask."""
+    g = torch.Generator().manual_seed(1)
+    heads, nope, rope, vd = 2, 12, 8, 10
+    q_lens, k_lens = [5, 1, 19], [5, 7, 23]
+    qn = torch.randn(sum(q_lens), heads, nope, generator=g)
+    qp = torch.randn(sum(q_lens), heads, rope, generator=g)
+    kn = torch.randn(sum(k_lens), heads, nope, generator=g)
+    kp = torch.randn(sum(k_lens), rope, generator=g)
+    v = torch.randn(sum(k_lens), heads, vd, generator=g)
+    got = varlen_prefill(qn, qp, kn, kp, v, q_lens, k_lens, 0.3)
+    qs = ks = 0
+    for ql, kl in zip(q_lens, k_lens):
+        q = torch.cat([qn[qs:qs + ql], qp[qs:qs + ql]], -1).transpose(0, 1)
+        k = torch.cat([kn[ks:ks + kl], kp[ks:ks + kl, None].expand(-1, heads, -1)], -1).transpose(0, 1)
+        mask = torch.arange(kl)[None, :] <= torch.arange(kl - ql, kl)[:, None]
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v[ks:ks + kl].transpose(0, 1), attn_mask=mask,
+                                                                scale=0.3).transpose(0, 1)
+        assert (got[qs:qs + ql] - want).abs().max().item() < 1e-5
+        qs, ks = qs + ql, ks + kl
+    with pytest.raises(ValueError, match="q_len <= k_len"):
+        varlen_prefill(qn[:3], qp[:3], kn[:2], kp[:2], v[:2], [3], [2], 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_and_residual_match_the_module(dtype):
+    g = torch.Generator().manual_seed(2)
+    norm = RMSNorm(48, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, generator=g))
+    x, res = (torch.randn(5, 48, generator=g).to(dtype) for _ in range(2))
+    # float32 matches bit for bit; bfloat16 within two rounding steps (the interpreter emulates bf16 casts)
+    tol = {} if dtype is torch.float32 else {"rtol": 2 ** -6, "atol": 2 ** -6}
+
+    def same(a, b):
+        if dtype is torch.float32:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, **tol)
+    with torch.no_grad():
+        same(rmsnorm(x, norm.weight, norm.eps), norm.forward_native(x))
+        normed, total = add_rmsnorm(x, res, norm.weight, norm.eps)
+        same(total, x + res)
+        same(normed, norm.forward_native(x + res))
+
+
+def _steps(model, cache, tables):
+    """Hidden states of a prefill step (naive form: the varlen kernel) and a step of a decode and a
+    5-token chunk after a cached prefix (absorbed form: the paged kernel), on fixed tokens."""
+    g = torch.Generator().manual_seed(3)
+    outs = []
+    for q_lens, ctx_lens in (([6, 9], [6, 9]), ([1, 5], [7, 14])):
+        ids = torch.randint(2, model.config.vocab_size, (sum(q_lens),), generator=g)
+        pos = torch.cat([torch.arange(c - q, c) for q, c in zip(q_lens, ctx_lens)])
+        with torch.no_grad():
+            outs.append(model(ids, pos, AttentionMetadata.build(q_lens, ctx_lens, tables, cache.block_size), cache))
+    return outs
+
+
+@pytest.mark.parametrize("int8_cache", [False, True])
+def test_cuda_backend_attention_matches_pytorch(tiny_v3, int8_cache):
+    """``select_backend(model, "cuda")`` binds MLA to the Triton kernels (runnable on CPU tensors
+    under the interpreter): a prefill and a step of a decode and a chunk give the PyTorch path's
+    hidden states and cache, with a float cache (both kernels) and an INT8 one (the varlen kernel
+    over dequantized keys; absorbed steps run PyTorch). About 5-8 s each under the interpreter on
+    2 loaded cores."""
+    model = load_model(tiny_v3, progress=False)
+    cfg = model.config
+    tables = torch.tensor([[3, 0, 5, 7], [1, 6, 2, 4]])
+    results = {}
+    for backend in ("native", "cuda"):
+        chosen = select_backend(model, backend)
+        assert chosen.get("MLA:cuda", 0) == (cfg.num_hidden_layers if backend == "cuda" else 0)
+        if int8_cache:
+            cache: PagedLatentCache = Int8PagedLatentCache(model.num_cache_layers, 8, 4, cfg.kv_cache_dim,
+                                                           cfg.kv_lora_rank)
+        else:
+            cache = PagedLatentCache(model.num_cache_layers, 8, 4, cfg.kv_cache_dim)
+        results[backend] = (_steps(model, cache, tables), cache)
+    for got, want in zip(results["cuda"][0], results["native"][0]):
+        assert (got - want).abs().max().item() < 1e-4
+    # the caches hold the same latents (an INT8 value may round one step apart)
+    values = [torch.stack([c.gather(layer, torch.arange(c.data.shape[1])) for layer in range(c.num_layers)])
+              for c in (results["cuda"][1], results["native"][1])]
+    assert (values[0] - values[1]).abs().max().item() < (0.05 if int8_cache else 1e-5)
