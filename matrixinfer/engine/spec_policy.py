@@ -135,21 +135,23 @@ class SpecPolicy:
         return best
 
     def decide(self, batch: int) -> int:
-        """The engine's per-step draft count: :meth:`choose`, except that after ``explore_every``
-        steps in a row without speculation at a batch where it would pay if every draft were
-        accepted, one step verifies a single draft. Acceptance is only measured by verifying, so
-        without this a pessimistic prior could keep the policy from ever speculating."""
+        """The engine's per-step draft count: :meth:`choose` (``k``), except that after
+        ``explore_every`` steps in a row at fewer than the configured drafts, at a batch where
+        ``k + 1`` drafts would pay if every one were accepted, one step verifies ``k + 1``.
+        Acceptance is only measured by verifying (a depth only when the drafts before it held), so
+        without this a pessimistic prior could keep the policy from ever speculating, or from ever
+        drafting deeper than it starts."""
         k = self.choose(batch)
-        if k or self.max_batch is not None or batch < 1:
+        if k >= self.drafts or self.max_batch is not None or batch < 1:
             self._declined = 0
             return k
         self._declined += 1
         if self._declined < self.explore_every:
-            return 0
+            return k
         self._declined = 0
         assert self.costs is not None
         t = self.costs.at(batch)
-        return 1 if t is not None and 2.0 * t[0] / t[1][0] > 1.0 + self.margin else 0
+        return k + 1 if t is not None and (k + 2) * t[0] / t[1][k] > 1.0 + self.margin else k
 
     def speculate(self, batch: int) -> bool:
         return self.choose(batch) > 0

@@ -90,16 +90,64 @@ done:
     return rc;
 }
 
+/* The MTP block over t rows of which only rows[0..n_rows) go on: every row's latent is written
+ * into the cache (the KV prolog), and only the kept rows run the rest of the layer (queries,
+ * attention, o_proj, MoE), gathered into xs [n_rows, hidden] with their step metadata. A catch-up
+ * row before a sequence's last exists only to give later positions its key: its attention output
+ * and MoE would be discarded (at batch 1 with an accepted draft, half the block's work). */
+static int mtp_block_rows(const MiLayer *L, const MiStep *S, const float *x, int64_t t, const int64_t *rows,
+                          int64_t n_rows, float *xs, int nthreads) {
+    int64_t hd = L->hidden, lat = L->rank + L->rope, half = L->rope / 2;
+    float *h = malloc(sizeof(float) * t * hd), *kv = malloc(sizeof(float) * t * lat);
+    float *cs = malloc(sizeof(float) * n_rows * half * 2);
+    int64_t *slots = malloc(sizeof(int64_t) * n_rows);
+    int32_t *tok = malloc(sizeof(int32_t) * n_rows * 2);
+    int rc = 0;
+    if (!h || !kv || !cs || !slots || !tok) {
+        rc = -2;
+        goto done;
+    }
+    if (n_rows < t) { /* the dropped rows' latents (the kept ones are written again, identically, below) */
+        mi_rmsnorm(x, L->in_norm, t, hd, L->eps, h, nthreads);
+        mi_linear(h, L->kv_a, t, hd, lat, kv, nthreads);
+        mi_mla_kv_prolog(kv, L->kv_a_norm, L->eps, S->cos, S->sin, S->slots, t, L->rank, L->rope, L->interleaved,
+                         L->cache, nthreads);
+    }
+    for (int64_t j = 0; j < n_rows; j++) {
+        int64_t r = rows[j];
+        memcpy(xs + j * hd, x + r * hd, sizeof(float) * hd);
+        memcpy(cs + j * half, S->cos + r * half, sizeof(float) * half);
+        memcpy(cs + (n_rows + j) * half, S->sin + r * half, sizeof(float) * half);
+        slots[j] = S->slots[r];
+        tok[j] = S->tok_seq[r];
+        tok[n_rows + j] = S->tok_nkeys[r];
+    }
+    MiStep sub = *S;
+    sub.cos = cs;
+    sub.sin = cs + n_rows * half;
+    sub.slots = slots;
+    sub.tok_seq = tok;
+    sub.tok_nkeys = tok + n_rows;
+    rc = mi_decoder_layer(L, &sub, xs, n_rows, nthreads);
+done:
+    free(h);
+    free(kv);
+    free(cs);
+    free(slots);
+    free(tok);
+    return rc;
+}
+
 int mi_mtp_draft(const MiLayer *L, const MiStep *S, const int64_t *next_ids, const float *prev, int64_t t,
                  const float *embed, const float *enorm, const float *hnorm, const float *eh_proj, const float *norm,
                  const float *head, const int8_t *head_q, const float *head_scale, int64_t vocab, const int64_t *rows,
                  int64_t n_rows, float *out, int64_t *tokens, int nthreads) {
-    int64_t hd = L->hidden, n_sel = n_rows > 0 ? n_rows : 1;
+    int64_t hd = L->hidden;
     float *cat = malloc(sizeof(float) * (t > 0 ? t : 1) * 2 * hd);
-    float *sel = malloc(sizeof(float) * n_sel * hd);
-    float *logits = malloc(sizeof(float) * n_sel * vocab);
+    float *x = malloc(sizeof(float) * (t > 0 ? t : 1) * hd);
+    float *logits = malloc(sizeof(float) * (n_rows > 0 ? n_rows : 1) * vocab);
     int rc = 0;
-    if (!cat || !sel || !logits) {
+    if (!cat || !x || !logits) {
         rc = -2;
         goto done;
     }
@@ -107,21 +155,21 @@ int mi_mtp_draft(const MiLayer *L, const MiStep *S, const int64_t *next_ids, con
         rms_row(embed + next_ids[i] * hd, enorm, hd, L->eps, cat + i * 2 * hd);
         rms_row(prev + i * hd, hnorm, hd, L->eps, cat + i * 2 * hd + hd);
     }
-    mi_linear(cat, eh_proj, t, 2 * hd, hd, out, nthreads);
-    rc = mi_decoder_layer(L, S, out, t, nthreads);
+    mi_linear(cat, eh_proj, t, 2 * hd, hd, x, nthreads);
+    if (n_rows == 0) goto done;
+    rc = mtp_block_rows(L, S, x, t, rows, n_rows, out, nthreads);
     if (rc != 0) goto done;
-    mi_rmsnorm(out, norm, t, hd, L->eps, out, nthreads); /* row by row: in place is safe */
-    for (int64_t i = 0; i < n_rows; i++) memcpy(sel + i * hd, out + rows[i] * hd, sizeof(float) * hd);
+    mi_rmsnorm(out, norm, n_rows, hd, L->eps, out, nthreads); /* row by row: in place is safe */
     if (head_q) { /* the INT8 copy of the head: a quarter of the bytes, drafts only */
-        rc = mi_linear_w8a8(sel, n_rows, hd, NULL, head_q, head_scale, NULL, vocab, logits, nthreads);
+        rc = mi_linear_w8a8(out, n_rows, hd, NULL, head_q, head_scale, NULL, vocab, logits, nthreads);
         if (rc != 0) goto done;
     } else {
-        mi_linear(sel, head, n_rows, hd, vocab, logits, nthreads);
+        mi_linear(out, head, n_rows, hd, vocab, logits, nthreads);
     }
     mi_argmax_rows(logits, n_rows, vocab, tokens);
 done:
     free(cat);
-    free(sel);
+    free(x);
     free(logits);
     return rc;
 }

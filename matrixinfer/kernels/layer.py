@@ -152,10 +152,11 @@ class MTPDraft:
 
     def __call__(self, step: ctypes.Structure, next_ids: torch.Tensor, prev: torch.Tensor, rows: list[int],
                  cache: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """MTP hidden states ``[T, hidden]`` of the rows ``prev`` ``[T, hidden]`` (the previous
-        depth's states) and ``next_ids`` ``[T]`` (int64: the token after each row's position), with
-        ``step`` (:func:`native_step` over ``prev``) over ``cache``; and the greedy draft token of
-        each row in ``rows``."""
+        """For the rows ``prev`` ``[T, hidden]`` (the previous depth's states) and ``next_ids``
+        ``[T]`` (int64: the token after each row's position), with ``step`` (:func:`native_step`
+        over ``prev``) over ``cache``: every row's MTP latent into the cache, and for each row in
+        ``rows`` (the ones that draft) its MTP hidden state (``[len(rows), hidden]``) and greedy
+        draft token. The other rows stop after their latent (their states would be discarded)."""
         _check("next_ids", next_ids, torch.int64)
         _check("prev", prev, torch.float32)
         t, h = prev.shape
@@ -166,7 +167,7 @@ class MTPDraft:
         if any(not 0 <= r < t for r in rows):
             raise ValueError(f"MTP draft: rows {rows} outside the {t} rows")
         sel = torch.tensor(rows, dtype=torch.int64)
-        out = torch.empty(t, h, dtype=torch.float32)
+        out = torch.empty(len(rows), h, dtype=torch.float32)
         tokens = torch.empty(len(rows), dtype=torch.int64)
         embed, enorm, hnorm, eh_proj, norm, head = (w.data_ptr() for w in self._weights)
         head_q = None if self.head_q is None else self.head_q.data_ptr()

@@ -44,8 +44,9 @@ int mi_decoder_layer(const MiLayer *L, const MiStep *S, float *x, int64_t t, int
 
 /* One greedy draft step of a DeepSeek-V3 MTP module (one depth) over t rows, in a single call
  * (layer.c): x = eh_proj [enorm(embed[next_ids[i]]) ; hnorm(prev[i])], x += the MTP block L (a
- * decoder layer over the paged cache, with S), out [t, hidden] = norm(x); then tokens[j] = the
- * argmax of head [vocab, hidden] applied to out[rows[j]], for the n_rows rows that draft, or with
+ * decoder layer over the paged cache, with S: every row's latent is cached, only the n_rows rows
+ * rows[j] that draft run the rest of the layer), out [n_rows, hidden] = norm(x[rows[j]]); then
+ * tokens[j] = the argmax of head [vocab, hidden] applied to out[j], or with
  * head_q (not NULL) of its INT8 copy head_q [vocab, hidden] with per-row scales head_scale [vocab]
  * (W8A8, as mi_linear_w8a8). All norms use L->eps. Returns as mi_decoder_layer. */
 int mi_mtp_draft(const MiLayer *L, const MiStep *S, const int64_t *next_ids, const float *prev, int64_t t,

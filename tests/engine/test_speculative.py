@@ -225,6 +225,16 @@ def test_one_call_draft_step_matches_the_per_operator_path(demo, monkeypatch):
     assert fused_t is not None and per_op_t is None
     torch.testing.assert_close(fused_h, per_op_h, atol=1e-6, rtol=1e-6)
     assert fused_t == eng.runner.logits(per_op_h, mtp=True).argmax(-1).tolist()
+    # a recursive depth (one position per sequence) with its step inputs built from the block tables
+    deeper = [(s, s.num_computed - 1, [t], per_op_h[j:j + 1]) for j, (s, t) in enumerate(zip(eng.running, fused_t))]
+    deep_h, deep_t = spec._draft_deeper(deeper)
+    assert deep_t is None and torch.equal(deep_h, spec._draft(deeper)[0])  # (the fused step is off here)
+    monkeypatch.undo()
+    monkeypatch.setattr(speculative, "INT8_DRAFT_HEAD", False)
+    deep_h, deep_t = spec._draft_deeper(deeper)
+    per_op_h = eng.runner.mtp(deeper)
+    torch.testing.assert_close(deep_h, per_op_h, atol=1e-6, rtol=1e-6)
+    assert deep_t == eng.runner.logits(per_op_h, mtp=True).argmax(-1).tolist()
 
 
 def test_drafting_ahead_gives_the_next_steps_catch_up_drafts(demo, monkeypatch):
@@ -511,6 +521,23 @@ def test_a_declining_policy_explores_and_learns_the_acceptance():
     for i in range(40):  # what the explored verifications measure
         tracker.record(1, int(i % 5 != 0))
     assert policy.choose(1) == 1 and policy.decide(1) == 1 and policy.choose(8) == 0
+
+
+def test_a_policy_at_one_draft_explores_the_second_and_learns_its_acceptance():
+    """With K = 2 and the prior for both depths, one draft pays more (1.3x a plain step) than two
+    (1.7x); every EXPLORE_EVERY steps one step verifies two, and once the second depth is measured
+    at 0.9 the policy drafts two."""
+    costs = StepCosts((1,), plain=(1.0,), spec=((1.3,), (1.7,)))
+    tracker = AcceptanceTracker(2)
+    policy = SpecPolicy(2, tracker, costs)
+    assert policy.choose(1) == 1
+    steps = [policy.decide(1) for _ in range(2 * policy.explore_every)]
+    assert steps.count(2) == 2 and steps.count(1) == 2 * policy.explore_every - 2
+    for _ in range(60):  # what the explored verifications measure: both drafts hold 9 times in 10
+        tracker.record(2, 2)
+    for _ in range(6):
+        tracker.record(2, 1)
+    assert policy.choose(1) == 2
 
 
 def test_policy_picks_the_draft_count_that_pays_most():
