@@ -77,9 +77,15 @@ class Sampler:
             rows = rows / temps[:, None]
             rows = _top_k_top_p(rows, [params[i].top_k for i in sampled_rows], [params[i].top_p for i in sampled_rows])
             probs = _min_p(rows.softmax(dim=-1), [params[i].min_p for i in sampled_rows])
-            for j, i in enumerate(sampled_rows):
-                gen = self._generator(request_ids[i], params[i], logits.device)
-                tokens[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
+            unseeded = [j for j, i in enumerate(sampled_rows) if params[i].seed is None]
+            if unseeded:  # one draw for all of them: the argmax of p / Exp(1) noise is a draw from p
+                sub = probs if len(unseeded) == len(sampled_rows) else probs[unseeded]
+                noise = torch.empty_like(sub).exponential_().clamp_(min=torch.finfo(sub.dtype).tiny)
+                tokens[idx[unseeded]] = (sub / noise).argmax(dim=-1).to(tokens.dtype)
+            for j, i in enumerate(sampled_rows):  # a seeded row draws from its own generator
+                if params[i].seed is not None:
+                    gen = self._generator(request_ids[i], params[i], logits.device)
+                    tokens[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
         chosen = tokens.tolist()  # the one host synchronisation per step
         logprobs = None
         if any(p.logprobs for p in params):

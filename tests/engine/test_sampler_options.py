@@ -59,3 +59,23 @@ def test_new_fields_travel_on_the_wire():
     p = SamplingParams(min_p=0.1, presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.2,
                        logit_bias={7: -3.0})
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(p), type=SamplingParams) == p
+
+
+def test_unseeded_rows_are_drawn_from_their_distribution_in_one_batch_and_seeded_rows_repeat():
+    """Unseeded rows share one batched draw (argmax of p / Exp(1) noise); each row's tokens still
+    follow its own distribution (chi-square at a fixed seed), and a seeded row is reproducible."""
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.05, 0.1, 0.8]])
+    logits = probs.log().repeat(200, 1)  # 400 rows: two distributions, interleaved
+    sampler, params = Sampler(), [SamplingParams(max_tokens=1, temperature=1.0)] * 400
+    counts = torch.zeros(2, 4)
+    for _ in range(10):  # 2,000 draws per distribution
+        tokens, _ = sampler(logits, [str(i) for i in range(400)], params)
+        for i, t in enumerate(tokens):
+            counts[i % 2, t] += 1
+    expected = probs * counts.sum(dim=1, keepdim=True)
+    chi2 = ((counts - expected) ** 2 / expected).sum(dim=1)
+    assert (chi2 < 16.27).all(), (counts, chi2)  # 3 degrees of freedom, p = 0.001
+    seeded = [SamplingParams(max_tokens=1, temperature=1.0, seed=7)]
+    draws = [Sampler()(logits[:1], ["s"], seeded)[0] for _ in range(3)]
+    assert draws[0] == draws[1] == draws[2]
