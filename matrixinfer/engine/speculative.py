@@ -20,6 +20,13 @@ One speculative step of a decoding sequence with ``c`` tokens computed:
 3. *Roll back*: ``num_computed`` advances by the accepted count plus one; the rejected positions'
    latents are left behind as garbage past ``num_computed`` (never attended, overwritten next step)
    and blocks that held only them are released (:meth:`BlockManager.truncate`).
+4. *Draft ahead* (:meth:`MTPSpeculator.draft_ahead`, where the draft step runs in one native call
+   and the policy would speculate again): step 1's catch-up and first draft for the next step run
+   right after verification, on the verification pass's own slots, block tables and rotary rows
+   (its first ``accepted + 1`` rows per sequence), instead of rebuilding them next step; the draft
+   waits in ``Sequence.mtp_draft`` and is dropped if the sequence's pending states change. Catch-up
+   rows other than a sequence's last only write their latent into the MTP layer's cache: their
+   attention output and MoE were never used.
 
 Prompt chunks fill their MTP entries in the step that computes them (:meth:`fill_prompt`), so
 prefix-cache and EMS blocks and a prefill instance's handoff carry them; a P/D prefill instance
@@ -54,6 +61,7 @@ log = logging.getLogger(__name__)
 INT8_DRAFT_HEAD = True  # the one-call CPU draft step projects with an INT8 copy of the head (see MTPDraft)
 PENDING_CAP = 64  # hidden states a sequence keeps through steps that do not speculate
 CALIBRATION_CONTEXT = 128  # tokens of context of the sequences timed at start-up
+CALIBRATION_ROUNDS = (6, 40)  # rounds of step timings per batch size at start-up: at least, at most (0.25 s)
 _GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 30, ignore_eos=True)
 
 
@@ -436,15 +444,20 @@ class MTPSpeculator:
             self._draft_ahead(list(zip(seqs, starts)), hidden)
 
     def _time(self, seqs: list[Sequence]) -> list[float]:
-        """Seconds of a step with 0, 1, ..., K drafts: the fastest of five rounds that interleave
-        the variants after a warm-up (interference from other processes only ever adds time). On
+        """Seconds of a step with 0, 1, ..., K drafts: the fastest of the rounds (after a warm-up
+        one; :data:`CALIBRATION_ROUNDS`) that interleave the variants (interference from other
+        processes only ever adds time). On
         the CPU, this thread's CPU time: where other processes share the cores, a step long enough
         to be preempted almost always is, so the fastest wall time favoured the shorter plain step
         (measured at load ~20 on 2 cores: 2.8x a plain step with 2 drafts, against 1.9x in use)."""
         cuda = self.runner.device.type == "cuda"
         clock = time.perf_counter if cuda else time.thread_time
         best = [float("inf")] * (self.k + 1)
-        for r in range(6):
+        start, r = time.perf_counter(), 0
+        # at least six rounds, more while they are cheap (a small batch's step is a few ms, and one
+        # slow round in six, a cache another process emptied, skewed the plain/speculative ratio)
+        while r < CALIBRATION_ROUNDS[0] or (r < CALIBRATION_ROUNDS[1] and time.perf_counter() - start < 0.25):
+            r += 1
             for k in range(self.k + 1):
                 if cuda:
                     torch.cuda.synchronize(self.runner.device)
@@ -452,7 +465,7 @@ class MTPSpeculator:
                 self._fake_step(seqs, k)
                 if cuda:
                     torch.cuda.synchronize(self.runner.device)
-                if r:
+                if r > 1:
                     best[k] = min(best[k], clock() - t0)
         return best
 
