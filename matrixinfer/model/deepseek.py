@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from matrixinfer.config import ModelConfig
+from matrixinfer.kernels import triton as triton_kernels
 from matrixinfer.kernels.layer import DecoderLayer, LayerDims, native_step
 from matrixinfer.model.attention import AttentionMetadata, KVCache, PagedLatentCache
 from matrixinfer.model.backend import CustomOp, cpu_float32
@@ -28,7 +29,8 @@ class Block(CustomOp):
 
     The ``cpu`` backend runs a decode step's layer in one native call (:mod:`matrixinfer.kernels.layer`)
     when the model hands it the step's shared inputs; other batches run the per-operator path,
-    whose modules have their own backends."""
+    whose modules have their own backends. The ``cuda`` backend fuses the residual add into the
+    MLP's norm (:mod:`matrixinfer.kernels.triton.norm`)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -55,9 +57,23 @@ class Block(CustomOp):
         self.native(step, x, kv_cache.data)
         return x
 
+    def forward_cuda(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RotaryEmbedding,
+                     meta: AttentionMetadata, kv_cache: KVCache | None,
+                     step: Structure | None = None) -> torch.Tensor:
+        """:meth:`forward_native` with the residual add after attention fused into the MLP's norm
+        (one Triton launch instead of an add and a norm over the hidden states)."""
+        from matrixinfer.kernels.triton.norm import add_rmsnorm  # imports triton: only once chosen
+
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, rope, meta, kv_cache)
+        post = self.post_attention_layernorm
+        normed, x = add_rmsnorm(attn, x, post.weight, post.eps)
+        return x + self.mlp(normed)
+
     def supports(self, backend: str) -> bool:
         if backend == "cpu":
             return self._describe() is not None
+        if backend == "cuda":
+            return triton_kernels.usable(self.post_attention_layernorm.weight)
         return super().supports(backend)
 
     def use_backend(self, backend: str) -> None:

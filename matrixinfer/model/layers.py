@@ -11,13 +11,14 @@ from torch import nn
 
 from matrixinfer import kernels
 from matrixinfer.config import ModelConfig
+from matrixinfer.kernels import triton as triton_kernels
 from matrixinfer.model.backend import CustomOp, cpu_float32
 from matrixinfer.quant.int8 import rotate, w8a8_linear
 
 
 class RMSNorm(CustomOp):
     """Root-mean-square norm computed in float32, as the reference implementation does (the
-    ``cpu`` backend: one native call, ``small_ops.c``)."""
+    ``cpu`` backend: one native call, ``small_ops.c``; ``cuda``: one Triton launch)."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -25,6 +26,8 @@ class RMSNorm(CustomOp):
         self.eps = eps
 
     def supports(self, backend: str) -> bool:
+        if backend == "cuda":
+            return triton_kernels.usable(self.weight)
         return cpu_float32(self.weight) if backend == "cpu" else super().supports(backend)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
@@ -35,6 +38,11 @@ class RMSNorm(CustomOp):
 
     def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.rmsnorm(x.contiguous(), self.weight, self.eps)
+
+    def forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        from matrixinfer.kernels.triton.norm import rmsnorm  # imports triton: only once chosen
+
+        return rmsnorm(x, self.weight, self.eps)
 
 
 class Linear(CustomOp, nn.Linear):

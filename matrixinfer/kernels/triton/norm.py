@@ -14,22 +14,34 @@ import triton.language as tl
 
 
 @triton.jit
-def _rmsnorm(X, RES, W, OUT, SUM, N, eps, stride_x, stride_r, stride_o, stride_s,
-             HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _rmsnorm(X, RES, W, OUT, SUM, M, N, eps, stride_x, stride_r, stride_o, stride_s,
+             HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    m = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=m, other=0.0)
+    m = (rows < M)[:, None] & (cols < N)[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0)
     dt = x.dtype
     xf = x.to(tl.float32)
     if HAS_RES:
-        xf = (xf + tl.load(RES + row * stride_r + cols, mask=m, other=0.0).to(tl.float32)).to(dt)
-        tl.store(SUM + row * stride_s + cols, xf, mask=m)
+        res = tl.load(RES + rows[:, None] * stride_r + cols[None, :], mask=m, other=0.0)
+        xf = (xf + res.to(tl.float32)).to(dt)
+        tl.store(SUM + rows[:, None] * stride_s + cols[None, :], xf, mask=m)
         xf = xf.to(tl.float32)
-    var = tl.sum(xf * xf, 0) / N
-    y = (xf * (1.0 / tl.sqrt(var + eps))).to(dt)
-    w = tl.load(W + cols, mask=m, other=0.0)
-    tl.store(OUT + row * stride_o + cols, (w.to(tl.float32) * y.to(tl.float32)).to(OUT.dtype.element_ty), mask=m)
+    var = tl.sum(xf * xf, 1) / N
+    y = (xf * (1.0 / tl.sqrt(var + eps))[:, None]).to(dt)
+    w = tl.load(W + cols, mask=cols < N, other=0.0)
+    out = (w.to(tl.float32)[None, :] * y.to(tl.float32)).to(OUT.dtype.element_ty)
+    tl.store(OUT + rows[:, None] * stride_o + cols[None, :], out, mask=m)
+
+
+def _launch(x2: torch.Tensor, r2: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, total: torch.Tensor,
+            eps: float, has_res: bool) -> None:
+    m, n = x2.shape
+    # A row per program on a GPU; the interpreter pays per program, so there a block of rows each.
+    rows = 1 if x2.is_cuda else min(64, triton.next_power_of_2(m))
+    _rmsnorm[(triton.cdiv(m, rows),)](x2, r2, weight, out, total, m, n, eps, x2.stride(0), r2.stride(0),
+                                      out.stride(0), total.stride(0), HAS_RES=has_res, ROWS=rows,
+                                      BLOCK=triton.next_power_of_2(n))
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -43,9 +55,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x2 = _check(x, weight)
     out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     if x2.shape[0]:
-        n = x2.shape[1]
-        _rmsnorm[(x2.shape[0],)](x2, x2, weight, out, out, n, eps, x2.stride(0), x2.stride(0), out.stride(0),
-                                 out.stride(0), HAS_RES=False, BLOCK=triton.next_power_of_2(n))
+        _launch(x2, x2, weight, out, out, eps, has_res=False)
     return out.view(x.shape)
 
 
@@ -59,7 +69,5 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     total = torch.empty_like(x2)
     if x2.shape[0]:
-        n = x2.shape[1]
-        _rmsnorm[(x2.shape[0],)](x2, r2, weight, out, total, n, eps, x2.stride(0), r2.stride(0), out.stride(0),
-                                 total.stride(0), HAS_RES=True, BLOCK=triton.next_power_of_2(n))
+        _launch(x2, r2, weight, out, total, eps, has_res=True)
     return out.view(x.shape), total.view(x.shape)
