@@ -2,46 +2,25 @@
 PyTorch paths (skipped where triton, the ``cuda`` extra, is not installed).
 
 The interpreter runs every program of a grid in Python, so shapes are tiny; the module-level
-tests run a two-layer checkpoint through ``MLA.forward_cuda`` (the code the CUDA backend runs)
+test runs a three-layer checkpoint through ``MLA.forward_cuda`` (the code the CUDA backend runs)
 against ``forward_native``.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 
-# Triton decides at import whether its own helpers (tl.zeros ...) and our kernels are interpreted:
-# the variable must be set before triton is first imported in this process.
-if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run tests/kernels in its own process",
-                allow_module_level=True)
-_before = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    pytest.importorskip("triton", reason="triton (the cuda extra) is not installed")
-    from matrixinfer.kernels.triton.decode_attention import mla_decode
-    from matrixinfer.kernels.triton.norm import add_rmsnorm, rmsnorm
-    from matrixinfer.kernels.triton.prefill_attention import varlen_prefill
-finally:
-    if _before is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _before
-
-from matrixinfer.model.attention import AttentionMetadata, PagedLatentCache  # noqa: E402
-from matrixinfer.model.backend import select_backend  # noqa: E402
-from matrixinfer.model.layers import RMSNorm  # noqa: E402
-from matrixinfer.model.loader import load_model  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # kernels.triton.usable() accepts CPU tensors
-    monkeypatch.delenv("MATRIXINFER_TRITON", raising=False)
+# isort: off
+from tests.kernels.triton_interpreter import interpret  # noqa: F401  (sets TRITON_INTERPRET=1 before triton loads)
+# isort: on
+from matrixinfer.kernels.triton.decode_attention import mla_decode
+from matrixinfer.kernels.triton.norm import add_rmsnorm, rmsnorm
+from matrixinfer.kernels.triton.prefill_attention import varlen_prefill
+from matrixinfer.model.attention import AttentionMetadata, PagedLatentCache
+from matrixinfer.model.backend import select_backend
+from matrixinfer.model.layers import RMSNorm
+from matrixinfer.model.loader import load_model
 
 
 def _paged_reference(q, kv, tables, tok_seq, tok_nkeys, rank, bs, scale):
