@@ -415,21 +415,22 @@ class MTPSpeculator:
         return StepCosts(tuple(batches), tuple(plain), tuple(tuple(s) for s in spec), complete)
 
     def _fake_step(self, seqs: list[Sequence], k: int) -> None:
-        """A decode step with ``k`` drafts as the engine runs it: the first draft from the previous
-        step's draft-ahead where the one-call draft step runs (else the MTP catch-up of one row),
-        deeper ones by the MTP module, the verification, and (every draft accepted: the most
-        catch-up rows) the draft-ahead of the next step."""
+        """A decode step with ``k`` drafts as the engine runs it, every draft of the previous step
+        accepted (the most catch-up rows): the first draft from the previous step's draft-ahead
+        where that runs (the one-call draft step, up to ``Linear.small_rows`` catch-up rows), else
+        from the MTP catch-up of the ``k + 1`` pending rows; deeper ones by the MTP module; the
+        verification; and the draft-ahead of the next step."""
         hidden_size = self.runner.model.config.hidden_size
         dtype = self.runner.kv_cache.dtype
-        zeros = torch.zeros(1, hidden_size, dtype=dtype, device=self.runner.device)
-        ahead = k > 0 and self._fused_draft() is not None
+        zeros = torch.zeros(k + 1, hidden_size, dtype=dtype, device=self.runner.device)
+        ahead = k > 0 and self._fused_draft() is not None and len(seqs) * (k + 1) <= Linear.small_rows
         for s in seqs:
             s.num_computed = CALIBRATION_CONTEXT - 1
-            reset(s, s.num_computed if ahead else s.num_computed - 1)
+            reset(s, s.num_computed if ahead else s.num_computed - (k + 1))
             if ahead:
-                s.mtp_draft = (0, zeros)
+                s.mtp_draft = (0, zeros[:1])
             else:
-                keep(s, zeros, 0, 1)
+                keep(s, zeros, 0, k + 1)
         chunks = [(s, 1 + k) for s in seqs]
         drafts = self.propose(chunks, {s.request_id: k for s in seqs}) if k else {}
         hidden, starts = self.runner.forward(chunks, drafts)
