@@ -47,7 +47,8 @@ def _launch(x2: torch.Tensor, r2: torch.Tensor, weight: torch.Tensor, out: torch
 def _check(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(f"rmsnorm: input {list(x.shape)} does not end in the weight's {weight.shape[0]} values")
-    return x.reshape(-1, weight.shape[0])
+    x2 = x.reshape(-1, weight.shape[0])
+    return x2 if x2.stride(1) == 1 else x2.contiguous()  # rows may be strided (a split view), values not
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -65,7 +66,7 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     if x.shape != residual.shape or x.dtype != residual.dtype:
         raise ValueError(f"add_rmsnorm: input {list(x.shape)} {x.dtype} and residual {list(residual.shape)} "
                          f"{residual.dtype} differ")
-    x2, r2 = _check(x, weight), residual.reshape(-1, weight.shape[0])
+    x2, r2 = _check(x, weight), _check(residual, weight)
     out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     total = torch.empty_like(x2)
     if x2.shape[0]:
