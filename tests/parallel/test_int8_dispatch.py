@@ -1,8 +1,8 @@
 """The demo model over several ranks: --ep 4 with fp32 dispatch gives --ep 1's greedy tokens
-exactly over 32 prompts x 64 tokens of held-out text (--ep 2 on 8 of them), and --ep 2 with
---dispatch-dtype int8 agrees with them on >= 95% of the tokens; held-out perplexity through the
-EP experts backend with INT8 dispatch is within +1% of float32. Costs ~1-2 min on 2 busy cores
-(demo model; instances of 4, 2 and 2 ranks)."""
+exactly (16 held-out prompts x 64 tokens here; all 32 gave 2048/2048 when measured), and --ep 2
+with --dispatch-dtype int8 agrees with them on >= 95% of 32 prompts x 64 tokens; held-out
+perplexity through the EP experts backend with INT8 dispatch is within +1% of float32. Costs
+~1-1.5 min on 2 busy cores (demo model; instances of 4 and 2 ranks)."""
 
 from __future__ import annotations
 
@@ -48,15 +48,15 @@ def test_int8_dispatch_agrees_with_fp32():
     cfg = EngineConfig(model=str(SHIPPED), device="cpu", dtype="float32", kv_cache_memory=16 << 20)
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     fp32 = LLMEngine(cfg).generate(prompts, params)
-    for ep, n in ((4, 32), (2, 8)):
-        inst = start_instance(dataclasses.replace(cfg, ep=ep, dispatch_dtype="fp32"))
-        try:
-            got = inst.engine.generate(prompts[:n], params)
-        finally:
-            inst.close()
-        same_fp32 = sum(a == b for x, y in zip(fp32, got) for a, b in zip(x, y))
-        print(f"--ep {ep} fp32 dispatch vs --ep 1 on the demo model: {same_fp32}/{n * 64} tokens equal")
-        assert got == fp32[:n], f"--ep {ep} differs from --ep 1"
+    n = 16  # --ep 2 with fp32 dispatch is checked on tiny checkpoints (test_dp_engine.py)
+    inst = start_instance(dataclasses.replace(cfg, ep=4, dispatch_dtype="fp32"))
+    try:
+        got = inst.engine.generate(prompts[:n], params)
+    finally:
+        inst.close()
+    same_fp32 = sum(a == b for x, y in zip(fp32, got) for a, b in zip(x, y))
+    print(f"--ep 4 fp32 dispatch vs --ep 1 on the demo model: {same_fp32}/{n * 64} tokens equal")
+    assert got == fp32[:n], "--ep 4 differs from --ep 1"
     inst = start_instance(dataclasses.replace(cfg, ep=2, dispatch_dtype="int8"))
     try:
         int8 = inst.engine.generate(prompts, params)
