@@ -6,8 +6,9 @@ the simulated and the real scheduler cannot drift apart. Each step's duration co
 :class:`~matrixinfer.sim.local_cost.LocalCostModel`; a step's new tokens appear at its end.
 
 Clients behave as ``matrixinfer bench`` does: Poisson send times (the same seeds give the same
-requests) or a fixed number in flight (``max_concurrency``), TTFT from send to first token, TPOT
-``(e2e - TTFT) / (output - 1)``, throughput = output tokens / duration.
+requests) or a fixed number in flight (``max_concurrency``), TTFT from send to first token (plus
+the serving stack's measured request latency), TPOT ``(e2e - TTFT) / (output - 1)``, throughput =
+output tokens / duration.
 
 P/D, as the router runs it: the decode instance first reserves blocks for the request (a worker
 reads its messages between steps, so a busy decode instance answers when its current step ends),
@@ -174,7 +175,7 @@ def simulate(requests: list[SimRequest], prefill: SimEngine, decode: SimEngine |
     def finish(s: _Seq, now: float) -> None:
         s.done = now
         assert s.first is not None
-        res.ttft.append(s.first - s.sent)
+        res.ttft.append(s.first - s.sent + prefill.cost.request_latency(s.req.prompt_len))
         if s.req.output_len > 1:
             res.tpot.append((now - s.first) / (s.req.output_len - 1))
         res.output_tokens += s.req.output_len

@@ -2,7 +2,7 @@
 
 A step's time is built from operators, never from a fitted end-to-end constant:
 
-    step = forward operators + composition overhead + sampling + engine host work
+    step = forward operators + composition overhead + sampling + engine host work + token delivery
 
 - **Forward operators.** Decode-sized batches (at most ``Linear.small_rows`` rows, the CPU
   backend's one-call layers) cost one ``layer_decode``/``layer_decode_dense`` per layer; larger
@@ -14,6 +14,12 @@ A step's time is built from operators, never from a fitted end-to-end constant:
   interpolated over the same grid as those steps.
 - **Sampling** and **engine host work** (scheduler, block manager, detokenizer) are their own
   profiled operators.
+- **Token delivery** is the serving stack's CPU time per streamed token (``api_token``: the engine
+  thread's hand-off, the SSE chunk, the client parsing it), profiled with a stand-in engine
+  (:mod:`matrixinfer.sim.profile_api`). It runs beside the engine on the cores the engine leaves
+  idle (``engine_cores``: CPU seconds per second of the engine's steps, measured with
+  ``engine_host``); only what does not fit there lengthens the step. A request's TTFT also gets
+  the stack's latency (``api_request``, :meth:`LocalCostModel.request_latency`).
 
 Every term is a :class:`~matrixinfer.sim.profile_data.Cost` that says whether it came from the
 profile (interpolated), the scaled roofline (outside the grid) or the nearest measurement.
@@ -27,9 +33,11 @@ from dataclasses import dataclass, field
 from matrixinfer.sim.local_ops import Dims, StepShape, work
 from matrixinfer.sim.profile_data import Cost, OpTable, Profile
 
-HOST_OPS = ("engine_host", "ems_get", "ems_put")  # host work: no roofline to scale
+# host work (no roofline to scale); engine_cores is a ratio (cores busy), not seconds
+HOST_OPS = ("engine_host", "ems_get", "ems_put", "api_request", "api_token", "engine_cores")
 REQUIRED_OPS = ("mla_prolog", "mla_core_q1", "mla_core_prefill", "mla_epilogue", "rmsnorm", "lm_head", "sampling",
-                "layer_decode", "step_decode", "step_prefill", "engine_host")
+                "layer_decode", "step_decode", "step_prefill", "engine_host", "api_request", "api_token",
+                "engine_cores")
 SMALL_ROWS = 64  # matrixinfer.model.layers.Linear.small_rows: the CPU backend's one-call layer limit
 
 
@@ -62,6 +70,7 @@ class LocalCostModel:
             raise ValueError(f"the profile ({profile.meta.get('date', 'undated')}) lacks {', '.join(missing)}: "
                              "take a new one with `matrixinfer profile`")
         self.native = profile.meta.get("device") == "cpu"
+        self.cores = float(profile.meta.get("cores") or 1)  # the profiled machine's cores
         self._composition = {"decode": self._residuals("step_decode", True),
                              "prefill": self._residuals("step_prefill", False)}
 
@@ -115,12 +124,23 @@ class LocalCostModel:
         return out
 
     def step(self, shape: StepShape, sampled: int, running: int) -> StepCost:
-        """An engine step: forward, sampling of ``sampled`` rows, host work with ``running`` sequences."""
+        """An engine step: forward, sampling of ``sampled`` rows, host work with ``running`` sequences,
+        and the delivery of the ``sampled`` new tokens to ``running`` streaming clients."""
+        streams = float(max(running, 1))
         out = self.forward(shape, sampled)
         if sampled:
             out.add(self.op("sampling", float(sampled)))
-        out.add(self.op("engine_host", float(max(running, 1))))
+        out.add(self.op("engine_host", streams))
+        if sampled:
+            per_token = self.op("api_token", streams)
+            idle = max(self.cores - self.op("engine_cores", streams).seconds, 0.0) * out.seconds
+            out.add(Cost(max(per_token.seconds * sampled - idle, 0.0), per_token.source, "api_token"))
         return out
+
+    def request_latency(self, prompt_len: int) -> float:
+        """What the serving stack adds to a request's TTFT (request parsing, the hand-off to the
+        engine thread, the first chunk's trip to the client)."""
+        return self.op("api_request", float(prompt_len)).seconds
 
     def _residuals(self, op: str, decode: bool) -> OpTable:
         """Measured model-runner step minus its operators, at each profiled step."""

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = "matrixinfer-profile"
-VERSION = 1
+VERSION = 2  # 2: greedy sampling, api_request and api_token
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
+from matrixinfer.sim.profile_api import profile_api
 from matrixinfer.sim.profile_data import Profile
 
 if TYPE_CHECKING:
@@ -47,13 +48,16 @@ class Grid:
     ep_tokens: tuple[int, ...]
     min_time: float
     max_reps: int
+    api_prompt: tuple[int, ...] = (16, 256)  # prompt lengths of the API's request latency
+    api_streams: tuple[int, ...] = (1, 8, 32, 64)  # concurrent streams of the API's per-token cost
+    api_tokens: int = 64  # tokens per stream
 
 
 GRIDS = {
     "tiny": Grid("tiny", tokens=(1, 4), batch=(1, 2), kv_len=(16, 32), prefill=(8, 16),
                  tokens_per_expert=(1, 2), host_batch=(1, 2), ems_block_kib=(4, 16), ems_concurrency=(1, 2),
                  ep=(2,), ep_tokens=(1, 4),
-                 min_time=0.002, max_reps=3),
+                 min_time=0.002, max_reps=3, api_prompt=(8,), api_streams=(1, 2), api_tokens=4),
     "full": Grid("full", tokens=(1, 4, 16, 64, 256, 1024), batch=(1, 4, 8, 16, 32, 64),
                  kv_len=(16, 64, 256, 1024), prefill=(16, 64, 128, 256, 512, 1024),
                  tokens_per_expert=(1, 4, 16, 64, 256), host_batch=(1, 8, 32, 64),
@@ -172,7 +176,7 @@ class Profiler:
         two = len(g.batch) * len(g.kv_len)
         n = len(g.tokens) + len(g.tokens_per_expert) + len(g.batch) + two + len(g.prefill) + 2
         if self.with_engine:
-            n += len(g.host_batch)
+            n += len(g.host_batch) + len(g.api_prompt) + len(g.api_streams)
         if self.with_ems:
             n += 2 * len(g.ems_block_kib) * len(g.ems_concurrency)
         if self.with_ep:
@@ -190,6 +194,9 @@ class Profiler:
             tick(label)
         if self.with_engine:
             for label in self._engine_host():
+                tick(label)
+            for label in profile_api(self.path, self.grid.api_prompt, self.grid.api_streams, self.grid.api_tokens,
+                                     self.prof.table):
                 tick(label)
         if self.with_ems:
             for label in self._ems():
@@ -254,7 +261,7 @@ class Profiler:
             x = torch.randn(t, h, dtype=dtype, device=self.device)
             p.table("lm_head", ("tokens",)).add((t,), self._time(partial(self.model.compute_logits, x)))
             logits = self.model.compute_logits(x)
-            params = [SamplingParams(max_tokens=1)] * t
+            params = [SamplingParams(max_tokens=1, temperature=0.0)] * t  # greedy, as the bench and validation run
             p.table("sampling", ("tokens",)).add((t,), self._time(
                 partial(sampler, logits, [str(i) for i in range(t)], params)))
             yield f"head x{t}"
@@ -383,12 +390,15 @@ class Profiler:
             while engine.waiting or any(s.num_computed < s.num_tokens - 1 for s in engine.running):
                 engine.step()
             samples = []
+            wall0, cpu0 = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 timer["run"] = 0.0
                 t0 = time.perf_counter()
                 engine.step()
                 samples.append(time.perf_counter() - t0 - timer["run"])
+            cores_busy = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
             self.prof.table("engine_host", ("tokens",)).add((b,), max(statistics.fmean(samples), 0.0))
+            self.prof.table("engine_cores", ("tokens",)).add((b,), cores_busy)
             for rid in list(engine.seqs):
                 engine.abort(rid)
             yield f"engine host b{b}"

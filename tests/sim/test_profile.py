@@ -18,7 +18,7 @@ from matrixinfer.sim.profile_data import SCHEMA, VERSION, Profile, pchip
 EXPECTED_OPS = {"mla_prolog": 1, "mla_core_q1": 2, "mla_core_qk": 2, "mla_core_prefill": 1, "mla_epilogue": 1,
                 "dense_mlp": 1, "shared_expert": 1, "routing": 1, "experts": 1, "rmsnorm": 1, "lm_head": 1,
                 "sampling": 1, "layer_decode": 2, "layer_decode_dense": 2, "step_decode": 2, "step_prefill": 1,
-                "engine_host": 1, "ems_get": 2, "ems_put": 2}
+                "engine_host": 1, "ems_get": 2, "ems_put": 2, "api_request": 1, "api_token": 1, "engine_cores": 1}
 
 
 def test_profile_command_writes_versioned_profile_on_tiny_grid(tmp_path, capsys):
@@ -65,7 +65,7 @@ def test_pchip_is_monotone_between_points():
 def _synthetic(dims: Dims, gemm: float = 1e10, bw: float = 1e10, scale: float = 2.0) -> Profile:
     """Every operator measured at ``scale`` x its roofline time on a small grid; model-runner steps
     at the operator sum plus 1 ms (decode) or 2 ms (prefill); host work 0.1 ms + 10 us per sequence."""
-    prof = Profile({"device": "cpu", "threads": 1}, {"gemm_flops": gemm, "stream_bw": bw})
+    prof = Profile({"device": "cpu", "threads": 1, "cores": 1}, {"gemm_flops": gemm, "stream_bw": bw})
     roof = prof.roofline_time
     for op in ("mla_prolog", "mla_epilogue", "dense_mlp", "shared_expert", "routing", "rmsnorm", "lm_head",
                "sampling", "mla_core_prefill"):
@@ -87,6 +87,10 @@ def _synthetic(dims: Dims, gemm: float = 1e10, bw: float = 1e10, scale: float = 
         prof.table("step_prefill", ("tokens",)).add((t,), 0.05 * t / 512 + 2e-3)
     for b in (1, 64):
         prof.table("engine_host", ("tokens",)).add((b,), 1e-4 + 1e-5 * b)
+        prof.table("api_token", ("streams",)).add((b,), 5e-5)
+        prof.table("engine_cores", ("tokens",)).add((b,), 1.0)
+    for n in (16, 256):
+        prof.table("api_request", ("tokens",)).add((n,), 4e-3)
     return prof
 
 
@@ -121,8 +125,15 @@ def test_step_is_operators_plus_measured_composition():
     comp = [t for t in fwd.terms if t.op == "composition_decode"]
     assert comp and comp[0].seconds == pytest.approx(1e-3) and comp[0].source == "profile"
     step = model.step(shape, 8, 8)
-    assert {t.op for t in step.terms} >= {"layer_decode", "sampling", "engine_host", "composition_decode"}
+    assert {t.op for t in step.terms} >= {"layer_decode", "sampling", "engine_host", "composition_decode",
+                                          "api_token"}
+    delivery = [t for t in step.terms if t.op == "api_token"]
+    assert delivery[0].seconds == pytest.approx(8 * 5e-5)  # one core, kept busy: each new token's delivery adds
+    model.cores = 2.0  # a second, idle core takes the delivery beside the step
+    assert [t.seconds for t in model.step(shape, 8, 8).terms if t.op == "api_token"] == [0.0]
+    model.cores = 1.0
     assert step.seconds > fwd.seconds
+    assert model.request_latency(100) == pytest.approx(4e-3)
     # a 300-token prompt chunk runs the per-operator path (beyond the one-call layer's 64 rows)
     pre = model.forward(StepShape((300,), (300,)), 1)
     assert {"mla_prolog", "mla_core_prefill", "experts", "composition_prefill"} <= {t.op for t in pre.terms}

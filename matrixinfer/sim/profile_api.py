@@ -1,0 +1,165 @@
+"""The serving stack's own cost: the HTTP API, the engine thread's hand-off and the benchmark client,
+profiled with a stand-in engine that produces tokens instantly.
+
+What a model step does not include but a client sees: parsing and validating the request, handing
+it to the engine thread, each token's trip back (a cross-thread hand-off, an SSE chunk, the client
+parsing it). The profile measures two operators with the real ``AsyncEngine``, the real API app
+(uvicorn, as ``serve`` runs it) and the real ``matrixinfer bench`` client in its own process:
+
+- ``api_request`` (prompt tokens): the client's time to first token when the engine answers at
+  once (concurrency 1), i.e. the latency the stack adds to TTFT;
+- ``api_token`` (streams): CPU seconds (server and client processes together) per token streamed
+  to ``streams`` concurrent clients: the CPU time of a run with ``tokens`` tokens per request minus
+  that of the same requests with one token, over the extra tokens (start-up costs cancel). On a
+  machine whose cores the engine keeps busy, that CPU time
+  is taken from the engine's steps, so the cost model adds it to each step. (The stand-in's own
+  per-step bookkeeping is counted too; the real engine's is also in ``engine_host``, a small
+  double count.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from matrixinfer.engine.outputs import EngineStats, FinishReason, RequestOutput
+from matrixinfer.engine.sampling_params import SamplingParams
+
+STEP_INTERVAL_S = 0.002  # the stand-in engine's step period (it sleeps, as a real step releases the GIL)
+
+
+class InstantEngine:
+    """The parts of :class:`~matrixinfer.engine.llm_engine.LLMEngine` that ``AsyncEngine`` uses: every
+    step gives each running request its next token, without a model."""
+
+    def __init__(self, tokenizer, vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.model_id = "api-probe"
+        self.max_model_len = self.max_seq_len = 1 << 20
+        self.model = type("M", (), {"config": type("C", (), {"vocab_size": vocab_size})()})()
+        self._running: dict[str, list[int]] = {}  # request id -> [prompt tokens, produced, wanted]
+        self.tokens = 0
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        self._running[request_id] = [len(prompt_ids), 0, params.max_tokens]
+
+    def abort(self, request_id: str) -> None:
+        self._running.pop(request_id, None)
+
+    def has_work(self) -> bool:
+        return bool(self._running)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self._running))
+
+    def step(self) -> list[RequestOutput]:
+        time.sleep(STEP_INTERVAL_S)
+        outs = []
+        for rid, state in list(self._running.items()):
+            state[1] += 1
+            done = state[1] >= state[2]
+            outs.append(RequestOutput(request_id=rid, token_ids=[7], text=" x", finished=done,
+                                      finish_reason=FinishReason.LENGTH if done else None,
+                                      num_prompt_tokens=state[0], num_output_tokens=state[1]))
+            if done:
+                del self._running[rid]
+        self.tokens += len(outs)
+        return outs
+
+
+def _bench(url: str, prompts: int, input_len: int, output_len: int, concurrency: int, out: Path) -> dict:
+    """Run ``matrixinfer bench`` against ``url``; its summary."""
+    cmd = [sys.executable, "-m", "matrixinfer.cli", "bench", "--base-url", url, "--num-prompts", str(prompts),
+           "--input-len", str(input_len), "--output-len", str(output_len), "--max-concurrency", str(concurrency),
+           "--disable-tqdm", "--result-json", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    return json.loads(out.read_text())["summary"]
+
+
+def _client(url: str, streams: int, lengths: list[int]) -> None:
+    """The client process of ``api_token``: for each output length, one bench run of ``2 * streams``
+    requests at concurrency ``streams``; prints ``start``, then ``done CPU_SECONDS`` per run, so the
+    parent times its own CPU over exactly the same span (a warm-up run goes first)."""
+    import asyncio
+
+    from matrixinfer.bench.client import BenchConfig, resolve_model, run_benchmark
+    from matrixinfer.bench.datasets import parse_range, random_dataset
+
+    config = BenchConfig(base_url=url, max_concurrency=streams, show_progress=False)
+    model, vocab = asyncio.run(resolve_model(config, None))
+    config = BenchConfig(base_url=url, model=model, max_concurrency=streams, show_progress=False)
+    warm_up = random_dataset(2 * streams, parse_range("16"), parse_range("2"), vocab, seed=1)
+    asyncio.run(run_benchmark(warm_up, config))
+    for length in lengths:
+        specs = random_dataset(2 * streams, parse_range("16"), parse_range(str(length)), vocab, seed=2)
+        print("start", flush=True)
+        t0 = time.process_time()
+        asyncio.run(run_benchmark(specs, config))
+        print(f"done {time.process_time() - t0}", flush=True)
+
+
+def profile_api(model_path: Path, prompt_lens: tuple[int, ...], streams: tuple[int, ...], tokens: int,
+                table) -> Iterator[str]:
+    """Measure ``api_request`` at each prompt length and ``api_token`` at each stream count into
+    ``table(name, axes)`` (a :class:`~matrixinfer.sim.profile_data.Profile`'s ``table``)."""
+    import uvicorn
+
+    from matrixinfer.bench.launch import free_port
+    from matrixinfer.config import ServeConfig
+    from matrixinfer.engine.async_engine import AsyncEngine
+    from matrixinfer.model.tokenizer import Tokenizer
+    from matrixinfer.serve.api_server import create_app
+    from matrixinfer.serve.http_guard import uvicorn_config
+
+    cfg = json.loads((model_path / "config.json").read_text())
+    engine = InstantEngine(Tokenizer(model_path), int(cfg["vocab_size"]))
+    backend = AsyncEngine(engine)  # type: ignore[arg-type]
+    port = free_port()
+    server = uvicorn.Server(uvicorn_config(create_app(backend), ServeConfig(port=port, log_level="error")))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the API probe's server did not start")
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{port}"
+        with tempfile.TemporaryDirectory() as tmp:
+            result = Path(tmp) / "bench.json"
+            for n in prompt_lens:
+                summary = _bench(url, 8, n, 2, 1, result)
+                # the stand-in's one step is the engine's part (the simulator times the real one)
+                table("api_request", ("tokens",)).add((n,), max(summary["ttft"]["mean"] / 1e3 - STEP_INTERVAL_S, 0.0))
+                yield f"api request {n} tokens"
+            for c in streams:  # T tokens per request minus 1 token per request: fixed costs cancel
+                cmd = [sys.executable, "-m", "matrixinfer.sim.profile_api", url, str(c), str(tokens), "1"]
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+                assert proc.stdout is not None
+                cpu, produced = [], []
+                for line in proc.stdout:
+                    if line.startswith("start"):
+                        engine.tokens, t0 = 0, time.process_time()
+                    elif line.startswith("done"):
+                        cpu.append(time.process_time() - t0 + float(line.split()[1]))
+                        produced.append(engine.tokens)
+                if proc.wait(timeout=600) != 0 or len(cpu) != 2:
+                    raise RuntimeError(f"the API probe's client failed (exit status {proc.returncode})")
+                if produced[0] > produced[1]:
+                    table("api_token", ("streams",)).add((c,), max(cpu[0] - cpu[1], 0.0) / (produced[0] - produced[1]))
+                yield f"api tokens x{c}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        backend.shutdown()
+
+
+
+if __name__ == "__main__":  # the api_token client: URL STREAMS LENGTH...
+    _client(sys.argv[1], int(sys.argv[2]), [int(n) for n in sys.argv[3:]])
