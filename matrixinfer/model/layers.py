@@ -184,8 +184,8 @@ def _yarn_inv_freq(cfg: ModelConfig, dim: int) -> tuple[torch.Tensor, float]:
     high: float = min(math.ceil(correction_dim(beta_slow)), dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
     extrapolation = 1.0 - ramp  # 1 for high-frequency dims that keep their original frequency
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     return inv_freq, float(attention_factor)
@@ -219,10 +219,12 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         dim = cfg.qk_rope_head_dim
+        # the tables are computed on the CPU whatever the default device: on the meta device (a model
+        # being built for loading) they would run torch's Python reference ops and import torch._dynamo
         if cfg.rope_scaling:
             inv_freq, self.attention_factor = _yarn_inv_freq(cfg, dim)
         else:
-            inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+            inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
             self.attention_factor = 1.0
         self.interleaved = rope_interleaved(cfg)
         self.inv_freq: torch.Tensor

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
 
@@ -165,6 +166,29 @@ class _MappingSource:
         return t if isinstance(t, torch.Tensor) else torch.from_numpy(t)
 
 
+_INIT_FILLS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+               "trunc_normal_", "zeros_", "ones_", "constant_")
+
+
+@contextmanager
+def _no_init() -> Iterator[None]:
+    """Skip ``torch.nn.init``'s fills while the model is built on the meta device: they mean nothing
+    there (the checkpoint fills every tensor), and on meta tensors they run torch's Python reference
+    ops, whose first use imports ``torch._dynamo`` (1.5-6 s in every process that loads a model)."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FILLS}
+
+    def skip(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return tensor
+
+    for name in _INIT_FILLS:
+        setattr(torch.nn.init, name, skip)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                with_mtp: bool | None = None, progress: bool = True, tensors=None,
                fill_in_place: Callable[[dict[str, torch.Tensor]], set[str]] | None = None) -> DeepseekForCausalLM:
@@ -201,7 +225,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         layout = parse_layout(cfg.quantization_config, names)
     except QuantFormatError as exc:
         raise CheckpointError(f"{ckpt}: {exc}") from exc
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         model = DeepseekForCausalLM(cfg, with_mtp=with_mtp)
         if layout is not None:
             _use_int8(model, layout, names, ckpt)
