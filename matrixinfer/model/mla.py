@@ -123,11 +123,13 @@ class MLA(CustomOp):
                          rope: RotaryEmbedding, meta: AttentionMetadata, kv_cache: KVCache | None,
                          table: torch.Tensor) -> torch.Tensor:
         from matrixinfer.kernels.triton.decode_attention import mla_decode  # imports triton: only once chosen
+        from matrixinfer.kernels.triton.kv_prolog import mla_kv_prolog
 
         tables, tok_seq, tok_nkeys = meta.block_tables, meta.tok_seq, meta.tok_nkeys
         assert kv_cache is not None and meta.slot_mapping is not None and tables is not None and tok_seq is not None \
             and tok_nkeys is not None and meta.block_size is not None, "a paged batch's metadata"
-        kv_cache.write(self.layer_idx, meta.slot_mapping, self._latent(kv, cos, sin, rope))
+        norm = self.kv_a_layernorm
+        mla_kv_prolog(kv, norm.weight, norm.eps, cos, sin, rope.interleaved, meta.slot_mapping, table)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         w_uk, w_uv = self._kv_b()
         q_full = torch.cat([torch.einsum("thd,hdr->thr", q_nope, w_uk), rope.rotate(q_pe, cos, sin)], dim=-1)

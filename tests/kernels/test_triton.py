@@ -15,11 +15,12 @@ import torch
 from tests.kernels.triton_interpreter import interpret  # noqa: F401  (sets TRITON_INTERPRET=1 before triton loads)
 # isort: on
 from matrixinfer.kernels.triton.decode_attention import mla_decode
+from matrixinfer.kernels.triton.kv_prolog import mla_kv_prolog
 from matrixinfer.kernels.triton.norm import add_rmsnorm, rmsnorm
 from matrixinfer.kernels.triton.prefill_attention import varlen_prefill
 from matrixinfer.model.attention import AttentionMetadata, PagedLatentCache
 from matrixinfer.model.backend import select_backend
-from matrixinfer.model.layers import RMSNorm
+from matrixinfer.model.layers import RMSNorm, RotaryEmbedding
 from matrixinfer.model.loader import load_model
 
 
@@ -101,6 +102,31 @@ def test_rmsnorm_and_residual_match_the_module(dtype):
         normed, total = add_rmsnorm(x, res, norm.weight, norm.eps)
         same(total, x + res)
         same(normed, norm.forward_native(x + res))
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_kv_prolog_writes_the_latent_the_module_computes(interleaved):
+    """Norm of the compressed KV, rotation of the rope key and the store at each token's slot, as
+    ``MLA._latent`` followed by ``PagedLatentCache.write``; other slots untouched."""
+    g = torch.Generator().manual_seed(5)
+    rank, rope_dim, t = 24, 8, 5
+    norm = RMSNorm(rank, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(rank, generator=g) + 0.5)
+    rope = RotaryEmbedding.__new__(RotaryEmbedding)
+    rope.interleaved = interleaved
+    kv = torch.randn(t, rank + rope_dim, generator=g)
+    angles = torch.rand(t, rope_dim // 2, generator=g) * 6
+    cos, sin = angles.cos(), angles.sin()
+    slots = torch.tensor([7, 2, 11, 0, 5])
+    table = torch.full((12, rank + rope_dim), 9.0)
+    mla_kv_prolog(kv, norm.weight, norm.eps, cos, sin, interleaved, slots, table)
+    with torch.no_grad():
+        want = torch.cat([norm.forward_native(kv[:, :rank]), rope.rotate(kv[:, rank:], cos, sin)], dim=-1)
+    assert (table[slots] - want).abs().max().item() < 1e-6
+    others = torch.ones(12, dtype=torch.bool)
+    others[slots] = False
+    assert bool((table[others] == 9.0).all())
 
 
 def _steps(model, cache, tables):

@@ -1,7 +1,9 @@
 """Import the Triton kernels as interpreted functions (CPU tensors), or skip the importing test module.
 
 Triton decides when it is first imported whether its helpers and our kernels run in its
-interpreter, so ``TRITON_INTERPRET=1`` is set before that; test modules import this first.
+interpreter, so ``TRITON_INTERPRET=1`` is set before that, and every kernel module is imported
+while it is set (one imported later, inside a test, would be compiled for a GPU); test modules
+import this first.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ _before = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 try:
     pytest.importorskip("triton", reason="triton (the cuda extra) is not installed")
-    from matrixinfer.kernels.triton import decode_attention, norm, prefill_attention  # noqa: F401
+    from matrixinfer.kernels.triton import decode_attention, kv_prolog, norm, prefill_attention  # noqa: F401
 finally:
     if _before is None:
         del os.environ["TRITON_INTERPRET"]

@@ -8,6 +8,7 @@ issues many small ones (docs/gpu.md):
   split over the keys for parallelism at small batches (flash-decoding);
 - :func:`~.prefill_attention.varlen_prefill`: causal attention of the naive (expanded K/V) form over a whole flat
   batch of variable-length sequences, one call per layer;
+- :func:`~.kv_prolog.mla_kv_prolog`: the new tokens' latents normed, rotated and stored in the cache;
 - :func:`~.norm.rmsnorm` / :func:`~.norm.add_rmsnorm`: RMSNorm with the residual add fused in front.
 
 Every kernel also runs under Triton's interpreter (``TRITON_INTERPRET=1``) on CPU tensors, which
