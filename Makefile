@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	# pinned: an unpinned or newer torch would pull a newer multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	# cuda: triton (~290 MB wheel, no torch dependency): its kernels are tested on CPU under TRITON_INTERPRET=1
-	$(PY) -m pip install -q -e '.[dev,cuda]'
+	$(PY) -m pip install -q -e '.[dev,cuda,cluster]'
 	@touch $(STAMP)
 
 serve: $(STAMP)
