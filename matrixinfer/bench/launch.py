@@ -34,11 +34,24 @@ def instance_metrics(text: str, by: str = "instance") -> dict[str, dict[str, flo
     return out
 
 
-def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(pair: bool = False) -> int:
+    """A TCP port free on loopback right now; ``pair``: the port after it is free too (``serve``
+    puts its router's control port at ``--port + 1``)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not pair:
+            return port
+        if port >= 65535:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free pair of consecutive ports on loopback")
 
 
 class ServerProcess:
@@ -48,7 +61,7 @@ class ServerProcess:
     """
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, timeout: float = 180.0) -> None:
-        self.port = free_port()
+        self.port = free_port(pair=True)
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "matrixinfer.cli", "serve", "--port", str(self.port), *args]
         fd, self.log_path = tempfile.mkstemp(prefix="matrixinfer-server-", suffix=".log")  # kept after stop()

@@ -80,6 +80,8 @@ class Sampler:
             unseeded = [j for j, i in enumerate(sampled_rows) if params[i].seed is None]
             if unseeded:  # one draw for all of them: the argmax of p / Exp(1) noise is a draw from p
                 sub = probs if len(unseeded) == len(sampled_rows) else probs[unseeded]
+                if not bool(torch.isfinite(sub).all()):  # as torch.multinomial refuses such rows
+                    raise RuntimeError("probability tensor contains either inf or nan (extreme sampling values)")
                 noise = torch.empty_like(sub).exponential_().clamp_(min=torch.finfo(sub.dtype).tiny)
                 tokens[idx[unseeded]] = (sub / noise).argmax(dim=-1).to(tokens.dtype)
             for j, i in enumerate(sampled_rows):  # a seeded row draws from its own generator

@@ -170,7 +170,12 @@ def test_killed_decode_actor_is_restarted_and_rejoins(deployment):
             streams = [asyncio.create_task(stream_tokens(c, deployment.url, {**MODEL, "prompt": [9, i, 7],
                                                                              "max_tokens": 400}, headers={}))
                        for i in range(4)]
-            await asyncio.sleep(1.0)
+            deadline = time.monotonic() + 60  # kill once every stream is decoding (a quiet machine
+            while time.monotonic() < deadline:  # finishes 400 tokens in about a second)
+                running = await asyncio.to_thread(_series, deployment, "matrixinfer_instance_running")
+                if sum(v for k, v in running.items() if 'role="decode"' in k) >= len(streams):
+                    break
+                await asyncio.sleep(0.05)
             os.kill(actor, signal.SIGKILL)
             return await asyncio.wait_for(asyncio.gather(*streams), 90)  # none may hang
 
