@@ -41,6 +41,18 @@ def tiny_v3(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def served_checkpoint(tmp_path_factory):
+    """A tiny V3 checkpoint with a byte-level tokenizer (vocab 264 covers its 261 tokens; 8 routed
+    experts, 3 layers, the first dense), served by the serve, cluster and EP tests."""
+    from matrixinfer.model.default_model import write_byte_tokenizer
+
+    path = make_checkpoint(tmp_path_factory.mktemp("served"), "v3", seed=9, vocab_size=264,
+                           bos_token_id=256, eos_token_id=257)
+    write_byte_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_v2(tmp_path_factory):
     """A tiny random DeepseekV2ForCausalLM checkpoint (no q LoRA, softmax greedy routing)."""
     return make_checkpoint(tmp_path_factory.mktemp("tiny_v2"), "v2")

@@ -281,7 +281,7 @@ def serve_on_ray(spec: DeploymentSpec, address: str, engine: EngineConfig, serve
     from pathlib import Path
 
     from matrixinfer.model.default_model import default_model_path
-    from matrixinfer.serve.launcher import deployment_secret
+    from matrixinfer.serve.launcher import deployment_secret, discard_secret
 
     logging.basicConfig(level=serve.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # the router's settings; each instance's engine (its EP degree, KV cache) comes from its pool
@@ -306,7 +306,5 @@ def serve_on_ray(spec: DeploymentSpec, address: str, engine: EngineConfig, serve
         return 1
     finally:
         dep.shutdown()
-        if generated is not None:
-            generated.unlink(missing_ok=True)
-            generated.parent.rmdir()
+        discard_secret(generated)
     return 0

@@ -227,6 +227,13 @@ def deployment_secret(cfg: ServeConfig) -> tuple[bytes, dict[str, str], Path | N
     return secret, {auth.ENV_SECRET_FILE: str(path), auth.ENV_SECRET: ""}, path
 
 
+def discard_secret(generated: Path | None) -> None:
+    """Remove the private secret file (and its directory) that :func:`deployment_secret` generated."""
+    if generated is not None:
+        generated.unlink(missing_ok=True)
+        generated.parent.rmdir()
+
+
 def serve_pdc(engine_cfg: EngineConfig, cfg: ServeConfig) -> int:
     """Start the deployment and serve until interrupted."""
     import uvicorn
@@ -300,7 +307,5 @@ def serve_pdc(engine_cfg: EngineConfig, cfg: ServeConfig) -> int:
         pass
     finally:
         children.stop()
-        if generated is not None:
-            generated.unlink(missing_ok=True)
-            generated.parent.rmdir()
+        discard_secret(generated)
     return 0
