@@ -109,6 +109,22 @@ class AsyncEngine:
             except RuntimeError:  # the consumer's loop is closed
                 pass
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs, handed to each event loop in one callback (one wake-up per step
+        instead of one per request: at batch 64 the per-output hand-offs cost the API thread more
+        than the step)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        with self._lock:
+            for out in outputs:
+                target = self._streams.get(out.request_id)
+                if target is not None:
+                    by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the consumers' loop is closed
+                pass
+
     def _apply(self, command: AddRequest | Abort) -> None:
         """Apply one command; a command that fails fails its request only, never the loop."""
         rid = command.request_id
@@ -132,8 +148,7 @@ class AsyncEngine:
                     self.stats = self.engine.stats()
                     self._inbox.wait(0.5)
                     continue
-                for out in self.engine.step():
-                    self._deliver(out.request_id, out)
+                self._deliver_step(self.engine.step())
                 self.stats = self.engine.stats()
         except BaseException as exc:  # the engine itself is broken (step() isolates per-request failures):
             # report to every waiting client instead of hanging them
@@ -143,3 +158,8 @@ class AsyncEngine:
                 ids = list(self._streams)
             for rid in ids:
                 self._deliver(rid, EngineDeadError(f"engine failed: {exc!r}"))
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
