@@ -399,7 +399,7 @@ def plan_incremental(loads: list[float], current: ReplicatedPlacement, n_redunda
                      target: float = 1.05) -> Rebalance:
     """From ``current``: fill its free slots (the plan has ``E + n_redundant`` slots), then the
     fewest greedy moves (swaps, or turning a spare copy into a copy of another expert) until the
-    balance is <= ``target``. If the from-scratch plan reaches the target with fewer moves, or
+    balance is <= ``target`` (and no worse than ``current``'s). If the from-scratch plan reaches the target with fewer moves, or
     the walk stops short of the target and the from-scratch plan is at least as balanced, that
     plan (relabelled) is returned instead: whenever the target is reached, the moves are no more
     than the from-scratch plan's."""
@@ -419,7 +419,8 @@ def plan_incremental(loads: list[float], current: ReplicatedPlacement, n_redunda
         _improve(slots, w, c, min(target, before), max_steps=4 * (len(w) + n_redundant))
         inc = ReplicatedPlacement(len(w), tuple(tuple(x) for x in slots))
         inc_moves, inc_bal = moves_between(current, inc), inc.balance(w)
-        inc_ok, full_ok = inc_bal <= target + 1e-9, full_bal <= target + 1e-9
+        goal = min(target, before)  # a placement already within the target must not get worse
+        inc_ok, full_ok = inc_bal <= goal + 1e-9, full_bal <= goal + 1e-9
         if inc_ok and full_ok:
             take_inc = inc_moves <= full_moves
         elif inc_ok or full_ok:

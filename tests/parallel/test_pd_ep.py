@@ -74,8 +74,14 @@ def test_pd_deployment_of_ep_instances(served_checkpoint):
         assert [ids for ids, _ in asyncio.run(run(PROMPTS, 16))] == expect
         # six requests at once: each instance's rank 0 gave some to rank 1 (prefill: to prefill there
         # and hand the KV back; decode: the KV that arrived on rank 0, moved to rank 1 to continue)
-        roles = instance_metrics(server._scrape(), by="role")
-        remote, stored = roles["ep_remote_requests"], roles["ems_stored_blocks"]
+        deadline = time.monotonic() + 10  # instances report every 0.2 s; EMS puts finish after the stream
+        while True:
+            roles = instance_metrics(server._scrape(), by="role")
+            remote, stored = roles["ep_remote_requests"], roles["ems_stored_blocks"]
+            if (min(remote.get("prefill", 0), remote.get("decode", 0), stored.get("prefill", 0),
+                    stored.get("decode", 0)) > 0 or time.monotonic() > deadline):
+                break
+            time.sleep(0.2)
         print(f"requests placed on rank 1 by role: {remote}; EMS blocks stored by role: {stored}")
         assert remote.get("prefill", 0) > 0 and remote.get("decode", 0) > 0, remote
         assert stored.get("prefill", 0) > 0 and stored.get("decode", 0) > 0, stored  # prompt / generated blocks
