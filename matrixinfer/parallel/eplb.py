@@ -399,10 +399,10 @@ def plan_incremental(loads: list[float], current: ReplicatedPlacement, n_redunda
                      target: float = 1.05) -> Rebalance:
     """From ``current``: fill its free slots (the plan has ``E + n_redundant`` slots), then the
     fewest greedy moves (swaps, or turning a spare copy into a copy of another expert) until the
-    balance is <= ``target`` (and no worse than ``current``'s). If the from-scratch plan reaches the target with fewer moves, or
-    the walk stops short of the target and the from-scratch plan is at least as balanced, that
-    plan (relabelled) is returned instead: whenever the target is reached, the moves are no more
-    than the from-scratch plan's."""
+    balance is <= ``target`` (and no worse than ``current``'s). If the from-scratch plan reaches
+    the target with fewer moves, or the walk stops short of the target and the from-scratch plan
+    is at least as balanced, that plan (relabelled) is returned instead: whenever the target is
+    reached, the moves are no more than the from-scratch plan's."""
     if not target >= 1.0:
         raise ValueError(f"balance target must be >= 1.0 (busiest rank over the mean), got {target}")
     w = [float(x) for x in loads]
