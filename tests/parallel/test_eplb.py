@@ -112,12 +112,12 @@ def test_incremental_from_contiguous_adds_the_redundant_slots(problem: tuple[lis
     else:  # the target is out of reach: at least as balanced as the from-scratch plan
         assert r.balance_after <= full.balance(loads) + TOL
     assert r.moves >= redundant  # every new slot is filled by a copy
-    if n % n_ranks == 0:
-        # With uneven blocks (E % N != 0) equal slot counts can force a worse balance: loads
-        # [4, 4, 717, 4, 4, 10, 786, 3, 1, 5, 0] on 2 ranks hold 743 + 795 in 6 + 5 slots; with one
-        # copy more (6 + 6 slots) the rank of expert 6 holds 5 more experts, at best 796.
-        assert r.balance_after <= r.balance_before + TOL
-        assert full.balance(loads) <= r.balance_before + TOL
+    # never worse than the current placement unless every plan with the new slots is: adding copies
+    # can force imbalance, even with even blocks (hypothesis found loads [0, 0, 7 | 1, 2, 4] on 2
+    # ranks, 7 + 7: a copy moves half an expert's load to the other rank, and no two copies' halves
+    # cancel); with uneven blocks (E % N != 0) equal slot counts can too: [4, 4, 717, 4, 4, 10, 786,
+    # 3, 1, 5, 0] on 2 ranks hold 743 + 795 in 6 + 5 slots, and 6 + 6 slots give at best 796
+    assert r.balance_after <= max(r.balance_before, full.balance(loads)) + TOL
 
 
 def test_zipf_skew_before_after_and_moves() -> None:
