@@ -100,28 +100,20 @@ class AsyncEngine:
         self._inbox.put(Abort(request_id))
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        with self._lock:
-            target = self._streams.get(request_id)
-        if target is not None:
-            loop, q = target
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, item)
-            except RuntimeError:  # the consumer's loop is closed
-                pass
+        self._deliver_all([(request_id, item)])
 
-    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
-        """A step's outputs, handed to each event loop in one callback (one wake-up per step
-        instead of one per request: at batch 64 the per-output hand-offs cost the API thread more
-        than the step)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+    def _deliver_all(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand ``(request id, output or error)`` pairs to their consumers, one callback per event
+        loop (a step's outputs wake each loop once instead of once per request)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput | BaseException]]] = {}
         with self._lock:
-            for out in outputs:
-                target = self._streams.get(out.request_id)
+            for request_id, item in items:
+                target = self._streams.get(request_id)
                 if target is not None:
-                    by_loop.setdefault(target[0], []).append((target[1], out))
-        for loop, items in by_loop.items():
+                    by_loop.setdefault(target[0], []).append((target[1], item))
+        for loop, pairs in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(_put_all, pairs)
             except RuntimeError:  # the consumers' loop is closed
                 pass
 
@@ -148,7 +140,7 @@ class AsyncEngine:
                     self.stats = self.engine.stats()
                     self._inbox.wait(0.5)
                     continue
-                self._deliver_step(self.engine.step())
+                self._deliver_all([(out.request_id, out) for out in self.engine.step()])
                 self.stats = self.engine.stats()
         except BaseException as exc:  # the engine itself is broken (step() isolates per-request failures):
             # report to every waiting client instead of hanging them
@@ -160,6 +152,6 @@ class AsyncEngine:
                 self._deliver(rid, EngineDeadError(f"engine failed: {exc!r}"))
 
 
-def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
-    for q, item in items:
+def _put_all(pairs: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -> None:
+    for q, item in pairs:
         q.put_nowait(item)

@@ -51,8 +51,8 @@ class GuardedH11Protocol(H11Protocol):
         if self._read_deadline is None and self._between_requests():
             self._arm()  # the first byte of the next request on a kept-alive connection
         super().data_received(data)
-        if self.cycle is not None and not self.cycle.more_body and not self.cycle.response_complete:
-            self._disarm()  # the whole request (headers and body) has arrived, and is being answered
+        if self._request_received():
+            self._disarm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -60,6 +60,10 @@ class GuardedH11Protocol(H11Protocol):
 
     def _between_requests(self) -> bool:
         return self.cycle is None or self.cycle.response_complete
+
+    def _request_received(self) -> bool:
+        """The whole request (headers and body) has arrived and is being answered."""
+        return self.cycle is not None and not self.cycle.more_body and not self.cycle.response_complete
 
     def _arm(self) -> None:
         self._disarm()
@@ -72,8 +76,8 @@ class GuardedH11Protocol(H11Protocol):
 
     def _read_timed_out(self) -> None:
         self._read_deadline = None
-        if self.cycle is not None and not self.cycle.more_body and not self.cycle.response_complete:
-            return  # the request arrived and is being answered
+        if self._request_received():
+            return
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
         _warn(f"closed the connection from {client}: its request did not arrive within "
               f"{self.request_read_timeout:g} s (--request-read-timeout)")

@@ -87,13 +87,14 @@ def _client(url: str, streams: int, lengths: list[int]) -> None:
     requests at concurrency ``streams``; prints ``start``, then ``done CPU_SECONDS`` per run, so the
     parent times its own CPU over exactly the same span (a warm-up run goes first)."""
     import asyncio
+    import dataclasses
 
     from matrixinfer.bench.client import BenchConfig, resolve_model, run_benchmark
     from matrixinfer.bench.datasets import parse_range, random_dataset
 
     config = BenchConfig(base_url=url, max_concurrency=streams, show_progress=False)
     model, vocab = asyncio.run(resolve_model(config, None))
-    config = BenchConfig(base_url=url, model=model, max_concurrency=streams, show_progress=False)
+    config = dataclasses.replace(config, model=model)
     warm_up = random_dataset(2 * streams, parse_range("16"), parse_range("2"), vocab, seed=1)
     asyncio.run(run_benchmark(warm_up, config))
     for length in lengths:
@@ -158,7 +159,6 @@ def profile_api(model_path: Path, prompt_lens: tuple[int, ...], streams: tuple[i
         server.should_exit = True
         thread.join(10)
         backend.shutdown()
-
 
 
 if __name__ == "__main__":  # the api_token client: URL STREAMS LENGTH...
