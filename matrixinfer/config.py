@@ -250,6 +250,9 @@ class EngineConfig:
         eplb_interval: steps between live expert rebalances of an EP instance (each MoE layer
             re-placed from the load routed since the last one, moving few experts; 0: never).
         eplb_target: busiest rank's expert load over the mean that a live rebalance aims for.
+        microbatches: 2 splits each forward pass of an EP instance (--ep >= 2) into two
+            microbatches, so that one's dispatch/combine is in flight while the other computes
+            (the reference design's two-microbatch pipeline); 1 runs the batch whole.
     """
 
     model: str | None = None
@@ -279,6 +282,7 @@ class EngineConfig:
     redundant_experts: int = 0
     eplb_interval: int = 0
     eplb_target: float = 1.05
+    microbatches: int = field(default=1, metadata={"choices": [1, 2]})
 
     def __post_init__(self) -> None:
         if self.ep < 1 or self.nnodes < 1 or self.ep % self.nnodes:
@@ -295,6 +299,8 @@ class EngineConfig:
         if self.redundant_experts < 0 or self.eplb_interval < 0:
             raise ValueError(f"redundant_experts ({self.redundant_experts}) and eplb_interval ({self.eplb_interval}) "
                              f"must be >= 0")
+        if self.microbatches not in (1, 2):
+            raise ValueError(f"microbatches must be 1 or 2, got {self.microbatches}")
         if not self.eplb_target >= 1.0:
             raise ValueError(f"eplb_target is the busiest rank's load over the mean: >= 1.0, got {self.eplb_target}")
         if self.nnodes > 1 and self.master_port is None:

@@ -5,7 +5,9 @@ that backend sends each token once to every rank holding one of its top-k expert
 ids and weights of those experts), runs this rank's experts over what it received, and sends
 one weighted row back per received row, which the source adds up. Dispatch and combine are
 ``all_to_all_single`` with the split sizes exchanged first, into reused buffers
-(:meth:`EPGroup.buffer`). Shared experts stay on every rank (the MoE layer runs them).
+(:meth:`EPGroup.buffer`), each started asynchronously and waited for after :meth:`EPGroup.pause`
+(where, with ``--microbatches 2``, the other microbatch computes: :mod:`.microbatch`). Shared
+experts stay on every rank (the MoE layer runs them).
 
 Each layer has its own placement (:class:`~matrixinfer.parallel.eplb.ReplicatedPlacement`: the
 experts in each rank's slots, hot ones possibly in several). A token routed to a replicated
@@ -90,12 +92,21 @@ class ExpertParallelExperts(ExpertsBackend):
         lw = torch.where(mine, w[tok].float(), 0.0)
         rb = row_bytes(h, k, g.dispatch_dtype)
         n_send = tok.shape[0]
+        counts = g.start_counts(send_counts.cpu() if g.device.type == "cpu" else send_counts)
         send = encode_rows(x[tok], lid, lw, g.dispatch_dtype, g.buffer("dispatch_send", n_send * rb).view(n_send, rb))
         send_split = [int(n) for n in send_counts.tolist()]
-        recv_split = g.exchange_counts(send_counts.cpu() if g.device.type == "cpu" else send_counts)
+        g.dispatch_s += g.timed() - start
+        # each pause lets the other microbatch (--microbatches 2) compute while this one's collective travels
+        g.pause()
+        start = g.timed()
+        recv_split = g.wait_counts(counts)
         n_recv = sum(recv_split)
         recv = g.buffer("dispatch_recv", n_recv * rb).view(n_recv, rb)
-        g.all_to_all(recv, send, recv_split, send_split, "dispatch")
+        dispatch = g.start_all_to_all(recv, send, recv_split, send_split, "dispatch")
+        g.dispatch_s += g.timed() - start
+        g.pause()
+        start = g.timed()
+        g.wait(dispatch)
         g.dispatch_bytes += (n_send - send_split[g.rank]) * rb
         xr, lr, wr = decode_rows(recv, h, k, g.dispatch_dtype, x.dtype)
         g.dispatch_s += g.timed() - start
@@ -106,13 +117,17 @@ class ExpertParallelExperts(ExpertsBackend):
             pair = self.inner.forward(xr[row], Routing(lr[row, slot][:, None], wr[row, slot][:, None]))
             y.index_add_(0, row, pair)
         # combine: each received row goes back to its source, which adds its rows up per token
-        after = g.timed()
+        start = g.timed()
         elt = x.element_size()
         back = g.buffer("combine_recv", n_send * h * elt).view(x.dtype).view(n_send, h)
-        g.all_to_all(back, y, send_split, recv_split, "combine")
+        combine = g.start_all_to_all(back, y, send_split, recv_split, "combine")
+        g.combine_s += g.timed() - start
+        g.pause()
+        start = g.timed()
+        g.wait(combine)
         g.combine_bytes += (n_recv - recv_split[g.rank]) * h * elt
         out = torch.zeros_like(x).index_add_(0, tok, back)
-        g.combine_s += g.timed() - after
+        g.combine_s += g.timed() - start
         return out
 
     def empty_forward(self) -> None:
@@ -238,3 +253,21 @@ def enable_expert_parallel(model: nn.Module, group: EPGroup,
     log.info("EP rank %d/%d: %d MoE layers, slots %s, dispatch %s", group.rank, group.world, len(group.backends),
              [list(p.slots[group.rank]) for p in placements[:1]], group.dispatch_dtype)
     return len(group.backends)
+
+
+def enable_microbatches(model: nn.Module, group: EPGroup, n: int) -> None:
+    """``--microbatches n``: with 2, every forward pass of ``model`` (and every idle pass of this
+    rank) runs as two microbatches taking turns at the dispatch/combine collectives
+    (:mod:`matrixinfer.parallel.microbatch`); 1 leaves the model as it is. Every rank of the
+    instance must use the same ``n`` (their collectives pair up microbatch by microbatch)."""
+    from matrixinfer.parallel.microbatch import MicrobatchForward, TurnScheduler
+
+    if n == 1:
+        return
+    if n != 2:
+        raise ValueError(f"--microbatches {n}: 1 or 2 are supported")
+    if group.turns is not None:
+        raise RuntimeError(f"EP rank {group.rank}: microbatches are enabled already")
+    group.turns = TurnScheduler(n)
+    # an instance attribute shadows the class's forward: the runner calls the model as before
+    model.forward = MicrobatchForward(model, group.turns, group.empty_pass)

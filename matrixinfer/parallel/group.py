@@ -2,6 +2,11 @@
 timeouts that turn a dead rank into :class:`RankFailure`, the reused dispatch/combine buffers,
 the control channel of DP attention, and the EP metrics.
 
+Dispatch and combine start asynchronously (:meth:`EPGroup.start_all_to_all`, a :class:`Pending`
+collective that progresses in the backend's threads) and are waited for later, so that with
+``--microbatches 2`` (:mod:`.microbatch`) one microbatch computes while the other's collective is
+in flight; :meth:`EPGroup.pause` is where a microbatch gives up its turn.
+
 Ranks join the way PyTorch users start them (torchrun's environment: ``RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR``, ``MASTER_PORT``). MoE collectives run on the default group (gloo on CPU, NCCL on
 CUDA); the control messages (requests, outputs: msgspec bytes, never pickle) on a gloo group.
@@ -14,6 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,6 +29,7 @@ from matrixinfer.parallel.placement import ExpertPlacement
 
 if TYPE_CHECKING:
     from matrixinfer.parallel.ep_moe import ExpertParallelExperts
+    from matrixinfer.parallel.microbatch import TurnScheduler
 
 log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 20.0  # a collective that waits longer than this means a rank is gone
@@ -33,6 +40,17 @@ STORE_ENV = "MATRIXINFER_EP_STORE"
 class RankFailure(RuntimeError):
     """A collective failed or timed out: a rank of the instance died or stopped answering. The
     instance cannot continue (the other ranks would wait for it in every MoE layer)."""
+
+
+@dataclass
+class Pending:
+    """A collective in flight: its work handle, what it is (for errors), and the tensors it
+    reads and writes (kept alive until :meth:`EPGroup.wait`)."""
+
+    work: dist.Work
+    what: str
+    out: torch.Tensor
+    inp: torch.Tensor
 
 
 class RankEnv:
@@ -90,6 +108,7 @@ class EPGroup:
         self.broken: str | None = None
         self._bufs: dict[str, torch.Tensor] = {}
         self.backends: list[ExpertParallelExperts] = []  # in layer order; enable_expert_parallel fills it
+        self.turns: TurnScheduler | None = None  # with --microbatches 2 (enable_microbatches)
         # metrics
         self.passes = self.idle_passes = self.tokens = 0
         self.dispatch_bytes = self.combine_bytes = 0
@@ -99,7 +118,10 @@ class EPGroup:
 
     # -- buffers -----------------------------------------------------------------------------
     def buffer(self, name: str, nbytes: int, device: torch.device | None = None) -> torch.Tensor:
-        """A uint8 view of ``nbytes`` of the reused buffer ``name`` (grown, never shrunk)."""
+        """A uint8 view of ``nbytes`` of the reused buffer ``name`` (grown, never shrunk); each
+        microbatch has its own (one's may be in flight while the other fills its own)."""
+        if self.turns is not None and self.turns.index:
+            name = f"{name}@{self.turns.index}"
         buf = self._bufs.get(name)
         if buf is None or buf.numel() < nbytes:
             buf = torch.empty(max(nbytes, 2 * (buf.numel() if buf is not None else 0), 1024), dtype=torch.uint8,
@@ -118,17 +140,6 @@ class EPGroup:
         return RankFailure(f"EP rank {self.rank} of {self.world}: {what} failed (a rank died or timed out "
                            f"after {self.timeout_s:.0f} s): {exc}")
 
-    def exchange_counts(self, send: torch.Tensor) -> list[int]:
-        """The split sizes step of a variable all-to-all: rows this rank sends to each rank in,
-        rows it receives from each rank out."""
-        self._check()
-        recv = torch.empty_like(send)
-        try:
-            dist.all_to_all_single(recv, send, group=self.pg)
-        except RuntimeError as e:
-            raise self._failed("exchanging split sizes", e) from e
-        return [int(n) for n in recv.tolist()]
-
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: Sequence[int],
                    in_splits: Sequence[int], what: str) -> None:
         self._check()
@@ -136,6 +147,46 @@ class EPGroup:
             dist.all_to_all_single(out, inp, list(out_splits), list(in_splits), group=self.pg)
         except RuntimeError as e:
             raise self._failed(what, e) from e
+
+    def start_counts(self, send: torch.Tensor) -> Pending:
+        """Start the split sizes step of a variable all-to-all (rows this rank sends to each rank);
+        :meth:`wait_counts` gives the rows it receives from each."""
+        self._check()
+        recv = torch.empty_like(send)
+        try:
+            work = dist.all_to_all_single(recv, send, group=self.pg, async_op=True)
+        except RuntimeError as e:
+            raise self._failed("exchanging split sizes", e) from e
+        assert work is not None  # async_op=True returns the work handle
+        return Pending(work, "exchanging split sizes", recv, send)
+
+    def wait_counts(self, pending: Pending) -> list[int]:
+        self.wait(pending)
+        return [int(n) for n in pending.out.tolist()]
+
+    def start_all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: Sequence[int],
+                         in_splits: Sequence[int], what: str) -> Pending:
+        """Start ``all_to_all_single`` into ``out``; the result is there after :meth:`wait`."""
+        self._check()
+        try:
+            work = dist.all_to_all_single(out, inp, list(out_splits), list(in_splits), group=self.pg, async_op=True)
+        except RuntimeError as e:
+            raise self._failed(what, e) from e
+        assert work is not None
+        return Pending(work, what, out, inp)
+
+    def wait(self, pending: Pending) -> None:
+        """Wait for a started collective (at most the group's timeout; a failure is the instance's)."""
+        try:
+            pending.work.wait(datetime.timedelta(seconds=self.timeout_s))
+        except RuntimeError as e:
+            raise self._failed(pending.what, e) from e
+
+    def pause(self) -> None:
+        """Where a microbatch with a collective in flight gives the turn to the other microbatch
+        (a no-op without ``--microbatches 2``)."""
+        if self.turns is not None:
+            self.turns.pause()
 
     def broadcast_bytes(self, data: bytes | None) -> bytes:
         """Control channel: rank 0's ``data`` on every rank (length first, then the bytes)."""
@@ -183,10 +234,19 @@ class EPGroup:
         """An empty batch through every MoE layer: a rank with no work this step still takes its
         part in each layer's dispatch and combine."""
         self.idle_passes += 1
+        if self.turns is not None:  # the other ranks run two microbatches: so does this one, both empty
+            self.turns.run([self.empty_pass] * self.turns.n)
+        else:
+            self.empty_pass()
+
+    def empty_pass(self) -> None:
+        """This rank's part in every MoE layer's dispatch and combine, without tokens."""
         for b in self.backends:
             b.empty_forward()
 
     def close(self) -> None:
+        if self.turns is not None:
+            self.turns.close()
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
@@ -195,7 +255,7 @@ class EPGroup:
 
     # -- metrics -----------------------------------------------------------------------------
     def record(self, layer: int, topk_ids: torch.Tensor) -> None:
-        if layer == 0:
+        if layer == 0 and (self.turns is None or not self.turns.index):  # a pass counts once, not per microbatch
             self.passes += 1
             self.tokens += topk_ids.shape[0]
         if self.expert_tokens.shape[0] <= layer:

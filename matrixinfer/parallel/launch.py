@@ -36,7 +36,7 @@ from matrixinfer.engine.llm_engine import LLMEngine
 from matrixinfer.model.deepseek import DeepseekForCausalLM
 from matrixinfer.model.moe import MoE
 from matrixinfer.parallel.dp_engine import DPEngine
-from matrixinfer.parallel.ep_moe import enable_expert_parallel
+from matrixinfer.parallel.ep_moe import enable_expert_parallel, enable_microbatches
 from matrixinfer.parallel.eplb import ReplicatedPlacement, plan_placement
 from matrixinfer.parallel.group import STORE_ENV, EPGroup, RankEnv
 from matrixinfer.parallel.messages import CONNECTOR_ENV, RankConnector
@@ -94,6 +94,7 @@ def build_rank(cfg: EngineConfig, env: RankEnv, model: DeepseekForCausalLM | Non
     try:
         moe_layers = sum(isinstance(getattr(b, "mlp", None), MoE) for b in model.model.layers)
         enable_expert_parallel(model, group, [start] * moe_layers)
+        enable_microbatches(model, group, cfg.microbatches)
         engine = (DPEngine(cfg, group, model, connector=connector, ranks_have_connector=ranks_have_connector)
                   if env.rank == 0 else LLMEngine(cfg, model=model, connector=connector))
     except BaseException:
