@@ -57,8 +57,6 @@ class ModelRunner:
                                    mc.kv_cache_dim, mc.kv_lora_rank, dtype, device)
         self.kv_cache_bytes = self.num_blocks * per_block
         self.hidden: torch.Tensor | None = None  # the last execute()'s final hidden states
-        # the last forward()'s metadata and positions (a verification's draft-ahead reuses them)
-        self.last_batch: tuple[AttentionMetadata, torch.Tensor] | None = None
         log.info("KV cache: %d blocks x %d tokens (%.1f MiB, %s) on %s", self.num_blocks, cfg.block_size,
                  self.kv_cache_bytes / 2**20, "int8" if cfg.kv_cache_dtype == "int8" else dtype, device)
         if device.type == "cpu":
@@ -106,7 +104,6 @@ class ModelRunner:
             q_lens.append(n)
             ctx_lens.append(start + n)
         meta, pos = self._metadata([seq for seq, _ in chunks], q_lens, ctx_lens, positions)
-        self.last_batch = (meta, pos)
         hidden = self.model(torch.tensor(ids).to(self.device, non_blocking=True), pos, meta, self.kv_cache)
         return hidden, starts
 

@@ -22,9 +22,10 @@ One speculative step of a decoding sequence with ``c`` tokens computed:
    and blocks that held only them are released (:meth:`BlockManager.truncate`).
 4. *Draft ahead* (:meth:`MTPSpeculator.draft_ahead`, where the draft step runs in one native call
    and the policy would speculate again): step 1's catch-up and first draft for the next step run
-   right after verification, on the verification pass's own slots, block tables and rotary rows
-   (its first ``accepted + 1`` rows per sequence), instead of rebuilding them next step; the draft
-   waits in ``Sequence.mtp_draft`` and is dropped if the sequence's pending states change. Catch-up
+   right after verification, over the verified hidden states (its first ``accepted + 1`` rows per
+   sequence, a view at batch 1); the draft waits in ``Sequence.mtp_draft`` and is dropped if the
+   sequence's pending states change. The one-call draft step's inputs come from
+   :class:`~matrixinfer.engine.draft_inputs.DraftInputs` (Python integers into reused buffers). Catch-up
    rows other than a sequence's last only write their latent into the MTP layer's cache: their
    attention output and MoE were never used.
 
@@ -46,14 +47,14 @@ import torch
 
 from matrixinfer import kernels
 from matrixinfer.config import EngineConfig
+from matrixinfer.engine.draft_inputs import DraftInputs
 from matrixinfer.engine.model_runner import ModelRunner
 from matrixinfer.engine.sampler import Sampler
 from matrixinfer.engine.sampling_params import SamplingParams
 from matrixinfer.engine.sequence import Sequence
 from matrixinfer.engine.spec_policy import AcceptanceTracker, SpecPolicy, StepCosts
-from matrixinfer.kernels.layer import MTPDraft, native_step
-from matrixinfer.model.attention import block_slots
-from matrixinfer.model.deepseek import MTPLayer
+from matrixinfer.kernels.layer import MTPDraft
+from matrixinfer.model.deepseek import Block, MTPLayer
 from matrixinfer.model.layers import Linear
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,8 @@ class MTPSpeculator:
         self.tracker = AcceptanceTracker(self.k)
         self._fused: MTPDraft | None = None
         self._fused_key: tuple[object, ...] | None = None
+        self._inputs: DraftInputs | None = None
+        self._mtp_parts: tuple[MTPLayer, Block, tuple[torch.nn.Module, ...]] | None = None
         costs = None
         if cfg.speculative_max_batch is None:
             costs = self.measure_costs(min(cfg.max_num_seqs, 256), free_blocks)
@@ -186,7 +189,7 @@ class MTPSpeculator:
             # position c + depth: the previous draft as the next token, the MTP state as its hidden state
             rows = [(want[i][0], want[i][0].num_computed + depth, [drafts[want[i][0].request_id][-1]], h[j:j + 1])
                     for j, i in enumerate(live)]
-            hidden, tokens = self._draft_deeper(rows)
+            hidden, tokens = self._draft(rows)
         return drafts
 
     def _first_drafts(self, want: list[tuple[Sequence, int]], rows: list[tuple[Sequence, int, list[int], torch.Tensor]]
@@ -222,25 +225,18 @@ class MTPSpeculator:
     def _draft_ahead(self, verified: list[tuple[Sequence, int]], hidden: torch.Tensor) -> None:
         """After a verification pass (the runner's last forward): for each ``(sequence, its first
         row in hidden)`` that goes on decoding, the MTP catch-up of the positions just verified and
-        the next step's first draft (``Sequence.mtp_draft``), now, on that pass's metadata.
+        the next step's first draft (``Sequence.mtp_draft``), now.
 
         The catch-up rows are the verification's own positions (its first ``accepted + 1`` rows),
-        so their slots, block tables, key counts and rotary rows are a subset of what the pass
-        built: at batch 1 a prefix, taken as views. Drafting at the next step instead would build
-        them again (at batch 1 on the CPU that rebuild cost as much as the MTP module's
-        arithmetic). Only the one-call draft step runs here; elsewhere :meth:`propose` does it."""
+        whose hidden states are a view of the pass's output at batch 1; the next step's
+        :meth:`propose` then has only the recursive drafts to run. Only the one-call draft step
+        runs here; elsewhere :meth:`propose` does the catch-up."""
         fused = self._fused_draft()
-        batch = self.runner.last_batch
-        if fused is None or batch is None:
-            return
-        meta, pos = batch
-        slots, tables, tok_seq, tok_nkeys = meta.slot_mapping, meta.block_tables, meta.tok_seq, meta.tok_nkeys
-        if slots is None or tables is None or tok_seq is None or tok_nkeys is None or meta.block_size is None \
-                or not meta.paged or not cast(MTPLayer, self.runner.model.mtp[0]).block.self_attn.absorbed_for(meta):
+        if fused is None:
             return
         seqs: list[Sequence] = []
+        rows: list[tuple[Sequence, int, list[int]]] = []
         sel: list[int] = []
-        ids: list[int] = []
         last: list[int] = []
         for seq, first in verified:
             n = seq.mtp_count
@@ -248,23 +244,16 @@ class MTPSpeculator:
                     or seq.mtp_pending[0][1] != first or seq.mtp_start + n != seq.num_computed:
                 continue  # not a plain verified decode (a fallback or a finished request): propose catches up
             seqs.append(seq)
+            rows.append((seq, seq.mtp_start, seq.token_ids(seq.mtp_start + 1, n)))
             sel.extend(range(first, first + n))
-            ids.extend(seq.token_ids(seq.mtp_start + 1, n))
             last.append(len(sel) - 1)
         if not seqs or len(sel) > Linear.small_rows:
             return
-        if sel[-1] - sel[0] + 1 == len(sel):  # consecutive rows (always at batch 1): views
-            a, b = sel[0], sel[-1] + 1
-            prev, slots, tok_seq, tok_nkeys, pos = hidden[a:b], slots[a:b], tok_seq[a:b], tok_nkeys[a:b], pos[a:b]
+        if sel[-1] - sel[0] + 1 == len(sel):  # consecutive rows (always at batch 1): a view
+            prev = hidden[sel[0]:sel[-1] + 1]
         else:
-            idx = torch.tensor(sel, device=hidden.device)
-            prev, slots, tok_seq, tok_nkeys, pos = (t.index_select(0, idx) for t in (hidden, slots, tok_seq,
-                                                                                       tok_nkeys, pos))
-        prev, slots, tok_seq, tok_nkeys = (t.contiguous() for t in (prev, slots, tok_seq, tok_nkeys))
-        cos, sin = self.runner.model.rope.cos_sin(pos)
-        cache = self.runner.kv_cache.data
-        step = native_step(prev, cos, sin, slots, tables, tok_seq, tok_nkeys, meta.block_size, cache.shape[1])
-        out, tokens = fused(step, torch.tensor(ids, dtype=torch.int64), prev, last, cache)
+            prev = hidden.index_select(0, torch.tensor(sel, device=hidden.device))
+        out, tokens = self._run_fused(fused, rows, prev, last)
         for j, (seq, tok) in enumerate(zip(seqs, tokens)):
             reset(seq)  # every position before num_computed has its MTP entry now
             seq.mtp_draft = (tok, out[j:j + 1])
@@ -276,60 +265,49 @@ class MTPSpeculator:
         each entry's last row and, where the whole draft step ran in one native call, its greedy
         draft token (else None: the caller projects the states)."""
         fused = self._fused_draft()
-        if fused is None:
+        if fused is None or sum(len(r[2]) for r in rows) > Linear.small_rows:
             return self.runner.mtp(rows), None
-        runner, model = self.runner, self.runner.model
-        batch = runner.mtp_batch(rows)
-        ids, meta, pos, prev, last = batch
-        prev = prev.contiguous()
-        cos, sin = model.rope.cos_sin(pos)
-        step = model._native_step(prev, cos, sin, meta, runner.kv_cache)
-        if step is None:
-            return runner.mtp(rows, batch), None  # (the batch is built once either way)
-        return fused(step, torch.tensor(ids, dtype=torch.int64), prev, last, runner.kv_cache.data)
+        last: list[int] = []
+        for _, _, ids, _ in rows:
+            last.append((last[-1] if last else -1) + len(ids))
+        prev = rows[0][3] if len(rows) == 1 else torch.cat([r[3] for r in rows])
+        return self._run_fused(fused, [(r[0], r[1], r[2]) for r in rows], prev, last)
 
-    @torch.inference_mode()
-    def _draft_deeper(self, rows: list[tuple[Sequence, int, list[int], torch.Tensor]]
-                      ) -> tuple[torch.Tensor, list[int] | None]:
-        """:meth:`_draft` for a recursive depth, one position per sequence: the one-call draft step
-        with its step inputs built straight from the block tables (one row per sequence needs none
-        of the flat batch's machinery, which cost several times the draft's arithmetic at batch 1)."""
-        fused = self._fused_draft()
-        if fused is None or len(rows) > Linear.small_rows or any(len(r[2]) != 1 for r in rows):
-            return self._draft(rows)
-        bs, cache = self.runner.block_size, self.runner.kv_cache.data
-        seqs = [r[0] for r in rows]
-        where = [r[1] for r in rows]
-        width = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
-        pos = torch.tensor(where, dtype=torch.int64)
-        slots = block_slots(torch.tensor([s.block_table[p // bs] for s, p in zip(seqs, where)]), pos, bs)
-        prev = (rows[0][3] if len(rows) == 1 else torch.cat([r[3] for r in rows])).contiguous()
-        cos, sin = self.runner.model.rope.cos_sin(pos)
-        tok_seq, tok_nkeys = torch.arange(len(rows), dtype=torch.int32), (pos + 1).to(torch.int32)
-        step = native_step(prev, cos, sin, slots, tables, tok_seq, tok_nkeys, bs, cache.shape[1])  # (pointers:
-        # every tensor it names stays referenced until the call below has returned)
-        return fused(step, torch.tensor([r[2][0] for r in rows], dtype=torch.int64), prev, list(range(len(rows))),
-                     cache)
+    def _run_fused(self, fused: MTPDraft, rows: list[tuple[Sequence, int, list[int]]], prev: torch.Tensor,
+                   last: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """The one-call draft step over ``rows`` (``(seq, first position, next-token ids)``, one row
+        per id, their previous states ``prev``), its step inputs from :class:`DraftInputs`; the
+        states and greedy drafts of the rows ``last``."""
+        cache = self.runner.kv_cache.data
+        if self._inputs is None or self._inputs.num_slots != cache.shape[1]:
+            self._inputs = DraftInputs(self.runner.model.rope, self.runner.block_size, cache.shape[1],
+                                       Linear.small_rows)
+        step, ids = self._inputs.build(rows)
+        return fused(step, ids, prev.contiguous(), last, cache)
 
     def _fused_draft(self) -> MTPDraft | None:
         """The one-call draft step (:class:`MTPDraft`) where the MTP block runs natively and its
         norms share one epsilon; rebuilt when the module's weights or backend change."""
         m = cast(MTPLayer, self.runner.model.mtp[0])
-        block = m.block.native
+        if self._mtp_parts is None or self._mtp_parts[0] is not m:  # (attribute reads through nn.Module
+            # cost ~1-4 us each in a step: the parts are looked up once, their weights read per call)
+            self._mtp_parts = (m, m.block, (m.embed_tokens, m.enorm, m.hnorm, m.eh_proj, m.shared_head.norm,
+                                            m.shared_head.head))
+        _, block_mod, mods = self._mtp_parts
+        block = block_mod.native
         cache = getattr(self.runner.kv_cache, "data", None)
         if block is None or not isinstance(cache, torch.Tensor) or cache.dtype is not torch.float32 \
                 or not cache.is_cpu:
             return None
-        weights = (m.embed_tokens.weight, m.enorm.weight, m.hnorm.weight, m.eh_proj.weight, m.shared_head.norm.weight,
-                   m.shared_head.head.weight)
+        weights = [cast(torch.Tensor, mod._parameters["weight"]) for mod in mods]
         key = (block, *weights)
         if self._fused_key is None or len(key) != len(self._fused_key) \
                 or any(a is not b for a, b in zip(key, self._fused_key)):
             self._fused_key, self._fused = key, None
             if all(n.eps == block.dims.eps for n in (m.enorm, m.hnorm, m.shared_head.norm)):
                 try:
-                    self._fused = MTPDraft(block, *weights, int8_head=INT8_DRAFT_HEAD)
+                    embed, enorm, hnorm, eh_proj, norm, head = weights
+                    self._fused = MTPDraft(block, embed, enorm, hnorm, eh_proj, norm, head, int8_head=INT8_DRAFT_HEAD)
                 except ValueError:  # weights the kernel cannot take: the per-operator path
                     self._fused = None
         return self._fused

@@ -142,6 +142,7 @@ class MTPDraft:
         self.block = block
         self._weights = (embed, enorm, hnorm, eh_proj, norm, head)
         self._run = _lib().mi_mtp_draft
+        self._sel, self._tokens = torch.empty(2, 64, dtype=torch.int64).unbind()  # (grown on demand)
         # int8_head: draft from a per-row INT8 copy of the head (a quarter of its bytes, the largest
         # read of a draft step at small batch). A draft is only a guess that verification checks, so
         # a rare near-tie resolved differently costs acceptance, never a different output.
@@ -162,13 +163,16 @@ class MTPDraft:
         t, h = prev.shape
         if next_ids.shape != (t,) or h != self.block.dims.hidden:
             raise ValueError(f"MTP draft: {tuple(next_ids.shape)} ids for hidden states of shape {tuple(prev.shape)}")
-        if t and (int(next_ids.min()) < 0 or int(next_ids.max()) >= self.vocab):
+        ids = next_ids.numpy()  # (NumPy: a draft's few checks cost less than one torch reduction)
+        if t and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab):
             raise ValueError(f"MTP draft: a token id outside [0, {self.vocab})")
         if any(not 0 <= r < t for r in rows):
             raise ValueError(f"MTP draft: rows {rows} outside the {t} rows")
-        sel = torch.tensor(rows, dtype=torch.int64)
-        out = torch.empty(len(rows), h, dtype=torch.float32)
-        tokens = torch.empty(len(rows), dtype=torch.int64)
+        if len(rows) > self._sel.shape[0]:
+            self._sel, self._tokens = torch.empty(2, len(rows), dtype=torch.int64).unbind()
+        sel, tokens = self._sel[:len(rows)], self._tokens[:len(rows)]
+        sel.numpy()[:] = rows
+        out = torch.empty(len(rows), h, dtype=torch.float32)  # (a new one: callers keep the states)
         embed, enorm, hnorm, eh_proj, norm, head = (w.data_ptr() for w in self._weights)
         head_q = None if self.head_q is None else self.head_q.data_ptr()
         head_scale = None if self.head_scale is None else self.head_scale.data_ptr()

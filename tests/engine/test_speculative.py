@@ -225,13 +225,11 @@ def test_one_call_draft_step_matches_the_per_operator_path(demo, monkeypatch):
     assert fused_t is not None and per_op_t is None
     torch.testing.assert_close(fused_h, per_op_h, atol=1e-6, rtol=1e-6)
     assert fused_t == eng.runner.logits(per_op_h, mtp=True).argmax(-1).tolist()
-    # a recursive depth (one position per sequence) with its step inputs built from the block tables
+    # a recursive depth (one position per sequence), its step inputs built again in the same buffers
     deeper = [(s, s.num_computed - 1, [t], per_op_h[j:j + 1]) for j, (s, t) in enumerate(zip(eng.running, fused_t))]
-    deep_h, deep_t = spec._draft_deeper(deeper)
-    assert deep_t is None and torch.equal(deep_h, spec._draft(deeper)[0])  # (the fused step is off here)
     monkeypatch.undo()
     monkeypatch.setattr(speculative, "INT8_DRAFT_HEAD", False)
-    deep_h, deep_t = spec._draft_deeper(deeper)
+    deep_h, deep_t = spec._draft(deeper)
     per_op_h = eng.runner.mtp(deeper)
     torch.testing.assert_close(deep_h, per_op_h, atol=1e-6, rtol=1e-6)
     assert deep_t == eng.runner.logits(per_op_h, mtp=True).argmax(-1).tolist()
@@ -538,6 +536,24 @@ def test_a_policy_at_one_draft_explores_the_second_and_learns_its_acceptance():
     for _ in range(6):
         tracker.record(2, 1)
     assert policy.choose(1) == 2
+
+
+def test_an_unmeasured_depth_starts_from_the_acceptance_of_the_depth_before():
+    """Steps at one draft measure only the first depth; the second is then expected to hold as
+    often as the first, so a high first-depth acceptance moves the policy to two drafts at once
+    (with the fixed prior, 0.6, it would stay at one until exploration had measured the second)."""
+    costs = StepCosts((1,), plain=(1.0,), spec=((1.4,), (1.8,)))
+    tracker = AcceptanceTracker(2)
+    policy = SpecPolicy(2, tracker, costs)
+    assert tracker.rates() == [pytest.approx(0.6), pytest.approx(0.6)] and policy.choose(1) == 1
+    for i in range(40):  # one-draft verifications, 9 in 10 accepted
+        tracker.record(1, int(i % 10 != 0))
+    first, second = tracker.rates()
+    assert first == pytest.approx(second) and first > 0.8
+    assert policy.choose(1) == 2
+    for _ in range(200):  # the second depth, once verified, is measured on its own: here never accepted
+        tracker.record(2, 1)
+    assert tracker.rates()[1] < 0.1 and policy.choose(1) == 1
 
 
 def test_policy_picks_the_draft_count_that_pays_most():
