@@ -24,6 +24,7 @@ PRIOR_WEIGHT = 8.0  # how many verified drafts the prior is worth
 DECAY = 0.999  # per verification: the estimate follows the traffic over the last few thousand drafts
 MARGIN = 0.05  # speculate only when it is expected to be at least 5% faster
 EXPLORE_EVERY = 16  # a declining policy still verifies one draft every this many steps where it could pay
+EXPLORE_EARLY = 4  # ... every this many while that depth has fewer verified drafts than the prior's weight
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,10 @@ class AcceptanceTracker:
             self.tried[j] += 1.0
             self.hits[j] += 1.0 if j < accepted else 0.0
 
+    def measured(self, depth: int) -> float:
+        """Verified drafts at ``depth`` (1-based; decayed counts)."""
+        return self.tried[depth - 1]
+
     def rates(self) -> list[float]:
         out: list[float] = []
         prior = self.prior
@@ -128,6 +133,7 @@ class SpecPolicy:
         self.max_batch = max_batch
         self.margin = margin
         self.explore_every = EXPLORE_EVERY
+        self.explore_early = EXPLORE_EARLY
         self._declined = 0
 
     def choose(self, batch: int) -> int:
@@ -149,17 +155,20 @@ class SpecPolicy:
 
     def decide(self, batch: int) -> int:
         """The engine's per-step draft count: :meth:`choose` (``k``), except that after
-        ``explore_every`` steps in a row at fewer than the configured drafts, at a batch where
+        ``explore_every`` steps in a row at fewer than the configured drafts (``explore_early``
+        while depth ``k + 1`` has fewer verified drafts than the prior is worth), at a batch where
         ``k + 1`` drafts would pay if every one were accepted, one step verifies ``k + 1``.
         Acceptance is only measured by verifying (a depth only when the drafts before it held), so
         without this a pessimistic prior could keep the policy from ever speculating, or from ever
-        drafting deeper than it starts."""
+        drafting deeper than it starts; where one more draft is a close call (the demo model at
+        batch 1: 1.37x either way at its first depth's acceptance), measuring it soon decides."""
         k = self.choose(batch)
         if k >= self.drafts or self.max_batch is not None or batch < 1:
             self._declined = 0
             return k
         self._declined += 1
-        if self._declined < self.explore_every:
+        early = self.tracker.measured(k + 1) < PRIOR_WEIGHT
+        if self._declined < (self.explore_early if early else self.explore_every):
             return k
         self._declined = 0
         assert self.costs is not None

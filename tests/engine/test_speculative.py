@@ -507,30 +507,37 @@ def test_policy_speculates_where_the_measured_costs_pay():
 
 def test_a_declining_policy_explores_and_learns_the_acceptance():
     """At the prior (0.6) one draft does not pay at 1.55x a plain step's cost, so the policy declines;
-    it still verifies one draft every EXPLORE_EVERY steps where full acceptance would pay (never at
-    batch 8, where a step with drafts costs 2.2x), and once acceptance is measured at 0.8 it speculates."""
+    it still verifies one draft every EXPLORE_EARLY steps while that depth is unmeasured, every
+    EXPLORE_EVERY steps once it is, where full acceptance would pay (never at batch 8, where a step
+    with drafts costs 2.2x), and once acceptance is measured at 0.8 it speculates."""
     costs = StepCosts((1, 8), plain=(1.0, 1.0), spec=((1.55, 2.2),), complete=True)
     tracker = AcceptanceTracker(1)
     policy = SpecPolicy(1, tracker, costs)
     assert policy.choose(1) == 0
+    steps = [policy.decide(1) for _ in range(3 * policy.explore_early)]
+    assert sum(steps) == 3 and steps[policy.explore_early - 1] == 1
+    assert not any(policy.decide(8) for _ in range(3 * policy.explore_every))
+    for _ in range(10):  # measured at 0.5: one draft still does not pay
+        tracker.record(1, 0)
+        tracker.record(1, 1)
+    assert policy.choose(1) == 0
     steps = [policy.decide(1) for _ in range(3 * policy.explore_every)]
     assert sum(steps) == 3 and steps[policy.explore_every - 1] == 1
-    assert not any(policy.decide(8) for _ in range(3 * policy.explore_every))
-    for i in range(40):  # what the explored verifications measure
+    for i in range(60):  # what the explored verifications measure
         tracker.record(1, int(i % 5 != 0))
     assert policy.choose(1) == 1 and policy.decide(1) == 1 and policy.choose(8) == 0
 
 
 def test_a_policy_at_one_draft_explores_the_second_and_learns_its_acceptance():
     """With K = 2 and the prior for both depths, one draft pays more (1.3x a plain step) than two
-    (1.7x); every EXPLORE_EVERY steps one step verifies two, and once the second depth is measured
-    at 0.9 the policy drafts two."""
+    (1.7x); every EXPLORE_EARLY steps (the second depth unmeasured) one step verifies two, and once
+    the second depth is measured at 0.9 the policy drafts two."""
     costs = StepCosts((1,), plain=(1.0,), spec=((1.3,), (1.7,)))
     tracker = AcceptanceTracker(2)
     policy = SpecPolicy(2, tracker, costs)
     assert policy.choose(1) == 1
-    steps = [policy.decide(1) for _ in range(2 * policy.explore_every)]
-    assert steps.count(2) == 2 and steps.count(1) == 2 * policy.explore_every - 2
+    steps = [policy.decide(1) for _ in range(2 * policy.explore_early)]
+    assert steps.count(2) == 2 and steps.count(1) == 2 * policy.explore_early - 2
     for _ in range(60):  # what the explored verifications measure: both drafts hold 9 times in 10
         tracker.record(2, 2)
     for _ in range(6):
