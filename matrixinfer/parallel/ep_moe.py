@@ -95,15 +95,16 @@ class ExpertParallelExperts(ExpertsBackend):
         counts = g.start_counts(send_counts.cpu() if g.device.type == "cpu" else send_counts)
         send = encode_rows(x[tok], lid, lw, g.dispatch_dtype, g.buffer("dispatch_send", n_send * rb).view(n_send, rb))
         send_split = [int(n) for n in send_counts.tolist()]
-        g.dispatch_s += g.timed() - start
-        # each pause lets the other microbatch (--microbatches 2) compute while this one's collective travels
-        g.pause()
-        start = g.timed()
+        # The split sizes are waited for at once: with a pause here as well, the other microbatch's
+        # turn during this one's dispatch would hold no compute (only its own split sizes), and the
+        # dispatch would travel unhidden; paused at dispatch and combine, each all-to-all of one
+        # microbatch travels while the other runs its attention or its experts.
         recv_split = g.wait_counts(counts)
         n_recv = sum(recv_split)
         recv = g.buffer("dispatch_recv", n_recv * rb).view(n_recv, rb)
         dispatch = g.start_all_to_all(recv, send, recv_split, send_split, "dispatch")
         g.dispatch_s += g.timed() - start
+        # each pause lets the other microbatch (--microbatches 2) compute while this one's collective travels
         g.pause()
         start = g.timed()
         g.wait(dispatch)

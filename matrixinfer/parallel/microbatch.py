@@ -42,6 +42,10 @@ class TurnScheduler:
     persistent worker thread per further microbatch the rest; exactly one runs at any time and
     the turn passes, in a fixed round-robin order, at :meth:`pause` or when a microbatch ends."""
 
+    #: False: :meth:`pause` keeps the turn, so microbatch 0 runs to its end before microbatch 1
+    #: starts (the same cut and collectives without the overlap: the control of an ablation)
+    overlap = True
+
     def __init__(self, n: int = 2) -> None:
         if n < 2:
             raise ValueError(f"a turn scheduler needs at least 2 microbatches, got {n}")
@@ -98,7 +102,7 @@ class TurnScheduler:
     def pause(self) -> None:
         """Give the turn to the next unfinished microbatch and wait for it to come back (a no-op
         outside :meth:`run`, or when every other microbatch has finished)."""
-        if not self.active:
+        if not self.active or not self.overlap:
             return
         me = self.index
         nxt = self._next(me)

@@ -123,8 +123,8 @@ def test_ep_instance_with_two_microbatches_equals_one_process(tmp_path):
         stats, snap = inst.engine.stats(), inst.engine.load_snapshot()
         turns = inst.engine.group.turns
         assert turns is not None and turns.runs > 0
-        # microbatches took turns at every dispatch, split sizes and combine: 3 per MoE layer each
-        assert turns.switches >= turns.runs * 2 * 3 * 2
+        # microbatches took turns at every dispatch and combine: 2 per MoE layer each
+        assert turns.switches >= turns.runs * 2 * 2 * 2
     finally:
         inst.close()
     assert got == expect, "--ep 2 --microbatches 2 differs from one process"
