@@ -6,7 +6,8 @@
  * are scaled back to float32: y = acc * s_x * s_w (+ bias). Reading a quarter of float32's weight
  * bytes is what makes this faster where weights stream from memory; where they sit in cache, the
  * int16 multiply-add (16 per instruction against float FMA's 8) is. Each thread owns an equal
- * share of W's rows (in groups of eight) and reads each group once for all of x's rows.
+ * share of W's rows (in groups of eight) and reads each group once for all of x's rows; a team
+ * starts only where each thread's share is worth more than starting it (W8_THREAD_MACS).
  */
 #include <stdlib.h>
 
@@ -18,25 +19,24 @@
 #include <omp.h>
 #endif
 
-/* Below this many multiply-adds one thread finishes before a team would start. */
-#define W8_PARALLEL_MACS (1 << 19)
+/* A team starts only where each thread gets at least this many multiply-adds, about 2.5 us of one
+ * thread's work with the tiles here: below it, starting and joining a team costs more than the half
+ * of the work it takes off the calling thread (measured on the 2-core EPYC here, raw calls, warm, the
+ * fastest of many batches: the crossover lies between 164k and 196k multiply-adds per call). */
+#define W8_THREAD_MACS (3 << 15)
 
 void mi_quantize_rows(const float *x, int64_t m, int64_t k, const float *mul, int8_t *q, float *scale) {
     for (int64_t r = 0; r < m; r++) scale[r] = quantize_row_i8(x + r * k, mul, k, q + r * k);
 }
 
-/* Thread t of nt: quantize its share of x's rows, wait for the others', then compute an equal share
- * of whole groups of eight outputs. */
-static void linear_share(int t, int nt, const float *x, int64_t m, int64_t k, const float *pre_scale,
-                         const int8_t *w, const float *w_scale, const float *bias, int64_t n, float *y,
-                         int16_t *xq, float *xs) {
-    for (int64_t r = t; r < m; r += nt) xs[r] = quantize_row_i16(x + r * k, pre_scale, k, xq + r * k);
-    if (nt > 1) {
-#pragma omp barrier
-    }
-    int64_t groups = (n + 7) / 8, per = (groups + nt - 1) / nt;
-    int64_t j0 = t * per * 8, j1 = (t + 1) * per * 8 < n ? (t + 1) * per * 8 : n;
-    if (j0 < j1) w8_block(xq, xs, m, w, w_scale, bias, k, j0, j1, y, n);
+/* How many threads (at most nthreads) share W's groups of eight rows: each at least W8_THREAD_MACS
+ * and one group. */
+static int team_size(int64_t m, int64_t k, int64_t n, int nthreads) {
+    int64_t macs = m * k * n, groups = (n + 7) / 8;
+    int64_t nt = macs / W8_THREAD_MACS;
+    if (nt > nthreads) nt = nthreads;
+    if (nt > groups) nt = groups;
+    return nt > 1 ? (int)nt : 1;
 }
 
 int mi_linear_w8a8(const float *x, int64_t m, int64_t k, const float *pre_scale, const int8_t *w,
@@ -48,15 +48,28 @@ int mi_linear_w8a8(const float *x, int64_t m, int64_t k, const float *pre_scale,
     if (!buf) return -2;
     int16_t *xq = (int16_t *)buf;
     float *xs = (float *)(buf + xq_bytes);
+    int nt = team_size(m, k, n, nthreads);
 #ifdef _OPENMP
-    if (nthreads > 1 && m * n * k >= W8_PARALLEL_MACS && n >= 16) {
-#pragma omp parallel num_threads(nthreads)
-        linear_share(omp_get_thread_num(), omp_get_num_threads(), x, m, k, pre_scale, w, w_scale, bias, n, y, xq,
-                     xs);
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        {
+            /* each thread quantizes a block of rows, then takes an equal share of the groups of eight
+             * weight rows against all of them: the barrier costs less than half the quantization */
+            int t = omp_get_thread_num(), tn = omp_get_num_threads();
+            int64_t rper = (m + tn - 1) / tn, r1 = (t + 1) * rper < m ? (t + 1) * rper : m;
+            for (int64_t r = t * rper; r < r1; r++) xs[r] = quantize_row_i16(x + r * k, pre_scale, k, xq + r * k);
+#pragma omp barrier
+            int64_t groups = (n + 7) / 8, per = (groups + tn - 1) / tn;
+            int64_t j0 = t * per * 8, j1 = (t + 1) * per * 8 < n ? (t + 1) * per * 8 : n;
+            if (j0 < j1) w8_block(xq, xs, m, w, w_scale, bias, k, j0, j1, y, n);
+        }
     } else
 #endif
-        linear_share(0, 1, x, m, k, pre_scale, w, w_scale, bias, n, y, xq, xs);
-    (void)nthreads;
+    {
+        for (int64_t r = 0; r < m; r++) xs[r] = quantize_row_i16(x + r * k, pre_scale, k, xq + r * k);
+        w8_block(xq, xs, m, w, w_scale, bias, k, 0, n, y, n);
+    }
+    (void)nt;
     w8_release(buf, bytes);
     return 0;
 }
