@@ -1,15 +1,17 @@
 """Expert-load balancing on the demo model's own routing: record per-expert token counts of its MoE
 layers (the router of the shipped checkpoint, float32, one process) over held-out stdlib code
-windows and over a different mix (this repository's docs, English prose), write them as load
-snapshots in ``GET /ep/load``'s shape, and compare at EP ``--ep`` with ``--redundant`` slots:
+windows, over the other half of that held-out code (``history``), and over a different mix (this
+repository's docs, English prose), write them as load snapshots in ``GET /ep/load``'s shape, and
+compare at EP ``--ep`` with ``--redundant`` slots:
 
 - busiest rank / mean on the code load: contiguous placement, balanced without copies, with copies;
 - after the shift to prose, from the code plan: the incremental plan (target: within 5% of the
   from-scratch plan's balance) against a plan from scratch (ranks relabelled to keep experts in
   place): balance and expert copies moved.
 
-The snapshots can be fed to ``matrixinfer eplb --snapshot OUT/code.json ...``. About 15 s on one
-core.
+The snapshots can be fed to ``matrixinfer eplb --snapshot OUT/code.json ...``; ``history.json`` and
+``code.json`` are the pair shipped in ``matrixinfer/assets/expert-load/`` for the simulator's
+default-balance prefill skew (:mod:`matrixinfer.sim.expert_skew`). About 20 s on one core.
 
     python benchmarks/eplb_demo.py [--ep 4] [--redundant 4] [--windows 32] [--length 128] [--out /tmp/eplb-demo]
 """
@@ -54,13 +56,15 @@ def main() -> None:
     assert n, "the demo model has no routed experts"
     load = ExpertLoad(model)
     code = record(model, load, windows(SHIPPED, "builtin", args.length + 1, args.windows, half="evaluation"))
+    # the other half of the held-out code: the "history" a default placement is planned on
+    history = record(model, load, windows(SHIPPED, "builtin", args.length + 1, args.windows, half="calibration"))
     docs = sorted(glob.glob(str(ROOT / "docs" / "*.md")))
     prose = record(model, load, windows(SHIPPED, docs, args.length + 1, args.windows))
     load.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     contiguous = ExpertPlacement.contiguous(n, args.ep)
-    for name, counts in (("code", code), ("prose", prose)):
+    for name, counts in (("code", code), ("prose", prose), ("history", history)):
         (out / f"{name}.json").write_text(json.dumps({"ep": args.ep, "placement": contiguous.as_table(),
                                                       "expert_tokens": counts}))
     cur = ReplicatedPlacement.from_placement(contiguous)

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are made: the placement policy (and the
+    import torch  # simulator, which uses it) stays torch-free
 
 from matrixinfer.parallel.placement import ExpertPlacement
 
@@ -437,6 +439,8 @@ def route_to_replicas(topk_ids: torch.Tensor, placement: ReplicatedPlacement, of
     ``topk_ids`` (row-major order) goes to copy ``(j + offset) % copies(e)``. Deterministic, and the
     copies of an expert get counts that differ by at most one (pass the rank as ``offset`` so that
     ranks routing their own batches do not all favour the first copy)."""
+    import torch
+
     log2phy = placement.log2phy()
     width = max(len(x) for x in log2phy)
     table = torch.tensor([x + [x[0]] * (width - len(x)) for x in log2phy], dtype=torch.long)

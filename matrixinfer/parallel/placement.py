@@ -9,8 +9,10 @@ of its own and ranks ``E..N-1`` hold none (they still run attention and the shar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are made: the placement policy (and the
+    import torch  # simulator, which uses it) stays torch-free
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ class ExpertPlacement:
 
     def tensors(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """``(rank_of, local_index)`` as int64 tensors for indexing by expert id."""
+        import torch
+
         return (torch.tensor(self.rank_of, dtype=torch.long, device=device),
                 torch.tensor(self.local_index(), dtype=torch.long, device=device))
 

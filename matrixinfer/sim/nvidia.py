@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from matrixinfer.sim.decode import DecodeConfig, decode_step
+from matrixinfer.sim.expert_skew import measured_prefill_skew
 from matrixinfer.sim.hardware import CHIPS
 from matrixinfer.sim.measurements import NVIDIA_PROFILE
 from matrixinfer.sim.operators import Die
-from matrixinfer.sim.paper import PREFILL_DEFAULT_SKEW
 from matrixinfer.sim.planner import BATCHES
 from matrixinfer.sim.prefill import PrefillConfig, prefill_step
 from matrixinfer.sim.shapes import ModelShapes
@@ -36,14 +36,14 @@ def predict(shapes: ModelShapes, gpus: tuple[str, ...] = ("h800", "h100"),
     for key in gpus:
         chip = CHIPS[key]
         die = Die(chip, NVIDIA_PROFILE)
-        for label, skew in (("default balance", PREFILL_DEFAULT_SKEW), ("perfect balance", 1.0)):
+        for label, skew in (("default balance", measured_prefill_skew()), ("perfect balance", 1.0)):
             prefill = prefill_step(die, shapes, PrefillConfig(dies=PREFILL_GPUS, tp=1, tokens_per_chip=16384,
                                                               prompt_len=prompt, imbalance=skew,
                                                               dies_per_node=GPUS_PER_NODE))
             out.append(NvidiaPrediction(
                 chip.name, f"prefill ({label})", prefill.tokens_per_s_per_chip,
                 f"EP{PREFILL_GPUS}, DP attention, 16384 tok/GPU, {prompt}-token prompts, "
-                f"FP8 GEMM, RDMA once per remote node, skew {skew}"))
+                f"FP8 GEMM, RDMA once per remote node, skew {skew:.2f}"))
         best = None
         for batch in BATCHES:
             cfg = DecodeConfig(dies=DECODE_GPUS, batch_per_chip=batch, context=prompt + output / 2,

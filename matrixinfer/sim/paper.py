@@ -8,17 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from matrixinfer.sim.decode import DecodeConfig, decode_step
+from matrixinfer.sim.expert_skew import measured_prefill_skew
 from matrixinfer.sim.hardware import ASCEND_910C, CLOUDMATRIX384
 from matrixinfer.sim.measurements import ASCEND_PROFILE
 from matrixinfer.sim.model_loading import model_loading_table
 from matrixinfer.sim.operators import Die, combine_time, dispatch_time
 from matrixinfer.sim.prefill import PrefillConfig, prefill_step
 from matrixinfer.sim.shapes import ModelShapes
-
-# Expert-load skew left by the default (static) expert placement in prefill: busiest EP rank
-# over the mean. A workload assumption, not an operator measurement: the paper gives no
-# per-rank load statistics. "Perfect balance" is 1.0.
-PREFILL_DEFAULT_SKEW = 1.3
 
 # (batch per NPU, prompt, output, TPOT ms, tok/s per NPU) [paper §8]
 DECODE_ROWS = ((128, 1024, 1024, 46.8, 2733), (112, 2048, 256, 47.4, 2360),
@@ -79,11 +75,13 @@ def reproduce_paper(shapes: ModelShapes, pool_path_bw: float | None = None) -> l
     ``pool_path_bw``: the profile-informed variant, cached KV loaded at a measured EMS get rate
     (B/s per client) where it is slower than the link; None is the analytic model."""
     figs: list[PaperFigure] = []
-    default = paper_prefill(shapes, imbalance=PREFILL_DEFAULT_SKEW)
+    # the default (static) placement's skew, from measured routing (sim/expert_skew.py); perfect: 1.0
+    skew = measured_prefill_skew()
+    default = paper_prefill(shapes, imbalance=skew)
     perfect = paper_prefill(shapes, imbalance=1.0)
     figs.append(PaperFigure("prefill", "tok/s/NPU, default expert balance", 5655,
                             default.tokens_per_s_per_chip, "tok/s",
-                            note=f"skew {PREFILL_DEFAULT_SKEW} assumed"))
+                            note=f"skew {skew:.2f} from measured routing"))
     # [paper §5] only the default-balance figure was measured; 6,688 is the paper's projection
     figs.append(PaperFigure("prefill", "tok/s/NPU, perfect expert balance", 6688,
                             perfect.tokens_per_s_per_chip, "tok/s", note="paper's projection",
