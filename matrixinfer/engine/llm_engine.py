@@ -101,6 +101,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self._detok: dict[str, _Detok] = {}
         self.prompt_tokens = self.generation_tokens = self.preemptions = self.steps = 0
+        self.busy_seconds = 0.0
         self.external_hit_tokens = 0
         self.connector = connector
         if connector is not None:
@@ -154,6 +155,7 @@ class LLMEngine:
         """One engine step: per-request deltas. A failure while processing one request fails that
         request alone (an output with ``error``); one that no request can be blamed for (the forward
         pass) fails the running batch; only ``MAX_FAILED_STEPS`` failed steps in a row raise."""
+        start = time.perf_counter()
         try:
             outputs = self._step()
         except Exception as exc:
@@ -162,6 +164,8 @@ class LLMEngine:
                 raise
             log.exception("engine step failed; failing the %d running request(s)", len(self.running))
             return [self._fail(seq, exc) for seq in list(self.running)]
+        finally:
+            self.busy_seconds += time.perf_counter() - start
         self.failed_steps = 0
         return outputs
 
@@ -541,7 +545,7 @@ class LLMEngine:
             prefix_queried_tokens=self.blocks.queried_tokens, prefix_hit_tokens=self.blocks.hit_tokens,
             external_hit_tokens=self.external_hit_tokens, prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens, preemptions=self.preemptions, steps=self.steps,
-            kv_received_bytes=self.kv_received_bytes)
+            busy_seconds=self.busy_seconds, kv_received_bytes=self.kv_received_bytes)
         if self.spec is not None:
             s = self.spec
             stats = msgspec.structs.replace(stats, spec_steps=s.steps, spec_verifications=s.verifications,

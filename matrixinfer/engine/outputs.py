@@ -87,6 +87,9 @@ class EngineStats(msgspec.Struct, tag=True, kw_only=True):
     generation_tokens: Annotated[int, _stat("Tokens generated", kind="counter")] = 0
     preemptions: Annotated[int, _stat("Sequences preempted for lack of KV blocks", kind="counter")] = 0
     steps: Annotated[int, _stat("Engine steps run", "engine_steps", "counter")] = 0
+    busy_seconds: Annotated[float, _stat("Seconds the engine spent in steps (its rate is the busy share; over "
+                                         "engine_steps, the mean step time)", "engine_busy_seconds",
+                                         "counter")] = 0.0
     kv_sent_bytes: Annotated[int, _stat("KV bytes sent to decode instances", kind="counter")] = 0
     kv_received_bytes: Annotated[int, _stat("KV bytes received from prefill instances", kind="counter")] = 0
     kv_transfer_seconds: Annotated[float, _stat("Seconds spent sending KV", kind="counter")] = 0.0
