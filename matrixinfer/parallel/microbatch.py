@@ -13,14 +13,16 @@ split sizes, microbatch 1's, 0's dispatch, 1's, ...), as ``torch.distributed`` r
 
 Every forward pass of every rank is two microbatches, an empty one where a rank has one token or
 none, so that the ranks' collectives pair up whatever their batches. :func:`split_batch` (pure)
-cuts the flat batch at half its tokens, inside a sequence where need be: the second part of a cut
-prefill chunk attends to the first part's keys, which that microbatch wrote to the paged cache in
-the same layer one turn earlier (microbatch 0 always reaches a layer's attention first).
+cuts the flat batch between whole sequences where one boundary is near enough to half its tokens
+(:func:`cut_point`), else at half its tokens, inside a sequence: the second part of a cut prefill
+chunk attends to the first part's keys, which that microbatch wrote to the paged cache in the same
+layer one turn earlier (microbatch 0 always reaches a layer's attention first). A cut inside a
+sequence costs compute the whole batch does not: the second part expands the first part's latents
+to per-head keys again, in every layer (``benchmarks/ep_overlap.py`` measures it).
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import weakref
 from collections.abc import Callable
@@ -40,7 +42,14 @@ class MicrobatchAborted(RuntimeError):
 class TurnScheduler:
     """Runs functions as microbatches that take turns: the caller's thread runs the first, one
     persistent worker thread per further microbatch the rest; exactly one runs at any time and
-    the turn passes, in a fixed round-robin order, at :meth:`pause` or when a microbatch ends."""
+    the turn passes, in a fixed round-robin order, at :meth:`pause` or when a microbatch ends.
+
+    A turn is handed over through plain locks, one per microbatch, held while it waits (a
+    release wakes the waiter straight from C; no queue or event per run). A hand-over costs one
+    thread wake-up, 20-40 us on a loaded 2-core machine (``benchmarks/ep_overlap.py`` measures
+    it), and a forward pass hands over 2 x 2 times per MoE layer: about 0.5 ms of a ~100 ms
+    decode step of the demo model at EP 2, too little to be worth spinning for (a spinning
+    waiter would hold the GIL against the microbatch that computes)."""
 
     #: False: :meth:`pause` keeps the turn, so microbatch 0 runs to its end before microbatch 1
     #: starts (the same cut and collectives without the overlap: the control of an ablation)
@@ -51,11 +60,16 @@ class TurnScheduler:
             raise ValueError(f"a turn scheduler needs at least 2 microbatches, got {n}")
         self.n = n
         self._local = threading.local()
-        self._turn = [threading.Semaphore(0) for _ in range(n)]
-        self._jobs: list[queue.SimpleQueue[Callable[[], None] | None]] = [queue.SimpleQueue() for _ in range(n)]
-        self._done = [threading.Event() for _ in range(n)]
+        # _turn[i] is held while microbatch i waits for its turn; releasing it gives i the turn.
+        # Microbatch 0's lock also wakes run() when the last microbatch ends.
+        self._turn = [threading.Lock() for _ in range(n)]
+        for lock in self._turn:
+            lock.acquire()
+        self._jobs: list[Callable[[], None] | None] = [None] * n
         self._finished = [True] * n
         self._failed = False
+        self._closed = False
+        self._wait_end = False  # whether microbatch 0 ended before another (run() then waits for the last)
         self.runs = self.switches = 0  # forward passes run as microbatches, and turns handed over
         self._lock = threading.Lock()
         self._workers = [threading.Thread(target=self._serve, args=(i,), name=f"microbatch-{i}", daemon=True)
@@ -80,18 +94,19 @@ class TurnScheduler:
             raise ValueError(f"{len(fns)} microbatches for a scheduler of {self.n}")
         if self.active:
             raise RuntimeError("TurnScheduler.run is not reentrant (a microbatch started microbatches)")
+        if self._closed:
+            raise RuntimeError("this TurnScheduler is closed")
         self.runs += 1
         results: list[Any] = [None] * self.n
         errors: list[BaseException | None] = [None] * self.n
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
         self._finished = [False] * self.n
         self._failed = False
-        for i in range(1, self.n):
-            self._done[i].clear()
-            self._jobs[i].put(self._job(i, fns[i], results, errors, grad, inference))
+        for i in range(1, self.n):  # each worker picks its job up when it first gets the turn
+            self._jobs[i] = self._job(i, fns[i], results, errors, grad, inference)
         self._job(0, fns[0], results, errors, grad, inference)()
-        for i in range(1, self.n):
-            self._done[i].wait()
+        if self._wait_end:
+            self._turn[0].acquire()  # the last microbatch to end hands the turn back here
         first = next((e for e in errors if e is not None and not isinstance(e, MicrobatchAborted)), None)
         if first is None:
             first = next((e for e in errors if e is not None), None)
@@ -115,8 +130,11 @@ class TurnScheduler:
             raise MicrobatchAborted(f"microbatch {me}: the other microbatch of this forward pass failed")
 
     def close(self) -> None:
-        for q in self._jobs[1:]:
-            q.put(None)
+        """Stop the worker threads (between runs)."""
+        self._closed = True
+        self._jobs = [None] * self.n
+        for i in range(1, self.n):
+            self._turn[i].release()
 
     # -- internals ---------------------------------------------------------------------------
     def _next(self, me: int) -> int:
@@ -132,10 +150,8 @@ class TurnScheduler:
         def job() -> None:
             self._local.index, self._local.active = i, True
             try:
-                if i:
-                    self._turn[i].acquire()  # microbatch i starts when i - 1 first gives up the turn
-                    if self._failed:
-                        raise MicrobatchAborted(f"microbatch {i}: the other microbatch of this forward pass failed")
+                if i and self._failed:  # an earlier microbatch failed before it first gave up the turn
+                    raise MicrobatchAborted(f"microbatch {i}: the other microbatch of this forward pass failed")
                 # grad and inference mode are per thread: the worker takes the caller's
                 with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                     results[i] = fn()
@@ -147,18 +163,24 @@ class TurnScheduler:
                 self._local.active = False
                 with self._lock:
                     self._finished[i] = True
+                    last = all(self._finished)
+                if i == 0:
+                    self._wait_end = not last
                 nxt = self._next(i)
                 if nxt != i:
                     self._turn[nxt].release()
+                elif last and i:
+                    self._turn[0].release()  # run() waits for the last one
         return job
 
     def _serve(self, i: int) -> None:
         while True:
-            job = self._jobs[i].get()
+            self._turn[i].acquire()  # microbatch i starts when i - 1 first gives up the turn
+            job = self._jobs[i]
             if job is None:
                 return
+            self._jobs[i] = None
             job()
-            self._done[i].set()
 
 
 @dataclass(frozen=True)
@@ -171,16 +193,38 @@ class MicrobatchSplit:
     second: AttentionMetadata
 
 
+#: a cut between whole sequences is taken when the smaller microbatch keeps at least this share
+#: of the tokens; a more uneven one would leave the larger microbatch's compute unhidden
+MIN_SHARE = 3 / 8
+
+
+def cut_point(query_lens: list[int]) -> int:
+    """Where to cut a batch of sequences with ``query_lens`` new tokens (tokens before the cut
+    are microbatch 0): the sequence boundary nearest half the tokens when each side keeps at
+    least :data:`MIN_SHARE` of them (no sequence is cut: the cut costs no compute), else half the
+    tokens (inside a sequence). A decode batch is cut at half its sequences."""
+    total = sum(query_lens)
+    half = total // 2
+    best, start = 0, 0
+    for q in query_lens[:-1]:
+        start += q
+        if abs(start - half) < abs(best - half):
+            best = start
+    if best and min(best, total - best) >= MIN_SHARE * total:
+        return best
+    return half
+
+
 def split_batch(meta: AttentionMetadata) -> MicrobatchSplit | None:
-    """Cut a paged batch at half its tokens (a decode batch: half its sequences); a sequence
-    straddling the cut gives its first new tokens to microbatch 0 and the rest, which see them as
-    cached context, to microbatch 1. None where the batch cannot be cut (fewer than 2 tokens, or
-    metadata without a paged cache)."""
+    """Cut a paged batch in two at :func:`cut_point`; a sequence straddling the cut gives its
+    first new tokens to microbatch 0 and the rest, which see them as cached context, to
+    microbatch 1. None where the batch cannot be cut (fewer than 2 tokens, or metadata without a
+    paged cache)."""
     total = meta.num_tokens
     if total < 2 or not meta.paged or meta.slot_mapping is None or meta.block_tables is None:
         return None
     assert meta.tok_seq is not None and meta.tok_nkeys is not None  # paged metadata has them
-    cut = total // 2
+    cut = cut_point(meta.query_lens)
     start, s = 0, 0
     while start + meta.query_lens[s] <= cut:  # s: the sequence holding token `cut`
         start += meta.query_lens[s]

@@ -1,8 +1,10 @@
-"""Two-microbatch overlap (``--microbatches 2``): the batch cut (a prefill chunk cut in two attends
-to its first part through the paged cache), the turn scheduler (turns alternate in a fixed order,
-a failing microbatch stops the other), and an EP instance of real gloo rank processes whose
-greedy outputs with two microbatches equal one process's, with chunked prefill, mixed prompt
-lengths and idle ranks. The last costs ~40-80 s on 2 busy cores (rank processes start)."""
+"""Two-microbatch overlap (``--microbatches 2``): the batch cut (between whole sequences where one
+boundary is near half the tokens; a prefill chunk cut in two attends to its first part through the
+paged cache), the turn scheduler (turns alternate in a fixed order, a failing microbatch stops the
+other, hundreds of runs of uneven microbatches hand over cleanly), and an EP instance of real gloo
+rank processes whose greedy outputs with two microbatches equal one process's, with chunked
+prefill, mixed prompt lengths and idle ranks. The last costs ~40-80 s on 2 busy cores (rank
+processes start)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from matrixinfer.model.backend import select_backend
 from matrixinfer.model.deepseek import DeepseekForCausalLM
 from matrixinfer.model.default_model import write_byte_tokenizer
 from matrixinfer.parallel.launch import start_instance
-from matrixinfer.parallel.microbatch import TurnScheduler, split_batch
+from matrixinfer.parallel.microbatch import TurnScheduler, cut_point, split_batch
 from tests.checkpoints import make_checkpoint, tiny_config
 
 
@@ -34,9 +36,20 @@ def _model() -> DeepseekForCausalLM:
     return model
 
 
+def test_cut_falls_between_sequences_near_the_half_else_inside_one():
+    assert cut_point([1] * 7) == 3  # decode: half the sequences
+    assert cut_point([128] * 4) == 256
+    assert cut_point([6, 5, 7]) == 11  # the boundary nearest 9, 7 of 18 tokens on the smaller side
+    assert cut_point([300, 100, 112]) == 300
+    assert cut_point([13]) == 6  # one sequence: cut inside
+    assert cut_point([3, 1, 9, 1]) == 7  # the nearest boundary (4 of 14) is too uneven: inside the 3rd
+    assert cut_point([400, 112]) == 256
+
+
 @pytest.mark.parametrize("query_lens,cached", [([1] * 7, [5, 9, 1, 3, 12, 4, 6]),  # decode: half the sequences
                                                ([13], [4]),  # one prefill chunk, cut inside
-                                               ([3, 1, 9, 1], [0, 7, 2, 5])])  # mixed, cut inside the 3rd
+                                               ([3, 1, 9, 1], [0, 7, 2, 5]),  # mixed, cut inside the 3rd
+                                               ([6, 5, 7], [0, 3, 0])])  # between the 2nd and 3rd
 def test_split_batch_computes_what_the_whole_batch_computes(query_lens, cached):
     model = _model()
     cfg = model.config
@@ -59,7 +72,7 @@ def test_split_batch_computes_what_the_whole_batch_computes(query_lens, cached):
         meta = AttentionMetadata.build(query_lens, ctx, tables, block)
         whole = model(new, pos, meta, caches[0])
         split = split_batch(meta)
-        assert split is not None and split.tokens == sum(query_lens) // 2
+        assert split is not None and split.tokens == cut_point(query_lens)
         n = split.tokens
         first = model(new[:n], pos[:n], split.first, caches[1])
         second = model(new[n:], pos[n:], split.second, caches[1])
@@ -101,6 +114,31 @@ def test_turns_alternate_and_a_failure_stops_both():
         with pytest.raises(ValueError, match="a failed"):  # the failure, not the other's abort, is raised
             turns.run([mb("a", 2, fail_at=0), mb("b", 2)])
         assert log == ["a0"]  # b never started
+    finally:
+        turns.close()
+
+
+def test_turns_hand_over_cleanly_over_many_uneven_runs():
+    turns = TurnScheduler(2)
+    g = torch.Generator().manual_seed(0)
+    try:
+        for _ in range(300):
+            steps = torch.randint(0, 4, (2,), generator=g).tolist()
+            log: list[int] = []
+
+            def mb(i: int, n: int, log: list[int] = log):
+                def run():
+                    for _ in range(n):
+                        log.append(i)
+                        turns.pause()
+                    return i
+                return run
+
+            assert turns.run([mb(0, steps[0]), mb(1, steps[1])]) == [0, 1]
+            # alternate while both run, then the longer one alone
+            both = min(steps)
+            assert log[:2 * both] == [0, 1] * both and log[2 * both:] == [int(steps[1] > steps[0])] * abs(
+                steps[0] - steps[1])
     finally:
         turns.close()
 
