@@ -26,7 +26,7 @@ alternate (order reversed every other block), so adjacent blocks share the machi
 phase, the summary line gives the median per-block ratio of step times with its quartiles and
 range. Demo model, float32, fp32 dispatch, one torch thread per rank.
 
-    sudo python benchmarks/ep_overlap.py [--rate-mbit 200] [--delay-ms 1] [--blocks 16]
+    sudo python benchmarks/ep_overlap.py [--rate-mbit 100] [--delay-ms 0.2] [--blocks 16]
 
 Needs root (network namespaces, /dev/net/tun) and iproute2.
 """
@@ -405,8 +405,8 @@ def _spread(ratios: list[float]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rate-mbit", type=float, default=200.0, help="link rate per direction, Mbit/s")
-    p.add_argument("--delay-ms", type=float, default=1.0, help="one-way delay per direction, ms")
+    p.add_argument("--rate-mbit", type=float, default=100.0, help="link rate per direction, Mbit/s")
+    p.add_argument("--delay-ms", type=float, default=0.2, help="one-way delay per direction, ms")
     p.add_argument("--decode-batch", type=int, default=64, help="decoding sequences per rank")
     p.add_argument("--prompt-tokens", type=int, default=8, help="prompt length of the decode requests")
     p.add_argument("--prefill-tokens", type=int, default=512, help="prompt tokens per rank per prefill step")
