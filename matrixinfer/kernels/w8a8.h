@@ -207,19 +207,44 @@ static inline void w8_store(const int32_t *dots, int cols, float s, const float 
     }
 }
 
-/* y[r, j] = (xq_r . w_j) * xs[r] * w_scale[j] (+ bias[j]) for rows r < m of xq [m, k] (int16) and
- * output columns j0 <= j < j1 of w [n, k] (int8); y rows ldy apart. Each group of eight weight rows
- * is read once from memory for all the rows: four rows at a time take 4 x 2 tiles, the last pair of
- * rows 2 x 4 tiles, an odd last row 1 x 8. The sums are exact, so a row's result is the same bits
- * whichever tile computed it (a speculative step's rows match the plain step's single row). */
-static inline void w8_block(const int16_t *xq, const float *xs, int64_t m, const int8_t *w, const float *w_scale,
-                            const float *bias, int64_t k, int64_t j0, int64_t j1, float *y, int64_t ldy) {
+/* w8_block for the rows r0 <= r < m, where m - r0 < 4 (pairs of rows take 2 x 4 tiles, an odd last
+ * row 1 x 8), against the eight weight rows wr of the group at column j (cols of them real). */
+static inline void w8_group_tail(const int16_t *xq, const float *xs, int64_t r0, int64_t m, const int8_t *const *wr,
+                                 int64_t k, int64_t j, int cols, const float *w_scale, const float *bias, float *y,
+                                 int64_t ldy) {
     int32_t dots[8];
+    const float *bj = bias ? bias + j : NULL;
+    int64_t r = r0;
+    for (; r + 2 <= m; r += 2)
+        for (int h = 0; h < 2 && 4 * h < cols; h++) {
+            int hc = cols - 4 * h < 4 ? cols - 4 * h : 4;
+            w8_dot_2x4(xq + r * k, xq + (r + 1) * k, wr + 4 * h, k, dots);
+            for (int i = 0; i < 2; i++)
+                w8_store(dots + 4 * i, hc, xs[r + i], w_scale + j + 4 * h, bj ? bj + 4 * h : NULL,
+                         y + (r + i) * ldy + j + 4 * h);
+        }
+    if (r < m) {
+        w8_dot_1x8(xq + r * k, wr, k, dots);
+        w8_store(dots, cols, xs[r], w_scale + j, bj, y + r * ldy + j);
+    }
+}
+
+/* The eight weight rows of the group at column j (the last repeated to fill a short group). */
+static inline void w8_group_rows(const int8_t *w, int64_t k, int64_t j, int cols, const int8_t **wr) {
+    for (int c = 0; c < 8; c++) wr[c] = w + (j + (c < cols ? c : cols - 1)) * k;
+}
+
+/* w8_block for four rows and more: four rows at a time take 4 x 2 tiles, then the last 1-3 rows as
+ * w8_group_tail does, each group of weight rows read once for all rows. Kept out of line: inlined
+ * beside the few-row path it crowds that path's registers (GCC then carries an accumulator of the
+ * 1 x 8 tile through the stack, and a decode step's single row takes 1.15x longer). */
+static __attribute__((noinline)) void w8_block_rows4(const int16_t *xq, const float *xs, int64_t m, const int8_t *w,
+                                                     const float *w_scale, const float *bias, int64_t k, int64_t j0,
+                                                     int64_t j1, float *y, int64_t ldy) {
     for (int64_t j = j0; j < j1; j += 8) {
         int cols = j1 - j < 8 ? (int)(j1 - j) : 8;
         const int8_t *wr[8];
-        const float *bj = bias ? bias + j : NULL;
-        for (int c = 0; c < 8; c++) wr[c] = w + (j + (c < cols ? c : cols - 1)) * k;
+        w8_group_rows(w, k, j, cols, wr);
         int64_t r = 0;
         for (; r + 4 <= m; r += 4) {
             int32_t tile[8], rows4[4][8];
@@ -227,20 +252,29 @@ static inline void w8_block(const int16_t *xq, const float *xs, int64_t m, const
                 w8_dot_4x2(xq + r * k, k, wr[2 * h], wr[2 * h + 1], k, tile);
                 for (int i = 0; i < 4; i++) rows4[i][2 * h] = tile[i], rows4[i][2 * h + 1] = tile[4 + i];
             }
-            for (int i = 0; i < 4; i++) w8_store(rows4[i], cols, xs[r + i], w_scale + j, bj, y + (r + i) * ldy + j);
+            for (int i = 0; i < 4; i++)
+                w8_store(rows4[i], cols, xs[r + i], w_scale + j, bias ? bias + j : NULL, y + (r + i) * ldy + j);
         }
-        for (; r + 2 <= m; r += 2)
-            for (int h = 0; h < 2 && 4 * h < cols; h++) {
-                int hc = cols - 4 * h < 4 ? cols - 4 * h : 4;
-                w8_dot_2x4(xq + r * k, xq + (r + 1) * k, wr + 4 * h, k, dots);
-                for (int i = 0; i < 2; i++)
-                    w8_store(dots + 4 * i, hc, xs[r + i], w_scale + j + 4 * h, bj ? bj + 4 * h : NULL,
-                             y + (r + i) * ldy + j + 4 * h);
-            }
-        if (r < m) {
-            w8_dot_1x8(xq + r * k, wr, k, dots);
-            w8_store(dots, cols, xs[r], w_scale + j, bj, y + r * ldy + j);
-        }
+        if (r < m) w8_group_tail(xq, xs, r, m, wr, k, j, cols, w_scale, bias, y, ldy);
+    }
+}
+
+/* y[r, j] = (xq_r . w_j) * xs[r] * w_scale[j] (+ bias[j]) for rows r < m of xq [m, k] (int16) and
+ * output columns j0 <= j < j1 of w [n, k] (int8); y rows ldy apart. Each group of eight weight rows
+ * is read once from memory for all the rows: four rows at a time take 4 x 2 tiles, the last pair of
+ * rows 2 x 4 tiles, an odd last row 1 x 8. The sums are exact, so a row's result is the same bits
+ * whichever tile computed it (a speculative step's rows match the plain step's single row). */
+static inline void w8_block(const int16_t *xq, const float *xs, int64_t m, const int8_t *w, const float *w_scale,
+                            const float *bias, int64_t k, int64_t j0, int64_t j1, float *y, int64_t ldy) {
+    if (m >= 4) {
+        w8_block_rows4(xq, xs, m, w, w_scale, bias, k, j0, j1, y, ldy);
+        return;
+    }
+    for (int64_t j = j0; j < j1; j += 8) {
+        int cols = j1 - j < 8 ? (int)(j1 - j) : 8;
+        const int8_t *wr[8];
+        w8_group_rows(w, k, j, cols, wr);
+        w8_group_tail(xq, xs, 0, m, wr, k, j, cols, w_scale, bias, y, ldy);
     }
 }
 
