@@ -89,6 +89,11 @@ def decode_run(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> 
             "seconds": wall, "cpu_seconds": cpu, "decode_steps": engine.steps - steps_at_t0, **d}
 
 
+def _startup(costs, batch: int) -> list[float]:
+    plain, spec = costs.at(batch)
+    return [plain, *spec]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the built-in demo model)")
@@ -98,6 +103,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,64")
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--warmup-len", type=int, default=128, help="tokens per request of the warm-up at each batch size")
     ap.add_argument("--always", action="store_true", help="also run an engine that speculates at every batch size")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None,
@@ -131,8 +137,12 @@ def main() -> None:
     print("measured step costs, ms (batch: plain / with 1..K drafts): " + ", ".join(
         f"{b}: {costs.plain[i] * 1e3:.2f} / " + " ".join(f"{s[i] * 1e3:.2f}" for s in costs.spec)
         for i, b in enumerate(costs.batches)))
-    for e in engines.values():  # warm-up (first-call allocations, kernel builds)
-        e.generate(heldout_prompts(tok, 2, 99), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    for e in engines.values():  # warm-up: first-call allocations, kernel builds, and (at each batch size) the
+        # policy's first steps, where it learns the step costs and acceptance it decides from (a serving engine
+        # is past them within its first few hundred steps; a trial is ~50 steps at batch 1)
+        for b in batches:
+            e.generate(heldout_prompts(tok, b, 99 + b), SamplingParams(temperature=0, max_tokens=args.warmup_len,
+                                                                     ignore_eos=True))
 
     results = {"model": path, "device": device_name, "k": k, "batches": {}}
     failed = False
@@ -181,6 +191,17 @@ def main() -> None:
                   f"(per CPU second, robust where other processes share the cores: "
                   f"{'PASS' if cpu_ratio >= BARS[b] else 'FAIL'})")
         results["batches"][b] = row
+    learned = spec.policy.learned
+    assert learned is not None
+    for b in batches:
+        t = learned.at(b)
+        if t is not None:
+            print(f"step costs learned while serving at batch {b}, ms (plain / with 1..K drafts; steps measured): "
+                  + " / ".join(f"{x * 1e3:.2f} ({learned.measured(b, d)})" for d, x in enumerate(t))
+                  + "; start-up measurement: " + " / ".join(f"{x * 1e3:.2f}" for x in _startup(costs, b)))
+        else:
+            print(f"batch {b}: past the start-up measurement's last batch ({costs.batches[-1]}), where no draft "
+                  f"could pay: the policy is not asked")
     print(f"policy at the measured acceptance ({', '.join(f'{a:.3f}' for a in spec.tracker.rates())} per draft "
           f"depth): drafts per step at batch 1, 2, 4, ...: "
           f"{[spec.policy.choose(b) for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= top * 2]}")

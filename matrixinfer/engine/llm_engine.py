@@ -111,6 +111,11 @@ class LLMEngine:
         self._reservations: dict[str, tuple[Sequence, float]] = {}
         self.kv_received_bytes = 0
         self.failed_steps = 0  # in a row; MAX_FAILED_STEPS of them mean the engine itself is broken
+        self._timed: tuple[int, int] | None = None  # (batch, drafts) of a decode-only step, for the policy
+        # what a step costs the policy: on the CPU this thread's CPU time (other processes on the
+        # cores swing wall time 2-3x between a run's trials, and steps at different depths are timed
+        # at different moments), on a GPU wall time (sampling synchronizes every step)
+        self._step_clock = time.thread_time if self.runner.device.type == "cpu" else time.perf_counter
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -156,6 +161,8 @@ class LLMEngine:
         request alone (an output with ``error``); one that no request can be blamed for (the forward
         pass) fails the running batch; only ``MAX_FAILED_STEPS`` failed steps in a row raise."""
         start = time.perf_counter()
+        self._timed = None
+        cost_start = self._step_clock() if self.spec is not None else 0.0
         try:
             outputs = self._step()
         except Exception as exc:
@@ -167,6 +174,8 @@ class LLMEngine:
         finally:
             self.busy_seconds += time.perf_counter() - start
         self.failed_steps = 0
+        if self._timed is not None and self.spec is not None:  # the policy learns step costs from use
+            self.spec.observe_step(*self._timed, self._step_clock() - cost_start)
         return outputs
 
     def _step(self) -> list[RequestOutput]:
@@ -215,6 +224,8 @@ class LLMEngine:
         if not chunks:
             return []
         drafts = self.spec.propose(chunks, look) if look and self.spec is not None else {}
+        if self.spec is not None and self.spec.batch == len(chunks) == len(self.running) and not plan.admitted:
+            self._timed = (len(chunks), max(map(len, drafts.values()), default=0))  # a decode-only step
         if drafts:
             return self._step_speculative(chunks, drafts)
         logits, samplers = self.runner.execute(chunks)

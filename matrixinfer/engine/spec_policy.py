@@ -1,66 +1,38 @@
 """When speculative decoding pays: a pure policy over measured step costs and measured acceptance.
 
-A plain decode step of ``b`` sequences costs ``t_plain(b)`` and gives each sequence one token. A
+A plain decode step of ``b`` sequences costs ``t_0(b)`` and gives each sequence one token. A
 speculative step with ``k`` drafts (``k`` passes of the MTP module, then one verification pass over
 ``b * (k + 1)`` tokens) costs ``t_k(b)`` and gives each sequence ``E_k = 1 + a1 + a1 a2 + ...``
 (``k`` terms after the 1) tokens on average, where ``a_j`` is the measured acceptance of the j-th
-draft given the earlier ones were accepted. The step uses the ``k <= K`` with the largest
-``E_k t_plain(b) / t_k(b)``, provided it exceeds ``1 + margin``; otherwise it does not speculate.
+draft given the earlier ones were accepted. The step uses the ``k <= K`` with the most expected
+tokens per second, ``E_k / t_k(b)``, provided it beats a plain step's ``1 / t_0(b)`` by ``margin``.
 
-Where a small batch is bound by reading weights (CPU decode, a GPU at small batch), ``t_spec(1)``
-is close to ``t_plain(1)`` and speculation wins; as the batch grows the step becomes compute bound,
-``t_spec`` approaches ``(K + 1) t_plain`` and a wide batch loses (the reference design's gain falls
-from +49% at small batch to +6%, docs/reference-design.md §4). The costs are measured once at start-up
-(:meth:`matrixinfer.engine.speculative.MTPSpeculator.measure_costs`); ``--speculative-max-batch``
-replaces the model with a fixed cut-off. Torch-free and I/O-free, so it is tested directly.
+Where a small batch is bound by reading weights (CPU decode, a GPU at small batch), ``t_k(1)``
+is close to ``t_0(1)`` and speculation wins; as the batch grows the step becomes compute bound,
+``t_k`` approaches ``(k + 1) t_0`` and a wide batch loses (the reference design's gain falls
+from +49% at small batch to +6%, docs/reference-design.md §4). The costs are measured at start-up
+(:meth:`matrixinfer.engine.speculative.MTPSpeculator.measure_costs`, the prior) and then learned
+from the engine's own steps (:class:`~matrixinfer.engine.step_costs.LearnedCosts`, fed by
+:meth:`SpecPolicy.observe`); a depth the policy is not using is still run now and then, at a rate
+that bounds what measuring it costs (:data:`EXPLORE_BUDGET`), so its cost and acceptance stay
+measured. ``--speculative-max-batch`` replaces the model with a fixed cut-off. Torch-free and
+I/O-free, so it is tested directly (tests/engine/test_spec_policy.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from matrixinfer.engine.step_costs import LearnedCosts, StepCosts, bucket
+
+__all__ = ["AcceptanceTracker", "SpecPolicy", "StepCosts"]
 
 PRIOR_ACCEPTANCE = 0.6  # before any draft is verified (the reference design measures ~0.7, the demo model 0.64-0.68)
 PRIOR_WEIGHT = 8.0  # how many verified drafts the prior is worth
 DECAY = 0.999  # per verification: the estimate follows the traffic over the last few thousand drafts
 MARGIN = 0.05  # speculate only when it is expected to be at least 5% faster
-EXPLORE_EVERY = 16  # a declining policy still verifies one draft every this many steps where it could pay
-EXPLORE_EARLY = 4  # ... every this many while that depth has fewer verified drafts than the prior's weight
-
-
-@dataclass(frozen=True)
-class StepCosts:
-    """Seconds per decode step, measured at batch sizes ``batches`` (ascending): ``plain`` without
-    speculation, ``spec[k - 1]`` with ``k`` drafts per sequence. ``complete`` says the measurement
-    stopped because speculation could no longer pay at any acceptance (so larger batches never
-    speculate); otherwise it stopped for lack of KV blocks and larger batches extrapolate the last
-    two points."""
-
-    batches: tuple[int, ...]
-    plain: tuple[float, ...]
-    spec: tuple[tuple[float, ...], ...]
-    complete: bool = False
-
-    def __post_init__(self) -> None:
-        n = len(self.batches)
-        if not n or len(self.plain) != n or not self.spec or any(len(s) != n for s in self.spec):
-            raise ValueError("step costs need a plain and a speculative time per draft count per measured batch size")
-        if list(self.batches) != sorted(set(self.batches)) or self.batches[0] < 1:
-            raise ValueError(f"measured batch sizes must be positive and ascending, got {self.batches}")
-
-    def at(self, batch: int) -> tuple[float, list[float]] | None:
-        """``(t_plain, [t_1, ..., t_K])`` at ``batch`` (linear between measured sizes), or None past a
-        complete measurement."""
-        if batch > self.batches[-1] and self.complete:
-            return None
-        return self._interp(self.plain, batch), [self._interp(s, batch) for s in self.spec]
-
-    def _interp(self, ys: tuple[float, ...], batch: int) -> float:
-        bs = self.batches
-        if batch <= bs[0] or len(bs) == 1:
-            return ys[0]
-        i = next((j for j in range(1, len(bs)) if bs[j] >= batch), len(bs) - 1)
-        w = (batch - bs[i - 1]) / (bs[i] - bs[i - 1])
-        return ys[i - 1] + w * (ys[i] - ys[i - 1])
+EXPLORE_BUDGET = 0.005  # share of throughput that running one other depth now and then may cost
+EXPLORE_MIN = 4  # ... at most once every this many steps (in a batch bucket)
+EXPLORE_MAX = 512  # ... and at least once every this many
+EXPLORE_SETTLE = 8  # runs of a depth in a batch bucket before its turns are spaced in full (the n-th at n / 8)
 
 
 class AcceptanceTracker:
@@ -118,62 +90,124 @@ class AcceptanceTracker:
 class SpecPolicy:
     """How many drafts (0: none) the next decode step, with ``batch`` decoding sequences, verifies.
 
-    With ``max_batch`` set, all ``drafts`` exactly when ``batch <= max_batch``; otherwise the count
+    With ``max_batch`` set, all ``drafts`` exactly when ``batch <= max_batch``; otherwise the depth
     the cost model expects to produce the most tokens per second, if that beats a plain step by the
-    margin (see the module doc).
+    margin (see the module doc), learning the costs from :meth:`observe`.
     """
 
     def __init__(self, drafts: int, tracker: AcceptanceTracker, costs: StepCosts | None = None,
                  max_batch: int | None = None, margin: float = MARGIN) -> None:
         if costs is None and max_batch is None:
             raise ValueError("the speculation policy needs measured step costs or a maximum batch")
+        if costs is not None and len(costs.spec) < drafts:
+            raise ValueError(f"step costs for {len(costs.spec)} draft depths; the policy drafts up to {drafts}")
         self.drafts = drafts
         self.tracker = tracker
         self.costs = costs
+        self.learned = LearnedCosts(costs) if costs is not None else None
         self.max_batch = max_batch
         self.margin = margin
-        self.explore_every = EXPLORE_EVERY
-        self.explore_early = EXPLORE_EARLY
-        self._declined = 0
+        self.explore_budget = EXPLORE_BUDGET
+        self._steps: dict[int, int] = {}  # batch bucket -> decisions made there
+        self._last: dict[int, list[int]] = {}  # batch bucket -> per depth, the decision it last ran at
+        self._runs: dict[int, list[int]] = {}  # batch bucket -> per depth, decisions that ran it
+        self._prev = 0  # the last decision
+        self._again: tuple[int, int] | None = None  # (bucket, depth) the next decision repeats
+
+    @property
+    def limit(self) -> int | None:
+        """The largest batch that may ever speculate (None: any): a step with more decoding
+        sequences skips the policy altogether."""
+        if self.max_batch is not None:
+            return self.max_batch
+        assert self.costs is not None
+        return self.costs.limit
+
+    def step_costs(self, batch: int) -> list[float] | None:
+        """Expected seconds of a step at ``batch`` with 0..K drafts (None: past the measured range)."""
+        return self.learned.at(batch) if self.learned is not None else None
+
+    def token_rates(self, batch: int) -> list[float] | None:
+        """Expected tokens per second per sequence at ``batch`` with 0..``drafts`` drafts."""
+        t = self.step_costs(batch)
+        if t is None:
+            return None
+        return [self.tracker.expected_tokens(k) / t[k] for k in range(self.drafts + 1)]
 
     def choose(self, batch: int) -> int:
+        """The depth expected to pay most now (no exploration)."""
         if batch < 1:
             return 0
         if self.max_batch is not None:
             return self.drafts if batch <= self.max_batch else 0
-        assert self.costs is not None
-        t = self.costs.at(batch)
-        if t is None:
+        rates = self.token_rates(batch)
+        if rates is None:
             return 0
-        plain, spec = t
-        best, best_gain = 0, 1.0 + self.margin
-        for k, cost in enumerate(spec[:self.drafts], start=1):
-            gain = self.tracker.expected_tokens(k) * plain / cost
-            if gain > best_gain:
-                best, best_gain = k, gain
+        best, best_rate = 0, rates[0] * (1.0 + self.margin)
+        for k in range(1, self.drafts + 1):
+            if rates[k] > best_rate:
+                best, best_rate = k, rates[k]
         return best
 
     def decide(self, batch: int) -> int:
-        """The engine's per-step draft count: :meth:`choose` (``k``), except that after
-        ``explore_every`` steps in a row at fewer than the configured drafts (``explore_early``
-        while depth ``k + 1`` has fewer verified drafts than the prior is worth), at a batch where
-        ``k + 1`` drafts would pay if every one were accepted, one step verifies ``k + 1``.
-        Acceptance is only measured by verifying (a depth only when the drafts before it held), so
-        without this a pessimistic prior could keep the policy from ever speculating, or from ever
-        drafting deeper than it starts; where one more draft is a close call (the demo model at
-        batch 1: 1.37x either way at its first depth's acceptance), measuring it soon decides."""
+        """The engine's per-step draft count: :meth:`choose`, except that a depth not chosen runs once
+        its turn comes, so its cost and acceptance stay measured (acceptance at depth j is only
+        measured by running j, and only where the drafts before it held). Without this the
+        start-up measurement's noise, or a pessimistic acceptance prior, could keep the policy from
+        ever speculating, or from ever drafting deeper than it starts.
+
+        A depth's turn comes every ``extra / explore_budget`` steps in this batch bucket (within
+        :data:`EXPLORE_MIN`..:data:`EXPLORE_MAX`), where ``extra`` is the time one step at that
+        depth takes beyond what the chosen depth would take for the same tokens, as a share of a
+        chosen step: so measuring each depth costs about ``explore_budget`` of throughput. A close
+        call (the demo model's second draft at batch 1) runs every few dozen steps, a depth far
+        behind (speculation at a wide batch, where it may pay at all) every few hundred. The n-th
+        run of a depth in a bucket comes ``n / EXPLORE_SETTLE`` of that interval after the one
+        before (:data:`EXPLORE_SETTLE`): until a depth has run a few times its cost and acceptance
+        are guesses, and the choice between close depths rests on them. A speculative depth
+        explored after a plain step runs two steps (the engine measures the second; see
+        :meth:`matrixinfer.engine.speculative.MTPSpeculator.observe_step`)."""
         k = self.choose(batch)
-        if k >= self.drafts or self.max_batch is not None or batch < 1:
-            self._declined = 0
+        if self.max_batch is not None or batch < 1:
             return k
-        self._declined += 1
-        early = self.tracker.measured(k + 1) < PRIOR_WEIGHT
-        if self._declined < (self.explore_early if early else self.explore_every):
+        costs = self.step_costs(batch)
+        if costs is None:
+            self._prev = 0
             return k
-        self._declined = 0
-        assert self.costs is not None
-        t = self.costs.at(batch)
-        return k + 1 if t is not None and (k + 2) * t[0] / t[1][k] > 1.0 + self.margin else k
+        rates = [self.tracker.expected_tokens(j) / costs[j] for j in range(self.drafts + 1)]
+        b = bucket(batch)
+        step = self._steps[b] = self._steps.get(b, 0) + 1
+        last = self._last.setdefault(b, [0] * (self.drafts + 1))
+        runs = self._runs.setdefault(b, [0] * (self.drafts + 1))
+        due, urgency = k, 1.0
+        if self._again is not None and self._again[0] == b:
+            due, urgency = self._again[1], float("inf")  # the measured step of a depth explored after plain ones
+        self._again = None
+        for j, rate in enumerate(rates):
+            if j == k:
+                continue
+            # the time a step at j takes beyond what depth k would take for its tokens, per step at
+            # k (two steps where k is plain: see below); the first runs of a depth come sooner
+            extra = costs[j] * max(0.0, 1.0 - rate / rates[k]) / costs[k] * (2 if j and not k else 1)
+            every = min(extra / self.explore_budget, EXPLORE_MAX) * min(1.0, runs[j] / EXPLORE_SETTLE)
+            every = max(every, EXPLORE_MIN)
+            if (step - last[j]) / every >= urgency:
+                due, urgency = j, (step - last[j]) / every
+        last[due] = step
+        if due and not self._prev and due != k:
+            # the engine does not count the first drafting step after plain ones (it also catches up
+            # the MTP rows they left): an explored depth runs a second step to be measured
+            self._again = (b, due)
+        else:
+            runs[due] += 1
+        self._prev = due
+        return due
+
+    def observe(self, batch: int, depth: int, seconds: float) -> None:
+        """A decode step the engine ran: ``batch`` decoding sequences, ``depth`` drafts each (0: a
+        plain step), ``seconds`` of wall time."""
+        if self.learned is not None and batch >= 1:
+            self.learned.observe(batch, depth, seconds)
 
     def speculate(self, batch: int) -> bool:
         return self.choose(batch) > 0

@@ -52,7 +52,8 @@ from matrixinfer.engine.model_runner import ModelRunner
 from matrixinfer.engine.sampler import Sampler
 from matrixinfer.engine.sampling_params import SamplingParams
 from matrixinfer.engine.sequence import Sequence
-from matrixinfer.engine.spec_policy import AcceptanceTracker, SpecPolicy, StepCosts
+from matrixinfer.engine.spec_policy import AcceptanceTracker, SpecPolicy
+from matrixinfer.engine.step_costs import StepCosts
 from matrixinfer.kernels.layer import MTPDraft
 from matrixinfer.model.deepseek import Block, MTPLayer
 from matrixinfer.model.layers import Linear
@@ -128,6 +129,9 @@ class MTPSpeculator:
         self.sampler = sampler
         self.max_seq_len = max_seq_len
         self.steps = self.verifications = self.drafted = self.accepted = 0
+        self.batch = 0  # decoding sequences the policy decided for this step (0: it was not asked)
+        self._plain = True  # the last step that ran kept plain rows (see observe_step)
+        self._after_plain_step = False  # this step is the first to draft after plain ones
         self.tracker = AcceptanceTracker(self.k)
         self._fused: MTPDraft | None = None
         self._fused_key: tuple[object, ...] | None = None
@@ -143,8 +147,16 @@ class MTPSpeculator:
 
     # -- the step --------------------------------------------------------------------------------
     def lookahead(self, running: list[Sequence]) -> dict[str, int]:
-        """Drafts each decoding sequence would verify this step ({} when the policy says no)."""
+        """Drafts each decoding sequence would verify this step ({} when the policy says no). A step
+        of more running sequences than any that may speculate (:attr:`SpecPolicy.limit`) skips the
+        policy and the per-sequence work: such a step costs what it does without speculation."""
+        self.batch = 0
+        self._after_plain_step = False
+        limit = self.policy.limit
+        if not running or (limit is not None and len(running) > limit):
+            return {}
         decoding = [s for s in running if s.num_computed == s.num_tokens - 1]
+        self.batch = len(decoding)
         drafts = self.policy.decide(len(decoding)) if decoding else 0
         if not drafts:
             return {}
@@ -155,6 +167,16 @@ class MTPSpeculator:
             if k > 0 and (s.mtp_pending or s.mtp_draft is not None):
                 out[s.request_id] = k
         return out
+
+    def observe_step(self, batch: int, depth: int, seconds: float) -> None:
+        """The engine's measured wall time of a decode-only step of ``batch`` sequences with
+        ``depth`` drafts (0: plain), for the policy's cost model. The first speculative step after
+        plain ones is left out: it also catches up the MTP rows those steps left pending (up to
+        :data:`PENDING_CAP` per sequence), work that is not what a step at its depth costs (counted
+        in, the explorations from a plain policy measured two drafts at 2.8x a plain step at batch
+        1, and the policy stayed plain)."""
+        if not (depth and self._after_plain_step):
+            self.policy.observe(batch, depth, seconds)
 
     def propose(self, chunks: list[tuple[Sequence, int]], lookahead: dict[str, int]) -> dict[str, list[int]]:
         """Draft tokens for each chunk of a sequence in ``lookahead`` that the scheduler granted more
@@ -170,6 +192,7 @@ class MTPSpeculator:
                 rows.append((seq, seq.mtp_start, seq.token_ids(seq.mtp_start + 1, c - seq.mtp_start),
                              _pending_rows(seq)))
                 reset(seq)
+        self._after_plain_step, self._plain = self._plain, False
         if len(rows) == len(want):  # nothing drafted ahead
             hidden, tokens = self._draft(rows)
         else:
@@ -330,12 +353,29 @@ class MTPSpeculator:
     def keep_plain(self, chunks: list[tuple[Sequence, int]], hidden: torch.Tensor | None) -> None:
         """After a step without drafts (the plain path, kept as lean as an engine without
         speculation): decode rows join their sequence's pending states, prompt chunks fill their
-        MTP entries."""
+        MTP entries. A decode row is one tuple appended (and, at :data:`PENDING_CAP`, the oldest
+        one-row entry dropped) inline: at batch 64 the general :func:`keep` per sequence cost ~1%
+        of a plain step."""
         assert hidden is not None
+        self._plain = True
         first, starts, prompt = 0, [], False
+        small = hidden.shape[0] <= 4 * PENDING_CAP
         for seq, n in chunks:
             if seq.num_computed < seq.num_tokens - 1:
                 prompt = True
+            elif n == 1 and small:
+                pending = seq.mtp_pending
+                pending.append((hidden, first, first + 1))
+                seq.mtp_draft = None
+                if seq.mtp_count < PENDING_CAP:
+                    seq.mtp_count += 1
+                else:
+                    h, a, b = pending[0]
+                    if b - a == 1:
+                        del pending[0]
+                    else:
+                        pending[0] = (h, a + 1, b)
+                    seq.mtp_start += 1
             else:
                 keep(seq, hidden, first, first + n)
             starts.append(first)

@@ -22,7 +22,6 @@ from matrixinfer.engine.outputs import EngineStats
 from matrixinfer.engine.sampler import rejection_sample
 from matrixinfer.engine.sampling_params import SamplingParams, StructuredOutput
 from matrixinfer.engine.sequence import Sequence
-from matrixinfer.engine.spec_policy import AcceptanceTracker, SpecPolicy, StepCosts
 from matrixinfer.engine.speculative import _pending_rows, last_hidden
 from matrixinfer.model.attention import AttentionMetadata, PagedLatentCache
 from matrixinfer.model.backend import select_backend
@@ -471,7 +470,34 @@ def test_step_costs_are_measured_at_start_up_and_the_policy_decides(tmp_path):
     prompts = [[0, 5, 7, 3, 9], [2, 4, 6], [8, 8, 8, 8, 8, 8, 8]]
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     plain = LLMEngine(EngineConfig(**base), model=model, tokenizer=_Letters()).generate(prompts, params)
+    fed = []
+    observe_step = eng.spec.observe_step
+    eng.spec.observe_step = lambda *a: fed.append(a) or observe_step(*a)
     assert eng.generate(prompts, params) == plain
+    # the engine timed every step after the prompts' one (all decode-only), at its batch (3, or
+    # fewer once a sequence that drafted well is done) and depth; the policy learned from those
+    # that were not the first to draft after plain steps
+    assert len(fed) == eng.steps - 1 > 0 and all(b <= 3 and 0 <= d <= 2 and t > 0 for b, d, t in fed)
+    learned = eng.spec.policy.learned
+    assert 0 < sum(learned.measured(b, d) for b in (1, 3) for d in range(3)) <= len(fed)
+    assert learned.at(3) != pytest.approx([costs.at(3)[0], *costs.at(3)[1]])
+
+
+def test_a_batch_wider_than_any_that_may_speculate_skips_the_policy(monkeypatch):
+    """Past the policy's limit (here --speculative-max-batch 2) a step asks the policy nothing and
+    keeps each sequence's hidden state (so drafting can resume when the batch shrinks)."""
+    model = _tiny_mtp_model()
+    base = dict(device="cpu", dtype="float32", kv_cache_memory=1 << 20, max_num_seqs=8)
+    eng = LLMEngine(EngineConfig(**base, speculative="mtp", num_speculative_tokens=2, speculative_max_batch=2),
+                    model=model, tokenizer=_Letters())
+    decisions = []
+    decide = eng.spec.policy.decide
+    monkeypatch.setattr(eng.spec.policy, "decide", lambda b: decisions.append(b) or decide(b))
+    prompts = [[0, 5, 7, 3, 9], [2, 4, 6], [8, 8, 8, 8, 8, 8, 8]]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (4, 12, 12)]
+    plain = LLMEngine(EngineConfig(**base), model=model, tokenizer=_Letters()).generate(prompts, params)
+    assert eng.generate(prompts, params) == plain
+    assert decisions and set(decisions) == {2} and eng.spec.steps > 0  # asked (and drafting) only at 2
 
 
 # -- pieces ---------------------------------------------------------------------------------------------
@@ -484,104 +510,6 @@ def test_truncate_returns_the_blocks_of_rejected_drafts():
     assert len(seq.block_table) == 2 and bm.num_free == 6
     bm.free(seq)
     assert bm.num_free == 8
-
-
-def test_policy_speculates_where_the_measured_costs_pay():
-    costs = StepCosts((1, 2, 4, 8, 16), plain=(1.0, 1.0, 1.1, 1.3, 2.0), spec=((1.2, 1.25, 1.5, 2.2, 3.9),))
-    tracker = AcceptanceTracker(1, prior=0.65)
-    policy = SpecPolicy(1, tracker, costs)
-    assert tracker.expected_tokens(1) == pytest.approx(1.65)
-    assert [b for b in (1, 2, 3, 4, 8, 12, 16, 64) if policy.speculate(b)] == [1, 2, 3, 4]
-    assert policy.break_even_batch(64) == 6  # interpolated: 1.65 * 1.2 > 1.05 * 1.85 at 6, not at 7
-    rng = random.Random(0)
-    for _ in range(5000):  # acceptance falls to ~0.2: speculation stops paying even at batch 1
-        tracker.record(1, int(rng.random() < 0.2))
-    assert tracker.rates()[0] == pytest.approx(0.2, abs=0.05) and not policy.speculate(1)
-    # a complete measurement: past its last batch size speculation never pays
-    done = StepCosts((1, 2), plain=(1.0, 1.0), spec=((1.1, 2.0),), complete=True)
-    assert SpecPolicy(1, AcceptanceTracker(1), done).speculate(1) and not SpecPolicy(1, AcceptanceTracker(1),
-                                                                                      done).speculate(3)
-    assert SpecPolicy(2, AcceptanceTracker(2), max_batch=4).speculate(4)
-    assert not SpecPolicy(2, AcceptanceTracker(2), max_batch=4).speculate(5)
-
-
-def test_a_declining_policy_explores_and_learns_the_acceptance():
-    """At the prior (0.6) one draft does not pay at 1.55x a plain step's cost, so the policy declines;
-    it still verifies one draft every EXPLORE_EARLY steps while that depth is unmeasured, every
-    EXPLORE_EVERY steps once it is, where full acceptance would pay (never at batch 8, where a step
-    with drafts costs 2.2x), and once acceptance is measured at 0.8 it speculates."""
-    costs = StepCosts((1, 8), plain=(1.0, 1.0), spec=((1.55, 2.2),), complete=True)
-    tracker = AcceptanceTracker(1)
-    policy = SpecPolicy(1, tracker, costs)
-    assert policy.choose(1) == 0
-    steps = [policy.decide(1) for _ in range(3 * policy.explore_early)]
-    assert sum(steps) == 3 and steps[policy.explore_early - 1] == 1
-    assert not any(policy.decide(8) for _ in range(3 * policy.explore_every))
-    for _ in range(10):  # measured at 0.5: one draft still does not pay
-        tracker.record(1, 0)
-        tracker.record(1, 1)
-    assert policy.choose(1) == 0
-    steps = [policy.decide(1) for _ in range(3 * policy.explore_every)]
-    assert sum(steps) == 3 and steps[policy.explore_every - 1] == 1
-    for i in range(60):  # what the explored verifications measure
-        tracker.record(1, int(i % 5 != 0))
-    assert policy.choose(1) == 1 and policy.decide(1) == 1 and policy.choose(8) == 0
-
-
-def test_a_policy_at_one_draft_explores_the_second_and_learns_its_acceptance():
-    """With K = 2 and the prior for both depths, one draft pays more (1.3x a plain step) than two
-    (1.7x); every EXPLORE_EARLY steps (the second depth unmeasured) one step verifies two, and once
-    the second depth is measured at 0.9 the policy drafts two."""
-    costs = StepCosts((1,), plain=(1.0,), spec=((1.3,), (1.7,)))
-    tracker = AcceptanceTracker(2)
-    policy = SpecPolicy(2, tracker, costs)
-    assert policy.choose(1) == 1
-    steps = [policy.decide(1) for _ in range(2 * policy.explore_early)]
-    assert steps.count(2) == 2 and steps.count(1) == 2 * policy.explore_early - 2
-    for _ in range(60):  # what the explored verifications measure: both drafts hold 9 times in 10
-        tracker.record(2, 2)
-    for _ in range(6):
-        tracker.record(2, 1)
-    assert policy.choose(1) == 2
-
-
-def test_an_unmeasured_depth_starts_from_the_acceptance_of_the_depth_before():
-    """Steps at one draft measure only the first depth; the second is then expected to hold as
-    often as the first, so a high first-depth acceptance moves the policy to two drafts at once
-    (with the fixed prior, 0.6, it would stay at one until exploration had measured the second)."""
-    costs = StepCosts((1,), plain=(1.0,), spec=((1.4,), (1.8,)))
-    tracker = AcceptanceTracker(2)
-    policy = SpecPolicy(2, tracker, costs)
-    assert tracker.rates() == [pytest.approx(0.6), pytest.approx(0.6)] and policy.choose(1) == 1
-    for i in range(40):  # one-draft verifications, 9 in 10 accepted
-        tracker.record(1, int(i % 10 != 0))
-    first, second = tracker.rates()
-    assert first == pytest.approx(second) and first > 0.8
-    assert policy.choose(1) == 2
-    for _ in range(200):  # the second depth, once verified, is measured on its own: here never accepted
-        tracker.record(2, 1)
-    assert tracker.rates()[1] < 0.1 and policy.choose(1) == 1
-
-
-def test_policy_picks_the_draft_count_that_pays_most():
-    # two drafts cost little more than one at batch 1, much more at batch 8
-    costs = StepCosts((1, 8, 64), plain=(1.0, 1.2, 3.0), spec=((1.15, 1.6, 6.5), (1.3, 2.4, 9.5)))
-    policy = SpecPolicy(2, AcceptanceTracker(2, prior=0.65), costs)
-    assert [policy.choose(b) for b in (1, 8, 64)] == [2, 1, 0]
-    assert SpecPolicy(1, AcceptanceTracker(1, prior=0.65), costs).choose(1) == 1  # K caps the count
-    with pytest.raises(ValueError):
-        StepCosts((1, 2), plain=(1.0, 1.0), spec=((1.0,),))
-
-
-def test_acceptance_per_depth():
-    t = AcceptanceTracker(2, prior=0.5, weight=0.0, decay=1.0)
-    t.record(2, 2)
-    t.record(2, 1)
-    t.record(2, 0)
-    assert t.rates() == [pytest.approx(2 / 3), pytest.approx(1 / 2)]
-    assert t.expected_tokens(2) == pytest.approx(1 + 2 / 3 + 1 / 3)
-    with pytest.raises(ValueError):
-        t.record(2, 3)
 
 
 def test_speculation_metrics_are_exported():
