@@ -2,20 +2,25 @@
 
 For each batch size (default 1 and 64), B greedy requests run on a plain engine and on an engine
 with ``--speculative mtp`` (its policy deciding each step from the step costs it measured at
-start-up), alternating, ``--trials`` times each. Prompts are windows of the CPython stdlib files the
-demo model held out of training (the model completes Python code), outputs a fixed length
-(``ignore_eos``). The decode figure counts the tokens produced after every request has its first
-token, over the time from then to the end (prefill excluded). Prints both figures per batch size,
-their same-run ratio (median over trials of each), the acceptance rate, tokens per speculative step
-and the share of decode steps that speculated; with ``--always`` also an engine that speculates at
-every batch size (no policy), to show what the policy avoids.
+start-up and learns while serving), alternating, ``--trials`` times each (``--turn-ms``: in turns
+within a trial). Before the trials each engine serves a warm-up batch at each batch size
+(``--warmup-len`` tokens): first-call allocations, and the policy's first steps at that batch.
+Prompts are windows of the CPython stdlib files the demo model held out of training (the model
+completes Python code), outputs a fixed length (``ignore_eos``). The decode figure counts the
+tokens produced after every request has its first token, over the time of the engine's steps from
+then on (prefill excluded; wall time, and the process's CPU time, which other processes on the
+cores inflate less). Prints both figures per batch size, their same-run ratio (median over trials
+of each), the acceptance rate, tokens per speculative step and the share of decode steps that
+speculated; with ``--always`` also an engine that speculates at every batch size (no policy), to
+show what the policy avoids; and the step costs the policy learned against its start-up figures.
 
 Bar (demo model, CPU): batch 1 >= 1.3x, batch 64 >= 0.98x. The default K is 2: the policy picks 0,
 1 or 2 drafts per step from the measured costs and acceptance (at batch 1 on the demo model it
 settles on 2: the second draft is accepted ~0.9 of the times the first is); ``-k 1`` for one.
 
     python benchmarks/mtp_speculation.py [--model DIR] [--device cpu|cuda] [-k 2] [--batch-sizes 1,64]
-        [--trials 3] [--output-len 128] [--always] [--threads N] [--json out.json]
+        [--trials 3] [--output-len 128] [--warmup-len 128] [--turn-ms MS] [--always] [--threads N]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -59,34 +64,58 @@ def heldout_prompts(tok: Tokenizer, n: int, seed: int) -> list[list[int]]:
     return out
 
 
-def decode_run(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> dict:
-    """One batch to completion; decode tokens/s after the last first token, and the engine's counters."""
-    before = engine.stats()
+def decode_trial(engines: dict[str, LLMEngine], prompts: list[list[int]], output_len: int,
+                 turn: float) -> dict[str, dict]:
+    """One batch to completion on every engine, the engines taking turns of ``turn`` seconds (inf:
+    each its whole batch, one after the other); per engine the decode tokens/s: the tokens produced
+    after every request has its first token, over the time of its steps from then on (wall, and
+    CPU of the process), and the engine's speculation counters.
+
+    Turns trade one bias for another: where other processes share the cores, load swings 2-3x
+    within seconds, and short turns share the swings out; but the demo model's weights fill most of
+    a 32 MiB L3, and each turn starts on what the other engine left there. Measured at batch 1
+    (loaded, one thread), always speculating against plain: 1.15x in one-step turns, 1.26x in 50 ms
+    turns, 1.40x in whole trials."""
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(f"b{time.monotonic_ns()}-{i}", p, params)
-    started: set[str] = set()
-    t0 = c0 = None
-    decode_tokens = 0
-    steps_at_t0 = 0
-    while engine.has_work():
-        outs = engine.step()
-        if t0 is not None:
-            decode_tokens += sum(len(o.token_ids) for o in outs)
-        else:
-            started.update(o.request_id for o in outs)
-            if len(started) == len(prompts):
-                t0, c0, steps_at_t0 = time.perf_counter(), time.process_time(), engine.steps
-    if engine.runner.device.type == "cuda":
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - (t0 or time.perf_counter())
-    cpu = time.process_time() - (c0 or time.process_time())
-    after = engine.stats()
-    d = {f: getattr(after, f) - getattr(before, f) for f in
-         ("spec_steps", "spec_verifications", "spec_draft_tokens", "spec_accepted_tokens")}
-    return {"tokens_per_s": decode_tokens / wall if wall > 0 else 0.0,
-            "tokens_per_cpu_s": decode_tokens / cpu if cpu > 0 else 0.0, "decode_tokens": decode_tokens,
-            "seconds": wall, "cpu_seconds": cpu, "decode_steps": engine.steps - steps_at_t0, **d}
+    cuda = any(e.runner.device.type == "cuda" for e in engines.values())
+    state: dict[str, dict] = {}
+    for name, e in engines.items():
+        for i, p in enumerate(prompts):
+            e.add_request(f"{name}-{time.monotonic_ns()}-{i}", p, params)
+        state[name] = {"before": e.stats(), "started": set(), "decoding": False, "decode_tokens": 0,
+                       "seconds": 0.0, "cpu_seconds": 0.0, "decode_steps": 0}
+    live = list(engines)
+    while live:
+        for name in list(live):
+            e, st = engines[name], state[name]
+            turn_end = time.perf_counter() + turn
+            while e.has_work():
+                w0, c0 = time.perf_counter(), time.process_time()
+                outs = e.step()
+                if cuda:
+                    torch.cuda.synchronize()
+                wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+                if st["decoding"]:
+                    st["decode_tokens"] += sum(len(o.token_ids) for o in outs)
+                    st["seconds"] += wall
+                    st["cpu_seconds"] += cpu
+                    st["decode_steps"] += 1
+                else:
+                    st["started"].update(o.request_id for o in outs)
+                    st["decoding"] = len(st["started"]) == len(prompts)
+                if time.perf_counter() >= turn_end:
+                    break
+            if not e.has_work():
+                live.remove(name)
+    out = {}
+    for name, e in engines.items():
+        st, after = state[name], e.stats()
+        d = {f: getattr(after, f) - getattr(st["before"], f) for f in
+             ("spec_steps", "spec_verifications", "spec_draft_tokens", "spec_accepted_tokens")}
+        out[name] = {"tokens_per_s": st["decode_tokens"] / st["seconds"] if st["seconds"] > 0 else 0.0,
+                     "tokens_per_cpu_s": st["decode_tokens"] / st["cpu_seconds"] if st["cpu_seconds"] > 0 else 0.0,
+                     **{k: st[k] for k in ("decode_tokens", "seconds", "cpu_seconds", "decode_steps")}, **d}
+    return out
 
 
 def _startup(costs, batch: int) -> list[float]:
@@ -103,6 +132,10 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,64")
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--turn-ms", type=float, default=None,
+                    help="engines take turns of this many ms within a trial (0: one step each; default: a whole "
+                         "trial each). Shorter turns share out load swings, but each turn starts on caches the "
+                         "other engine filled")
     ap.add_argument("--warmup-len", type=int, default=128, help="tokens per request of the warm-up at each batch size")
     ap.add_argument("--always", action="store_true", help="also run an engine that speculates at every batch size")
     ap.add_argument("--seed", type=int, default=0)
@@ -144,14 +177,15 @@ def main() -> None:
             e.generate(heldout_prompts(tok, b, 99 + b), SamplingParams(temperature=0, max_tokens=args.warmup_len,
                                                                      ignore_eos=True))
 
+    turn = float("inf") if args.turn_ms is None else args.turn_ms / 1e3
     results = {"model": path, "device": device_name, "k": k, "batches": {}}
     failed = False
     for b in batches:
         prompts = heldout_prompts(tok, b, args.seed + b)
         runs: dict[str, list[dict]] = {name: [] for name in engines}
         for _ in range(args.trials):
-            for name, e in engines.items():  # alternating: drift hits every engine alike
-                runs[name].append(decode_run(e, prompts, args.output_len))
+            for name, r in decode_trial(engines, prompts, args.output_len, turn).items():
+                runs[name].append(r)
         med = {name: statistics.median(r["tokens_per_s"] for r in rs) for name, rs in runs.items()}
         cpu = {name: statistics.median(r["tokens_per_cpu_s"] for r in rs) for name, rs in runs.items()}
         s = runs["spec"]

@@ -130,9 +130,22 @@ class SpecPolicy:
     def token_rates(self, batch: int) -> list[float] | None:
         """Expected tokens per second per sequence at ``batch`` with 0..``drafts`` drafts."""
         t = self.step_costs(batch)
-        if t is None:
-            return None
-        return [self.tracker.expected_tokens(k) / t[k] for k in range(self.drafts + 1)]
+        return None if t is None else self._rates(t)
+
+    def _rates(self, costs: list[float]) -> list[float]:
+        out, tokens, reach = [1.0 / costs[0]], 1.0, 1.0
+        for k, a in enumerate(self.tracker.rates()[:self.drafts], start=1):
+            reach *= a
+            tokens += reach
+            out.append(tokens / costs[k])
+        return out
+
+    def _best(self, rates: list[float]) -> int:
+        best, best_rate = 0, rates[0] * (1.0 + self.margin)
+        for k in range(1, self.drafts + 1):
+            if rates[k] > best_rate:
+                best, best_rate = k, rates[k]
+        return best
 
     def choose(self, batch: int) -> int:
         """The depth expected to pay most now (no exploration)."""
@@ -141,13 +154,7 @@ class SpecPolicy:
         if self.max_batch is not None:
             return self.drafts if batch <= self.max_batch else 0
         rates = self.token_rates(batch)
-        if rates is None:
-            return 0
-        best, best_rate = 0, rates[0] * (1.0 + self.margin)
-        for k in range(1, self.drafts + 1):
-            if rates[k] > best_rate:
-                best, best_rate = k, rates[k]
-        return best
+        return 0 if rates is None else self._best(rates)
 
     def decide(self, batch: int) -> int:
         """The engine's per-step draft count: :meth:`choose`, except that a depth not chosen runs once
@@ -167,14 +174,14 @@ class SpecPolicy:
         are guesses, and the choice between close depths rests on them. A speculative depth
         explored after a plain step runs two steps (the engine measures the second; see
         :meth:`matrixinfer.engine.speculative.MTPSpeculator.observe_step`)."""
-        k = self.choose(batch)
         if self.max_batch is not None or batch < 1:
-            return k
+            return self.choose(batch)
         costs = self.step_costs(batch)
         if costs is None:
             self._prev = 0
-            return k
-        rates = [self.tracker.expected_tokens(j) / costs[j] for j in range(self.drafts + 1)]
+            return 0
+        rates = self._rates(costs)
+        k = self._best(rates)
         b = bucket(batch)
         step = self._steps[b] = self._steps.get(b, 0) + 1
         last = self._last.setdefault(b, [0] * (self.drafts + 1))
