@@ -174,8 +174,8 @@ class LLMEngine:
         finally:
             self.busy_seconds += time.perf_counter() - start
         self.failed_steps = 0
-        if self._timed is not None and self.spec is not None:  # the policy learns step costs from use
-            self.spec.observe_step(*self._timed, self._step_clock() - cost_start)
+        if self.spec is not None:  # the policy learns step costs from use
+            self.spec.observe_step(self._timed, self._step_clock() - cost_start)
         return outputs
 
     def _step(self) -> list[RequestOutput]:

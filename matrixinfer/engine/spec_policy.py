@@ -32,7 +32,8 @@ MARGIN = 0.05  # speculate only when it is expected to be at least 5% faster
 EXPLORE_BUDGET = 0.0025  # share of throughput that running one other depth now and then may cost
 EXPLORE_MIN = 4  # ... at most once every this many steps (in a batch bucket)
 EXPLORE_MAX = 512  # ... and at least once every this many
-EXPLORE_SETTLE = 8  # runs of a depth in a batch bucket before its turns are spaced in full (the n-th at n / 8)
+EXPLORE_SETTLE = 8  # turns of a depth in a batch bucket before they are spaced in full (the n-th at n / 8)
+EXPLORE_RUN = 3  # steps in a turn (the engine measures those after the first)
 
 
 class AcceptanceTracker:
@@ -110,9 +111,8 @@ class SpecPolicy:
         self.explore_budget = EXPLORE_BUDGET
         self._steps: dict[int, int] = {}  # batch bucket -> decisions made there
         self._last: dict[int, list[int]] = {}  # batch bucket -> per depth, the decision it last ran at
-        self._runs: dict[int, list[int]] = {}  # batch bucket -> per depth, decisions that ran it
-        self._prev = 0  # the last decision
-        self._again: tuple[int, int] | None = None  # (bucket, depth) the next decision repeats
+        self._runs: dict[int, list[int]] = {}  # batch bucket -> per depth, turns it was explored
+        self._turn: tuple[int, int, int] | None = None  # (bucket, depth, steps left) of an exploring turn
 
     @property
     def limit(self) -> int | None:
@@ -163,51 +163,50 @@ class SpecPolicy:
         start-up measurement's noise, or a pessimistic acceptance prior, could keep the policy from
         ever speculating, or from ever drafting deeper than it starts.
 
-        A depth's turn comes every ``extra / explore_budget`` steps in this batch bucket (within
-        :data:`EXPLORE_MIN`..:data:`EXPLORE_MAX`), where ``extra`` is the time one step at that
-        depth takes beyond what the chosen depth would take for the same tokens, as a share of a
-        chosen step: so measuring each depth costs about ``explore_budget`` of throughput. A close
-        call (the demo model's second draft at batch 1) runs every few dozen steps, a depth far
-        behind (speculation at a wide batch, where it may pay at all) every few hundred. The n-th
-        run of a depth in a bucket comes ``n / EXPLORE_SETTLE`` of that interval after the one
-        before (:data:`EXPLORE_SETTLE`): until a depth has run a few times its cost and acceptance
-        are guesses, and the choice between close depths rests on them. A speculative depth
-        explored after a plain step runs two steps (the engine measures the second; see
-        :meth:`matrixinfer.engine.speculative.MTPSpeculator.observe_step`)."""
+        A turn is :data:`EXPLORE_RUN` steps in a row: the engine measures only steps at the depth
+        of the step before (:meth:`matrixinfer.engine.speculative.MTPSpeculator.observe_step`), as
+        the first after a change runs on caches the other depth filled (and the first to draft
+        after plain steps also catches up their MTP rows). A depth's turn comes every
+        ``EXPLORE_RUN * extra / explore_budget`` steps in this batch bucket (within
+        :data:`EXPLORE_MIN`..:data:`EXPLORE_MAX` after the last), where ``extra`` is the time one
+        step at that depth takes beyond what the chosen depth would take for the same tokens, as a
+        share of a chosen step: so measuring each depth costs about ``explore_budget`` of
+        throughput. A close call (the demo model's second draft at batch 1) runs every hundred steps
+        or so, a depth far behind (speculation at a wide batch, where it may pay at all) every few
+        hundred. The n-th turn of a depth in a bucket comes ``n / EXPLORE_SETTLE`` of that interval
+        after the one before (:data:`EXPLORE_SETTLE`): until a depth has run a few times its cost
+        and acceptance are guesses, and the choice between close depths rests on them."""
         if self.max_batch is not None or batch < 1:
             return self.choose(batch)
         costs = self.step_costs(batch)
         if costs is None:
-            self._prev = 0
             return 0
-        rates = self._rates(costs)
-        k = self._best(rates)
         b = bucket(batch)
         step = self._steps[b] = self._steps.get(b, 0) + 1
         last = self._last.setdefault(b, [0] * (self.drafts + 1))
         runs = self._runs.setdefault(b, [0] * (self.drafts + 1))
+        if self._turn is not None and self._turn[0] == b and self._turn[2] > 0:  # a turn goes on
+            _, due, left = self._turn
+            self._turn = (b, due, left - 1)
+            last[due] = step
+            return due
+        self._turn = None
+        rates = self._rates(costs)
+        k = self._best(rates)
         due, urgency = k, 1.0
-        if self._again is not None and self._again[0] == b:
-            due, urgency = self._again[1], float("inf")  # the measured step of a depth explored after plain ones
-        self._again = None
         for j, rate in enumerate(rates):
             if j == k:
                 continue
-            # the time a step at j takes beyond what depth k would take for its tokens, per step at
-            # k (two steps where k is plain: see below); the first runs of a depth come sooner
-            extra = costs[j] * max(0.0, 1.0 - rate / rates[k]) / costs[k] * (2 if j and not k else 1)
+            # the time a step at j takes beyond what depth k would take for its tokens, per step at k
+            extra = EXPLORE_RUN * costs[j] * max(0.0, 1.0 - rate / rates[k]) / costs[k]
             every = min(extra / self.explore_budget, EXPLORE_MAX) * min(1.0, runs[j] / EXPLORE_SETTLE)
             every = max(every, EXPLORE_MIN)
             if (step - last[j]) / every >= urgency:
                 due, urgency = j, (step - last[j]) / every
         last[due] = step
-        if due and not self._prev and due != k:
-            # the engine does not count the first drafting step after plain ones (it also catches up
-            # the MTP rows they left): an explored depth runs a second step to be measured
-            self._again = (b, due)
-        else:
+        if due != k:
             runs[due] += 1
-        self._prev = due
+            self._turn = (b, due, EXPLORE_RUN - 1)
         return due
 
     def observe(self, batch: int, depth: int, seconds: float) -> None:

@@ -130,8 +130,7 @@ class MTPSpeculator:
         self.max_seq_len = max_seq_len
         self.steps = self.verifications = self.drafted = self.accepted = 0
         self.batch = 0  # decoding sequences the policy decided for this step (0: it was not asked)
-        self._plain = True  # the last step that ran kept plain rows (see observe_step)
-        self._after_plain_step = False  # this step is the first to draft after plain ones
+        self._prev_depth = -1  # drafts of the last timed step (see observe_step)
         self.tracker = AcceptanceTracker(self.k)
         self._fused: MTPDraft | None = None
         self._fused_key: tuple[object, ...] | None = None
@@ -151,7 +150,6 @@ class MTPSpeculator:
         of more running sequences than any that may speculate (:attr:`SpecPolicy.limit`) skips the
         policy and the per-sequence work: such a step costs what it does without speculation."""
         self.batch = 0
-        self._after_plain_step = False
         limit = self.policy.limit
         if not running or (limit is not None and len(running) > limit):
             return {}
@@ -168,15 +166,18 @@ class MTPSpeculator:
                 out[s.request_id] = k
         return out
 
-    def observe_step(self, batch: int, depth: int, seconds: float) -> None:
-        """The engine's measured wall time of a decode-only step of ``batch`` sequences with
-        ``depth`` drafts (0: plain), for the policy's cost model. The first speculative step after
-        plain ones is left out: it also catches up the MTP rows those steps left pending (up to
-        :data:`PENDING_CAP` per sequence), work that is not what a step at its depth costs (counted
-        in, the explorations from a plain policy measured two drafts at 2.8x a plain step at batch
-        1, and the policy stayed plain)."""
-        if not (depth and self._after_plain_step):
-            self.policy.observe(batch, depth, seconds)
+    def observe_step(self, timed: tuple[int, int] | None, seconds: float) -> None:
+        """After each engine step: the measured time of a decode-only step of ``batch`` sequences
+        with ``depth`` drafts (0: plain), ``timed = (batch, depth)`` (None: another kind of step),
+        for the policy's cost model, where the step before ran the same depth. The first step
+        after a change runs on caches the other depth filled (on the demo model at batch 1 a plain
+        step after speculative ones took ~1.5x one after plain ones, and measured so the policy
+        went on speculating where always speculating gained nothing), and the first to draft after
+        plain steps also catches up the MTP rows they left pending (up to :data:`PENDING_CAP` per
+        sequence)."""
+        prev, self._prev_depth = self._prev_depth, (timed[1] if timed is not None else -1)
+        if timed is not None and prev == timed[1]:
+            self.policy.observe(timed[0], timed[1], seconds)
 
     def propose(self, chunks: list[tuple[Sequence, int]], lookahead: dict[str, int]) -> dict[str, list[int]]:
         """Draft tokens for each chunk of a sequence in ``lookahead`` that the scheduler granted more
@@ -192,7 +193,6 @@ class MTPSpeculator:
                 rows.append((seq, seq.mtp_start, seq.token_ids(seq.mtp_start + 1, c - seq.mtp_start),
                              _pending_rows(seq)))
                 reset(seq)
-        self._after_plain_step, self._plain = self._plain, False
         if len(rows) == len(want):  # nothing drafted ahead
             hidden, tokens = self._draft(rows)
         else:
@@ -357,7 +357,6 @@ class MTPSpeculator:
         one-row entry dropped) inline: at batch 64 the general :func:`keep` per sequence cost ~1%
         of a plain step."""
         assert hidden is not None
-        self._plain = True
         first, starts, prompt = 0, [], False
         small = hidden.shape[0] <= 4 * PENDING_CAP
         for seq, n in chunks:

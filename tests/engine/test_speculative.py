@@ -472,14 +472,16 @@ def test_step_costs_are_measured_at_start_up_and_the_policy_decides(tmp_path):
     plain = LLMEngine(EngineConfig(**base), model=model, tokenizer=_Letters()).generate(prompts, params)
     fed = []
     observe_step = eng.spec.observe_step
-    eng.spec.observe_step = lambda *a: fed.append(a) or observe_step(*a)
+    eng.spec.observe_step = lambda timed, t: fed.append((timed, t)) or observe_step(timed, t)
     assert eng.generate(prompts, params) == plain
     # the engine timed every step after the prompts' one (all decode-only), at its batch (3, or
     # fewer once a sequence that drafted well is done) and depth; the policy learned from those
-    # that were not the first to draft after plain steps
-    assert len(fed) == eng.steps - 1 > 0 and all(b <= 3 and 0 <= d <= 2 and t > 0 for b, d, t in fed)
+    # at the depth of the step before
+    timed = [(b, d) for (b, d), t in fed[1:] if t > 0]
+    assert fed[0][0] is None and len(timed) == eng.steps - 1 > 0 and all(b <= 3 and 0 <= d <= 2 for b, d in timed)
     learned = eng.spec.policy.learned
-    assert 0 < sum(learned.measured(b, d) for b in (1, 3) for d in range(3)) <= len(fed)
+    same = sum(1 for (_, d0), (_, d1) in zip(timed, timed[1:]) if d0 == d1)
+    assert sum(learned.measured(b, d) for b in (1, 3) for d in range(3)) == same > 0
     assert learned.at(3) != pytest.approx([costs.at(3)[0], *costs.at(3)[1]])
 
 
