@@ -117,16 +117,18 @@ def test_native_w8a8_integer_products_are_exact(m, k, n):
 
 
 @needs_kernel
-@pytest.mark.parametrize("k", [256, 40])  # whole 16-wide steps, and a tail past them
-def test_native_w8a8_gives_each_row_the_same_bits_in_any_batch_and_team(k):
+# whole 16-wide steps, and a tail past them; a team that quantizes its rows itself (n = 203) and one
+# whose calling thread quantizes them first (n = 600: many columns a thread)
+@pytest.mark.parametrize("k,n", [(256, 203), (40, 600)])
+def test_native_w8a8_gives_each_row_the_same_bits_in_any_batch_and_team(k, n):
     """A row's result must not depend on the rows beside it (4 x 2, 2 x 4 and 1 x 8 tiles) nor on
     how many threads shared the call: a speculative step's verification rows must match the plain
     step's single row bit for bit, and a served model must not change its outputs with the thread
     count."""
     torch.manual_seed(k)
-    x, w = torch.randn(37, k), torch.randn(203, k) * 0.05
+    x, w = torch.randn(37, k), torch.randn(n, k) * 0.05
     q, s = quantize_weight(w)
-    bias, pre = torch.randn(203), torch.rand(k) + 0.5
+    bias, pre = torch.randn(n), torch.rand(k) + 0.5
     layer = kernels.LinearW8A8(q, s, bias, pre)
     threads = torch.get_num_threads()
     try:
@@ -134,7 +136,7 @@ def test_native_w8a8_gives_each_row_the_same_bits_in_any_batch_and_team(k):
         alone = torch.cat([layer(x[i:i + 1]) for i in range(37)])
         for m in (2, 3, 4, 5, 6, 7, 8, 9, 37):
             assert torch.equal(layer(x[:m]), alone[:m]), m
-        torch.set_num_threads(2)  # 37 x k x 203 multiply-adds: a team of two (linear_w8a8.c)
+        torch.set_num_threads(2)  # 37 x k x n multiply-adds: a team of two (linear_w8a8.c)
         assert torch.equal(layer(x), alone)
     finally:
         torch.set_num_threads(threads)
