@@ -235,7 +235,8 @@ class EngineConfig:
         num_speculative_tokens: draft tokens per step with --speculative (more than one runs the
             checkpoint's first MTP module recursively on its own output).
         speculative_max_batch: speculate only in steps with at most this many decoding sequences
-            (default: decided per step from step costs measured at start-up and the measured acceptance).
+            (default: decided per step from step costs measured at start-up and while serving, and the
+            measured acceptance; 0: never).
         ep: expert-parallel ranks of this instance: every rank runs attention for its own requests
             (DP attention) and holds a share of the routed experts (EP MoE); 1 is one process.
         dispatch_dtype: dtype of the tokens dispatched to the expert ranks (int8: per-token INT8 with

@@ -2,12 +2,12 @@
 measures while it serves.
 
 The start-up measurement (:meth:`matrixinfer.engine.speculative.MTPSpeculator.measure_costs`)
-times a few dozen synthetic steps per batch size. On cores other processes share, one unlucky
-round skews a ratio by tens of percent: on the demo model at batch 1 it put two drafts at
-1.76-1.92x a plain step and one at 1.30-1.43x, where the engine's own steps showed the second
-draft adding ~0.5x, so a policy deciding from it alone often stayed at one draft. It is kept as
-the prior and as the shape of cost over batch size; :class:`LearnedCosts` corrects it per batch
-bucket and draft depth from the engine's measured steps. Pure and torch-free.
+times a few dozen synthetic steps per batch size, once. On cores other processes share, its
+ratios move by tens of percent from one start to the next (the demo model at batch 1, in runs of
+the same benchmark minutes apart: two drafts at 1.6x to 2.2x a plain step), and a policy that
+decides from one such draw for the engine's whole life decides on noise. It is kept as the prior
+and as the shape of cost over batch size; :class:`LearnedCosts` corrects it per batch bucket and
+draft depth from the engine's measured steps. Pure and torch-free.
 """
 
 from __future__ import annotations

@@ -167,8 +167,8 @@ def test_where_speculation_costs_more_than_it_gains_the_policy_turns_it_off():
 
 def test_a_declining_policy_explores_and_learns_the_acceptance():
     """At the prior acceptance (0.6) one draft does not pay at 1.55x a plain step, so the policy
-    declines, but running it loses little, so it runs one every EXPLORE_MIN steps; once acceptance
-    is measured at 0.8 it speculates."""
+    declines, but running it loses little, so its turns come every EXPLORE_MIN steps; once
+    acceptance is measured at 0.8 it speculates."""
     costs = StepCosts((1, 8), plain=(1.0, 1.0), spec=((1.55, 2.2),), complete=True)
     tracker = AcceptanceTracker(1)
     policy = SpecPolicy(1, tracker, costs)
