@@ -19,11 +19,13 @@
 #include <omp.h>
 #endif
 
-/* A team starts only where each thread gets at least this many multiply-adds, about 2.5 us of one
- * thread's work with the tiles here: below it, starting and joining a team costs more than the half
- * of the work it takes off the calling thread (measured on the 2-core EPYC here, raw calls, warm, the
- * fastest of many batches: the crossover lies between 164k and 196k multiply-adds per call). */
-#define W8_THREAD_MACS (3 << 15)
+/* A team starts only where each thread gets at least this many multiply-adds (about 3.5 us of one
+ * thread's work with the tiles here). On the 2-core EPYC here, quiet, a team pays off from about 180k
+ * multiply-adds a call (raw calls, warm, fastest of 40 batches: between 164k and 196k); the bar is set
+ * higher, at the float kernel's 2^18 a call, because on a machine with more runnable threads than
+ * cores a team can cost a scheduler slice (4 ms) where one thread costs 7 us: between 196k and 262k
+ * multiply-adds one thread is up to 15% slower than a quiet team, and still 1.4x the float kernel. */
+#define W8_THREAD_MACS (1 << 17)
 #define W8_SPLIT_COLS 256
 
 void mi_quantize_rows(const float *x, int64_t m, int64_t k, const float *mul, int8_t *q, float *scale) {
