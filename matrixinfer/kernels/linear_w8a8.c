@@ -27,6 +27,7 @@
  * multiply-adds one thread is up to 15% slower than a quiet team, and still 1.4x the float kernel. */
 #define W8_THREAD_MACS (1 << 17)
 #define W8_SPLIT_COLS 256
+#define W8_SPLIT_ELEMS 4096
 
 void mi_quantize_rows(const float *x, int64_t m, int64_t k, const float *mul, int8_t *q, float *scale) {
     for (int64_t r = 0; r < m; r++) scale[r] = quantize_row_i8(x + r * k, mul, k, q + r * k);
@@ -59,11 +60,12 @@ int mi_linear_w8a8(const float *x, int64_t m, int64_t k, const float *pre_scale,
 #endif
     /* Where each thread has many output columns, quantizing is a small share of a call (a row element
      * costs about 20 multiply-adds' time) and the calling thread does it before the team starts: the
-     * call then synchronises once. Below W8_SPLIT_COLS columns a thread, the team quantizes a block of
-     * rows each and meets at a barrier (at the demo model's shapes, 32-64 rows: 10-15% faster). Each
+     * call then synchronises once; so it does for fewer than W8_SPLIT_ELEMS row elements (1-2 us of
+     * quantizing). Otherwise (below W8_SPLIT_COLS columns a thread, the demo model's matrices at 16
+     * rows and more) the team quantizes a block of rows each and meets at a barrier: 10-15% faster. Each
      * synchronisation is a point where one descheduled thread stalls the call: on a machine with more
      * runnable threads than cores, a scheduler slice (4 ms here). */
-    int split = nt > 1 && n / nt < W8_SPLIT_COLS;
+    int split = nt > 1 && n / nt < W8_SPLIT_COLS && m * k >= W8_SPLIT_ELEMS;
     if (!split)
         for (int64_t r = 0; r < m; r++) xs[r] = quantize_row_i16(x + r * k, pre_scale, k, xq + r * k);
 #ifdef _OPENMP
