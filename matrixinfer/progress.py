@@ -66,12 +66,26 @@ def _lines(items: Iterable[T], desc: str, unit: str, total: int | None) -> Itera
 
 class ChildBars:
     """One tqdm bar per child, drawn from the children's progress lines (thread-safe: each child's
-    output is read on a thread of its own)."""
+    output is read on a thread of its own).
 
-    def __init__(self) -> None:
+    On a terminal the bars are live, one line each. Into a log (stderr not a terminal) each bar is
+    written once, finished: tqdm's stacked bars move the cursor up to redraw, which a log cannot
+    show, and two children loading at once would split each other's bars into several lines."""
+
+    def __init__(self, live: bool | None = None) -> None:
         self._lock = threading.Lock()
         self._bars: dict[str, tqdm] = {}
+        self._started: dict[str, float] = {}
+        self._finished: set[str] = set()  # bars drawn to the end (a child repeats its last report)
         self._slots = 0
+        self._live = live
+
+    @property
+    def live(self) -> bool:
+        if self._live is None:
+            isatty = getattr(sys.stderr, "isatty", None)
+            self._live = bool(isatty and isatty())
+        return self._live
 
     def feed(self, child: str, line: str) -> bool:
         """Draw ``line`` if it is a progress line (True); leave any other line to the caller (False)."""
@@ -83,14 +97,28 @@ class ChildBars:
         except (ValueError, KeyError, TypeError):
             return False  # not ours after all: print it as it is
         key = f"{child}:{desc}"
+        done = total is not None and n >= total
         with self._lock:
+            if done and key in self._finished and key not in self._started and key not in self._bars:
+                return True  # the same end reported again
+            if done:
+                self._finished.add(key)
+            else:
+                self._finished.discard(key)  # a new load under the same name
+            if not self.live:
+                start = self._started.setdefault(key, time.monotonic())
+                if done:
+                    del self._started[key]
+                    meter = tqdm.format_meter(n, total, time.monotonic() - start, prefix=f"[{child}] {desc}", unit=unit)
+                    tqdm.write(meter, file=sys.stderr)
+                return True
             bar = self._bars.get(key)
             if bar is None:
                 bar = tqdm(total=total, desc=f"[{child}] {desc}", unit=unit, position=self._slots, leave=True)
                 self._bars[key] = bar
                 self._slots += 1
             bar.update(n - bar.n)
-            if total is not None and n >= total:
+            if done:
                 bar.close()
                 del self._bars[key]
                 if not self._bars:

@@ -32,7 +32,7 @@ def test_without_the_variable_it_is_tqdm_and_disabled_it_is_the_items(monkeypatc
 def test_the_parent_draws_progress_lines_and_leaves_other_lines_alone(monkeypatch):
     out = io.StringIO()
     monkeypatch.setattr("sys.stderr", out)
-    bars = ChildBars()
+    bars = ChildBars(live=True)
     assert not bars.feed("prefill0", "2026 INFO weights loaded\n")
     assert not bars.feed("prefill0", MARK + "{not json\n")
     for n in (0, 10, 20):
@@ -41,3 +41,20 @@ def test_the_parent_draws_progress_lines_and_leaves_other_lines_alone(monkeypatc
     drawn = out.getvalue()
     assert "[prefill0] loading m" in drawn and "20/20" in drawn and "[decode0] loading m" in drawn
     assert MARK not in drawn
+
+
+def test_into_a_log_two_children_loading_at_once_give_one_finished_line_each(monkeypatch):
+    """stderr is not a terminal: no cursor movement, no half-drawn bars; one line per child when
+    its bar is done, however the two children's reports interleave."""
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stderr", out)
+    bars = ChildBars()
+    assert not bars.live
+    line = lambda n: MARK + json.dumps({"desc": "loading m", "n": n, "total": 20, "unit": "t"})  # noqa: E731
+    for n in (0, 5, 10, 15, 20):
+        assert bars.feed("prefill0", line(n)) and bars.feed("decode0", line(min(n + 5, 20)))
+    lines = out.getvalue().split("\n")
+    for child in ("prefill0", "decode0"):
+        mine = [x for x in lines if f"[{child}] loading m" in x]
+        assert len(mine) == 1 and "20/20" in mine[0], lines
+    assert "\x1b" not in out.getvalue() and MARK not in out.getvalue()
