@@ -16,10 +16,18 @@ A step's time is built from operators, never from a fitted end-to-end constant:
   profiled operators.
 - **Token delivery** is the serving stack's CPU time per streamed token (``api_token``: the engine
   thread's hand-off, the SSE chunk, the client parsing it), profiled with a stand-in engine
-  (:mod:`matrixinfer.sim.profile_api`). It runs beside the engine on the cores the engine leaves
-  idle (``engine_cores``: CPU seconds per second of the engine's steps, measured with
-  ``engine_host``); only what does not fit there lengthens the step. A request's TTFT also gets
-  the stack's latency (``api_request``, :meth:`LocalCostModel.request_latency`).
+  (:mod:`matrixinfer.sim.profile_api`). It runs beside the engine only on cores outside the
+  engine's thread team; on the team's cores it lengthens the step by its whole CPU time, not by a
+  fair share. The team's threads meet at a barrier after every parallel region, so a thread that
+  loses its core to the API server or the client holds all of them up, and a waiting thread's core
+  is not free either: the next region needs it at once. The team holds ``max(threads,
+  engine_cores)`` cores (``engine_cores``: CPU seconds per second of the engine's steps, measured
+  with ``engine_host``). Measured on the 2-core VM with the demo model, colocated, 2 threads
+  (2026-11-30, quiet): a batch-64 decode step took 13.3 ms in process and 23.0 ms while serving
+  the same load over HTTP, where the stack's CPU per step is about 8 ms (64 tokens at
+  ``api_token``); the fair-share model put it at 13.3 ms, since the engine kept only 1.42 of the
+  2 cores busy. A request's TTFT also gets the stack's latency (``api_request``,
+  :meth:`LocalCostModel.request_latency`).
 
 Every term is a :class:`~matrixinfer.sim.profile_data.Cost` that says whether it came from the
 profile (interpolated), the scaled roofline (outside the grid) or the nearest measurement.
@@ -71,6 +79,7 @@ class LocalCostModel:
                              "take a new one with `matrixinfer profile`")
         self.native = profile.meta.get("device") == "cpu"
         self.cores = float(profile.meta.get("cores") or 1)  # the profiled machine's cores
+        self.threads = float(profile.meta.get("threads") or 1)  # the engine's thread team
         self._composition = {"decode": self._residuals("step_decode", True),
                              "prefill": self._residuals("step_prefill", False)}
 
@@ -133,7 +142,8 @@ class LocalCostModel:
         out.add(self.op("engine_host", streams))
         if sampled:
             per_token = self.op("api_token", streams)
-            idle = max(self.cores - self.op("engine_cores", streams).seconds, 0.0) * out.seconds
+            team = max(self.threads, self.op("engine_cores", streams).seconds)
+            idle = max(self.cores - team, 0.0) * out.seconds  # cores outside the engine's thread team
             out.add(Cost(max(per_token.seconds * sampled - idle, 0.0), per_token.source, "api_token"))
         return out
 

@@ -131,9 +131,11 @@ def test_step_is_operators_plus_measured_composition():
                                           "api_token"}
     delivery = [t for t in step.terms if t.op == "api_token"]
     assert delivery[0].seconds == pytest.approx(8 * 5e-5)  # one core, kept busy: each new token's delivery adds
-    model.cores = 2.0  # a second, idle core takes the delivery beside the step
+    model.cores = 2.0  # a second core outside the one-thread team takes the delivery beside the step
     assert [t.seconds for t in model.step(shape, 8, 8).terms if t.op == "api_token"] == [0.0]
-    model.cores = 1.0
+    model.threads = 2.0  # a two-thread team holds both cores: the delivery lengthens its steps in full
+    assert [t.seconds for t in model.step(shape, 8, 8).terms if t.op == "api_token"] == [pytest.approx(8 * 5e-5)]
+    model.cores, model.threads = 1.0, 1.0
     assert step.seconds > fwd.seconds
     assert model.request_latency(100) == pytest.approx(4e-3)
     # a 300-token prompt chunk runs the per-operator path (beyond the one-call layer's 64 rows)
