@@ -109,8 +109,10 @@ class SamplingBackend(ScriptedBackend):
                        ) -> AsyncIterator[RequestOutput]:
         sampler = Sampler()
         n = min(params.max_tokens, 3)
-        for i in range(1, n + 1):
-            token = sampler(torch.randn(1, 256) * 20, [request_id], [params])[0][0]
+        produced: list[int] = []
+        for i in range(1, n + 1):  # with each row's history, as the engine passes it (penalties need it)
+            token = sampler(torch.randn(1, 256) * 20, [request_id], [params], [(prompt_ids, produced)])[0][0]
+            produced.append(token)
             yield RequestOutput(request_id=request_id, token_ids=[token], logprobs=[-1.0] if params.logprobs else [],
                                 text=chr(token), num_output_tokens=i, finished=i == n,
                                 finish_reason=FinishReason.LENGTH if i == n else None)
