@@ -27,7 +27,7 @@ __all__ = ["AcceptanceTracker", "SpecPolicy", "StepCosts"]
 
 PRIOR_ACCEPTANCE = 0.6  # before any draft is verified (the reference design measures ~0.7, the demo model 0.64-0.68)
 PRIOR_WEIGHT = 8.0  # how many verified drafts the prior is worth
-DECAY = 0.99  # per verification: the estimate follows the last hundred or so drafts (acceptance falls within a long request)
+DECAY = 0.99  # per verification: about the last hundred drafts (acceptance falls within a long request)
 MARGIN = 0.05  # speculate only when it is expected to be at least 5% faster
 EXPLORE_BUDGET = 0.0025  # share of throughput that running one other depth now and then may cost
 EXPLORE_MIN = 4  # ... at most once every this many steps (in a batch bucket)
