@@ -23,8 +23,6 @@ from __future__ import annotations
 
 from matrixinfer.engine.step_costs import LearnedCosts, StepCosts, bucket
 
-__all__ = ["AcceptanceTracker", "SpecPolicy", "StepCosts"]
-
 PRIOR_ACCEPTANCE = 0.6  # before any draft is verified (the reference design measures ~0.7, the demo model 0.64-0.68)
 PRIOR_WEIGHT = 8.0  # how many verified drafts the prior is worth
 DECAY = 0.99  # per verification: about the last hundred drafts (acceptance falls within a long request)
@@ -66,10 +64,6 @@ class AcceptanceTracker:
         for j in range(min(accepted + 1, drafts)):  # depths reached: every accepted one and the first rejected
             self.tried[j] += 1.0
             self.hits[j] += 1.0 if j < accepted else 0.0
-
-    def measured(self, depth: int) -> float:
-        """Verified drafts at ``depth`` (1-based; decayed counts)."""
-        return self.tried[depth - 1]
 
     def rates(self) -> list[float]:
         out: list[float] = []
@@ -211,7 +205,8 @@ class SpecPolicy:
 
     def observe(self, batch: int, depth: int, seconds: float) -> None:
         """A decode step the engine ran: ``batch`` decoding sequences, ``depth`` drafts each (0: a
-        plain step), ``seconds`` of wall time."""
+        plain step), ``seconds`` as the engine times it (this thread's CPU time on the CPU, wall time on
+        a GPU)."""
         if self.learned is not None and batch >= 1:
             self.learned.observe(batch, depth, seconds)
 

@@ -11,7 +11,6 @@ two processes each start)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -108,28 +107,11 @@ def test_pd_deployment_of_ep_instances(served_checkpoint):
             async with httpx.AsyncClient(timeout=180) as client:
                 body = {"model": "tiny", "max_tokens": 300, "temperature": 0, "ignore_eos": True}
                 started = [asyncio.Event(), asyncio.Event()]
-
-                async def stream(i: int, prompt: list[int]) -> tuple[list[int], str | None]:
-                    ids: list[int] = []
-                    async with client.stream("POST", f"{server.url}/v1/completions",
-                                             json={**body, "prompt": prompt, "stream": True}) as r:
-                        assert r.status_code == 200, await r.aread()
-                        async for line in r.aiter_lines():
-                            if not line.startswith("data: {"):
-                                continue
-                            chunk = json.loads(line[6:])
-                            if "error" in chunk:
-                                return ids, f"error: {chunk['error']['message']}"
-                            ids.extend(chunk["choices"][0]["token_ids"])
-                            if len(ids) >= 4:
-                                started[i].set()
-                            if chunk["choices"][0]["finish_reason"]:
-                                return ids, chunk["choices"][0]["finish_reason"]
-                    return ids, None
-
-                first = asyncio.create_task(stream(0, PROMPTS[0]))
+                first = asyncio.create_task(stream_tokens(client, server.url, dict(body, prompt=PROMPTS[0]),
+                                                          headers={}, started=started[0]))
                 await asyncio.wait_for(started[0].wait(), 60)
-                second = asyncio.create_task(stream(1, PROMPTS[2]))
+                second = asyncio.create_task(stream_tokens(client, server.url, dict(body, prompt=PROMPTS[2]),
+                                                           headers={}, started=started[1]))
                 await asyncio.wait_for(started[1].wait(), 60)
                 os.kill(victim, signal.SIGKILL)
                 killed = time.monotonic()

@@ -6,6 +6,7 @@ Importable from child processes too (the multi-host test's client imports :func:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -42,12 +43,14 @@ class Server(ServerProcess):
 
 
 async def stream_tokens(client: httpx.AsyncClient, url: str, body: dict[str, Any], stop_after: int | None = None,
-                        headers: dict[str, str] | None = None) -> tuple[list[int], str | None]:
+                        headers: dict[str, str] | None = None, started: asyncio.Event | None = None,
+                        ) -> tuple[list[int], str | None]:
     """Token ids and finish reason of one streamed completion at ``url`` (sent with :data:`HEADERS`
     unless ``headers`` are given).
 
     With ``stop_after`` the client disconnects once it has that many tokens (reason
     ``"disconnected"``); an error event ends the stream with reason ``"error: <message>"``.
+    ``started`` is set once tokens have arrived (the request is decoding).
     """
     ids: list[int] = []
     reason = None
@@ -65,6 +68,8 @@ async def stream_tokens(client: httpx.AsyncClient, url: str, body: dict[str, Any
             for c in chunk["choices"]:
                 ids.extend(c["token_ids"])
                 reason = c["finish_reason"] or reason
+            if started is not None and ids:
+                started.set()
             if stop_after is not None and len(ids) >= stop_after:
                 return ids, "disconnected"
     return ids, reason
