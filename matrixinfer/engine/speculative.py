@@ -61,6 +61,7 @@ from matrixinfer.model.layers import Linear
 log = logging.getLogger(__name__)
 
 INT8_DRAFT_HEAD = True  # the one-call CPU draft step projects with an INT8 copy of the head (see MTPDraft)
+INT8_DRAFT_BLOCK = True  # ... and runs the MTP block and eh_proj from INT8 copies of their projections
 PENDING_CAP = 64  # hidden states a sequence keeps through steps that do not speculate
 CALIBRATION_CONTEXT = 128  # tokens of context of the sequences timed at start-up
 CALIBRATION_ROUNDS = (6, 40)  # rounds of step timings per batch size at start-up: at least, at most (0.25 s)
@@ -331,7 +332,8 @@ class MTPSpeculator:
             if all(n.eps == block.dims.eps for n in (m.enorm, m.hnorm, m.shared_head.norm)):
                 try:
                     embed, enorm, hnorm, eh_proj, norm, head = weights
-                    self._fused = MTPDraft(block, embed, enorm, hnorm, eh_proj, norm, head, int8_head=INT8_DRAFT_HEAD)
+                    self._fused = MTPDraft(block, embed, enorm, hnorm, eh_proj, norm, head, int8_head=INT8_DRAFT_HEAD,
+                                          int8_block=INT8_DRAFT_BLOCK)
                 except ValueError:  # weights the kernel cannot take: the per-operator path
                     self._fused = None
         return self._fused

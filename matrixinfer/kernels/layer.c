@@ -12,15 +12,26 @@
 #include "matrixinfer.h"
 #include "simd.h"
 
-/* out = down(silu(gate(h)) * up(h)); scratch holds 2 * T * inter floats. */
-static void swiglu_mlp(const float *h, int64_t t, int64_t hidden, const float *gate, const float *up,
-                       const float *down, int64_t inter, float *scratch, float *out, int nthreads) {
+/* y [m, n] = x [m, k] w^T from the INT8 copy wq (per-row scales ws) where the layer has one, else
+ * from the float32 weight w. Returns 0, or -2 when out of memory. */
+static int lin(const float *x, const float *w, const int8_t *wq, const float *ws, int64_t m, int64_t k, int64_t n,
+               float *y, int nthreads) {
+    if (wq) return mi_linear_w8a8(x, m, k, NULL, wq, ws, NULL, n, y, nthreads);
+    mi_linear(x, w, m, k, n, y, nthreads);
+    return 0;
+}
+
+/* out = down(silu(gate(h)) * up(h)) with L's dense MLP (or shared experts); scratch holds 2 * T *
+ * inter floats. Returns as lin. */
+static int swiglu_mlp(const MiLayer *L, const float *h, int64_t t, float *scratch, float *out, int nthreads) {
+    int64_t hidden = L->hidden, inter = L->mlp_inter;
     float *g = scratch, *u = scratch + t * inter;
-    mi_linear(h, gate, t, hidden, inter, g, nthreads);
-    mi_linear(h, up, t, hidden, inter, u, nthreads);
+    int rc = lin(h, L->mlp_gate, L->mlp_gate_q, L->mlp_gate_s, t, hidden, inter, g, nthreads);
+    if (rc == 0) rc = lin(h, L->mlp_up, L->mlp_up_q, L->mlp_up_s, t, hidden, inter, u, nthreads);
+    if (rc != 0) return rc;
     /* silu(gate) * up, into u */
     for (int64_t r = 0; r < t; r++) swiglu_row(u + r * inter, g + r * inter, inter);
-    mi_linear(u, down, t, inter, hidden, out, nthreads);
+    return lin(u, L->mlp_down, L->mlp_down_q, L->mlp_down_s, t, inter, hidden, out, nthreads);
 }
 
 int mi_decoder_layer(const MiLayer *L, const MiStep *S, float *x, int64_t t, int nthreads) {
@@ -44,17 +55,17 @@ int mi_decoder_layer(const MiLayer *L, const MiStep *S, float *x, int64_t t, int
     }
     /* Attention. */
     mi_rmsnorm(x, L->in_norm, t, hd, L->eps, h, nthreads);
-    mi_linear(h, L->q_a, t, hd, L->q_lora, qa, nthreads);
+    if ((rc = lin(h, L->q_a, L->q_a_q, L->q_a_s, t, hd, L->q_lora, qa, nthreads)) != 0) goto done;
     mi_rmsnorm(qa, L->q_a_norm, t, L->q_lora, L->eps, qa, nthreads);
-    mi_linear(qa, L->q_b, t, L->q_lora, L->heads * qk, q, nthreads);
-    mi_linear(h, L->kv_a, t, hd, lat, kv, nthreads);
+    if ((rc = lin(qa, L->q_b, L->q_b_q, L->q_b_s, t, L->q_lora, L->heads * qk, q, nthreads)) != 0) goto done;
+    if ((rc = lin(h, L->kv_a, L->kv_a_q, L->kv_a_s, t, hd, lat, kv, nthreads)) != 0) goto done;
     mi_mla_kv_prolog(kv, L->kv_a_norm, L->eps, S->cos, S->sin, S->slots, t, L->rank, L->rope, L->interleaved,
                      L->cache, nthreads);
     mi_mla_q_prolog(q, L->kv_b, S->cos, S->sin, t, L->heads, L->nope, L->rope, L->v_dim, L->rank, L->interleaved,
                     qf, nthreads);
     mi_paged_mla(qf, L->cache, S->block_tables, S->bt_stride, S->tok_seq, S->tok_nkeys, t, L->heads, lat, L->rank,
                  S->block_size, L->scale, L->kv_b, L->nope, L->v_dim, o, nthreads);
-    mi_linear(o, L->o_proj, t, L->heads * L->v_dim, hd, a, nthreads);
+    if ((rc = lin(o, L->o_proj, L->o_proj_q, L->o_proj_s, t, L->heads * L->v_dim, hd, a, nthreads)) != 0) goto done;
     for (int64_t i = 0; i < t * hd; i++) x[i] += a[i];
     /* MLP or MoE. */
     mi_rmsnorm(x, L->post_norm, t, hd, L->eps, h, nthreads);
@@ -64,15 +75,20 @@ int mi_decoder_layer(const MiLayer *L, const MiStep *S, float *x, int64_t t, int
         rc = mi_v3_route(logits, L->router_bias, t, L->n_experts, L->n_group, L->topk_group, L->top_k, L->norm_topk,
                          L->scaling, ids, w, nthreads);
         if (rc != 0) goto done;
-        rc = mi_moe_experts(h, t, hd, ids, w, L->top_k, L->experts_gate_up, L->experts_down, L->n_experts,
-                            L->moe_inter, m, nthreads);
+        if (L->experts_gate_up_q && L->experts_down_q)
+            rc = mi_moe_experts_w8a8(h, t, hd, ids, w, L->top_k, L->experts_gate_up_q, L->experts_gate_up_s, NULL,
+                                     NULL, L->experts_down_q, L->experts_down_s, NULL, NULL, L->n_experts,
+                                     L->moe_inter, m, nthreads);
+        else
+            rc = mi_moe_experts(h, t, hd, ids, w, L->top_k, L->experts_gate_up, L->experts_down, L->n_experts,
+                                L->moe_inter, m, nthreads);
         if (rc != 0) goto done;
         if (L->mlp_inter > 0) { /* shared experts, summed before the residual as the PyTorch path does */
-            swiglu_mlp(h, t, hd, L->mlp_gate, L->mlp_up, L->mlp_down, L->mlp_inter, scratch, a, nthreads);
+            if ((rc = swiglu_mlp(L, h, t, scratch, a, nthreads)) != 0) goto done;
             for (int64_t i = 0; i < t * hd; i++) m[i] += a[i];
         }
     } else {
-        swiglu_mlp(h, t, hd, L->mlp_gate, L->mlp_up, L->mlp_down, L->mlp_inter, scratch, m, nthreads);
+        if ((rc = swiglu_mlp(L, h, t, scratch, m, nthreads)) != 0) goto done;
     }
     for (int64_t i = 0; i < t * hd; i++) x[i] += m[i];
 done:
@@ -109,7 +125,7 @@ static int mtp_block_rows(const MiLayer *L, const MiStep *S, const float *x, int
     }
     if (n_rows < t) { /* the dropped rows' latents (the kept ones are written again, identically, below) */
         mi_rmsnorm(x, L->in_norm, t, hd, L->eps, h, nthreads);
-        mi_linear(h, L->kv_a, t, hd, lat, kv, nthreads);
+        if ((rc = lin(h, L->kv_a, L->kv_a_q, L->kv_a_s, t, hd, lat, kv, nthreads)) != 0) goto done;
         mi_mla_kv_prolog(kv, L->kv_a_norm, L->eps, S->cos, S->sin, S->slots, t, L->rank, L->rope, L->interleaved,
                          L->cache, nthreads);
     }
@@ -139,9 +155,10 @@ done:
 }
 
 int mi_mtp_draft(const MiLayer *L, const MiStep *S, const int64_t *next_ids, const float *prev, int64_t t,
-                 const float *embed, const float *enorm, const float *hnorm, const float *eh_proj, const float *norm,
-                 const float *head, const int8_t *head_q, const float *head_scale, int64_t vocab, const int64_t *rows,
-                 int64_t n_rows, float *out, int64_t *tokens, int nthreads) {
+                 const float *embed, const float *enorm, const float *hnorm, const float *eh_proj,
+                 const int8_t *eh_proj_q, const float *eh_proj_s, const float *norm, const float *head,
+                 const int8_t *head_q, const float *head_scale, int64_t vocab, const int64_t *rows, int64_t n_rows,
+                 float *out, int64_t *tokens, int nthreads) {
     int64_t hd = L->hidden;
     float *cat = malloc(sizeof(float) * (t > 0 ? t : 1) * 2 * hd);
     float *x = malloc(sizeof(float) * (t > 0 ? t : 1) * hd);
@@ -155,7 +172,7 @@ int mi_mtp_draft(const MiLayer *L, const MiStep *S, const int64_t *next_ids, con
         rms_row(embed + next_ids[i] * hd, enorm, hd, L->eps, cat + i * 2 * hd);
         rms_row(prev + i * hd, hnorm, hd, L->eps, cat + i * 2 * hd + hd);
     }
-    mi_linear(cat, eh_proj, t, 2 * hd, hd, x, nthreads);
+    if ((rc = lin(cat, eh_proj, eh_proj_q, eh_proj_s, t, 2 * hd, hd, x, nthreads)) != 0) goto done;
     if (n_rows == 0) goto done;
     rc = mtp_block_rows(L, S, x, t, rows, n_rows, out, nthreads);
     if (rc != 0) goto done;

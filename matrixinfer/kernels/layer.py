@@ -21,6 +21,9 @@ from matrixinfer.kernels import LIBRARY, _check, _lib, quantize_rows
 ATTENTION_WEIGHTS = ("in_norm", "q_a", "q_a_norm", "q_b", "kv_a", "kv_a_norm", "kv_b", "o_proj", "post_norm")
 MLP_WEIGHTS = ("mlp_gate", "mlp_up", "mlp_down")
 MOE_WEIGHTS = ("router", "router_bias", "experts_gate_up", "experts_down")
+# the projections an INT8 copy of a layer reads as W8A8 (kv_b works inside the absorbed attention,
+# the norms and the router are small and steer the rest: they stay float32)
+INT8_WEIGHTS = ("q_a", "q_b", "kv_a", "o_proj", "mlp_gate", "mlp_up", "mlp_down", "experts_gate_up", "experts_down")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,19 @@ class DecoderLayer:
         self._key: tuple[int, ...] = ()
         self._check_weights()
         self._run = _lib().mi_decoder_layer
+        self.int8: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (int8 copy, per-row scales)
+
+    def int8_copy(self) -> DecoderLayer:
+        """This layer with INT8 copies (per output row, symmetric; W8A8 with per-token activations) of
+        its projections (:data:`INT8_WEIGHTS`), taken now: a quarter of their bytes, for a pass whose
+        result is only a guess (MTP drafts). The copies do not follow later in-place changes of the
+        float weights (the engine never makes any); a moved weight needs a new copy."""
+        twin = DecoderLayer(self.dims, {name: w for name, w, _ in self._weights}, self.layer)
+        for name, w, shape in self._weights:
+            if name in INT8_WEIGHTS:
+                q, scale = quantize_rows(w.reshape(-1, shape[-1]))
+                twin.int8[name] = (q.view(shape), scale.view(shape[:-1]))
+        return twin
 
     def __call__(self, step: ctypes.Structure, x: torch.Tensor, cache: torch.Tensor) -> None:
         """Run the layer on ``x`` (the ``x`` :func:`native_step` checked) with ``step`` over
@@ -112,6 +128,8 @@ class DecoderLayer:
                              f"[layers > {self.layer}, slots, {d.rank + d.rope}] expected")
         scalars = {f.name: (int(v) if isinstance(v, bool) else v) for f, v in zip(fields(d), astuple(d))}
         pointers = {name: w.data_ptr() for name, w, _ in self._weights}
+        for name, (q, scale) in self.int8.items():
+            pointers[f"{name}_q"], pointers[f"{name}_s"] = q.data_ptr(), scale.data_ptr()
         return LIBRARY.structs["MiLayer"](**scalars, **pointers, cache=cache[self.layer].data_ptr())
 
 
@@ -130,7 +148,8 @@ class MTPDraft:
     at one row)."""
 
     def __init__(self, block: DecoderLayer, embed: torch.Tensor, enorm: torch.Tensor, hnorm: torch.Tensor,
-                 eh_proj: torch.Tensor, norm: torch.Tensor, head: torch.Tensor, int8_head: bool = False) -> None:
+                 eh_proj: torch.Tensor, norm: torch.Tensor, head: torch.Tensor, int8_head: bool = False,
+                 int8_block: bool = False) -> None:
         h = block.dims.hidden
         self.vocab = embed.shape[0]
         shapes = {"embed": (embed, (self.vocab, h)), "enorm": (enorm, (h,)), "hnorm": (hnorm, (h,)),
@@ -139,7 +158,10 @@ class MTPDraft:
             _check(f"MTP weight {name}", w, torch.float32)
             if tuple(w.shape) != shape:
                 raise ValueError(f"MTP weight {name} has shape {tuple(w.shape)}, expected {shape}")
-        self.block = block
+        # int8_block: the block's projections and eh_proj from INT8 copies (DecoderLayer.int8_copy):
+        # at one to a few rows a draft streams its weights from memory, and reads a quarter of them
+        self.block = block.int8_copy() if int8_block else block
+        self._eh_proj_q = quantize_rows(eh_proj) if int8_block else None
         self._weights = (embed, enorm, hnorm, eh_proj, norm, head)
         self._run = _lib().mi_mtp_draft
         self._sel, self._tokens = torch.empty(2, 64, dtype=torch.int64).unbind()  # (grown on demand)
@@ -176,9 +198,10 @@ class MTPDraft:
         embed, enorm, hnorm, eh_proj, norm, head = (w.data_ptr() for w in self._weights)
         head_q = None if self.head_q is None else self.head_q.data_ptr()
         head_scale = None if self.head_scale is None else self.head_scale.data_ptr()
+        eh_q, eh_s = (None, None) if self._eh_proj_q is None else (w.data_ptr() for w in self._eh_proj_q)
         _raise_for(self._run(self.block.struct(cache), step, next_ids.data_ptr(), prev.data_ptr(), t, embed, enorm,
-                             hnorm, eh_proj, norm, head, head_q, head_scale, self.vocab, sel.data_ptr(), len(rows),
-                             out.data_ptr(), tokens.data_ptr(), torch.get_num_threads()), "MTP draft")
+                             hnorm, eh_proj, eh_q, eh_s, norm, head, head_q, head_scale, self.vocab, sel.data_ptr(),
+                             len(rows), out.data_ptr(), tokens.data_ptr(), torch.get_num_threads()), "MTP draft")
         return out, tokens.tolist()
 
 

@@ -28,6 +28,13 @@ typedef struct {
     int norm_topk;
     float scaling;
     float *cache; /* this layer's [num_slots, rank + rope] */
+    /* INT8 copies of the projections (W8A8 as mi_linear_w8a8: int8 [out, in] with one scale per
+     * output row; experts as mi_moe_experts_w8a8), each NULL or read instead of its float32 weight.
+     * kv_b (inside the absorbed attention), the norms and the router stay float32. */
+    const int8_t *q_a_q, *q_b_q, *kv_a_q, *o_proj_q, *mlp_gate_q, *mlp_up_q, *mlp_down_q;
+    const int8_t *experts_gate_up_q, *experts_down_q;
+    const float *q_a_s, *q_b_s, *kv_a_s, *o_proj_s, *mlp_gate_s, *mlp_up_s, *mlp_down_s;
+    const float *experts_gate_up_s, *experts_down_s;
 } MiLayer;
 
 /* The per-step attention metadata every layer of a step shares. */
@@ -38,8 +45,8 @@ typedef struct {
     int64_t bt_stride, block_size;
 } MiStep;
 
-/* x [t, hidden] += attention, then += MLP or MoE, in place (layer.c). Returns 0, -1 for an
- * unsupported routing shape, -2 when out of memory. */
+/* x [t, hidden] += attention, then += MLP or MoE, in place (layer.c), each projection from its
+ * INT8 copy where L has one. Returns 0, -1 for an unsupported routing shape, -2 when out of memory. */
 int mi_decoder_layer(const MiLayer *L, const MiStep *S, float *x, int64_t t, int nthreads);
 
 /* One greedy draft step of a DeepSeek-V3 MTP module (one depth) over t rows, in a single call
@@ -48,11 +55,13 @@ int mi_decoder_layer(const MiLayer *L, const MiStep *S, float *x, int64_t t, int
  * rows[j] that draft run the rest of the layer), out [n_rows, hidden] = norm(x[rows[j]]); then
  * tokens[j] = the argmax of head [vocab, hidden] applied to out[j], or with
  * head_q (not NULL) of its INT8 copy head_q [vocab, hidden] with per-row scales head_scale [vocab]
- * (W8A8, as mi_linear_w8a8). All norms use L->eps. Returns as mi_decoder_layer. */
+ * (W8A8, as mi_linear_w8a8); likewise eh_proj from eh_proj_q / eh_proj_s where not NULL, and the
+ * block from its INT8 copies where L has them. All norms use L->eps. Returns as mi_decoder_layer. */
 int mi_mtp_draft(const MiLayer *L, const MiStep *S, const int64_t *next_ids, const float *prev, int64_t t,
-                 const float *embed, const float *enorm, const float *hnorm, const float *eh_proj, const float *norm,
-                 const float *head, const int8_t *head_q, const float *head_scale, int64_t vocab, const int64_t *rows,
-                 int64_t n_rows, float *out, int64_t *tokens, int nthreads);
+                 const float *embed, const float *enorm, const float *hnorm, const float *eh_proj,
+                 const int8_t *eh_proj_q, const float *eh_proj_s, const float *norm, const float *head,
+                 const int8_t *head_q, const float *head_scale, int64_t vocab, const int64_t *rows, int64_t n_rows,
+                 float *out, int64_t *tokens, int nthreads);
 
 /* y [m, n] = x [m, k] w^T for w [n, k] (linear.c). */
 void mi_linear(const float *x, const float *w, int64_t m, int64_t k, int64_t n, float *y, int nthreads);

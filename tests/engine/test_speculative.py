@@ -203,9 +203,10 @@ def test_a_request_whose_verification_raises_fails_alone(demo, monkeypatch, wher
 
 
 def test_one_call_draft_step_matches_the_per_operator_path(demo, monkeypatch):
-    """The MTP draft step in one native call (MTPDraft, here with the float32 head) gives the
+    """The MTP draft step in one native call (MTPDraft, here with the float32 head and block) gives the
     per-operator path's hidden states and greedy drafts, over catch-up rows of several sequences."""
     monkeypatch.setattr(speculative, "INT8_DRAFT_HEAD", False)
+    monkeypatch.setattr(speculative, "INT8_DRAFT_BLOCK", False)
     eng = _engine(demo, kv_cache_memory=64 * BLOCK_BYTES, speculative="mtp", num_speculative_tokens=2,
                   speculative_max_batch=8)
     spec = eng.spec
@@ -228,6 +229,7 @@ def test_one_call_draft_step_matches_the_per_operator_path(demo, monkeypatch):
     deeper = [(s, s.num_computed - 1, [t], per_op_h[j:j + 1]) for j, (s, t) in enumerate(zip(eng.running, fused_t))]
     monkeypatch.undo()
     monkeypatch.setattr(speculative, "INT8_DRAFT_HEAD", False)
+    monkeypatch.setattr(speculative, "INT8_DRAFT_BLOCK", False)
     deep_h, deep_t = spec._draft(deeper)
     per_op_h = eng.runner.mtp(deeper)
     torch.testing.assert_close(deep_h, per_op_h, atol=1e-6, rtol=1e-6)

@@ -253,6 +253,46 @@ def test_native_decoder_layers_match_the_per_operator_path(monkeypatch, arch_kw)
 
 
 @needs_kernel
+def test_int8_copy_of_a_decoder_layer_reads_int8_projections_and_stays_close():
+    """A layer's INT8 copy (what MTP drafts run) computes its projections and experts as W8A8: the
+    hidden states and cached latents of a prefill chunk and decode steps differ from the float32
+    layers' (so the INT8 weights are what it reads) by about INT8's rounding, not more."""
+    from matrixinfer.kernels.layer import INT8_WEIGHTS
+    from matrixinfer.model.deepseek import DeepseekForCausalLM
+
+    cfg = ModelConfig.from_dict(tiny_config().to_dict())
+    torch.manual_seed(5)
+    model = DeepseekForCausalLM(cfg, with_mtp=False)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.15)
+    select_backend(model, "cpu")
+    tables = torch.tensor([[3, 7, 1, 9, 11, 13], [2, 4, 6, 8, 10, 12]])
+
+    def run() -> list[torch.Tensor]:
+        cache = PagedLatentCache(model.num_cache_layers, 16, 4, cfg.kv_cache_dim)
+        steps = [([9, 6], [9, 6]), ([1, 1], [10, 7]), ([1, 1], [11, 8])]
+        return run_paged_steps(model, cache, tables, steps, mode="absorbed") + [cache.data.clone()]
+
+    exact = run()
+    seen: set[str] = set()
+    for block in model.model.layers:
+        float_layer = block.native
+        assert float_layer is not None
+        block.native = float_layer.int8_copy()
+        names = set(float_layer.dims.weight_shapes()) & set(INT8_WEIGHTS)
+        assert set(block.native.int8) == names
+        seen |= names
+        for name, (q, scale) in block.native.int8.items():
+            w = dict((n, t) for n, t, _ in float_layer._weights)[name]
+            assert q.dtype is torch.int8 and q.shape == w.shape and scale.shape == w.shape[:-1]
+    assert seen == set(INT8_WEIGHTS)  # a dense layer and MoE layers with shared experts
+    approx = run()
+    for a, b in zip(exact, approx):
+        err = (a - b).norm() / a.norm()
+        assert 0 < err < 0.05, err
+
+
+@needs_kernel
 def test_argmax_rows_matches_torch_including_ties_and_infinities():
     x = torch.randn(7, 300)
     x[1, [5, 17]] = 10.0  # a tie: the first index wins, as torch.argmax
