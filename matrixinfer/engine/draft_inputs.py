@@ -38,26 +38,38 @@ class DraftInputs:
         self.cos = torch.zeros(rows, half, dtype=torch.float32)
         self.sin = torch.zeros(rows, half, dtype=torch.float32)
         self.tables = torch.zeros(rows, 1, dtype=torch.int32)
+        # the deeper drafts' rows (one position on per depth, depth-major; see MTPDraft)
+        self.slots2 = torch.zeros(rows, dtype=torch.int64)
+        self.tok_seq2 = torch.zeros(rows, dtype=torch.int32)
+        self.tok_nkeys2 = torch.zeros(rows, dtype=torch.int32)
+        self.cos2 = torch.zeros(rows, half, dtype=torch.float32)
+        self.sin2 = torch.zeros(rows, half, dtype=torch.float32)
         self._np = {name: getattr(self, name).numpy() for name in ("slots", "tok_seq", "tok_nkeys", "ids", "cos",
-                                                                   "sin", "tables")}
+                                                                   "sin", "tables", "slots2", "tok_seq2",
+                                                                   "tok_nkeys2", "cos2", "sin2")}
         self._cos_table = self._sin_table = np.zeros((0, half), dtype=np.float32)
         self._step: ctypes.Structure | None = None
+        self._deeper: ctypes.Structure | None = None
 
-    def build(self, rows: list[tuple[Sequence, int, list[int]]]) -> tuple[ctypes.Structure, torch.Tensor]:
+    def build(self, rows: list[tuple[Sequence, int, list[int]]], depth: int = 1
+              ) -> tuple[ctypes.Structure, torch.Tensor, ctypes.Structure | None]:
         """The ``MiStep`` and the next-token ids ``[T]`` of ``rows``: per ``(seq, start, next_ids)``,
         positions ``start, start + 1, ...`` (one per id) of ``seq``, whose blocks must be in its
-        block table. The result points into this object's buffers: valid until the next call."""
+        block table; with ``depth`` > 1 also the ``MiStep`` of the deeper drafts (each entry's
+        ``depth - 1`` positions after its last, depth-major), or None where one of those positions
+        has no block yet (then only the first depth can be drafted now). The result points into
+        this object's buffers: valid until the next call."""
         t = sum(len(ids) for _, _, ids in rows)
         width = max(len(seq.block_table) for seq, _, _ in rows)
         if t > self.rows or len(rows) > self.rows:
             raise ValueError(f"draft inputs: {t} rows of {len(rows)} sequences, at most {self.rows}")
-        top = max(start + len(ids) for _, start, ids in rows)
+        top = max(start + len(ids) for _, start, ids in rows) + depth - 1
         if top > self._cos_table.shape[0]:
             self._grow_rope(top)
         if width > self.tables.shape[1]:
             self.tables = torch.zeros(self.rows, max(width, 2 * self.tables.shape[1]), dtype=torch.int32)
             self._np["tables"] = self.tables.numpy()
-            self._step = None
+            self._step = self._deeper = None
         n = self._np
         bs, j = self.block_size, 0
         for i, (seq, start, ids) in enumerate(rows):
@@ -81,7 +93,30 @@ class DraftInputs:
         if self._step is None:
             self._step = native_step(torch.zeros(self.rows, 1), self.cos, self.sin, self.slots, self.tables,
                                      self.tok_seq, self.tok_nkeys, bs, self.num_slots)
-        return self._step, self.ids[:t]
+        return self._step, self.ids[:t], self._build_deeper(rows, depth) if depth > 1 else None
+
+    def _build_deeper(self, rows: list[tuple[Sequence, int, list[int]]], depth: int) -> ctypes.Structure | None:
+        n, bs, k = self._np, self.block_size, len(rows)
+        if (depth - 1) * k > self.rows:
+            return None
+        for d in range(1, depth):
+            for i, (seq, start, ids) in enumerate(rows):
+                p, j = start + len(ids) - 1 + d, (d - 1) * k + i
+                b = p // bs
+                if b >= len(seq.block_table):
+                    return None  # not reserved yet: the next step's propose drafts this depth
+                slot = seq.block_table[b] * bs + p % bs
+                if not 0 <= slot < self.num_slots:
+                    raise ValueError(f"draft inputs: slot {slot} outside the KV cache's {self.num_slots} slots")
+                n["slots2"][j] = slot
+                n["tok_seq2"][j] = i
+                n["tok_nkeys2"][j] = p + 1
+                n["cos2"][j] = self._cos_table[p]
+                n["sin2"][j] = self._sin_table[p]
+        if self._deeper is None:
+            self._deeper = native_step(torch.zeros(self.rows, 1), self.cos2, self.sin2, self.slots2, self.tables,
+                                       self.tok_seq2, self.tok_nkeys2, bs, self.num_slots)
+        return self._deeper
 
     def _grow_rope(self, top: int) -> None:
         size = max(ROPE_TABLE, 2 * self._cos_table.shape[0])

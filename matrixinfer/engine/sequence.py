@@ -48,9 +48,9 @@ class Sequence:
     mtp_start: int = 0
     mtp_count: int = 0
     mtp_pending: list[tuple[torch.Tensor, int, int]] = field(default_factory=list)
-    # the first draft of the next step and the MTP state it came from, when the verification step
-    # drafted ahead (engine/speculative.py); cleared whenever the pending states change
-    mtp_draft: tuple[int, torch.Tensor] | None = None
+    # the next step's first drafts (depth 1, 2, ...) and the MTP states they came from, when the
+    # verification step drafted ahead (engine/speculative.py); cleared whenever the pending states change
+    mtp_draft: list[tuple[int, torch.Tensor]] | None = None
 
     @property
     def all_ids(self) -> list[int]:

@@ -21,10 +21,10 @@ One speculative step of a decoding sequence with ``c`` tokens computed:
    latents are left behind as garbage past ``num_computed`` (never attended, overwritten next step)
    and blocks that held only them are released (:meth:`BlockManager.truncate`).
 4. *Draft ahead* (:meth:`MTPSpeculator.draft_ahead`, where the draft step runs in one native call
-   and the policy would speculate again): step 1's catch-up and first draft for the next step run
-   right after verification, over the verified hidden states (its first ``accepted + 1`` rows per
-   sequence, a view at batch 1); the draft waits in ``Sequence.mtp_draft`` and is dropped if the
-   sequence's pending states change. The one-call draft step's inputs come from
+   and the policy would speculate again): step 1's catch-up and the next step's drafts, as many as
+   the policy would verify now, run in one call right after verification, over the verified hidden
+   states (its first ``accepted + 1`` rows per sequence, a view at batch 1); the drafts wait in
+   ``Sequence.mtp_draft`` and are dropped if the sequence's pending states change. The one-call draft step's inputs come from
    :class:`~matrixinfer.engine.draft_inputs.DraftInputs` (Python integers into reused buffers). Catch-up
    rows other than a sequence's last only write their latent into the MTP layer's cache: their
    attention output and MoE were never used.
@@ -188,6 +188,13 @@ class MTPSpeculator:
         want = [(seq, n - 1) for seq, n in chunks if n > 1 and seq.request_id in lookahead]
         if not want:
             return {}
+        if all(seq.mtp_draft is not None and len(seq.mtp_draft) >= k for seq, k in want):  # all drafted ahead
+            stored: dict[str, list[int]] = {}
+            for seq, k in want:
+                assert seq.mtp_draft is not None
+                stored[seq.request_id] = [tok for tok, _ in seq.mtp_draft[:k]]
+                seq.mtp_draft = None
+            return stored
         rows = []
         for seq, _ in want:
             if seq.mtp_draft is None:
@@ -229,7 +236,7 @@ class MTPSpeculator:
             caught = {r[0].request_id: (t, h[j:j + 1]) for j, (r, t) in enumerate(zip(rows, toks))}
         firsts = []
         for seq, _ in want:
-            first = seq.mtp_draft if seq.mtp_draft is not None else caught[seq.request_id]
+            first = seq.mtp_draft[0] if seq.mtp_draft is not None else caught[seq.request_id]
             seq.mtp_draft = None
             firsts.append(first)
         states = [h for _, h in firsts]
@@ -239,23 +246,28 @@ class MTPSpeculator:
         """:meth:`_draft_ahead` when the policy would speculate at ``batch`` decoding sequences;
         a failure leaves the sequences to :meth:`propose` (a draft is an optimisation, never an
         output)."""
-        if not verified or not self.policy.choose(batch):
+        depth = self.policy.choose(batch) if verified else 0
+        if not depth:
             return
         try:
-            self._draft_ahead(verified, hidden)
+            self._draft_ahead(verified, hidden, depth)
         except Exception:  # noqa: BLE001 - the states are unchanged until the draft succeeded
             log.warning("drafting ahead failed; the next step drafts as usual", exc_info=True)
 
     @torch.inference_mode()
-    def _draft_ahead(self, verified: list[tuple[Sequence, int]], hidden: torch.Tensor) -> None:
+    def _draft_ahead(self, verified: list[tuple[Sequence, int]], hidden: torch.Tensor, depth: int = 1) -> None:
         """After a verification pass (the runner's last forward): for each ``(sequence, its first
         row in hidden)`` that goes on decoding, the MTP catch-up of the positions just verified and
-        the next step's first draft (``Sequence.mtp_draft``), now.
+        the next step's first ``depth`` drafts (``Sequence.mtp_draft``), now, in one native call.
 
         The catch-up rows are the verification's own positions (its first ``accepted + 1`` rows),
-        whose hidden states are a view of the pass's output at batch 1; the next step's
-        :meth:`propose` then has only the recursive drafts to run. Only the one-call draft step
-        runs here; elsewhere :meth:`propose` does the catch-up."""
+        whose hidden states are a view of the pass's output at batch 1. The deeper drafts need
+        their positions' blocks, which the next step reserves: where one is missing (a block
+        boundary after rejected drafts were rolled back), only the first is drafted here. Where the
+        next step verifies no more drafts than are stored, its :meth:`propose` runs nothing (at
+        batch 1 with two drafts: one call per step instead of two, each ~0.1 ms of Python and
+        metadata besides its arithmetic). Only the one-call draft step runs here; elsewhere
+        :meth:`propose` does the catch-up."""
         fused = self._fused_draft()
         if fused is None:
             return
@@ -278,10 +290,11 @@ class MTPSpeculator:
             prev = hidden[sel[0]:sel[-1] + 1]
         else:
             prev = hidden.index_select(0, torch.tensor(sel, device=hidden.device))
-        out, tokens = self._run_fused(fused, rows, prev, last)
-        for j, (seq, tok) in enumerate(zip(seqs, tokens)):
+        out, tokens = self._run_fused(fused, rows, prev, last, depth)
+        k = len(seqs)
+        for j, seq in enumerate(seqs):
             reset(seq)  # every position before num_computed has its MTP entry now
-            seq.mtp_draft = (tok, out[j:j + 1])
+            seq.mtp_draft = [(tokens[i], out[i:i + 1]) for i in range(j, len(tokens), k)]
 
     @torch.inference_mode()
     def _draft(self, rows: list[tuple[Sequence, int, list[int], torch.Tensor]]
@@ -299,16 +312,17 @@ class MTPSpeculator:
         return self._run_fused(fused, [(r[0], r[1], r[2]) for r in rows], prev, last)
 
     def _run_fused(self, fused: MTPDraft, rows: list[tuple[Sequence, int, list[int]]], prev: torch.Tensor,
-                   last: list[int]) -> tuple[torch.Tensor, list[int]]:
+                   last: list[int], depth: int = 1) -> tuple[torch.Tensor, list[int]]:
         """The one-call draft step over ``rows`` (``(seq, first position, next-token ids)``, one row
         per id, their previous states ``prev``), its step inputs from :class:`DraftInputs`; the
-        states and greedy drafts of the rows ``last``."""
+        states and greedy drafts of the rows ``last`` (with ``depth`` > 1, of up to ``depth``
+        depths, depth-major: fewer where a deeper position has no block yet)."""
         cache = self.runner.kv_cache.data
         if self._inputs is None or self._inputs.num_slots != cache.shape[1]:
             self._inputs = DraftInputs(self.runner.model.rope, self.runner.block_size, cache.shape[1],
                                        Linear.small_rows)
-        step, ids = self._inputs.build(rows)
-        return fused(step, ids, prev.contiguous(), last, cache)
+        step, ids, deeper = self._inputs.build(rows, depth)
+        return fused(step, ids, prev.contiguous(), last, cache, deeper, depth if deeper is not None else 1)
 
     def _fused_draft(self) -> MTPDraft | None:
         """The one-call draft step (:class:`MTPDraft`) where the MTP block runs natively and its
@@ -448,7 +462,7 @@ class MTPSpeculator:
             s.num_computed = CALIBRATION_CONTEXT - 1
             reset(s, s.num_computed if ahead else s.num_computed - (k + 1))
             if ahead:
-                s.mtp_draft = (0, zeros[:1])
+                s.mtp_draft = [(0, zeros[:1])] * k
             else:
                 keep(s, zeros, 0, k + 1)
         chunks = [(s, 1 + k) for s in seqs]
@@ -462,7 +476,7 @@ class MTPSpeculator:
                 reset(s)
                 keep(s, hidden, first, first + k + 1)
                 s.num_computed += k + 1
-            self._draft_ahead(list(zip(seqs, starts)), hidden)
+            self._draft_ahead(list(zip(seqs, starts)), hidden, k)
 
     def _time(self, seqs: list[Sequence]) -> list[float]:
         """Seconds of a step with 0, 1, ..., K drafts: the fastest of the rounds (after a warm-up

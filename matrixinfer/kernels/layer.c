@@ -154,36 +154,60 @@ done:
     return rc;
 }
 
-int mi_mtp_draft(const MiLayer *L, const MiStep *S, const int64_t *next_ids, const float *prev, int64_t t,
-                 const float *embed, const float *enorm, const float *hnorm, const float *eh_proj,
-                 const int8_t *eh_proj_q, const float *eh_proj_s, const float *norm, const float *head,
-                 const int8_t *head_q, const float *head_scale, int64_t vocab, const int64_t *rows, int64_t n_rows,
-                 float *out, int64_t *tokens, int nthreads) {
-    int64_t hd = L->hidden;
-    float *cat = malloc(sizeof(float) * (t > 0 ? t : 1) * 2 * hd);
-    float *x = malloc(sizeof(float) * (t > 0 ? t : 1) * hd);
+int mi_mtp_draft(const MiLayer *L, const MiStep *S, const MiStep *deeper, int64_t depth, const int64_t *next_ids,
+                 const float *prev, int64_t t, const float *embed, const float *enorm, const float *hnorm,
+                 const float *eh_proj, const int8_t *eh_proj_q, const float *eh_proj_s, const float *norm,
+                 const float *head, const int8_t *head_q, const float *head_scale, int64_t vocab, const int64_t *rows,
+                 int64_t n_rows, float *out, int64_t *tokens, int nthreads) {
+    int64_t hd = L->hidden, half = L->rope / 2, tmax = t > n_rows ? t : n_rows;
+    float *cat = malloc(sizeof(float) * (tmax > 0 ? tmax : 1) * 2 * hd);
+    float *x = malloc(sizeof(float) * (tmax > 0 ? tmax : 1) * hd);
     float *logits = malloc(sizeof(float) * (n_rows > 0 ? n_rows : 1) * vocab);
     int rc = 0;
     if (!cat || !x || !logits) {
         rc = -2;
         goto done;
     }
-    for (int64_t i = 0; i < t; i++) { /* [enorm(embed(next token)) ; hnorm(previous hidden state)] */
-        rms_row(embed + next_ids[i] * hd, enorm, hd, L->eps, cat + i * 2 * hd);
-        rms_row(prev + i * hd, hnorm, hd, L->eps, cat + i * 2 * hd + hd);
+    if (depth > 1 && !deeper) {
+        rc = -1;
+        goto done;
     }
-    if ((rc = lin(cat, eh_proj, eh_proj_q, eh_proj_s, t, 2 * hd, hd, x, nthreads)) != 0) goto done;
-    if (n_rows == 0) goto done;
-    rc = mtp_block_rows(L, S, x, t, rows, n_rows, out, nthreads);
-    if (rc != 0) goto done;
-    mi_rmsnorm(out, norm, n_rows, hd, L->eps, out, nthreads); /* row by row: in place is safe */
-    if (head_q) { /* the INT8 copy of the head: a quarter of the bytes, drafts only */
-        rc = mi_linear_w8a8(out, n_rows, hd, NULL, head_q, head_scale, NULL, vocab, logits, nthreads);
+    for (int64_t d = 0; d < depth; d++) {
+        /* depth 0: the t rows given; deeper: each drafting row's previous token and state, one
+         * position on (deeper's rows [(d - 1) n_rows, d n_rows)) */
+        const int64_t *ids = d == 0 ? next_ids : tokens + (d - 1) * n_rows;
+        const float *pv = d == 0 ? prev : out + (d - 1) * n_rows * hd;
+        int64_t td = d == 0 ? t : n_rows;
+        float *od = out + d * n_rows * hd;
+        for (int64_t i = 0; i < td; i++) { /* [enorm(embed(next token)) ; hnorm(previous hidden state)] */
+            rms_row(embed + ids[i] * hd, enorm, hd, L->eps, cat + i * 2 * hd);
+            rms_row(pv + i * hd, hnorm, hd, L->eps, cat + i * 2 * hd + hd);
+        }
+        if ((rc = lin(cat, eh_proj, eh_proj_q, eh_proj_s, td, 2 * hd, hd, x, nthreads)) != 0) goto done;
+        if (n_rows == 0) goto done;
+        if (d == 0) {
+            rc = mtp_block_rows(L, S, x, t, rows, n_rows, od, nthreads);
+        } else {
+            MiStep sub = *deeper;
+            int64_t r0 = (d - 1) * n_rows;
+            sub.cos = deeper->cos + r0 * half;
+            sub.sin = deeper->sin + r0 * half;
+            sub.slots = deeper->slots + r0;
+            sub.tok_seq = deeper->tok_seq + r0;
+            sub.tok_nkeys = deeper->tok_nkeys + r0;
+            memcpy(od, x, sizeof(float) * n_rows * hd);
+            rc = mi_decoder_layer(L, &sub, od, n_rows, nthreads);
+        }
         if (rc != 0) goto done;
-    } else {
-        mi_linear(out, head, n_rows, hd, vocab, logits, nthreads);
+        mi_rmsnorm(od, norm, n_rows, hd, L->eps, od, nthreads); /* row by row: in place is safe */
+        if (head_q) { /* the INT8 copy of the head: a quarter of the bytes, drafts only */
+            rc = mi_linear_w8a8(od, n_rows, hd, NULL, head_q, head_scale, NULL, vocab, logits, nthreads);
+            if (rc != 0) goto done;
+        } else {
+            mi_linear(od, head, n_rows, hd, vocab, logits, nthreads);
+        }
+        mi_argmax_rows(logits, n_rows, vocab, tokens + d * n_rows);
     }
-    mi_argmax_rows(logits, n_rows, vocab, tokens);
 done:
     free(cat);
     free(x);

@@ -174,34 +174,43 @@ class MTPDraft:
             self.head_q, self.head_scale = quantize_rows(head)
 
     def __call__(self, step: ctypes.Structure, next_ids: torch.Tensor, prev: torch.Tensor, rows: list[int],
-                 cache: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+                 cache: torch.Tensor, deeper: ctypes.Structure | None = None, depth: int = 1
+                 ) -> tuple[torch.Tensor, list[int]]:
         """For the rows ``prev`` ``[T, hidden]`` (the previous depth's states) and ``next_ids``
         ``[T]`` (int64: the token after each row's position), with ``step`` (:func:`native_step`
         over ``prev``) over ``cache``: every row's MTP latent into the cache, and for each row in
-        ``rows`` (the ones that draft) its MTP hidden state (``[len(rows), hidden]``) and greedy
-        draft token. The other rows stop after their latent (their states would be discarded)."""
+        ``rows`` (the ones that draft) its MTP hidden state and greedy draft token. The other rows
+        stop after their latent (their states would be discarded). With ``depth`` > 1 each drafting
+        row drafts again from its own draft and state, one position on, ``depth - 1`` more times,
+        on ``deeper``'s metadata (a ``MiStep`` of ``(depth - 1) * len(rows)`` rows, depth-major,
+        sharing ``step``'s block tables). Returns the states ``[depth * len(rows), hidden]`` and the
+        tokens, depth-major."""
         _check("next_ids", next_ids, torch.int64)
         _check("prev", prev, torch.float32)
         t, h = prev.shape
         if next_ids.shape != (t,) or h != self.block.dims.hidden:
             raise ValueError(f"MTP draft: {tuple(next_ids.shape)} ids for hidden states of shape {tuple(prev.shape)}")
+        if depth < 1 or (depth > 1 and deeper is None):
+            raise ValueError(f"MTP draft: depth {depth} needs the metadata of the deeper rows")
         ids = next_ids.numpy()  # (NumPy: a draft's few checks cost less than one torch reduction)
         if t and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab):
             raise ValueError(f"MTP draft: a token id outside [0, {self.vocab})")
         if any(not 0 <= r < t for r in rows):
             raise ValueError(f"MTP draft: rows {rows} outside the {t} rows")
-        if len(rows) > self._sel.shape[0]:
-            self._sel, self._tokens = torch.empty(2, len(rows), dtype=torch.int64).unbind()
-        sel, tokens = self._sel[:len(rows)], self._tokens[:len(rows)]
+        n = len(rows)
+        if depth * n > self._tokens.shape[0]:
+            self._sel, self._tokens = torch.empty(2, depth * n, dtype=torch.int64).unbind()
+        sel, tokens = self._sel[:n], self._tokens[:depth * n]
         sel.numpy()[:] = rows
-        out = torch.empty(len(rows), h, dtype=torch.float32)  # (a new one: callers keep the states)
+        out = torch.empty(depth * n, h, dtype=torch.float32)  # (a new one: callers keep the states)
         embed, enorm, hnorm, eh_proj, norm, head = (w.data_ptr() for w in self._weights)
         head_q = None if self.head_q is None else self.head_q.data_ptr()
         head_scale = None if self.head_scale is None else self.head_scale.data_ptr()
         eh_q, eh_s = (None, None) if self._eh_proj_q is None else (w.data_ptr() for w in self._eh_proj_q)
-        _raise_for(self._run(self.block.struct(cache), step, next_ids.data_ptr(), prev.data_ptr(), t, embed, enorm,
-                             hnorm, eh_proj, eh_q, eh_s, norm, head, head_q, head_scale, self.vocab, sel.data_ptr(),
-                             len(rows), out.data_ptr(), tokens.data_ptr(), torch.get_num_threads()), "MTP draft")
+        _raise_for(self._run(self.block.struct(cache), step, deeper, depth, next_ids.data_ptr(), prev.data_ptr(), t,
+                             embed, enorm, hnorm, eh_proj, eh_q, eh_s, norm, head, head_q, head_scale, self.vocab,
+                             sel.data_ptr(), n, out.data_ptr(), tokens.data_ptr(), torch.get_num_threads()),
+                   "MTP draft")
         return out, tokens.tolist()
 
 

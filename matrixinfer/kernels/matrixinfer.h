@@ -49,19 +49,23 @@ typedef struct {
  * INT8 copy where L has one. Returns 0, -1 for an unsupported routing shape, -2 when out of memory. */
 int mi_decoder_layer(const MiLayer *L, const MiStep *S, float *x, int64_t t, int nthreads);
 
-/* One greedy draft step of a DeepSeek-V3 MTP module (one depth) over t rows, in a single call
+/* Greedy draft steps of a DeepSeek-V3 MTP module (depth >= 1 of them) over t rows, in a single call
  * (layer.c): x = eh_proj [enorm(embed[next_ids[i]]) ; hnorm(prev[i])], x += the MTP block L (a
  * decoder layer over the paged cache, with S: every row's latent is cached, only the n_rows rows
- * rows[j] that draft run the rest of the layer), out [n_rows, hidden] = norm(x[rows[j]]); then
+ * rows[j] that draft run the rest of the layer), out[j] = norm(x[rows[j]]); then
  * tokens[j] = the argmax of head [vocab, hidden] applied to out[j], or with
  * head_q (not NULL) of its INT8 copy head_q [vocab, hidden] with per-row scales head_scale [vocab]
  * (W8A8, as mi_linear_w8a8); likewise eh_proj from eh_proj_q / eh_proj_s where not NULL, and the
- * block from its INT8 copies where L has them. All norms use L->eps. Returns as mi_decoder_layer. */
-int mi_mtp_draft(const MiLayer *L, const MiStep *S, const int64_t *next_ids, const float *prev, int64_t t,
-                 const float *embed, const float *enorm, const float *hnorm, const float *eh_proj,
-                 const int8_t *eh_proj_q, const float *eh_proj_s, const float *norm, const float *head,
-                 const int8_t *head_q, const float *head_scale, int64_t vocab, const int64_t *rows, int64_t n_rows,
-                 float *out, int64_t *tokens, int nthreads);
+ * block from its INT8 copies where L has them. Each further depth d (1..depth-1) drafts again from
+ * row j's token and state of the depth before, one position on, with deeper's metadata rows
+ * (d - 1) * n_rows + j (its block_tables those of S); out [depth, n_rows, hidden] and tokens
+ * [depth, n_rows] hold every depth's. All norms use L->eps. Returns as mi_decoder_layer (-1 too
+ * where depth > 1 and deeper is NULL). */
+int mi_mtp_draft(const MiLayer *L, const MiStep *S, const MiStep *deeper, int64_t depth, const int64_t *next_ids,
+                 const float *prev, int64_t t, const float *embed, const float *enorm, const float *hnorm,
+                 const float *eh_proj, const int8_t *eh_proj_q, const float *eh_proj_s, const float *norm,
+                 const float *head, const int8_t *head_q, const float *head_scale, int64_t vocab, const int64_t *rows,
+                 int64_t n_rows, float *out, int64_t *tokens, int nthreads);
 
 /* y [m, n] = x [m, k] w^T for w [n, k] (linear.c). */
 void mi_linear(const float *x, const float *w, int64_t m, int64_t k, int64_t n, float *y, int nthreads);

@@ -249,18 +249,62 @@ def test_drafting_ahead_gives_the_next_steps_catch_up_drafts(demo, monkeypatch):
     assert spec is not None
     real, batches = spec._draft_ahead, []
 
-    def both(verified, hidden):
+    def both(verified, hidden, depth=1):
         rows = [(s, s.mtp_start, s.token_ids(s.mtp_start + 1, s.num_computed - s.mtp_start), _pending_rows(s))
                 for s, _ in verified if not s.finished]
         caught_h, caught_t = spec._draft(rows)  # (rewrites the same MTP cache entries with the same values)
-        real(verified, hidden)
-        assert caught_t is not None and [s.mtp_draft[0] for s, *_ in rows] == caught_t
-        torch.testing.assert_close(torch.cat([s.mtp_draft[1] for s, *_ in rows]), caught_h, atol=1e-5, rtol=1e-5)
+        real(verified, hidden, depth)
+        assert caught_t is not None and [s.mtp_draft[0][0] for s, *_ in rows] == caught_t
+        torch.testing.assert_close(torch.cat([s.mtp_draft[0][1] for s, *_ in rows]), caught_h, atol=1e-5,
+                                   rtol=1e-5)
         batches.append(len(rows))
 
     monkeypatch.setattr(spec, "_draft_ahead", both)
     assert eng.generate(prompts, params) == expect
     assert 3 in batches and 1 in batches  # drafted ahead in a batch and alone
+
+
+def test_drafting_ahead_two_deep_gives_the_recursive_drafts_in_one_call(demo, monkeypatch):
+    """With two drafts, the draft-ahead's one call also drafts the second (one position on, from
+    the first draft and its state): the token and state the next step's recursive draft gives,
+    so that step runs no draft call of its own; outputs stay the plain engine's."""
+    prompts = _requests(demo[2], 3)[0]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (12, 20, 40)]
+    expect = _engine(demo, kv_cache_memory=64 * BLOCK_BYTES).generate(prompts, params)
+    eng = _engine(demo, kv_cache_memory=64 * BLOCK_BYTES, speculative="mtp", num_speculative_tokens=2,
+                  speculative_max_batch=8)
+    spec = eng.spec
+    assert spec is not None
+    real, real_propose, deep, calls = spec._draft_ahead, spec.propose, [], []
+    fused = spec._run_fused
+
+    def ahead(verified, hidden, depth=1):
+        real(verified, hidden, depth)
+        for s, _ in verified:
+            if s.mtp_draft is not None and len(s.mtp_draft) == 2:
+                (tok1, h1), (tok2, h2) = s.mtp_draft
+                again_h, again_t = spec._draft([(s, s.num_computed, [tok1], h1)])  # propose's depth 2
+                assert again_t == [tok2]
+                torch.testing.assert_close(again_h, h2, atol=1e-5, rtol=1e-5)
+                deep.append(s.request_id)
+
+    def propose(chunks, look):
+        n = len(calls)
+        out = real_propose(chunks, look)
+        calls.append(len(calls) - n)  # draft calls inside propose (counted by the spy below)
+        return out
+
+    def counted(*a, **k):
+        calls.append(None)
+        return fused(*a, **k)
+
+    monkeypatch.setattr(spec, "_draft_ahead", ahead)
+    monkeypatch.setattr(spec, "propose", propose)
+    monkeypatch.setattr(spec, "_run_fused", counted)
+    assert eng.generate(prompts, params) == expect
+    assert len(set(deep)) == 3  # every request drafted two deep ahead, in a batch and alone
+    per_step = [c for c in calls if c is not None]
+    assert per_step.count(0) > len(per_step) // 2  # most steps' propose ran no draft call
 
 
 def test_blocks_of_accepted_drafts_are_named_for_the_prefix_cache(demo):
