@@ -24,9 +24,9 @@ One speculative step of a decoding sequence with ``c`` tokens computed:
    and the policy would speculate again): step 1's catch-up and the next step's drafts, as many as
    the policy would verify now, run in one call right after verification, over the verified hidden
    states (its first ``accepted + 1`` rows per sequence, a view at batch 1); the drafts wait in
-   ``Sequence.mtp_draft`` and are dropped if the sequence's pending states change. The one-call draft step's inputs come from
-   :class:`~matrixinfer.engine.draft_inputs.DraftInputs` (Python integers into reused buffers). Catch-up
-   rows other than a sequence's last only write their latent into the MTP layer's cache: their
+   ``Sequence.mtp_draft`` and are dropped if the sequence's pending states change. The one-call
+   draft step's inputs come from :class:`~matrixinfer.engine.draft_inputs.DraftInputs` (Python
+   integers into reused buffers). Catch-up rows other than a sequence's last only write their latent into the MTP layer's cache: their
    attention output and MoE were never used.
 
 Prompt chunks fill their MTP entries in the step that computes them (:meth:`fill_prompt`), so
