@@ -26,8 +26,8 @@ One speculative step of a decoding sequence with ``c`` tokens computed:
    states (its first ``accepted + 1`` rows per sequence, a view at batch 1); the drafts wait in
    ``Sequence.mtp_draft`` and are dropped if the sequence's pending states change. The one-call
    draft step's inputs come from :class:`~matrixinfer.engine.draft_inputs.DraftInputs` (Python
-   integers into reused buffers). Catch-up rows other than a sequence's last only write their latent into the MTP layer's cache: their
-   attention output and MoE were never used.
+   integers into reused buffers). Catch-up rows other than a sequence's last only write their
+   latent into the MTP layer's cache: their attention output and MoE were never used.
 
 Prompt chunks fill their MTP entries in the step that computes them (:meth:`fill_prompt`), so
 prefix-cache and EMS blocks and a prefill instance's handoff carry them; a P/D prefill instance
