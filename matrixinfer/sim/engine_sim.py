@@ -15,6 +15,10 @@ reads its messages between steps, so a busy decode instance answers when its cur
 then the prefill instance computes the prompt and samples the first token (streamed to the client
 at once), then the prompt's KV goes to the decode instance (``transfer_s(prompt_len)``), which
 attaches it and decodes the rest. The two instances step independently.
+
+An instance that had no work since ``idle_since`` starts its next step after that idle gap, which
+the cost model charges as a wake-up (``idle_wake``); before the first request it has been idle
+since before the run (the bench's warm-up), longer than any profiled gap.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ class SimEngine:
         self.source_seconds: dict[str, float] = defaultdict(float)  # simulated step time by cost source
         self._chunks: list[tuple[_Seq, int]] = []
         self.reserves: list[int] = []  # requests whose reservation waits for the current step to end
+        self.idle_since: float | None = float("-inf")  # when the instance last ran out of work (None: busy)
 
     def free_blocks(self) -> int:
         return self.num_blocks - sum(s.blocks for s in self.running)
@@ -100,8 +105,8 @@ class SimEngine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def start_step(self) -> float:
-        """Plan a step with the engine's policy; returns its predicted duration."""
+    def start_step(self, now: float = 0.0) -> float:
+        """Plan a step starting at ``now`` with the engine's policy; returns its predicted duration."""
         bs = self.budget.block_size
         running = [SeqView(str(s.req.rid), s.tokens, s.computed, s.blocks, s.blocks) for s in self.running]
         waiting = [SeqView(str(s.req.rid), s.tokens, s.computed, 0) for s in self.waiting[:self.budget.max_seqs]]
@@ -127,7 +132,9 @@ class SimEngine:
         shape = StepShape(tuple(n for _, n in self._chunks), tuple(s.computed + n for s, n in self._chunks))
         sampled = sum(s.computed + n == s.tokens for s, n in self._chunks)
         self.steps += 1
-        cost = self.cost.step(shape, sampled, len(self.running))
+        idle_s = 0.0 if self.idle_since is None else now - self.idle_since
+        self.idle_since = None
+        cost = self.cost.step(shape, sampled, len(self.running), idle_s)
         for source, seconds in cost.sources().items():
             self.source_seconds[source] += seconds
         return cost.seconds
@@ -167,10 +174,12 @@ def simulate(requests: list[SimRequest], prefill: SimEngine, decode: SimEngine |
     def kick(idx: int, now: float) -> None:
         eng = engines[idx]
         if not eng.busy and eng.has_work():
-            dt = eng.start_step()
+            dt = eng.start_step(now)
             if eng._chunks:
                 eng.busy = True
                 heapq.heappush(events, (now + dt, next(tick), "step", idx))
+        if not eng.busy and not eng.has_work() and eng.idle_since is None:
+            eng.idle_since = now  # its loop now waits for a request
 
     def finish(s: _Seq, now: float) -> None:
         s.done = now

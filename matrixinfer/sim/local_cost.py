@@ -28,6 +28,11 @@ A step's time is built from operators, never from a fitted end-to-end constant:
   ``api_token``); the fair-share model put it at 13.3 ms, since the engine kept only 1.42 of the
   2 cores busy. A request's TTFT also gets the stack's latency (``api_request``,
   :meth:`LocalCostModel.request_latency`).
+- **Idle wake-up** (``idle_wake``, :mod:`matrixinfer.sim.profile_idle`): a step that starts after
+  the engine had no work for ``idle_s`` seconds costs the profiled extra time of a step after that
+  long an idle gap over the same step back to back (the team's threads, woken, wait for cores).
+  Gaps shorter than the smallest profiled one scale it down linearly to nothing at zero; longer
+  ones take the longest's. Profiles without it (taken before it existed) add nothing.
 
 Every term is a :class:`~matrixinfer.sim.profile_data.Cost` that says whether it came from the
 profile (interpolated), the scaled roofline (outside the grid) or the nearest measurement.
@@ -42,7 +47,7 @@ from matrixinfer.sim.local_ops import Dims, StepShape, work
 from matrixinfer.sim.profile_data import Cost, OpTable, Profile
 
 # host work (no roofline to scale); engine_cores is a ratio (cores busy), not seconds
-HOST_OPS = ("engine_host", "ems_get", "ems_put", "api_request", "api_token", "engine_cores")
+HOST_OPS = ("engine_host", "ems_get", "ems_put", "api_request", "api_token", "engine_cores", "idle_wake")
 REQUIRED_OPS = ("mla_prolog", "mla_core_q1", "mla_core_prefill", "mla_epilogue", "rmsnorm", "lm_head", "sampling",
                 "layer_decode", "step_decode", "step_prefill", "engine_host", "api_request", "api_token",
                 "engine_cores")
@@ -132,11 +137,16 @@ class LocalCostModel:
             out.add(self.op("composition_prefill", float(shape.tokens)))
         return out
 
-    def step(self, shape: StepShape, sampled: int, running: int) -> StepCost:
+    def step(self, shape: StepShape, sampled: int, running: int, idle_s: float = 0.0) -> StepCost:
         """An engine step: forward, sampling of ``sampled`` rows, host work with ``running`` sequences,
-        and the delivery of the ``sampled`` new tokens to ``running`` streaming clients."""
+        the delivery of the ``sampled`` new tokens to ``running`` streaming clients, and, when the
+        engine was idle for ``idle_s`` seconds before it, the wake-up."""
         streams = float(max(running, 1))
         out = self.forward(shape, sampled)
+        if idle_s > 0:
+            wake = self.idle_wake(shape.tokens, idle_s)
+            if wake is not None:
+                out.add(wake)
         if sampled:
             out.add(self.op("sampling", float(sampled)))
         out.add(self.op("engine_host", streams))
@@ -146,6 +156,18 @@ class LocalCostModel:
             idle = max(self.cores - team, 0.0) * out.seconds  # cores outside the engine's thread team
             out.add(Cost(max(per_token.seconds * sampled - idle, 0.0), per_token.source, "api_token"))
         return out
+
+    def idle_wake(self, tokens: int, idle_s: float) -> Cost | None:
+        """Extra time of a ``tokens``-token step after ``idle_s`` idle seconds (None: not profiled)."""
+        table = self.profile.ops.get("idle_wake")
+        if table is None or not table.points:
+            return None
+        ts, gaps = table.values(0), table.values(1)
+        t = min(max(float(tokens), ts[0]), ts[-1])  # the step sizes' range covers decode to long chunks
+        gap = min(idle_s, gaps[-1])
+        cost = self.profile.lookup("idle_wake", (t, max(gap, gaps[0])))
+        scale = min(gap / gaps[0], 1.0)  # below the shortest profiled gap: down to nothing at zero
+        return Cost(cost.seconds * scale, cost.source, "idle_wake")
 
     def request_latency(self, prompt_len: int) -> float:
         """What the serving stack adds to a request's TTFT (request parsing, the hand-off to the

@@ -182,6 +182,10 @@ def load_setup(profile_path: Path, model: str | None) -> Setup:
     if pd is colocated and max(1, cores // 2) != colocated.meta.get("threads"):
         notes.append(f"no {pd_path.name}: the P/D workers ({max(1, cores // 2)} thread(s) each) are simulated "
                      f"from the {colocated.meta.get('threads')}-thread profile")
+    for prof, path in ((colocated, profile_path), (pd, pd_path)):
+        if "idle_wake" not in prof.ops:
+            notes.append(f"{path.name} has no idle_wake (taken before it was profiled): steps after an idle "
+                         "engine are simulated as back-to-back steps")
     return Setup(model_path, cfg, LocalCostModel(colocated, dims), LocalCostModel(pd, dims), notes)
 
 

@@ -18,7 +18,8 @@ from matrixinfer.sim.profile_data import SCHEMA, VERSION, Profile, pchip
 EXPECTED_OPS = {"mla_prolog": 1, "mla_core_q1": 2, "mla_core_qk": 2, "mla_core_prefill": 1, "mla_epilogue": 1,
                 "dense_mlp": 1, "shared_expert": 1, "routing": 1, "experts": 1, "rmsnorm": 1, "lm_head": 1,
                 "sampling": 1, "layer_decode": 2, "layer_decode_dense": 2, "step_decode": 2, "step_prefill": 1,
-                "engine_host": 1, "ems_get": 2, "ems_put": 2, "api_request": 1, "api_token": 1, "engine_cores": 1}
+                "engine_host": 1, "ems_get": 2, "ems_put": 2, "api_request": 1, "api_token": 1, "engine_cores": 1,
+                "idle_wake": 2}
 
 
 def test_profile_command_writes_versioned_profile_on_tiny_grid(tmp_path, capsys):
@@ -39,7 +40,7 @@ def test_profile_command_writes_versioned_profile_on_tiny_grid(tmp_path, capsys)
     assert meta["threads"] == 1 and meta["grid"] == "tiny"
     prof = Profile.load(out)
     assert {k: len(t.axes) for k, t in prof.ops.items()} == EXPECTED_OPS
-    differences = ("engine_host", "api_token")  # measured as differences of two timings: >= 0, may be 0
+    differences = ("engine_host", "api_token", "idle_wake")  # differences of two timings: >= 0, may be 0
     assert all(s > 0 for name, t in prof.ops.items() for s in t.seconds if name not in differences)
     assert all(s >= 0 for name in differences for s in prof.ops[name].seconds)
     assert prof.roofline["gemm_flops"] > 1e8 and prof.roofline["stream_bw"] > 1e8
@@ -161,3 +162,45 @@ def test_engine_simulation_follows_the_step_costs():
     pd = simulate(reqs, engine(), engine(), max_concurrency=1, transfer_s=lambda n: 5e-3)
     assert pd.output_tokens == 80 and pd.mean_ttft < one.mean_ttft + 1e-9
     assert pd.mean_tpot == pytest.approx(one.mean_tpot + 5e-3 / 19, rel=0.05)
+
+
+def _with_idle_wake(prof: Profile) -> Profile:
+    """``idle_wake``: 1 ms for a decode step, 4 ms (5 ms idle) and 8 ms (100 ms idle) for a 64-token chunk."""
+    for t, short, long in ((1, 1e-3, 1e-3), (64, 4e-3, 8e-3)):
+        prof.table("idle_wake", ("tokens", "idle_s")).add((t, 0.005), short)
+        prof.table("idle_wake", ("tokens", "idle_s")).add((t, 0.1), long)
+    return prof
+
+
+def test_step_after_an_idle_engine_costs_the_profiled_wake_up():
+    dims = _dims()
+    model = LocalCostModel(_with_idle_wake(_synthetic(dims)), dims)
+    chunk = StepShape((64,), (64,))
+
+    def wake(idle_s: float) -> list[float]:
+        return [t.seconds for t in model.step(chunk, 1, 1, idle_s).terms if t.op == "idle_wake"]
+    assert wake(0.0) == []  # back to back: the profiled step as it is
+    assert wake(0.1) == [pytest.approx(8e-3)]
+    assert wake(30.0) == [pytest.approx(8e-3)]  # longer than profiled: the longest gap's
+    assert wake(0.0025) == [pytest.approx(2e-3)]  # half the shortest gap: half its cost
+    assert model.step(chunk, 1, 1, 0.1).seconds == pytest.approx(model.step(chunk, 1, 1).seconds + 8e-3)
+    assert wake(0.1) == [pytest.approx(8e-3)] and model.idle_wake(1, 0.1).seconds == pytest.approx(1e-3)
+    old = LocalCostModel(_synthetic(dims), dims)  # a profile from before idle_wake: nothing added
+    assert old.step(chunk, 1, 1, 0.1).seconds == pytest.approx(old.step(chunk, 1, 1).seconds)
+
+
+def test_requests_that_find_the_engine_idle_wait_for_its_wake_up():
+    """Two requests a second apart each find the engine idle: their prefill steps (and so TTFT)
+    get the 100 ms gap's wake-up; the decode steps run back to back and do not."""
+    dims = _dims()
+    woken, plain = LocalCostModel(_with_idle_wake(_synthetic(dims)), dims), LocalCostModel(_synthetic(dims), dims)
+    reqs = [SimRequest(0, 0.0, 64, 8), SimRequest(1, 1.0, 64, 8)]
+    a = simulate(reqs, SimEngine(woken, Budget(1024, 128, 16), 1000))
+    b = simulate(reqs, SimEngine(plain, Budget(1024, 128, 16), 1000))
+    assert a.ttft == [pytest.approx(x + 8e-3) for x in b.ttft]
+    assert a.tpot == [pytest.approx(x) for x in b.tpot]
+    # one in flight, the next sent as the last finishes: no idle gap, no wake-up after the first
+    now = [SimRequest(0, 0.0, 64, 8), SimRequest(1, 0.0, 64, 8)]
+    c = simulate(now, SimEngine(woken, Budget(1024, 128, 16), 1000), max_concurrency=1)
+    d = simulate(now, SimEngine(plain, Budget(1024, 128, 16), 1000), max_concurrency=1)
+    assert c.ttft[0] == pytest.approx(d.ttft[0] + 8e-3) and c.ttft[1] == pytest.approx(d.ttft[1])
