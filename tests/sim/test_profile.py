@@ -204,3 +204,27 @@ def test_requests_that_find_the_engine_idle_wait_for_its_wake_up():
     c = simulate(now, SimEngine(woken, Budget(1024, 128, 16), 1000), max_concurrency=1)
     d = simulate(now, SimEngine(plain, Budget(1024, 128, 16), 1000), max_concurrency=1)
     assert c.ttft[0] == pytest.approx(d.ttft[0] + 8e-3) and c.ttft[1] == pytest.approx(d.ttft[1])
+
+
+def test_idle_wake_profile_measures_the_extra_time_after_an_idle_gap():
+    """profile_idle against a step that takes 1 ms back to back and 4 ms more after 5 ms or more
+    of idle: the table says about 4 ms at the long gap and nothing at the short one."""
+    from matrixinfer.sim.profile_idle import profile_idle
+
+    last = [0.0]
+
+    def step_for(tokens: int):
+        def step() -> None:
+            import time
+            cold = time.perf_counter() - last[0] > 0.005
+            time.sleep(0.001 + (0.004 if cold else 0.0))
+            last[0] = time.perf_counter()
+        return step
+    prof = Profile({}, {})
+    assert list(profile_idle(step_for, (1, 16), (0.0005, 0.02), 3, prof.table)) == ["idle wake 1", "idle wake 16"]
+    table = prof.ops["idle_wake"]
+    assert table.axes == ("tokens", "idle_s") and len(table.points) == 4
+    by_point = dict(zip(table.points, table.seconds))
+    for t in (1.0, 16.0):
+        assert 0.0025 < by_point[(t, 0.02)] < 0.012  # loose: a loaded machine stretches sleeps
+        assert by_point[(t, 0.0005)] < 0.0025
