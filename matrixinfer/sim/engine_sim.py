@@ -12,9 +12,12 @@ output tokens / duration.
 
 P/D, as the router runs it: the decode instance first reserves blocks for the request (a worker
 reads its messages between steps, so a busy decode instance answers when its current step ends),
-then the prefill instance computes the prompt and samples the first token (streamed to the client
-at once), then the prompt's KV goes to the decode instance (``transfer_s(prompt_len)``), which
-attaches it and decodes the rest. The two instances step independently.
+then the prefill instance computes the prompt and samples the first token, then the prompt's KV
+goes to the decode instance (``transfer_s(prompt_len)``), which attaches it, again between its
+steps, and decodes the rest. The first token reaches the client from the decode instance when it
+attaches the KV (``PrefillWorker.emit`` hands the request off without streaming it), so TTFT
+includes the transfer and the wait for the decode instance's step to end. The two instances step
+independently.
 
 An instance that had no work since ``idle_since`` starts its next step after that idle gap, which
 the cost model charges as a wake-up (``idle_wake``); before the first request it has been idle
@@ -97,6 +100,7 @@ class SimEngine:
         self.source_seconds: dict[str, float] = defaultdict(float)  # simulated step time by cost source
         self._chunks: list[tuple[_Seq, int]] = []
         self.reserves: list[int] = []  # requests whose reservation waits for the current step to end
+        self.attaches: list[int] = []  # requests whose KV arrived during the current step (P/D decode)
         self.idle_since: float | None = float("-inf")  # when the instance last ran out of work (None: busy)
 
     def free_blocks(self) -> int:
@@ -193,6 +197,12 @@ def simulate(requests: list[SimRequest], prefill: SimEngine, decode: SimEngine |
             nxt = queued.pop(0)
             heapq.heappush(events, (max(now, nxt.offset), next(tick), "send", nxt.rid))
 
+    def attach(s: _Seq, now: float) -> None:
+        """The decode instance takes the sequence over and streams its first token."""
+        s.first = now
+        s.stop_after = s.req.output_len
+        engines[1].waiting.append(s)
+
     while events:
         now, _, kind, key = heapq.heappop(events)
         if kind == "send":
@@ -210,17 +220,20 @@ def simulate(requests: list[SimRequest], prefill: SimEngine, decode: SimEngine |
             prefill.waiting.append(seqs[key])
             kick(0, now)
         elif kind == "kv":
-            s = seqs[key]
-            s.stop_after = s.req.output_len
-            decode_eng = engines[1]
-            decode_eng.waiting.append(s)
-            kick(1, now)
+            if engines[1].busy:  # the decode worker attaches the KV between steps
+                engines[1].attaches.append(key)
+            else:
+                attach(seqs[key], now)
+                kick(1, now)
         else:
             eng = engines[key]
             eng.busy = False
             for rid in eng.reserves:  # the decode worker answers reservations between steps
                 heapq.heappush(events, (now, next(tick), "prefill", rid))
             eng.reserves.clear()
+            for rid in eng.attaches:
+                attach(seqs[rid], now)
+            eng.attaches.clear()
             for s in eng.end_step(now):
                 if s.generated >= s.req.output_len:
                     finish(s, now)
