@@ -47,7 +47,8 @@ from matrixinfer.sim.local_ops import Dims, StepShape, work
 from matrixinfer.sim.profile_data import Cost, OpTable, Profile
 
 # host work (no roofline to scale); engine_cores is a ratio (cores busy), not seconds
-HOST_OPS = ("engine_host", "ems_get", "ems_put", "api_request", "api_token", "engine_cores", "idle_wake")
+HOST_OPS = ("engine_host", "ems_get", "ems_put", "api_request", "api_token", "engine_cores", "idle_wake",
+            "kv_transfer")
 REQUIRED_OPS = ("mla_prolog", "mla_core_q1", "mla_core_prefill", "mla_epilogue", "rmsnorm", "lm_head", "sampling",
                 "layer_decode", "step_decode", "step_prefill", "engine_host", "api_request", "api_token",
                 "engine_cores")
@@ -168,6 +169,12 @@ class LocalCostModel:
         cost = self.profile.lookup("idle_wake", (t, max(gap, gaps[0])))
         scale = min(gap / gaps[0], 1.0)  # below the shortest profiled gap: down to nothing at zero
         return Cost(cost.seconds * scale, cost.source, "idle_wake")
+
+    def kv_transfer(self, tokens: int) -> float | None:
+        """Seconds to move a ``tokens``-token prompt's KV to a decode worker (None: not profiled)."""
+        if "kv_transfer" not in self.profile.ops:
+            return None
+        return self.op("kv_transfer", float(tokens)).seconds
 
     def request_latency(self, prompt_len: int) -> float:
         """What the serving stack adds to a request's TTFT (request parsing, the hand-off to the

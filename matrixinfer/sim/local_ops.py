@@ -28,6 +28,7 @@ Operator names and axes (``tokens`` = rows of the flat batch, ``kv_len`` = keys 
 | ``api_token`` | streams | CPU seconds (server + bench client) per token streamed to that many clients |
 | ``engine_cores`` | tokens | CPU seconds per second while the engine decodes that many sequences (cores busy) |
 | ``idle_wake`` | tokens x idle_s | extra seconds of a step (1 token: a decode step) after the engine idled that long |
+| ``kv_transfer`` | tokens | a prompt's KV from a prefill worker's sender to a decode worker's receiver, loopback |
 """
 
 from __future__ import annotations

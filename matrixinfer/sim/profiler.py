@@ -26,6 +26,7 @@ import torch
 from matrixinfer.sim.profile_api import profile_api
 from matrixinfer.sim.profile_data import Profile
 from matrixinfer.sim.profile_idle import profile_idle
+from matrixinfer.sim.profile_kv import profile_kv
 
 if TYPE_CHECKING:
     from matrixinfer.engine.model_runner import ModelRunner
@@ -55,6 +56,8 @@ class Grid:
     idle_tokens: tuple[int, ...] = (1, 16, 64, 256)  # step sizes of idle_wake (1: a decode step)
     idle_gaps: tuple[float, ...] = (0.005, 0.1)  # idle seconds before the step
     idle_rounds: int = 16
+    kv_tokens: tuple[int, ...] = (16, 64, 256, 1024)  # prompt lengths of the P/D KV transfer
+    kv_rounds: int = 8
 
 
 GRIDS = {
@@ -62,7 +65,7 @@ GRIDS = {
                  tokens_per_expert=(1, 2), host_batch=(1, 2), ems_block_kib=(4, 16), ems_concurrency=(1, 2),
                  ep=(2,), ep_tokens=(1, 4),
                  min_time=0.002, max_reps=3, api_prompt=(8,), api_streams=(1, 2), api_tokens=4,
-                 idle_tokens=(1, 8), idle_gaps=(0.001, 0.003), idle_rounds=2),
+                 idle_tokens=(1, 8), idle_gaps=(0.001, 0.003), idle_rounds=2, kv_tokens=(8, 16), kv_rounds=2),
     "full": Grid("full", tokens=(1, 4, 16, 64, 256, 1024), batch=(1, 4, 8, 16, 32, 64),
                  kv_len=(16, 64, 256, 1024), prefill=(16, 64, 128, 256, 512, 1024),
                  tokens_per_expert=(1, 4, 16, 64, 256), host_batch=(1, 8, 32, 64),
@@ -181,7 +184,7 @@ class Profiler:
         two = len(g.batch) * len(g.kv_len)
         n = len(g.tokens) + len(g.tokens_per_expert) + len(g.batch) + two + len(g.prefill) + 2
         if self.with_engine:
-            n += len(g.host_batch) + len(g.idle_tokens) + len(g.api_prompt) + len(g.api_streams)
+            n += len(g.host_batch) + len(g.idle_tokens) + len(g.kv_tokens) + len(g.api_prompt) + len(g.api_streams)
         if self.with_ems:
             n += 2 * len(g.ems_block_kib) * len(g.ems_concurrency)
         if self.with_ep:
@@ -202,6 +205,8 @@ class Profiler:
                 tick(label)
             for label in profile_idle(self._idle_step, self.grid.idle_tokens, self.grid.idle_gaps,
                                       self.grid.idle_rounds, self.prof.table):
+                tick(label)
+            for label in profile_kv(self._decode_engine(), self.grid.kv_tokens, self.grid.kv_rounds, self.prof.table):
                 tick(label)
             for label in profile_api(self.path, self.grid.api_prompt, self.grid.api_streams, self.grid.api_tokens,
                                      self.prof.table):
@@ -331,6 +336,15 @@ class Profiler:
             seq.num_computed = ctx - q_len
             batch.append((seq, q_len))
         return partial(runner.execute, batch)
+
+    def _decode_engine(self):
+        """An engine of the profiled model that can hold the longest profiled KV transfer."""
+        from matrixinfer.config import EngineConfig
+        from matrixinfer.engine.llm_engine import LLMEngine
+
+        return LLMEngine(EngineConfig(model=str(self.path), device=self.device.type, kv_cache_memory=64 << 20,
+                                      enable_prefix_caching=False),
+                         model=self.model)
 
     def _idle_step(self, tokens: int) -> Callable[[], object]:
         """``idle_wake``'s step: one sequence decoding (``tokens`` 1, 64 keys) or one prompt chunk."""

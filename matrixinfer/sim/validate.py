@@ -121,7 +121,10 @@ def simulate_scenario(sc: Scenario, setup: Setup) -> tuple[SimResult, float]:
         per_token = layers * cfg.kv_cache_dim * 4
 
         def transfer(n: int) -> float:
-            kib = per_token * ecfg.block_size / 1024
+            profiled = setup.pd.kv_transfer(n)
+            if profiled is not None:
+                return profiled
+            kib = per_token * ecfg.block_size / 1024  # older profiles: EMS gets per block as a stand-in
             blocks = -(-n // ecfg.block_size)
             return blocks * setup.pd.profile.lookup("ems_get", (kib, 1.0)).seconds
         res = simulate(reqs, pre, dec, sc.max_concurrency, transfer)
@@ -183,6 +186,8 @@ def load_setup(profile_path: Path, model: str | None) -> Setup:
         notes.append(f"no {pd_path.name}: the P/D workers ({max(1, cores // 2)} thread(s) each) are simulated "
                      f"from the {colocated.meta.get('threads')}-thread profile")
     for prof, path in ((colocated, profile_path), (pd, pd_path)):
+        if "kv_transfer" not in prof.ops and prof is pd:
+            notes.append(f"{path.name} has no kv_transfer: the P/D KV transfer is simulated as EMS gets per block")
         if "idle_wake" not in prof.ops:
             notes.append(f"{path.name} has no idle_wake (taken before it was profiled): steps after an idle "
                          "engine are simulated as back-to-back steps")

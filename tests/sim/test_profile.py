@@ -19,7 +19,7 @@ EXPECTED_OPS = {"mla_prolog": 1, "mla_core_q1": 2, "mla_core_qk": 2, "mla_core_p
                 "dense_mlp": 1, "shared_expert": 1, "routing": 1, "experts": 1, "rmsnorm": 1, "lm_head": 1,
                 "sampling": 1, "layer_decode": 2, "layer_decode_dense": 2, "step_decode": 2, "step_prefill": 1,
                 "engine_host": 1, "ems_get": 2, "ems_put": 2, "api_request": 1, "api_token": 1, "engine_cores": 1,
-                "idle_wake": 2}
+                "idle_wake": 2, "kv_transfer": 1}
 
 
 def test_profile_command_writes_versioned_profile_on_tiny_grid(tmp_path, capsys):
@@ -239,3 +239,14 @@ def test_idle_wake_profile_measures_the_extra_time_after_an_idle_gap():
     for t in (1.0, 16.0):
         assert 0.0025 < by_point[(t, 0.02)] < 0.012  # loose: a loaded machine stretches sleeps
         assert by_point[(t, 0.0005)] < 0.0025
+
+
+def test_kv_transfer_comes_from_the_profile_when_it_has_one():
+    dims = _dims()
+    prof = _synthetic(dims)
+    assert LocalCostModel(prof, dims).kv_transfer(160) is None  # older profiles: the caller's stand-in
+    for t, s in ((16, 0.8e-3), (256, 1.1e-3), (1024, 2.6e-3)):
+        prof.table("kv_transfer", ("tokens",)).add((t,), s)
+    model = LocalCostModel(prof, dims)
+    assert 0.8e-3 < model.kv_transfer(160) < 1.1e-3
+    assert model.kv_transfer(2048) == pytest.approx(2.6e-3 + (2.6e-3 - 1.1e-3) * 1024 / 768)  # the last segment
