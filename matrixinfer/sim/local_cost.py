@@ -144,10 +144,6 @@ class LocalCostModel:
         engine was idle for ``idle_s`` seconds before it, the wake-up."""
         streams = float(max(running, 1))
         out = self.forward(shape, sampled)
-        if idle_s > 0:
-            wake = self.idle_wake(shape.tokens, idle_s)
-            if wake is not None:
-                out.add(wake)
         if sampled:
             out.add(self.op("sampling", float(sampled)))
         out.add(self.op("engine_host", streams))
@@ -156,6 +152,9 @@ class LocalCostModel:
             team = max(self.threads, self.op("engine_cores", streams).seconds)
             idle = max(self.cores - team, 0.0) * out.seconds  # cores outside the engine's thread team
             out.add(Cost(max(per_token.seconds * sampled - idle, 0.0), per_token.source, "api_token"))
+        wake = self.idle_wake(shape.tokens, idle_s) if idle_s > 0 else None
+        if wake is not None:  # after the delivery: the wait for cores gives the stack no idle core
+            out.add(wake)
         return out
 
     def idle_wake(self, tokens: int, idle_s: float) -> Cost | None:

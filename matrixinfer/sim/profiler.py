@@ -53,7 +53,7 @@ class Grid:
     api_prompt: tuple[int, ...] = (16, 256)  # prompt lengths of the API's request latency
     api_streams: tuple[int, ...] = (1, 8, 32, 64)  # concurrent streams of the API's per-token cost
     api_tokens: int = 64  # tokens per stream
-    idle_tokens: tuple[int, ...] = (1, 16, 64, 256)  # step sizes of idle_wake (1: a decode step)
+    idle_tokens: tuple[int, ...] = (1, 16, 64, 128, 256, 512)  # step sizes of idle_wake (1: a decode step)
     idle_gaps: tuple[float, ...] = (0.005, 0.1)  # idle seconds before the step
     idle_rounds: int = 16
     kv_tokens: tuple[int, ...] = (16, 64, 256, 1024)  # prompt lengths of the P/D KV transfer
