@@ -254,6 +254,10 @@ class EngineConfig:
         microbatches: 2 splits each forward pass of an EP instance (--ep >= 2) into two
             microbatches, so that one's dispatch/combine is in flight while the other computes
             (the reference design's two-microbatch pipeline); 1 runs the batch whole.
+        cpu_bind: CPU engines: pin the engine thread's OpenMP threads to CPUs, one each. ``auto``
+            pins where the engine's threads take every core the process may use (the colocated
+            engine; engines that share a host's cores are left unpinned), ``none`` never, and a
+            list (``0,1``, ``0-3``) pins thread i to the i-th CPU listed.
     """
 
     model: str | None = None
@@ -284,6 +288,7 @@ class EngineConfig:
     eplb_interval: int = 0
     eplb_target: float = 1.05
     microbatches: int = field(default=1, metadata={"choices": [1, 2]})
+    cpu_bind: str = "auto"
 
     def __post_init__(self) -> None:
         if self.ep < 1 or self.nnodes < 1 or self.ep % self.nnodes:
@@ -314,6 +319,9 @@ class EngineConfig:
             raise ValueError(f"speculative_max_batch must be >= 0, got {self.speculative_max_batch}")
         if self.kv_cache_dtype not in ("auto", "int8"):
             raise ValueError(f"kv_cache_dtype must be 'auto' or 'int8', got {self.kv_cache_dtype!r}")
+        from matrixinfer.engine.cpu_affinity import check_setting
+
+        check_setting(self.cpu_bind)
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

@@ -13,7 +13,10 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 
+import torch
+
 from matrixinfer.engine.commands import Abort, AddRequest, Inbox
+from matrixinfer.engine.cpu_affinity import bind_engine_thread, release
 from matrixinfer.engine.errors import EngineDeadError, RequestFailedError
 from matrixinfer.engine.llm_engine import LLMEngine
 from matrixinfer.engine.outputs import EngineStats, RequestOutput, drain
@@ -131,7 +134,20 @@ class AsyncEngine:
             log.exception("request %s: %s failed", rid, type(command).__name__)
             self._deliver(rid, RequestFailedError(f"processing the request failed: {exc!r}"))
 
+    def _pin(self) -> list[int] | None:
+        """This thread's OpenMP team pinned per ``--cpu-bind`` (engine/cpu_affinity.py), on a CPU
+        engine; a failure to pin is logged and the engine runs unpinned."""
+        cfg, runner = getattr(self.engine, "cfg", None), getattr(self.engine, "runner", None)
+        if cfg is None or runner is None or runner.device.type != "cpu":
+            return None
+        try:
+            return bind_engine_thread(cfg.cpu_bind, torch.get_num_threads())
+        except (OSError, ValueError) as exc:
+            log.warning("not pinning the engine's threads: %s", exc)
+            return None
+
     def _loop(self) -> None:
+        pinned = self._pin()
         try:
             while not self._stop:
                 for command in self._inbox.drain():
@@ -150,6 +166,8 @@ class AsyncEngine:
                 ids = list(self._streams)
             for rid in ids:
                 self._deliver(rid, EngineDeadError(f"engine failed: {exc!r}"))
+        finally:
+            release(pinned)
 
 
 def _put_all(pairs: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -> None:

@@ -26,9 +26,10 @@ CLIP_AFTER = 3  # ... once the bucket's estimate rests on this many measured ste
 class StepCosts:
     """Seconds per decode step, measured at batch sizes ``batches`` (ascending): ``plain`` without
     speculation, ``spec[k - 1]`` with ``k`` drafts per sequence. ``complete`` says the measurement
-    stopped because speculation could no longer pay at any acceptance (so larger batches never
-    speculate); otherwise it stopped for lack of KV blocks and larger batches extrapolate the last
-    two points."""
+    stopped because speculation could no longer pay at any acceptance at its last batch size (so
+    that batch and larger ones never speculate: asking the policy there only costs its exploration,
+    each explored step at batch 64 of the demo model 2-3x a plain one); otherwise it stopped for
+    lack of KV blocks and larger batches extrapolate the last two points."""
 
     batches: tuple[int, ...]
     plain: tuple[float, ...]
@@ -47,12 +48,12 @@ class StepCosts:
     @property
     def limit(self) -> int | None:
         """The largest batch that may speculate (None: any)."""
-        return self.batches[-1] if self.complete else None
+        return self.batches[-1] - 1 if self.complete else None
 
     def at(self, batch: int) -> tuple[float, list[float]] | None:
         """``(t_plain, [t_1, ..., t_K])`` at ``batch`` (linear between measured sizes), or None past a
         complete measurement."""
-        if batch > self.batches[-1] and self.complete:
+        if batch >= self.batches[-1] and self.complete:
             return None
         return self._interp(self.plain, batch), [self._interp(s, batch) for s in self.spec]
 

@@ -287,6 +287,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def bind_team(cpus: list[int], threads: int) -> None:
+    """Pin the calling thread's OpenMP team of ``threads`` threads to ``cpus`` (thread ``i`` to
+    ``cpus[i % len(cpus)]``; ``mi_bind_team``). The team is the one every later parallel region of
+    this thread reuses while its size stays ``threads``."""
+    if not cpus:
+        raise ValueError("bind_team: no CPUs given")
+    ids = torch.tensor(cpus, dtype=torch.int64)
+    if _lib().mi_bind_team(ids.data_ptr(), len(cpus), threads) != 0:
+        raise OSError(f"could not pin the OpenMP threads to CPUs {cpus}")
+
+
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """Index of the first largest value of each row of a float32 ``[rows, n]`` tensor."""
     lib = _lib()

@@ -123,4 +123,8 @@ void mi_mla_kv_prolog(const float *kv, const float *norm_w, float eps, const flo
                       const int64_t *slots, int64_t num_tokens, int64_t rank, int64_t rope, int interleaved,
                       float *cache, int nthreads);
 
+/* Pins the calling thread's OpenMP team of nthreads threads to CPUs, thread i to cpus[i % ncpus]
+ * (affinity.c; Linux). Returns 0, or -1 where a thread could not be pinned. */
+int mi_bind_team(const int64_t *cpus, int64_t ncpus, int nthreads);
+
 #endif

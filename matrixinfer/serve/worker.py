@@ -28,9 +28,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from matrixinfer import envs
 from matrixinfer.config import EngineConfig
 from matrixinfer.engine.commands import Abort, Inbox
+from matrixinfer.engine.cpu_affinity import bind_engine_thread, release
 from matrixinfer.engine.errors import RequestError
 from matrixinfer.engine.kv_connector import KVConnector, MultiConnector
 from matrixinfer.engine.llm_engine import LLMEngine
@@ -142,6 +145,18 @@ class Worker:
 
     def run(self) -> None:
         quiet_gc()
+        pinned = None
+        if self.engine.runner.device.type == "cpu":
+            try:
+                pinned = bind_engine_thread(self.engine.cfg.cpu_bind, torch.get_num_threads())
+            except (OSError, ValueError) as exc:
+                log.warning("%s: not pinning the engine's threads: %s", self.instance_id, exc)
+        try:
+            self._run()
+        finally:
+            release(pinned)
+
+    def _run(self) -> None:
         while not self.stopped.is_set():
             for msg in self.inbox.drain():
                 try:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
+from matrixinfer.engine.cpu_affinity import bind_engine_thread, release
 from matrixinfer.sim.profile_api import profile_api
 from matrixinfer.sim.profile_data import Profile
 from matrixinfer.sim.profile_idle import profile_idle
@@ -510,10 +511,14 @@ def _on_worker_thread(fn: Callable[[Callable[[str], None]], Profile], tick: Call
     errors: list[BaseException] = []
 
     def target() -> None:
-        try:
+        pinned = None
+        try:  # the team pinned as a served engine's is (--cpu-bind auto: engine/cpu_affinity.py)
+            pinned = bind_engine_thread("auto", torch.get_num_threads())
             result.append(fn(tick))
         except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
             errors.append(exc)
+        finally:
+            release(pinned)
     thread = threading.Thread(target=target, name="profile")
     thread.start()
     thread.join()

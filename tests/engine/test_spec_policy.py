@@ -111,11 +111,12 @@ def test_policy_speculates_where_the_measured_costs_pay():
     for _ in range(5000):  # acceptance falls to ~0.2: speculation stops paying even at batch 1
         tracker.record(1, int(rng.random() < 0.2))
     assert tracker.rates()[0] == pytest.approx(0.2, abs=0.05) and not policy.speculate(1)
-    # a complete measurement: past its last batch size speculation never pays, nor is it tried
+    # a complete measurement: from its last batch size on (where no acceptance could make it pay)
+    # speculation is neither chosen nor tried
     done = StepCosts((1, 2), plain=(1.0, 1.0), spec=((1.1, 2.0),), complete=True)
     policy = SpecPolicy(1, AcceptanceTracker(1), done)
-    assert policy.speculate(1) and not policy.speculate(3) and policy.limit == 2
-    assert not any(policy.decide(3) for _ in range(2000))
+    assert policy.speculate(1) and not policy.speculate(2) and policy.limit == 1
+    assert not any(policy.decide(2) or policy.decide(3) for _ in range(2000))
     assert SpecPolicy(2, AcceptanceTracker(2), max_batch=4).speculate(4)
     assert not SpecPolicy(2, AcceptanceTracker(2), max_batch=4).speculate(5)
     assert SpecPolicy(2, AcceptanceTracker(2), max_batch=4).limit == 4
@@ -169,7 +170,7 @@ def test_a_declining_policy_explores_and_learns_the_acceptance():
     """At the prior acceptance (0.6) one draft does not pay at 1.55x a plain step, so the policy
     declines, but running it loses little, so its turns come every EXPLORE_MIN steps; once
     acceptance is measured at 0.8 it speculates."""
-    costs = StepCosts((1, 8), plain=(1.0, 1.0), spec=((1.55, 2.2),), complete=True)
+    costs = StepCosts((1, 8, 16), plain=(1.0, 1.0, 1.0), spec=((1.55, 2.2, 2.5),), complete=True)
     tracker = AcceptanceTracker(1)
     policy = SpecPolicy(1, tracker, costs)
     assert policy.choose(1) == 0
