@@ -35,7 +35,11 @@ def profile_kv(engine, tokens: tuple[int, ...], rounds: int, table) -> Iterator[
     stopped = threading.Event()
     failures: list[str] = []
     receiver = KVReceiver(engine, "127.0.0.1", lambda done: arrived.set(), stopped)
-    sender = KVSender(lambda rid, err: (failures.append(err), arrived.set()))
+    def failed(rid: str, err: str) -> None:
+        failures.append(err)
+        arrived.set()
+
+    sender = KVSender(failed)
     try:
         n = 0
         for t in tokens:
