@@ -56,7 +56,13 @@ def register(subparsers) -> None:
     des.set_defaults(func=_cmd_des)
     val = simsub.add_parser("validate", help="simulate this machine's engine from a profile and compare with "
                             "measured `matrixinfer bench` runs (colocated and P/D)")
-    val.add_argument("--profile", default="profile.json", help="profile taken here (`matrixinfer profile`)")
+    val.add_argument("--profile", default=None,
+                     help="profile taken here (`matrixinfer profile`); alone, every scenario is simulated from it. "
+                          "Without it, --profile-each on a small grid taken at start")
+    val.add_argument("--profile-each", action="store_true",
+                     help="before each scenario and each repeat, re-measure the profile points its simulation "
+                          "reads (its deployment's thread count) and simulate from those over the base profile: "
+                          "this machine's speed drifts more in minutes than the bar allows")
     val.add_argument("--model", default=None, help="checkpoint (default: the built-in demo model)")
     val.add_argument("--quick", action="store_true", help="few short runs (a smoke test, not the bar)")
     val.add_argument("--skip-pd", action="store_true", help="colocated engine only")

@@ -72,6 +72,12 @@ GRIDS = {
                  tokens_per_expert=(1, 4, 16, 64, 256), host_batch=(1, 8, 32, 64),
                  ems_block_kib=(16, 64, 256, 1024), ems_concurrency=(1, 2, 4), ep=(2, 4), ep_tokens=(1, 8, 64),
                  min_time=0.15, max_reps=200),
+    # the base of `simulate validate` when no --profile is given: the validation's shapes, coarser,
+    # no EMS or EP (each scenario then re-measures the part of it that its simulation reads)
+    "small": Grid("small", tokens=(1, 16, 64, 256), batch=(1, 8, 32, 64), kv_len=(16, 64, 256),
+                  prefill=(16, 64, 256), tokens_per_expert=(1, 4, 16, 64), host_batch=(1, 8, 32, 64),
+                  ems_block_kib=(), ems_concurrency=(), ep=(), ep_tokens=(), min_time=0.1, max_reps=100,
+                  api_streams=(1, 8, 64), idle_tokens=(1, 64, 256), idle_rounds=8, kv_tokens=(16, 256), kv_rounds=4),
 }
 
 
@@ -130,7 +136,10 @@ class Profiler:
     """Loads the model once and measures each operator family into a :class:`Profile`."""
 
     def __init__(self, model_path: Path, device: torch.device, grid: Grid, threads: int,
-                 with_ems: bool = True, with_engine: bool = True, with_ep: bool = True) -> None:
+                 with_ems: bool = True, with_engine: bool = True, with_ep: bool = True,
+                 model=None) -> None:
+        """``model``: an already loaded model of ``model_path`` (``simulate validate`` profiles
+        before every scenario and loads the model once)."""
         from matrixinfer.model.loader import load_model
 
         self.path, self.device, self.grid, self.threads = model_path, device, grid, threads
@@ -139,8 +148,8 @@ class Profiler:
         self.with_ems, self.with_engine = with_ems, with_engine
         self.with_ep = with_ep and available() and device.type == "cpu" and bool(grid.ep)
         torch.set_num_threads(threads)
-        self.model = load_model(model_path, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16,
-                                device=device, progress=False)
+        self.model = model if model is not None else load_model(
+            model_path, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16, device=device, progress=False)
         self.cfg = self.model.config
         self.prof = Profile(header(device, grid, model_path, threads))
         self.block_size = 16
@@ -201,17 +210,20 @@ class Profiler:
             tick(label)
         for label in self._attention_and_steps():
             tick(label)
-        if self.with_engine:
-            for label in self._engine_host():
-                tick(label)
-            for label in profile_idle(self._idle_step, self.grid.idle_tokens, self.grid.idle_gaps,
-                                      self.grid.idle_rounds, self.prof.table):
-                tick(label)
-            for label in profile_kv(self._decode_engine(), self.grid.kv_tokens, self.grid.kv_rounds, self.prof.table):
-                tick(label)
-            for label in profile_api(self.path, self.grid.api_prompt, self.grid.api_streams, self.grid.api_tokens,
-                                     self.prof.table):
-                tick(label)
+        if self.with_engine:  # a family with no points in the grid is skipped (focused grids)
+            g = self.grid
+            if g.host_batch:
+                for label in self._engine_host():
+                    tick(label)
+            if g.idle_tokens and g.idle_gaps:
+                for label in profile_idle(self._idle_step, g.idle_tokens, g.idle_gaps, g.idle_rounds, self.prof.table):
+                    tick(label)
+            if g.kv_tokens:
+                for label in profile_kv(self._decode_engine(), g.kv_tokens, g.kv_rounds, self.prof.table):
+                    tick(label)
+            if g.api_prompt and g.api_streams:
+                for label in profile_api(self.path, g.api_prompt, g.api_streams, g.api_tokens, self.prof.table):
+                    tick(label)
         if self.with_ems:
             for label in self._ems():
                 tick(label)
@@ -525,6 +537,13 @@ def _on_worker_thread(fn: Callable[[Callable[[str], None]], Profile], tick: Call
     if errors:
         raise errors[0]
     return result[0]
+
+
+def measure(model_path: Path, grid: Grid, device: torch.device, threads: int, model=None) -> Profile:
+    """Measure ``grid`` without EMS or EP and write nothing: the per-scenario profiles of
+    ``simulate validate --profile-each`` (``model``: the model already loaded, or None)."""
+    profiler = Profiler(model_path, device, grid, threads, with_ems=False, with_ep=False, model=model)
+    return _on_worker_thread(profiler.run, lambda label: None)
 
 
 def run_profile(model_path: Path, out: Path, grid: Grid, device: torch.device, threads: int,

@@ -6,6 +6,11 @@ against a real ``matrixinfer serve`` (``--colocated``, and the default P/D deplo
 gives both figures, the error and the bar (10% colocated, 15% P/D), and for each simulated figure
 the share of step time that came from interpolated profile points (the rest from the scaled
 roofline or the nearest measurement).
+
+With ``--profile-each`` (the default when no ``--profile`` is given) every scenario, and every
+repeat of it, is simulated from operator points measured right before its measured run: the
+machine's speed here drifts by up to 2x over minutes, more than the bar, so a profile and a
+measurement minutes apart disagree whatever the model does (:mod:`matrixinfer.sim.profile_focus`).
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ class Row:
     measured: float | None = None
     profile_share: float = 1.0
     spread: float | None = None  # (max - min) / mean of the measured repeats: the noise floor
+    sim_spread: float | None = None  # the same over the simulated repeats (each from its own profile)
+    repeats: list[tuple[float, float | None]] = field(default_factory=list)  # (simulated, measured) per repeat
 
     @property
     def error(self) -> float | None:
@@ -197,48 +204,79 @@ def load_setup(profile_path: Path, model: str | None) -> Setup:
 def format_rows(rows: list[Row]) -> str:
     units = {"output_throughput": "tok/s", "ttft": "ms", "tpot": "ms"}
     lines = [f"{'deployment':<10} {'scenario':<16} {'figure':<18} {'simulated':>10} {'measured':>10} "
-             f"{'error':>8} {'bar':>5}  ok   profile  spread", "-" * 108]
+             f"{'error':>8} {'bar':>5}  ok   profile  spread  sim spread", "-" * 120]
     for r in rows:
         meas = "-" if r.measured is None else f"{r.measured:>10.1f}"
         err = "-" if r.error is None else f"{r.error:+.1%}"
         ok = "-" if r.error is None else ("yes" if abs(r.error) <= r.bar else "NO")
         lines.append(f"{r.deployment:<10} {r.scenario:<16} {r.figure + ' ' + units[r.figure]:<18} "
                      f"{r.simulated:>10.1f} {meas:>10} {err:>8} {r.bar:>5.0%}  {ok:<4} {r.profile_share:>7.0%}  "
-                     + ("-" if r.spread is None else f"{r.spread:.0%}"))
+                     + f"{'-' if r.spread is None else f'{r.spread:.0%}':<6}  "
+                     + ("-" if r.sim_spread is None else f"{r.sim_spread:.0%}"))
     judged = [r for r in rows if r.error is not None]
     if judged:
         held = sum(abs(r.error) <= r.bar for r in judged)  # type: ignore[arg-type]
-        lines.append("-" * 108)
+        lines.append("-" * 120)
         lines.append(f"{held}/{len(judged)} figures within their bar (colocated 10%, P/D 15%)")
     return "\n".join(lines)
+
+
+def _spread(values: list[float]) -> float | None:
+    m = sum(values) / len(values)
+    return (max(values) - min(values)) / m if len(values) > 1 and m else None
 
 
 def run_validation(args) -> int:
     if args.repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
-    setup = load_setup(Path(args.profile), args.model)
+    each = args.profile_each or args.profile is None
+    if each:
+        from matrixinfer.sim.validate_each import FocusedProfiles
+
+        focused = FocusedProfiles.start(Path(args.profile) if args.profile else None, args.model)
+        setup = focused.setup
+    else:
+        setup = load_setup(Path(args.profile), args.model)
     for note in setup.notes:
         print(f"note: {note}")
-    print(f"profile {args.profile}: {setup.colocated.profile.meta.get('device_name')}, taken "
-          f"{setup.colocated.profile.meta.get('date')} at load average "
-          f"{setup.colocated.profile.meta.get('load_avg_start', 0):.1f}; load average now {os.getloadavg()[0]:.1f}")
+    base = setup.colocated.profile.meta
+    print(f"base profile {args.profile or '(small grid, taken now)'}: {base.get('device_name')}, taken "
+          f"{base.get('date')} at load average {base.get('load_avg_start', 0):.1f}; load average now "
+          f"{os.getloadavg()[0]:.1f}" + ("; each scenario re-profiles what it reads before it is measured"
+                                          if each else ""))
     rows: list[Row] = []
     for sc in scenarios(args.quick):
         if sc.deployment == "pd" and args.skip_pd:
             continue
-        res, share = simulate_scenario(sc, setup)
-        runs = [] if args.simulate_only else [measure_scenario(sc, setup.model_path) for _ in range(args.repeats)]
+        sims: list[tuple[SimResult, float]] = []
+        runs: list[dict[str, float]] = []
+        for r in range(args.repeats if each else 1):
+            if each:
+                sc_setup, fresh = focused.for_scenario(sc)
+                meta, points = fresh.meta, sum(len(t.points) for t in fresh.ops.values())
+                print(f"  {sc.name} [{r + 1}/{args.repeats}]: profile of {points} points ({meta['threads']} "
+                      f"thread(s)) taken {meta['date']} in {meta['wall_s']} s, load average "
+                      f"{meta['load_avg_start']:.1f} -> {meta['load_avg_end']:.1f}", flush=True)
+                sims.append(simulate_scenario(sc, sc_setup))
+                if not args.simulate_only:
+                    runs.append(measure_scenario(sc, setup.model_path))
+            else:
+                sims.append(simulate_scenario(sc, setup))
+                if not args.simulate_only:
+                    runs = [measure_scenario(sc, setup.model_path) for _ in range(args.repeats)]
+        share = sum(sh for _, sh in sims) / len(sims)
         for fig in sc.figures:
-            m = spread = None
-            if runs:
-                values = [run[fig] for run in runs]
-                m = sum(values) / len(values)
-                spread = (max(values) - min(values)) / m if len(values) > 1 and m else None
-            rows.append(Row(sc.name, sc.deployment, fig, _figure(res, fig), m, share, spread))
+            simulated = [_figure(res, fig) for res, _ in sims]
+            measured = [run[fig] for run in runs]
+            m = sum(measured) / len(measured) if measured else None
+            pairs: list[tuple[float, float | None]] = (
+                list(zip(simulated, measured)) if each else [(simulated[0], v) for v in measured])
+            rows.append(Row(sc.name, sc.deployment, fig, sum(simulated) / len(simulated), m, share,
+                            _spread(measured) if measured else None, _spread(simulated), pairs))
         print(f"  {sc.name}: done (load average {os.getloadavg()[0]:.1f})", flush=True)
     print(format_rows(rows))
     if args.result_json:
         Path(args.result_json).write_text(json.dumps(
-            {"profile": args.profile, "load_avg_end": os.getloadavg()[0], "notes": setup.notes,
+            {"profile": args.profile, "profile_each": each, "load_avg_end": os.getloadavg()[0], "notes": setup.notes,
              "rows": [{**r.__dict__, "error": r.error, "bar": r.bar} for r in rows]}, indent=1))
     return 0
