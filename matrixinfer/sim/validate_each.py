@@ -39,6 +39,7 @@ class FocusedProfiles:
     model: object
     device: torch.device
     dims: Dims
+    pd_base_pending: bool = False  # no --profile: the P/D base is taken before the first P/D scenario
 
     @classmethod
     def start(cls, profile_path: Path | None, model: str | None) -> FocusedProfiles:
@@ -61,18 +62,23 @@ class FocusedProfiles:
         if profile_path is None:
             cores = os.cpu_count() or 1
             colocated = measure(model_path, GRIDS["small"], device, deployment_threads("colocated", cores), loaded)
-            pd = measure(model_path, GRIDS["small"], device, deployment_threads("pd", cores), loaded)
-            setup = Setup(model_path, cfg, LocalCostModel(colocated, dims), LocalCostModel(pd, dims),
-                          [f"no --profile: the base is the small grid, taken now ({colocated.meta['wall_s']} + "
-                           f"{pd.meta['wall_s']} s)"])
-        return cls(setup, loaded, device, dims)
+            base = LocalCostModel(colocated, dims)
+            setup = Setup(model_path, cfg, base, base,
+                          [f"no --profile: the base is the small grid, taken now ({colocated.meta['wall_s']} s; "
+                           "the P/D workers' before the first P/D scenario)"])
+        return cls(setup, loaded, device, dims, pd_base_pending=profile_path is None)
 
     def for_scenario(self, sc: Scenario) -> tuple[Setup, Profile]:
         """The setup to simulate ``sc`` from: the base with the tables its simulation reads measured
         now; and the fresh profile itself (its header says when and at what load)."""
-        from matrixinfer.sim.profiler import measure
+        from matrixinfer.sim.profiler import GRIDS, measure
 
         colocated = sc.deployment == "colocated"
+        if not colocated and self.pd_base_pending:
+            threads = deployment_threads("pd", os.cpu_count() or 1)
+            pd = measure(self.setup.model_path, GRIDS["small"], self.device, threads, self.model)
+            self.setup = replace(self.setup, pd=LocalCostModel(pd, self.dims))
+            self.pd_base_pending = False
         base = (self.setup.colocated if colocated else self.setup.pd).profile
         recorder = RecordingCostModel(base, self.dims)
         simulate_scenario(sc, replace(self.setup, colocated=recorder, pd=recorder))
