@@ -136,15 +136,11 @@ class AsyncEngine:
 
     def _pin(self) -> list[int] | None:
         """This thread's OpenMP team pinned per ``--cpu-bind`` (engine/cpu_affinity.py), on a CPU
-        engine; a failure to pin is logged and the engine runs unpinned."""
+        engine (stand-in engines without a runner are left alone)."""
         cfg, runner = getattr(self.engine, "cfg", None), getattr(self.engine, "runner", None)
         if cfg is None or runner is None or runner.device.type != "cpu":
             return None
-        try:
-            return bind_engine_thread(cfg.cpu_bind, torch.get_num_threads())
-        except (OSError, ValueError) as exc:
-            log.warning("not pinning the engine's threads: %s", exc)
-            return None
+        return bind_engine_thread(cfg.cpu_bind, torch.get_num_threads())
 
     def _loop(self) -> None:
         pinned = self._pin()

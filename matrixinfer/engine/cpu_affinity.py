@@ -72,16 +72,22 @@ def team_cpus(setting: str, threads: int, available: Sequence[int], claimed: Seq
 def bind_engine_thread(setting: str, threads: int) -> list[int] | None:
     """Pin the calling thread's OpenMP team of ``threads`` (see :func:`team_cpus`); returns the CPUs
     (to :func:`release` when the thread ends), or None where nothing was pinned. Only where the
-    native kernels are in use (their OpenMP runtime is the one torch runs)."""
+    native kernels are in use (their OpenMP runtime is the one torch runs). A setting that cannot
+    be applied here (CPUs this process may not use, a failed pinning) is logged and the engine
+    runs unpinned."""
     from matrixinfer import kernels
 
     if not hasattr(os, "sched_getaffinity") or not kernels.available():
         return None
     with _lock:
-        cpus = team_cpus(setting, threads, sorted(os.sched_getaffinity(0)), sorted(_claimed))
-        if not cpus:
+        try:
+            cpus = team_cpus(setting, threads, sorted(os.sched_getaffinity(0)), sorted(_claimed))
+            if not cpus:
+                return None
+            kernels.bind_team(cpus, threads)
+        except (OSError, ValueError) as exc:
+            log.warning("not pinning the engine's threads: %s", exc)
             return None
-        kernels.bind_team(cpus, threads)
         _claimed.update(cpus)
     log.info("engine thread's %d OpenMP threads pinned to CPUs %s (--cpu-bind %s)", threads, cpus, setting)
     return cpus

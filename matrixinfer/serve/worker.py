@@ -145,12 +145,8 @@ class Worker:
 
     def run(self) -> None:
         quiet_gc()
-        pinned = None
-        if self.engine.runner.device.type == "cpu":
-            try:
-                pinned = bind_engine_thread(self.engine.cfg.cpu_bind, torch.get_num_threads())
-            except (OSError, ValueError) as exc:
-                log.warning("%s: not pinning the engine's threads: %s", self.instance_id, exc)
+        pinned = bind_engine_thread(self.engine.cfg.cpu_bind, torch.get_num_threads()) \
+            if self.engine.runner.device.type == "cpu" else None
         try:
             self._run()
         finally:

@@ -236,17 +236,23 @@ def test_one_call_draft_step_matches_the_per_operator_path(demo, monkeypatch):
     assert deep_t == eng.runner.logits(per_op_h, mtp=True).argmax(-1).tolist()
 
 
+def _ahead_setup(demo, k: int, lengths: tuple[int, ...]):
+    """Three greedy requests of ``lengths`` tokens, the plain engine's outputs for them, and an
+    engine speculating ``k`` deep at every batch up to 8."""
+    prompts = _requests(demo[2], 3)[0]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in lengths]
+    expect = _engine(demo, kv_cache_memory=64 * BLOCK_BYTES).generate(prompts, params)
+    eng = _engine(demo, kv_cache_memory=64 * BLOCK_BYTES, speculative="mtp", num_speculative_tokens=k,
+                  speculative_max_batch=8)
+    assert eng.spec is not None
+    return prompts, params, expect, eng, eng.spec
+
+
 def test_drafting_ahead_gives_the_next_steps_catch_up_drafts(demo, monkeypatch):
     """The verification step's draft-ahead (on the pass's own metadata: a prefix of its rows at
     batch 1, a gathered subset in a batch) gives the MTP states and first drafts that the next
     step's catch-up of the same rows gives, and the outputs stay the plain engine's."""
-    prompts = _requests(demo[2], 3)[0]
-    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (10, 16, 24)]
-    expect = _engine(demo, kv_cache_memory=64 * BLOCK_BYTES).generate(prompts, params)
-    eng = _engine(demo, kv_cache_memory=64 * BLOCK_BYTES, speculative="mtp", num_speculative_tokens=1,
-                  speculative_max_batch=8)
-    spec = eng.spec
-    assert spec is not None
+    prompts, params, expect, eng, spec = _ahead_setup(demo, 1, (10, 16, 24))
     real, batches = spec._draft_ahead, []
 
     def both(verified, hidden, depth=1):
@@ -268,15 +274,11 @@ def test_drafting_ahead_two_deep_gives_the_recursive_drafts_in_one_call(demo, mo
     """With two drafts, the draft-ahead's one call also drafts the second (one position on, from
     the first draft and its state): the token and state the next step's recursive draft gives,
     so that step runs no draft call of its own; outputs stay the plain engine's."""
-    prompts = _requests(demo[2], 3)[0]
-    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (12, 20, 40)]
-    expect = _engine(demo, kv_cache_memory=64 * BLOCK_BYTES).generate(prompts, params)
-    eng = _engine(demo, kv_cache_memory=64 * BLOCK_BYTES, speculative="mtp", num_speculative_tokens=2,
-                  speculative_max_batch=8)
-    spec = eng.spec
-    assert spec is not None
-    real, real_propose, deep, calls = spec._draft_ahead, spec.propose, [], []
-    fused = spec._run_fused
+    prompts, params, expect, eng, spec = _ahead_setup(demo, 2, (12, 20, 40))
+    real, real_propose, fused = spec._draft_ahead, spec.propose, spec._run_fused
+    deep: list[str] = []
+    per_propose: list[int] = []  # draft calls each propose made
+    fused_calls = [0]
 
     def ahead(verified, hidden, depth=1):
         real(verified, hidden, depth)
@@ -289,13 +291,13 @@ def test_drafting_ahead_two_deep_gives_the_recursive_drafts_in_one_call(demo, mo
                 deep.append(s.request_id)
 
     def propose(chunks, look):
-        n = len(calls)
+        before = fused_calls[0]
         out = real_propose(chunks, look)
-        calls.append(len(calls) - n)  # draft calls inside propose (counted by the spy below)
+        per_propose.append(fused_calls[0] - before)
         return out
 
     def counted(*a, **k):
-        calls.append(None)
+        fused_calls[0] += 1
         return fused(*a, **k)
 
     monkeypatch.setattr(spec, "_draft_ahead", ahead)
@@ -303,8 +305,7 @@ def test_drafting_ahead_two_deep_gives_the_recursive_drafts_in_one_call(demo, mo
     monkeypatch.setattr(spec, "_run_fused", counted)
     assert eng.generate(prompts, params) == expect
     assert len(set(deep)) == 3  # every request drafted two deep ahead, in a batch and alone
-    per_step = [c for c in calls if c is not None]
-    assert per_step.count(0) > len(per_step) // 2  # most steps' propose ran no draft call
+    assert per_propose.count(0) > len(per_propose) // 2  # most steps' propose ran no draft call
 
 
 def test_blocks_of_accepted_drafts_are_named_for_the_prefix_cache(demo):
