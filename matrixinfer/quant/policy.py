@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the CLI imports this module for its recipe flags: every command's process would load torch
+    import torch
 
 #: SmoothQuant migration strengths tried per smoothing group; ``None`` is "no smoothing" (s = 1),
 #: so the search never picks something worse than not smoothing on the calibration data
@@ -82,7 +84,7 @@ def smoothing_scales(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: f
     by ``s`` and the weight multiplied), normalised to a geometric mean of 1 (a common factor changes
     nothing under per-token and per-channel scales); ones for ``alpha`` None."""
     if alpha is None:
-        return torch.ones_like(act_amax, dtype=torch.float32)
+        return act_amax.float().new_ones(act_amax.shape)
     a = act_amax.float().clamp(min=1e-5)
     w = weight_amax.float().clamp(min=1e-5)
     s = a.pow(alpha) / w.pow(1 - alpha)
