@@ -336,16 +336,18 @@ class LLMEngine:
         drafts. As in :meth:`_sample_and_append`, a sequence whose verification or bookkeeping
         raises fails alone."""
         assert self.spec is not None
-        hidden, starts = self.runner.forward(chunks, drafts)
-        self.spec.fill_prompt(chunks, hidden, starts)
         rows: list[int] = []
         samplers: list[Sequence] = []
-        for (seq, n), first in zip(chunks, starts):
+        first = 0
+        for seq, n in chunks:
             d = drafts.get(seq.request_id, [])
             if seq.num_computed + n - len(d) == seq.num_tokens:
                 rows.extend(range(first + n - len(d) - 1, first + n))
                 samplers.append(seq)
-        emitted = self._verify(self.runner.logits(hidden, rows), samplers, drafts) if samplers else {}
+            first += n
+        hidden, starts, logits = self.runner.run(chunks, drafts, rows)
+        self.spec.fill_prompt(chunks, hidden, starts)
+        emitted = self._verify(logits, samplers, drafts) if logits is not None else {}
         self.spec.steps += bool(drafts)
         outputs: list[RequestOutput] = []
         for (seq, n), first in zip(chunks, starts):

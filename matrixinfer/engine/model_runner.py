@@ -6,6 +6,7 @@ sequence's chunk) and the MTP module's passes (:mod:`matrixinfer.engine.speculat
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import numpy as np
 import torch
@@ -13,8 +14,16 @@ import torch
 from matrixinfer import envs
 from matrixinfer.config import EngineConfig
 from matrixinfer.engine.sequence import Sequence
-from matrixinfer.model.attention import AttentionMetadata, block_slots, cache_bytes_per_block, make_cache
-from matrixinfer.model.deepseek import DeepseekForCausalLM
+from matrixinfer.engine.step_inputs import StepInputs
+from matrixinfer.model.attention import (
+    AttentionMetadata,
+    PagedLatentCache,
+    block_slots,
+    cache_bytes_per_block,
+    make_cache,
+)
+from matrixinfer.model.deepseek import Block, DeepseekForCausalLM
+from matrixinfer.model.layers import Linear
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +66,7 @@ class ModelRunner:
                                    mc.kv_cache_dim, mc.kv_lora_rank, dtype, device)
         self.kv_cache_bytes = self.num_blocks * per_block
         self.hidden: torch.Tensor | None = None  # the last execute()'s final hidden states
+        self._inputs: StepInputs | None = None  # the one-call step's inputs (see run)
         log.info("KV cache: %d blocks x %d tokens (%.1f MiB, %s) on %s", self.num_blocks, cfg.block_size,
                  self.kv_cache_bytes / 2**20, "int8" if cfg.kv_cache_dtype == "int8" else dtype, device)
         if device.type == "cpu":
@@ -67,8 +77,6 @@ class ModelRunner:
         """Compute ``n`` new tokens for each ``(seq, n)``; return logits for sequences that are now
         fully computed (they sample their next token), in the same order as the returned list. The
         step's hidden states stay in :attr:`hidden` (MTP speculation keeps some)."""
-        hidden, _ = self.forward(chunks)
-        self.hidden = hidden
         rows, samplers = [], []
         offset = 0
         for seq, n in chunks:
@@ -76,11 +84,50 @@ class ModelRunner:
             if seq.num_computed + n == seq.num_tokens:
                 rows.append(offset - 1)
                 samplers.append(seq)
-        if not rows:
-            return None, []
-        if len(rows) < hidden.shape[0]:  # (a pure decode batch samples every row)
-            hidden = hidden[torch.tensor(rows, device=self.device)]
-        return self.model.compute_logits(hidden), samplers
+        hidden, _, logits = self.run(chunks, None, rows)
+        self.hidden = hidden
+        return logits, samplers
+
+    @torch.inference_mode()
+    def run(self, chunks: list[tuple[Sequence, int]], drafts: dict[str, list[int]] | None,
+            rows: list[int]) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
+        """:meth:`forward` and the logits of its rows ``rows`` (None for none): in one native call
+        where the step is decode-sized and the model has one (:meth:`DeepseekForCausalLM.native_model_step`),
+        else the forward pass and then :meth:`logits`."""
+        one_call = self._one_call(chunks, drafts, rows)
+        if one_call is not None:
+            return one_call
+        hidden, starts = self.forward(chunks, drafts)
+        return hidden, starts, (self.logits(hidden, rows) if rows else None)
+
+    def _one_call(self, chunks: list[tuple[Sequence, int]], drafts: dict[str, list[int]] | None,
+                  rows: list[int]) -> tuple[torch.Tensor, list[int], torch.Tensor | None] | None:
+        """:meth:`run` as one native call, or None where it does not apply (a prompt-sized batch, a
+        batch the absorbed attention does not take, a cache or model the call cannot read)."""
+        cache = self.kv_cache
+        if self.device.type != "cpu" or not isinstance(cache, PagedLatentCache) \
+                or cache.data.dtype is not torch.float32:
+            return None
+        step_model = self.model.native_model_step()
+        if step_model is None or sum(n for _, n in chunks) > Linear.small_rows:
+            return None
+        q_lens = [n for _, n in chunks]
+        attn = cast(Block, self.model.model.layers[0]).self_attn
+        if not attn.absorbed_for_lens(q_lens, [seq.num_computed + n for seq, n in chunks]):
+            return None
+        entries, starts, first = [], [], 0
+        for seq, n in chunks:
+            start = seq.num_computed
+            d = drafts.get(seq.request_id) if drafts else None
+            ids = seq.token_ids(start, n - len(d)) + d if d else seq.token_ids(start, n)
+            entries.append((seq, start, ids))
+            starts.append(first)
+            first += n
+        if self._inputs is None or self._inputs.num_slots != cache.data.shape[1]:
+            self._inputs = StepInputs(self.model.rope, self.block_size, cache.data.shape[1], Linear.small_rows)
+        step, ids_t, _ = self._inputs.build(entries)
+        hidden, logits = step_model(step, ids_t, rows, cache.data)
+        return hidden, starts, (logits if rows else None)
 
     @torch.inference_mode()
     def forward(self, chunks: list[tuple[Sequence, int]],

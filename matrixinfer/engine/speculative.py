@@ -25,7 +25,7 @@ One speculative step of a decoding sequence with ``c`` tokens computed:
    the policy would verify now, run in one call right after verification, over the verified hidden
    states (its first ``accepted + 1`` rows per sequence, a view at batch 1); the drafts wait in
    ``Sequence.mtp_draft`` and are dropped if the sequence's pending states change. The one-call
-   draft step's inputs come from :class:`~matrixinfer.engine.draft_inputs.DraftInputs` (Python
+   draft step's inputs come from :class:`~matrixinfer.engine.step_inputs.StepInputs` (Python
    integers into reused buffers). Catch-up rows other than a sequence's last only write their
    latent into the MTP layer's cache: their attention output and MoE were never used.
 
@@ -47,13 +47,13 @@ import torch
 
 from matrixinfer import kernels
 from matrixinfer.config import EngineConfig
-from matrixinfer.engine.draft_inputs import DraftInputs
 from matrixinfer.engine.model_runner import ModelRunner
 from matrixinfer.engine.sampler import Sampler
 from matrixinfer.engine.sampling_params import SamplingParams
 from matrixinfer.engine.sequence import Sequence
 from matrixinfer.engine.spec_policy import AcceptanceTracker, SpecPolicy
 from matrixinfer.engine.step_costs import StepCosts
+from matrixinfer.engine.step_inputs import StepInputs
 from matrixinfer.kernels.layer import MTPDraft
 from matrixinfer.model.deepseek import Block, MTPLayer
 from matrixinfer.model.layers import Linear
@@ -135,7 +135,7 @@ class MTPSpeculator:
         self.tracker = AcceptanceTracker(self.k)
         self._fused: MTPDraft | None = None
         self._fused_key: tuple[object, ...] | None = None
-        self._inputs: DraftInputs | None = None
+        self._inputs: StepInputs | None = None
         self._mtp_parts: tuple[MTPLayer, Block, tuple[torch.nn.Module, ...]] | None = None
         costs = None
         if cfg.speculative_max_batch is None:
@@ -314,12 +314,12 @@ class MTPSpeculator:
     def _run_fused(self, fused: MTPDraft, rows: list[tuple[Sequence, int, list[int]]], prev: torch.Tensor,
                    last: list[int], depth: int = 1) -> tuple[torch.Tensor, list[int]]:
         """The one-call draft step over ``rows`` (``(seq, first position, next-token ids)``, one row
-        per id, their previous states ``prev``), its step inputs from :class:`DraftInputs`; the
+        per id, their previous states ``prev``), its step inputs from :class:`StepInputs`; the
         states and greedy drafts of the rows ``last`` (with ``depth`` > 1, of up to ``depth``
         depths, depth-major: fewer where a deeper position has no block yet)."""
         cache = self.runner.kv_cache.data
         if self._inputs is None or self._inputs.num_slots != cache.shape[1]:
-            self._inputs = DraftInputs(self.runner.model.rope, self.runner.block_size, cache.shape[1],
+            self._inputs = StepInputs(self.runner.model.rope, self.runner.block_size, cache.shape[1],
                                        Linear.small_rows)
         step, ids, deeper = self._inputs.build(rows, depth)
         return fused(step, ids, prev.contiguous(), last, cache, deeper, depth if deeper is not None else 1)
@@ -467,8 +467,8 @@ class MTPSpeculator:
                 keep(s, zeros, 0, k + 1)
         chunks = [(s, 1 + k) for s in seqs]
         drafts = self.propose(chunks, {s.request_id: k for s in seqs}) if k else {}
-        hidden, starts = self.runner.forward(chunks, drafts)
-        logits = self.runner.logits(hidden)
+        hidden, starts, logits = self.runner.run(chunks, drafts, list(range(len(seqs) * (k + 1))))
+        assert logits is not None
         self.sampler.verify(logits, [s.request_id for s in seqs], [s.params for s in seqs],
                             [drafts.get(s.request_id, []) for s in seqs])
         if ahead:

@@ -214,3 +214,29 @@ done:
     free(logits);
     return rc;
 }
+
+int mi_model_step(const MiLayer *layers, int64_t n_layers, const MiStep *S, const int64_t *ids, int64_t t,
+                  const float *embed, const float *norm, float eps, const float *head, int64_t vocab,
+                  const int64_t *rows, int64_t n_rows, float *hidden, float *logits, int nthreads) {
+    if (n_layers < 1) return -1;
+    int64_t hd = layers[0].hidden;
+    for (int64_t i = 0; i < t; i++) memcpy(hidden + i * hd, embed + ids[i] * hd, sizeof(float) * hd);
+    for (int64_t l = 0; l < n_layers; l++) {
+        int rc = mi_decoder_layer(&layers[l], S, hidden, t, nthreads);
+        if (rc != 0) return rc;
+    }
+    mi_rmsnorm(hidden, norm, t, hd, eps, hidden, nthreads); /* row by row: in place is safe */
+    if (n_rows == 0) return 0;
+    int contiguous = 1; /* rows r0, r0 + 1, ...: the head reads them where they are */
+    for (int64_t j = 1; j < n_rows && contiguous; j++) contiguous = rows[j] == rows[0] + j;
+    if (contiguous) {
+        mi_linear(hidden + rows[0] * hd, head, n_rows, hd, vocab, logits, nthreads);
+        return 0;
+    }
+    float *sel = malloc(sizeof(float) * n_rows * hd);
+    if (!sel) return -2;
+    for (int64_t j = 0; j < n_rows; j++) memcpy(sel + j * hd, hidden + rows[j] * hd, sizeof(float) * hd);
+    mi_linear(sel, head, n_rows, hd, vocab, logits, nthreads);
+    free(sel);
+    return 0;
+}

@@ -235,3 +235,61 @@ def native_step(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: to
         cos=cos.data_ptr(), sin=sin.data_ptr(), slots=slots.data_ptr(), block_tables=block_tables.data_ptr(),
         tok_seq=tok_seq.data_ptr(), tok_nkeys=tok_nkeys.data_ptr(), bt_stride=block_tables.shape[1],
         block_size=block_size)
+
+
+class ModelStep:
+    """A decode-sized step of the main model in one native call (``mi_model_step``): the embedding
+    of the step's tokens, every decoder layer (``layers``, each a :class:`DecoderLayer`), the final
+    norm, and the head's logits of the rows that sample. The same kernels, in the same order, as
+    one call per layer plus the PyTorch glue between them (embedding, rotary rows, metadata
+    tensors, the norm and head calls), without that glue: at batch 1 on the demo model it was
+    about as long as the layers' arithmetic."""
+
+    def __init__(self, layers: list[DecoderLayer], embed: torch.Tensor, norm: torch.Tensor, eps: float,
+                 head: torch.Tensor) -> None:
+        if not layers:
+            raise ValueError("model step: no layers")
+        h = layers[0].dims.hidden
+        self.vocab = embed.shape[0]
+        for name, w, shape in (("embed", embed, (self.vocab, h)), ("norm", norm, (h,)),
+                               ("head", head, (self.vocab, h))):
+            _check(f"model weight {name}", w, torch.float32)
+            if tuple(w.shape) != shape:
+                raise ValueError(f"model weight {name} has shape {tuple(w.shape)}, expected {shape}")
+        if any(layer.dims.hidden != h for layer in layers):
+            raise ValueError("model step: layers of different hidden sizes")
+        self.layers, self.hidden_size, self.eps = layers, h, eps
+        self._weights = (embed, norm, head)
+        self._run = _lib().mi_model_step
+        self._array: ctypes.Array[ctypes.Structure] | None = None
+        self._structs: tuple[ctypes.Structure, ...] = ()
+        self._rows = torch.empty(64, dtype=torch.int64)
+
+    def __call__(self, step: ctypes.Structure, ids: torch.Tensor, rows: list[int], cache: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the token ids ``ids`` ``[T]`` (int64) at the positions ``step`` describes (a
+        :func:`native_step` over ``T`` rows) over ``cache``: the final-normed hidden states
+        ``[T, hidden]`` and the logits ``[len(rows), vocab]`` of the rows ``rows``."""
+        _check("ids", ids, torch.int64)
+        t = ids.shape[0]
+        host = ids.numpy()  # (NumPy: a step's few checks cost less than one torch reduction)
+        if t and (int(host.min()) < 0 or int(host.max()) >= self.vocab):
+            raise ValueError(f"model step: a token id outside [0, {self.vocab})")
+        if any(not 0 <= r < t for r in rows):
+            raise ValueError(f"model step: rows {rows} outside the {t} rows")
+        structs = tuple(layer.struct(cache) for layer in self.layers)
+        if self._array is None or any(a is not b for a, b in zip(structs, self._structs)):
+            self._array = (LIBRARY.structs["MiLayer"] * len(structs))(*structs)  # (copies: rebuilt on a change)
+            self._structs = structs
+        n = len(rows)
+        if n > self._rows.shape[0]:
+            self._rows = torch.empty(2 * n, dtype=torch.int64)
+        sel = self._rows[:n]
+        sel.numpy()[:] = rows
+        hidden = torch.empty(t, self.hidden_size, dtype=torch.float32)
+        logits = torch.empty(n, self.vocab, dtype=torch.float32)
+        embed, norm, head = (w.data_ptr() for w in self._weights)
+        _raise_for(self._run(self._array, len(structs), step, ids.data_ptr(), t, embed, norm, self.eps, head,
+                             self.vocab, sel.data_ptr(), n, hidden.data_ptr(), logits.data_ptr(),
+                             torch.get_num_threads()), "model step")
+        return hidden, logits

@@ -67,6 +67,15 @@ int mi_mtp_draft(const MiLayer *L, const MiStep *S, const MiStep *deeper, int64_
                  const float *head, const int8_t *head_q, const float *head_scale, int64_t vocab, const int64_t *rows,
                  int64_t n_rows, float *out, int64_t *tokens, int nthreads);
 
+/* A decode-sized step of the main model in a single call (layer.c), with the kernels, in the order,
+ * of the per-operator path: hidden [t, hidden] = embed [vocab, hidden] rows ids[i], each of the
+ * n_layers layers (as mi_decoder_layer, all with S), the final RMSNorm (norm, eps) in place; then
+ * logits [n_rows, vocab] = head [vocab, hidden] applied to hidden's rows rows[j]. Returns as
+ * mi_decoder_layer (-1 too for no layers). */
+int mi_model_step(const MiLayer *layers, int64_t n_layers, const MiStep *S, const int64_t *ids, int64_t t,
+                  const float *embed, const float *norm, float eps, const float *head, int64_t vocab,
+                  const int64_t *rows, int64_t n_rows, float *hidden, float *logits, int nthreads);
+
 /* y [m, n] = x [m, k] w^T for w [n, k] (linear.c). */
 void mi_linear(const float *x, const float *w, int64_t m, int64_t k, int64_t n, float *y, int nthreads);
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from matrixinfer.config import ModelConfig
 from matrixinfer.kernels import triton as triton_kernels
-from matrixinfer.kernels.layer import DecoderLayer, LayerDims, native_step
+from matrixinfer.kernels.layer import DecoderLayer, LayerDims, ModelStep, native_step
 from matrixinfer.model.attention import AttentionMetadata, KVCache, PagedLatentCache
 from matrixinfer.model.backend import CustomOp, cpu_float32
 from matrixinfer.model.layers import MLP, Linear, RMSNorm, RotaryEmbedding, rope_interleaved
@@ -216,6 +216,25 @@ class DeepseekForCausalLM(CustomOp):
         assert slots is not None and tables is not None and tok_seq is not None and tok_nkeys is not None \
             and meta.block_size is not None, "a paged batch's metadata"
         return native_step(x, cos, sin, slots, tables, tok_seq, tok_nkeys, meta.block_size, kv_cache.data.shape[1])
+
+    def native_model_step(self) -> ModelStep | None:
+        """The whole decode-sized step in one native call (:class:`ModelStep`: embedding, layers,
+        final norm, head), or None where that does not apply: a layer without its one-call path
+        (the ``cpu`` backend not chosen for it), a norm or head not on the ``cpu`` backend, or
+        weights that are not float32 on the CPU. Built on first use, again when a part changes."""
+        layers = [cast(Block, layer) for layer in self.model.layers]
+        natives = [layer.native for layer in layers]
+        parts = (self.model.embed_tokens.weight, self.model.norm.weight, self.lm_head.weight)
+        key = (*natives, *parts)
+        cached = getattr(self, "_model_step", None)
+        if cached is not None and len(cached[0]) == len(key) and all(a is b for a, b in zip(cached[0], key)):
+            return cached[1]
+        step = None
+        if all(n is not None for n in natives) and type(self.lm_head) is Linear and self.lm_head.bias is None \
+                and self.lm_head.backend == "cpu" and self.model.norm.backend == "cpu" and cpu_float32(*parts):
+            step = ModelStep([n for n in natives if n is not None], *parts[:2], self.model.norm.eps, parts[2])
+        self.__dict__["_model_step"] = (key, step)  # (not a submodule or parameter: outside nn.Module's state)
+        return step
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

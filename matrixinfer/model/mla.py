@@ -200,15 +200,18 @@ class MLA(CustomOp):
         kernels do: always in ``absorbed`` mode, never in ``naive``, and in ``auto`` when absorbed
         prefill is the cheaper form for this model, or every sequence's query is short against its
         context (decodes, speculative verifications: see ``absorbed_max_query``)."""
-        if meta.mode != "auto":
-            return meta.mode == "absorbed"
+        return self.absorbed_for_lens(meta.query_lens, meta.context_lens, meta.mode)
+
+    def absorbed_for_lens(self, query_lens: list[int], context_lens: list[int], mode: str = "auto") -> bool:
+        """:meth:`absorbed_for` of a batch with these query and context lengths in ``mode``."""
+        if mode != "auto":
+            return mode == "absorbed"
         if self.absorbed_prefill:
             return True
-        longest = max(meta.query_lens, default=1)
+        longest = max(query_lens, default=1)
         if longest == 1:
             return True
-        return longest <= self.absorbed_max_query and all(2 * q <= c for q, c in zip(meta.query_lens,
-                                                                                     meta.context_lens))
+        return longest <= self.absorbed_max_query and all(2 * q <= c for q, c in zip(query_lens, context_lens))
 
     def _fused_slots(self, meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor | None:
         """This layer's cache table where the fused kernels can run the batch (they read and write

@@ -318,7 +318,7 @@ def test_bindings_come_from_the_header():
     assert dict(layer._fields_)["eps"] is ctypes.c_float and dict(layer._fields_)["cache"] is ctypes.c_void_p
     exported = {"mi_decoder_layer", "mi_linear", "mi_rmsnorm", "mi_v3_route", "mi_argmax_rows", "mi_moe_experts",
                 "mi_paged_mla", "mi_mla_q_prolog", "mi_mla_kv_prolog", "mi_quantize_rows", "mi_linear_w8a8",
-                "mi_moe_experts_w8a8", "mi_mtp_draft", "mi_bind_team"}
+                "mi_moe_experts_w8a8", "mi_mtp_draft", "mi_bind_team", "mi_model_step"}
     assert set(header.functions) == exported
 
 
@@ -400,3 +400,61 @@ def test_linear_and_experts_give_each_row_the_same_bits_in_any_batch(k):
                        for i in range(7)])
     for m in range(2, 8):
         assert torch.equal(kernels.moe_experts(x[:m], ids[:m], weights[:m], gate_up, down), alone[:m]), m
+
+
+@needs_kernel
+def test_one_call_model_step_equals_the_per_layer_path(monkeypatch):
+    """The runner's one-call step (``mi_model_step``: embedding, every layer, final norm, head) gives
+    bit for bit the hidden states, logits and cache contents of one native call per layer plus the
+    PyTorch glue, over a prompt chunk (this tiny model attends to prompts in the absorbed form too),
+    decode steps and a verification-shaped step (query length 3) of two sequences."""
+    from matrixinfer.config import EngineConfig
+    from matrixinfer.engine.model_runner import ModelRunner
+    from matrixinfer.engine.sampling_params import SamplingParams
+    from matrixinfer.engine.sequence import Sequence
+    from matrixinfer.kernels import layer as native_layer
+    from matrixinfer.model.deepseek import DeepseekForCausalLM
+
+    cfg = ModelConfig.from_dict(tiny_config().to_dict())
+    torch.manual_seed(7)
+    model = DeepseekForCausalLM(cfg, with_mtp=False)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.15)
+    select_backend(model, "cpu")
+    assert model.native_model_step() is not None
+    one_calls: list[int] = []
+    real = native_layer.ModelStep.__call__
+    monkeypatch.setattr(native_layer.ModelStep, "__call__",
+                        lambda self, step, ids, *a: one_calls.append(ids.shape[0]) or real(self, step, ids, *a))
+    g = torch.Generator().manual_seed(1)
+
+    def run(one_call: bool) -> list[torch.Tensor]:
+        runner = ModelRunner(model, EngineConfig(device="cpu", dtype="float32", kv_cache_memory=1 << 20,
+                                                 block_size=4), torch.device("cpu"))
+        if not one_call:
+            monkeypatch.setattr(runner, "_one_call", lambda *a: None)
+        prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (9, 6)]
+        seqs = [Sequence(f"s{i}", p, SamplingParams(max_tokens=8)) for i, p in enumerate(prompts)]
+        for i, s in enumerate(seqs):
+            s.block_table = [3 + i, 9 + i, 1 + 2 * i, 13 + i, 15 + 2 * i]
+        outs = []
+        # the prompts, then two decode steps, then a verification of two drafts for each
+        for step in ([(s, s.num_tokens) for s in seqs], [(s, 1) for s in seqs], [(s, 1) for s in seqs],
+                     [(s, 3) for s in seqs]):
+            drafts = {s.request_id: [5, 6] for s, n in step if n == 3}
+            rows = list(range(sum(n for _, n in step)))
+            hidden, _, logits = runner.run(step, drafts, rows)
+            outs += [hidden, logits]
+            for s, n in step:
+                s.num_computed += n - len(drafts.get(s.request_id, []))
+                s.output_ids.append(int(torch.randint(0, cfg.vocab_size, (), generator=g)))
+        return outs + [runner.kv_cache.data.clone()]
+
+    state = g.get_state()
+    fast = run(True)
+    assert one_calls == [15, 2, 2, 6]
+    g.set_state(state)
+    slow = run(False)
+    assert len(one_calls) == 4
+    for a, b in zip(fast, slow, strict=True):
+        assert torch.equal(a, b)
