@@ -534,7 +534,8 @@ def test_step_costs_are_measured_at_start_up_and_the_policy_decides(tmp_path):
 
 def test_a_batch_wider_than_any_that_may_speculate_skips_the_policy(monkeypatch):
     """Past the policy's limit (here --speculative-max-batch 2) a step asks the policy nothing and
-    keeps each sequence's hidden state (so drafting can resume when the batch shrinks)."""
+    keeps no decode row's hidden state; drafting resumes when the batch shrinks (one plain step
+    later), and the outputs are the plain engine's."""
     model = _tiny_mtp_model()
     base = dict(device="cpu", dtype="float32", kv_cache_memory=1 << 20, max_num_seqs=8)
     eng = LLMEngine(EngineConfig(**base, speculative="mtp", num_speculative_tokens=2, speculative_max_batch=2),
@@ -542,11 +543,20 @@ def test_a_batch_wider_than_any_that_may_speculate_skips_the_policy(monkeypatch)
     decisions = []
     decide = eng.spec.policy.decide
     monkeypatch.setattr(eng.spec.policy, "decide", lambda b: decisions.append(b) or decide(b))
+    kept_past = []
+    keep_plain = eng.spec.keep_plain
+
+    def spy(chunks, hidden):
+        keep_plain(chunks, hidden)
+        if eng.spec.past_limit:
+            kept_past.extend(s.mtp_count for s, n in chunks if s.num_computed >= len(s.prompt_ids))
+    monkeypatch.setattr(eng.spec, "keep_plain", spy)
     prompts = [[0, 5, 7, 3, 9], [2, 4, 6], [8, 8, 8, 8, 8, 8, 8]]
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (4, 12, 12)]
     plain = LLMEngine(EngineConfig(**base), model=model, tokenizer=_Letters()).generate(prompts, params)
     assert eng.generate(prompts, params) == plain
     assert decisions and set(decisions) == {2} and eng.spec.steps > 0  # asked (and drafting) only at 2
+    assert kept_past and set(kept_past) == {0}  # decode rows of 3-sequence steps kept nothing
 
 
 # -- pieces ---------------------------------------------------------------------------------------------
