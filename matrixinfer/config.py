@@ -351,6 +351,8 @@ class ServeConfig:
         ems_capacity: DRAM per EMS server, e.g. 4G.
         router_port: control port where workers join (default: --port + 1).
         reserve_timeout: seconds a decode instance holds blocks for a KV transfer that does not arrive.
+        frozen_after: seconds an instance may stay silent (it reports its load every 0.2 s) before the
+            router stops routing to it and ends or retries its requests (stopped, hung, cut off).
         prefill_kv_cache_memory: KV cache bytes of each prefill instance (default: --kv-cache-memory).
         decode_kv_cache_memory: KV cache bytes of each decode instance (default: --kv-cache-memory).
         worker_threads: torch threads per worker process (default: the cores shared among workers).
@@ -381,6 +383,7 @@ class ServeConfig:
     ems_capacity: str = "512M"
     router_port: int | None = None
     reserve_timeout: float = 30.0
+    frozen_after: float = 10.0
     prefill_kv_cache_memory: int | None = None
     decode_kv_cache_memory: int | None = None
     worker_threads: int | None = None
@@ -400,6 +403,8 @@ class ServeConfig:
                              f"decode {self.num_decode}, EMS {self.num_ems})")
         if self.reserve_timeout <= 0:
             raise ValueError(f"reserve_timeout must be positive, got {self.reserve_timeout}")
+        if self.frozen_after <= 0:
+            raise ValueError(f"frozen_after must be positive, got {self.frozen_after}")
         if self.request_read_timeout <= 0 or self.max_connections < 1:
             raise ValueError(f"request_read_timeout must be positive and max_connections at least 1, got "
                              f"{self.request_read_timeout} and {self.max_connections}")

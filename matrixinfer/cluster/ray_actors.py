@@ -148,7 +148,7 @@ class RouterActor:
         self.controller = Controller(cfg.host, 0, secret=self.secret).start() if self.with_ems else None
         ems = advertised(self.controller.address) if self.controller else ""
         self.router = Router(Path(self.model), self.served_model_name, reserve_timeout=cfg.reserve_timeout,
-                             ems_controller=ems, secret=self.secret)
+                             ems_controller=ems, secret=self.secret, frozen_after=cfg.frozen_after)
         ctrl = advertised(await self.router.start(cfg.host, cfg.control_port))
         app = create_app(self.router, api_key=cfg.api_key, max_request_bytes=cfg.max_request_bytes,
                          reasoning_parser=cfg.reasoning_parser, protect_metrics=cfg.protect_metrics,

@@ -263,7 +263,8 @@ def serve_pdc(engine_cfg: EngineConfig, cfg: ServeConfig) -> int:
     # The controller and EMS servers bind the router's --host: workers on other hosts must reach them.
     controller = Controller(cfg.host, 0, secret=secret).start() if cfg.num_ems > 0 else None
     router = Router(model, engine_cfg.served_model_name, reserve_timeout=cfg.reserve_timeout,
-                    ems_controller=controller.address if controller else "", secret=secret)
+                    ems_controller=controller.address if controller else "", secret=secret,
+                    frozen_after=cfg.frozen_after)
 
     async def main() -> None:
         ctrl = await router.start(cfg.host, cfg.control_port)

@@ -122,3 +122,17 @@ def test_a_frozen_prefill_instances_request_is_retried_on_another(served_checkpo
             w.close()
 
     asyncio.run(go())
+
+
+def test_frozen_after_is_a_serve_setting_and_must_be_positive():
+    import argparse
+
+    from matrixinfer.cli_args import add_dataclass_args, from_args
+    from matrixinfer.config import ServeConfig
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, ServeConfig)
+    assert from_args(ServeConfig, parser.parse_args(["--frozen-after", "4"])).frozen_after == 4.0
+    assert ServeConfig().frozen_after == 10.0
+    with pytest.raises(ValueError, match="frozen_after"):
+        ServeConfig(frozen_after=0)
