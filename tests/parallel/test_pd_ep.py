@@ -23,7 +23,11 @@ from matrixinfer.engine.llm_engine import LLMEngine
 from matrixinfer.engine.sampling_params import SamplingParams
 from tests.serve.helpers import Server, stream_tokens
 
-PROMPTS = [[72, 101, 108, 108, 111], list(range(40, 75)), [3, 9, 27, 81], list(range(100, 121)), [5] * 12,
+# prompts 1, 2 and 3 have full blocks (16 tokens): with requests placed on the two ranks in turn, 1 and
+# 3 are computed on one rank and 2 on the other, so a repeat of each on each rank has some prefix
+# that only EMS holds for it (with only 1 and 3 full, strict alternation put both on rank 1, and their
+# repeats hit local caches only: 0 EMS tokens, seen once in a full run)
+PROMPTS = [[72, 101, 108, 108, 111], list(range(40, 75)), list(range(230, 250)), list(range(100, 121)), [5] * 12,
            list(range(200, 207))]
 
 
@@ -85,10 +89,10 @@ def test_pd_deployment_of_ep_instances(served_checkpoint):
         print(f"requests placed on rank 1 by role: {remote}; EMS blocks stored by role: {stored}")
         assert remote.get("prefill", 0) > 0 and remote.get("decode", 0) > 0, remote
         assert stored.get("prefill", 0) > 0 and stored.get("decode", 0) > 0, stored  # prompt / generated blocks
-        # the two prompts with full blocks, each sent twice at once: one copy of each goes to the prefill
-        # rank that did not compute it before, which has its prefix only in EMS (through its own client)
-        again = [PROMPTS[1], PROMPTS[1], PROMPTS[3], PROMPTS[3]]
-        assert [ids for ids, _ in asyncio.run(run(again, 16))] == [expect[1], expect[1], expect[3], expect[3]]
+        # the prompts with full blocks, each sent twice at once: a copy that goes to the prefill rank that
+        # did not compute it before has its prefix only in EMS (through that rank's own client)
+        again = [PROMPTS[1], PROMPTS[1], PROMPTS[2], PROMPTS[2], PROMPTS[3], PROMPTS[3]]
+        assert [ids for ids, _ in asyncio.run(run(again, 16))] == [expect[i] for i in (1, 1, 2, 2, 3, 3)]
         roles = instance_metrics(server._scrape(), by="role")
         ems_hits = roles["external_hit_tokens"].get("prefill", 0)
         print(f"repeated prompts: {ems_hits:.0f} prompt tokens loaded from EMS, "
