@@ -40,6 +40,13 @@ def available_host_memory() -> int:
     return 4 << 30
 
 
+def _chunk_ids(seq: Sequence, n: int, drafts: dict[str, list[int]] | None) -> list[int]:
+    """The token ids of ``seq``'s next ``n`` positions: its own, then its draft tokens if any."""
+    d = drafts.get(seq.request_id) if drafts else None
+    start = seq.num_computed
+    return seq.token_ids(start, n - len(d)) + d if d else seq.token_ids(start, n)
+
+
 class ModelRunner:
     """Owns the model and its KV cache on one device."""
 
@@ -117,10 +124,7 @@ class ModelRunner:
             return None
         entries, starts, first = [], [], 0
         for seq, n in chunks:
-            start = seq.num_computed
-            d = drafts.get(seq.request_id) if drafts else None
-            ids = seq.token_ids(start, n - len(d)) + d if d else seq.token_ids(start, n)
-            entries.append((seq, start, ids))
+            entries.append((seq, seq.num_computed, _chunk_ids(seq, n, drafts)))
             starts.append(first)
             first += n
         if self._inputs is None or self._inputs.num_slots != cache.data.shape[1]:
@@ -141,12 +145,7 @@ class ModelRunner:
         for seq, n in chunks:
             start = seq.num_computed
             starts.append(len(ids))
-            d = drafts.get(seq.request_id) if drafts else None
-            if d:
-                ids.extend(seq.token_ids(start, n - len(d)))
-                ids.extend(d)
-            else:
-                ids.extend(seq.token_ids(start, n))
+            ids.extend(_chunk_ids(seq, n, drafts))
             positions.extend(range(start, start + n))
             q_lens.append(n)
             ctx_lens.append(start + n)

@@ -26,6 +26,18 @@ def spy(monkeypatch, module, name: str) -> list:
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no C compiler: the native kernel cannot be built")
 
 
+def _random_tiny_model(seed: int, **arch_kw):
+    """A tiny V3 model (no MTP) with random weights of std 0.15, and its config."""
+    from matrixinfer.model.deepseek import DeepseekForCausalLM
+
+    cfg = ModelConfig.from_dict(tiny_config(**arch_kw).to_dict())
+    torch.manual_seed(seed)
+    model = DeepseekForCausalLM(cfg, with_mtp=False)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.15)
+    return cfg, model
+
+
 def reference(q, cache, tables, q_lens, ctx_lens, rank, bs, scale):
     out, t = [], 0
     for s, (ql, cl) in enumerate(zip(q_lens, ctx_lens)):
@@ -226,13 +238,8 @@ def test_native_decoder_layers_match_the_per_operator_path(monkeypatch, arch_kw)
     cache contents over a prefill chunk and decode steps (dense first layer, MoE layers with and
     without shared experts)."""
     from matrixinfer.kernels import layer as native_layer
-    from matrixinfer.model.deepseek import DeepseekForCausalLM
 
-    cfg = ModelConfig.from_dict(tiny_config(**arch_kw).to_dict())
-    torch.manual_seed(3)
-    model = DeepseekForCausalLM(cfg, with_mtp=False)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.15)
+    cfg, model = _random_tiny_model(3, **arch_kw)
     calls = spy(monkeypatch, native_layer.DecoderLayer, "__call__")
     bs, tables = 4, torch.tensor([[3, 7, 1, 9, 11, 13], [2, 4, 6, 8, 10, 12]])
 
@@ -258,13 +265,8 @@ def test_int8_copy_of_a_decoder_layer_reads_int8_projections_and_stays_close():
     hidden states and cached latents of a prefill chunk and decode steps differ from the float32
     layers' (so the INT8 weights are what it reads) by about INT8's rounding, not more."""
     from matrixinfer.kernels.layer import INT8_WEIGHTS
-    from matrixinfer.model.deepseek import DeepseekForCausalLM
 
-    cfg = ModelConfig.from_dict(tiny_config().to_dict())
-    torch.manual_seed(5)
-    model = DeepseekForCausalLM(cfg, with_mtp=False)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.15)
+    cfg, model = _random_tiny_model(5)
     select_backend(model, "cpu")
     tables = torch.tensor([[3, 7, 1, 9, 11, 13], [2, 4, 6, 8, 10, 12]])
 
@@ -413,13 +415,8 @@ def test_one_call_model_step_equals_the_per_layer_path(monkeypatch):
     from matrixinfer.engine.sampling_params import SamplingParams
     from matrixinfer.engine.sequence import Sequence
     from matrixinfer.kernels import layer as native_layer
-    from matrixinfer.model.deepseek import DeepseekForCausalLM
 
-    cfg = ModelConfig.from_dict(tiny_config().to_dict())
-    torch.manual_seed(7)
-    model = DeepseekForCausalLM(cfg, with_mtp=False)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.15)
+    cfg, model = _random_tiny_model(7)
     select_backend(model, "cpu")
     assert model.native_model_step() is not None
     one_calls: list[int] = []
