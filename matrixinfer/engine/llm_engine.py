@@ -336,18 +336,24 @@ class LLMEngine:
         drafts. As in :meth:`_sample_and_append`, a sequence whose verification or bookkeeping
         raises fails alone."""
         assert self.spec is not None
-        rows: list[int] = []
-        samplers: list[Sequence] = []
-        first = 0
-        for seq, n in chunks:
-            d = drafts.get(seq.request_id, [])
-            if seq.num_computed + n - len(d) == seq.num_tokens:
-                rows.extend(range(first + n - len(d) - 1, first + n))
-                samplers.append(seq)
-            first += n
-        hidden, starts, logits = self.runner.run(chunks, drafts, rows)
-        self.spec.fill_prompt(chunks, hidden, starts)
-        emitted = self._verify(logits, samplers, drafts) if logits is not None else {}
+        fused = self.spec.verify_fused(chunks, drafts, len(self.running))
+        emitted: dict[str, tuple[list[int], list[float] | None, list[TopLogprobs]] | Exception]
+        if fused is not None:  # greedy, every chunk verifying: the next drafts are made already
+            hidden, starts, tokens = fused
+            emitted = {rid: (toks, None, []) for rid, toks in tokens.items()}
+        else:
+            rows: list[int] = []
+            samplers: list[Sequence] = []
+            first = 0
+            for seq, n in chunks:
+                d = drafts.get(seq.request_id, [])
+                if seq.num_computed + n - len(d) == seq.num_tokens:
+                    rows.extend(range(first + n - len(d) - 1, first + n))
+                    samplers.append(seq)
+                first += n
+            hidden, starts, logits = self.runner.run(chunks, drafts, rows)
+            self.spec.fill_prompt(chunks, hidden, starts)
+            emitted = self._verify(logits, samplers, drafts) if logits is not None else {}
         self.spec.steps += bool(drafts)
         outputs: list[RequestOutput] = []
         for (seq, n), first in zip(chunks, starts):
@@ -367,6 +373,9 @@ class LLMEngine:
                     outputs.append(self._append_tokens(seq, *out))
             except Exception as exc:  # one request's verification or bookkeeping fails it alone
                 outputs.append(self._fail(seq, exc))
+        if fused is not None:
+            self.spec.store_ahead(chunks)
+            return outputs
         # the next step's first drafts, on this pass's metadata
         self.spec.draft_ahead([(seq, first) for (seq, _), first in zip(chunks, starts) if seq.request_id in drafts],
                               hidden, len(self.running))

@@ -5,6 +5,7 @@ sequence's chunk) and the MTP module's passes (:mod:`matrixinfer.engine.speculat
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from typing import cast
 
@@ -15,6 +16,7 @@ from matrixinfer import envs
 from matrixinfer.config import EngineConfig
 from matrixinfer.engine.sequence import Sequence
 from matrixinfer.engine.step_inputs import StepInputs
+from matrixinfer.kernels.layer import ModelStep, MTPDraft
 from matrixinfer.model.attention import (
     AttentionMetadata,
     PagedLatentCache,
@@ -109,8 +111,19 @@ class ModelRunner:
 
     def _one_call(self, chunks: list[tuple[Sequence, int]], drafts: dict[str, list[int]] | None,
                   rows: list[int]) -> tuple[torch.Tensor, list[int], torch.Tensor | None] | None:
-        """:meth:`run` as one native call, or None where it does not apply (a prompt-sized batch, a
-        batch the absorbed attention does not take, a cache or model the call cannot read)."""
+        """:meth:`run` as one native call, or None where it does not apply (see :meth:`_one_call_inputs`)."""
+        found = self._one_call_inputs(chunks, drafts)
+        if found is None:
+            return None
+        step_model, step, ids_t, starts = found
+        hidden, logits = step_model(step, ids_t, rows, self.kv_cache.data)
+        return hidden, starts, (logits if rows else None)
+
+    def _one_call_inputs(self, chunks: list[tuple[Sequence, int]], drafts: dict[str, list[int]] | None
+                         ) -> tuple[ModelStep, ctypes.Structure, torch.Tensor, list[int]] | None:
+        """The one-call step's model, ``MiStep``, token ids and each chunk's first row, or None where
+        it does not apply (a prompt-sized batch, a batch the absorbed attention does not take, a
+        cache or model the call cannot read)."""
         cache = self.kv_cache
         if self.device.type != "cpu" or not isinstance(cache, PagedLatentCache) \
                 or cache.data.dtype is not torch.float32:
@@ -130,8 +143,27 @@ class ModelRunner:
         if self._inputs is None or self._inputs.num_slots != cache.data.shape[1]:
             self._inputs = StepInputs(self.model.rope, self.block_size, cache.data.shape[1], Linear.small_rows)
         step, ids_t, _ = self._inputs.build(entries)
-        hidden, logits = step_model(step, ids_t, rows, cache.data)
-        return hidden, starts, (logits if rows else None)
+        return step_model, step, ids_t, starts
+
+    @torch.inference_mode()
+    def speculate(self, chunks: list[tuple[Sequence, int]], drafts: dict[str, list[int]], draft: MTPDraft,
+                  depth: int) -> tuple[torch.Tensor, list[int], list[int], list[int], torch.Tensor, list[int], int
+                                       ] | None:
+        """A greedy verification of ``drafts`` (every chunk a decoding sequence's last token and its
+        drafts) and the next step's drafts in one native call (:meth:`ModelStep.speculate`), or
+        None where the one-call step does not apply. Returns the hidden states, each chunk's first
+        row, each row's greedy token, each chunk's accepted drafts, and the drafts' states, tokens
+        and depth (see :meth:`ModelStep.speculate`)."""
+        found = self._one_call_inputs(chunks, drafts)
+        if found is None:
+            return None
+        step_model, step, ids_t, starts = found
+        assert self._inputs is not None
+        seqs = [(first, n, seq.num_computed) for (seq, n), first in zip(chunks, starts)]
+        rope = self._inputs.rope_tables(max(p + n for _, n, p in seqs) + depth)
+        hidden, target, accepted, states, tokens, done = step_model.speculate(step, ids_t, seqs, draft, depth,
+                                                                              self.kv_cache.data, rope)
+        return hidden, starts, target, accepted, states, tokens, done
 
     @torch.inference_mode()
     def forward(self, chunks: list[tuple[Sequence, int]],

@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 
 INT8_DRAFT_HEAD = True  # the one-call CPU draft step projects with an INT8 copy of the head (see MTPDraft)
 INT8_DRAFT_BLOCK = True  # ... and runs the MTP block and eh_proj from INT8 copies of their projections
+FUSED_STEP = True  # greedy verification and the next drafts in one native call where they can (verify_fused)
 PENDING_CAP = 64  # hidden states a sequence keeps through steps that do not speculate
 CALIBRATION_CONTEXT = 128  # tokens of context of the sequences timed at start-up
 CALIBRATION_ROUNDS = (6, 40)  # rounds of step timings per batch size at start-up: at least, at most (0.25 s)
@@ -137,6 +138,7 @@ class MTPSpeculator:
         self._fused: MTPDraft | None = None
         self._fused_key: tuple[object, ...] | None = None
         self._inputs: StepInputs | None = None
+        self._ahead: tuple[torch.Tensor, list[int], int] | None = None  # verify_fused's drafts, for store_ahead
         self._mtp_parts: tuple[MTPLayer, Block, tuple[torch.nn.Module, ...]] | None = None
         costs = None
         if cfg.speculative_max_batch is None:
@@ -243,6 +245,54 @@ class MTPSpeculator:
             firsts.append(first)
         states = [h for _, h in firsts]
         return (states[0] if len(states) == 1 else torch.cat(states)), [t for t, _ in firsts]
+
+    def verify_fused(self, chunks: list[tuple[Sequence, int]], drafts: dict[str, list[int]], batch: int
+                     ) -> tuple[torch.Tensor, list[int], dict[str, list[int]]] | None:
+        """A greedy step's verification and the next step's drafts in one native call
+        (:meth:`ModelRunner.speculate`), or None where it does not apply: every chunk must be a
+        decoding sequence's last token and its drafts, every request greedy with logits nothing
+        changes (no penalties, biases, grammar) and no log-probabilities, and the draft step and the
+        main step must have their one-call paths. Returns the hidden states, each chunk's first row
+        and each sequence's emitted tokens (its accepted drafts, then the main model's token after
+        them: what :meth:`Sampler.verify` returns for such a batch); the drafts made for the next
+        step, ``policy.choose(batch)`` deep, wait for :meth:`store_ahead`.
+
+        At batch 1 with two drafts on the demo model, the separate verification, acceptance and
+        draft-ahead calls cost ~0.5 ms of Python and metadata per step besides their arithmetic
+        (a fifth of the step), most of it from the interpreter's and torch's working set, which the
+        weights each step streams push out of the caches."""
+        self._ahead = None
+        if not FUSED_STEP:
+            return None
+        for seq, n in chunks:
+            d, p = drafts.get(seq.request_id), seq.params
+            if d is None or len(d) + 1 != n or seq.num_computed + 1 != seq.num_tokens or p.temperature != 0.0 \
+                    or p.processed or p.structured is not None or p.logprobs:
+                return None
+        fused = self._fused_draft()
+        if fused is None:
+            return None
+        found = self.runner.speculate(chunks, drafts, fused, self.policy.choose(batch))
+        if found is None:
+            return None
+        hidden, starts, target, accepted, states, tokens, depth = found
+        emitted = {seq.request_id: target[first:first + a + 1] for (seq, _), first, a in zip(chunks, starts, accepted)}
+        self._ahead = (states, tokens, depth)
+        return hidden, starts, emitted
+
+    def store_ahead(self, chunks: list[tuple[Sequence, int]]) -> None:
+        """After :meth:`verify_fused` and the engine's bookkeeping (:meth:`advance`): each sequence
+        still running takes its drafts for the next step, its MTP entries caught up to
+        ``num_computed`` (as :meth:`_draft_ahead` leaves it)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or not ahead[2]:
+            return
+        states, tokens, _ = ahead
+        k = len(chunks)
+        for j, (seq, _) in enumerate(chunks):
+            if not seq.finished:
+                reset(seq)
+                seq.mtp_draft = [(tokens[i], states[i:i + 1]) for i in range(j, len(tokens), k)]
 
     def draft_ahead(self, verified: list[tuple[Sequence, int]], hidden: torch.Tensor, batch: int) -> None:
         """:meth:`_draft_ahead` when the policy would speculate at ``batch`` decoding sequences;
@@ -467,7 +517,9 @@ class MTPSpeculator:
         accepted (the most catch-up rows): the first draft from the previous step's draft-ahead
         where that runs (the one-call draft step, up to ``Linear.small_rows`` catch-up rows), else
         from the MTP catch-up of the ``k + 1`` pending rows; deeper ones by the MTP module; the
-        verification; and the draft-ahead of the next step."""
+        verification; and the draft-ahead of the next step (with the verification in one call
+        where the engine's greedy steps run so, :meth:`verify_fused`; the calibration sequences are
+        greedy)."""
         hidden_size = self.runner.model.config.hidden_size
         dtype = self.runner.kv_cache.dtype
         zeros = torch.zeros(k + 1, hidden_size, dtype=dtype, device=self.runner.device)
@@ -481,6 +533,9 @@ class MTPSpeculator:
                 keep(s, zeros, 0, k + 1)
         chunks = [(s, 1 + k) for s in seqs]
         drafts = self.propose(chunks, {s.request_id: k for s in seqs}) if k else {}
+        fused = self._fused_draft() if ahead and FUSED_STEP else None
+        if fused is not None and self.runner.speculate(chunks, drafts, fused, k) is not None:
+            return  # the verification and the next drafts in one call, as verify_fused runs them
         hidden, starts, logits = self.runner.run(chunks, drafts, list(range(len(seqs) * (k + 1))))
         assert logits is not None
         self.sampler.verify(logits, [s.request_id for s in seqs], [s.params for s in seqs],

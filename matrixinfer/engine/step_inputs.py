@@ -121,6 +121,13 @@ class StepInputs:
                                        self.tok_seq2, self.tok_nkeys2, bs, self.num_slots)
         return self._deeper
 
+    def rope_tables(self, top: int) -> tuple[np.ndarray, np.ndarray]:
+        """The cos and sin tables by position ``[positions, rope / 2]``, covering at least ``top``
+        positions (grown if needed)."""
+        if top > self._cos_table.shape[0]:
+            self._grow_rope(top)
+        return self._cos_table, self._sin_table
+
     def _grow_rope(self, top: int) -> None:
         size = max(ROPE_TABLE, 2 * self._cos_table.shape[0])
         while size < top:

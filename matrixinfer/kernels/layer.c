@@ -240,3 +240,116 @@ int mi_model_step(const MiLayer *layers, int64_t n_layers, const MiStep *S, cons
     free(sel);
     return 0;
 }
+
+/* The catch-up rows of mi_spec_step's draft (each sequence's verified rows, gathered from S) and
+ * the metadata of its deeper drafts, in one allocation. */
+typedef struct {
+    float *prev, *cs, *dcs;
+    int64_t *next, *slots, *sel, *dslots;
+    int32_t *tok, *dtok;
+    void *mem;
+} SpecRows;
+
+static int spec_rows_alloc(SpecRows *r, int64_t total, int64_t n_seqs, int64_t deeper_rows, int64_t hd,
+                           int64_t half) {
+    size_t f = sizeof(float), i64 = sizeof(int64_t), i32 = sizeof(int32_t);
+    size_t bytes = f * (total * hd + 2 * total * half + 2 * deeper_rows * half) +
+                   i64 * (2 * total + n_seqs + deeper_rows) + i32 * (2 * total + 2 * deeper_rows) + 64;
+    char *p = malloc(bytes);
+    if (!p) return -2;
+    r->mem = p; /* the 8-byte arrays first, so that every array is aligned to its type */
+    r->next = (int64_t *)p, p += i64 * total;
+    r->slots = (int64_t *)p, p += i64 * total;
+    r->sel = (int64_t *)p, p += i64 * n_seqs;
+    r->dslots = (int64_t *)p, p += i64 * deeper_rows;
+    r->prev = (float *)p, p += f * total * hd;
+    r->cs = (float *)p, p += f * 2 * total * half;
+    r->dcs = (float *)p, p += f * 2 * deeper_rows * half;
+    r->tok = (int32_t *)p, p += i32 * 2 * total;
+    r->dtok = (int32_t *)p;
+    return 0;
+}
+
+int mi_spec_step(const MiLayer *layers, int64_t n_layers, const MiStep *S, const int64_t *ids, int64_t t,
+                 const float *embed, const float *norm, float eps, const float *head, int64_t vocab, int64_t n_seqs,
+                 const int64_t *first, const int64_t *n, const int64_t *pos, const MiLayer *mtp_block,
+                 const MiMtp *w, int64_t depth, const float *cos_table, const float *sin_table, int64_t table_len,
+                 float *hidden, int64_t *target, int64_t *accepted, float *out, int64_t *tokens, int64_t *depth_done,
+                 int nthreads) {
+    *depth_done = 0;
+    if (n_layers < 1) return -1;
+    for (int64_t i = 0; i < t; i++)
+        if (ids[i] < 0 || ids[i] >= vocab) return -3;
+    int64_t hd = layers[0].hidden, half = layers[0].rope / 2, bs = S->block_size;
+    float *logits = malloc(sizeof(float) * (t > 0 ? t : 1) * vocab);
+    int64_t *all = malloc(sizeof(int64_t) * (t > 0 ? t : 1));
+    if (!logits || !all) {
+        free(logits);
+        free(all);
+        return -2;
+    }
+    for (int64_t i = 0; i < t; i++) all[i] = i;
+    int rc = mi_model_step(layers, n_layers, S, ids, t, embed, norm, eps, head, vocab, all, t, hidden, logits,
+                           nthreads);
+    if (rc == 0) mi_argmax_rows(logits, t, vocab, target);
+    free(logits);
+    free(all);
+    if (rc != 0) return rc;
+    int64_t total = 0;
+    for (int64_t s = 0; s < n_seqs; s++) {
+        int64_t a = 0, r = first[s];
+        while (a < n[s] - 1 && target[r + a] == ids[r + a + 1]) a++;
+        accepted[s] = a;
+        total += a + 1;
+    }
+    if (depth <= 0 || n_seqs == 0) return 0;
+    int64_t dd = depth; /* every sequence's deeper positions in the blocks it keeps, or depth 1 */
+    for (int64_t s = 0; s < n_seqs && dd > 1; s++) {
+        int64_t last = pos[s] + accepted[s], kept = (last + 1 + bs - 1) / bs;
+        if ((last + depth - 1) / bs >= kept) dd = 1;
+    }
+    for (int64_t s = 0; s < n_seqs && dd > 1; s++)
+        if (pos[s] + accepted[s] + depth - 1 >= table_len) return -3;
+    SpecRows R;
+    if (spec_rows_alloc(&R, total, n_seqs, (dd - 1) * n_seqs, hd, half) != 0) return -2;
+    for (int64_t s = 0, j = 0; s < n_seqs; s++) {
+        for (int64_t k = 0; k <= accepted[s]; k++, j++) {
+            int64_t r = first[s] + k;
+            memcpy(R.prev + j * hd, hidden + r * hd, sizeof(float) * hd);
+            memcpy(R.cs + j * half, S->cos + r * half, sizeof(float) * half);
+            memcpy(R.cs + (total + j) * half, S->sin + r * half, sizeof(float) * half);
+            R.next[j] = target[r];
+            R.slots[j] = S->slots[r];
+            R.tok[j] = S->tok_seq[r];
+            R.tok[total + j] = S->tok_nkeys[r];
+        }
+        R.sel[s] = j - 1;
+    }
+    MiStep cu = *S, dp = *S;
+    cu.cos = R.cs;
+    cu.sin = R.cs + total * half;
+    cu.slots = R.slots;
+    cu.tok_seq = R.tok;
+    cu.tok_nkeys = R.tok + total;
+    int64_t drows = (dd - 1) * n_seqs;
+    for (int64_t d = 1; d < dd; d++)
+        for (int64_t s = 0; s < n_seqs; s++) {
+            int64_t j = (d - 1) * n_seqs + s, p = pos[s] + accepted[s] + d, row = S->tok_seq[first[s]];
+            R.dslots[j] = (int64_t)S->block_tables[row * S->bt_stride + p / bs] * bs + p % bs;
+            memcpy(R.dcs + j * half, cos_table + p * half, sizeof(float) * half);
+            memcpy(R.dcs + (drows + j) * half, sin_table + p * half, sizeof(float) * half);
+            R.dtok[j] = (int32_t)row;
+            R.dtok[drows + j] = (int32_t)(p + 1);
+        }
+    dp.cos = R.dcs;
+    dp.sin = R.dcs + drows * half;
+    dp.slots = R.dslots;
+    dp.tok_seq = R.dtok;
+    dp.tok_nkeys = R.dtok + drows;
+    rc = mi_mtp_draft(mtp_block, &cu, dd > 1 ? &dp : NULL, dd, R.next, R.prev, total, w->embed, w->enorm, w->hnorm,
+                      w->eh_proj, w->eh_proj_q, w->eh_proj_s, w->norm, w->head, w->head_q, w->head_scale, w->vocab,
+                      R.sel, n_seqs, out, tokens, nthreads);
+    free(R.mem);
+    if (rc == 0) *depth_done = dd;
+    return rc;
+}

@@ -14,6 +14,7 @@ import ctypes
 from collections.abc import Mapping
 from dataclasses import astuple, dataclass, fields
 
+import numpy as np
 import torch
 
 from matrixinfer.kernels import LIBRARY, _check, _lib, quantize_rows
@@ -135,7 +136,7 @@ class DecoderLayer:
 
 def _raise_for(rc: int, what: str) -> None:
     if rc != 0:
-        why = "out of memory" if rc == -2 else "unsupported routing"
+        why = {-2: "out of memory", -3: "a token id or position outside the tables"}.get(rc, "unsupported routing")
         raise RuntimeError(f"native {what} failed ({why})")
 
 
@@ -172,6 +173,14 @@ class MTPDraft:
         self.head_scale: torch.Tensor | None = None
         if int8_head:
             self.head_q, self.head_scale = quantize_rows(head)
+        eh_q, eh_s = (None, None) if self._eh_proj_q is None else self._eh_proj_q
+        # the weights besides the block as mi_spec_step reads them (they are this object's for its life)
+        self.weights = LIBRARY.structs["MiMtp"](
+            embed=embed.data_ptr(), enorm=enorm.data_ptr(), hnorm=hnorm.data_ptr(), eh_proj=eh_proj.data_ptr(),
+            eh_proj_s=None if eh_s is None else eh_s.data_ptr(), norm=norm.data_ptr(), head=head.data_ptr(),
+            head_scale=None if self.head_scale is None else self.head_scale.data_ptr(),
+            eh_proj_q=None if eh_q is None else eh_q.data_ptr(),
+            head_q=None if self.head_q is None else self.head_q.data_ptr(), vocab=self.vocab)
 
     def __call__(self, step: ctypes.Structure, next_ids: torch.Tensor, prev: torch.Tensor, rows: list[int],
                  cache: torch.Tensor, deeper: ctypes.Structure | None = None, depth: int = 1
@@ -264,6 +273,56 @@ class ModelStep:
         self._array: ctypes.Array[ctypes.Structure] | None = None
         self._structs: tuple[ctypes.Structure, ...] = ()
         self._rows = torch.empty(64, dtype=torch.int64)
+        self._ints = torch.empty(0, dtype=torch.int64)  # speculate's integer inputs and outputs (grown on demand)
+        self._run_spec = _lib().mi_spec_step
+
+    def _layer_array(self, cache: torch.Tensor) -> ctypes.Array[ctypes.Structure]:
+        structs = tuple(layer.struct(cache) for layer in self.layers)
+        if self._array is None or any(a is not b for a, b in zip(structs, self._structs)):
+            self._array = (LIBRARY.structs["MiLayer"] * len(structs))(*structs)  # (copies: rebuilt on a change)
+            self._structs = structs
+        return self._array
+
+    def speculate(self, step: ctypes.Structure, ids: torch.Tensor, seqs: list[tuple[int, int, int]],
+                  draft: MTPDraft, depth: int, cache: torch.Tensor, rope: tuple[np.ndarray, np.ndarray]
+                  ) -> tuple[torch.Tensor, list[int], list[int], torch.Tensor, list[int], int]:
+        """A greedy speculative step in one native call (``mi_spec_step``): the verification of
+        ``ids`` ``[T]`` (int64) at the positions ``step`` describes, where each sequence of ``seqs``
+        ``(first row, rows, first position)`` owns its last verified token and then its drafts; and,
+        with ``depth`` > 0, the next step's drafts by ``draft`` from the rows verified, up to
+        ``depth`` deep (the rotary rows of the deeper positions from ``rope``, cos and sin tables by
+        position). Returns the final-normed hidden states ``[T, hidden]``, each row's greedy token,
+        each sequence's accepted drafts, the draft states ``[depth_done * S, hidden]`` and tokens
+        (depth-major), and ``depth_done`` (fewer depths where a deeper position lies in a block the
+        rollback frees: then 1)."""
+        _check("ids", ids, torch.int64)
+        t, ns = ids.shape[0], len(seqs)
+        if sum(k for _, k, _ in seqs) != t or any(f < 0 or k < 1 or f + k > t for f, k, _ in seqs):
+            raise ValueError(f"speculative step: sequences {seqs} do not tile the {t} rows")
+        cos, sin = rope
+        if cos.dtype != np.float32 or sin.shape != cos.shape or not (cos.flags.c_contiguous and sin.flags.c_contiguous):
+            raise ValueError("speculative step: rotary tables must be contiguous float32 of one shape")
+        # one int64 buffer: first, rows, positions [S], accepted [S], target [T], tokens [depth * S], depth_done
+        need = 4 * ns + t + depth * ns + 1
+        if need > self._ints.shape[0]:
+            self._ints = torch.empty(2 * need, dtype=torch.int64)
+        ints = self._ints.numpy()
+        for j, column in enumerate(zip(*seqs)):
+            ints[j * ns:(j + 1) * ns] = column
+        base, word = self._ints.data_ptr(), 8
+        acc, tgt, tok, done = 3 * ns, 4 * ns, 4 * ns + t, 4 * ns + t + depth * ns
+        h = self.hidden_size
+        states = torch.empty(t + depth * ns, h, dtype=torch.float32)  # (new: callers keep the states)
+        embed, norm, head = (w.data_ptr() for w in self._weights)
+        _raise_for(self._run_spec(self._layer_array(cache), len(self.layers), step, ids.data_ptr(), t, embed, norm,
+                                  self.eps, head, self.vocab, ns, base, base + ns * word, base + 2 * ns * word,
+                                  draft.block.struct(cache), draft.weights, depth, cos.ctypes.data, sin.ctypes.data,
+                                  cos.shape[0], states.data_ptr(), base + tgt * word, base + acc * word,
+                                  states[t:].data_ptr() if depth else None, base + tok * word, base + done * word,
+                                  torch.get_num_threads()), "speculative step")
+        depth_done = int(ints[done])
+        return (states[:t], ints[tgt:tgt + t].tolist(), ints[acc:acc + ns].tolist(),
+                states[t:t + depth_done * ns], ints[tok:tok + depth_done * ns].tolist(), depth_done)
 
     def __call__(self, step: ctypes.Structure, ids: torch.Tensor, rows: list[int], cache: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,10 +336,7 @@ class ModelStep:
             raise ValueError(f"model step: a token id outside [0, {self.vocab})")
         if any(not 0 <= r < t for r in rows):
             raise ValueError(f"model step: rows {rows} outside the {t} rows")
-        structs = tuple(layer.struct(cache) for layer in self.layers)
-        if self._array is None or any(a is not b for a, b in zip(structs, self._structs)):
-            self._array = (LIBRARY.structs["MiLayer"] * len(structs))(*structs)  # (copies: rebuilt on a change)
-            self._structs = structs
+        layers = self._layer_array(cache)
         n = len(rows)
         if n > self._rows.shape[0]:
             self._rows = torch.empty(2 * n, dtype=torch.int64)
@@ -289,7 +345,7 @@ class ModelStep:
         hidden = torch.empty(t, self.hidden_size, dtype=torch.float32)
         logits = torch.empty(n, self.vocab, dtype=torch.float32)
         embed, norm, head = (w.data_ptr() for w in self._weights)
-        _raise_for(self._run(self._array, len(structs), step, ids.data_ptr(), t, embed, norm, self.eps, head,
+        _raise_for(self._run(layers, len(self.layers), step, ids.data_ptr(), t, embed, norm, self.eps, head,
                              self.vocab, sel.data_ptr(), n, hidden.data_ptr(), logits.data_ptr(),
                              torch.get_num_threads()), "model step")
         return hidden, logits

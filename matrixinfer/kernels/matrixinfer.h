@@ -76,6 +76,36 @@ int mi_model_step(const MiLayer *layers, int64_t n_layers, const MiStep *S, cons
                   const float *embed, const float *norm, float eps, const float *head, int64_t vocab,
                   const int64_t *rows, int64_t n_rows, float *hidden, float *logits, int nthreads);
 
+/* An MTP module's weights besides its block, as mi_mtp_draft takes them (eh_proj_q/eh_proj_s and
+ * head_q/head_scale: the INT8 copies, each pair NULL or read instead of the float32 weight). */
+typedef struct {
+    const float *embed, *enorm, *hnorm, *eh_proj, *eh_proj_s, *norm, *head, *head_scale;
+    const int8_t *eh_proj_q, *head_q;
+    int64_t vocab;
+} MiMtp;
+
+/* A step of greedy MTP speculative decoding in a single call (layer.c).
+ * Verification: mi_model_step over the t rows of S and ids (each id below vocab, else -3), all rows
+ * sampled, where sequence s (s < n_seqs) owns rows first[s] .. first[s] + n[s] - 1 at positions
+ * pos[s] ...: its last verified token, then its n[s] - 1 drafts; hidden [t, hidden] as
+ * mi_model_step leaves it, target[r] = the argmax of row r's logits (as mi_argmax_rows), and
+ * accepted[s] = the drafts accepted: the longest run of them each equal to the target of the row
+ * before it.
+ * Then, where depth > 0, the next step's drafts as mi_mtp_draft computes them (block mtp_block,
+ * weights w): the catch-up rows first[s] .. first[s] + accepted[s] (each row's next token is its
+ * target), every sequence drafting from its last one, depth times where each sequence's next
+ * depth - 1 positions lie in the blocks it keeps once its rejected positions are rolled back (the
+ * first ceil((pos[s] + accepted[s] + 1) / block_size) of its table; their rotary rows from
+ * cos_table and sin_table [table_len, rope / 2]), else once: out [depth_done, n_seqs, hidden] and
+ * tokens [depth_done, n_seqs], *depth_done the depths drafted (0 where depth is 0). Returns as
+ * mi_mtp_draft, or -3 for a token id or a position outside the tables. */
+int mi_spec_step(const MiLayer *layers, int64_t n_layers, const MiStep *S, const int64_t *ids, int64_t t,
+                 const float *embed, const float *norm, float eps, const float *head, int64_t vocab, int64_t n_seqs,
+                 const int64_t *first, const int64_t *n, const int64_t *pos, const MiLayer *mtp_block,
+                 const MiMtp *w, int64_t depth, const float *cos_table, const float *sin_table, int64_t table_len,
+                 float *hidden, int64_t *target, int64_t *accepted, float *out, int64_t *tokens, int64_t *depth_done,
+                 int nthreads);
+
 /* y [m, n] = x [m, k] w^T for w [n, k] (linear.c). */
 void mi_linear(const float *x, const float *w, int64_t m, int64_t k, int64_t n, float *y, int nthreads);
 

@@ -179,6 +179,8 @@ def test_a_request_whose_verification_raises_fails_alone(demo, monkeypatch, wher
                   speculative_max_batch=8)
     assert eng.spec is not None
     obj = eng.sampler if where == "verify" else eng.spec
+    if where == "verify":  # (a greedy batch verifies in the fused native step, which has no per-request failure)
+        monkeypatch.setattr(speculative, "FUSED_STEP", False)
     real = getattr(obj, where)
 
     def flaky(*a, **kw):
@@ -207,6 +209,7 @@ def test_one_call_draft_step_matches_the_per_operator_path(demo, monkeypatch):
     per-operator path's hidden states and greedy drafts, over catch-up rows of several sequences."""
     monkeypatch.setattr(speculative, "INT8_DRAFT_HEAD", False)
     monkeypatch.setattr(speculative, "INT8_DRAFT_BLOCK", False)
+    monkeypatch.setattr(speculative, "FUSED_STEP", False)
     eng = _engine(demo, kv_cache_memory=64 * BLOCK_BYTES, speculative="mtp", num_speculative_tokens=2,
                   speculative_max_batch=8)
     spec = eng.spec
@@ -230,6 +233,7 @@ def test_one_call_draft_step_matches_the_per_operator_path(demo, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(speculative, "INT8_DRAFT_HEAD", False)
     monkeypatch.setattr(speculative, "INT8_DRAFT_BLOCK", False)
+    monkeypatch.setattr(speculative, "FUSED_STEP", False)
     deep_h, deep_t = spec._draft(deeper)
     per_op_h = eng.runner.mtp(deeper)
     torch.testing.assert_close(deep_h, per_op_h, atol=1e-6, rtol=1e-6)
@@ -238,7 +242,8 @@ def test_one_call_draft_step_matches_the_per_operator_path(demo, monkeypatch):
 
 def _ahead_setup(demo, k: int, lengths: tuple[int, ...]):
     """Three greedy requests of ``lengths`` tokens, the plain engine's outputs for them, and an
-    engine speculating ``k`` deep at every batch up to 8."""
+    engine speculating ``k`` deep at every batch up to 8 (callers turn the fused greedy step off
+    to see the separate draft-ahead call)."""
     prompts = _requests(demo[2], 3)[0]
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in lengths]
     expect = _engine(demo, kv_cache_memory=64 * BLOCK_BYTES).generate(prompts, params)
@@ -252,6 +257,7 @@ def test_drafting_ahead_gives_the_next_steps_catch_up_drafts(demo, monkeypatch):
     """The verification step's draft-ahead (on the pass's own metadata: a prefix of its rows at
     batch 1, a gathered subset in a batch) gives the MTP states and first drafts that the next
     step's catch-up of the same rows gives, and the outputs stay the plain engine's."""
+    monkeypatch.setattr(speculative, "FUSED_STEP", False)
     prompts, params, expect, eng, spec = _ahead_setup(demo, 1, (10, 16, 24))
     real, batches = spec._draft_ahead, []
 
@@ -274,6 +280,7 @@ def test_drafting_ahead_two_deep_gives_the_recursive_drafts_in_one_call(demo, mo
     """With two drafts, the draft-ahead's one call also drafts the second (one position on, from
     the first draft and its state): the token and state the next step's recursive draft gives,
     so that step runs no draft call of its own; outputs stay the plain engine's."""
+    monkeypatch.setattr(speculative, "FUSED_STEP", False)
     prompts, params, expect, eng, spec = _ahead_setup(demo, 2, (12, 20, 40))
     real, real_propose, fused = spec._draft_ahead, spec.propose, spec._run_fused
     deep: list[str] = []
@@ -306,6 +313,48 @@ def test_drafting_ahead_two_deep_gives_the_recursive_drafts_in_one_call(demo, mo
     assert eng.generate(prompts, params) == expect
     assert len(set(deep)) == 3  # every request drafted two deep ahead, in a batch and alone
     assert per_propose.count(0) > len(per_propose) // 2  # most steps' propose ran no draft call
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_fused_greedy_step_gives_the_separate_calls_tokens_and_drafts(demo, monkeypatch, k):
+    """A greedy batch's verification and next drafts in one native call (verify_fused) give, step by
+    step, the tokens, acceptance and drafts (tokens and MTP states) of the separate verification
+    and draft-ahead calls; with two drafts, a step whose second draft would fall in a block the
+    rollback frees drafts one (as the separate path does)."""
+    prompts, params, expect, fused_eng, fused_spec = _ahead_setup(demo, k, (14, 30, 47))
+    sep_eng = _engine(demo, kv_cache_memory=64 * BLOCK_BYTES, speculative="mtp", num_speculative_tokens=k,
+                      speculative_max_batch=8)
+    real, calls = fused_spec.runner.speculate, []
+
+    def spy(*a, **kw):
+        found = real(*a, **kw)
+        calls.append(found[-1] if found is not None else None)
+        return found
+
+    monkeypatch.setattr(fused_spec.runner, "speculate", spy)
+    for eng in (fused_eng, sep_eng):
+        for i, p in enumerate(prompts):
+            eng.add_request(str(i), p, params[i])
+    got: dict[str, list[int]] = {str(i): [] for i in range(3)}
+    while fused_eng.has_work():
+        monkeypatch.setattr(speculative, "FUSED_STEP", True)
+        outs = fused_eng.step()
+        monkeypatch.setattr(speculative, "FUSED_STEP", False)
+        assert [(o.request_id, o.token_ids) for o in sep_eng.step()] == [(o.request_id, o.token_ids) for o in outs]
+        for o in outs:
+            got[o.request_id].extend(o.token_ids)
+        for a, b in zip(fused_eng.running, sep_eng.running):
+            assert a.num_computed == b.num_computed and a.block_table == b.block_table
+            assert (a.mtp_draft is None) == (b.mtp_draft is None)
+            if a.mtp_draft is not None and b.mtp_draft is not None:
+                assert [t for t, _ in a.mtp_draft] == [t for t, _ in b.mtp_draft]
+                torch.testing.assert_close(torch.cat([h for _, h in a.mtp_draft]),
+                                           torch.cat([h for _, h in b.mtp_draft]), atol=1e-5, rtol=1e-5)
+    assert not sep_eng.has_work() and [got[str(i)] for i in range(3)] == expect
+    assert (fused_eng.spec.drafted, fused_eng.spec.accepted) == (sep_eng.spec.drafted, sep_eng.spec.accepted)
+    assert calls.count(k) > len(calls) // 2  # most steps verified in one call, drafting k deep
+    if k == 2:
+        assert 1 in calls  # a second draft past the blocks kept: one drafted
 
 
 def test_blocks_of_accepted_drafts_are_named_for_the_prefix_cache(demo):

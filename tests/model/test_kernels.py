@@ -320,7 +320,7 @@ def test_bindings_come_from_the_header():
     assert dict(layer._fields_)["eps"] is ctypes.c_float and dict(layer._fields_)["cache"] is ctypes.c_void_p
     exported = {"mi_decoder_layer", "mi_linear", "mi_rmsnorm", "mi_v3_route", "mi_argmax_rows", "mi_moe_experts",
                 "mi_paged_mla", "mi_mla_q_prolog", "mi_mla_kv_prolog", "mi_quantize_rows", "mi_linear_w8a8",
-                "mi_moe_experts_w8a8", "mi_mtp_draft", "mi_bind_team", "mi_model_step"}
+                "mi_moe_experts_w8a8", "mi_mtp_draft", "mi_bind_team", "mi_model_step", "mi_spec_step"}
     assert set(header.functions) == exported
 
 
