@@ -2,18 +2,29 @@
 
 For each batch size (default 1 and 64), B greedy requests run on a plain engine and on an engine
 with ``--speculative mtp`` (its policy deciding each step from the step costs it measured at
-start-up and learns while serving), alternating, ``--trials`` times each (``--turn-ms``: in turns
-within a trial), each trial starting with the next engine in turn (at batch 64, where both run
-the same plain steps, single runs gave 0.93-1.08x on this VM, so no engine always goes first).
+start-up and learns while serving), alternating, ``--trials`` times each, each trial starting with
+the next engine in turn. Below batch 16 each engine runs its whole batch in turn; from batch 16 on
+the engines take turns of 100 ms within a trial (``--turn-ms`` sets one turn length for all):
+
+- At batch 1 every engine decodes the same prompt into the same tokens, so in short turns one
+  engine's steps leave the experts the other's next steps route to in the cache: in 100 ms turns
+  the plain engine ran at 653-826 tok/s against 410-513 in whole trials (the speculative engine's
+  ~690 either way), a bias of the method, not a property of either engine.
+- At batch 64 the routing covers every expert each step, and the error is the machine's drift
+  between trials seconds apart. Two identical plain engines (an A/A run, 5 trials): medians of the
+  per-trial ratio 0.934, 1.010, 0.964 in whole trials (single trials 0.87-1.28), against 0.995,
+  1.000, 1.002 in 100 ms turns (single trials 0.98-1.015).
+
 Before the trials each engine serves a warm-up batch at each batch size
 (``--warmup-len`` tokens): first-call allocations, and the policy's first steps at that batch.
 Prompts are windows of the CPython stdlib files the demo model held out of training (the model
 completes Python code), outputs a fixed length (``ignore_eos``). The decode figure counts the
 tokens produced after every request has its first token, over the time of the engine's steps from
 then on (prefill excluded; wall time, and the process's CPU time, which other processes on the
-cores inflate less). Prints both figures per batch size, their same-run ratio (median over trials
-of each), the acceptance rate, tokens per speculative step and the share of decode steps that
-speculated; with ``--always`` also an engine that speculates at every batch size (no policy), to
+cores inflate less). Prints both figures per batch size (medians over trials), their same-run ratio
+(the median over trials of each trial's ratio: trials are seconds apart and the machine's state
+drifts between them), the acceptance rate, tokens per speculative step and the share of decode
+steps that speculated; with ``--always`` also an engine that speculates at every batch size (no policy), to
 show what the policy avoids; and the step costs the policy learned against its start-up figures.
 
 Bar (demo model, CPU): batch 1 >= 1.3x, batch 64 >= 0.98x. The default K is 2: the policy picks 0,
@@ -21,7 +32,7 @@ Bar (demo model, CPU): batch 1 >= 1.3x, batch 64 >= 0.98x. The default K is 2: t
 settles on 2: the second draft is accepted ~0.9 of the times the first is); ``-k 1`` for one.
 
     python benchmarks/mtp_speculation.py [--model DIR] [--device cpu|cuda] [-k 2] [--batch-sizes 1,64]
-        [--trials 3] [--output-len 128] [--warmup-len 128] [--turn-ms MS] [--always] [--threads N]
+        [--trials 5] [--output-len 128] [--warmup-len 128] [--turn-ms MS] [--always] [--threads N]
         [--json out.json]
 """
 
@@ -45,6 +56,7 @@ from matrixinfer.train.corpus import EXCLUDED_DIRS, is_heldout, stdlib_root
 from matrixinfer.train.recipe import TrainConfig
 
 BARS = {1: 1.3, 64: 0.98}
+TURNS_FROM_BATCH = 16  # the engines take 100 ms turns within a trial from this batch size on (see above)
 
 
 def heldout_prompts(tok: Tokenizer, n: int, seed: int) -> list[list[int]]:
@@ -75,9 +87,10 @@ def decode_trial(engines: dict[str, LLMEngine], prompts: list[list[int]], output
 
     Turns trade one bias for another: where other processes share the cores, load swings 2-3x
     within seconds, and short turns share the swings out; but the demo model's weights fill most of
-    a 32 MiB L3, and each turn starts on what the other engine left there. Measured at batch 1
-    (loaded, one thread), always speculating against plain: 1.15x in one-step turns, 1.26x in 50 ms
-    turns, 1.40x in whole trials."""
+    a 32 MiB L3, and each turn starts on what the other engine left there (at batch 1, where the
+    engines decode the same tokens, the experts the next steps of the other will route to).
+    Measured at batch 1 (loaded, one thread), always speculating against plain: 1.15x in one-step
+    turns, 1.26x in 50 ms turns, 1.40x in whole trials."""
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     cuda = any(e.runner.device.type == "cuda" for e in engines.values())
     state: dict[str, dict] = {}
@@ -120,6 +133,12 @@ def decode_trial(engines: dict[str, LLMEngine], prompts: list[list[int]], output
     return out
 
 
+def paired(runs: dict[str, list[dict]], name: str, key: str = "tokens_per_s") -> float:
+    """The median over trials of each trial's ratio of engine ``name`` to the plain engine in the same
+    trial (runs seconds apart: the machine's drift between trials cancels)."""
+    return statistics.median(r[key] / p[key] for r, p in zip(runs[name], runs["plain"]))
+
+
 def _startup(costs, batch: int) -> list[float]:
     plain, spec = costs.at(batch)
     return [plain, *spec]
@@ -132,11 +151,12 @@ def main() -> None:
     ap.add_argument("-k", "--num-speculative-tokens", type=int, default=2,
                     help="drafts per step at most (the policy chooses 0..K each step)")
     ap.add_argument("--batch-sizes", default="1,64")
-    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--turn-ms", type=float, default=None,
                     help="engines take turns of this many ms within a trial (0: one step each; default: a whole "
-                         "trial each). Shorter turns share out load swings, but each turn starts on caches the "
+                         "trial each below batch 16, 100 ms turns from 16). Shorter turns share out load swings, "
+                         "but each turn starts on caches the "
                          "other engine filled")
     ap.add_argument("--warmup-len", type=int, default=128, help="tokens per request of the warm-up at each batch size")
     ap.add_argument("--always", action="store_true", help="also run an engine that speculates at every batch size")
@@ -179,26 +199,25 @@ def main() -> None:
             e.generate(heldout_prompts(tok, b, 99 + b), SamplingParams(temperature=0, max_tokens=args.warmup_len,
                                                                      ignore_eos=True))
 
-    turn = float("inf") if args.turn_ms is None else args.turn_ms / 1e3
     results = {"model": path, "device": device_name, "k": k, "batches": {}}
     failed = False
     for b in batches:
         prompts = heldout_prompts(tok, b, args.seed + b)
         runs: dict[str, list[dict]] = {name: [] for name in engines}
         names = list(engines)
+        turn = (float("inf") if b < TURNS_FROM_BATCH else 0.1) if args.turn_ms is None else args.turn_ms / 1e3
         for t in range(args.trials):  # each trial starts with the next engine: none always follows the same one
             order = names[t % len(names):] + names[:t % len(names)]
             for name, r in decode_trial({n: engines[n] for n in order}, prompts, args.output_len, turn).items():
                 runs[name].append(r)
         med = {name: statistics.median(r["tokens_per_s"] for r in rs) for name, rs in runs.items()}
-        cpu = {name: statistics.median(r["tokens_per_cpu_s"] for r in rs) for name, rs in runs.items()}
         s = runs["spec"]
         drafted = sum(r["spec_draft_tokens"] for r in s)
         accepted = sum(r["spec_accepted_tokens"] for r in s)
         verif = sum(r["spec_verifications"] for r in s)
         share = sum(r["spec_steps"] for r in s) / max(sum(r["decode_steps"] for r in s), 1)
-        ratio = med["spec"] / med["plain"]
-        cpu_ratio = cpu["spec"] / cpu["plain"]
+        ratio = paired(runs, "spec")
+        cpu_ratio = paired(runs, "spec", "tokens_per_cpu_s")
         row = {"plain_tokens_per_s": med["plain"], "spec_tokens_per_s": med["spec"], "ratio": ratio,
                "cpu_ratio": cpu_ratio,
                "acceptance_rate": accepted / drafted if drafted else None,
@@ -213,8 +232,8 @@ def main() -> None:
             a_drafted = sum(r["spec_draft_tokens"] for r in a)
             a_verif = sum(r["spec_verifications"] for r in a)
             a_accepted = sum(r["spec_accepted_tokens"] for r in a)
-            row["always_ratio"] = med["always"] / med["plain"]
-            row["always_cpu_ratio"] = cpu["always"] / cpu["plain"]
+            row["always_ratio"] = paired(runs, "always")
+            row["always_cpu_ratio"] = paired(runs, "always", "tokens_per_cpu_s")
             line += f"  (always speculating: {row['always_ratio']:.3f}, per CPU second {row['always_cpu_ratio']:.3f}"
             if a_drafted:
                 row["always_acceptance_rate"] = a_accepted / a_drafted

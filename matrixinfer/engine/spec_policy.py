@@ -150,6 +150,18 @@ class SpecPolicy:
         rates = self.token_rates(batch)
         return 0 if rates is None else self._best(rates)
 
+    def ahead(self, batch: int) -> int:
+        """The drafts the next decode step at ``batch`` is expected to verify, for drafting them
+        ahead (:meth:`matrixinfer.engine.speculative.MTPSpeculator.draft_ahead`): the depth of an
+        exploring turn that goes on in ``batch``'s bucket, else :meth:`choose`. (Drafting only the
+        chosen depth ahead made every explored step of a deeper one run a draft call of its own,
+        which the policy then counted in that depth's cost: on the demo model at batch 1 two drafts
+        were measured at 1.5x one draft's step, where steps always drafting two cost ~1.25x, and
+        the policy stayed at one draft.)"""
+        if self._turn is not None and self._turn[0] == bucket(batch) and self._turn[2] > 0:
+            return self._turn[1]
+        return self.choose(batch)
+
     def decide(self, batch: int) -> int:
         """The engine's per-step draft count: :meth:`choose`, except that a depth not chosen runs once
         its turn comes, so its cost and acceptance stay measured (acceptance at depth j is only

@@ -224,3 +224,23 @@ def test_acceptance_per_depth():
     assert t.expected_tokens(2) == pytest.approx(1 + 2 / 3 + 1 / 3)
     with pytest.raises(ValueError):
         t.record(2, 3)
+
+
+def test_drafts_made_ahead_follow_an_exploring_turn():
+    """The depth drafted ahead for the next step is that of an exploring turn while it goes on (so
+    an explored step finds its drafts made, as a step at the chosen depth does, and is not charged
+    a draft call of its own), else the chosen one."""
+    policy = SpecPolicy(2, AcceptanceTracker(2), StepCosts((1,), plain=(1.0,), spec=((1.3,), (1.7,))))
+    assert policy.choose(1) == 1 and policy.ahead(1) == 1
+    depths, aheads = [], []
+    for _ in range(300):
+        depths.append(policy.decide(1))
+        aheads.append(policy.ahead(1))
+    turn = depths.index(2)
+    assert depths[turn:turn + EXPLORE_RUN] == [2] * EXPLORE_RUN
+    # ahead of every step of the turn but its first (drafted before the turn began): two drafts
+    assert aheads[turn:turn + EXPLORE_RUN] == [2] * (EXPLORE_RUN - 1) + [1]
+    # whenever a step runs the depth of the step before (a turn going on, or the chosen depth), it was drafted ahead
+    assert all(a == n for d, n, a in zip(depths, depths[1:], aheads) if d == n)
+    assert {0, 2} <= set(depths)  # turns of both other depths were checked
+    assert policy.ahead(64) == policy.choose(64)  # another bucket: no turn there
