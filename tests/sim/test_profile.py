@@ -250,3 +250,33 @@ def test_kv_transfer_comes_from_the_profile_when_it_has_one():
     model = LocalCostModel(prof, dims)
     assert 0.8e-3 < model.kv_transfer(160) < 1.1e-3
     assert model.kv_transfer(2048) == pytest.approx(2.6e-3 + (2.6e-3 - 1.1e-3) * 1024 / 768)  # the last segment
+
+
+def test_profiled_decode_steps_decode_new_tokens_each_time(tmp_path, monkeypatch):
+    """Each repetition of a profiled decode step (the model runner's, and a one-call layer's) runs
+    other tokens, as serving does: rerunning one token kept its experts in the cache."""
+    import torch
+
+    from matrixinfer.sim.profiler import GRIDS, Profiler
+
+    prof = Profiler(write_random_model(tmp_path / "model"), torch.device("cpu"), GRIDS["tiny"], 1,
+                    with_ems=False, with_engine=False, with_ep=False)
+    runner = prof._runner()
+    seen: list[list[int]] = []
+    real = runner.execute
+
+    def execute(chunks):
+        seen.append([s.token_ids(s.num_computed, n)[-1] for s, n in chunks])
+        return real(chunks)
+
+    monkeypatch.setattr(runner, "execute", execute)
+    step = prof._runner_step(2, 1, 32)
+    for _ in range(4):
+        step()
+    assert len({tuple(ids) for ids in seen}) == 4 and len({t for ids in seen for t in ids}) >= 6
+    embedded: list[torch.Tensor] = []
+    real_embed = prof.model._embed
+    monkeypatch.setattr(prof.model, "_embed", lambda ids, pos, meta: embedded.append(ids) or real_embed(ids, pos, meta))
+    list(prof._attention_and_steps())
+    single = {tuple(ids.tolist()) for ids in embedded if len(ids) == 1}  # batch 1's layers, every kv point
+    assert len(single) > 2 * len(GRIDS["tiny"].kv_len)  # (one token per kv point before)
