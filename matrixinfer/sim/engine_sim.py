@@ -74,6 +74,7 @@ class SimResult:
     output_tokens: int = 0
     duration: float = 0.0
     steps: int = 0
+    busy_seconds: float = 0.0  # the engines' simulated step time, summed
 
     @property
     def output_throughput(self) -> float:
@@ -242,4 +243,5 @@ def simulate(requests: list[SimRequest], prefill: SimEngine, decode: SimEngine |
                     heapq.heappush(events, (now + transfer_s(s.req.prompt_len), next(tick), "kv", s.req.rid))
             kick(key, now)
     res.steps = sum(e.steps for e in engines)
+    res.busy_seconds = sum(sum(e.source_seconds.values()) for e in engines)
     return res

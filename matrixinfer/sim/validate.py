@@ -167,12 +167,42 @@ def measure_scenario(sc: Scenario, model_path: Path | None) -> dict[str, float]:
         from dataclasses import replace
         config = replace(config, model=model)
         records, duration = asyncio.run(run_benchmark(_specs(sc, vocab), config))
+        engine = server.metrics() if sc.deployment == "colocated" else {}
     finally:
         server.stop()
     s = summarize(records, duration)
     if s.completed < sc.num_prompts:
         raise RuntimeError(f"{sc.name}: only {s.completed} of {sc.num_prompts} requests completed")
-    return {"output_throughput": s.output_throughput, "ttft": s.ttft.mean, "tpot": s.tpot.mean}  # ms
+    out = {"output_throughput": s.output_throughput, "ttft": s.ttft.mean, "tpot": s.tpot.mean}  # ms
+    busy, steps = engine.get("matrixinfer_engine_busy_seconds_total"), engine.get("matrixinfer_engine_steps_total")
+    if busy is not None and steps:  # (a fresh server: its counters are this run's)
+        out.update(step_ms=busy / steps * 1e3, busy_share=busy / duration)
+    return out
+
+
+def engine_diagnostics(sims: list[SimResult], runs: list[dict[str, float]]) -> dict[str, float] | None:
+    """The colocated engine's mean step time and busy share while serving, simulated (the mean over
+    the repeats) against measured (the engine's own counters, ``engine_busy_seconds`` over
+    ``engine_steps`` and over the run): which side of an error is the step's cost and which the
+    engine's waiting. None where the run did not report them."""
+    measured = [r for r in runs if "step_ms" in r]
+    if not measured or not all(res.steps and res.duration for res in sims):
+        return None
+    n, m = len(sims), len(measured)
+    return {"sim_step_ms": sum(res.busy_seconds / res.steps for res in sims) / n * 1e3,
+            "step_ms": sum(r["step_ms"] for r in measured) / m,
+            "sim_busy_share": sum(res.busy_seconds / res.duration for res in sims) / n,
+            "busy_share": sum(r["busy_share"] for r in measured) / m}
+
+
+def format_engine(diags: list[tuple[str, dict[str, float]]]) -> str:
+    lines = ["engine while serving (colocated): mean step, simulated vs measured, and the share of the run "
+             "the engine was in steps"]
+    for name, d in diags:
+        err = (d["sim_step_ms"] - d["step_ms"]) / d["step_ms"]
+        lines.append(f"  {name:<16} step {d['sim_step_ms']:7.2f} ms vs {d['step_ms']:7.2f} ms ({err:+.1%})   "
+                     f"busy {d['sim_busy_share']:4.0%} vs {d['busy_share']:4.0%}")
+    return "\n".join(lines)
 
 
 def load_setup(profile_path: Path, model: str | None) -> Setup:
@@ -245,6 +275,7 @@ def run_validation(args) -> int:
           f"{os.getloadavg()[0]:.1f}" + ("; each scenario re-profiles what it reads before it is measured"
                                           if each else ""))
     rows: list[Row] = []
+    diags: list[tuple[str, dict[str, float]]] = []
     for sc in scenarios(args.quick):
         if sc.deployment == "pd" and args.skip_pd:
             continue
@@ -265,6 +296,9 @@ def run_validation(args) -> int:
                 if not args.simulate_only:
                     runs = [measure_scenario(sc, setup.model_path) for _ in range(args.repeats)]
         share = sum(sh for _, sh in sims) / len(sims)
+        diag = engine_diagnostics([res for res, _ in sims], runs)
+        if diag is not None:
+            diags.append((sc.name, diag))
         for fig in sc.figures:
             simulated = [_figure(res, fig) for res, _ in sims]
             measured = [run[fig] for run in runs]
@@ -275,8 +309,11 @@ def run_validation(args) -> int:
                             _spread(measured) if measured else None, _spread(simulated), pairs))
         print(f"  {sc.name}: done (load average {os.getloadavg()[0]:.1f})", flush=True)
     print(format_rows(rows))
+    if diags:
+        print(format_engine(diags))
     if args.result_json:
         Path(args.result_json).write_text(json.dumps(
             {"profile": args.profile, "profile_each": each, "load_avg_end": os.getloadavg()[0], "notes": setup.notes,
-             "rows": [{**r.__dict__, "error": r.error, "bar": r.bar} for r in rows]}, indent=1))
+             "rows": [{**r.__dict__, "error": r.error, "bar": r.bar} for r in rows],
+             "engine": [{"scenario": name, **d} for name, d in diags]}, indent=1))
     return 0

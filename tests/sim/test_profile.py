@@ -158,6 +158,9 @@ def test_engine_simulation_follows_the_step_costs():
     assert four.output_throughput > 1.5 * one.output_throughput  # batching pays on this profile
     decode_step = model.step(StepShape((1,), (40,)), 1, 1).seconds
     assert one.mean_tpot == pytest.approx(decode_step, rel=0.05)
+    # one stream: the simulated engine is in steps for (nearly) the whole run
+    assert one.steps >= 80 and 0.5 * one.duration < one.busy_seconds <= one.duration * (1 + 1e-9)
+    assert one.busy_seconds / one.steps == pytest.approx(decode_step, rel=0.5)
     # P/D: the same requests; the KV moves in 5 ms and the first token reaches the client from the
     # decode instance once it holds the KV (the prefill worker hands the request off silently)
     pd = simulate(reqs, engine(), engine(), max_concurrency=1, transfer_s=lambda n: 5e-3)

@@ -108,3 +108,18 @@ def test_profile_each_measures_what_a_scenario_reads_right_before_it(tmp_path, m
     assert fresh.ops["api_request"].values(0) == [16.0]
     doc = json.loads(result.read_text())
     assert doc["profile_each"] is True and doc["rows"][0]["simulated"] > 0
+
+
+def test_engine_diagnostics_compare_the_served_step_with_the_simulated_one():
+    """`simulate validate` prints the colocated engine's mean step and busy share, simulated against
+    what the served engine's own counters give; nothing where the runs did not report them."""
+    from matrixinfer.sim.engine_sim import SimResult
+    from matrixinfer.sim.validate import engine_diagnostics, format_engine
+
+    sims = [SimResult(duration=2.0, steps=100, busy_seconds=1.0), SimResult(duration=2.0, steps=100, busy_seconds=1.4)]
+    runs = [{"output_throughput": 1.0, "step_ms": 15.0, "busy_share": 0.9}, {"output_throughput": 1.0}]
+    d = engine_diagnostics(sims, runs)
+    assert d == pytest.approx({"sim_step_ms": 12.0, "step_ms": 15.0, "sim_busy_share": 0.6, "busy_share": 0.9})
+    text = format_engine([("decode batch 8", d)])
+    assert "decode batch 8" in text and "12.00 ms vs   15.00 ms (-20.0%)" in text and "60% vs  90%" in text
+    assert engine_diagnostics(sims, [{"output_throughput": 1.0}]) is None
