@@ -142,7 +142,10 @@ class SimEngine:
         cost = self.cost.step(shape, sampled, len(self.running), idle_s)
         for source, seconds in cost.sources().items():
             self.source_seconds[source] += seconds
-        return cost.seconds
+        # the hand-off of the step's tokens before the next step: the engine is not in a step then
+        # (its tokens reach the clients during it), so it is not in source_seconds (busy time)
+        handoff = self.cost.handoff(sampled, len(self.running))
+        return cost.seconds + (handoff.seconds if handoff is not None else 0.0)
 
     def end_step(self, now: float) -> list[_Seq]:
         """Apply the planned step at its end; returns the sequences that leave this instance."""

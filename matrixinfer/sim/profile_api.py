@@ -15,6 +15,11 @@ parsing it). The profile measures two operators with the real ``AsyncEngine``, t
   is taken from the engine's steps, so the cost model adds it to each step. (The stand-in's own
   per-step bookkeeping is counted too; the real engine's is also in ``engine_host``, a small
   double count.)
+- ``api_gap`` (streams): wall seconds per token delivered that the engine thread spends between
+  two steps while requests are running (handing the outputs over to the API's event loop, and
+  waiting for the interpreter lock the API's thread holds), measured in the same runs. The served
+  engine is not in a step then: it is time on top of the step, not CPU taken from it (served on
+  the 2-core VM, the demo model's engine was in steps 90-96% of a decode run).
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ class InstantEngine:
         self.model = type("M", (), {"config": type("C", (), {"vocab_size": vocab_size})()})()
         self._running: dict[str, list[int]] = {}  # request id -> [prompt tokens, produced, wanted]
         self.tokens = 0
+        self.gap_seconds = 0.0  # between a step that left requests running and the next step
+        self.gap_tokens = 0  # the tokens those earlier steps delivered
+        self._left: tuple[float, int] | None = None  # (when the last step returned, its tokens) while running
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         self._running[request_id] = [len(prompt_ids), 0, params.max_tokens]
@@ -59,6 +67,9 @@ class InstantEngine:
         return EngineStats(running=len(self._running))
 
     def step(self) -> list[RequestOutput]:
+        if self._left is not None:
+            self.gap_seconds += time.perf_counter() - self._left[0]
+            self.gap_tokens += self._left[1]
         time.sleep(STEP_INTERVAL_S)
         outs = []
         for rid, state in list(self._running.items()):
@@ -70,6 +81,7 @@ class InstantEngine:
             if done:
                 del self._running[rid]
         self.tokens += len(outs)
+        self._left = (time.perf_counter(), len(outs)) if self._running else None
         return outs
 
 
@@ -143,17 +155,21 @@ def profile_api(model_path: Path, prompt_lens: tuple[int, ...], streams: tuple[i
                 cmd = [sys.executable, "-m", "matrixinfer.sim.profile_api", url, str(c), str(tokens), "1"]
                 proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
                 assert proc.stdout is not None
-                cpu, produced = [], []
+                cpu, produced, gaps = [], [], []
                 for line in proc.stdout:
                     if line.startswith("start"):
                         engine.tokens, t0 = 0, time.process_time()
+                        engine.gap_seconds, engine.gap_tokens = 0.0, 0
                     elif line.startswith("done"):
                         cpu.append(time.process_time() - t0 + float(line.split()[1]))
                         produced.append(engine.tokens)
+                        gaps.append((engine.gap_seconds, engine.gap_tokens))
                 if proc.wait(timeout=600) != 0 or len(cpu) != 2:
                     raise RuntimeError(f"the API probe's client failed (exit status {proc.returncode})")
                 if produced[0] > produced[1]:
                     table("api_token", ("streams",)).add((c,), max(cpu[0] - cpu[1], 0.0) / (produced[0] - produced[1]))
+                if gaps[0][1]:  # the run of `tokens` tokens per request (one token: no step leaves any running)
+                    table("api_gap", ("streams",)).add((c,), gaps[0][0] / gaps[0][1])
                 yield f"api tokens x{c}"
     finally:
         server.should_exit = True

@@ -18,7 +18,8 @@ from matrixinfer.sim.profile_data import SCHEMA, VERSION, Profile, pchip
 EXPECTED_OPS = {"mla_prolog": 1, "mla_core_q1": 2, "mla_core_qk": 2, "mla_core_prefill": 1, "mla_epilogue": 1,
                 "dense_mlp": 1, "shared_expert": 1, "routing": 1, "experts": 1, "rmsnorm": 1, "lm_head": 1,
                 "sampling": 1, "layer_decode": 2, "layer_decode_dense": 2, "step_decode": 2, "step_prefill": 1,
-                "engine_host": 1, "ems_get": 2, "ems_put": 2, "api_request": 1, "api_token": 1, "engine_cores": 1,
+                "engine_host": 1, "ems_get": 2, "ems_put": 2, "api_request": 1, "api_token": 1, "api_gap": 1,
+                "engine_cores": 1,
                 "idle_wake": 2, "kv_transfer": 1}
 
 
@@ -283,3 +284,24 @@ def test_profiled_decode_steps_decode_new_tokens_each_time(tmp_path, monkeypatch
     list(prof._attention_and_steps())
     single = {tuple(ids.tolist()) for ids in embedded if len(ids) == 1}  # batch 1's layers, every kv point
     assert len(single) > 2 * len(GRIDS["tiny"].kv_len)  # (one token per kv point before)
+
+
+def test_hand_off_between_steps_is_time_the_engine_is_not_in_a_step():
+    """With ``api_gap`` profiled (1 ms per token delivered), each decode step of 4 streams is
+    followed by 4 ms before the next: the run lasts that much longer, the engine's step time does
+    not change, and profiles without the table simulate as before."""
+    dims = _dims()
+    reqs = [SimRequest(i, 0.0, 32, 20) for i in range(4)]
+    plain = LocalCostModel(_synthetic(dims), dims)
+    prof = _synthetic(dims)
+    for streams in (1.0, 64.0):
+        prof.table("api_gap", ("streams",)).add((streams,), 1e-3)
+    gapped = LocalCostModel(prof, dims)
+    assert plain.handoff(4, 4) is None and gapped.handoff(4, 4).seconds == pytest.approx(4e-3)
+    assert gapped.handoff(0, 4) is None  # a step that delivered nothing hands nothing off
+    before = simulate(reqs, SimEngine(plain, Budget(1024, 128, 16), 1000), max_concurrency=4)
+    after = simulate(reqs, SimEngine(gapped, Budget(1024, 128, 16), 1000), max_concurrency=4)
+    assert after.steps == before.steps and after.busy_seconds == pytest.approx(before.busy_seconds)
+    # every step samples 4 tokens (the prompt step samples each request's first): 4 ms after each
+    assert after.duration - before.duration == pytest.approx(before.steps * 4e-3, rel=0.1)
+    assert after.busy_seconds / after.duration < before.busy_seconds / before.duration
