@@ -26,6 +26,7 @@ Operator names and axes (``tokens`` = rows of the flat batch, ``kv_len`` = keys 
 | ``ems_get`` / ``ems_put`` | block_kib, concurrency | seconds per block through the EMS client at that concurrency |
 | ``api_request`` | tokens | the serving stack's latency to a first token when the engine answers at once |
 | ``api_token`` | streams | CPU seconds (server + bench client) per token streamed to that many clients |
+| ``api_gap`` | streams | wall seconds per token delivered the engine thread spends between two steps |
 | ``engine_cores`` | tokens | CPU seconds per second while the engine decodes that many sequences (cores busy) |
 | ``idle_wake`` | tokens x idle_s | extra seconds of a step (1 token: a decode step) after the engine idled that long |
 | ``kv_transfer`` | tokens | a prompt's KV from a prefill worker's sender to a decode worker's receiver, loopback |
