@@ -66,9 +66,7 @@ class StepInputs:
         width = max(len(seq.block_table) for seq, _, _ in rows)
         if t > self.rows or len(rows) > self.rows:
             raise ValueError(f"step inputs: {t} rows of {len(rows)} sequences, at most {self.rows}")
-        top = max(start + len(ids) for _, start, ids in rows) + depth - 1
-        if top > self._cos_table.shape[0]:
-            self._grow_rope(top)
+        self.rope_tables(max(start + len(ids) for _, start, ids in rows) + depth - 1)
         if width > self.tables.shape[1]:
             self.tables = torch.zeros(self.rows, max(width, 2 * self.tables.shape[1]), dtype=torch.int32)
             self._np["tables"] = self.tables.numpy()

@@ -174,7 +174,8 @@ class MTPDraft:
         if int8_head:
             self.head_q, self.head_scale = quantize_rows(head)
         eh_q, eh_s = (None, None) if self._eh_proj_q is None else self._eh_proj_q
-        # the weights besides the block as mi_spec_step reads them (they are this object's for its life)
+        # the weights besides the block, as mi_mtp_draft and mi_spec_step read them (the tensors are kept in
+        # _weights, _eh_proj_q and head_q/head_scale for this object's life)
         self.weights = LIBRARY.structs["MiMtp"](
             embed=embed.data_ptr(), enorm=enorm.data_ptr(), hnorm=hnorm.data_ptr(), eh_proj=eh_proj.data_ptr(),
             eh_proj_s=None if eh_s is None else eh_s.data_ptr(), norm=norm.data_ptr(), head=head.data_ptr(),
@@ -212,13 +213,11 @@ class MTPDraft:
         sel, tokens = self._sel[:n], self._tokens[:depth * n]
         sel.numpy()[:] = rows
         out = torch.empty(depth * n, h, dtype=torch.float32)  # (a new one: callers keep the states)
-        embed, enorm, hnorm, eh_proj, norm, head = (w.data_ptr() for w in self._weights)
-        head_q = None if self.head_q is None else self.head_q.data_ptr()
-        head_scale = None if self.head_scale is None else self.head_scale.data_ptr()
-        eh_q, eh_s = (None, None) if self._eh_proj_q is None else (w.data_ptr() for w in self._eh_proj_q)
+        w = self.weights
         _raise_for(self._run(self.block.struct(cache), step, deeper, depth, next_ids.data_ptr(), prev.data_ptr(), t,
-                             embed, enorm, hnorm, eh_proj, eh_q, eh_s, norm, head, head_q, head_scale, self.vocab,
-                             sel.data_ptr(), n, out.data_ptr(), tokens.data_ptr(), torch.get_num_threads()),
+                             w.embed, w.enorm, w.hnorm, w.eh_proj, w.eh_proj_q, w.eh_proj_s, w.norm, w.head,
+                             w.head_q, w.head_scale, self.vocab, sel.data_ptr(), n, out.data_ptr(),
+                             tokens.data_ptr(), torch.get_num_threads()),
                    "MTP draft")
         return out, tokens.tolist()
 

@@ -370,7 +370,7 @@ class Profiler:
             batch.append((seq, q_len))
         if q_len != 1:
             return partial(runner.execute, batch)
-        tokens = iter(_token_cycle(self.cfg.vocab_size))
+        tokens = _token_cycle(self.cfg.vocab_size)
 
         def decode_step() -> object:  # each call decodes new tokens, as serving does (see _token_cycle)
             for seq, _ in batch:
@@ -397,7 +397,7 @@ class Profiler:
         for b in self.grid.batch:
             for kv in self.grid.kv_len:
                 cache, meta, pos = self._paged(b, 1, kv)
-                cycle = iter(_token_cycle(self.cfg.vocab_size))
+                cycle = _token_cycle(self.cfg.vocab_size)
                 ids = itertools.cycle([torch.tensor([next(cycle) for _ in range(b)], device=self.device)
                                        for _ in range(TOKEN_SETS)])
                 names = [("mla_core_q1", (b, kv)), ("mla_core_qk", (2 * b, kv)), ("step_decode", (b, kv))]
