@@ -170,15 +170,14 @@ def test_killed_decode_actor_is_restarted_and_rejoins(deployment):
 
     async def go():
         async with httpx.AsyncClient(timeout=120) as c:
+            # kill once every stream has a token from its decode instance (polling the metrics for
+            # running requests first let a fast machine finish every stream before the kill)
+            decoding = [asyncio.Event() for _ in range(4)]
             streams = [asyncio.create_task(stream_tokens(c, deployment.url, {**MODEL, "prompt": [9, i, 7],
-                                                                             "max_tokens": 400}, headers={}))
+                                                                             "max_tokens": 400}, headers={},
+                                                         started=decoding[i], started_at=2))
                        for i in range(4)]
-            deadline = time.monotonic() + 60  # kill once every stream is decoding (a quiet machine
-            while time.monotonic() < deadline:  # finishes 400 tokens in about a second)
-                running = await asyncio.to_thread(_series, deployment, "matrixinfer_instance_running")
-                if sum(v for k, v in running.items() if 'role="decode"' in k) >= len(streams):
-                    break
-                await asyncio.sleep(0.05)
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in decoding)), 60)
             killed = 0  # every decode actor: the streams may be on any of them (with one killed, once none was)
             for actor in actors:
                 try:

@@ -44,13 +44,14 @@ class Server(ServerProcess):
 
 async def stream_tokens(client: httpx.AsyncClient, url: str, body: dict[str, Any], stop_after: int | None = None,
                         headers: dict[str, str] | None = None, started: asyncio.Event | None = None,
-                        ) -> tuple[list[int], str | None]:
+                        started_at: int = 1) -> tuple[list[int], str | None]:
     """Token ids and finish reason of one streamed completion at ``url`` (sent with :data:`HEADERS`
     unless ``headers`` are given).
 
     With ``stop_after`` the client disconnects once it has that many tokens (reason
     ``"disconnected"``); an error event ends the stream with reason ``"error: <message>"``.
-    ``started`` is set once tokens have arrived (the request is decoding).
+    ``started`` is set once ``started_at`` tokens have arrived (in P/D the first comes from the
+    prefill instance, the second from the decode instance).
     """
     ids: list[int] = []
     reason = None
@@ -68,7 +69,7 @@ async def stream_tokens(client: httpx.AsyncClient, url: str, body: dict[str, Any
             for c in chunk["choices"]:
                 ids.extend(c["token_ids"])
                 reason = c["finish_reason"] or reason
-            if started is not None and ids:
+            if started is not None and len(ids) >= started_at:
                 started.set()
             if stop_after is not None and len(ids) >= stop_after:
                 return ids, "disconnected"

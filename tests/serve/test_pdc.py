@@ -255,17 +255,18 @@ def _wait_restarted(server, child: str, roles: dict[str, int], timeout: float = 
 
 
 def test_killing_the_decode_instance_fails_cleanly_then_the_launcher_restarts_it(pdc):
+    decode = pdc.child_pid("--role decode", 0)
+
     async def go():
         async with httpx.AsyncClient(timeout=60) as client:
+            # kill at the decode instance's first token (polling the metrics for a running request
+            # first let a fast machine finish all 480 tokens before the kill)
+            decoding = asyncio.Event()
             task = asyncio.create_task(stream_tokens(client, pdc.url, {
-                "model": "tiny", "prompt": [5] * 20, "max_tokens": 480, "temperature": 0, "ignore_eos": True}))
-            deadline = time.time() + 10
-            while time.time() < deadline:  # kill once decoding is under way, however fast the machine is
-                m = await asyncio.to_thread(pdc.instance_metrics)
-                if any(v > 0 for k, v in m["running"].items() if k.startswith("decode")):
-                    break
-                await asyncio.sleep(0.05)
-            os.kill(pdc.child_pid("--role decode", 0), signal.SIGKILL)
+                "model": "tiny", "prompt": [5] * 20, "max_tokens": 480, "temperature": 0, "ignore_eos": True},
+                started=decoding, started_at=2))
+            await asyncio.wait_for(decoding.wait(), 30)
+            os.kill(decode, signal.SIGKILL)
             return await task
 
     ids, reason = asyncio.run(go())
