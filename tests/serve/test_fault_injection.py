@@ -81,20 +81,24 @@ def _wait_reclaimed(server: Server, timeout: float = 30.0) -> dict[str, dict[str
 
 async def _load_then(server: Server, fault, role: str, n: int = 4, max_tokens: int = 96
                      ) -> list[tuple[list[int], str | None]]:
-    """Stream ``n`` requests with ``fault()`` applied while they are in flight (decode, EMS: once decoding
-    is under way; prefill: just before they are sent, since the tiny model prefills in milliseconds, so
-    every prompt goes to the faulty instance), and return every result; a request that takes longer
-    than REQUEST_BOUND_S fails the test (a hang)."""
+    """Stream ``n`` requests with ``fault()`` applied while they are in flight, and return every
+    result. Decode, EMS: once every stream has its first token from the decode instance (its second).
+    Prefill: just before they are sent, since the tiny model prefills in milliseconds, so every prompt
+    goes to the faulty instance. A request that takes longer than REQUEST_BOUND_S fails the test (a
+    hang)."""
     if role == "prefill":
         await asyncio.to_thread(fault)
     async with httpx.AsyncClient(timeout=REQUEST_BOUND_S) as client:
         prompt_len = 300 if role == "prefill" else 40  # long prompts keep the prefill instance busy
 
+        decoding = [asyncio.Event() for _ in range(n)]
+
         async def one(k: int) -> tuple[list[int], str | None]:
             body = {"model": "tiny", "prompt": [11 + k] * prompt_len, "max_tokens": max_tokens, "temperature": 0,
                     "ignore_eos": True}
             try:
-                return await asyncio.wait_for(stream_tokens(client, server.url, body), REQUEST_BOUND_S)
+                return await asyncio.wait_for(stream_tokens(client, server.url, body, started=decoding[k],
+                                                            started_at=2), REQUEST_BOUND_S)
             except TimeoutError:
                 return [], "hung"
             except AssertionError as exc:  # not a stream: refused before it started (e.g. 503)
@@ -104,13 +108,8 @@ async def _load_then(server: Server, fault, role: str, n: int = 4, max_tokens: i
                 return [], f"unclean: {exc!r}"
 
         tasks = [asyncio.create_task(one(k)) for k in range(n)]
-        if role != "prefill":
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                m = await asyncio.to_thread(server.instance_metrics)
-                if any(v > 0 for k, v in m.get("running", {}).items() if k.startswith("decode")):
-                    break
-                await asyncio.sleep(0.05)
+        if role != "prefill":  # (polling the metrics for a running request let a fast machine finish first)
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in decoding)), 15)
             await asyncio.to_thread(fault)
         return await asyncio.gather(*tasks)
 
@@ -198,7 +197,8 @@ def test_kill_9_under_load_recovers_and_reclaims(pd, role):
         else:
             kill_now()
 
-    max_tokens = 480 if role == "decode" else 96  # the decode instance dies with every request mid-stream
+    # the decode instance dies with every request mid-stream (40 prompt tokens + 460 fit the model's 512)
+    max_tokens = 460 if role == "decode" else 96
     results = asyncio.run(_load_then(pd, kill, role, max_tokens=max_tokens))
     _clean(pd, results, max_tokens)
     if role == "ems":  # the pool is a cache: every request still completes
@@ -206,6 +206,8 @@ def test_kill_9_under_load_recovers_and_reclaims(pd, role):
     else:
         # the only instance of its role died with every request in it: each ends with an error
         assert all((r or "").startswith("error:") for _, r in results), results
+        if role == "decode":  # mid-stream: from the decode instance, not refused before it
+            assert all(len(ids) >= 2 and "refused" not in (r or "") for ids, r in results), results
         # truthful while it is gone (the router learns of the death from its closed connection: allow it 3 s)
         deadline = time.monotonic() + 3
         while _healthy(pd) and child_restarts(pd).get(child, 0) == before and time.monotonic() < deadline:
@@ -228,13 +230,15 @@ def test_sigstop_under_load_ends_requests_cleanly_and_recovers(pd, role):
     pid = pd.child_pid(needle)
     restarts = child_restarts(pd)
     try:
-        max_tokens = 480 if role == "decode" else 96  # on a quiet machine 96 tokens finish before the stop lands
+        max_tokens = 460 if role == "decode" else 96  # on a quiet machine 96 tokens finish before the stop lands
         results = asyncio.run(_load_then(pd, lambda: os.kill(pid, signal.SIGSTOP), role, max_tokens=max_tokens))
         _clean(pd, results, max_tokens)
         if role == "ems":
             assert all(reason == "length" for _, reason in results), results
         else:  # every request was on the frozen instance; it stops counting as serving once silent FROZEN_AFTER_S
             assert all((r or "").startswith("error:") for _, r in results), results
+        if role == "decode":  # mid-stream: from the decode instance, not refused before it
+            assert all(len(ids) >= 2 and "refused" not in (r or "") for ids, r in results), results
             deadline = time.monotonic() + 15
             while _healthy(pd) and time.monotonic() < deadline:
                 time.sleep(0.2)
