@@ -82,6 +82,7 @@ class DecoderLayer:
         self._tensors = [w for _, w, _ in self._weights]
         self._struct: ctypes.Structure | None = None
         self._key: tuple[int, ...] = ()
+        self._held: list[torch.UntypedStorage] = []
         self._check_weights()
         self._run = _lib().mi_decoder_layer
         self.int8: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (int8 copy, per-row scales)
@@ -107,9 +108,13 @@ class DecoderLayer:
         _raise_for(self._run(struct, step, x.data_ptr(), x.shape[0], torch.get_num_threads()), "decoder layer")
 
     def struct(self, cache: torch.Tensor) -> ctypes.Structure:
-        """The ``MiLayer`` over ``cache``, rebuilt (and its tensors checked again) when a weight or
-        the cache has moved."""
-        key = (cache.data_ptr(), cache.stride(0), *map(torch.Tensor.data_ptr, self._tensors))
+        """The ``MiLayer`` over ``cache``, rebuilt (and its tensors checked again) when the cache has
+        moved. The weights are the tensors given, as they were when it was built: it holds their
+        storage, so that a later ``.data`` assignment or ``set_`` (which nothing in the engine does:
+        a backend change builds a new layer) can never leave it pointing at freed memory, and it
+        does not follow one. (Checking every weight's address per call cost ~100 us of a ~2 ms
+        batch-1 step on the demo model, from an interpreter the step's weights left cold.)"""
+        key = (cache.data_ptr(), cache.stride(0))
         if key != self._key or self._struct is None:
             self._struct, self._key = self._build(cache), key
         return self._struct
@@ -129,8 +134,11 @@ class DecoderLayer:
                              f"[layers > {self.layer}, slots, {d.rank + d.rope}] expected")
         scalars = {f.name: (int(v) if isinstance(v, bool) else v) for f, v in zip(fields(d), astuple(d))}
         pointers = {name: w.data_ptr() for name, w, _ in self._weights}
+        held = [w.untyped_storage() for w in self._tensors]
         for name, (q, scale) in self.int8.items():
             pointers[f"{name}_q"], pointers[f"{name}_s"] = q.data_ptr(), scale.data_ptr()
+            held += [q.untyped_storage(), scale.untyped_storage()]
+        self._held = held  # the memory the struct points into stays alive as long as it does
         return LIBRARY.structs["MiLayer"](**scalars, **pointers, cache=cache[self.layer].data_ptr())
 
 
@@ -273,7 +281,22 @@ class ModelStep:
         self._structs: tuple[ctypes.Structure, ...] = ()
         self._rows = torch.empty(64, dtype=torch.int64)
         self._ints = torch.empty(0, dtype=torch.int64)  # speculate's integer inputs and outputs (grown on demand)
+        self._ints_np = self._ints.numpy()
+        self._arena = torch.empty(0, h, dtype=torch.float32)  # speculate's states, handed out in slices
+        self._arena_used = 0
         self._run_spec = _lib().mi_spec_step
+
+    def _states(self, rows: int) -> torch.Tensor:
+        """``rows`` hidden-state rows that no other call writes: consecutive slices of an arena
+        allocated for a few hundred batch-1 steps at a time, each slice kept alive by its holders
+        (at batch 1 a ``torch.empty`` of its own cost ~60 us of a step's ~3 ms, the interpreter's
+        working set cold after the weights streamed through the caches)."""
+        if self._arena_used + rows > self._arena.shape[0]:
+            self._arena = torch.empty(max(1024, 8 * rows), self.hidden_size, dtype=torch.float32)
+            self._arena_used = 0
+        start = self._arena_used
+        self._arena_used += rows
+        return self._arena[start:start + rows]
 
     def _layer_array(self, cache: torch.Tensor) -> ctypes.Array[ctypes.Structure]:
         structs = tuple(layer.struct(cache) for layer in self.layers)
@@ -305,19 +328,21 @@ class ModelStep:
         need = 4 * ns + t + depth * ns + 1
         if need > self._ints.shape[0]:
             self._ints = torch.empty(2 * need, dtype=torch.int64)
-        ints = self._ints.numpy()
+            self._ints_np = self._ints.numpy()
+        ints = self._ints_np
         for j, column in enumerate(zip(*seqs)):
             ints[j * ns:(j + 1) * ns] = column
         base, word = self._ints.data_ptr(), 8
         acc, tgt, tok, done = 3 * ns, 4 * ns, 4 * ns + t, 4 * ns + t + depth * ns
         h = self.hidden_size
-        states = torch.empty(t + depth * ns, h, dtype=torch.float32)  # (new: callers keep the states)
+        states = self._states(t + depth * ns)  # the verified rows' states, then the drafts' (callers keep them)
+        out = states.data_ptr()
         embed, norm, head = (w.data_ptr() for w in self._weights)
         _raise_for(self._run_spec(self._layer_array(cache), len(self.layers), step, ids.data_ptr(), t, embed, norm,
                                   self.eps, head, self.vocab, ns, base, base + ns * word, base + 2 * ns * word,
                                   draft.block.struct(cache), draft.weights, depth, cos.ctypes.data, sin.ctypes.data,
-                                  cos.shape[0], states.data_ptr(), base + tgt * word, base + acc * word,
-                                  states[t:].data_ptr() if depth else None, base + tok * word, base + done * word,
+                                  cos.shape[0], out, base + tgt * word, base + acc * word,
+                                  out + t * h * 4 if depth else None, base + tok * word, base + done * word,
                                   torch.get_num_threads()), "speculative step")
         depth_done = int(ints[done])
         return (states[:t], ints[tgt:tgt + t].tolist(), ints[acc:acc + ns].tolist(),
