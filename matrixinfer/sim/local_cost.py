@@ -12,7 +12,8 @@ A step's time is built from operators, never from a fitted end-to-end constant:
 - **Composition overhead** is measured, not assumed: at each profiled model-runner step
   (``step_decode``, ``step_prefill``) it is the step's time minus the sum of its operators
   (metadata, embedding, rope tables, the native step set-up, what runs between kernels). It is
-  interpolated over the same grid as those steps.
+  interpolated over the same grid as those steps, between steps of the same path only (one-call
+  layers up to 64 rows, else per operator: their overheads differ by several times).
 - **Sampling** and **engine host work** (scheduler, block manager, detokenizer) are their own
   profiled operators.
 - **Token delivery** is the serving stack's CPU time per streamed token (``api_token``: the engine
@@ -97,7 +98,9 @@ class LocalCostModel:
 
     def op(self, name: str, *point: float) -> Cost:
         if name.startswith("composition_"):
-            table = self._composition[name.removeprefix("composition_")]
+            kind = name.removeprefix("composition_")
+            tables = self._composition[kind]
+            table = tables.get(self._one_call(kind == "decode", point[0])) or next(iter(tables.values()))
             if table.covers(point):
                 return Cost(table.interpolate(point), "profile", name)
             return Cost(table.seconds[table.nearest(point)], "nearest", name)
@@ -109,7 +112,7 @@ class LocalCostModel:
         """The forward pass's operators (no composition overhead)."""
         d, t, keys = self.dims, float(shape.tokens), shape.mean_keys
         out = StepCost()
-        if self.native and t <= SMALL_ROWS and (shape.decode_only or d.absorbed_prefill):
+        if self._one_call(shape.decode_only, t):
             if d.moe_layers:
                 out.add(self.op("layer_decode", t, keys), d.moe_layers)
             if d.dense_layers:
@@ -194,14 +197,26 @@ class LocalCostModel:
         engine thread, the first chunk's trip to the client)."""
         return self.op("api_request", float(prompt_len)).seconds
 
-    def _residuals(self, op: str, decode: bool) -> OpTable:
-        """Measured model-runner step minus its operators, at each profiled step."""
+    def _one_call(self, decode_only: bool, tokens: float) -> bool:
+        """Whether a step of ``tokens`` rows runs the CPU backend's one-call layers (else the
+        per-operator path)."""
+        return self.native and tokens <= SMALL_ROWS and (decode_only or self.dims.absorbed_prefill)
+
+    def _residuals(self, op: str, decode: bool) -> dict[bool, OpTable]:
+        """Measured model-runner step minus its operators, at each profiled step, per path (one-call
+        layers or not: keyed as :meth:`_one_call`). A step is interpolated only between steps of
+        its own path: the two paths' overheads differ by several times (the per-operator path's
+        dispatch, measured at 65 prompt tokens on the demo model: 19 ms a step against 15 ms at 64
+        with one call per layer), so a residual interpolated across the switch, from 64 tokens to
+        128, put a 65-token prefill step at 6 ms. Where a path has no profiled step, the other's
+        residuals stand in."""
         measured = self.profile.ops.get(op)
         if measured is None:
             raise KeyError(f"the profile has no {op!r} measurements, which the composition overhead needs")
-        table = OpTable(measured.axes)
+        tables: dict[bool, OpTable] = {}
         for point, seconds in zip(measured.points, measured.seconds):
             t = int(point[0])
             shape = StepShape((1,) * t, (int(point[1]),) * t) if decode else StepShape((t,), (t,))
+            table = tables.setdefault(self._one_call(decode, t), OpTable(measured.axes))
             table.add(point, seconds - self.forward_ops(shape, t if decode else 1).seconds)
-        return table
+        return tables

@@ -146,6 +146,31 @@ def test_step_is_operators_plus_measured_composition():
     assert set(pre.sources()) <= {"profile", "roofline"}
 
 
+def test_composition_is_interpolated_only_between_steps_of_its_own_path():
+    """Prompt chunks of at most 64 tokens run the one-call layers, longer ones the per-operator
+    path, whose dispatch overhead is several times larger: a 65-token chunk's overhead comes from
+    the per-operator steps, not from an interpolation across the switch."""
+    dims = _dims()
+    assert dims.absorbed_prefill  # (the one-call layers take this model's prompt chunks)
+    prof = _synthetic(dims)
+    model = LocalCostModel(prof, dims)
+    residual = {16: 1e-3, 64: 1e-3, 128: 10e-3, 512: 12e-3}
+    table = prof.table("step_prefill", ("tokens",))
+    table.points.clear()
+    table.seconds.clear()
+    for t, extra in residual.items():
+        table.add((t,), model.forward_ops(StepShape((t,), (t,)), 1).seconds + extra)
+    model = LocalCostModel(prof, dims)
+
+    def overhead(t: int):
+        return next(c for c in model.forward(StepShape((t,), (t,)), 1).terms if c.op == "composition_prefill")
+
+    assert overhead(32).seconds == pytest.approx(1e-3) and overhead(32).source == "profile"
+    assert overhead(65).seconds == pytest.approx(10e-3) and overhead(65).source == "nearest"
+    assert 10e-3 < overhead(256).seconds < 12e-3
+    assert model.forward(StepShape((65,), (65,)), 1).seconds > model.forward(StepShape((64,), (64,)), 1).seconds
+
+
 def test_engine_simulation_follows_the_step_costs():
     dims = _dims()
     model = LocalCostModel(_synthetic(dims), dims)
