@@ -288,11 +288,12 @@ class ModelStep:
 
     def _states(self, rows: int) -> torch.Tensor:
         """``rows`` hidden-state rows that no other call writes: consecutive slices of an arena
-        allocated for a few hundred batch-1 steps at a time, each slice kept alive by its holders
-        (at batch 1 a ``torch.empty`` of its own cost ~60 us of a step's ~3 ms, the interpreter's
-        working set cold after the weights streamed through the caches)."""
+        allocated for about fifty batch-1 steps (four wide ones) at a time; a slice a sequence
+        keeps keeps its arena alive (at batch 1 a ``torch.empty`` of its own cost ~60 us of a
+        step's ~3 ms, the interpreter's working set cold after the weights streamed through the
+        caches)."""
         if self._arena_used + rows > self._arena.shape[0]:
-            self._arena = torch.empty(max(1024, 8 * rows), self.hidden_size, dtype=torch.float32)
+            self._arena = torch.empty(max(256, 4 * rows), self.hidden_size, dtype=torch.float32)
             self._arena_used = 0
         start = self._arena_used
         self._arena_used += rows
