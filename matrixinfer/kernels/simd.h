@@ -35,6 +35,12 @@ static inline void swiglu_row(float *h, const float *g, int64_t n) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
+/* Keeps a loaded vector in a register. GCC otherwise folds the load into every FMA that uses it
+ * (a memory operand), so a weight vector shared by three rows was loaded three times: 15 loads per
+ * 12 FMAs in dot_3x4, 12 per 8 in dot_4x2. Measured on a Zen 3 core, the head's 4096 x 256 matrix
+ * against three rows: 1.8x one row's time from L3, 1.3x with the vector kept. */
+#define KEEP(v) __asm__("" : "+x"(v))
+
 /* Sums of eight vectors, one per lane: [sum(a0), ..., sum(a7)]. */
 static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
                            __m256 a7) {
@@ -103,8 +109,14 @@ static inline void dot_4x2(const float *const *x, const float *w0, const float *
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
         for (int64_t d = 0; d < n; d += 8) {
             __m256 v0 = _mm256_loadu_ps(w0 + d), v1 = _mm256_loadu_ps(w1 + d);
+            KEEP(v0);
+            KEEP(v1);
             __m256 x0 = _mm256_loadu_ps(x[0] + d), x1 = _mm256_loadu_ps(x[1] + d);
             __m256 x2 = _mm256_loadu_ps(x[2] + d), x3 = _mm256_loadu_ps(x[3] + d);
+            KEEP(x0);
+            KEEP(x1);
+            KEEP(x2);
+            KEEP(x3);
             a0 = _mm256_fmadd_ps(x0, v0, a0);
             a1 = _mm256_fmadd_ps(x1, v0, a1);
             a2 = _mm256_fmadd_ps(x2, v0, a2);
@@ -137,16 +149,22 @@ static inline void dot_2x4(const float *const *x, const float *const *w, int64_t
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
         for (int64_t d = 0; d < n; d += 8) {
             __m256 x0 = _mm256_loadu_ps(x[0] + d), x1 = _mm256_loadu_ps(x[1] + d);
+            KEEP(x0);
+            KEEP(x1);
             __m256 v = _mm256_loadu_ps(w[0] + d);
+            KEEP(v);
             a0 = _mm256_fmadd_ps(x0, v, a0);
             b0 = _mm256_fmadd_ps(x1, v, b0);
             v = _mm256_loadu_ps(w[1] + d);
+            KEEP(v);
             a1 = _mm256_fmadd_ps(x0, v, a1);
             b1 = _mm256_fmadd_ps(x1, v, b1);
             v = _mm256_loadu_ps(w[2] + d);
+            KEEP(v);
             a2 = _mm256_fmadd_ps(x0, v, a2);
             b2 = _mm256_fmadd_ps(x1, v, b2);
             v = _mm256_loadu_ps(w[3] + d);
+            KEEP(v);
             a3 = _mm256_fmadd_ps(x0, v, a3);
             b3 = _mm256_fmadd_ps(x1, v, b3);
         }
@@ -165,19 +183,26 @@ static inline void dot_3x4(const float *const *x, const float *const *w, int64_t
         __m256 c0 = a0, c1 = a0, c2 = a0, c3 = a0;
         for (int64_t d = 0; d < n; d += 8) {
             __m256 x0 = _mm256_loadu_ps(x[0] + d), x1 = _mm256_loadu_ps(x[1] + d), x2 = _mm256_loadu_ps(x[2] + d);
+            KEEP(x0);
+            KEEP(x1);
+            KEEP(x2);
             __m256 v = _mm256_loadu_ps(w[0] + d);
+            KEEP(v);
             a0 = _mm256_fmadd_ps(x0, v, a0);
             b0 = _mm256_fmadd_ps(x1, v, b0);
             c0 = _mm256_fmadd_ps(x2, v, c0);
             v = _mm256_loadu_ps(w[1] + d);
+            KEEP(v);
             a1 = _mm256_fmadd_ps(x0, v, a1);
             b1 = _mm256_fmadd_ps(x1, v, b1);
             c1 = _mm256_fmadd_ps(x2, v, c1);
             v = _mm256_loadu_ps(w[2] + d);
+            KEEP(v);
             a2 = _mm256_fmadd_ps(x0, v, a2);
             b2 = _mm256_fmadd_ps(x1, v, b2);
             c2 = _mm256_fmadd_ps(x2, v, c2);
             v = _mm256_loadu_ps(w[3] + d);
+            KEEP(v);
             a3 = _mm256_fmadd_ps(x0, v, a3);
             b3 = _mm256_fmadd_ps(x1, v, b3);
             c3 = _mm256_fmadd_ps(x2, v, c3);
