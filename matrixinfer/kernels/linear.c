@@ -17,7 +17,7 @@ static __attribute__((noinline)) void block_tile4(const float *const *xr, const 
     float dots[2 * TILE];
     for (int64_t j = n0; j < n1; j += 2) {
         const float *w1 = j + 1 < n1 ? w + (j + 1) * k : w + j * k;
-        dot_4x2(xr, w + j * k, w1, k, dots);
+        dot_4x2(xr, w + j * k, w1, k, dots, ahead(w, (j + 2) * k), ahead(w, (j + 4) * k));
         for (int i = 0; i < TILE; i++) {
             y[i * n + j] = dots[i];
             if (j + 1 < n1) y[i * n + j + 1] = dots[TILE + i];
@@ -32,7 +32,7 @@ static __attribute__((noinline)) void block_tail(const float *const *xr, int row
     for (int64_t j = n0; j < n1; j += 4) {
         const float *wr[4];
         for (int c = 0; c < 4; c++) wr[c] = w + (j + c < n1 ? j + c : n1 - 1) * k;
-        dot_rx4(xr, rows, wr, k, dots);
+        dot_rx4(xr, rows, wr, k, dots, ahead(w, (j + 4) * k), ahead(w, (j + 6) * k));
         for (int i = 0; i < rows; i++)
             for (int c = 0; c < 4 && j + c < n1; c++) y[i * n + j + c] = dots[4 * i + c];
     }

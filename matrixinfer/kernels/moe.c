@@ -23,7 +23,8 @@ static __attribute__((noinline)) void expert_tile4(const float *const *xr, const
                                                    float *g, float *h, float *y) {
     float dots[2 * TILE];
     for (int64_t j = 0; j < inter; j++) {
-        dot_4x2(xr, wg + j * hidden, wu + j * hidden, hidden, dots);
+        dot_4x2(xr, wg + j * hidden, wu + j * hidden, hidden, dots, ahead(wg, (j + 1) * hidden),
+                ahead(wu, (j + 1) * hidden));
         for (int i = 0; i < TILE; i++) {
             g[i * inter + j] = dots[i];
             h[i * inter + j] = dots[TILE + i];
@@ -32,7 +33,7 @@ static __attribute__((noinline)) void expert_tile4(const float *const *xr, const
     for (int i = 0; i < TILE; i++) swiglu_row(h + i * inter, g + i * inter, inter);
     for (int64_t o = 0; o < hidden; o += 2) {
         const float *w1 = o + 1 < hidden ? wd + (o + 1) * inter : wd + o * inter;
-        dot_4x2(hr, wd + o * inter, w1, inter, dots);
+        dot_4x2(hr, wd + o * inter, w1, inter, dots, ahead(wd, (o + 2) * inter), ahead(wd, (o + 4) * inter));
         for (int i = 0; i < TILE; i++) {
             y[i * hidden + o] = dots[i];
             if (o + 1 < hidden) y[i * hidden + o + 1] = dots[TILE + i];
@@ -49,7 +50,7 @@ static __attribute__((noinline)) void expert_tail(const float *const *xr, const 
     for (int64_t j = 0; j < inter; j += 2) {
         int64_t j1 = j + 1 < inter ? j + 1 : j;
         const float *wr[4] = {wg + j * hidden, wg + j1 * hidden, wu + j * hidden, wu + j1 * hidden};
-        dot_rx4(xr, rows, wr, hidden, dots);
+        dot_rx4(xr, rows, wr, hidden, dots, ahead(wg, (j + 2) * hidden), ahead(wu, (j + 2) * hidden));
         for (int i = 0; i < rows; i++) {
             g[i * inter + j] = dots[4 * i];
             h[i * inter + j] = dots[4 * i + 2];
@@ -63,7 +64,7 @@ static __attribute__((noinline)) void expert_tail(const float *const *xr, const 
     for (int64_t o = 0; o < hidden; o += 4) {
         const float *wr[4];
         for (int c = 0; c < 4; c++) wr[c] = wd + (o + c < hidden ? o + c : hidden - 1) * inter;
-        dot_rx4(hr, rows, wr, inter, dots);
+        dot_rx4(hr, rows, wr, inter, dots, ahead(wd, (o + 4) * inter), ahead(wd, (o + 6) * inter));
         for (int i = 0; i < rows; i++)
             for (int c = 0; c < 4 && o + c < hidden; c++) y[i * hidden + o + c] = dots[4 * i + c];
     }

@@ -41,6 +41,25 @@ static inline void swiglu_row(float *h, const float *g, int64_t n) {
  * against three rows: 1.8x one row's time from L3, 1.3x with the vector kept. */
 #define KEEP(v) __asm__("" : "+x"(v))
 
+/* Software prefetch for the tiles below. A decode step reads most weights once, from DRAM, and
+ * the hardware prefetchers run too little ahead of a tile's short rows (a 1 KiB row of 256
+ * columns). So each tile call also prefetches what its caller reads next: two regions, pf0 and
+ * pf1, of two weight rows of the tile's length each, one cache line of each per 8 columns.
+ * Measured on a Zen 3 core, the head's 4096 x 256 matrix from DRAM: one row 612 -> 426 us, three
+ * rows 771 -> 461 us. A prefetch never faults, so a region may run past its matrix's end (the
+ * address is computed as an integer, never dereferenced). */
+#define PREFETCH2(pf0, pf1, bytes)                                                                     \
+    (_mm_prefetch((const char *)((uintptr_t)(pf0) + (uintptr_t)(bytes)), _MM_HINT_T0),                    \
+     _mm_prefetch((const char *)((uintptr_t)(pf1) + (uintptr_t)(bytes)), _MM_HINT_T0))
+#endif
+
+/* p + floats as an address for PREFETCH2 only: it may lie past p's array (computed as an integer,
+ * so no out-of-bounds pointer arithmetic). */
+static inline const float *ahead(const float *p, int64_t floats) {
+    return (const float *)((uintptr_t)p + sizeof(float) * (uintptr_t)floats);
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
 /* Sums of eight vectors, one per lane: [sum(a0), ..., sum(a7)]. */
 static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
                            __m256 a7) {
@@ -72,12 +91,14 @@ static inline void dot8(const float *q, const float *const *rows, int64_t dim, f
 
 /* out[j] = x . w[j] for one row x and four weight rows w[0..3] (length n): a single decode row
  * without the 4-row tile's repeated rows. */
-static inline void dot_1x4(const float *x, const float *const *w, int64_t n, float *out) {
+static inline void dot_1x4(const float *x, const float *const *w, int64_t n, float *out, const float *pf0,
+                           const float *pf1) {
     float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
 #if defined(__AVX2__) && defined(__FMA__)
     if (n % 8 == 0) { /* the lanes and their sums as dot_4x2 has them: the same result, bit for bit */
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int64_t d = 0; d < n; d += 8) {
+            PREFETCH2(pf0, pf1, 8 * d);
             __m256 xv = _mm256_loadu_ps(x + d);
             a0 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w[0] + d), a0);
             a1 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w[1] + d), a1);
@@ -103,11 +124,13 @@ static inline void dot_1x4(const float *x, const float *const *w, int64_t n, flo
 }
 
 /* out[i] = x_i . w0 and out[4 + i] = x_i . w1 for the four rows x[0..3] (length n). */
-static inline void dot_4x2(const float *const *x, const float *w0, const float *w1, int64_t n, float *out) {
+static inline void dot_4x2(const float *const *x, const float *w0, const float *w1, int64_t n, float *out,
+                           const float *pf0, const float *pf1) {
 #if defined(__AVX2__) && defined(__FMA__)
     if (n % 8 == 0) {
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
         for (int64_t d = 0; d < n; d += 8) {
+            PREFETCH2(pf0, pf1, 8 * d);
             __m256 v0 = _mm256_loadu_ps(w0 + d), v1 = _mm256_loadu_ps(w1 + d);
             KEEP(v0);
             KEEP(v1);
@@ -134,7 +157,7 @@ static inline void dot_4x2(const float *const *x, const float *w0, const float *
     const float *w[4] = {w0, w1, w0, w1};
     float r[4];
     for (int i = 0; i < TILE; i++) {
-        dot_1x4(x[i], w, n, r);
+        dot_1x4(x[i], w, n, r, pf0, pf1);
         out[i] = r[0];
         out[TILE + i] = r[1];
     }
@@ -143,11 +166,13 @@ static inline void dot_4x2(const float *const *x, const float *w0, const float *
 /* out[4 i + c] = x_i . w[c] for two or three rows x[0..rows) and four weight rows w[0..3] (length n):
  * the short tiles of a few decode rows (a speculative step's verification) read each weight row once
  * without the 4-row tile's repeated rows. Lanes and sums as in dot_4x2: the same result, bit for bit. */
-static inline void dot_2x4(const float *const *x, const float *const *w, int64_t n, float *out) {
+static inline void dot_2x4(const float *const *x, const float *const *w, int64_t n, float *out, const float *pf0,
+                           const float *pf1) {
 #if defined(__AVX2__) && defined(__FMA__)
     if (n % 8 == 0) {
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
         for (int64_t d = 0; d < n; d += 8) {
+            PREFETCH2(pf0, pf1, 8 * d);
             __m256 x0 = _mm256_loadu_ps(x[0] + d), x1 = _mm256_loadu_ps(x[1] + d);
             KEEP(x0);
             KEEP(x1);
@@ -172,16 +197,18 @@ static inline void dot_2x4(const float *const *x, const float *const *w, int64_t
         return;
     }
 #endif
-    dot_1x4(x[0], w, n, out);
-    dot_1x4(x[1], w, n, out + 4);
+    dot_1x4(x[0], w, n, out, pf0, pf1);
+    dot_1x4(x[1], w, n, out + 4, pf0, pf1);
 }
 
-static inline void dot_3x4(const float *const *x, const float *const *w, int64_t n, float *out) {
+static inline void dot_3x4(const float *const *x, const float *const *w, int64_t n, float *out, const float *pf0,
+                           const float *pf1) {
 #if defined(__AVX2__) && defined(__FMA__)
     if (n % 8 == 0) { /* 12 accumulators, three rows and one weight vector: the 16 registers */
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
         __m256 c0 = a0, c1 = a0, c2 = a0, c3 = a0;
         for (int64_t d = 0; d < n; d += 8) {
+            PREFETCH2(pf0, pf1, 8 * d);
             __m256 x0 = _mm256_loadu_ps(x[0] + d), x1 = _mm256_loadu_ps(x[1] + d), x2 = _mm256_loadu_ps(x[2] + d);
             KEEP(x0);
             KEEP(x1);
@@ -215,21 +242,22 @@ static inline void dot_3x4(const float *const *x, const float *const *w, int64_t
         return;
     }
 #endif
-    for (int i = 0; i < 3; i++) dot_1x4(x[i], w, n, out + 4 * i);
+    for (int i = 0; i < 3; i++) dot_1x4(x[i], w, n, out + 4 * i, pf0, pf1);
 }
 
 /* out[4 i + c] = x_i . w[c] for rows x[0..rows) (1 <= rows <= TILE) and four weight rows w[0..3]:
  * each weight row read once for all the rows, none computed twice. */
-static inline void dot_rx4(const float *const *x, int rows, const float *const *w, int64_t n, float *out) {
+static inline void dot_rx4(const float *const *x, int rows, const float *const *w, int64_t n, float *out,
+                           const float *pf0, const float *pf1) {
     float t[2 * TILE];
     switch (rows) {
-    case 1: dot_1x4(x[0], w, n, out); return;
-    case 2: dot_2x4(x, w, n, out); return;
-    case 3: dot_3x4(x, w, n, out); return;
+    case 1: dot_1x4(x[0], w, n, out, pf0, pf1); return;
+    case 2: dot_2x4(x, w, n, out, pf0, pf1); return;
+    case 3: dot_3x4(x, w, n, out, pf0, pf1); return;
     default:
-        dot_4x2(x, w[0], w[1], n, t);
+        dot_4x2(x, w[0], w[1], n, t, pf0, pf0);
         for (int i = 0; i < TILE; i++) out[4 * i] = t[i], out[4 * i + 1] = t[TILE + i];
-        dot_4x2(x, w[2], w[3], n, t);
+        dot_4x2(x, w[2], w[3], n, t, pf1, pf1);
         for (int i = 0; i < TILE; i++) out[4 * i + 2] = t[i], out[4 * i + 3] = t[TILE + i];
     }
 }

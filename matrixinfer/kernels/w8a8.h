@@ -92,12 +92,14 @@ static inline __m256i w8_load16(const int8_t *w) { return _mm256_cvtepi8_epi16(_
 #define W8_MAC(acc, a, b) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
 #endif
 
-/* out[c] = x . w[c] for c < 8: one int16 activation row, eight int8 weight rows (length k). */
-static inline void w8_dot_1x8(const int16_t *x, const int8_t *const *w, int64_t k, int32_t *out) {
+/* out[c] = x . w[c] for c < 8: one int16 activation row, eight int8 weight rows (length k). Also
+ * prefetches the 8k bytes from pf (what the caller reads next; see PREFETCH2 in simd.h). */
+static inline void w8_dot_1x8(const int16_t *x, const int8_t *const *w, int64_t k, int32_t *out, const int8_t *pf) {
     int64_t d = 0;
 #if defined(__AVX2__) && defined(__FMA__)
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
     for (; d + 16 <= k; d += 16) {
+        PREFETCH2(pf, (uintptr_t)pf + 64, 8 * d);
         __m256i xv = _mm256_loadu_si256((const __m256i *)(x + d));
         W8_MAC(a0, xv, w8_load16(w[0] + d));
         W8_MAC(a1, xv, w8_load16(w[1] + d));
@@ -116,13 +118,15 @@ static inline void w8_dot_1x8(const int16_t *x, const int8_t *const *w, int64_t 
         for (int c = 0; c < 8; c++) out[c] += (int32_t)x[d] * w[c][d];
 }
 
-/* out[4 r + c] = x_r . w[c] for r < 2, c < 4: two activation rows, four weight rows. */
+/* out[4 r + c] = x_r . w[c] for r < 2, c < 4: two activation rows, four weight rows. Also prefetches
+ * the 4k bytes from pf. */
 static inline void w8_dot_2x4(const int16_t *x0, const int16_t *x1, const int8_t *const *w, int64_t k,
-                              int32_t *out) {
+                              int32_t *out, const int8_t *pf) {
     int64_t d = 0;
 #if defined(__AVX2__) && defined(__FMA__)
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     for (; d + 16 <= k; d += 16) {
+        _mm_prefetch((const char *)((uintptr_t)pf + 4 * (uintptr_t)d), _MM_HINT_T0);
         __m256i w0 = w8_load16(w[0] + d), w1 = w8_load16(w[1] + d);
         __m256i w2 = w8_load16(w[2] + d), w3 = w8_load16(w[3] + d);
         __m256i xv = _mm256_loadu_si256((const __m256i *)(x0 + d));
@@ -214,17 +218,18 @@ static inline void w8_group_tail(const int16_t *xq, const float *xs, int64_t r0,
                                  int64_t ldy) {
     int32_t dots[8];
     const float *bj = bias ? bias + j : NULL;
+    uintptr_t next = (uintptr_t)wr[0] + 8 * (uintptr_t)k; /* the next group's rows (an address to prefetch) */
     int64_t r = r0;
     for (; r + 2 <= m; r += 2)
         for (int h = 0; h < 2 && 4 * h < cols; h++) {
             int hc = cols - 4 * h < 4 ? cols - 4 * h : 4;
-            w8_dot_2x4(xq + r * k, xq + (r + 1) * k, wr + 4 * h, k, dots);
+            w8_dot_2x4(xq + r * k, xq + (r + 1) * k, wr + 4 * h, k, dots, (const int8_t *)(next + 4 * h * k));
             for (int i = 0; i < 2; i++)
                 w8_store(dots + 4 * i, hc, xs[r + i], w_scale + j + 4 * h, bj ? bj + 4 * h : NULL,
                          y + (r + i) * ldy + j + 4 * h);
         }
     if (r < m) {
-        w8_dot_1x8(xq + r * k, wr, k, dots);
+        w8_dot_1x8(xq + r * k, wr, k, dots, (const int8_t *)next);
         w8_store(dots, cols, xs[r], w_scale + j, bj, y + r * ldy + j);
     }
 }
