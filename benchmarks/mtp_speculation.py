@@ -159,6 +159,9 @@ def main() -> None:
                          "but each turn starts on caches the "
                          "other engine filled")
     ap.add_argument("--warmup-len", type=int, default=128, help="tokens per request of the warm-up at each batch size")
+    ap.add_argument("--settle-max", type=int, default=100,
+                    help="warm-up batches at most, per batch size, for the policy to settle (0: measure from the first "
+                         "turns, when exploration runs ~10%% of the steps at a depth not chosen)")
     ap.add_argument("--always", action="store_true", help="also run an engine that speculates at every batch size")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None,
@@ -192,12 +195,20 @@ def main() -> None:
     print("measured step costs, ms (batch: plain / with 1..K drafts): " + ", ".join(
         f"{b}: {costs.plain[i] * 1e3:.2f} / " + " ".join(f"{s[i] * 1e3:.2f}" for s in costs.spec)
         for i, b in enumerate(costs.batches)))
-    for e in engines.values():  # warm-up: first-call allocations, kernel builds, and (at each batch size) the
-        # policy's first steps, where it learns the step costs and acceptance it decides from (a serving engine
-        # is past them within its first few hundred steps; a trial is ~50 steps at batch 1)
+    warm = SamplingParams(temperature=0, max_tokens=args.warmup_len, ignore_eos=True)
+    for e in engines.values():  # warm-up: first-call allocations and kernel builds
         for b in batches:
-            e.generate(heldout_prompts(tok, b, 99 + b), SamplingParams(temperature=0, max_tokens=args.warmup_len,
-                                                                     ignore_eos=True))
+            e.generate(heldout_prompts(tok, b, 99 + b), warm)
+    for b in batches:  # then the policy's settling turns at each batch size (see SpecPolicy.settled)
+        steps0, t0, rounds = engines["spec"].stats().steps, time.perf_counter(), 0
+        pool = heldout_prompts(tok, 16 * b, 1000 + b)
+        while not spec.policy.settled(b) and rounds < args.settle_max:
+            engines["spec"].generate([pool[(rounds * b + i) % len(pool)] for i in range(b)], warm)
+            rounds += 1
+        if rounds:
+            print(f"batch {b}: the policy settled after {engines['spec'].stats().steps - steps0} more "
+                  f"warm-up decode steps ({time.perf_counter() - t0:.1f} s)"
+                  + ("" if spec.policy.settled(b) else f"; not settled after {rounds} batches"))
 
     results = {"model": path, "device": device_name, "k": k, "batches": {}}
     failed = False

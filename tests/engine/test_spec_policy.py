@@ -244,3 +244,26 @@ def test_drafts_made_ahead_follow_an_exploring_turn():
     assert all(a == n for d, n, a in zip(depths, depths[1:], aheads) if d == n)
     assert {0, 2} <= set(depths)  # turns of both other depths were checked
     assert policy.ahead(64) == policy.choose(64)  # another bucket: no turn there
+
+
+def test_the_policy_settles_once_every_other_depth_had_its_first_turns():
+    """Exploration turns come sooner until each depth not chosen has had EXPLORE_SETTLE of them in
+    the bucket; ``settled`` says when that holds, and from then on the other depths run at most
+    about the explore budget's share of steps."""
+    policy = SpecPolicy(2, AcceptanceTracker(2), StepCosts((1,), plain=(1.0,), spec=((1.3,), (1.45,))))
+    for _ in range(40):
+        policy.tracker.record(2, 2)
+    assert policy.choose(1) == 2 and not policy.settled(1)
+    true = [1.0, 1.3, 1.45]
+    early, _, _ = _simulate(policy, 1, true, [0.9, 0.9], 200)
+    steps = 200
+    while not policy.settled(1):
+        _simulate(policy, 1, true, [0.9, 0.9], 100)
+        steps += 100
+        assert steps < 20000
+    assert steps > 200  # not after the first turns
+    late, _, _ = _simulate(policy, 1, true, [0.9, 0.9], 4000, seed=2)
+    share = lambda ds: sum(1 for k in ds if k != 2) / len(ds)  # noqa: E731
+    assert share(early) > 3 * share(late) and share(late) < 0.03
+    # a fixed cut-off never explores: settled at once
+    assert SpecPolicy(2, AcceptanceTracker(2), max_batch=4).settled(1)
