@@ -17,6 +17,11 @@ the engines take turns of 100 ms within a trial (``--turn-ms`` sets one turn len
 
 Before the trials each engine serves a warm-up batch at each batch size
 (``--warmup-len`` tokens): first-call allocations, and the policy's first steps at that batch.
+Then the speculating engine serves more warm-up batches until its policy has settled at each batch
+size (``SpecPolicy.settled``, at most ``--settle-max`` batches): until every depth it does not
+choose has had its first exploring turns, those come sooner (about 10% of the first ~1,000 steps
+at batch 1, against 0.25% of throughput per depth afterwards), and the trials measure a serving
+engine's steady state, not its first seconds.
 Prompts are windows of the CPython stdlib files the demo model held out of training (the model
 completes Python code), outputs a fixed length (``ignore_eos``). The decode figure counts the
 tokens produced after every request has its first token, over the time of the engine's steps from
