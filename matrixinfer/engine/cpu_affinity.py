@@ -10,7 +10,8 @@ is a request's time to first token at a low request rate. vLLM's and SGLang's CP
 their OpenMP threads for the same reasons (``VLLM_CPU_OMP_THREADS_BIND``).
 
 ``auto`` (the default) pins only where the team has a core for each thread and takes every core
-the process may use (the colocated engine on its machine); engines that share the cores (P/D
+the process may use, or all but one (the colocated server's engine, which leaves a core to the API
+server: :func:`serving_threads`), to the first CPUs; engines that share the cores (P/D
 workers, EP ranks and data-parallel engines of one host each get a share of the threads) are left
 to the scheduler, which can still move them apart, and so is a second engine thread of the same
 process while one holds the cores. ``none`` never pins; a list (``0,1`` or ``0-3``) pins thread
@@ -28,6 +29,19 @@ log = logging.getLogger(__name__)
 
 _claimed: set[int] = set()  # CPUs an engine thread of this process holds
 _lock = threading.Lock()
+
+
+def serving_threads(cores: int) -> int:
+    """The colocated CPU server's engine threads on ``cores`` cores: one core is left to the serving
+    stack (the API server's thread, which formats and writes every streamed token, and clients on
+    the same host), as vLLM's CPU backend reserves CPUs for its front end. On the 2-core VM,
+    `matrixinfer serve --colocated` and the bench client, 32-token prompts, 128 tokens out, the
+    engine at one thread against two (alternating runs): 377-489 against 245-339 tok/s at
+    concurrency 1, 1,656-1,673 against 1,042-1,166 at 8, 2,540 against 1,843 at 32, 2,693-2,922
+    against 2,144-2,229 at 64. With two, the team's second thread lost its core to the API thread
+    at every parallel region of every step (a served batch-1 step took 2.8-3.8 ms, 1.3 ms in one
+    process). ``MATRIXINFER_THREADS`` overrides it."""
+    return max(1, cores - 1)
 
 
 def parse_cpu_list(text: str) -> list[int]:
@@ -59,9 +73,9 @@ def team_cpus(setting: str, threads: int, available: Sequence[int], claimed: Seq
     if setting == "none":
         return None
     if setting == "auto":
-        if threads < 2 or threads != len(available) or set(available) & set(claimed):
+        if threads < 2 or not len(available) - 1 <= threads <= len(available) or set(available) & set(claimed):
             return None
-        return sorted(available)
+        return sorted(available)[:threads]
     cpus = parse_cpu_list(setting)
     outside = [c for c in cpus if c not in available]
     if outside:

@@ -155,6 +155,7 @@ def _serve_colocated(engine_cfg: EngineConfig, cfg: ServeConfig) -> int:
     from matrixinfer.serve.http_guard import uvicorn_config
     from matrixinfer.serve.worker import quiet_gc
 
+    _reserve_a_core(engine_cfg)
     try:
         engine, ep_instance = make_engine(engine_cfg)  # --ep N: rank 0 of N rank processes
     except (ValueError, OSError, RuntimeError) as exc:
@@ -185,6 +186,25 @@ def _serve_colocated(engine_cfg: EngineConfig, cfg: ServeConfig) -> int:
         if ep_instance is not None:
             ep_instance.close()
     return 0 if server.started else 1
+
+
+def _reserve_a_core(engine_cfg: EngineConfig) -> None:
+    """A colocated CPU engine runs ``serving_threads(cores)`` threads, leaving a core to the API
+    server in the same process (engine/cpu_affinity.py), unless ``MATRIXINFER_THREADS`` says
+    otherwise. Expert-parallel ranks set their own share."""
+    import os
+
+    import torch
+
+    from matrixinfer.engine.cpu_affinity import serving_threads
+    from matrixinfer.model.device import resolve_device
+
+    try:
+        cpu = resolve_device(engine_cfg.device).type == "cpu"
+    except ValueError:  # make_engine reports it
+        return
+    if cpu and envs.threads() is None and engine_cfg.ep == 1:
+        torch.set_num_threads(serving_threads(os.cpu_count() or 1))
 
 
 def print_banner(title: str, model_id: str, cfg: ServeConfig) -> None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
-from matrixinfer.engine.cpu_affinity import bind_engine_thread, release
+from matrixinfer.engine.cpu_affinity import bind_engine_thread, release, serving_threads
 from matrixinfer.sim.profile_api import profile_api
 from matrixinfer.sim.profile_data import Profile
 from matrixinfer.sim.profile_idle import profile_idle
@@ -531,10 +531,11 @@ def _ems_round(pool, client, groups: list[list[bytes]], blob: bytes | None) -> N
 
 
 def threads_tables(text: str | None, cores: int) -> list[int]:
-    """Thread counts to profile: ``--threads 2,1``, or by default all cores and, when different, the
-    share each of the two P/D workers gets (``serve``'s default split)."""
+    """Thread counts to profile: ``--threads 2,1``, or by default the colocated server's engine
+    threads (all cores but one: ``serving_threads``) and, when different, the share each of the two
+    P/D workers gets (``serve``'s default split)."""
     if text is None:
-        return sorted({cores, max(1, cores // 2)}, reverse=True)
+        return sorted({serving_threads(cores), max(1, cores // 2)}, reverse=True)
     try:
         out = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from matrixinfer.config import EngineConfig, ModelConfig
+from matrixinfer.engine.cpu_affinity import serving_threads
 from matrixinfer.engine.scheduler import Budget
 from matrixinfer.sim.engine_sim import SimEngine, SimRequest, SimResult, simulate
 from matrixinfer.sim.local_cost import LocalCostModel
@@ -214,8 +215,8 @@ def load_setup(profile_path: Path, model: str | None) -> Setup:
     colocated = Profile.load(profile_path)
     notes = []
     cores = os.cpu_count() or 1
-    if colocated.meta.get("threads") != cores:
-        notes.append(f"the colocated engine runs {cores} thread(s); {profile_path} was taken with "
+    if colocated.meta.get("threads") != serving_threads(cores):
+        notes.append(f"the colocated engine runs {serving_threads(cores)} thread(s); {profile_path} was taken with "
                      f"{colocated.meta.get('threads')}")
     pd_path = profile_path.with_name(f"{profile_path.stem}.t{max(1, cores // 2)}{profile_path.suffix}")
     pd = Profile.load(pd_path) if pd_path.exists() else colocated

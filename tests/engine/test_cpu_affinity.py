@@ -11,15 +11,16 @@ import torch
 from matrixinfer import kernels
 from matrixinfer.config import EngineConfig
 from matrixinfer.engine import cpu_affinity
-from matrixinfer.engine.cpu_affinity import parse_cpu_list, team_cpus
+from matrixinfer.engine.cpu_affinity import parse_cpu_list, serving_threads, team_cpus
 
 
-def test_auto_pins_only_a_team_that_takes_every_core_nobody_holds():
+def test_auto_pins_only_a_team_that_takes_every_core_or_all_but_one_nobody_holds():
     assert team_cpus("auto", 2, [0, 1]) == [0, 1]
     assert team_cpus("auto", 4, [3, 1, 2, 0]) == [0, 1, 2, 3]
     assert team_cpus("auto", 1, [0, 1]) is None  # a worker sharing the host's cores (P/D, EP ranks)
     assert team_cpus("auto", 1, [0]) is None  # a team of one has no worker to wake
     assert team_cpus("auto", 2, [0, 1, 2, 3]) is None  # other engines of the host may use the rest
+    assert team_cpus("auto", 3, [3, 1, 2, 0]) == [0, 1, 2]  # the colocated server's: a core left to its API
     assert team_cpus("auto", 2, [0, 1], claimed=[1]) is None  # another engine thread of this process holds them
     assert team_cpus("none", 2, [0, 1]) is None
 
@@ -58,3 +59,7 @@ def test_pinning_sets_each_team_threads_affinity_and_is_released():
     assert seen["cpus"] == [0] and seen["affinity"] == {0} and seen["claimed"] == {0}
     assert cpu_affinity._claimed == set()
     assert os.sched_getaffinity(0) == before  # the calling thread (another team) is untouched
+
+
+def test_the_colocated_server_leaves_one_core_to_its_api():
+    assert [serving_threads(c) for c in (1, 2, 4, 16)] == [1, 1, 3, 15]

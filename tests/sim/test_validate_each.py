@@ -10,6 +10,7 @@ import os
 import pytest
 
 from matrixinfer.config import ModelConfig
+from matrixinfer.engine.cpu_affinity import serving_threads
 from matrixinfer.engine.scheduler import Budget
 from matrixinfer.model.default_model import RANDOM_CONFIG, write_random_model
 from matrixinfer.sim.engine_sim import SimEngine, SimRequest, simulate
@@ -95,7 +96,7 @@ def test_profile_each_measures_what_a_scenario_reads_right_before_it(tmp_path, m
     out = capsys.readouterr().out
     assert "decode batch 1 [1/1]: profile of" in out and "taken 2026" in out
     (setup, fresh), = taken
-    assert fresh.meta["threads"] == os.cpu_count() and fresh.meta["date"] > "2026-11-30T12:00:00"
+    assert fresh.meta["threads"] == serving_threads(os.cpu_count() or 1) and fresh.meta["date"] > "2026-11-30T12:00:00"
     assert "kv_transfer" not in fresh.ops and "ems_get" not in fresh.ops  # not read by a colocated scenario
     used = setup.colocated.profile
     for op in ("step_decode", "layer_decode", "lm_head", "sampling", "engine_host", "api_token", "api_request",
