@@ -37,7 +37,7 @@ def serving_threads(cores: int) -> int:
     the same host), as vLLM's CPU backend reserves CPUs for its front end. On the 2-core VM,
     `matrixinfer serve --colocated` and the bench client, 32-token prompts, 128 tokens out, the
     engine at one thread against two (alternating runs): 377-489 against 245-339 tok/s at
-    concurrency 1, 1,656-1,673 against 1,042-1,166 at 8, 2,540 against 1,843 at 32, 2,693-2,922
+    concurrency 1, 1,326-1,673 against 998-1,166 at 8, 2,540 against 1,843 at 32, 2,693-2,922
     against 2,144-2,229 at 64. With two, the team's second thread lost its core to the API thread
     at every parallel region of every step (a served batch-1 step took 2.8-3.8 ms, 1.3 ms in one
     process). ``MATRIXINFER_THREADS`` overrides it."""

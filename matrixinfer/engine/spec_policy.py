@@ -219,7 +219,7 @@ class SpecPolicy:
         """Whether exploration at ``batch`` runs at its steady rate: every depth but the chosen one has
         had :data:`EXPLORE_SETTLE` turns in the batch's bucket (True where the policy does not explore:
         a fixed cut-off, or a batch past the measured range). Before that, turns come sooner (see
-        :meth:`decide`): at batch 1 on the demo model the first ~1,700 steps run ~10% of their steps
+        :meth:`decide`): at batch 1 on the demo model the first ~1,000 steps run ~10% of their steps
         at a depth not chosen, against 0.25% of throughput per depth afterwards. Benchmarks of the
         serving steady state warm up until this holds."""
         if self.max_batch is not None or batch < 1 or self.step_costs(batch) is None:

@@ -46,8 +46,8 @@ static inline void swiglu_row(float *h, const float *g, int64_t n) {
  * columns). So each tile call also prefetches what its caller reads next: two regions, pf0 and
  * pf1, of two weight rows of the tile's length each, one cache line of each per 8 columns.
  * Measured on a Zen 3 core, the head's 4096 x 256 matrix from DRAM, prefetching the next group of
- * four rows: one row 612 -> 477 us, three rows 771 -> 468 us. A prefetch never faults, so a region may run past its matrix's end (the
- * address is computed as an integer, never dereferenced). */
+ * four rows: one row 612 -> 477 us, three rows 771 -> 468 us. A prefetch never faults, so a region
+ * may run past its matrix's end (the address is computed as an integer, never dereferenced). */
 #define PREFETCH2(pf0, pf1, bytes)                                                                     \
     (_mm_prefetch((const char *)((uintptr_t)(pf0) + (uintptr_t)(bytes)), _MM_HINT_T0),                    \
      _mm_prefetch((const char *)((uintptr_t)(pf1) + (uintptr_t)(bytes)), _MM_HINT_T0))
