@@ -73,7 +73,9 @@ def _check_drop(server: Server, pdc: bool) -> None:
     print(f"{N_STREAMS} streams dropped ({finished:.0f} finished, {waiting:.0f} waiting in an engine): "
           f"idle after {idle_after:.2f} s")
     assert idle_after < IDLE_WITHIN_S, f"{N_STREAMS} dropped streams kept the engine busy for {idle_after:.1f} s"
-    assert server.metrics()["matrixinfer_requests_aborted_total"] >= N_STREAMS * 0.9
+    # every request still unfinished when its client left is aborted (those finishing between the metrics read
+    # and the drop aside): a faster engine finished 48 of the 256 before the drop, and 208 were aborted
+    assert server.metrics()["matrixinfer_requests_aborted_total"] >= (N_STREAMS - finished) * 0.95
 
 
 @pytest.fixture(scope="module")
