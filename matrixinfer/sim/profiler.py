@@ -530,12 +530,18 @@ def _ems_round(pool, client, groups: list[list[bytes]], blob: bytes | None) -> N
         list(pool.map(lambda ks: client.mput([(k, blob) for k in ks]), groups))
 
 
+def deployment_threads(deployment: str, cores: int) -> int:
+    """Threads of one engine's team: the colocated server's (all cores but one, left to the API
+    server: ``serving_threads``), half the cores each for the two P/D workers."""
+    return serving_threads(cores) if deployment == "colocated" else max(1, cores // 2)
+
+
 def threads_tables(text: str | None, cores: int) -> list[int]:
     """Thread counts to profile: ``--threads 2,1``, or by default the colocated server's engine
     threads (all cores but one: ``serving_threads``) and, when different, the share each of the two
     P/D workers gets (``serve``'s default split)."""
     if text is None:
-        return sorted({serving_threads(cores), max(1, cores // 2)}, reverse=True)
+        return sorted({deployment_threads("colocated", cores), deployment_threads("pd", cores)}, reverse=True)
     try:
         out = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from matrixinfer.config import EngineConfig, ModelConfig
-from matrixinfer.engine.cpu_affinity import serving_threads
 from matrixinfer.engine.scheduler import Budget
 from matrixinfer.sim.engine_sim import SimEngine, SimRequest, SimResult, simulate
 from matrixinfer.sim.local_cost import LocalCostModel
@@ -208,6 +207,7 @@ def format_engine(diags: list[tuple[str, dict[str, float]]]) -> str:
 
 def load_setup(profile_path: Path, model: str | None) -> Setup:
     from matrixinfer.model.default_model import default_model_path
+    from matrixinfer.sim.profiler import deployment_threads
 
     model_path = Path(model) if model else default_model_path()
     cfg = ModelConfig.from_dict(json.loads((model_path / "config.json").read_text()))
@@ -215,13 +215,14 @@ def load_setup(profile_path: Path, model: str | None) -> Setup:
     colocated = Profile.load(profile_path)
     notes = []
     cores = os.cpu_count() or 1
-    if colocated.meta.get("threads") != serving_threads(cores):
-        notes.append(f"the colocated engine runs {serving_threads(cores)} thread(s); {profile_path} was taken with "
+    colocated_threads, pd_threads = deployment_threads("colocated", cores), deployment_threads("pd", cores)
+    if colocated.meta.get("threads") != colocated_threads:
+        notes.append(f"the colocated engine runs {colocated_threads} thread(s); {profile_path} was taken with "
                      f"{colocated.meta.get('threads')}")
-    pd_path = profile_path.with_name(f"{profile_path.stem}.t{max(1, cores // 2)}{profile_path.suffix}")
+    pd_path = profile_path.with_name(f"{profile_path.stem}.t{pd_threads}{profile_path.suffix}")
     pd = Profile.load(pd_path) if pd_path.exists() else colocated
-    if pd is colocated and max(1, cores // 2) != colocated.meta.get("threads"):
-        notes.append(f"no {pd_path.name}: the P/D workers ({max(1, cores // 2)} thread(s) each) are simulated "
+    if pd is colocated and pd_threads != colocated.meta.get("threads"):
+        notes.append(f"no {pd_path.name}: the P/D workers ({pd_threads} thread(s) each) are simulated "
                      f"from the {colocated.meta.get('threads')}-thread profile")
     for prof, path in ((colocated, profile_path), (pd, pd_path)):
         if "kv_transfer" not in prof.ops and prof is pd:

@@ -19,18 +19,12 @@ from pathlib import Path
 import torch
 
 from matrixinfer.config import ModelConfig
-from matrixinfer.engine.cpu_affinity import serving_threads
 from matrixinfer.sim.local_cost import LocalCostModel
 from matrixinfer.sim.local_ops import Dims
 from matrixinfer.sim.profile_data import Profile
 from matrixinfer.sim.profile_focus import RecordingCostModel, focus_grid, merge
+from matrixinfer.sim.profiler import deployment_threads
 from matrixinfer.sim.validate import Scenario, Setup, load_setup, simulate_scenario
-
-
-def deployment_threads(deployment: str, cores: int) -> int:
-    """Threads of one engine's team: the colocated server's (all cores but one, left to the API
-    server: ``serving_threads``), half the cores each for the two P/D workers."""
-    return serving_threads(cores) if deployment == "colocated" else max(1, cores // 2)
 
 
 @dataclass
