@@ -37,9 +37,10 @@ A step's time is built from operators, never from a fitted end-to-end constant:
   step matched the served one to 0.0% while the served engine spent 10% of the run between steps).
 - **Idle wake-up** (``idle_wake``, :mod:`matrixinfer.sim.profile_idle`): a step that starts after
   the engine had no work for ``idle_s`` seconds costs the profiled extra time of a step after that
-  long an idle gap over the same step back to back (the team's threads, woken, wait for cores).
-  Gaps shorter than the smallest profiled one scale it down linearly to nothing at zero; longer
-  ones take the longest's. Profiles without it (taken before it existed) add nothing.
+  long an idle gap over the same step back to back (the team's threads, woken, wait for cores,
+  then run on caches that went cold while they slept: the cost grows with the gap, profiled from
+  milliseconds to a second). Gaps shorter than the smallest profiled one scale it down linearly to
+  nothing at zero; longer ones take the longest's. Profiles without it (taken before it existed) add nothing.
 
 Every term is a :class:`~matrixinfer.sim.profile_data.Cost` that says whether it came from the
 profile (interpolated), the scaled roofline (outside the grid) or the nearest measurement.

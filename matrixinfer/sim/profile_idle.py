@@ -10,6 +10,13 @@ run-queue wait against 0.01 ms); its CPU time did not change. The team's threads
 the cores again and do not at once get one each. The queue wait of a request that finds the engine
 idle is therefore a step of its own kind, and its cost is measured here, not assumed.
 
+The extra time also grows with the gap, so the gaps run from milliseconds to a second. On a 2-core
+Intel Xeon VM (2026-12-01, one thread, quiet), a 128-token prefill took 12.7 ms back to back,
+20.4 ms after 0.1 s idle, 30.5 ms after 0.3 s and 54.2 ms after 1 s. Its CPU time grew by the
+same amount: the engine thread was not waiting for a core but running slower on caches that went
+cold while it slept. A served engine at 2 requests/s sleeps ~0.4 s between requests. With the
+gaps profiled only up to 0.1 s, the simulated TTFT there was 44% short.
+
 For each step size (``tokens``: 1 is a decode step of one sequence, more is one prompt chunk) and
 idle gap (``idle_s``), rounds of: the step twice (the second timed: hot), ``idle_s`` of sleep, the
 step again (timed: after idle). The value is the mean after-idle time minus the mean hot time
