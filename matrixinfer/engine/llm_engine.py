@@ -102,6 +102,7 @@ class LLMEngine:
         self._detok: dict[str, _Detok] = {}
         self.prompt_tokens = self.generation_tokens = self.preemptions = self.steps = 0
         self.busy_seconds = 0.0
+        self.busy_cpu_seconds = 0.0  # this thread's CPU time in steps (the rest of busy_seconds it waited)
         self.external_hit_tokens = 0
         self.connector = connector
         if connector is not None:
@@ -160,7 +161,7 @@ class LLMEngine:
         """One engine step: per-request deltas. A failure while processing one request fails that
         request alone (an output with ``error``); one that no request can be blamed for (the forward
         pass) fails the running batch; only ``MAX_FAILED_STEPS`` failed steps in a row raise."""
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         self._timed = None
         cost_start = self._step_clock() if self.spec is not None else 0.0
         try:
@@ -173,6 +174,7 @@ class LLMEngine:
             return [self._fail(seq, exc) for seq in list(self.running)]
         finally:
             self.busy_seconds += time.perf_counter() - start
+            self.busy_cpu_seconds += time.thread_time() - cpu_start
         self.failed_steps = 0
         if self.spec is not None:  # the policy learns step costs from use
             self.spec.observe_step(self._timed, self._step_clock() - cost_start)
@@ -567,7 +569,8 @@ class LLMEngine:
             prefix_queried_tokens=self.blocks.queried_tokens, prefix_hit_tokens=self.blocks.hit_tokens,
             external_hit_tokens=self.external_hit_tokens, prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens, preemptions=self.preemptions, steps=self.steps,
-            busy_seconds=self.busy_seconds, kv_received_bytes=self.kv_received_bytes)
+            busy_seconds=self.busy_seconds, busy_cpu_seconds=self.busy_cpu_seconds,
+            kv_received_bytes=self.kv_received_bytes)
         if self.spec is not None:
             s = self.spec
             stats = msgspec.structs.replace(stats, spec_steps=s.steps, spec_verifications=s.verifications,

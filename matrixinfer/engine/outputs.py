@@ -90,6 +90,9 @@ class EngineStats(msgspec.Struct, tag=True, kw_only=True):
     busy_seconds: Annotated[float, _stat("Seconds the engine spent in steps (its rate is the busy share; over "
                                          "engine_steps, the mean step time)", "engine_busy_seconds",
                                          "counter")] = 0.0
+    busy_cpu_seconds: Annotated[float, _stat("CPU seconds of the engine's thread in steps (below busy_seconds by the "
+                                             "time the thread waited in steps: for the interpreter lock, or for a "
+                                             "core)", "engine_busy_cpu_seconds", "counter")] = 0.0
     kv_sent_bytes: Annotated[int, _stat("KV bytes sent to decode instances", kind="counter")] = 0
     kv_received_bytes: Annotated[int, _stat("KV bytes received from prefill instances", kind="counter")] = 0
     kv_transfer_seconds: Annotated[float, _stat("Seconds spent sending KV", kind="counter")] = 0.0

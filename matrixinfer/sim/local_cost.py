@@ -35,6 +35,15 @@ A step's time is built from operators, never from a fitted end-to-end constant:
   token delivered is added after the step as time the engine is not in a step (it is not part of
   the step's cost, and not CPU taken from it: at batch 64 served on the 2-core VM, the simulated
   step matched the served one to 0.0% while the served engine spent 10% of the run between steps).
+- **Waiting inside the step while serving** (``serve_wait``, colocated only): the served engine's
+  thread shares its process with the API server, and within a step it waits for the interpreter
+  lock the API's thread holds (and for a core the client or the API took). The profile serves the
+  real engine over HTTP at each stream count and measures the share of its step time that was not
+  its own CPU time (:func:`matrixinfer.sim.profile_api.profile_serve_wait`); a step's operators
+  and overheads, profiled in one process where the thread does not wait, are its CPU time, so the
+  served step is that over ``1 - share``. Measured on the 2-core Intel Xeon VM (2026-12-01, one
+  engine thread): 0.76-0.92 ms of an 11.2-12.6 ms batch-64 step, 0.10 ms of a 2.4 ms batch-8
+  step. A P/D worker's engine has its own process and is not charged.
 - **Idle wake-up** (``idle_wake``, :mod:`matrixinfer.sim.profile_idle`): a step that starts after
   the engine had no work for ``idle_s`` seconds costs the profiled extra time of a step after that
   long an idle gap over the same step back to back (the team's threads, woken, wait for cores,
@@ -56,7 +65,7 @@ from matrixinfer.sim.profile_data import Cost, OpTable, Profile
 
 # host work (no roofline to scale); engine_cores is a ratio (cores busy), not seconds
 HOST_OPS = ("engine_host", "ems_get", "ems_put", "api_request", "api_token", "api_gap", "engine_cores", "idle_wake",
-            "kv_transfer")
+            "kv_transfer", "serve_wait")
 REQUIRED_OPS = ("mla_prolog", "mla_core_q1", "mla_core_prefill", "mla_epilogue", "rmsnorm", "lm_head", "sampling",
                 "layer_decode", "step_decode", "step_prefill", "engine_host", "api_request", "api_token",
                 "engine_cores")
@@ -85,8 +94,11 @@ class StepCost:
 class LocalCostModel:
     """Operator and step costs of one model on the device a :class:`Profile` was taken on."""
 
-    def __init__(self, profile: Profile, dims: Dims) -> None:
+    def __init__(self, profile: Profile, dims: Dims, in_api_process: bool = True) -> None:
+        """``in_api_process``: the engine runs in the API server's process (``serve --colocated``),
+        so its steps wait as ``serve_wait`` measured; a P/D worker's engine has a process of its own."""
         self.profile, self.dims = profile, dims
+        self.in_api_process = in_api_process
         missing = sorted(set(REQUIRED_OPS) - set(profile.ops))
         if missing:
             raise ValueError(f"the profile ({profile.meta.get('date', 'undated')}) lacks {', '.join(missing)}: "
@@ -162,6 +174,10 @@ class LocalCostModel:
             team = max(self.threads, self.op("engine_cores", streams).seconds)
             idle = max(self.cores - team, 0.0) * out.seconds  # cores outside the engine's thread team
             out.add(Cost(max(per_token.seconds * sampled - idle, 0.0), per_token.source, "api_token"))
+        if self.in_api_process and "serve_wait" in self.profile.ops:
+            share = self.op("serve_wait", streams)
+            w = min(max(share.seconds, 0.0), 0.5)
+            out.add(Cost(out.seconds * w / (1.0 - w), share.source, "serve_wait"))
         wake = self.idle_wake(shape.tokens, idle_s) if idle_s > 0 else None
         if wake is not None:  # after the delivery: the wait for cores gives the stack no idle core
             out.add(wake)

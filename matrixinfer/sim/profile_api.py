@@ -24,6 +24,7 @@ parsing it). The profile measures two operators with the real ``AsyncEngine``, t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -117,22 +118,17 @@ def _client(url: str, streams: int, lengths: list[int]) -> None:
         print(f"done {time.process_time() - t0}", flush=True)
 
 
-def profile_api(model_path: Path, prompt_lens: tuple[int, ...], streams: tuple[int, ...], tokens: int,
-                table) -> Iterator[str]:
-    """Measure ``api_request`` at each prompt length and ``api_token`` at each stream count into
-    ``table(name, axes)`` (a :class:`~matrixinfer.sim.profile_data.Profile`'s ``table``)."""
+@contextlib.contextmanager
+def _served(backend) -> Iterator[str]:
+    """The real API app over ``backend`` under uvicorn (as ``serve`` runs it) on a free loopback
+    port, on a thread of this process; yields its URL and stops it (and the backend) after."""
     import uvicorn
 
     from matrixinfer.bench.launch import free_port
     from matrixinfer.config import ServeConfig
-    from matrixinfer.engine.async_engine import AsyncEngine
-    from matrixinfer.model.tokenizer import Tokenizer
     from matrixinfer.serve.api_server import create_app
     from matrixinfer.serve.http_guard import uvicorn_config
 
-    cfg = json.loads((model_path / "config.json").read_text())
-    engine = InstantEngine(Tokenizer(model_path), int(cfg["vocab_size"]))
-    backend = AsyncEngine(engine)  # type: ignore[arg-type]
     port = free_port()
     server = uvicorn.Server(uvicorn_config(create_app(backend), ServeConfig(port=port, log_level="error")))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -143,7 +139,53 @@ def profile_api(model_path: Path, prompt_lens: tuple[int, ...], streams: tuple[i
             if time.monotonic() > deadline:
                 raise RuntimeError("the API probe's server did not start")
             time.sleep(0.02)
-        url = f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        backend.shutdown()
+
+
+def profile_serve_wait(engine, streams: tuple[int, ...], tokens: int, table) -> Iterator[str]:
+    """Measure ``serve_wait`` at each stream count into ``table(name, axes)``: the real ``engine``
+    (an :class:`~matrixinfer.engine.llm_engine.LLMEngine`) behind the real ``AsyncEngine`` and API
+    app, ``2 * streams`` requests of 16 prompt and ``tokens`` output tokens from the ``bench``
+    client at concurrency ``streams``; the value is the share of the engine's step time
+    (``busy_seconds``) that was not its thread's CPU time (``busy_cpu_seconds``): waits in the step
+    for the interpreter lock the API's thread holds, or for a core. A warm-up run of the same shape
+    goes first (its first steps allocate)."""
+    from matrixinfer.engine.async_engine import AsyncEngine
+
+    backend = AsyncEngine(engine)
+    with _served(backend) as url, tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "bench.json"
+        for c in streams:
+            _bench(url, 2 * c, 16, tokens, c, result)
+            time.sleep(0.05)  # the loop's stats after the warm-up's last step
+            before = backend.stats
+            _bench(url, 2 * c, 16, tokens, c, result)
+            deadline = time.monotonic() + 5
+            while backend.stats.running and time.monotonic() < deadline:  # the loop's last update
+                time.sleep(0.01)
+            after = backend.stats
+            wall = after.busy_seconds - before.busy_seconds
+            cpu = after.busy_cpu_seconds - before.busy_cpu_seconds
+            if wall > 0:
+                table("serve_wait", ("streams",)).add((c,), min(max(1.0 - cpu / wall, 0.0), 1.0))
+            yield f"served engine x{c}"
+
+
+def profile_api(model_path: Path, prompt_lens: tuple[int, ...], streams: tuple[int, ...], tokens: int,
+                table) -> Iterator[str]:
+    """Measure ``api_request`` at each prompt length and ``api_token`` at each stream count into
+    ``table(name, axes)`` (a :class:`~matrixinfer.sim.profile_data.Profile`'s ``table``)."""
+    from matrixinfer.engine.async_engine import AsyncEngine
+    from matrixinfer.model.tokenizer import Tokenizer
+
+    cfg = json.loads((model_path / "config.json").read_text())
+    engine = InstantEngine(Tokenizer(model_path), int(cfg["vocab_size"]))
+    backend = AsyncEngine(engine)  # type: ignore[arg-type]
+    with _served(backend) as url:
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "bench.json"
             for n in prompt_lens:
@@ -171,10 +213,6 @@ def profile_api(model_path: Path, prompt_lens: tuple[int, ...], streams: tuple[i
                 if gaps[0][1]:  # the run of `tokens` tokens per request (one token: no step leaves any running)
                     table("api_gap", ("streams",)).add((c,), gaps[0][0] / gaps[0][1])
                 yield f"api tokens x{c}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        backend.shutdown()
 
 
 if __name__ == "__main__":  # the api_token client: URL STREAMS LENGTH...

@@ -33,7 +33,7 @@ AXIS_OF: dict[str, tuple[tuple[str, int], ...]] = {
     "tokens_per_expert": (("experts", 0),),
     "host_batch": (("engine_host", 0), ("engine_cores", 0)),
     "api_prompt": (("api_request", 0),),
-    "api_streams": (("api_token", 0), ("api_gap", 0)),
+    "api_streams": (("api_token", 0), ("api_gap", 0), ("serve_wait", 0)),
     "idle_tokens": (("idle_wake", 0),),
     "kv_tokens": (("kv_transfer", 0),),
 }
@@ -48,9 +48,9 @@ FORWARD_AXES = ("tokens", "batch", "kv_len", "prefill", "tokens_per_expert")  # 
 class RecordingCostModel(LocalCostModel):
     """A :class:`LocalCostModel` that records every (operator, point) the simulation looks up."""
 
-    def __init__(self, profile: Profile, dims: Dims) -> None:
+    def __init__(self, profile: Profile, dims: Dims, in_api_process: bool = True) -> None:
         self.seen: list[tuple[str, tuple[float, ...]]] = []
-        super().__init__(profile, dims)
+        super().__init__(profile, dims, in_api_process)
         self.seen.clear()  # the composition overhead's set-up looks up the profile's own points
 
     def op(self, name: str, *point: float) -> Cost:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from matrixinfer.engine.cpu_affinity import bind_engine_thread, release, serving_threads
-from matrixinfer.sim.profile_api import profile_api
+from matrixinfer.sim.profile_api import profile_api, profile_serve_wait
 from matrixinfer.sim.profile_data import Profile
 from matrixinfer.sim.profile_idle import profile_idle
 from matrixinfer.sim.profile_kv import profile_kv
@@ -213,7 +213,7 @@ class Profiler:
         two = len(g.batch) * len(g.kv_len)
         n = len(g.tokens) + len(g.tokens_per_expert) + len(g.batch) + two + len(g.prefill) + 2
         if self.with_engine:
-            n += len(g.host_batch) + len(g.idle_tokens) + len(g.kv_tokens) + len(g.api_prompt) + len(g.api_streams)
+            n += len(g.host_batch) + len(g.idle_tokens) + len(g.kv_tokens) + len(g.api_prompt) + 2 * len(g.api_streams)
         if self.with_ems:
             n += 2 * len(g.ems_block_kib) * len(g.ems_concurrency)
         if self.with_ep:
@@ -242,6 +242,8 @@ class Profiler:
                     tick(label)
             if g.api_prompt and g.api_streams:
                 for label in profile_api(self.path, g.api_prompt, g.api_streams, g.api_tokens, self.prof.table):
+                    tick(label)
+                for label in profile_serve_wait(self._serving_engine(), g.api_streams, g.api_tokens, self.prof.table):
                     tick(label)
         if self.with_ems:
             for label in self._ems():
@@ -386,6 +388,21 @@ class Profiler:
         return LLMEngine(EngineConfig(model=str(self.path), device=self.device.type, kv_cache_memory=64 << 20,
                                       enable_prefix_caching=False),
                          model=self.model)
+
+    def _serving_engine(self):
+        """``serve_wait``'s engine: the profiled model with KV blocks for its widest run."""
+        from matrixinfer.config import EngineConfig
+        from matrixinfer.engine.llm_engine import LLMEngine
+        from matrixinfer.model.attention import PagedLatentCache
+
+        g = self.grid
+        top = max(g.api_streams)
+        blocks = top * -(-(16 + g.api_tokens + 1) // self.block_size) + 1
+        per = PagedLatentCache.bytes_per_block(self.model.num_cache_layers, self.block_size, self.cfg.kv_cache_dim,
+                                               self.model.model.embed_tokens.weight.dtype)
+        cfg = EngineConfig(model=str(self.path), device=self.device.type, kv_cache_memory=2 * blocks * per,
+                           block_size=self.block_size, max_num_seqs=max(top, 1))
+        return LLMEngine(cfg, model=self.model)
 
     def _idle_step(self, tokens: int) -> Callable[[], object]:
         """``idle_wake``'s step: one sequence decoding (``tokens`` 1, 64 keys) or one prompt chunk."""

@@ -230,7 +230,8 @@ def load_setup(profile_path: Path, model: str | None) -> Setup:
         if "idle_wake" not in prof.ops:
             notes.append(f"{path.name} has no idle_wake (taken before it was profiled): steps after an idle "
                          "engine are simulated as back-to-back steps")
-    return Setup(model_path, cfg, LocalCostModel(colocated, dims), LocalCostModel(pd, dims), notes)
+    return Setup(model_path, cfg, LocalCostModel(colocated, dims), LocalCostModel(pd, dims, in_api_process=False),
+                 notes)
 
 
 def format_rows(rows: list[Row]) -> str:

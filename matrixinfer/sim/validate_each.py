@@ -58,8 +58,8 @@ class FocusedProfiles:
         if profile_path is None:
             cores = os.cpu_count() or 1
             colocated = measure(model_path, GRIDS["small"], device, deployment_threads("colocated", cores), loaded)
-            base = LocalCostModel(colocated, dims)
-            setup = Setup(model_path, cfg, base, base,
+            setup = Setup(model_path, cfg, LocalCostModel(colocated, dims),
+                          LocalCostModel(colocated, dims, in_api_process=False),
                           [f"no --profile: the base is the small grid, taken now ({colocated.meta['wall_s']} s; "
                            "the P/D workers' before the first P/D scenario)"])
         return cls(setup, loaded, device, dims, pd_base_pending=profile_path is None)
@@ -73,13 +73,13 @@ class FocusedProfiles:
         if not colocated and self.pd_base_pending:
             threads = deployment_threads("pd", os.cpu_count() or 1)
             pd = measure(self.setup.model_path, GRIDS["small"], self.device, threads, self.model)
-            self.setup = replace(self.setup, pd=LocalCostModel(pd, self.dims))
+            self.setup = replace(self.setup, pd=LocalCostModel(pd, self.dims, in_api_process=False))
             self.pd_base_pending = False
         base = (self.setup.colocated if colocated else self.setup.pd).profile
-        recorder = RecordingCostModel(base, self.dims)
+        recorder = RecordingCostModel(base, self.dims, in_api_process=colocated)
         simulate_scenario(sc, replace(self.setup, colocated=recorder, pd=recorder))
         grid = focus_grid(base, recorder.seen, self.dims, pd=not colocated)
         threads = deployment_threads(sc.deployment, os.cpu_count() or 1)
         fresh = measure(self.setup.model_path, grid, self.device, threads, self.model)
-        cost = LocalCostModel(merge(base, fresh), self.dims)
+        cost = LocalCostModel(merge(base, fresh), self.dims, in_api_process=colocated)
         return (replace(self.setup, colocated=cost) if colocated else replace(self.setup, pd=cost)), fresh

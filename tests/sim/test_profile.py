@@ -20,7 +20,7 @@ EXPECTED_OPS = {"mla_prolog": 1, "mla_core_q1": 2, "mla_core_qk": 2, "mla_core_p
                 "sampling": 1, "layer_decode": 2, "layer_decode_dense": 2, "step_decode": 2, "step_prefill": 1,
                 "engine_host": 1, "ems_get": 2, "ems_put": 2, "api_request": 1, "api_token": 1, "api_gap": 1,
                 "engine_cores": 1,
-                "idle_wake": 2, "kv_transfer": 1}
+                "idle_wake": 2, "kv_transfer": 1, "serve_wait": 1}
 
 
 def test_profile_command_writes_versioned_profile_on_tiny_grid(tmp_path, capsys):
@@ -41,7 +41,7 @@ def test_profile_command_writes_versioned_profile_on_tiny_grid(tmp_path, capsys)
     assert meta["threads"] == 1 and meta["grid"] == "tiny"
     prof = Profile.load(out)
     assert {k: len(t.axes) for k, t in prof.ops.items()} == EXPECTED_OPS
-    differences = ("engine_host", "api_token", "idle_wake")  # differences of two timings: >= 0, may be 0
+    differences = ("engine_host", "api_token", "idle_wake", "serve_wait")  # differences of two timings: >= 0
     assert all(s > 0 for name, t in prof.ops.items() for s in t.seconds if name not in differences)
     assert all(s >= 0 for name in differences for s in prof.ops[name].seconds)
     assert prof.roofline["gemm_flops"] > 1e8 and prof.roofline["stream_bw"] > 1e8
@@ -227,6 +227,23 @@ def test_step_after_an_idle_engine_costs_the_profiled_wake_up():
     assert wake(0.1) == [pytest.approx(8e-3)] and model.idle_wake(1, 0.1).seconds == pytest.approx(1e-3)
     old = LocalCostModel(_synthetic(dims), dims)  # a profile from before idle_wake: nothing added
     assert old.step(chunk, 1, 1, 0.1).seconds == pytest.approx(old.step(chunk, 1, 1).seconds)
+
+
+def test_served_colocated_step_waits_its_profiled_share_and_a_pd_worker_does_not():
+    dims = _dims()
+    prof = _synthetic(dims)
+    for streams, share in ((1, 0.0), (8, 0.04), (64, 0.2)):
+        prof.table("serve_wait", ("streams",)).add((streams,), share)
+    colocated, pd = LocalCostModel(prof, dims), LocalCostModel(prof, dims, in_api_process=False)
+    old = LocalCostModel(_synthetic(dims), dims)  # a profile from before serve_wait: nothing added
+    for b, share in ((1, 0.0), (8, 0.04), (64, 0.2)):
+        shape = StepShape((1,) * b, (64,) * b)
+        base = pd.step(shape, b, b).seconds
+        assert old.step(shape, b, b).seconds == pytest.approx(base)
+        step = colocated.step(shape, b, b)
+        # the profiled step is the thread's CPU time; served, the step's wall time is that over 1 - share
+        assert step.seconds == pytest.approx(base / (1.0 - share))
+        assert [t.op for t in step.terms].count("serve_wait") == 1
 
 
 def test_requests_that_find_the_engine_idle_wait_for_its_wake_up():
