@@ -47,7 +47,7 @@ A step's time is built from operators, never from a fitted end-to-end constant:
 - **Idle wake-up** (``idle_wake``, :mod:`matrixinfer.sim.profile_idle`): a step that starts after
   the engine had no work for ``idle_s`` seconds costs the profiled extra time of a step after that
   long an idle gap over the same step back to back (the team's threads, woken, wait for cores,
-  then run on caches that went cold while they slept: the cost grows with the gap, profiled from
+  then read memory that went cold while they slept: the cost grows with the gap, profiled from
   milliseconds to a second). Gaps shorter than the smallest profiled one scale it down linearly to
   nothing at zero; longer ones take the longest's. Profiles without it (taken before it existed) add nothing.
 

@@ -13,9 +13,10 @@ idle is therefore a step of its own kind, and its cost is measured here, not ass
 The extra time also grows with the gap, so the gaps run from milliseconds to a second. On a 2-core
 Intel Xeon VM (2026-12-01, one thread, quiet), a 128-token prefill took 12.7 ms back to back,
 20.4 ms after 0.1 s idle, 30.5 ms after 0.3 s and 54.2 ms after 1 s. Its CPU time grew by the
-same amount: the engine thread was not waiting for a core but running slower on caches that went
-cold while it slept. A served engine at 2 requests/s sleeps ~0.4 s between requests. With the
-gaps profiled only up to 0.1 s, the simulated TTFT there was 44% short.
+same amount: the engine thread was not waiting for a core but reading memory that had gone cold
+while it slept (the 46 MiB of weights came back at 0.6-1.2 GB/s; docs/simulator.md). A served
+engine at 2 requests/s sleeps ~0.4 s between requests. With the gaps profiled only up to 0.1 s,
+the simulated TTFT at 2 and 8 requests/s was 44% and 36% short.
 
 For each step size (``tokens``: 1 is a decode step of one sequence, more is one prompt chunk) and
 idle gap (``idle_s``), rounds of: the step twice (the second timed: hot), ``idle_s`` of sleep, the
