@@ -89,7 +89,15 @@ static inline float quantize_row_i16(const float *x, const float *mul, int64_t n
 #if defined(__AVX2__) && defined(__FMA__)
 /* 16 int8 weights sign-extended to int16. */
 static inline __m256i w8_load16(const int8_t *w) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w)); }
+/* acc += the int32 sums of adjacent int16 products of a and b. With VNNI one instruction
+ * (vpdpwssd, wrapping as the add does: the same arithmetic bit for bit), else vpmaddwd + vpaddd. */
+#if defined(__AVXVNNI__)
+#define W8_MAC(acc, a, b) acc = _mm256_dpwssd_avx_epi32(acc, a, b)
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define W8_MAC(acc, a, b) acc = _mm256_dpwssd_epi32(acc, a, b)
+#else
 #define W8_MAC(acc, a, b) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+#endif
 #endif
 
 /* out[c] = x . w[c] for c < 8: one int16 activation row, eight int8 weight rows (length k). Also
