@@ -65,7 +65,7 @@ from matrixinfer.sim.profile_data import Cost, OpTable, Profile
 
 # host work (no roofline to scale); engine_cores is a ratio (cores busy), not seconds
 HOST_OPS = ("engine_host", "ems_get", "ems_put", "api_request", "api_token", "api_gap", "engine_cores", "idle_wake",
-            "kv_transfer", "serve_wait")
+            "kv_transfer", "serve_wait", "pd_request")
 REQUIRED_OPS = ("mla_prolog", "mla_core_q1", "mla_core_prefill", "mla_epilogue", "rmsnorm", "lm_head", "sampling",
                 "layer_decode", "step_decode", "step_prefill", "engine_host", "api_request", "api_token",
                 "engine_cores")
@@ -211,8 +211,14 @@ class LocalCostModel:
 
     def request_latency(self, prompt_len: int) -> float:
         """What the serving stack adds to a request's TTFT (request parsing, the hand-off to the
-        engine thread, the first chunk's trip to the client)."""
-        return self.op("api_request", float(prompt_len)).seconds
+        engine thread, the first chunk's trip to the client); for a P/D worker's model
+        (``in_api_process`` False) also the P/D path's own latency, ``pd_request``, where profiled
+        (the router's hop to the prefill worker, the decode worker's reservation, the KV hand-off
+        and the token relay, beyond what the simulated steps and transfer already hold)."""
+        latency = self.op("api_request", float(prompt_len)).seconds
+        if not self.in_api_process and "pd_request" in self.profile.ops:
+            latency += self.op("pd_request", float(prompt_len)).seconds
+        return latency
 
     def _one_call(self, decode_only: bool, tokens: float) -> bool:
         """Whether a step of ``tokens`` rows runs the CPU backend's one-call layers (else the

@@ -36,12 +36,13 @@ AXIS_OF: dict[str, tuple[tuple[str, int], ...]] = {
     "api_streams": (("api_token", 0), ("api_gap", 0), ("serve_wait", 0)),
     "idle_tokens": (("idle_wake", 0),),
     "kv_tokens": (("kv_transfer", 0),),
+    "pd_prompt": (("pd_request", 0),),
 }
 # where the base profile's measured values of each axis are (operator, axis index)
 LADDER_OF = {"batch": ("step_decode", 0), "kv_len": ("step_decode", 1), "tokens": ("rmsnorm", 0),
              "prefill": ("step_prefill", 0), "tokens_per_expert": ("experts", 0), "host_batch": ("engine_host", 0),
              "api_prompt": ("api_request", 0), "api_streams": ("api_token", 0), "idle_tokens": ("idle_wake", 0),
-             "idle_gaps": ("idle_wake", 1), "kv_tokens": ("kv_transfer", 0)}
+             "idle_gaps": ("idle_wake", 1), "kv_tokens": ("kv_transfer", 0), "pd_prompt": ("pd_request", 0)}
 FORWARD_AXES = ("tokens", "batch", "kv_len", "prefill", "tokens_per_expert")  # the profiler needs a point of each
 
 
@@ -108,7 +109,8 @@ def focus_grid(base: Profile, seen: Iterable[tuple[str, tuple[float, ...]]], dim
                    kv_len=axes["kv_len"], prefill=axes["prefill"], tokens_per_expert=axes["tokens_per_expert"],
                    host_batch=axes["host_batch"], api_prompt=axes["api_prompt"], api_streams=axes["api_streams"],
                    idle_tokens=axes["idle_tokens"], idle_gaps=idle_gaps,
-                   kv_tokens=axes["kv_tokens"] if pd else (), ems_block_kib=(), ems_concurrency=(), ep=(),
+                   kv_tokens=axes["kv_tokens"] if pd else (), pd_prompt=axes["pd_prompt"] if pd else (),
+                   ems_block_kib=(), ems_concurrency=(), ep=(),
                    ep_tokens=())
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from matrixinfer.engine.cpu_affinity import bind_engine_thread, release, serving_threads
-from matrixinfer.sim.profile_api import profile_api, profile_serve_wait
+from matrixinfer.sim.profile_api import profile_api, profile_pd_request, profile_serve_wait
 from matrixinfer.sim.profile_data import Profile
 from matrixinfer.sim.profile_idle import profile_idle
 from matrixinfer.sim.profile_kv import profile_kv
@@ -61,6 +61,8 @@ class Grid:
     idle_rounds: int = 6
     kv_tokens: tuple[int, ...] = (16, 64, 256, 1024)  # prompt lengths of the P/D KV transfer
     kv_rounds: int = 8
+    pd_prompt: tuple[int, ...] = (16, 256)  # prompt lengths of pd_request (real P/D and colocated servers)
+    pd_rounds: int = 2
 
 
 TOKEN_SETS = 64  # token sets a profiled decode layer cycles through (see _token_cycle)
@@ -85,7 +87,8 @@ GRIDS = {
                  tokens_per_expert=(1, 2), host_batch=(1, 2), ems_block_kib=(4, 16), ems_concurrency=(1, 2),
                  ep=(2,), ep_tokens=(1, 4),
                  min_time=0.002, max_reps=3, api_prompt=(8,), api_streams=(1, 2), api_tokens=4,
-                 idle_tokens=(1, 8), idle_gaps=(0.001, 0.003), idle_rounds=2, kv_tokens=(8, 16), kv_rounds=2),
+                 idle_tokens=(1, 8), idle_gaps=(0.001, 0.003), idle_rounds=2, kv_tokens=(8, 16), kv_rounds=2,
+                 pd_prompt=()),
     "full": Grid("full", tokens=(1, 4, 16, 64, 256, 1024), batch=(1, 4, 8, 16, 32, 64),
                  kv_len=(16, 64, 256, 1024), prefill=(16, 64, 128, 256, 512, 1024),
                  tokens_per_expert=(1, 4, 16, 64, 256), host_batch=(1, 8, 32, 64),
@@ -214,6 +217,7 @@ class Profiler:
         n = len(g.tokens) + len(g.tokens_per_expert) + len(g.batch) + two + len(g.prefill) + 2
         if self.with_engine:
             n += len(g.host_batch) + len(g.idle_tokens) + len(g.kv_tokens) + len(g.api_prompt) + 2 * len(g.api_streams)
+            n += len(g.pd_prompt)
         if self.with_ems:
             n += 2 * len(g.ems_block_kib) * len(g.ems_concurrency)
         if self.with_ep:
@@ -244,6 +248,9 @@ class Profiler:
                 for label in profile_api(self.path, g.api_prompt, g.api_streams, g.api_tokens, self.prof.table):
                     tick(label)
                 for label in profile_serve_wait(self._serving_engine(), g.api_streams, g.api_tokens, self.prof.table):
+                    tick(label)
+            if g.pd_prompt:
+                for label in profile_pd_request(self.path, g.pd_prompt, g.pd_rounds, self.prof.table):
                     tick(label)
         if self.with_ems:
             for label in self._ems():

@@ -246,6 +246,18 @@ def test_served_colocated_step_waits_its_profiled_share_and_a_pd_worker_does_not
         assert [t.op for t in step.terms].count("serve_wait") == 1
 
 
+def test_pd_requests_add_the_profiled_pd_path_latency_and_colocated_ones_do_not():
+    dims = _dims()
+    prof = _synthetic(dims)
+    for n, extra in ((16, 4e-3), (256, 6e-3)):
+        prof.table("pd_request", ("tokens",)).add((n,), extra)
+    colocated, pd = LocalCostModel(prof, dims), LocalCostModel(prof, dims, in_api_process=False)
+    old = LocalCostModel(_synthetic(dims), dims, in_api_process=False)  # a profile from before pd_request
+    for n, extra in ((16, 4e-3), (256, 6e-3)):
+        assert old.request_latency(n) == pytest.approx(colocated.request_latency(n))
+        assert pd.request_latency(n) == pytest.approx(colocated.request_latency(n) + extra)
+
+
 def test_requests_that_find_the_engine_idle_wait_for_its_wake_up():
     """Two requests a second apart each find the engine idle: their prefill steps (and so TTFT)
     get the 100 ms gap's wake-up; the decode steps run back to back and do not."""
