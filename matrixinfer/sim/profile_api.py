@@ -1,5 +1,7 @@
 """The serving stack's own cost: the HTTP API, the engine thread's hand-off and the benchmark client,
-profiled with a stand-in engine that produces tokens instantly.
+profiled with a stand-in engine that produces tokens instantly; and two costs only the real engine
+and real servers show: ``serve_wait`` (:func:`profile_serve_wait`) and ``pd_request``
+(:func:`profile_pd_request`).
 
 What a model step does not include but a client sees: parsing and validating the request, handing
 it to the engine thread, each token's trip back (a cross-thread hand-off, an SSE chunk, the client

@@ -352,16 +352,22 @@ class Profiler:
         """A model runner (the engine's) with a cache for the largest profiled step."""
         from matrixinfer.config import EngineConfig
         from matrixinfer.engine.model_runner import ModelRunner
-        from matrixinfer.model.attention import PagedLatentCache
 
         if self._model_runner is None:
             g = self.grid
             blocks = max(max(g.batch) * -(-max(g.kv_len) // self.block_size), -(-max(g.prefill) // self.block_size))
-            per = PagedLatentCache.bytes_per_block(self.model.num_cache_layers, self.block_size,
-                                                   self.cfg.kv_cache_dim, self.model.model.embed_tokens.weight.dtype)
             self._model_runner = ModelRunner(self.model, EngineConfig(block_size=self.block_size,
-                                                                      kv_cache_memory=(blocks + 1) * per), self.device)
+                                                                      kv_cache_memory=self._kv_bytes(blocks + 1)),
+                                             self.device)
         return self._model_runner
+
+    def _kv_bytes(self, blocks: int) -> int:
+        """Bytes of ``blocks`` blocks of the profiled model's paged latent cache."""
+        from matrixinfer.model.attention import PagedLatentCache
+
+        return blocks * PagedLatentCache.bytes_per_block(self.model.num_cache_layers, self.block_size,
+                                                         self.cfg.kv_cache_dim,
+                                                         self.model.model.embed_tokens.weight.dtype)
 
     def _runner_step(self, seqs: int, q_len: int, ctx: int) -> Callable[[], object]:
         """``ModelRunner.execute`` (metadata, forward, logits of the sampled rows) over ``seqs``
@@ -400,14 +406,11 @@ class Profiler:
         """``serve_wait``'s engine: the profiled model with KV blocks for its widest run."""
         from matrixinfer.config import EngineConfig
         from matrixinfer.engine.llm_engine import LLMEngine
-        from matrixinfer.model.attention import PagedLatentCache
 
         g = self.grid
         top = max(g.api_streams)
         blocks = top * -(-(16 + g.api_tokens + 1) // self.block_size) + 1
-        per = PagedLatentCache.bytes_per_block(self.model.num_cache_layers, self.block_size, self.cfg.kv_cache_dim,
-                                               self.model.model.embed_tokens.weight.dtype)
-        cfg = EngineConfig(model=str(self.path), device=self.device.type, kv_cache_memory=2 * blocks * per,
+        cfg = EngineConfig(model=str(self.path), device=self.device.type, kv_cache_memory=self._kv_bytes(2 * blocks),
                            block_size=self.block_size, max_num_seqs=max(top, 1))
         return LLMEngine(cfg, model=self.model)
 
