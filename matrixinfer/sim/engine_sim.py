@@ -21,7 +21,9 @@ independently.
 
 An instance that had no work since ``idle_since`` starts its next step after that idle gap, which
 the cost model charges as a wake-up (``idle_wake``); before the first request it has been idle
-since before the run (the bench's warm-up), longer than any profiled gap.
+since before the run (the bench's warm-up), longer than any profiled gap. Likewise a request sent
+when no request was in flight finds the serving stack idle since the last one finished, and its
+TTFT gets the stack's wake-up (``api_wake``).
 """
 
 from __future__ import annotations
@@ -178,6 +180,8 @@ def simulate(requests: list[SimRequest], prefill: SimEngine, decode: SimEngine |
         heapq.heappush(events, (r.offset, next(tick), "send", r.rid))
     queued = order[limit:]
     res = SimResult()
+    inflight, stack_idle_since = 0, float("-inf")  # the serving stack: requests in flight, idle since
+    api_idle: dict[int, float] = {}  # request -> how long the stack had been idle when it was sent
 
     def kick(idx: int, now: float) -> None:
         eng = engines[idx]
@@ -190,9 +194,15 @@ def simulate(requests: list[SimRequest], prefill: SimEngine, decode: SimEngine |
             eng.idle_since = now  # its loop now waits for a request
 
     def finish(s: _Seq, now: float) -> None:
+        nonlocal inflight, stack_idle_since
         s.done = now
         assert s.first is not None
-        res.ttft.append(s.first - s.sent + prefill.cost.request_latency(s.req.prompt_len))
+        wake = prefill.cost.api_wake(api_idle.pop(s.req.rid, 0.0))
+        res.ttft.append(s.first - s.sent + prefill.cost.request_latency(s.req.prompt_len)
+                        + (wake.seconds if wake is not None else 0.0))
+        inflight -= 1
+        if not inflight:
+            stack_idle_since = now
         if s.req.output_len > 1:
             res.tpot.append((now - s.first) / (s.req.output_len - 1))
         res.output_tokens += s.req.output_len
@@ -212,6 +222,8 @@ def simulate(requests: list[SimRequest], prefill: SimEngine, decode: SimEngine |
         if kind == "send":
             s = seqs[key]
             s.sent = now
+            api_idle[key] = now - stack_idle_since if not inflight else 0.0
+            inflight += 1
             s.stop_after = s.req.output_len if decode is None else 1
             if decode is None:
                 prefill.waiting.append(s)

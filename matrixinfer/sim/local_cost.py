@@ -29,7 +29,10 @@ A step's time is built from operators, never from a fitted end-to-end constant:
   the same load over HTTP, where the stack's CPU per step is about 8 ms (64 tokens at
   ``api_token``); the fair-share model put it at 13.3 ms, since the engine kept only 1.42 of the
   2 cores busy. A request's TTFT also gets the stack's latency (``api_request``,
-  :meth:`LocalCostModel.request_latency`).
+  :meth:`LocalCostModel.request_latency`), and, when it finds the stack idle (no request in
+  flight) for ``idle_s`` seconds, the profiled extra TTFT of a lone request after that long a gap
+  over one sent back to back (``api_wake``: the event loop, the engine thread's wait and the
+  client all sleep in between; scaled below the shortest gap as ``idle_wake`` is).
 - **Hand-off between steps** (``api_gap``): after a step that delivered tokens, the engine thread
   hands them to the API's event loop before it starts the next step; the profiled wall time per
   token delivered is added after the step as time the engine is not in a step (it is not part of
@@ -64,8 +67,8 @@ from matrixinfer.sim.local_ops import Dims, StepShape, work
 from matrixinfer.sim.profile_data import Cost, OpTable, Profile
 
 # host work (no roofline to scale); engine_cores is a ratio (cores busy), not seconds
-HOST_OPS = ("engine_host", "ems_get", "ems_put", "api_request", "api_token", "api_gap", "engine_cores", "idle_wake",
-            "kv_transfer", "serve_wait", "pd_request")
+HOST_OPS = ("engine_host", "ems_get", "ems_put", "api_request", "api_wake", "api_token", "api_gap", "engine_cores",
+            "idle_wake", "kv_transfer", "serve_wait", "pd_request")
 REQUIRED_OPS = ("mla_prolog", "mla_core_q1", "mla_core_prefill", "mla_epilogue", "rmsnorm", "lm_head", "sampling",
                 "layer_decode", "step_decode", "step_prefill", "engine_host", "api_request", "api_token",
                 "engine_cores")
@@ -202,6 +205,18 @@ class LocalCostModel:
         cost = self.profile.lookup("idle_wake", (t, max(gap, gaps[0])))
         scale = min(gap / gaps[0], 1.0)  # below the shortest profiled gap: down to nothing at zero
         return Cost(cost.seconds * scale, cost.source, "idle_wake")
+
+    def api_wake(self, idle_s: float) -> Cost | None:
+        """Extra TTFT of a request sent after the serving stack had no request for ``idle_s``
+        seconds (``api_wake``; None where the profile has none: older profiles)."""
+        table = self.profile.ops.get("api_wake")
+        if table is None or not table.points or idle_s <= 0:
+            return None
+        gaps = table.values(0)
+        gap = min(idle_s, gaps[-1])
+        cost = self.profile.lookup("api_wake", (max(gap, gaps[0]),))
+        scale = min(gap / gaps[0], 1.0)  # below the shortest profiled gap: down to nothing at zero
+        return Cost(cost.seconds * scale, cost.source, "api_wake")
 
     def kv_transfer(self, tokens: int) -> float | None:
         """Seconds to move a ``tokens``-token prompt's KV to a decode worker (None: not profiled)."""

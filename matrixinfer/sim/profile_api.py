@@ -10,6 +10,11 @@ parsing it). The profile measures two operators with the real ``AsyncEngine``, t
 
 - ``api_request`` (prompt tokens): the client's time to first token when the engine answers at
   once (concurrency 1), i.e. the latency the stack adds to TTFT;
+- ``api_wake`` (idle seconds): what a lone request's TTFT gains when the stack had no request for
+  that long before it, over one sent right after the last (one kept-alive connection, gaps from
+  milliseconds to a second, interleaved): the event loop, the engine's thread and the client all
+  sleep in between and wake for it. Measured on a 2-core AMD EPYC VM (2026-12-01): 0.1-0.5 ms
+  after 5 ms, 0.9-1.5 ms after 0.3-1 s, on a 3-4 ms ``api_request``.
 - ``api_token`` (streams): CPU seconds (server and client processes together) per token streamed
   to ``streams`` concurrent clients: the CPU time of a run with ``tokens`` tokens per request minus
   that of the same requests with one token, over the extra tokens (start-up costs cancel). On a
@@ -97,6 +102,41 @@ def _bench(url: str, prompts: int, input_len: int, output_len: int, concurrency:
     return json.loads(out.read_text())["summary"]
 
 
+def _wake_client(url: str, rounds: int, gaps: list[float]) -> None:
+    """The client process of ``api_wake``: one kept-alive connection, as ``bench`` at concurrency 1
+    keeps; after two warm-up requests, ``rounds`` times, for each gap (0 first) in turn, waits that
+    long after the last request's end, then sends one (16 prompt tokens, 2 output tokens); prints
+    the TTFTs by gap as one JSON line."""
+    import asyncio
+
+    import httpx
+
+    from matrixinfer.bench.client import BenchConfig, resolve_model, send_request
+    from matrixinfer.bench.datasets import parse_range, random_dataset
+
+    async def run() -> dict[str, list[float]]:
+        config = BenchConfig(base_url=url, max_concurrency=1, show_progress=False)
+        model, vocab = await resolve_model(config, None)
+        specs = iter(random_dataset(2 + rounds * (len(gaps) + 1), parse_range("16"), parse_range("2"), vocab, seed=3))
+        ttft: dict[str, list[float]] = {str(g): [] for g in [0.0, *gaps]}
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0)) as client:
+            target, t0 = f"{url}/v1/completions", time.perf_counter()
+            for _ in range(2):
+                await send_request(client, target, config.headers(), model, next(specs), t0)
+            for _ in range(rounds):
+                for gap in [0.0, *gaps]:
+                    if gap:
+                        await asyncio.sleep(gap)
+                    record = await send_request(client, target, config.headers(), model, next(specs), t0)
+                    if not record.success:
+                        raise RuntimeError(f"the API wake probe's request failed: {record.error}")
+                    ttft[str(gap)].append(record.ttft)
+        return ttft
+
+    print(json.dumps(asyncio.run(run())), flush=True)
+
+
 def _client(url: str, streams: int, lengths: list[int]) -> None:
     """The client process of ``api_token``: for each output length, one bench run of ``2 * streams``
     requests at concurrency ``streams``; prints ``start``, then ``done CPU_SECONDS`` per run, so the
@@ -178,9 +218,10 @@ def profile_serve_wait(engine, streams: tuple[int, ...], tokens: int, table) -> 
 
 
 def profile_api(model_path: Path, prompt_lens: tuple[int, ...], streams: tuple[int, ...], tokens: int,
-                table) -> Iterator[str]:
-    """Measure ``api_request`` at each prompt length and ``api_token`` at each stream count into
-    ``table(name, axes)`` (a :class:`~matrixinfer.sim.profile_data.Profile`'s ``table``)."""
+                table, idle_gaps: tuple[float, ...] = (), idle_rounds: int = 0) -> Iterator[str]:
+    """Measure ``api_request`` at each prompt length, ``api_wake`` at each of ``idle_gaps``
+    and ``api_token`` at each stream count into ``table(name, axes)`` (a
+    :class:`~matrixinfer.sim.profile_data.Profile`'s ``table``)."""
     from matrixinfer.engine.async_engine import AsyncEngine
     from matrixinfer.model.tokenizer import Tokenizer
 
@@ -195,6 +236,16 @@ def profile_api(model_path: Path, prompt_lens: tuple[int, ...], streams: tuple[i
                 # the stand-in's one step is the engine's part (the simulator times the real one)
                 table("api_request", ("tokens",)).add((n,), max(summary["ttft"]["mean"] / 1e3 - STEP_INTERVAL_S, 0.0))
                 yield f"api request {n} tokens"
+            if idle_gaps and idle_rounds:
+                cmd = [sys.executable, "-m", "matrixinfer.sim.profile_api", "wake", url, str(idle_rounds),
+                       *(str(g) for g in idle_gaps)]
+                done = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+                ttft = json.loads(done.stdout.strip().splitlines()[-1])
+                hot = sum(ttft["0.0"]) / len(ttft["0.0"])
+                for g in idle_gaps:
+                    waited = ttft[str(float(g))]
+                    table("api_wake", ("idle_s",)).add((g,), max(sum(waited) / len(waited) - hot, 0.0))
+                yield "api wake"
             for c in streams:  # T tokens per request minus 1 token per request: fixed costs cancel
                 cmd = [sys.executable, "-m", "matrixinfer.sim.profile_api", url, str(c), str(tokens), "1"]
                 proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -248,5 +299,8 @@ def profile_pd_request(model_path: Path, prompt_lens: tuple[int, ...], rounds: i
             server.stop()
 
 
-if __name__ == "__main__":  # the api_token client: URL STREAMS LENGTH...
-    _client(sys.argv[1], int(sys.argv[2]), [int(n) for n in sys.argv[3:]])
+if __name__ == "__main__":  # the api_token client: URL STREAMS LENGTH...; api_wake's: wake URL ROUNDS GAP...
+    if sys.argv[1] == "wake":
+        _wake_client(sys.argv[2], int(sys.argv[3]), [float(g) for g in sys.argv[4:]])
+    else:
+        _client(sys.argv[1], int(sys.argv[2]), [int(n) for n in sys.argv[3:]])

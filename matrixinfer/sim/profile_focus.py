@@ -37,12 +37,14 @@ AXIS_OF: dict[str, tuple[tuple[str, int], ...]] = {
     "idle_tokens": (("idle_wake", 0),),
     "kv_tokens": (("kv_transfer", 0),),
     "pd_prompt": (("pd_request", 0),),
+    "api_idle": (("api_wake", 0),),
 }
 # where the base profile's measured values of each axis are (operator, axis index)
 LADDER_OF = {"batch": ("step_decode", 0), "kv_len": ("step_decode", 1), "tokens": ("rmsnorm", 0),
              "prefill": ("step_prefill", 0), "tokens_per_expert": ("experts", 0), "host_batch": ("engine_host", 0),
              "api_prompt": ("api_request", 0), "api_streams": ("api_token", 0), "idle_tokens": ("idle_wake", 0),
-             "idle_gaps": ("idle_wake", 1), "kv_tokens": ("kv_transfer", 0), "pd_prompt": ("pd_request", 0)}
+             "idle_gaps": ("idle_wake", 1), "kv_tokens": ("kv_transfer", 0), "pd_prompt": ("pd_request", 0),
+             "api_idle": ("api_wake", 0)}
 FORWARD_AXES = ("tokens", "batch", "kv_len", "prefill", "tokens_per_expert")  # the profiler needs a point of each
 
 
@@ -61,6 +63,10 @@ class RecordingCostModel(LocalCostModel):
     def idle_wake(self, tokens: int, idle_s: float) -> Cost | None:
         self.seen.append(("idle_wake", (float(tokens), idle_s)))
         return super().idle_wake(tokens, idle_s)
+
+    def api_wake(self, idle_s: float) -> Cost | None:
+        self.seen.append(("api_wake", (idle_s,)))
+        return super().api_wake(idle_s)
 
 
 def bracket(ladder: Sequence[float], values: Iterable[float]) -> tuple[int, ...]:
@@ -105,10 +111,12 @@ def focus_grid(base: Profile, seen: Iterable[tuple[str, tuple[float, ...]]], dim
     axes["tokens_per_expert"] = bracket(_ladder(base, "tokens_per_expert", full),
                                         [*axes["tokens_per_expert"], *(max(v, 1.0) for v in per_expert)])
     idle_gaps = tuple(_ladder(base, "idle_gaps", full)) if axes["idle_tokens"] else ()
+    # a request's idle gap is often longer than the longest profiled one: the whole ladder (floats)
+    api_idle = tuple(_ladder(base, "api_idle", full)) if values["api_idle"] and axes["api_prompt"] else ()
     return replace(timing, name=f"focus-{timing.name}", tokens=axes["tokens"], batch=axes["batch"],
                    kv_len=axes["kv_len"], prefill=axes["prefill"], tokens_per_expert=axes["tokens_per_expert"],
                    host_batch=axes["host_batch"], api_prompt=axes["api_prompt"], api_streams=axes["api_streams"],
-                   idle_tokens=axes["idle_tokens"], idle_gaps=idle_gaps,
+                   idle_tokens=axes["idle_tokens"], idle_gaps=idle_gaps, api_idle=api_idle,
                    kv_tokens=axes["kv_tokens"] if pd else (), pd_prompt=axes["pd_prompt"] if pd else (),
                    ems_block_kib=(), ems_concurrency=(), ep=(),
                    ep_tokens=())

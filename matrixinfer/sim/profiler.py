@@ -56,6 +56,8 @@ class Grid:
     api_prompt: tuple[int, ...] = (16, 256)  # prompt lengths of the API's request latency
     api_streams: tuple[int, ...] = (1, 8, 32, 64)  # concurrent streams of the API's per-token cost
     api_tokens: int = 64  # tokens per stream
+    api_idle: tuple[float, ...] = (0.005, 0.03, 0.1, 0.3, 1.0)  # idle seconds before a request of api_wake
+    api_idle_rounds: int = 6
     idle_tokens: tuple[int, ...] = (1, 64, 256, 512)  # step sizes of idle_wake (1: a decode step)
     idle_gaps: tuple[float, ...] = (0.005, 0.03, 0.1, 0.3, 1.0)  # idle seconds before the step (see profile_idle)
     idle_rounds: int = 6
@@ -86,7 +88,8 @@ GRIDS = {
     "tiny": Grid("tiny", tokens=(1, 4), batch=(1, 2), kv_len=(16, 32), prefill=(8, 16),
                  tokens_per_expert=(1, 2), host_batch=(1, 2), ems_block_kib=(4, 16), ems_concurrency=(1, 2),
                  ep=(2,), ep_tokens=(1, 4),
-                 min_time=0.002, max_reps=3, api_prompt=(8,), api_streams=(1, 2), api_tokens=4,
+                 min_time=0.002, max_reps=3, api_prompt=(8,), api_streams=(1, 2), api_tokens=4, api_idle=(0.001,),
+                 api_idle_rounds=1,
                  idle_tokens=(1, 8), idle_gaps=(0.001, 0.003), idle_rounds=2, kv_tokens=(8, 16), kv_rounds=2,
                  pd_prompt=()),
     "full": Grid("full", tokens=(1, 4, 16, 64, 256, 1024), batch=(1, 4, 8, 16, 32, 64),
@@ -245,7 +248,8 @@ class Profiler:
                 for label in profile_kv(self._decode_engine(), g.kv_tokens, g.kv_rounds, self.prof.table):
                     tick(label)
             if g.api_prompt and g.api_streams:
-                for label in profile_api(self.path, g.api_prompt, g.api_streams, g.api_tokens, self.prof.table):
+                for label in profile_api(self.path, g.api_prompt, g.api_streams, g.api_tokens, self.prof.table,
+                                         g.api_idle, g.api_idle_rounds):
                     tick(label)
                 for label in profile_serve_wait(self._serving_engine(), g.api_streams, g.api_tokens, self.prof.table):
                     tick(label)

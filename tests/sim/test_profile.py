@@ -18,8 +18,8 @@ from matrixinfer.sim.profile_data import SCHEMA, VERSION, Profile, pchip
 EXPECTED_OPS = {"mla_prolog": 1, "mla_core_q1": 2, "mla_core_qk": 2, "mla_core_prefill": 1, "mla_epilogue": 1,
                 "dense_mlp": 1, "shared_expert": 1, "routing": 1, "experts": 1, "rmsnorm": 1, "lm_head": 1,
                 "sampling": 1, "layer_decode": 2, "layer_decode_dense": 2, "step_decode": 2, "step_prefill": 1,
-                "engine_host": 1, "ems_get": 2, "ems_put": 2, "api_request": 1, "api_token": 1, "api_gap": 1,
-                "engine_cores": 1,
+                "engine_host": 1, "ems_get": 2, "ems_put": 2, "api_request": 1, "api_wake": 1, "api_token": 1,
+                "api_gap": 1, "engine_cores": 1,
                 "idle_wake": 2, "kv_transfer": 1, "serve_wait": 1}
 
 
@@ -41,7 +41,7 @@ def test_profile_command_writes_versioned_profile_on_tiny_grid(tmp_path, capsys)
     assert meta["threads"] == 1 and meta["grid"] == "tiny"
     prof = Profile.load(out)
     assert {k: len(t.axes) for k, t in prof.ops.items()} == EXPECTED_OPS
-    differences = ("engine_host", "api_token", "idle_wake", "serve_wait")  # differences of two timings: >= 0
+    differences = ("engine_host", "api_token", "idle_wake", "serve_wait", "api_wake")  # of two timings: >= 0
     assert all(s > 0 for name, t in prof.ops.items() for s in t.seconds if name not in differences)
     assert all(s >= 0 for name in differences for s in prof.ops[name].seconds)
     assert prof.roofline["gemm_flops"] > 1e8 and prof.roofline["stream_bw"] > 1e8
@@ -273,6 +273,34 @@ def test_requests_that_find_the_engine_idle_wait_for_its_wake_up():
     c = simulate(now, SimEngine(woken, Budget(1024, 128, 16), 1000), max_concurrency=1)
     d = simulate(now, SimEngine(plain, Budget(1024, 128, 16), 1000), max_concurrency=1)
     assert c.ttft[0] == pytest.approx(d.ttft[0] + 8e-3) and c.ttft[1] == pytest.approx(d.ttft[1])
+
+
+def _with_api_wake(prof: Profile) -> Profile:
+    """``api_wake``: 1 ms after 10 ms without a request, 3 ms after 1 s."""
+    prof.table("api_wake", ("idle_s",)).add((0.01,), 1e-3)
+    prof.table("api_wake", ("idle_s",)).add((1.0,), 3e-3)
+    return prof
+
+
+def test_a_request_that_finds_the_stack_idle_gets_its_profiled_wake_up():
+    """Requests sent while another is in flight add nothing; one sent after the stack had no
+    request for a while gets that gap's wake-up (the longest profiled beyond it, scaled down
+    below the shortest); a profile from before api_wake adds nothing."""
+    dims = _dims()
+    model = LocalCostModel(_with_api_wake(_synthetic(dims)), dims)
+    assert model.api_wake(0.0) is None and model.api_wake(1.0).seconds == pytest.approx(3e-3)
+    assert model.api_wake(60.0).seconds == pytest.approx(3e-3) and model.api_wake(0.005).seconds == pytest.approx(5e-4)
+    assert LocalCostModel(_synthetic(dims), dims).api_wake(1.0) is None
+    woken, plain = model, LocalCostModel(_synthetic(dims), dims)
+
+    def run(cost, reqs, **kw):
+        return simulate(reqs, SimEngine(cost, Budget(1024, 128, 16), 1000), **kw)
+    apart = [SimRequest(0, 0.0, 32, 4), SimRequest(1, 5.0, 32, 4)]  # each finds the stack idle (the first: always)
+    a, b = run(woken, apart), run(plain, apart)
+    assert a.ttft == [pytest.approx(x + 3e-3) for x in b.ttft] and a.tpot == pytest.approx(b.tpot)
+    together = [SimRequest(0, 0.0, 32, 4), SimRequest(1, 0.0, 32, 4)]  # the second is sent while the first runs
+    c, d = run(woken, together), run(plain, together)
+    assert c.ttft[0] == pytest.approx(d.ttft[0] + 3e-3) and c.ttft[1] == pytest.approx(d.ttft[1])
 
 
 def test_idle_wake_profile_measures_the_extra_time_after_an_idle_gap():

@@ -17,6 +17,7 @@ from matrixinfer.sim.engine_sim import SimEngine, SimRequest, simulate
 from matrixinfer.sim.local_ops import Dims
 from matrixinfer.sim.profile_data import Profile
 from matrixinfer.sim.profile_focus import RecordingCostModel, bracket, focus_grid, merge
+from matrixinfer.sim.profiler import GRIDS
 from tests.sim.test_profile import _synthetic, _with_idle_wake
 
 
@@ -57,6 +58,11 @@ def test_focus_grid_covers_what_the_simulation_reads_and_nothing_else():
     assert grid.kv_tokens == () and grid.ems_block_kib == () and grid.ep == ()
     assert grid.min_time == 0.002  # the base's grid (tiny) sets the repeats
     assert focus_grid(base, [*rec.seen, ("kv_transfer", (40.0,))], dims, pd=True).kv_tokens == (16, 256)
+    assert grid.api_idle == GRIDS["full"].api_idle  # looked up, not in the base: the full grid's gaps
+    base.table("api_wake", ("idle_s",)).add((0.01,), 1e-3)
+    base.table("api_wake", ("idle_s",)).add((0.5,), 2e-3)
+    assert focus_grid(base, rec.seen, dims, pd=False).api_idle == (0.01, 0.5)  # the base's own gaps, as floats
+    assert focus_grid(base, [], dims, pd=False).api_idle == ()
 
 
 def test_merge_replaces_whole_tables_and_keeps_the_rest():
