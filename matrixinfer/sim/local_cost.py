@@ -47,6 +47,15 @@ A step's time is built from operators, never from a fitted end-to-end constant:
   served step is that over ``1 - share``. Measured on the 2-core Intel Xeon VM (2026-12-01, one
   engine thread): 0.76-0.92 ms of an 11.2-12.6 ms batch-64 step, 0.10 ms of a 2.4 ms batch-8
   step. A P/D worker's engine has its own process and is not charged.
+- **Computing beside the serving stack** (``serve_cpu``, both deployments): the served engine
+  thread's CPU time per step over the same requests' steps run without the API (profiled with
+  ``serve_wait``). The API server and the client work on the core the engine leaves them, and
+  share its caches and memory bus, so the same step computes slower; a step's operators and
+  overheads are multiplied by it (at least 1). Measured on a 2-core AMD EPYC VM (2026-12-01, one
+  engine thread): a served batch-8 decode step took 1.62 ms of CPU against 1.3-1.4 ms in one
+  process. A P/D decode worker has the router and the client beside it instead, and is charged
+  the colocated server's ratio: served one stream at a time, its step took 0.47-0.49 ms of CPU
+  against 0.37-0.41 ms in one process (1.2x; the colocated server's 0.43-0.44 ms, 1.1x).
 - **Idle wake-up** (``idle_wake``, :mod:`matrixinfer.sim.profile_idle`): a step that starts after
   the engine had no work for ``idle_s`` seconds costs the profiled extra time of a step after that
   long an idle gap over the same step back to back (the team's threads, woken, wait for cores,
@@ -68,7 +77,7 @@ from matrixinfer.sim.profile_data import Cost, OpTable, Profile
 
 # host work (no roofline to scale); engine_cores is a ratio (cores busy), not seconds
 HOST_OPS = ("engine_host", "ems_get", "ems_put", "api_request", "api_wake", "api_token", "api_gap", "engine_cores",
-            "idle_wake", "kv_transfer", "serve_wait", "pd_request")
+            "idle_wake", "kv_transfer", "serve_wait", "serve_cpu", "pd_request")
 REQUIRED_OPS = ("mla_prolog", "mla_core_q1", "mla_core_prefill", "mla_epilogue", "rmsnorm", "lm_head", "sampling",
                 "layer_decode", "step_decode", "step_prefill", "engine_host", "api_request", "api_token",
                 "engine_cores")
@@ -172,6 +181,9 @@ class LocalCostModel:
         if sampled:
             out.add(self.op("sampling", float(sampled)))
         out.add(self.op("engine_host", streams))
+        if "serve_cpu" in self.profile.ops:  # the same work computes slower beside the serving stack
+            ratio = self.op("serve_cpu", streams)
+            out.add(Cost(out.seconds * max(ratio.seconds - 1.0, 0.0), ratio.source, "serve_cpu"))
         if sampled:
             per_token = self.op("api_token", streams)
             team = max(self.threads, self.op("engine_cores", streams).seconds)

@@ -188,32 +188,66 @@ def _served(backend) -> Iterator[str]:
         backend.shutdown()
 
 
+def _unserved(engine, specs, concurrency: int) -> tuple[float, int]:
+    """Run ``specs`` on ``engine`` directly on this thread, ``concurrency`` in flight as ``bench``
+    keeps them (the next sent when one finishes), greedy and exact length as ``bench`` asks; the
+    engine thread's CPU seconds in steps and the steps it took."""
+    queue = list(specs)
+    running = 0
+    cpu, steps = engine.busy_cpu_seconds, engine.steps
+    n = 0
+    while queue or running:
+        while queue and running < concurrency:
+            spec = queue.pop(0)
+            engine.add_request(f"unserved-{n}", spec.prompt_ids,
+                               SamplingParams(max_tokens=spec.output_len, temperature=0, ignore_eos=True))
+            n, running = n + 1, running + 1
+        running -= sum(out.finished for out in engine.step())
+    return engine.busy_cpu_seconds - cpu, engine.steps - steps
+
+
 def profile_serve_wait(engine, streams: tuple[int, ...], tokens: int, table) -> Iterator[str]:
-    """Measure ``serve_wait`` at each stream count into ``table(name, axes)``: the real ``engine``
-    (an :class:`~matrixinfer.engine.llm_engine.LLMEngine`) behind the real ``AsyncEngine`` and API
-    app, ``2 * streams`` requests of 16 prompt and ``tokens`` output tokens from the ``bench``
-    client at concurrency ``streams``; the value is the share of the engine's step time
-    (``busy_seconds``) that was not its thread's CPU time (``busy_cpu_seconds``): waits in the step
-    for the interpreter lock the API's thread holds, or for a core. A warm-up run of the same shape
-    goes first (its first steps allocate)."""
+    """Measure ``serve_wait`` and ``serve_cpu`` at each stream count into ``table(name, axes)``: the
+    real ``engine`` (an :class:`~matrixinfer.engine.llm_engine.LLMEngine`) behind the real
+    ``AsyncEngine`` and API app, ``2 * streams`` requests of 16 prompt and ``tokens`` output tokens
+    from the ``bench`` client at concurrency ``streams`` (a warm-up run of the same shape goes
+    first: its first steps allocate); then the same requests on the same engine without the API,
+    on this thread (the profile's engine thread), the same way.
+
+    - ``serve_wait``: the share of the served engine's step time (``busy_seconds``) that was not
+      its thread's CPU time (``busy_cpu_seconds``): waits in the step for the interpreter lock the
+      API's thread holds, or for a core.
+    - ``serve_cpu``: the served engine thread's CPU seconds per step over the unserved run's: how
+      much slower the same steps compute while the API server and the client work on the other
+      cores (they share the caches and the memory bus)."""
+    from matrixinfer.bench.datasets import parse_range, random_dataset
     from matrixinfer.engine.async_engine import AsyncEngine
 
-    backend = AsyncEngine(engine)
-    with _served(backend) as url, tempfile.TemporaryDirectory() as tmp:
+    vocab = int(engine.model.config.vocab_size)
+    with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "bench.json"
         for c in streams:
-            _bench(url, 2 * c, 16, tokens, c, result)
-            time.sleep(0.05)  # the loop's stats after the warm-up's last step
-            before = backend.stats
-            _bench(url, 2 * c, 16, tokens, c, result)
-            deadline = time.monotonic() + 5
-            while backend.stats.running and time.monotonic() < deadline:  # the loop's last update
-                time.sleep(0.01)
-            after = backend.stats
+            backend = AsyncEngine(engine)
+            with _served(backend) as url:
+                _bench(url, 2 * c, 16, tokens, c, result)
+                time.sleep(0.05)  # the loop's stats after the warm-up's last step
+                before = backend.stats
+                _bench(url, 2 * c, 16, tokens, c, result)
+                deadline = time.monotonic() + 5
+                while backend.stats.running and time.monotonic() < deadline:  # the loop's last update
+                    time.sleep(0.01)
+                after = backend.stats
             wall = after.busy_seconds - before.busy_seconds
             cpu = after.busy_cpu_seconds - before.busy_cpu_seconds
+            steps = after.steps - before.steps
             if wall > 0:
                 table("serve_wait", ("streams",)).add((c,), min(max(1.0 - cpu / wall, 0.0), 1.0))
+            # the bench's requests (its dataset, seed 0), the warm-up first, as served
+            specs = random_dataset(2 * c, parse_range("16"), parse_range(str(tokens)), vocab, seed=0)
+            _unserved(engine, specs, c)
+            alone, alone_steps = _unserved(engine, specs, c)
+            if cpu > 0 and steps and alone > 0 and alone_steps:
+                table("serve_cpu", ("streams",)).add((c,), (cpu / steps) / (alone / alone_steps))
             yield f"served engine x{c}"
 
 

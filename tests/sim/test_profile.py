@@ -20,7 +20,7 @@ EXPECTED_OPS = {"mla_prolog": 1, "mla_core_q1": 2, "mla_core_qk": 2, "mla_core_p
                 "sampling": 1, "layer_decode": 2, "layer_decode_dense": 2, "step_decode": 2, "step_prefill": 1,
                 "engine_host": 1, "ems_get": 2, "ems_put": 2, "api_request": 1, "api_wake": 1, "api_token": 1,
                 "api_gap": 1, "engine_cores": 1,
-                "idle_wake": 2, "kv_transfer": 1, "serve_wait": 1}
+                "idle_wake": 2, "kv_transfer": 1, "serve_wait": 1, "serve_cpu": 1}
 
 
 def test_profile_command_writes_versioned_profile_on_tiny_grid(tmp_path, capsys):
@@ -244,6 +244,23 @@ def test_served_colocated_step_waits_its_profiled_share_and_a_pd_worker_does_not
         # the profiled step is the thread's CPU time; served, the step's wall time is that over 1 - share
         assert step.seconds == pytest.approx(base / (1.0 - share))
         assert [t.op for t in step.terms].count("serve_wait") == 1
+
+
+def test_steps_beside_the_serving_stack_compute_at_the_profiled_ratio_in_both_deployments():
+    dims = _dims()
+    prof = _synthetic(dims)
+    for streams, ratio in ((1, 1.2), (8, 1.3), (64, 0.9)):
+        prof.table("serve_cpu", ("streams",)).add((streams,), ratio)
+    old = LocalCostModel(_synthetic(dims), dims)  # a profile from before serve_cpu: nothing added
+    for in_api in (True, False):
+        model = LocalCostModel(prof, dims, in_api_process=in_api)
+        plain = LocalCostModel(_synthetic(dims), dims, in_api_process=in_api)
+        for b, ratio in ((1, 1.2), (8, 1.3), (64, 1.0)):  # below 1 (noise): nothing taken off
+            shape = StepShape((1,) * b, (64,) * b)
+            compute = sum(t.seconds for t in plain.step(shape, b, b).terms if t.op not in ("api_token", "serve_wait"))
+            terms = model.step(shape, b, b).terms
+            assert sum(t.seconds for t in terms if t.op == "serve_cpu") == pytest.approx(compute * (ratio - 1.0))
+        assert old.step(StepShape((1,), (64,)), 1, 1).seconds == pytest.approx(plain.step(StepShape((1,), (64,)), 1, 1).seconds)
 
 
 def test_pd_requests_add_the_profiled_pd_path_latency_and_colocated_ones_do_not():
