@@ -55,7 +55,15 @@ A step's time is built from operators, never from a fitted end-to-end constant:
   engine thread): a served batch-8 decode step took 1.62 ms of CPU against 1.3-1.4 ms in one
   process. A P/D decode worker has the router and the client beside it instead, and is charged
   the colocated server's ratio: served one stream at a time, its step took 0.47-0.49 ms of CPU
-  against 0.37-0.41 ms in one process (1.2x; the colocated server's 0.43-0.44 ms, 1.1x).
+  against 0.37-0.41 ms in one process (1.2x; the colocated server's 0.43-0.44 ms, 1.1x). A step
+  with a prompt chunk takes the ratio measured on prompt steps (``serve_cpu_prefill``): compute
+  bound, they slow less (charged the decode ratio, the simulated TPOT at 8 requests/s came out
+  24% long, its mixed steps 14% long).
+- **Between steps while serving** (``serve_gap``, colocated): the served engine thread's wall
+  time between a step that delivered tokens and the next, per token, measured in the same
+  served runs; it replaces the stand-in's ``api_gap``, whose steps sleep and so free the
+  interpreter lock the real engine's steps hold (the stand-in measured nothing at 64 streams
+  where the served engine was out of its steps 6-8% of the time).
 - **Idle wake-up** (``idle_wake``, :mod:`matrixinfer.sim.profile_idle`): a step that starts after
   the engine had no work for ``idle_s`` seconds costs the profiled extra time of a step after that
   long an idle gap over the same step back to back (the team's threads, woken, wait for cores,
@@ -77,7 +85,7 @@ from matrixinfer.sim.profile_data import Cost, OpTable, Profile
 
 # host work (no roofline to scale); engine_cores is a ratio (cores busy), not seconds
 HOST_OPS = ("engine_host", "ems_get", "ems_put", "api_request", "api_wake", "api_token", "api_gap", "engine_cores",
-            "idle_wake", "kv_transfer", "serve_wait", "serve_cpu", "pd_request")
+            "idle_wake", "kv_transfer", "serve_wait", "serve_cpu", "serve_cpu_prefill", "serve_gap", "pd_request")
 REQUIRED_OPS = ("mla_prolog", "mla_core_q1", "mla_core_prefill", "mla_epilogue", "rmsnorm", "lm_head", "sampling",
                 "layer_decode", "step_decode", "step_prefill", "engine_host", "api_request", "api_token",
                 "engine_cores")
@@ -181,8 +189,12 @@ class LocalCostModel:
         if sampled:
             out.add(self.op("sampling", float(sampled)))
         out.add(self.op("engine_host", streams))
-        if "serve_cpu" in self.profile.ops:  # the same work computes slower beside the serving stack
-            ratio = self.op("serve_cpu", streams)
+        # the same work computes slower beside the serving stack: decode steps at their stream
+        # count, steps with a prompt chunk as prompt steps
+        ratio = (self.op("serve_cpu", streams) if shape.decode_only
+                 else self.op("serve_cpu_prefill", float(shape.tokens))) \
+            if {"serve_cpu", "serve_cpu_prefill"} <= self.profile.ops.keys() else None
+        if ratio is not None:
             out.add(Cost(out.seconds * max(ratio.seconds - 1.0, 0.0), ratio.source, "serve_cpu"))
         if sampled:
             per_token = self.op("api_token", streams)
@@ -200,11 +212,14 @@ class LocalCostModel:
 
     def handoff(self, sampled: int, running: int) -> Cost | None:
         """The engine thread's time between a step that delivered ``sampled`` tokens to ``running``
-        streams and its next step (``api_gap``; None where the profile has none: older profiles)."""
-        if not sampled or "api_gap" not in self.profile.ops:
+        streams and its next step: colocated, the real served engine's (``serve_gap``) where
+        profiled; else, and for a P/D worker, the stand-in's (``api_gap``); None where the profile
+        has neither (older profiles)."""
+        op = "serve_gap" if self.in_api_process and "serve_gap" in self.profile.ops else "api_gap"
+        if not sampled or op not in self.profile.ops:
             return None
-        per_token = self.op("api_gap", float(max(running, 1)))
-        return Cost(per_token.seconds * sampled, per_token.source, "api_gap")
+        per_token = self.op(op, float(max(running, 1)))
+        return Cost(per_token.seconds * sampled, per_token.source, op)
 
     def idle_wake(self, tokens: int, idle_s: float) -> Cost | None:
         """Extra time of a ``tokens``-token step after ``idle_s`` idle seconds (None: not profiled)."""

@@ -93,11 +93,12 @@ class InstantEngine:
         return outs
 
 
-def _bench(url: str, prompts: int, input_len: int, output_len: int, concurrency: int, out: Path) -> dict:
+def _bench(url: str, prompts: int, input_len: int, output_len: int, concurrency: int, out: Path,
+           seed: int = 0) -> dict:
     """Run ``matrixinfer bench`` against ``url``; its summary."""
     cmd = [sys.executable, "-m", "matrixinfer.cli", "bench", "--base-url", url, "--num-prompts", str(prompts),
            "--input-len", str(input_len), "--output-len", str(output_len), "--max-concurrency", str(concurrency),
-           "--disable-tqdm", "--result-json", str(out)]
+           "--seed", str(seed), "--disable-tqdm", "--result-json", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
     return json.loads(out.read_text())["summary"]
 
@@ -188,6 +189,48 @@ def _served(backend) -> Iterator[str]:
         backend.shutdown()
 
 
+class _StepClock:
+    """Wraps an engine's ``step`` to time the engine thread's gaps between steps while requests run
+    (``serve_gap``): from the end of a step that delivered tokens and left work to the next
+    step's start, and the tokens those steps delivered."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.step = engine, engine.step
+        self.gap_seconds, self.gap_tokens = 0.0, 0
+        self._left: tuple[float, int] | None = None
+
+    def __call__(self) -> list[RequestOutput]:
+        start = time.perf_counter()
+        if self._left is not None:
+            self.gap_seconds += start - self._left[0]
+            self.gap_tokens += self._left[1]
+        outs = self.step()
+        tokens = sum(len(o.token_ids) for o in outs)
+        self._left = (time.perf_counter(), tokens) if tokens and self.engine.has_work() else None
+        return outs
+
+
+def _served_run(engine, url: str, result: Path, prompts: int, input_len: int, output_len: int, concurrency: int,
+                seeds: tuple[int, int], backend) -> tuple[float, float, int, _StepClock]:
+    """A warm-up bench run (``seeds[0]``), then the measured one (``seeds[1]``) with the engine's
+    steps clocked; the engine's step seconds, step CPU seconds and steps over the measured run."""
+    _bench(url, prompts, input_len, output_len, concurrency, result, seeds[0])
+    time.sleep(0.05)  # the loop's stats after the warm-up's last step
+    before = backend.stats
+    clock = _StepClock(engine)
+    engine.step = clock
+    try:
+        _bench(url, prompts, input_len, output_len, concurrency, result, seeds[1])
+        deadline = time.monotonic() + 5
+        while backend.stats.running and time.monotonic() < deadline:  # the loop's last update
+            time.sleep(0.01)
+    finally:
+        del engine.step  # the class's own again
+    after = backend.stats
+    return (after.busy_seconds - before.busy_seconds, after.busy_cpu_seconds - before.busy_cpu_seconds,
+            after.steps - before.steps, clock)
+
+
 def _unserved(engine, specs, concurrency: int) -> tuple[float, int]:
     """Run ``specs`` on ``engine`` directly on this thread, ``concurrency`` in flight as ``bench``
     keeps them (the next sent when one finishes), greedy and exact length as ``bench`` asks; the
@@ -206,20 +249,30 @@ def _unserved(engine, specs, concurrency: int) -> tuple[float, int]:
     return engine.busy_cpu_seconds - cpu, engine.steps - steps
 
 
+PREFILL_PROMPT = 256  # serve_cpu_prefill's prompt length (one chunk)
+
+
 def profile_serve_wait(engine, streams: tuple[int, ...], tokens: int, table) -> Iterator[str]:
-    """Measure ``serve_wait`` and ``serve_cpu`` at each stream count into ``table(name, axes)``: the
-    real ``engine`` (an :class:`~matrixinfer.engine.llm_engine.LLMEngine`) behind the real
-    ``AsyncEngine`` and API app, ``2 * streams`` requests of 16 prompt and ``tokens`` output tokens
-    from the ``bench`` client at concurrency ``streams`` (a warm-up run of the same shape goes
-    first: its first steps allocate); then the same requests on the same engine without the API,
-    on this thread (the profile's engine thread), the same way.
+    """Measure ``serve_wait``, ``serve_cpu``, ``serve_gap`` and ``serve_cpu_prefill`` into
+    ``table(name, axes)``. At each stream count, the real ``engine`` (an
+    :class:`~matrixinfer.engine.llm_engine.LLMEngine`) behind the real ``AsyncEngine`` and API app
+    serves ``2 * streams`` (at least 8) requests of 16 prompt and ``tokens`` output tokens from the
+    ``bench`` client at concurrency ``streams`` (a warm-up run of the same shape goes first: its
+    first steps allocate); then the same requests run on the same engine without the API, on this thread (the
+    profile's engine thread), the same way.
 
     - ``serve_wait``: the share of the served engine's step time (``busy_seconds``) that was not
       its thread's CPU time (``busy_cpu_seconds``): waits in the step for the interpreter lock the
       API's thread holds, or for a core.
     - ``serve_cpu``: the served engine thread's CPU seconds per step over the unserved run's: how
       much slower the same steps compute while the API server and the client work on the other
-      cores (they share the caches and the memory bus)."""
+      cores (they share the caches and the memory bus).
+    - ``serve_gap``: the served engine thread's wall seconds between two steps while requests run,
+      per token the step before delivered (the hand-off to the API's event loop, and the waits
+      for the interpreter lock its thread holds then).
+
+    ``serve_cpu_prefill`` (prompt tokens) is ``serve_cpu`` for prompt steps: lone requests of
+    :data:`PREFILL_PROMPT` tokens and one output token, each prompt new (no prefix cache hit)."""
     from matrixinfer.bench.datasets import parse_range, random_dataset
     from matrixinfer.engine.async_engine import AsyncEngine
 
@@ -227,28 +280,31 @@ def profile_serve_wait(engine, streams: tuple[int, ...], tokens: int, table) -> 
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "bench.json"
         for c in streams:
+            prompts = max(2 * c, 8)  # at one stream, 2 requests of 64 tokens were too short a run (50 ms) to compare
             backend = AsyncEngine(engine)
             with _served(backend) as url:
-                _bench(url, 2 * c, 16, tokens, c, result)
-                time.sleep(0.05)  # the loop's stats after the warm-up's last step
-                before = backend.stats
-                _bench(url, 2 * c, 16, tokens, c, result)
-                deadline = time.monotonic() + 5
-                while backend.stats.running and time.monotonic() < deadline:  # the loop's last update
-                    time.sleep(0.01)
-                after = backend.stats
-            wall = after.busy_seconds - before.busy_seconds
-            cpu = after.busy_cpu_seconds - before.busy_cpu_seconds
-            steps = after.steps - before.steps
+                wall, cpu, steps, clock = _served_run(engine, url, result, prompts, 16, tokens, c, (0, 0), backend)
             if wall > 0:
                 table("serve_wait", ("streams",)).add((c,), min(max(1.0 - cpu / wall, 0.0), 1.0))
+            if clock.gap_tokens:
+                table("serve_gap", ("streams",)).add((c,), clock.gap_seconds / clock.gap_tokens)
             # the bench's requests (its dataset, seed 0), the warm-up first, as served
-            specs = random_dataset(2 * c, parse_range("16"), parse_range(str(tokens)), vocab, seed=0)
+            specs = random_dataset(prompts, parse_range("16"), parse_range(str(tokens)), vocab, seed=0)
             _unserved(engine, specs, c)
             alone, alone_steps = _unserved(engine, specs, c)
             if cpu > 0 and steps and alone > 0 and alone_steps:
                 table("serve_cpu", ("streams",)).add((c,), (cpu / steps) / (alone / alone_steps))
             yield f"served engine x{c}"
+        n = PREFILL_PROMPT
+        backend = AsyncEngine(engine)
+        with _served(backend) as url:  # new prompts each run (seeds 1, 2; then 3, 4 unserved)
+            _, cpu, steps, _ = _served_run(engine, url, result, 6, n, 1, 1, (1, 2), backend)
+        _unserved(engine, random_dataset(6, parse_range(str(n)), parse_range("1"), vocab, seed=3), 1)
+        alone, alone_steps = _unserved(engine, random_dataset(6, parse_range(str(n)), parse_range("1"), vocab,
+                                                              seed=4), 1)
+        if cpu > 0 and steps and alone > 0 and alone_steps:
+            table("serve_cpu_prefill", ("tokens",)).add((n,), (cpu / steps) / (alone / alone_steps))
+        yield "served engine prefill"
 
 
 def profile_api(model_path: Path, prompt_lens: tuple[int, ...], streams: tuple[int, ...], tokens: int,
@@ -265,8 +321,9 @@ def profile_api(model_path: Path, prompt_lens: tuple[int, ...], streams: tuple[i
     with _served(backend) as url:
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "bench.json"
+            _bench(url, 4, prompt_lens[0], 2, 1, result)  # warm-up: a new server's first requests are slow
             for n in prompt_lens:
-                summary = _bench(url, 8, n, 2, 1, result)
+                summary = _bench(url, 16, n, 2, 1, result)
                 # the stand-in's one step is the engine's part (the simulator times the real one)
                 table("api_request", ("tokens",)).add((n,), max(summary["ttft"]["mean"] / 1e3 - STEP_INTERVAL_S, 0.0))
                 yield f"api request {n} tokens"

@@ -33,7 +33,7 @@ AXIS_OF: dict[str, tuple[tuple[str, int], ...]] = {
     "tokens_per_expert": (("experts", 0),),
     "host_batch": (("engine_host", 0), ("engine_cores", 0)),
     "api_prompt": (("api_request", 0),),
-    "api_streams": (("api_token", 0), ("api_gap", 0), ("serve_wait", 0), ("serve_cpu", 0)),
+    "api_streams": (("api_token", 0), ("api_gap", 0), ("serve_wait", 0), ("serve_cpu", 0), ("serve_gap", 0)),
     "idle_tokens": (("idle_wake", 0),),
     "kv_tokens": (("kv_transfer", 0),),
     "pd_prompt": (("pd_request", 0),),

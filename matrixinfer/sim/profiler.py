@@ -407,13 +407,16 @@ class Profiler:
                          model=self.model)
 
     def _serving_engine(self):
-        """``serve_wait``'s engine: the profiled model with KV blocks for its widest run."""
+        """``serve_wait``'s engine: the profiled model with KV blocks for its widest run and for
+        its prompt steps' prompt."""
         from matrixinfer.config import EngineConfig
         from matrixinfer.engine.llm_engine import LLMEngine
+        from matrixinfer.sim.profile_api import PREFILL_PROMPT
 
         g = self.grid
         top = max(g.api_streams)
-        blocks = top * -(-(16 + g.api_tokens + 1) // self.block_size) + 1
+        blocks = max(top * -(-(16 + g.api_tokens + 1) // self.block_size),
+                     -(-(PREFILL_PROMPT + 2) // self.block_size)) + 1
         cfg = EngineConfig(model=str(self.path), device=self.device.type, kv_cache_memory=self._kv_bytes(2 * blocks),
                            block_size=self.block_size, max_num_seqs=max(top, 1))
         return LLMEngine(cfg, model=self.model)

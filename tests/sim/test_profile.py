@@ -20,7 +20,8 @@ EXPECTED_OPS = {"mla_prolog": 1, "mla_core_q1": 2, "mla_core_qk": 2, "mla_core_p
                 "sampling": 1, "layer_decode": 2, "layer_decode_dense": 2, "step_decode": 2, "step_prefill": 1,
                 "engine_host": 1, "ems_get": 2, "ems_put": 2, "api_request": 1, "api_wake": 1, "api_token": 1,
                 "api_gap": 1, "engine_cores": 1,
-                "idle_wake": 2, "kv_transfer": 1, "serve_wait": 1, "serve_cpu": 1}
+                "idle_wake": 2, "kv_transfer": 1, "serve_wait": 1, "serve_cpu": 1, "serve_cpu_prefill": 1,
+                "serve_gap": 1}
 
 
 def test_profile_command_writes_versioned_profile_on_tiny_grid(tmp_path, capsys):
@@ -41,7 +42,8 @@ def test_profile_command_writes_versioned_profile_on_tiny_grid(tmp_path, capsys)
     assert meta["threads"] == 1 and meta["grid"] == "tiny"
     prof = Profile.load(out)
     assert {k: len(t.axes) for k, t in prof.ops.items()} == EXPECTED_OPS
-    differences = ("engine_host", "api_token", "idle_wake", "serve_wait", "api_wake")  # of two timings: >= 0
+    # differences of two timings, or a wait: >= 0
+    differences = ("engine_host", "api_token", "idle_wake", "serve_wait", "api_wake", "serve_gap")
     assert all(s > 0 for name, t in prof.ops.items() for s in t.seconds if name not in differences)
     assert all(s >= 0 for name in differences for s in prof.ops[name].seconds)
     assert prof.roofline["gemm_flops"] > 1e8 and prof.roofline["stream_bw"] > 1e8
@@ -251,6 +253,7 @@ def test_steps_beside_the_serving_stack_compute_at_the_profiled_ratio_in_both_de
     prof = _synthetic(dims)
     for streams, ratio in ((1, 1.2), (8, 1.3), (64, 0.9)):
         prof.table("serve_cpu", ("streams",)).add((streams,), ratio)
+    prof.table("serve_cpu_prefill", ("tokens",)).add((256,), 1.05)
     old = LocalCostModel(_synthetic(dims), dims)  # a profile from before serve_cpu: nothing added
     for in_api in (True, False):
         model = LocalCostModel(prof, dims, in_api_process=in_api)
@@ -260,7 +263,12 @@ def test_steps_beside_the_serving_stack_compute_at_the_profiled_ratio_in_both_de
             compute = sum(t.seconds for t in plain.step(shape, b, b).terms if t.op not in ("api_token", "serve_wait"))
             terms = model.step(shape, b, b).terms
             assert sum(t.seconds for t in terms if t.op == "serve_cpu") == pytest.approx(compute * (ratio - 1.0))
-        assert old.step(StepShape((1,), (64,)), 1, 1).seconds == pytest.approx(plain.step(StepShape((1,), (64,)), 1, 1).seconds)
+        chunk = StepShape((64,), (64,))  # a prompt step: the prompt steps' ratio
+        compute = sum(t.seconds for t in plain.step(chunk, 1, 1).terms if t.op not in ("api_token", "serve_wait"))
+        terms = model.step(chunk, 1, 1).terms
+        assert sum(t.seconds for t in terms if t.op == "serve_cpu") == pytest.approx(compute * 0.05)
+        one = StepShape((1,), (64,))
+        assert old.step(one, 1, 1).seconds == pytest.approx(plain.step(one, 1, 1).seconds)
 
 
 def test_pd_requests_add_the_profiled_pd_path_latency_and_colocated_ones_do_not():
@@ -404,3 +412,14 @@ def test_hand_off_between_steps_is_time_the_engine_is_not_in_a_step():
     # every step samples 4 tokens (the prompt step samples each request's first): 4 ms after each
     assert after.duration - before.duration == pytest.approx(before.steps * 4e-3, rel=0.1)
     assert after.busy_seconds / after.duration < before.busy_seconds / before.duration
+
+
+def test_colocated_hand_off_is_the_served_engines_where_profiled_and_a_pd_workers_the_stand_ins():
+    dims = _dims()
+    prof = _synthetic(dims)
+    for streams in (1.0, 64.0):
+        prof.table("api_gap", ("streams",)).add((streams,), 1e-3)
+        prof.table("serve_gap", ("streams",)).add((streams,), 3e-3)
+    colocated, pd = LocalCostModel(prof, dims), LocalCostModel(prof, dims, in_api_process=False)
+    assert colocated.handoff(4, 4).seconds == pytest.approx(12e-3) and colocated.handoff(4, 4).op == "serve_gap"
+    assert pd.handoff(4, 4).seconds == pytest.approx(4e-3) and pd.handoff(4, 4).op == "api_gap"
