@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -249,6 +250,67 @@ def _unserved(engine, specs, concurrency: int) -> tuple[float, int]:
     return engine.busy_cpu_seconds - cpu, engine.steps - steps
 
 
+class _FirstTokenSteps:
+    """Wraps an engine's ``step``: the duration of each step that gave a request its first token,
+    in the order of those requests."""
+
+    def __init__(self, engine) -> None:
+        self.step = engine.step
+        self.durations: list[float] = []
+
+    def __call__(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        outs = self.step()
+        spent = time.perf_counter() - t0
+        self.durations.extend(spent for out in outs if out.num_output_tokens == 1)
+        return outs
+
+
+def profile_request(engine, prompt_lens: tuple[int, ...], idle_gaps: tuple[float, ...], idle_rounds: int,
+                    table) -> Iterator[str]:
+    """Measure ``api_request`` at each prompt length and ``api_wake`` at each of ``idle_gaps`` into
+    ``table(name, axes)``: the real ``engine`` behind the real ``AsyncEngine`` and API app, lone
+    requests (2 output tokens, new prompts: no prefix cache hit) from a client in its own process;
+    each request's TTFT minus the engine step that gave its first token (clocked in the engine),
+    so what is left is the stack's part: the request's way in, the engine thread's pick-up, the
+    hand-off of the first token and its way out. ``api_request``: 16 requests back to back (``bench``
+    at concurrency 1) after a warm-up; ``api_wake``: the wake client's requests after each idle
+    gap, interleaved with ones sent right after the last (gap 0), the mean difference. The
+    simulation times the step itself (with ``idle_wake`` after a gap)."""
+    from matrixinfer.engine.async_engine import AsyncEngine
+
+    backend = AsyncEngine(engine)
+    clock = _FirstTokenSteps(engine)
+    with _served(backend) as url, tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "bench.json"
+        _bench(url, 4, prompt_lens[0], 2, 1, result, seed=5)  # warm-up: a new server's first requests are slow
+        engine.step = clock
+        try:
+            for i, n in enumerate(prompt_lens):
+                clock.durations.clear()
+                summary = _bench(url, 16, n, 2, 1, result, seed=6 + i)
+                if len(clock.durations) == 16:
+                    stack = summary["ttft"]["mean"] / 1e3 - statistics.fmean(clock.durations)
+                    table("api_request", ("tokens",)).add((n,), max(stack, 0.0))
+                yield f"api request {n} tokens"
+            if idle_gaps and idle_rounds:
+                clock.durations.clear()
+                cmd = [sys.executable, "-m", "matrixinfer.sim.profile_api", "wake", url, str(idle_rounds),
+                       *(str(g) for g in idle_gaps)]
+                done = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+                ttft = json.loads(done.stdout.strip().splitlines()[-1])
+                gaps = [0.0, *(float(g) for g in idle_gaps)]
+                steps = clock.durations[2:]  # after the client's two warm-up requests: rounds x gaps, in order
+                if len(steps) == idle_rounds * len(gaps):
+                    stack = {g: statistics.fmean(ttft[str(g)][r] - steps[r * len(gaps) + j] for r in range(idle_rounds))
+                             for j, g in enumerate(gaps)}
+                    for g in gaps[1:]:
+                        table("api_wake", ("idle_s",)).add((g,), max(stack[g] - stack[0.0], 0.0))
+                yield "api wake"
+        finally:
+            del engine.step  # the class's own again
+
+
 PREFILL_PROMPT = 256  # serve_cpu_prefill's prompt length (one chunk)
 
 
@@ -307,11 +369,9 @@ def profile_serve_wait(engine, streams: tuple[int, ...], tokens: int, table) -> 
         yield "served engine prefill"
 
 
-def profile_api(model_path: Path, prompt_lens: tuple[int, ...], streams: tuple[int, ...], tokens: int,
-                table, idle_gaps: tuple[float, ...] = (), idle_rounds: int = 0) -> Iterator[str]:
-    """Measure ``api_request`` at each prompt length, ``api_wake`` at each of ``idle_gaps``
-    and ``api_token`` at each stream count into ``table(name, axes)`` (a
-    :class:`~matrixinfer.sim.profile_data.Profile`'s ``table``)."""
+def profile_api(model_path: Path, streams: tuple[int, ...], tokens: int, table) -> Iterator[str]:
+    """Measure ``api_token`` and ``api_gap`` at each stream count into ``table(name, axes)`` (a
+    :class:`~matrixinfer.sim.profile_data.Profile`'s ``table``), with the stand-in engine."""
     from matrixinfer.engine.async_engine import AsyncEngine
     from matrixinfer.model.tokenizer import Tokenizer
 
@@ -319,44 +379,26 @@ def profile_api(model_path: Path, prompt_lens: tuple[int, ...], streams: tuple[i
     engine = InstantEngine(Tokenizer(model_path), int(cfg["vocab_size"]))
     backend = AsyncEngine(engine)  # type: ignore[arg-type]
     with _served(backend) as url:
-        with tempfile.TemporaryDirectory() as tmp:
-            result = Path(tmp) / "bench.json"
-            _bench(url, 4, prompt_lens[0], 2, 1, result)  # warm-up: a new server's first requests are slow
-            for n in prompt_lens:
-                summary = _bench(url, 16, n, 2, 1, result)
-                # the stand-in's one step is the engine's part (the simulator times the real one)
-                table("api_request", ("tokens",)).add((n,), max(summary["ttft"]["mean"] / 1e3 - STEP_INTERVAL_S, 0.0))
-                yield f"api request {n} tokens"
-            if idle_gaps and idle_rounds:
-                cmd = [sys.executable, "-m", "matrixinfer.sim.profile_api", "wake", url, str(idle_rounds),
-                       *(str(g) for g in idle_gaps)]
-                done = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
-                ttft = json.loads(done.stdout.strip().splitlines()[-1])
-                hot = sum(ttft["0.0"]) / len(ttft["0.0"])
-                for g in idle_gaps:
-                    waited = ttft[str(float(g))]
-                    table("api_wake", ("idle_s",)).add((g,), max(sum(waited) / len(waited) - hot, 0.0))
-                yield "api wake"
-            for c in streams:  # T tokens per request minus 1 token per request: fixed costs cancel
-                cmd = [sys.executable, "-m", "matrixinfer.sim.profile_api", url, str(c), str(tokens), "1"]
-                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-                assert proc.stdout is not None
-                cpu, produced, gaps = [], [], []
-                for line in proc.stdout:
-                    if line.startswith("start"):
-                        engine.tokens, t0 = 0, time.process_time()
-                        engine.gap_seconds, engine.gap_tokens = 0.0, 0
-                    elif line.startswith("done"):
-                        cpu.append(time.process_time() - t0 + float(line.split()[1]))
-                        produced.append(engine.tokens)
-                        gaps.append((engine.gap_seconds, engine.gap_tokens))
-                if proc.wait(timeout=600) != 0 or len(cpu) != 2:
-                    raise RuntimeError(f"the API probe's client failed (exit status {proc.returncode})")
-                if produced[0] > produced[1]:
-                    table("api_token", ("streams",)).add((c,), max(cpu[0] - cpu[1], 0.0) / (produced[0] - produced[1]))
-                if gaps[0][1]:  # the run of `tokens` tokens per request (one token: no step leaves any running)
-                    table("api_gap", ("streams",)).add((c,), gaps[0][0] / gaps[0][1])
-                yield f"api tokens x{c}"
+        for c in streams:  # T tokens per request minus 1 token per request: fixed costs cancel
+            cmd = [sys.executable, "-m", "matrixinfer.sim.profile_api", url, str(c), str(tokens), "1"]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+            assert proc.stdout is not None
+            cpu, produced, gaps = [], [], []
+            for line in proc.stdout:
+                if line.startswith("start"):
+                    engine.tokens, t0 = 0, time.process_time()
+                    engine.gap_seconds, engine.gap_tokens = 0.0, 0
+                elif line.startswith("done"):
+                    cpu.append(time.process_time() - t0 + float(line.split()[1]))
+                    produced.append(engine.tokens)
+                    gaps.append((engine.gap_seconds, engine.gap_tokens))
+            if proc.wait(timeout=600) != 0 or len(cpu) != 2:
+                raise RuntimeError(f"the API probe's client failed (exit status {proc.returncode})")
+            if produced[0] > produced[1]:
+                table("api_token", ("streams",)).add((c,), max(cpu[0] - cpu[1], 0.0) / (produced[0] - produced[1]))
+            if gaps[0][1]:  # the run of `tokens` tokens per request (one token: no step leaves any running)
+                table("api_gap", ("streams",)).add((c,), gaps[0][0] / gaps[0][1])
+            yield f"api tokens x{c}"
 
 
 def profile_pd_request(model_path: Path, prompt_lens: tuple[int, ...], rounds: int, table) -> Iterator[str]:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from matrixinfer.engine.cpu_affinity import bind_engine_thread, release, serving_threads
-from matrixinfer.sim.profile_api import profile_api, profile_pd_request, profile_serve_wait
+from matrixinfer.sim.profile_api import profile_api, profile_pd_request, profile_request, profile_serve_wait
 from matrixinfer.sim.profile_data import Profile
 from matrixinfer.sim.profile_idle import profile_idle
 from matrixinfer.sim.profile_kv import profile_kv
@@ -219,8 +219,9 @@ class Profiler:
         two = len(g.batch) * len(g.kv_len)
         n = len(g.tokens) + len(g.tokens_per_expert) + len(g.batch) + two + len(g.prefill) + 2
         if self.with_engine:
-            n += len(g.host_batch) + len(g.idle_tokens) + len(g.kv_tokens) + len(g.api_prompt) + 2 * len(g.api_streams)
-            n += len(g.pd_prompt)
+            n += len(g.host_batch) + len(g.idle_tokens) + len(g.kv_tokens) + len(g.pd_prompt)
+            if g.api_prompt and g.api_streams:  # the API probe (with api_wake) and the served engine
+                n += len(g.api_prompt) + 2 * len(g.api_streams) + bool(g.api_idle and g.api_idle_rounds) + 1
         if self.with_ems:
             n += 2 * len(g.ems_block_kib) * len(g.ems_concurrency)
         if self.with_ep:
@@ -248,10 +249,12 @@ class Profiler:
                 for label in profile_kv(self._decode_engine(), g.kv_tokens, g.kv_rounds, self.prof.table):
                     tick(label)
             if g.api_prompt and g.api_streams:
-                for label in profile_api(self.path, g.api_prompt, g.api_streams, g.api_tokens, self.prof.table,
-                                         g.api_idle, g.api_idle_rounds):
+                for label in profile_api(self.path, g.api_streams, g.api_tokens, self.prof.table):
                     tick(label)
-                for label in profile_serve_wait(self._serving_engine(), g.api_streams, g.api_tokens, self.prof.table):
+                serving = self._serving_engine()
+                for label in profile_request(serving, g.api_prompt, g.api_idle, g.api_idle_rounds, self.prof.table):
+                    tick(label)
+                for label in profile_serve_wait(serving, g.api_streams, g.api_tokens, self.prof.table):
                     tick(label)
             if g.pd_prompt:
                 for label in profile_pd_request(self.path, g.pd_prompt, g.pd_rounds, self.prof.table):
