@@ -24,7 +24,7 @@ Operator names and axes (``tokens`` = rows of the flat batch, ``kv_len`` = keys 
 | ``engine_host`` | tokens | engine step minus model runner and sampler (scheduler, blocks, detokenizer), decoding |
 | ``ep_dispatch`` / ``ep_combine`` | ep, tokens | the expert-parallel backend's dispatch / combine over gloo ranks |
 | ``ems_get`` / ``ems_put`` | block_kib, concurrency | seconds per block through the EMS client at that concurrency |
-| ``api_request`` | tokens | the serving stack's latency to a first token when the engine answers at once |
+| ``api_request`` | tokens | a lone request's TTFT minus the engine step that gave its first token |
 | ``api_wake`` | idle_s | extra latency to a first token when the stack had no request for that long |
 | ``api_token`` | streams | CPU seconds (server + bench client) per token streamed to that many clients |
 | ``api_gap`` | streams | wall seconds per token delivered the engine thread spends between two steps |

@@ -1,32 +1,39 @@
-"""The serving stack's own cost: the HTTP API, the engine thread's hand-off and the benchmark client,
-profiled with a stand-in engine that produces tokens instantly; and two costs only the real engine
-and real servers show: ``serve_wait`` (:func:`profile_serve_wait`) and ``pd_request``
-(:func:`profile_pd_request`).
+"""The serving stack's own cost: the HTTP API, the engine thread's hand-off and the benchmark client.
 
 What a model step does not include but a client sees: parsing and validating the request, handing
 it to the engine thread, each token's trip back (a cross-thread hand-off, an SSE chunk, the client
-parsing it). The profile measures two operators with the real ``AsyncEngine``, the real API app
-(uvicorn, as ``serve`` runs it) and the real ``matrixinfer bench`` client in its own process:
+parsing it). Everything here runs the real ``AsyncEngine``, the real API app (uvicorn, as
+``serve`` runs it) and the real ``matrixinfer bench`` client in its own process.
 
-- ``api_request`` (prompt tokens): the client's time to first token when the engine answers at
-  once (concurrency 1), i.e. the latency the stack adds to TTFT;
-- ``api_wake`` (idle seconds): what a lone request's TTFT gains when the stack had no request for
-  that long before it, over one sent right after the last (one kept-alive connection, gaps from
-  milliseconds to a second, interleaved): the event loop, the engine's thread and the client all
-  sleep in between and wake for it. Measured on a 2-core AMD EPYC VM (2026-12-01): 0.1-0.5 ms
-  after 5 ms, 0.9-1.5 ms after 0.3-1 s, on a 3-4 ms ``api_request``.
+With a stand-in engine that produces tokens instantly (:func:`profile_api`):
+
 - ``api_token`` (streams): CPU seconds (server and client processes together) per token streamed
   to ``streams`` concurrent clients: the CPU time of a run with ``tokens`` tokens per request minus
   that of the same requests with one token, over the extra tokens (start-up costs cancel). On a
-  machine whose cores the engine keeps busy, that CPU time
-  is taken from the engine's steps, so the cost model adds it to each step. (The stand-in's own
-  per-step bookkeeping is counted too; the real engine's is also in ``engine_host``, a small
-  double count.)
+  machine whose cores the engine keeps busy, that CPU time is taken from the engine's steps, so
+  the cost model adds it to each step. (The stand-in's own per-step bookkeeping is counted too;
+  the real engine's is also in ``engine_host``, a small double count.)
 - ``api_gap`` (streams): wall seconds per token delivered that the engine thread spends between
-  two steps while requests are running (handing the outputs over to the API's event loop, and
-  waiting for the interpreter lock the API's thread holds), measured in the same runs. The served
-  engine is not in a step then: it is time on top of the step, not CPU taken from it (served on
-  the 2-core VM, the demo model's engine was in steps 90-96% of a decode run).
+  two steps while requests are running, measured in the same runs (the P/D workers' hand-off;
+  the colocated engine's is ``serve_gap``, below).
+
+With the real engine (:func:`profile_request`, :func:`profile_serve_wait`):
+
+- ``api_request`` (prompt tokens): a lone request's TTFT minus the engine step that gave its first
+  token (clocked in the engine): the request's way in, the engine thread's pick-up, the first
+  token's hand-off and its way out. On the 2-core AMD EPYC VM (2026-12-01): 2.9 ms at 16 prompt
+  tokens, 4.0 ms at 256. The stand-in's TTFT less its step had put it at 2.0-2.1 ms: the real
+  engine's thread picks a request up and hands its token over slower (at 2 requests/s, 0.6 and
+  0.4 ms against 0.14 and 0.08 ms).
+- ``api_wake`` (idle seconds): the same after the stack had no request for that long, over one
+  sent right after the last (one kept-alive connection, gaps from milliseconds to a second,
+  interleaved with gap 0): the event loop, the engine's thread and the client all sleep in
+  between and wake for it. 0.2 ms after 5 ms, 0.4-0.9 ms after 30 ms to 1 s there.
+- ``serve_wait``, ``serve_cpu``, ``serve_cpu_prefill``, ``serve_gap``: the served engine against
+  the same requests run on it without the API (:func:`profile_serve_wait`).
+
+And with real P/D and colocated servers, the P/D path's own latency: ``pd_request``
+(:func:`profile_pd_request`).
 """
 
 from __future__ import annotations
@@ -212,10 +219,12 @@ class _StepClock:
 
 
 def _served_run(engine, url: str, result: Path, prompts: int, input_len: int, output_len: int, concurrency: int,
-                seeds: tuple[int, int], backend) -> tuple[float, float, int, _StepClock]:
-    """A warm-up bench run (``seeds[0]``), then the measured one (``seeds[1]``) with the engine's
-    steps clocked; the engine's step seconds, step CPU seconds and steps over the measured run."""
-    _bench(url, prompts, input_len, output_len, concurrency, result, seeds[0])
+                seeds: tuple[int, int], backend, warm_up: bool = True) -> tuple[float, float, int, _StepClock]:
+    """A warm-up bench run (``seeds[0]``; unless not ``warm_up``), then the measured one
+    (``seeds[1]``) with the engine's steps clocked; the engine's step seconds, step CPU seconds and
+    steps over the measured run."""
+    if warm_up:
+        _bench(url, prompts, input_len, output_len, concurrency, result, seeds[0])
     time.sleep(0.05)  # the loop's stats after the warm-up's last step
     before = backend.stats
     clock = _StepClock(engine)
@@ -318,10 +327,11 @@ def profile_serve_wait(engine, streams: tuple[int, ...], tokens: int, table) -> 
     """Measure ``serve_wait``, ``serve_cpu``, ``serve_gap`` and ``serve_cpu_prefill`` into
     ``table(name, axes)``. At each stream count, the real ``engine`` (an
     :class:`~matrixinfer.engine.llm_engine.LLMEngine`) behind the real ``AsyncEngine`` and API app
-    serves ``2 * streams`` (at least 8) requests of 16 prompt and ``tokens`` output tokens from the
+    serves ``2 * streams`` (at least 16) requests of 16 prompt and ``tokens`` output tokens from the
     ``bench`` client at concurrency ``streams`` (a warm-up run of the same shape goes first: its
-    first steps allocate); then the same requests run on the same engine without the API, on this thread (the
-    profile's engine thread), the same way.
+    first steps allocate); then the same requests run on the same engine without the API, on this
+    thread (the profile's engine thread), the same way; then both again, and the figures are over
+    both rounds.
 
     - ``serve_wait``: the share of the served engine's step time (``busy_seconds``) that was not
       its thread's CPU time (``busy_cpu_seconds``): waits in the step for the interpreter lock the
@@ -342,18 +352,27 @@ def profile_serve_wait(engine, streams: tuple[int, ...], tokens: int, table) -> 
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "bench.json"
         for c in streams:
-            prompts = max(2 * c, 8)  # at one stream, 2 requests of 64 tokens were too short a run (50 ms) to compare
-            backend = AsyncEngine(engine)
-            with _served(backend) as url:
-                wall, cpu, steps, clock = _served_run(engine, url, result, prompts, 16, tokens, c, (0, 0), backend)
+            # at one stream, 2 requests of 64 tokens were too short a run (50 ms) to compare
+            prompts = max(2 * c, 16)
+            # the bench's requests (its dataset, seed 0), as served
+            specs = random_dataset(prompts, parse_range("16"), parse_range(str(tokens)), vocab, seed=0)
+            wall = cpu = alone = gap = 0.0
+            steps = alone_steps = gap_tokens = 0
+            for rnd in range(2):  # served, unserved, served, unserved: the machine moves between runs
+                backend = AsyncEngine(engine)
+                with _served(backend) as url:
+                    w, u, n, clock = _served_run(engine, url, result, prompts, 16, tokens, c, (0, 0), backend,
+                                                 warm_up=rnd == 0)
+                wall, cpu, steps = wall + w, cpu + u, steps + n
+                gap, gap_tokens = gap + clock.gap_seconds, gap_tokens + clock.gap_tokens
+                if rnd == 0:
+                    _unserved(engine, specs, c)  # warm-up, as served
+                u, n = _unserved(engine, specs, c)
+                alone, alone_steps = alone + u, alone_steps + n
             if wall > 0:
                 table("serve_wait", ("streams",)).add((c,), min(max(1.0 - cpu / wall, 0.0), 1.0))
-            if clock.gap_tokens:
-                table("serve_gap", ("streams",)).add((c,), clock.gap_seconds / clock.gap_tokens)
-            # the bench's requests (its dataset, seed 0), the warm-up first, as served
-            specs = random_dataset(prompts, parse_range("16"), parse_range(str(tokens)), vocab, seed=0)
-            _unserved(engine, specs, c)
-            alone, alone_steps = _unserved(engine, specs, c)
+            if gap_tokens:
+                table("serve_gap", ("streams",)).add((c,), gap / gap_tokens)
             if cpu > 0 and steps and alone > 0 and alone_steps:
                 table("serve_cpu", ("streams",)).add((c,), (cpu / steps) / (alone / alone_steps))
             yield f"served engine x{c}"
