@@ -424,7 +424,8 @@ def profile_pd_request(model_path: Path, prompt_lens: tuple[int, ...], rounds: i
     """Measure ``pd_request`` at each prompt length into ``table(name, axes)``: what the P/D
     deployment adds to a lone request's TTFT over the colocated one. A real ``serve`` (P/D, the
     default) and a real ``serve --colocated`` run side by side; ``rounds`` times, alternating, the
-    ``bench`` client sends each 8 requests one at a time (2 output tokens); the value is the mean
+    ``bench`` client sends each the same 8 requests one at a time (2 output tokens; new prompts
+    each round, so neither server's prefix cache holds them); the value is the mean
     P/D TTFT minus the mean colocated TTFT (never below zero). The router's hop to the prefill
     worker, the decode worker's reservation, the KV hand-off and the token relay are in it; the
     prefill step and the stack's own latency (``api_request``) cancel."""
@@ -439,10 +440,10 @@ def profile_pd_request(model_path: Path, prompt_lens: tuple[int, ...], rounds: i
             for n in prompt_lens:
                 ttft: dict[str, list[float]] = {"pd": [], "colocated": []}
                 for server in servers.values():  # warm-up: each shape's first steps allocate
-                    _bench(server.url, 2, n, 2, 1, result)
-                for _ in range(rounds):
+                    _bench(server.url, 2, n, 2, 1, result, seed=100)
+                for r in range(rounds):  # new prompts each round, the same for both: no prefix cache hit
                     for name, server in servers.items():
-                        ttft[name].append(_bench(server.url, 8, n, 2, 1, result)["ttft"]["mean"] / 1e3)
+                        ttft[name].append(_bench(server.url, 8, n, 2, 1, result, seed=101 + r)["ttft"]["mean"] / 1e3)
                 extra = sum(ttft["pd"]) / len(ttft["pd"]) - sum(ttft["colocated"]) / len(ttft["colocated"])
                 table("pd_request", ("tokens",)).add((n,), max(extra, 0.0))
                 yield f"P/D request {n} tokens"
