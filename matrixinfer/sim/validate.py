@@ -279,6 +279,7 @@ def run_validation(args) -> int:
                                           if each else ""))
     rows: list[Row] = []
     diags: list[tuple[str, dict[str, float]]] = []
+    fresh_profiles: list[dict] = []  # --profile-each: what each repeat was simulated from, for the result JSON
     for sc in scenarios(args.quick):
         if sc.deployment == "pd" and args.skip_pd:
             continue
@@ -287,6 +288,7 @@ def run_validation(args) -> int:
         for r in range(args.repeats if each else 1):
             if each:
                 sc_setup, fresh = focused.for_scenario(sc)
+                fresh_profiles.append({"scenario": sc.name, "repeat": r + 1, "profile": fresh.to_json()})
                 meta, points = fresh.meta, sum(len(t.points) for t in fresh.ops.values())
                 print(f"  {sc.name} [{r + 1}/{args.repeats}]: profile of {points} points ({meta['threads']} "
                       f"thread(s)) taken {meta['date']} in {meta['wall_s']} s, load average "
@@ -318,5 +320,5 @@ def run_validation(args) -> int:
         Path(args.result_json).write_text(json.dumps(
             {"profile": args.profile, "profile_each": each, "load_avg_end": os.getloadavg()[0], "notes": setup.notes,
              "rows": [{**r.__dict__, "error": r.error, "bar": r.bar} for r in rows],
-             "engine": [{"scenario": name, **d} for name, d in diags]}, indent=1))
+             "engine": [{"scenario": name, **d} for name, d in diags], "fresh_profiles": fresh_profiles}, indent=1))
     return 0

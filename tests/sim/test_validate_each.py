@@ -115,6 +115,10 @@ def test_profile_each_measures_what_a_scenario_reads_right_before_it(tmp_path, m
     assert fresh.ops["api_request"].values(0) == [16.0]
     doc = json.loads(result.read_text())
     assert doc["profile_each"] is True and doc["rows"][0]["simulated"] > 0
+    # each repeat's fresh tables are kept with the result, to see what a simulated figure came from
+    (kept,) = doc["fresh_profiles"]
+    assert kept["scenario"] == "decode batch 1" and kept["repeat"] == 1
+    assert kept["profile"]["ops"]["step_decode"]["seconds"] == fresh.ops["step_decode"].seconds
 
 
 def test_engine_diagnostics_compare_the_served_step_with_the_simulated_one():
