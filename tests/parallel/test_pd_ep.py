@@ -93,8 +93,13 @@ def test_pd_deployment_of_ep_instances(served_checkpoint):
         # did not compute it before has its prefix only in EMS (through that rank's own client)
         again = [PROMPTS[1], PROMPTS[1], PROMPTS[2], PROMPTS[2], PROMPTS[3], PROMPTS[3]]
         assert [ids for ids, _ in asyncio.run(run(again, 16))] == [expect[i] for i in (1, 1, 2, 2, 3, 3)]
-        roles = instance_metrics(server._scrape(), by="role")
-        ems_hits = roles["external_hit_tokens"].get("prefill", 0)
+        deadline = time.monotonic() + 5  # the instances' next reports (every 0.2 s) carry the hits
+        while True:
+            roles = instance_metrics(server._scrape(), by="role")
+            ems_hits = roles["external_hit_tokens"].get("prefill", 0)
+            if ems_hits >= 16 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         print(f"repeated prompts: {ems_hits:.0f} prompt tokens loaded from EMS, "
               f"{roles['prefix_hit_tokens'].get('prefill', 0):.0f} from the ranks' own caches")
         assert ems_hits >= 16, roles["external_hit_tokens"]
