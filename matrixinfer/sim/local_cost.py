@@ -189,12 +189,13 @@ class LocalCostModel:
         if sampled:
             out.add(self.op("sampling", float(sampled)))
         out.add(self.op("engine_host", streams))
-        # the same work computes slower beside the serving stack: decode steps at their stream
-        # count, steps with a prompt chunk as prompt steps
-        ratio = (self.op("serve_cpu", streams) if shape.decode_only
-                 else self.op("serve_cpu_prefill", float(shape.tokens))) \
-            if {"serve_cpu", "serve_cpu_prefill"} <= self.profile.ops.keys() else None
-        if ratio is not None:
+        if {"serve_cpu", "serve_cpu_prefill"} <= self.profile.ops.keys():
+            # the same work computes slower beside the serving stack: decode steps at their stream
+            # count, steps with a prompt chunk as prompt steps
+            if shape.decode_only:
+                ratio = self.op("serve_cpu", streams)
+            else:
+                ratio = self.op("serve_cpu_prefill", float(shape.tokens))
             out.add(Cost(out.seconds * max(ratio.seconds - 1.0, 0.0), ratio.source, "serve_cpu"))
         if sampled:
             per_token = self.op("api_token", streams)
@@ -226,12 +227,9 @@ class LocalCostModel:
         table = self.profile.ops.get("idle_wake")
         if table is None or not table.points:
             return None
-        ts, gaps = table.values(0), table.values(1)
+        ts = table.values(0)
         t = min(max(float(tokens), ts[0]), ts[-1])  # the step sizes' range covers decode to long chunks
-        gap = min(idle_s, gaps[-1])
-        cost = self.profile.lookup("idle_wake", (t, max(gap, gaps[0])))
-        scale = min(gap / gaps[0], 1.0)  # below the shortest profiled gap: down to nothing at zero
-        return Cost(cost.seconds * scale, cost.source, "idle_wake")
+        return self._after_idle("idle_wake", idle_s, t)
 
     def api_wake(self, idle_s: float) -> Cost | None:
         """Extra TTFT of a request sent after the serving stack had no request for ``idle_s``
@@ -239,11 +237,15 @@ class LocalCostModel:
         table = self.profile.ops.get("api_wake")
         if table is None or not table.points or idle_s <= 0:
             return None
-        gaps = table.values(0)
+        return self._after_idle("api_wake", idle_s)
+
+    def _after_idle(self, op: str, idle_s: float, *lead: float) -> Cost:
+        """``op`` at ``(*lead, idle_s)``, its last axis the idle gap: beyond the longest profiled gap,
+        the longest's; below the shortest, the shortest's scaled down linearly to nothing at zero."""
+        gaps = self.profile.ops[op].values(len(lead))
         gap = min(idle_s, gaps[-1])
-        cost = self.profile.lookup("api_wake", (max(gap, gaps[0]),))
-        scale = min(gap / gaps[0], 1.0)  # below the shortest profiled gap: down to nothing at zero
-        return Cost(cost.seconds * scale, cost.source, "api_wake")
+        cost = self.profile.lookup(op, (*lead, max(gap, gaps[0])))
+        return Cost(cost.seconds * min(gap / gaps[0], 1.0), cost.source, op)
 
     def kv_transfer(self, tokens: int) -> float | None:
         """Seconds to move a ``tokens``-token prompt's KV to a decode worker (None: not profiled)."""

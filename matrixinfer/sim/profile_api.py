@@ -65,10 +65,6 @@ class InstantEngine:
         self.max_model_len = self.max_seq_len = 1 << 20
         self.model = type("M", (), {"config": type("C", (), {"vocab_size": vocab_size})()})()
         self._running: dict[str, list[int]] = {}  # request id -> [prompt tokens, produced, wanted]
-        self.tokens = 0
-        self.gap_seconds = 0.0  # between a step that left requests running and the next step
-        self.gap_tokens = 0  # the tokens those earlier steps delivered
-        self._left: tuple[float, int] | None = None  # (when the last step returned, its tokens) while running
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         self._running[request_id] = [len(prompt_ids), 0, params.max_tokens]
@@ -83,9 +79,6 @@ class InstantEngine:
         return EngineStats(running=len(self._running))
 
     def step(self) -> list[RequestOutput]:
-        if self._left is not None:
-            self.gap_seconds += time.perf_counter() - self._left[0]
-            self.gap_tokens += self._left[1]
         time.sleep(STEP_INTERVAL_S)
         outs = []
         for rid, state in list(self._running.items()):
@@ -96,8 +89,6 @@ class InstantEngine:
                                       num_prompt_tokens=state[0], num_output_tokens=state[1]))
             if done:
                 del self._running[rid]
-        self.tokens += len(outs)
-        self._left = (time.perf_counter(), len(outs)) if self._running else None
         return outs
 
 
@@ -198,14 +189,21 @@ def _served(backend) -> Iterator[str]:
 
 
 class _StepClock:
-    """Wraps an engine's ``step`` to time the engine thread's gaps between steps while requests run
-    (``serve_gap``): from the end of a step that delivered tokens and left work to the next
-    step's start, and the tokens those steps delivered."""
+    """Wraps an engine's ``step``: the tokens it delivered; the engine thread's gaps between steps
+    while requests run (from the end of a step that delivered tokens and left work to the next
+    step's start) and the tokens those steps delivered; and the duration of each step that gave a
+    request its first token, in the order of those requests."""
 
     def __init__(self, engine) -> None:
         self.engine, self.step = engine, engine.step
+        self.tokens = 0
         self.gap_seconds, self.gap_tokens = 0.0, 0
+        self.first_steps: list[float] = []
         self._left: tuple[float, int] | None = None
+
+    def reset(self) -> None:
+        self.tokens, self.gap_seconds, self.gap_tokens = 0, 0.0, 0
+        self.first_steps.clear()
 
     def __call__(self) -> list[RequestOutput]:
         start = time.perf_counter()
@@ -213,9 +211,23 @@ class _StepClock:
             self.gap_seconds += start - self._left[0]
             self.gap_tokens += self._left[1]
         outs = self.step()
+        end = time.perf_counter()
         tokens = sum(len(o.token_ids) for o in outs)
-        self._left = (time.perf_counter(), tokens) if tokens and self.engine.has_work() else None
+        self.tokens += tokens
+        self.first_steps.extend(end - start for o in outs if o.num_output_tokens == 1)
+        self._left = (end, tokens) if tokens and self.engine.has_work() else None
         return outs
+
+
+@contextlib.contextmanager
+def _clocked(engine) -> Iterator[_StepClock]:
+    """``engine.step`` wrapped in a :class:`_StepClock` for the block (the engine's thread calls it)."""
+    clock = _StepClock(engine)
+    engine.step = clock
+    try:
+        yield clock
+    finally:
+        del engine.step  # the class's own again
 
 
 def _served_run(engine, url: str, result: Path, prompts: int, input_len: int, output_len: int, concurrency: int,
@@ -227,15 +239,11 @@ def _served_run(engine, url: str, result: Path, prompts: int, input_len: int, ou
         _bench(url, prompts, input_len, output_len, concurrency, result, seeds[0])
     time.sleep(0.05)  # the loop's stats after the warm-up's last step
     before = backend.stats
-    clock = _StepClock(engine)
-    engine.step = clock
-    try:
+    with _clocked(engine) as clock:
         _bench(url, prompts, input_len, output_len, concurrency, result, seeds[1])
         deadline = time.monotonic() + 5
         while backend.stats.running and time.monotonic() < deadline:  # the loop's last update
             time.sleep(0.01)
-    finally:
-        del engine.step  # the class's own again
     after = backend.stats
     return (after.busy_seconds - before.busy_seconds, after.busy_cpu_seconds - before.busy_cpu_seconds,
             after.steps - before.steps, clock)
@@ -259,22 +267,6 @@ def _unserved(engine, specs, concurrency: int) -> tuple[float, int]:
     return engine.busy_cpu_seconds - cpu, engine.steps - steps
 
 
-class _FirstTokenSteps:
-    """Wraps an engine's ``step``: the duration of each step that gave a request its first token,
-    in the order of those requests."""
-
-    def __init__(self, engine) -> None:
-        self.step = engine.step
-        self.durations: list[float] = []
-
-    def __call__(self) -> list[RequestOutput]:
-        t0 = time.perf_counter()
-        outs = self.step()
-        spent = time.perf_counter() - t0
-        self.durations.extend(spent for out in outs if out.num_output_tokens == 1)
-        return outs
-
-
 def profile_request(engine, prompt_lens: tuple[int, ...], idle_gaps: tuple[float, ...], idle_rounds: int,
                     table) -> Iterator[str]:
     """Measure ``api_request`` at each prompt length and ``api_wake`` at each of ``idle_gaps`` into
@@ -289,35 +281,31 @@ def profile_request(engine, prompt_lens: tuple[int, ...], idle_gaps: tuple[float
     from matrixinfer.engine.async_engine import AsyncEngine
 
     backend = AsyncEngine(engine)
-    clock = _FirstTokenSteps(engine)
     with _served(backend) as url, tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "bench.json"
         _bench(url, 4, prompt_lens[0], 2, 1, result, seed=5)  # warm-up: a new server's first requests are slow
-        engine.step = clock
-        try:
+        with _clocked(engine) as clock:
             for i, n in enumerate(prompt_lens):
-                clock.durations.clear()
+                clock.reset()
                 summary = _bench(url, 16, n, 2, 1, result, seed=6 + i)
-                if len(clock.durations) == 16:
-                    stack = summary["ttft"]["mean"] / 1e3 - statistics.fmean(clock.durations)
+                if len(clock.first_steps) == 16:
+                    stack = summary["ttft"]["mean"] / 1e3 - statistics.fmean(clock.first_steps)
                     table("api_request", ("tokens",)).add((n,), max(stack, 0.0))
                 yield f"api request {n} tokens"
             if idle_gaps and idle_rounds:
-                clock.durations.clear()
+                clock.reset()
                 cmd = [sys.executable, "-m", "matrixinfer.sim.profile_api", "wake", url, str(idle_rounds),
                        *(str(g) for g in idle_gaps)]
                 done = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
                 ttft = json.loads(done.stdout.strip().splitlines()[-1])
                 gaps = [0.0, *(float(g) for g in idle_gaps)]
-                steps = clock.durations[2:]  # after the client's two warm-up requests: rounds x gaps, in order
+                steps = clock.first_steps[2:]  # after the client's two warm-up requests: rounds x gaps, in order
                 if len(steps) == idle_rounds * len(gaps):
                     stack = {g: statistics.fmean(ttft[str(g)][r] - steps[r * len(gaps) + j] for r in range(idle_rounds))
                              for j, g in enumerate(gaps)}
                     for g in gaps[1:]:
                         table("api_wake", ("idle_s",)).add((g,), max(stack[g] - stack[0.0], 0.0))
                 yield "api wake"
-        finally:
-            del engine.step  # the class's own again
 
 
 PREFILL_PROMPT = 256  # serve_cpu_prefill's prompt length (one chunk)
@@ -397,7 +385,7 @@ def profile_api(model_path: Path, streams: tuple[int, ...], tokens: int, table) 
     cfg = json.loads((model_path / "config.json").read_text())
     engine = InstantEngine(Tokenizer(model_path), int(cfg["vocab_size"]))
     backend = AsyncEngine(engine)  # type: ignore[arg-type]
-    with _served(backend) as url:
+    with _served(backend) as url, _clocked(engine) as clock:
         for c in streams:  # T tokens per request minus 1 token per request: fixed costs cancel
             cmd = [sys.executable, "-m", "matrixinfer.sim.profile_api", url, str(c), str(tokens), "1"]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -405,12 +393,12 @@ def profile_api(model_path: Path, streams: tuple[int, ...], tokens: int, table) 
             cpu, produced, gaps = [], [], []
             for line in proc.stdout:
                 if line.startswith("start"):
-                    engine.tokens, t0 = 0, time.process_time()
-                    engine.gap_seconds, engine.gap_tokens = 0.0, 0
+                    clock.reset()
+                    t0 = time.process_time()
                 elif line.startswith("done"):
                     cpu.append(time.process_time() - t0 + float(line.split()[1]))
-                    produced.append(engine.tokens)
-                    gaps.append((engine.gap_seconds, engine.gap_tokens))
+                    produced.append(clock.tokens)
+                    gaps.append((clock.gap_seconds, clock.gap_tokens))
             if proc.wait(timeout=600) != 0 or len(cpu) != 2:
                 raise RuntimeError(f"the API probe's client failed (exit status {proc.returncode})")
             if produced[0] > produced[1]:
