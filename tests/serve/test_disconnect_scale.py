@@ -75,9 +75,12 @@ def _check_drop(server: Server, pdc: bool) -> None:
     print(f"{N_STREAMS} streams dropped ({finished:.0f} finished, {waiting:.0f} waiting in an engine): "
           f"idle after {idle_after:.2f} s")
     assert idle_after < IDLE_WITHIN_S, f"{N_STREAMS} dropped streams kept the engine busy for {idle_after:.1f} s"
-    # every request still unfinished when its client left is aborted (those finishing between the metrics read
-    # and the drop aside): a faster engine finished 48 of the 256 before the drop, and 208 were aborted
-    assert server.metrics()["matrixinfer_requests_aborted_total"] >= (N_STREAMS - finished) * 0.95
+    # every request still unfinished when its client left is aborted: each of the 256 either finished (counted
+    # now, after the drop: on a 2-core Zen 4 VM 10 of them finished between the read above and the drop) or
+    # was aborted
+    done = sum(float(line.split()[-1]) for line in server._scrape().splitlines()
+               if line.startswith("matrixinfer_requests_total{"))
+    assert server.metrics()["matrixinfer_requests_aborted_total"] >= N_STREAMS - done, (done, finished)
 
 
 @pytest.fixture(scope="module")
