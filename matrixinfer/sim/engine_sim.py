@@ -6,9 +6,12 @@ the simulated and the real scheduler cannot drift apart. Each step's duration co
 :class:`~matrixinfer.sim.local_cost.LocalCostModel`; a step's new tokens appear at its end.
 
 Clients behave as ``matrixinfer bench`` does: Poisson send times (the same seeds give the same
-requests) or a fixed number in flight (``max_concurrency``), TTFT from send to first token (plus
-the serving stack's measured request latency), TPOT ``(e2e - TTFT) / (output - 1)``, throughput =
-output tokens / duration.
+requests) or a fixed number in flight (``max_concurrency``: the next is sent when the client has
+the last one's end), TTFT from send to first token, TPOT ``(e2e - TTFT) / (output - 1)``,
+throughput = output tokens / duration. The serving stack's measured latency at the load the
+request finds (the requests in flight) splits into a way in (``api_in``: the colocated engine
+admits the request that long after its send) and a way out (the rest of ``api_request``: the
+client has the first token and the last that long after the engine's step gave them).
 
 P/D, as the router runs it: the decode instance first reserves blocks for the request (a worker
 reads its messages between steps, so a busy decode instance answers when its current step ends),
@@ -182,6 +185,7 @@ def simulate(requests: list[SimRequest], prefill: SimEngine, decode: SimEngine |
     res = SimResult()
     inflight, stack_idle_since = 0, float("-inf")  # the serving stack: requests in flight, idle since
     api_idle: dict[int, float] = {}  # request -> how long the stack had been idle when it was sent
+    way_out: dict[int, float] = {}  # request -> the stack's way out (to its client) at the load it found
 
     def kick(idx: int, now: float) -> None:
         eng = engines[idx]
@@ -194,22 +198,23 @@ def simulate(requests: list[SimRequest], prefill: SimEngine, decode: SimEngine |
             eng.idle_since = now  # its loop now waits for a request
 
     def finish(s: _Seq, now: float) -> None:
+        """The last token leaves the engine at ``now``; the client has it the way out later."""
         nonlocal inflight, stack_idle_since
-        s.done = now
         assert s.first is not None
+        out = way_out.pop(s.req.rid)
+        s.done = now + out
         wake = prefill.cost.api_wake(api_idle.pop(s.req.rid, 0.0))
-        res.ttft.append(s.first - s.sent + prefill.cost.request_latency(s.req.prompt_len)
-                        + (wake.seconds if wake is not None else 0.0))
+        res.ttft.append(s.first + out - s.sent + (wake.seconds if wake is not None else 0.0))
         inflight -= 1
         if not inflight:
-            stack_idle_since = now
+            stack_idle_since = s.done
         if s.req.output_len > 1:
             res.tpot.append((now - s.first) / (s.req.output_len - 1))
         res.output_tokens += s.req.output_len
-        res.duration = max(res.duration, now)
-        if queued:
+        res.duration = max(res.duration, s.done)
+        if queued:  # a closed-loop client sends its next request when it has this one's end
             nxt = queued.pop(0)
-            heapq.heappush(events, (max(now, nxt.offset), next(tick), "send", nxt.rid))
+            heapq.heappush(events, (max(s.done, nxt.offset), next(tick), "send", nxt.rid))
 
     def attach(s: _Seq, now: float) -> None:
         """The decode instance takes the sequence over and streams its first token."""
@@ -223,16 +228,18 @@ def simulate(requests: list[SimRequest], prefill: SimEngine, decode: SimEngine |
             s = seqs[key]
             s.sent = now
             api_idle[key] = now - stack_idle_since if not inflight else 0.0
+            latency, way_in = (prefill.cost.request_latency(s.req.prompt_len, inflight),
+                               prefill.cost.request_in(s.req.prompt_len, inflight))
+            way_out[key] = latency - way_in
             inflight += 1
             s.stop_after = s.req.output_len if decode is None else 1
             if decode is None:
-                prefill.waiting.append(s)
-                kick(0, now)
+                heapq.heappush(events, (now + way_in, next(tick), "admit", key))
             elif decode.busy:
                 decode.reserves.append(key)
             else:
                 heapq.heappush(events, (now, next(tick), "prefill", key))
-        elif kind == "prefill":
+        elif kind in ("prefill", "admit"):  # the prefill worker has it; the colocated engine's thread has it
             prefill.waiting.append(seqs[key])
             kick(0, now)
         elif kind == "kv":

@@ -28,9 +28,11 @@ A step's time is built from operators, never from a fitted end-to-end constant:
   (2026-11-30, quiet): a batch-64 decode step took 13.3 ms in process and 23.0 ms while serving
   the same load over HTTP, where the stack's CPU per step is about 8 ms (64 tokens at
   ``api_token``); the fair-share model put it at 13.3 ms, since the engine kept only 1.42 of the
-  2 cores busy. A request's TTFT also gets the stack's latency (``api_request``,
-  :meth:`LocalCostModel.request_latency`), and, when it finds the stack idle (no request in
-  flight) for ``idle_s`` seconds, the profiled extra TTFT of a lone request after that long a gap
+  2 cores busy. A request's TTFT also gets the stack's latency at the load it finds
+  (``api_request``, :meth:`LocalCostModel.request_latency`; the engine has the request its way
+  in, ``api_in``, after the send: :meth:`LocalCostModel.request_in`), and, when it finds the
+  stack idle (no request in flight) for ``idle_s`` seconds, the profiled extra TTFT of a lone
+  request after that long a gap
   over one sent back to back (``api_wake``: the event loop, the engine thread's wait and the
   client all sleep in between; scaled below the shortest gap as ``idle_wake`` is).
 - **Hand-off between steps** (``api_gap``): after a step that delivered tokens, the engine thread
@@ -84,8 +86,9 @@ from matrixinfer.sim.local_ops import Dims, StepShape, work
 from matrixinfer.sim.profile_data import Cost, OpTable, Profile
 
 # host work (no roofline to scale); engine_cores is a ratio (cores busy), not seconds
-HOST_OPS = ("engine_host", "ems_get", "ems_put", "api_request", "api_wake", "api_token", "api_gap", "engine_cores",
-            "idle_wake", "kv_transfer", "serve_wait", "serve_cpu", "serve_cpu_prefill", "serve_gap", "pd_request")
+HOST_OPS = ("engine_host", "ems_get", "ems_put", "api_request", "api_in", "api_wake", "api_token", "api_gap",
+            "engine_cores", "idle_wake", "kv_transfer", "serve_wait", "serve_cpu", "serve_cpu_prefill", "serve_gap",
+            "pd_request")
 REQUIRED_OPS = ("mla_prolog", "mla_core_q1", "mla_core_prefill", "mla_epilogue", "rmsnorm", "lm_head", "sampling",
                 "layer_decode", "step_decode", "step_prefill", "engine_host", "api_request", "api_token",
                 "engine_cores")
@@ -253,16 +256,31 @@ class LocalCostModel:
             return None
         return self.op("kv_transfer", float(tokens)).seconds
 
-    def request_latency(self, prompt_len: int) -> float:
+    def request_latency(self, prompt_len: int, load: int = 0) -> float:
         """What the serving stack adds to a request's TTFT (request parsing, the hand-off to the
-        engine thread, the first chunk's trip to the client); for a P/D worker's model
-        (``in_api_process`` False) also the P/D path's own latency, ``pd_request``, where profiled
-        (the router's hop to the prefill worker, the decode worker's reservation, the KV hand-off
-        and the token relay, beyond what the simulated steps and transfer already hold)."""
-        latency = self.op("api_request", float(prompt_len)).seconds
+        engine thread, the first chunk's trip to the client) with ``load`` other requests
+        streaming; for a P/D worker's model (``in_api_process`` False) also the P/D path's own
+        latency, ``pd_request``, where profiled (the router's hop to the prefill worker, the decode
+        worker's reservation, the KV hand-off and the token relay, beyond what the simulated steps
+        and transfer already hold)."""
+        latency = self._stack("api_request", prompt_len, load)
         if not self.in_api_process and "pd_request" in self.profile.ops:
             latency += self.op("pd_request", float(prompt_len)).seconds
         return latency
+
+    def request_in(self, prompt_len: int, load: int = 0) -> float:
+        """The part of :meth:`request_latency` before the engine thread has the request (``api_in``:
+        the way in, and the thread's pick-up when it was idle); 0 where the profile has none (older
+        profiles), and for a P/D worker's model (its ``pd_request`` is measured end to end)."""
+        if not self.in_api_process or "api_in" not in self.profile.ops:
+            return 0.0
+        return min(self._stack("api_in", prompt_len, load), self._stack("api_request", prompt_len, load))
+
+    def _stack(self, op: str, prompt_len: int, load: int) -> float:
+        """``op`` at a prompt length and load; tables taken before the load axis have the length only."""
+        if len(self.profile.ops[op].axes) == 1:
+            return self.op(op, float(prompt_len)).seconds
+        return self.op(op, float(prompt_len), float(load)).seconds
 
     def _one_call(self, decode_only: bool, tokens: float) -> bool:
         """Whether a step of ``tokens`` rows runs the CPU backend's one-call layers (else the

@@ -24,7 +24,8 @@ Operator names and axes (``tokens`` = rows of the flat batch, ``kv_len`` = keys 
 | ``engine_host`` | tokens | engine step minus model runner and sampler (scheduler, blocks, detokenizer), decoding |
 | ``ep_dispatch`` / ``ep_combine`` | ep, tokens | the expert-parallel backend's dispatch / combine over gloo ranks |
 | ``ems_get`` / ``ems_put`` | block_kib, concurrency | seconds per block through the EMS client at that concurrency |
-| ``api_request`` | tokens | a lone request's TTFT minus the engine step that gave its first token |
+| ``api_request`` | tokens, load | a request's TTFT minus its engine time, beside ``load`` streaming requests |
+| ``api_in`` | tokens, load | the part of ``api_request`` before the engine thread has the request |
 | ``api_wake`` | idle_s | extra latency to a first token when the stack had no request for that long |
 | ``api_token`` | streams | CPU seconds (server + bench client) per token streamed to that many clients |
 | ``api_gap`` | streams | wall seconds per token delivered the engine thread spends between two steps |

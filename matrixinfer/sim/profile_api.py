@@ -137,6 +137,39 @@ def _wake_client(url: str, rounds: int, gaps: list[float]) -> None:
     print(json.dumps(asyncio.run(run())), flush=True)
 
 
+PROBE_TOKENS = 2  # output tokens of api_request's probe requests (how the engine side tells them apart)
+
+
+def _probe_client(url: str, count: int, prompt_len: int, seed: int) -> None:
+    """The client process of ``api_request``: one kept-alive connection; ``count`` requests of
+    ``prompt_len`` prompt and :data:`PROBE_TOKENS` output tokens, each sent when the last ended;
+    prints each one's send time (``time.perf_counter``: the system's monotonic clock, which the
+    served process reads too) and TTFT as one JSON line."""
+    import asyncio
+
+    import httpx
+
+    from matrixinfer.bench.client import BenchConfig, resolve_model, send_request
+    from matrixinfer.bench.datasets import parse_range, random_dataset
+
+    async def run() -> list[tuple[float, float]]:
+        config = BenchConfig(base_url=url, max_concurrency=1, show_progress=False)
+        model, vocab = await resolve_model(config, None)
+        specs = random_dataset(count, parse_range(str(prompt_len)), parse_range(str(PROBE_TOKENS)), vocab, seed=seed)
+        out = []
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0)) as client:
+            t0 = time.perf_counter()
+            for spec in specs:
+                record = await send_request(client, f"{url}/v1/completions", config.headers(), model, spec, t0)
+                if not record.success:
+                    raise RuntimeError(f"the API request probe's request failed: {record.error}")
+                out.append((t0 + record.start, record.ttft))
+        return out
+
+    print(json.dumps(asyncio.run(run())), flush=True)
+
+
 def _client(url: str, streams: int, lengths: list[int]) -> None:
     """The client process of ``api_token``: for each output length, one bench run of ``2 * streams``
     requests at concurrency ``streams``; prints ``start``, then ``done CPU_SECONDS`` per run, so the
@@ -192,18 +225,20 @@ class _StepClock:
     """Wraps an engine's ``step``: the tokens it delivered; the engine thread's gaps between steps
     while requests run (from the end of a step that delivered tokens and left work to the next
     step's start) and the tokens those steps delivered; and the duration of each step that gave a
-    request its first token, in the order of those requests."""
+    request its first token, in the order of those requests, and its start and end by request id."""
 
     def __init__(self, engine) -> None:
         self.engine, self.step = engine, engine.step
         self.tokens = 0
         self.gap_seconds, self.gap_tokens = 0.0, 0
         self.first_steps: list[float] = []
+        self.first_at: dict[str, tuple[float, float]] = {}  # request id -> its first token's step (start, end)
         self._left: tuple[float, int] | None = None
 
     def reset(self) -> None:
         self.tokens, self.gap_seconds, self.gap_tokens = 0, 0.0, 0
         self.first_steps.clear()
+        self.first_at.clear()
 
     def __call__(self) -> list[RequestOutput]:
         start = time.perf_counter()
@@ -214,7 +249,10 @@ class _StepClock:
         end = time.perf_counter()
         tokens = sum(len(o.token_ids) for o in outs)
         self.tokens += tokens
-        self.first_steps.extend(end - start for o in outs if o.num_output_tokens == 1)
+        for o in outs:
+            if o.num_output_tokens == 1:
+                self.first_steps.append(end - start)
+                self.first_at[o.request_id] = (start, end)
         self._left = (end, tokens) if tokens and self.engine.has_work() else None
         return outs
 
@@ -228,6 +266,25 @@ def _clocked(engine) -> Iterator[_StepClock]:
         yield clock
     finally:
         del engine.step  # the class's own again
+
+
+@contextlib.contextmanager
+def _submissions(backend) -> Iterator[dict[str, float]]:
+    """For the block, when the API handed each probe request (:data:`PROBE_TOKENS` output tokens)
+    to ``backend``'s engine thread (``time.perf_counter``), by request id."""
+    from matrixinfer.engine.commands import AddRequest
+
+    put, times = backend._inbox.put, {}
+
+    def record(command) -> None:
+        if isinstance(command, AddRequest) and command.params.max_tokens == PROBE_TOKENS:
+            times[command.request_id] = time.perf_counter()
+        put(command)
+    backend._inbox.put = record
+    try:
+        yield times
+    finally:
+        del backend._inbox.put  # the queue's own again
 
 
 def _served_run(engine, url: str, result: Path, prompts: int, input_len: int, output_len: int, concurrency: int,
@@ -267,31 +324,102 @@ def _unserved(engine, specs, concurrency: int) -> tuple[float, int]:
     return engine.busy_cpu_seconds - cpu, engine.steps - steps
 
 
-def profile_request(engine, prompt_lens: tuple[int, ...], idle_gaps: tuple[float, ...], idle_rounds: int,
-                    table) -> Iterator[str]:
-    """Measure ``api_request`` at each prompt length and ``api_wake`` at each of ``idle_gaps`` into
-    ``table(name, axes)``: the real ``engine`` behind the real ``AsyncEngine`` and API app, lone
-    requests (2 output tokens, new prompts: no prefix cache hit) from a client in its own process;
-    each request's TTFT minus the engine step that gave its first token (clocked in the engine),
-    so what is left is the stack's part: the request's way in, the engine thread's pick-up, the
-    hand-off of the first token and its way out. ``api_request``: 16 requests back to back (``bench``
-    at concurrency 1) after a warm-up; ``api_wake``: the wake client's requests after each idle
-    gap, interleaved with ones sent right after the last (gap 0), the mean difference. The
-    simulation times the step itself (with ``idle_wake`` after a gap)."""
+BACKGROUND_PROMPT = 32  # prompt tokens of api_request's background streams
+
+
+def background_tokens(load: int, max_len: int) -> int:
+    """Output tokens of each of ``load`` background streams: enough to outlast the probes (the
+    steps grow with the load; about 2 s of decoding on the 2-core VM at every load), within the
+    model's ``max_len`` tokens."""
+    return max(min(max(256, 16384 // max(load, 1)), max_len - BACKGROUND_PROMPT - 1), 1)
+
+
+def _background(url: str, load: int, backend) -> subprocess.Popen:
+    """A ``bench`` client streaming ``load`` long requests to ``url``; returns once all of them are
+    decoding (so the probes find ``load`` streams running, none being prefilled)."""
+    cmd = [sys.executable, "-m", "matrixinfer.cli", "bench", "--base-url", url, "--num-prompts", str(load),
+           "--input-len", str(BACKGROUND_PROMPT), "--output-len", str(background_tokens(load, backend.max_model_len)),
+           "--max-concurrency", str(load), "--seed", "77", "--disable-tqdm"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while True:
+        stats = backend.stats
+        if stats.running >= load and not stats.waiting and stats.queued_tokens <= stats.running:
+            return proc
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"api_request's background of {load} streams did not start (client exit "
+                               f"status {proc.poll()})")
+        time.sleep(0.01)
+
+
+def _settle(backend) -> None:
+    """Wait (up to 30 s) for the engine to drop the streams of a killed client."""
+    deadline = time.monotonic() + 30
+    while (backend.stats.running or backend.stats.waiting) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+PROBES = 12  # api_request's requests per prompt length and load
+
+
+def profile_request(engine, prompt_lens: tuple[int, ...], loads: tuple[int, ...], idle_gaps: tuple[float, ...],
+                    idle_rounds: int, table) -> Iterator[str]:
+    """Measure ``api_request`` and ``api_in`` at each prompt length and load, and ``api_wake`` at
+    each of ``idle_gaps``, into ``table(name, axes)``: the real ``engine`` behind the real
+    ``AsyncEngine`` and API app, lone probe requests (:data:`PROBE_TOKENS` output tokens, new
+    prompts: no prefix cache hit) from a client in its own process, one sent when the last ended,
+    after a warm-up.
+
+    - ``api_in`` (tokens, load): from the client's send to the API's hand-off of the request to
+      the engine thread, both on the system's monotonic clock; with no other request running
+      (load 0) also the engine thread's pick-up, from that hand-off to the start of its step.
+      Under load the thread is in another request's step when it arrives: that wait is the
+      simulation's own (it runs the steps), so it is not in here.
+    - ``api_request`` (tokens, load): ``api_in`` plus the way out: from the end of the step that
+      gave the request its first token (clocked in the engine) to the client's first chunk.
+    - load: ``load`` other requests stream meanwhile (a ``bench`` run of that many concurrent
+      requests with long outputs, all decoding before the probes start): the API's event loop
+      and the client share the cores with their tokens.
+    - ``api_wake``: the wake client's requests after each idle gap, interleaved with ones sent
+      right after the last (gap 0), the mean difference of TTFT minus the first-token step.
+
+    The simulation admits a request to the engine ``api_in`` after its send and adds the rest of
+    ``api_request`` to its first token and its last (a closed-loop client sends its next request
+    only then)."""
     from matrixinfer.engine.async_engine import AsyncEngine
 
     backend = AsyncEngine(engine)
     with _served(backend) as url, tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "bench.json"
         _bench(url, 4, prompt_lens[0], 2, 1, result, seed=5)  # warm-up: a new server's first requests are slow
-        with _clocked(engine) as clock:
-            for i, n in enumerate(prompt_lens):
-                clock.reset()
-                summary = _bench(url, 16, n, 2, 1, result, seed=6 + i)
-                if len(clock.first_steps) == 16:
-                    stack = summary["ttft"]["mean"] / 1e3 - statistics.fmean(clock.first_steps)
-                    table("api_request", ("tokens",)).add((n,), max(stack, 0.0))
-                yield f"api request {n} tokens"
+        with _clocked(engine) as clock, _submissions(backend) as handed:
+            for load in loads:
+                background = _background(url, load, backend) if load else None
+                try:
+                    for i, n in enumerate(prompt_lens):
+                        clock.reset()
+                        handed.clear()
+                        cmd = [sys.executable, "-m", "matrixinfer.sim.profile_api", "probe", url, str(PROBES), str(n),
+                               str(6 + 100 * load + i)]
+                        done = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+                        sent = json.loads(done.stdout.strip().splitlines()[-1])
+                        probes = sorted(handed, key=handed.__getitem__)
+                        if len(probes) == len(sent) and all(rid in clock.first_at for rid in probes):
+                            ways_in, ways = [], []
+                            for (send, ttft), rid in zip(sent, probes):
+                                start, end = clock.first_at[rid]
+                                way_in = handed[rid] - send + (start - handed[rid] if not load else 0.0)
+                                ways_in.append(way_in)
+                                ways.append(way_in + send + ttft - end)
+                            table("api_in", ("tokens", "load")).add((n, load), max(statistics.fmean(ways_in), 0.0))
+                            table("api_request", ("tokens", "load")).add((n, load), max(statistics.fmean(ways), 0.0))
+                        yield f"api request {n} tokens, load {load}"
+                finally:
+                    if background is not None:
+                        background.kill()
+                        background.wait()
+                        _settle(backend)
             if idle_gaps and idle_rounds:
                 clock.reset()
                 cmd = [sys.executable, "-m", "matrixinfer.sim.profile_api", "wake", url, str(idle_rounds),
@@ -440,8 +568,10 @@ def profile_pd_request(model_path: Path, prompt_lens: tuple[int, ...], rounds: i
             server.stop()
 
 
-if __name__ == "__main__":  # the api_token client: URL STREAMS LENGTH...; api_wake's: wake URL ROUNDS GAP...
-    if sys.argv[1] == "wake":
+if __name__ == "__main__":  # the api_token client: URL STREAMS LENGTH...; api_wake's: wake URL ROUNDS GAP...;
+    if sys.argv[1] == "wake":  # api_request's: probe URL COUNT PROMPT_LEN SEED
         _wake_client(sys.argv[2], int(sys.argv[3]), [float(g) for g in sys.argv[4:]])
+    elif sys.argv[1] == "probe":
+        _probe_client(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     else:
         _client(sys.argv[1], int(sys.argv[2]), [int(n) for n in sys.argv[3:]])

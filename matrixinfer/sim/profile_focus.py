@@ -32,7 +32,8 @@ AXIS_OF: dict[str, tuple[tuple[str, int], ...]] = {
     "prefill": (("mla_core_prefill", 0), ("composition_prefill", 0)),
     "tokens_per_expert": (("experts", 0),),
     "host_batch": (("engine_host", 0), ("engine_cores", 0)),
-    "api_prompt": (("api_request", 0),),
+    "api_prompt": (("api_request", 0), ("api_in", 0)),
+    "api_load": (("api_request", 1), ("api_in", 1)),
     "api_streams": (("api_token", 0), ("api_gap", 0), ("serve_wait", 0), ("serve_cpu", 0), ("serve_gap", 0)),
     "idle_tokens": (("idle_wake", 0),),
     "kv_tokens": (("kv_transfer", 0),),
@@ -44,7 +45,7 @@ LADDER_OF = {"batch": ("step_decode", 0), "kv_len": ("step_decode", 1), "tokens"
              "prefill": ("step_prefill", 0), "tokens_per_expert": ("experts", 0), "host_batch": ("engine_host", 0),
              "api_prompt": ("api_request", 0), "api_streams": ("api_token", 0), "idle_tokens": ("idle_wake", 0),
              "idle_gaps": ("idle_wake", 1), "kv_tokens": ("kv_transfer", 0), "pd_prompt": ("pd_request", 0),
-             "api_idle": ("api_wake", 0)}
+             "api_idle": ("api_wake", 0), "api_load": ("api_request", 1)}
 FORWARD_AXES = ("tokens", "batch", "kv_len", "prefill", "tokens_per_expert")  # the profiler needs a point of each
 
 
@@ -84,9 +85,9 @@ def bracket(ladder: Sequence[float], values: Iterable[float]) -> tuple[int, ...]
 def _ladder(base: Profile, axis: str, fallback: Grid) -> list[float]:
     op, i = LADDER_OF[axis]
     table = base.ops.get(op)
-    if table is not None and table.points:
+    if table is not None and table.points and i < len(table.axes):
         return table.values(i)
-    return [float(v) for v in getattr(fallback, axis)]  # a profile taken before that operator existed
+    return [float(v) for v in getattr(fallback, axis)]  # a profile taken before that operator (or axis) existed
 
 
 def focus_grid(base: Profile, seen: Iterable[tuple[str, tuple[float, ...]]], dims: Dims,
@@ -116,6 +117,7 @@ def focus_grid(base: Profile, seen: Iterable[tuple[str, tuple[float, ...]]], dim
     return replace(timing, name=f"focus-{timing.name}", tokens=axes["tokens"], batch=axes["batch"],
                    kv_len=axes["kv_len"], prefill=axes["prefill"], tokens_per_expert=axes["tokens_per_expert"],
                    host_batch=axes["host_batch"], api_prompt=axes["api_prompt"], api_streams=axes["api_streams"],
+                   api_load=axes["api_load"] or (0,),
                    idle_tokens=axes["idle_tokens"], idle_gaps=idle_gaps, api_idle=api_idle,
                    kv_tokens=axes["kv_tokens"] if pd else (), pd_prompt=axes["pd_prompt"] if pd else (),
                    ems_block_kib=(), ems_concurrency=(), ep=(),

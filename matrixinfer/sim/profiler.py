@@ -54,6 +54,7 @@ class Grid:
     min_time: float
     max_reps: int
     api_prompt: tuple[int, ...] = (16, 256)  # prompt lengths of the API's request latency
+    api_load: tuple[int, ...] = (0, 1, 8, 32, 64)  # other requests streaming meanwhile (api_request, api_in)
     api_streams: tuple[int, ...] = (1, 8, 32, 64)  # concurrent streams of the API's per-token cost
     api_tokens: int = 64  # tokens per stream
     api_idle: tuple[float, ...] = (0.005, 0.03, 0.1, 0.3, 1.0)  # idle seconds before a request of api_wake
@@ -88,8 +89,8 @@ GRIDS = {
     "tiny": Grid("tiny", tokens=(1, 4), batch=(1, 2), kv_len=(16, 32), prefill=(8, 16),
                  tokens_per_expert=(1, 2), host_batch=(1, 2), ems_block_kib=(4, 16), ems_concurrency=(1, 2),
                  ep=(2,), ep_tokens=(1, 4),
-                 min_time=0.002, max_reps=3, api_prompt=(8,), api_streams=(1, 2), api_tokens=4, api_idle=(0.001,),
-                 api_idle_rounds=1,
+                 min_time=0.002, max_reps=3, api_prompt=(8,), api_load=(0, 1), api_streams=(1, 2), api_tokens=4,
+                 api_idle=(0.001,), api_idle_rounds=1,
                  idle_tokens=(1, 8), idle_gaps=(0.001, 0.003), idle_rounds=2, kv_tokens=(8, 16), kv_rounds=2,
                  pd_prompt=()),
     "full": Grid("full", tokens=(1, 4, 16, 64, 256, 1024), batch=(1, 4, 8, 16, 32, 64),
@@ -102,7 +103,8 @@ GRIDS = {
     "small": Grid("small", tokens=(1, 16, 64, 256), batch=(1, 8, 32, 64), kv_len=(16, 64, 256),
                   prefill=(16, 64, 256), tokens_per_expert=(1, 4, 16, 64), host_batch=(1, 8, 32, 64),
                   ems_block_kib=(), ems_concurrency=(), ep=(), ep_tokens=(), min_time=0.1, max_reps=100,
-                  api_streams=(1, 8, 64), idle_tokens=(1, 64, 256), idle_rounds=4, kv_tokens=(16, 256), kv_rounds=4),
+                  api_streams=(1, 8, 64), api_load=(0, 1, 8, 64), idle_tokens=(1, 64, 256), idle_rounds=4,
+                  kv_tokens=(16, 256), kv_rounds=4),
 }
 
 
@@ -221,7 +223,8 @@ class Profiler:
         if self.with_engine:
             n += len(g.host_batch) + len(g.idle_tokens) + len(g.kv_tokens) + len(g.pd_prompt)
             if g.api_prompt and g.api_streams:  # the API probe (with api_wake) and the served engine
-                n += len(g.api_prompt) + 2 * len(g.api_streams) + bool(g.api_idle and g.api_idle_rounds) + 1
+                n += len(g.api_prompt) * max(len(g.api_load), 1) + 2 * len(g.api_streams) + \
+                    bool(g.api_idle and g.api_idle_rounds) + 1
         if self.with_ems:
             n += 2 * len(g.ems_block_kib) * len(g.ems_concurrency)
         if self.with_ep:
@@ -252,7 +255,8 @@ class Profiler:
                 for label in profile_api(self.path, g.api_streams, g.api_tokens, self.prof.table):
                     tick(label)
                 serving = self._serving_engine()
-                for label in profile_request(serving, g.api_prompt, g.api_idle, g.api_idle_rounds, self.prof.table):
+                for label in profile_request(serving, g.api_prompt, g.api_load or (0,), g.api_idle, g.api_idle_rounds,
+                                             self.prof.table):
                     tick(label)
                 for label in profile_serve_wait(serving, g.api_streams, g.api_tokens, self.prof.table):
                     tick(label)
@@ -410,18 +414,25 @@ class Profiler:
                          model=self.model)
 
     def _serving_engine(self):
-        """``serve_wait``'s engine: the profiled model with KV blocks for its widest run and for
-        its prompt steps' prompt."""
+        """The served engine of ``api_request`` and ``serve_wait``: the profiled model with KV
+        blocks for its widest run, for its prompt steps' prompt and for the request probes beside
+        their widest background."""
         from matrixinfer.config import EngineConfig
         from matrixinfer.engine.llm_engine import LLMEngine
-        from matrixinfer.sim.profile_api import PREFILL_PROMPT
+        from matrixinfer.sim.profile_api import BACKGROUND_PROMPT, PREFILL_PROMPT, background_tokens
 
         g = self.grid
+
+        def blocks_of(tokens: int) -> int:
+            return -(-tokens // self.block_size)
         top = max(g.api_streams)
-        blocks = max(top * -(-(16 + g.api_tokens + 1) // self.block_size),
-                     -(-(PREFILL_PROMPT + 2) // self.block_size)) + 1
+        probe = blocks_of(max(g.api_prompt, default=16) + 2)
+        max_len = int(self.cfg.max_position_embeddings)
+        background = max((n * blocks_of(BACKGROUND_PROMPT + background_tokens(n, max_len) + 1) for n in g.api_load),
+                         default=0)
+        blocks = max(top * blocks_of(16 + g.api_tokens + 1), blocks_of(PREFILL_PROMPT + 2), background + probe) + 1
         cfg = EngineConfig(model=str(self.path), device=self.device.type, kv_cache_memory=self._kv_bytes(2 * blocks),
-                           block_size=self.block_size, max_num_seqs=max(top, 1))
+                           block_size=self.block_size, max_num_seqs=max(top, max(g.api_load, default=0) + 1, 1))
         return LLMEngine(cfg, model=self.model)
 
     def _idle_step(self, tokens: int) -> Callable[[], object]:

@@ -50,10 +50,12 @@ def scenarios(quick: bool) -> list[Scenario]:
     if quick:
         return [Scenario("decode batch 4", "colocated", 8, "32", "16", max_concurrency=4),
                 Scenario("rate 4/s", "colocated", 8, "32:64", "8:16", request_rate=4.0, figures=("ttft", "tpot"))]
-    out = [Scenario(f"decode batch {b}", "colocated", max(4, 2 * b), "32", "128", max_concurrency=b)
+    # at least 16 requests and 4 waves of the batch (1-6 s of decoding here: runs of 0.3 s, 4
+    # requests at batch 1, moved 15% between two repeats); 30 s of arrivals at 2/s, 15 s at 8/s
+    out = [Scenario(f"decode batch {b}", "colocated", max(16, 4 * b), "32", "128", max_concurrency=b)
            for b in (1, 8, 32, 64)]
-    out += [Scenario(f"rate {r:g}/s", "colocated", 60, "64:256", "32:128", request_rate=r, figures=("ttft", "tpot"))
-            for r in (2.0, 8.0)]
+    out += [Scenario(f"rate {r:g}/s", "colocated", n, "64:256", "32:128", request_rate=r, figures=("ttft", "tpot"))
+            for r, n in ((2.0, 60), (8.0, 120))]
     out.append(Scenario("P/D rate 2/s", "pd", 40, "64:256", "32:128", request_rate=2.0,
                         figures=("ttft", "tpot", "output_throughput")))
     return out

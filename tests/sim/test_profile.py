@@ -14,12 +14,13 @@ from matrixinfer.sim.engine_sim import SimEngine, SimRequest, simulate
 from matrixinfer.sim.local_cost import LocalCostModel
 from matrixinfer.sim.local_ops import Dims, StepShape, work
 from matrixinfer.sim.profile_data import SCHEMA, VERSION, Profile, pchip
+from matrixinfer.sim.profile_focus import RecordingCostModel
 
 EXPECTED_OPS = {"mla_prolog": 1, "mla_core_q1": 2, "mla_core_qk": 2, "mla_core_prefill": 1, "mla_epilogue": 1,
                 "dense_mlp": 1, "shared_expert": 1, "routing": 1, "experts": 1, "rmsnorm": 1, "lm_head": 1,
                 "sampling": 1, "layer_decode": 2, "layer_decode_dense": 2, "step_decode": 2, "step_prefill": 1,
-                "engine_host": 1, "ems_get": 2, "ems_put": 2, "api_request": 1, "api_wake": 1, "api_token": 1,
-                "api_gap": 1, "engine_cores": 1,
+                "engine_host": 1, "ems_get": 2, "ems_put": 2, "api_request": 2, "api_in": 2, "api_wake": 1,
+                "api_token": 1, "api_gap": 1, "engine_cores": 1,
                 "idle_wake": 2, "kv_transfer": 1, "serve_wait": 1, "serve_cpu": 1, "serve_cpu_prefill": 1,
                 "serve_gap": 1}
 
@@ -47,6 +48,10 @@ def test_profile_command_writes_versioned_profile_on_tiny_grid(tmp_path, capsys)
     assert all(s > 0 for name, t in prof.ops.items() for s in t.seconds if name not in differences)
     assert all(s >= 0 for name in differences for s in prof.ops[name].seconds)
     assert prof.roofline["gemm_flops"] > 1e8 and prof.roofline["stream_bw"] > 1e8
+    # the stack's latency at each prompt length and load (0: alone; 1: beside one streaming request),
+    # its way in a part of it
+    assert sorted(prof.ops["api_request"].points) == sorted(prof.ops["api_in"].points) == [(8.0, 0.0), (8.0, 1.0)]
+    assert all(i <= r for i, r in zip(prof.ops["api_in"].seconds, prof.ops["api_request"].seconds))
     rows = out.with_suffix(".csv").read_text().splitlines()
     assert rows[0].startswith("op,axis1") and len(rows) - 1 == sum(len(t.points) for t in prof.ops.values())
     # the validation's simulation runs from it (no server started)
@@ -293,11 +298,14 @@ def test_requests_that_find_the_engine_idle_wait_for_its_wake_up():
     b = simulate(reqs, SimEngine(plain, Budget(1024, 128, 16), 1000))
     assert a.ttft == [pytest.approx(x + 8e-3) for x in b.ttft]
     assert a.tpot == [pytest.approx(x) for x in b.tpot]
-    # one in flight, the next sent as the last finishes: no idle gap, no wake-up after the first
+    # one in flight, the next sent when the client has the last one's end: the engine idles only
+    # for the stack's way out and in (4 ms), so the second wakes from that short a gap
     now = [SimRequest(0, 0.0, 64, 8), SimRequest(1, 0.0, 64, 8)]
     c = simulate(now, SimEngine(woken, Budget(1024, 128, 16), 1000), max_concurrency=1)
     d = simulate(now, SimEngine(plain, Budget(1024, 128, 16), 1000), max_concurrency=1)
-    assert c.ttft[0] == pytest.approx(d.ttft[0] + 8e-3) and c.ttft[1] == pytest.approx(d.ttft[1])
+    short = woken.idle_wake(64, plain.request_latency(64))
+    assert short is not None and 0 < short.seconds < 8e-3
+    assert c.ttft[0] == pytest.approx(d.ttft[0] + 8e-3) and c.ttft[1] == pytest.approx(d.ttft[1] + short.seconds)
 
 
 def _with_api_wake(prof: Profile) -> Profile:
@@ -423,3 +431,41 @@ def test_colocated_hand_off_is_the_served_engines_where_profiled_and_a_pd_worker
     colocated, pd = LocalCostModel(prof, dims), LocalCostModel(prof, dims, in_api_process=False)
     assert colocated.handoff(4, 4).seconds == pytest.approx(12e-3) and colocated.handoff(4, 4).op == "serve_gap"
     assert pd.handoff(4, 4).seconds == pytest.approx(4e-3) and pd.handoff(4, 4).op == "api_gap"
+
+
+def _with_stack_load(prof: Profile) -> Profile:
+    """``api_request`` by prompt length and load: 4 ms alone, 10 ms beside 8 streaming requests;
+    its way in (``api_in``) 3 ms alone, 6 ms beside 8."""
+    del prof.ops["api_request"]
+    for n in (16, 256):
+        for load, total, way_in in ((0, 4e-3, 3e-3), (8, 10e-3, 6e-3)):
+            prof.table("api_request", ("tokens", "load")).add((n, load), total)
+            prof.table("api_in", ("tokens", "load")).add((n, load), way_in)
+    return prof
+
+
+def test_the_stack_latency_grows_with_load_and_a_closed_loop_waits_for_it():
+    """A request that finds others streaming gets the stack's latency at that load; the engine has
+    a request its way in after the send; a closed-loop client sends its next request when it has
+    the last one's end, so the engine idles for the way out and the next way in."""
+    dims = _dims()
+    model = LocalCostModel(_with_stack_load(_synthetic(dims)), dims)
+    assert model.request_latency(32, 0) == pytest.approx(4e-3) and model.request_in(32, 0) == pytest.approx(3e-3)
+    assert model.request_latency(32, 4) == pytest.approx(7e-3)  # interpolated between load 0 and 8
+    assert model.request_latency(32, 8) == pytest.approx(10e-3) and model.request_in(32, 8) == pytest.approx(6e-3)
+    # a P/D worker's model: no split (its pd_request is measured end to end)
+    assert LocalCostModel(model.profile, dims, in_api_process=False).request_in(32, 8) == 0.0
+
+    def run(reqs, cost=model, **kw):
+        return simulate(reqs, SimEngine(cost, Budget(1024, 128, 16), 1000), **kw)
+    alone = run([SimRequest(0, 0.0, 32, 4)])
+    prefill = model.step(StepShape((32,), (32,)), 1, 1).seconds
+    assert alone.ttft[0] == pytest.approx(prefill + 4e-3)
+    # the second is sent while the first streams: its latency is looked up at load 1
+    recorder = RecordingCostModel(model.profile, dims)
+    run([SimRequest(0, 0.0, 32, 64), SimRequest(1, 0.01, 32, 4)], recorder)
+    assert [p for name, p in recorder.seen if name == "api_request"] == [(32.0, 0.0), (32.0, 1.0)]
+    # closed loop, one at a time: each request's engine time plus the stack's 4 ms in and out
+    loop = run([SimRequest(i, 0.0, 32, 4) for i in range(3)], max_concurrency=1)
+    assert loop.duration == pytest.approx(3 * (alone.busy_seconds + 4e-3))
+    assert loop.ttft == [pytest.approx(alone.ttft[0])] * 3
