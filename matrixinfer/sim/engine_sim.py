@@ -64,6 +64,7 @@ class _Seq:
     first: float | None = None
     done: float | None = None
     stop_after: int = 0  # tokens this instance generates before the sequence leaves it
+    idle_found: float = 0.0  # how long the serving stack had been idle when the request was sent
 
     @property
     def tokens(self) -> int:
@@ -144,7 +145,8 @@ class SimEngine:
         self.steps += 1
         idle_s = 0.0 if self.idle_since is None else now - self.idle_since
         self.idle_since = None
-        cost = self.cost.step(shape, sampled, len(self.running), idle_s)
+        lone = self.running[0].idle_found if len(self.running) == 1 else 0.0
+        cost = self.cost.step(shape, sampled, len(self.running), idle_s, lone)
         for source, seconds in cost.sources().items():
             self.source_seconds[source] += seconds
         # the hand-off of the step's tokens before the next step: the engine is not in a step then
@@ -227,7 +229,7 @@ def simulate(requests: list[SimRequest], prefill: SimEngine, decode: SimEngine |
         if kind == "send":
             s = seqs[key]
             s.sent = now
-            api_idle[key] = now - stack_idle_since if not inflight else 0.0
+            api_idle[key] = s.idle_found = now - stack_idle_since if not inflight else 0.0
             latency, way_in = (prefill.cost.request_latency(s.req.prompt_len, inflight),
                                prefill.cost.request_in(s.req.prompt_len, inflight))
             way_out[key] = latency - way_in

@@ -87,8 +87,8 @@ from matrixinfer.sim.profile_data import Cost, OpTable, Profile
 
 # host work (no roofline to scale); engine_cores is a ratio (cores busy), not seconds
 HOST_OPS = ("engine_host", "ems_get", "ems_put", "api_request", "api_in", "api_wake", "api_token", "api_gap",
-            "engine_cores", "idle_wake", "kv_transfer", "serve_wait", "serve_cpu", "serve_cpu_prefill", "serve_gap",
-            "pd_request")
+            "engine_cores", "idle_wake", "kv_transfer", "serve_wait", "serve_cpu", "serve_cpu_pd", "serve_cpu_prefill",
+            "serve_gap", "pd_request")
 REQUIRED_OPS = ("mla_prolog", "mla_core_q1", "mla_core_prefill", "mla_epilogue", "rmsnorm", "lm_head", "sampling",
                 "layer_decode", "step_decode", "step_prefill", "engine_host", "api_request", "api_token",
                 "engine_cores")
@@ -183,10 +183,13 @@ class LocalCostModel:
             out.add(self.op("composition_prefill", float(shape.tokens)))
         return out
 
-    def step(self, shape: StepShape, sampled: int, running: int, idle_s: float = 0.0) -> StepCost:
+    def step(self, shape: StepShape, sampled: int, running: int, idle_s: float = 0.0,
+             lone_idle_s: float = 0.0) -> StepCost:
         """An engine step: forward, sampling of ``sampled`` rows, host work with ``running`` sequences,
         the delivery of the ``sampled`` new tokens to ``running`` streaming clients, and, when the
-        engine was idle for ``idle_s`` seconds before it, the wake-up."""
+        engine was idle for ``idle_s`` seconds before it, the wake-up. ``lone_idle_s``: with one
+        sequence running, how long the serving stack had been idle when its request was sent (a
+        P/D decode worker's steps of such a request compute slower: ``serve_cpu_pd``)."""
         streams = float(max(running, 1))
         out = self.forward(shape, sampled)
         if sampled:
@@ -195,11 +198,15 @@ class LocalCostModel:
         if {"serve_cpu", "serve_cpu_prefill"} <= self.profile.ops.keys():
             # the same work computes slower beside the serving stack: decode steps at their stream
             # count, steps with a prompt chunk as prompt steps
-            if shape.decode_only:
+            pd = self.profile.ops.get("serve_cpu_pd")
+            if shape.decode_only and running <= 1 and not self.in_api_process and pd is not None and pd.points:
+                # a P/D worker's lone request, by the idle gap it found (the longest profiled beyond it)
+                ratio = self.op("serve_cpu_pd", min(max(lone_idle_s, pd.values(0)[0]), pd.values(0)[-1]))
+            elif shape.decode_only:
                 ratio = self.op("serve_cpu", streams)
             else:
                 ratio = self.op("serve_cpu_prefill", float(shape.tokens))
-            out.add(Cost(out.seconds * max(ratio.seconds - 1.0, 0.0), ratio.source, "serve_cpu"))
+            out.add(Cost(out.seconds * max(ratio.seconds - 1.0, 0.0), ratio.source, ratio.op))
         if sampled:
             per_token = self.op("api_token", streams)
             team = max(self.threads, self.op("engine_cores", streams).seconds)

@@ -47,6 +47,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 from matrixinfer.engine.outputs import EngineStats, FinishReason, RequestOutput
@@ -140,11 +141,12 @@ def _wake_client(url: str, rounds: int, gaps: list[float]) -> None:
 PROBE_TOKENS = 2  # output tokens of api_request's probe requests (how the engine side tells them apart)
 
 
-def _probe_client(url: str, count: int, prompt_len: int, seed: int) -> None:
-    """The client process of ``api_request``: one kept-alive connection; ``count`` requests of
-    ``prompt_len`` prompt and :data:`PROBE_TOKENS` output tokens, each sent when the last ended;
-    prints each one's send time (``time.perf_counter``: the system's monotonic clock, which the
-    served process reads too) and TTFT as one JSON line."""
+def _probe_client(url: str, count: int, prompt_len: int, seed: int, output_len: int = PROBE_TOKENS,
+                  gap: float = 0.0) -> None:
+    """The client process of ``api_request`` (and ``serve_cpu_pd``): one kept-alive connection;
+    ``count`` requests of ``prompt_len`` prompt and ``output_len`` output tokens, each sent
+    ``gap`` seconds after the last ended; prints each one's send time (``time.perf_counter``: the
+    system's monotonic clock, which the served process reads too) and TTFT as one JSON line."""
     import asyncio
 
     import httpx
@@ -155,7 +157,7 @@ def _probe_client(url: str, count: int, prompt_len: int, seed: int) -> None:
     async def run() -> list[tuple[float, float]]:
         config = BenchConfig(base_url=url, max_concurrency=1, show_progress=False)
         model, vocab = await resolve_model(config, None)
-        specs = random_dataset(count, parse_range(str(prompt_len)), parse_range(str(PROBE_TOKENS)), vocab, seed=seed)
+        specs = random_dataset(count, parse_range(str(prompt_len)), parse_range(str(output_len)), vocab, seed=seed)
         out = []
         limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
         async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0)) as client:
@@ -165,6 +167,8 @@ def _probe_client(url: str, count: int, prompt_len: int, seed: int) -> None:
                 if not record.success:
                     raise RuntimeError(f"the API request probe's request failed: {record.error}")
                 out.append((t0 + record.start, record.ttft))
+                if gap:
+                    await asyncio.sleep(gap)
         return out
 
     print(json.dumps(asyncio.run(run())), flush=True)
@@ -439,69 +443,152 @@ def profile_request(engine, prompt_lens: tuple[int, ...], loads: tuple[int, ...]
 PREFILL_PROMPT = 256  # serve_cpu_prefill's prompt length (one chunk)
 
 
-def profile_serve_wait(engine, streams: tuple[int, ...], tokens: int, table) -> Iterator[str]:
-    """Measure ``serve_wait``, ``serve_cpu``, ``serve_gap`` and ``serve_cpu_prefill`` into
-    ``table(name, axes)``. At each stream count, the real ``engine`` (an
-    :class:`~matrixinfer.engine.llm_engine.LLMEngine`) behind the real ``AsyncEngine`` and API app
-    serves ``2 * streams`` (at least 16) requests of 16 prompt and ``tokens`` output tokens from the
-    ``bench`` client at concurrency ``streams`` (a warm-up run of the same shape goes first: its
-    first steps allocate); then the same requests run on the same engine without the API, on this
-    thread (the profile's engine thread), the same way; then both again, and the figures are over
-    both rounds.
+def _deployed_step(server, deployment: str, run) -> tuple[float, float, int]:
+    """``run()`` against a real ``serve`` process: its engine's step seconds, step CPU seconds and
+    steps over the run, from its metrics (colocated: the engine's counters; P/D: the decode
+    workers', which they report every 0.2 s)."""
+    def read() -> tuple[float, float, float]:
+        if deployment == "colocated":
+            m = server.metrics()
+            return (m["matrixinfer_engine_busy_seconds_total"], m["matrixinfer_engine_busy_cpu_seconds_total"],
+                    m["matrixinfer_engine_steps_total"])
+        from matrixinfer.bench.launch import instance_metrics
+
+        m = instance_metrics(server._scrape(), by="role")
+        return m["busy_seconds"]["decode"], m["busy_cpu_seconds"]["decode"], m["steps"]["decode"]
+    if deployment == "pd":
+        time.sleep(0.5)  # the workers' last reports
+    before = read()
+    run()
+    if deployment == "pd":
+        time.sleep(0.5)
+    after = read()
+    return after[0] - before[0], after[1] - before[1], int(after[2] - before[2])
+
+
+PD_IDLE = (0.0, 0.1, 0.4)  # serve_cpu_pd's idle gaps before each lone request (seconds)
+
+
+def _pd_lone(server, engine, tokens: int, gap: float) -> float:
+    """A real P/D ``serve``'s decode worker's CPU per step over lone requests (12 of 16 prompt and
+    ``tokens`` output tokens), each sent ``gap`` seconds after the last ended, over the same
+    requests' steps run back to back on ``engine`` without the API; two rounds."""
+    from matrixinfer.bench.datasets import parse_range, random_dataset
+
+    vocab = int(engine.model.config.vocab_size)
+    cpu = alone = 0.0
+    steps = alone_steps = 0
+    for rnd in range(2):
+        seed = 300 + 10 * rnd + int(gap * 100)  # new prompts each run: no prefix cache hit
+        cmd = [sys.executable, "-m", "matrixinfer.sim.profile_api", "probe", server.url, "12", "16", str(seed),
+               str(tokens), str(gap)]
+        _, u, n = _deployed_step(server, "pd", partial(subprocess.run, cmd, check=True, capture_output=True,
+                                                         timeout=600))
+        cpu, steps = cpu + u, steps + n
+        specs = random_dataset(12, parse_range("16"), parse_range(str(tokens)), vocab, seed=seed)
+        if rnd == 0:
+            _unserved(engine, specs, 1)  # warm-up
+        u, n = _unserved(engine, specs, 1)
+        alone, alone_steps = alone + u, alone_steps + n
+    return (cpu / steps) / (alone / alone_steps) if cpu > 0 and steps and alone > 0 and alone_steps else 1.0
+
+
+def profile_serve_wait(engine, streams: tuple[int, ...], tokens: int, table,
+                       deployments: tuple[str, ...] = ("colocated",)) -> Iterator[str]:
+    """Measure ``serve_wait``, ``serve_cpu`` (and ``serve_cpu_pd``), ``serve_gap`` and
+    ``serve_cpu_prefill`` into ``table(name, axes)``. At each stream count, ``2 * streams`` (at
+    least 16) requests of 16 prompt and ``tokens`` output tokens go from the ``bench`` client at
+    concurrency ``streams`` (a warm-up run of the same shape first: its first steps allocate) to a
+    real ``serve --colocated`` process of the engine's model and, for ``serve_gap``, to the real
+    ``engine`` (an :class:`~matrixinfer.engine.llm_engine.LLMEngine`) behind the real
+    ``AsyncEngine`` and API app in this process; then the same requests run on ``engine`` without
+    the API, on this thread (the profile's engine thread), the same way; then all again, and the
+    figures are over both rounds.
 
     - ``serve_wait``: the share of the served engine's step time (``busy_seconds``) that was not
       its thread's CPU time (``busy_cpu_seconds``): waits in the step for the interpreter lock the
       API's thread holds, or for a core.
     - ``serve_cpu``: the served engine thread's CPU seconds per step over the unserved run's: how
       much slower the same steps compute while the API server and the client work on the other
-      cores (they share the caches and the memory bus).
+      cores (they share the caches and the memory bus). From the server process's own counters:
+      the same engine served from a thread of this process came out 1.17-1.25x at one stream on
+      the 2-core AMD EPYC VM (2026-12-01), where ``serve --colocated`` computed at 1.04-1.13x,
+      as its served steps in the validation did.
+    - ``serve_cpu_pd`` (idle seconds; with ``"pd"`` in ``deployments``): the same for a real P/D
+      ``serve``'s decode worker (its own process; the router and the client beside it), lone
+      requests each sent that long after the last ended (:data:`PD_IDLE`; with more streams, the
+      worker decodes whatever the prefill worker has handed over so far, not the stream count).
+      On the 2-core AMD EPYC VM (2026-12-01): 0.55-0.59 ms of CPU per step back to back, 0.71-0.75
+      ms 0.4 s apart, for the whole request (the colocated server: 1-3% more).
     - ``serve_gap``: the served engine thread's wall seconds between two steps while requests run,
       per token the step before delivered (the hand-off to the API's event loop, and the waits
-      for the interpreter lock its thread holds then).
+      for the interpreter lock its thread holds then), clocked in this process.
 
     ``serve_cpu_prefill`` (prompt tokens) is ``serve_cpu`` for prompt steps: lone requests of
     :data:`PREFILL_PROMPT` tokens and one output token, each prompt new (no prefix cache hit)."""
     from matrixinfer.bench.datasets import parse_range, random_dataset
+    from matrixinfer.bench.launch import ServerProcess
     from matrixinfer.engine.async_engine import AsyncEngine
 
     vocab = int(engine.model.config.vocab_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "bench.json"
-        for c in streams:
-            # at one stream, 2 requests of 64 tokens were too short a run (50 ms) to compare
-            prompts = max(2 * c, 16)
-            # the bench's requests (its dataset, seed 0), as served
-            specs = random_dataset(prompts, parse_range("16"), parse_range(str(tokens)), vocab, seed=0)
-            wall = cpu = alone = gap = 0.0
-            steps = alone_steps = gap_tokens = 0
-            for rnd in range(2):  # served, unserved, served, unserved: the machine moves between runs
-                backend = AsyncEngine(engine)
-                with _served(backend) as url:
-                    w, u, n, clock = _served_run(engine, url, result, prompts, 16, tokens, c, (0, 0), backend,
-                                                 warm_up=rnd == 0)
-                wall, cpu, steps = wall + w, cpu + u, steps + n
-                gap, gap_tokens = gap + clock.gap_seconds, gap_tokens + clock.gap_tokens
-                if rnd == 0:
-                    _unserved(engine, specs, c)  # warm-up, as served
-                u, n = _unserved(engine, specs, c)
-                alone, alone_steps = alone + u, alone_steps + n
-            if wall > 0:
-                table("serve_wait", ("streams",)).add((c,), min(max(1.0 - cpu / wall, 0.0), 1.0))
-            if gap_tokens:
-                table("serve_gap", ("streams",)).add((c,), gap / gap_tokens)
+    model = ["--model", str(engine.model_path)]
+    servers = {}
+    try:
+        for deployment in deployments:
+            servers[deployment] = ServerProcess([*model, "--colocated"] if deployment == "colocated" else model,
+                                                timeout=300)
+        with tempfile.TemporaryDirectory() as tmp:
+            result = Path(tmp) / "bench.json"
+            for c in streams:
+                # at one stream, 2 requests of 64 tokens were too short a run (50 ms) to compare
+                prompts = max(2 * c, 16)
+                # the bench's requests (its dataset, seed 0), as served
+                specs = random_dataset(prompts, parse_range("16"), parse_range(str(tokens)), vocab, seed=0)
+                at = {"colocated": servers["colocated"]} if "colocated" in servers else {}
+                served = {d: [0.0, 0.0, 0] for d in at}  # wall, CPU, steps
+                alone = gap = 0.0
+                alone_steps = gap_tokens = 0
+                for rnd in range(2):  # served, unserved, served, unserved: the machine moves between runs
+                    for d, server in at.items():
+                        if rnd == 0:
+                            _bench(server.url, prompts, 16, tokens, c, result, 0)
+                        w, u, n = _deployed_step(server, d, partial(_bench, server.url, prompts, 16, tokens, c,
+                                                                    result, 0))
+                        served[d] = [served[d][0] + w, served[d][1] + u, served[d][2] + n]
+                    backend = AsyncEngine(engine)
+                    with _served(backend) as url:
+                        _, _, _, clock = _served_run(engine, url, result, prompts, 16, tokens, c, (0, 0), backend,
+                                                     warm_up=rnd == 0)
+                    gap, gap_tokens = gap + clock.gap_seconds, gap_tokens + clock.gap_tokens
+                    if rnd == 0:
+                        _unserved(engine, specs, c)  # warm-up, as served
+                    u, n = _unserved(engine, specs, c)
+                    alone, alone_steps = alone + u, alone_steps + n
+                for d, (wall, cpu, steps) in served.items():
+                    if d == "colocated" and wall > 0:
+                        table("serve_wait", ("streams",)).add((c,), min(max(1.0 - cpu / wall, 0.0), 1.0))
+                    if cpu > 0 and steps and alone > 0 and alone_steps:
+                        table("serve_cpu", ("streams",)).add((c,), (cpu / steps) / (alone / alone_steps))
+                if gap_tokens:
+                    table("serve_gap", ("streams",)).add((c,), gap / gap_tokens)
+                yield f"served engine x{c}"
+            if "pd" in servers:
+                for gap in PD_IDLE:
+                    table("serve_cpu_pd", ("idle_s",)).add((gap,), _pd_lone(servers["pd"], engine, tokens, gap))
+                    yield f"P/D decode after {gap:g} s idle"
+            n = PREFILL_PROMPT
+            backend = AsyncEngine(engine)
+            with _served(backend) as url:  # new prompts each run (seeds 1, 2; then 3, 4 unserved)
+                _, cpu, steps, _ = _served_run(engine, url, result, 6, n, 1, 1, (1, 2), backend)
+            _unserved(engine, random_dataset(6, parse_range(str(n)), parse_range("1"), vocab, seed=3), 1)
+            alone, alone_steps = _unserved(engine, random_dataset(6, parse_range(str(n)), parse_range("1"), vocab,
+                                                                  seed=4), 1)
             if cpu > 0 and steps and alone > 0 and alone_steps:
-                table("serve_cpu", ("streams",)).add((c,), (cpu / steps) / (alone / alone_steps))
-            yield f"served engine x{c}"
-        n = PREFILL_PROMPT
-        backend = AsyncEngine(engine)
-        with _served(backend) as url:  # new prompts each run (seeds 1, 2; then 3, 4 unserved)
-            _, cpu, steps, _ = _served_run(engine, url, result, 6, n, 1, 1, (1, 2), backend)
-        _unserved(engine, random_dataset(6, parse_range(str(n)), parse_range("1"), vocab, seed=3), 1)
-        alone, alone_steps = _unserved(engine, random_dataset(6, parse_range(str(n)), parse_range("1"), vocab,
-                                                              seed=4), 1)
-        if cpu > 0 and steps and alone > 0 and alone_steps:
-            table("serve_cpu_prefill", ("tokens",)).add((n,), (cpu / steps) / (alone / alone_steps))
-        yield "served engine prefill"
+                table("serve_cpu_prefill", ("tokens",)).add((n,), (cpu / steps) / (alone / alone_steps))
+            yield "served engine prefill"
+    finally:
+        for server in servers.values():
+            server.stop()
 
 
 def profile_api(model_path: Path, streams: tuple[int, ...], tokens: int, table) -> Iterator[str]:
@@ -571,7 +658,8 @@ def profile_pd_request(model_path: Path, prompt_lens: tuple[int, ...], rounds: i
 if __name__ == "__main__":  # the api_token client: URL STREAMS LENGTH...; api_wake's: wake URL ROUNDS GAP...;
     if sys.argv[1] == "wake":  # api_request's: probe URL COUNT PROMPT_LEN SEED
         _wake_client(sys.argv[2], int(sys.argv[3]), [float(g) for g in sys.argv[4:]])
-    elif sys.argv[1] == "probe":
-        _probe_client(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    elif sys.argv[1] == "probe":  # ... [OUTPUT_LEN GAP]
+        _probe_client(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
+                      *(int(sys.argv[6]), float(sys.argv[7])) if len(sys.argv) > 7 else ())
     else:
         _client(sys.argv[1], int(sys.argv[2]), [int(n) for n in sys.argv[3:]])

@@ -271,7 +271,7 @@ def test_steps_beside_the_serving_stack_compute_at_the_profiled_ratio_in_both_de
         chunk = StepShape((64,), (64,))  # a prompt step: the prompt steps' ratio
         compute = sum(t.seconds for t in plain.step(chunk, 1, 1).terms if t.op not in ("api_token", "serve_wait"))
         terms = model.step(chunk, 1, 1).terms
-        assert sum(t.seconds for t in terms if t.op == "serve_cpu") == pytest.approx(compute * 0.05)
+        assert sum(t.seconds for t in terms if t.op == "serve_cpu_prefill") == pytest.approx(compute * 0.05)
         one = StepShape((1,), (64,))
         assert old.step(one, 1, 1).seconds == pytest.approx(plain.step(one, 1, 1).seconds)
 
@@ -470,3 +470,25 @@ def test_the_stack_latency_grows_with_load_and_a_closed_loop_waits_for_it():
     loop = run([SimRequest(i, 0.0, 32, 4) for i in range(3)], max_concurrency=1)
     assert loop.duration == pytest.approx(3 * (alone.busy_seconds + 4e-3))
     assert loop.ttft == [pytest.approx(alone.ttft[0])] * 3
+
+
+def test_a_pd_worker_lone_request_after_idle_computes_at_its_profiled_ratio():
+    """``serve_cpu_pd`` (idle seconds): a P/D decode worker's steps of a lone request that found
+    the stack idle that long compute that much slower (the longest gap's beyond it); the colocated
+    engine and batches of more than one take ``serve_cpu`` by streams."""
+    dims = _dims()
+    prof = _synthetic(dims)
+    prof.table("serve_cpu", ("streams",)).add((1,), 1.0)
+    prof.table("serve_cpu_prefill", ("tokens",)).add((256,), 1.0)
+    for gap, ratio in ((0.0, 1.0), (0.4, 1.5)):
+        prof.table("serve_cpu_pd", ("idle_s",)).add((gap,), ratio)
+    pd, colocated = LocalCostModel(prof, dims, in_api_process=False), LocalCostModel(prof, dims)
+    shape = StepShape((1,), (64,))
+    plain = pd.forward(shape, 1).seconds + pd.op("sampling", 1.0).seconds + pd.op("engine_host", 1.0).seconds
+
+    def slowed(model, running=1, lone=0.0):
+        return sum(t.seconds for t in model.step(shape, 1, running, 0.0, lone).terms if t.op == "serve_cpu_pd")
+    assert slowed(pd, lone=0.0) == pytest.approx(0.0)
+    assert slowed(pd, lone=0.4) == pytest.approx(0.5 * plain) and slowed(pd, lone=30.0) == pytest.approx(0.5 * plain)
+    assert slowed(pd, lone=0.2) == pytest.approx(0.25 * plain)  # interpolated
+    assert slowed(colocated, lone=0.4) == 0.0 and slowed(pd, running=2, lone=0.4) == 0.0
