@@ -49,18 +49,19 @@ A step's time is built from operators, never from a fitted end-to-end constant:
   served step is that over ``1 - share``. Measured on the 2-core Intel Xeon VM (2026-12-01, one
   engine thread): 0.76-0.92 ms of an 11.2-12.6 ms batch-64 step, 0.10 ms of a 2.4 ms batch-8
   step. A P/D worker's engine has its own process and is not charged.
-- **Computing beside the serving stack** (``serve_cpu``, both deployments): the served engine
-  thread's CPU time per step over the same requests' steps run without the API (profiled with
-  ``serve_wait``). The API server and the client work on the core the engine leaves them, and
-  share its caches and memory bus, so the same step computes slower; a step's operators and
-  overheads are multiplied by it (at least 1). Measured on a 2-core AMD EPYC VM (2026-12-01, one
-  engine thread): a served batch-8 decode step took 1.62 ms of CPU against 1.3-1.4 ms in one
-  process. A P/D decode worker has the router and the client beside it instead, and is charged
-  the colocated server's ratio: served one stream at a time, its step took 0.47-0.49 ms of CPU
-  against 0.37-0.41 ms in one process (1.2x; the colocated server's 0.43-0.44 ms, 1.1x). A step
-  with a prompt chunk takes the ratio measured on prompt steps (``serve_cpu_prefill``): compute
-  bound, they slow less (charged the decode ratio, the simulated TPOT at 8 requests/s came out
-  24% long, its mixed steps 14% long).
+- **Computing beside the serving stack** (``serve_cpu``, both deployments): a real ``serve
+  --colocated`` process's engine CPU time per step (its own counters) over the same requests'
+  steps run without the API (profiled with ``serve_wait``). The API server and the client work
+  on the core the engine leaves them, and share its caches and memory bus, so the same step
+  computes slower; a step's operators and overheads are multiplied by it (at least 1). Measured
+  on a 2-core AMD EPYC VM (2026-12-01, one engine thread): 1.04-1.14 at one stream, about 1.0
+  at 8-64. A P/D decode worker has the router, the prefill worker and the client beside it
+  instead: its steps of a lone request take ``serve_cpu_pd`` at the idle gap the request found
+  (a real P/D ``serve``'s decode worker on lone requests sent that long apart: 0.94-1.04 back to
+  back, about 1.3 at 0.4 s there, for the whole request), its steps of more sequences the
+  colocated ratio. A step with a prompt chunk takes the ratio measured on prompt steps
+  (``serve_cpu_prefill``): compute bound, they slow less (charged the decode ratio, the
+  simulated TPOT at 8 requests/s came out 24% long, its mixed steps 14% long).
 - **Between steps while serving** (``serve_gap``, colocated): the served engine thread's wall
   time between a step that delivered tokens and the next, per token, measured in the same
   served runs; it replaces the stand-in's ``api_gap``, whose steps sleep and so free the

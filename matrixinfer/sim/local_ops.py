@@ -32,6 +32,7 @@ Operator names and axes (``tokens`` = rows of the flat batch, ``kv_len`` = keys 
 | ``engine_cores`` | tokens | CPU seconds per second while the engine decodes that many sequences (cores busy) |
 | ``serve_wait`` | streams | share of the served engine's step time its thread waited (a ratio) |
 | ``serve_cpu`` | streams | the served engine's CPU per step over the same steps' without the API (a ratio) |
+| ``serve_cpu_pd`` | idle_s | the same for a P/D decode worker's lone requests sent after that idle gap |
 | ``idle_wake`` | tokens x idle_s | extra seconds of a step (1 token: a decode step) after the engine idled that long |
 | ``kv_transfer`` | tokens | a prompt's KV from a prefill worker's sender to a decode worker's receiver, loopback |
 """

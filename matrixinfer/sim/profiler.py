@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from matrixinfer.engine.cpu_affinity import bind_engine_thread, release, serving_threads
-from matrixinfer.sim.profile_api import profile_api, profile_pd_request, profile_request, profile_serve_wait
+from matrixinfer.sim.profile_api import PD_IDLE, profile_api, profile_pd_request, profile_request, profile_serve_wait
 from matrixinfer.sim.profile_data import Profile
 from matrixinfer.sim.profile_idle import profile_idle
 from matrixinfer.sim.profile_kv import profile_kv
@@ -224,7 +224,7 @@ class Profiler:
             n += len(g.host_batch) + len(g.idle_tokens) + len(g.kv_tokens) + len(g.pd_prompt)
             if g.api_prompt and g.api_streams:  # the API probe (with api_wake) and the served engine
                 n += len(g.api_prompt) * max(len(g.api_load), 1) + 2 * len(g.api_streams) + \
-                    bool(g.api_idle and g.api_idle_rounds) + 1
+                    bool(g.api_idle and g.api_idle_rounds) + 1 + (len(PD_IDLE) if g.pd_prompt else 0)
         if self.with_ems:
             n += 2 * len(g.ems_block_kib) * len(g.ems_concurrency)
         if self.with_ep:
