@@ -469,17 +469,18 @@ def _deployed_step(server, deployment: str, run) -> tuple[float, float, int]:
 PD_IDLE = (0.0, 0.1, 0.4)  # serve_cpu_pd's idle gaps before each lone request (seconds)
 
 
-def _pd_lone(server, engine, tokens: int, gap: float) -> float:
+def _pd_lone(server, engine, tokens: int, gap: float) -> float | None:
     """A real P/D ``serve``'s decode worker's CPU per step over lone requests (12 of 16 prompt and
     ``tokens`` output tokens), each sent ``gap`` seconds after the last ended, over the same
-    requests' steps run back to back on ``engine`` without the API; two rounds."""
+    requests' steps run back to back on ``engine`` without the API; two rounds. None where the
+    worker reported no steps."""
     from matrixinfer.bench.datasets import parse_range, random_dataset
 
     vocab = int(engine.model.config.vocab_size)
     cpu = alone = 0.0
     steps = alone_steps = 0
     for rnd in range(2):
-        seed = 300 + 10 * rnd + int(gap * 100)  # new prompts each run: no prefix cache hit
+        seed = 300 + 1000 * rnd + round(gap * 100)  # new prompts each run: no prefix cache hit
         cmd = [sys.executable, "-m", "matrixinfer.sim.profile_api", "probe", server.url, "12", "16", str(seed),
                str(tokens), str(gap)]
         _, u, n = _deployed_step(server, "pd", partial(subprocess.run, cmd, check=True, capture_output=True,
@@ -490,7 +491,7 @@ def _pd_lone(server, engine, tokens: int, gap: float) -> float:
             _unserved(engine, specs, 1)  # warm-up
         u, n = _unserved(engine, specs, 1)
         alone, alone_steps = alone + u, alone_steps + n
-    return (cpu / steps) / (alone / alone_steps) if cpu > 0 and steps and alone > 0 and alone_steps else 1.0
+    return (cpu / steps) / (alone / alone_steps) if cpu > 0 and steps and alone > 0 and alone_steps else None
 
 
 def profile_serve_wait(engine, streams: tuple[int, ...], tokens: int, table,
@@ -574,7 +575,9 @@ def profile_serve_wait(engine, streams: tuple[int, ...], tokens: int, table,
                 yield f"served engine x{c}"
             if "pd" in servers:
                 for gap in PD_IDLE:
-                    table("serve_cpu_pd", ("idle_s",)).add((gap,), _pd_lone(servers["pd"], engine, tokens, gap))
+                    ratio = _pd_lone(servers["pd"], engine, tokens, gap)
+                    if ratio is not None:
+                        table("serve_cpu_pd", ("idle_s",)).add((gap,), ratio)
                     yield f"P/D decode after {gap:g} s idle"
             n = PREFILL_PROMPT
             backend = AsyncEngine(engine)
