@@ -65,6 +65,7 @@ class _Seq:
     done: float | None = None
     stop_after: int = 0  # tokens this instance generates before the sequence leaves it
     idle_found: float = 0.0  # how long the serving stack had been idle when the request was sent
+    way_out: float = 0.0  # the stack's way out to the client, at the load the request found
 
     @property
     def tokens(self) -> int:
@@ -186,8 +187,6 @@ def simulate(requests: list[SimRequest], prefill: SimEngine, decode: SimEngine |
     queued = order[limit:]
     res = SimResult()
     inflight, stack_idle_since = 0, float("-inf")  # the serving stack: requests in flight, idle since
-    api_idle: dict[int, float] = {}  # request -> how long the stack had been idle when it was sent
-    way_out: dict[int, float] = {}  # request -> the stack's way out (to its client) at the load it found
 
     def kick(idx: int, now: float) -> None:
         eng = engines[idx]
@@ -203,10 +202,9 @@ def simulate(requests: list[SimRequest], prefill: SimEngine, decode: SimEngine |
         """The last token leaves the engine at ``now``; the client has it the way out later."""
         nonlocal inflight, stack_idle_since
         assert s.first is not None
-        out = way_out.pop(s.req.rid)
-        s.done = now + out
-        wake = prefill.cost.api_wake(api_idle.pop(s.req.rid, 0.0))
-        res.ttft.append(s.first + out - s.sent + (wake.seconds if wake is not None else 0.0))
+        s.done = now + s.way_out
+        wake = prefill.cost.api_wake(s.idle_found)
+        res.ttft.append(s.first + s.way_out - s.sent + (wake.seconds if wake is not None else 0.0))
         inflight -= 1
         if not inflight:
             stack_idle_since = s.done
@@ -229,10 +227,10 @@ def simulate(requests: list[SimRequest], prefill: SimEngine, decode: SimEngine |
         if kind == "send":
             s = seqs[key]
             s.sent = now
-            api_idle[key] = s.idle_found = now - stack_idle_since if not inflight else 0.0
+            s.idle_found = now - stack_idle_since if not inflight else 0.0
             latency, way_in = (prefill.cost.request_latency(s.req.prompt_len, inflight),
                                prefill.cost.request_in(s.req.prompt_len, inflight))
-            way_out[key] = latency - way_in
+            s.way_out = latency - way_in
             inflight += 1
             s.stop_after = s.req.output_len if decode is None else 1
             if decode is None:

@@ -19,18 +19,19 @@ With a stand-in engine that produces tokens instantly (:func:`profile_api`):
 
 With the real engine (:func:`profile_request`, :func:`profile_serve_wait`):
 
-- ``api_request`` (prompt tokens): a lone request's TTFT minus the engine step that gave its first
-  token (clocked in the engine): the request's way in, the engine thread's pick-up, the first
-  token's hand-off and its way out. On the 2-core AMD EPYC VM (2026-12-01): 2.9 ms at 16 prompt
-  tokens, 4.0 ms at 256. The stand-in's TTFT less its step had put it at 2.0-2.1 ms: the real
-  engine's thread picks a request up and hands its token over slower (at 2 requests/s, 0.6 and
-  0.4 ms against 0.14 and 0.08 ms).
+- ``api_request``, ``api_in`` (prompt tokens, load): a probe request's way in (send to the
+  engine thread's hand-off; alone, also its pick-up) and, for ``api_request``, its way out too
+  (the first-token step's end to the client's first chunk), alone and beside ``load`` streaming
+  requests. On the 2-core AMD EPYC VM (2026-12-01): ``api_request`` 3.1/4.2 ms at 16/256 prompt
+  tokens alone, 14 ms beside 64 streams. (The stand-in engine's TTFT less its step had put it at
+  2.0-2.1 ms: the real engine's thread picks a request up and hands its token over slower.)
 - ``api_wake`` (idle seconds): the same after the stack had no request for that long, over one
   sent right after the last (one kept-alive connection, gaps from milliseconds to a second,
   interleaved with gap 0): the event loop, the engine's thread and the client all sleep in
   between and wake for it. 0.2 ms after 5 ms, 0.4-0.9 ms after 30 ms to 1 s there.
-- ``serve_wait``, ``serve_cpu``, ``serve_cpu_prefill``, ``serve_gap``: the served engine against
-  the same requests run on it without the API (:func:`profile_serve_wait`).
+- ``serve_wait``, ``serve_cpu``, ``serve_cpu_pd``, ``serve_cpu_prefill``, ``serve_gap``: real
+  ``serve`` processes and the engine served from a thread here, against the same requests run on
+  it without the API (:func:`profile_serve_wait`).
 
 And with real P/D and colocated servers, the P/D path's own latency: ``pd_request``
 (:func:`profile_pd_request`).
@@ -103,50 +104,12 @@ def _bench(url: str, prompts: int, input_len: int, output_len: int, concurrency:
     return json.loads(out.read_text())["summary"]
 
 
-def _wake_client(url: str, rounds: int, gaps: list[float]) -> None:
-    """The client process of ``api_wake``: one kept-alive connection, as ``bench`` at concurrency 1
-    keeps; after two warm-up requests, ``rounds`` times, for each gap (0 first) in turn, waits that
-    long after the last request's end, then sends one (16 prompt tokens, 2 output tokens); prints
-    the TTFTs by gap as one JSON line."""
-    import asyncio
-
-    import httpx
-
-    from matrixinfer.bench.client import BenchConfig, resolve_model, send_request
-    from matrixinfer.bench.datasets import parse_range, random_dataset
-
-    async def run() -> dict[str, list[float]]:
-        config = BenchConfig(base_url=url, max_concurrency=1, show_progress=False)
-        model, vocab = await resolve_model(config, None)
-        specs = iter(random_dataset(2 + rounds * (len(gaps) + 1), parse_range("16"), parse_range("2"), vocab, seed=3))
-        ttft: dict[str, list[float]] = {str(g): [] for g in [0.0, *gaps]}
-        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0)) as client:
-            target, t0 = f"{url}/v1/completions", time.perf_counter()
-            for _ in range(2):
-                await send_request(client, target, config.headers(), model, next(specs), t0)
-            for _ in range(rounds):
-                for gap in [0.0, *gaps]:
-                    if gap:
-                        await asyncio.sleep(gap)
-                    record = await send_request(client, target, config.headers(), model, next(specs), t0)
-                    if not record.success:
-                        raise RuntimeError(f"the API wake probe's request failed: {record.error}")
-                    ttft[str(gap)].append(record.ttft)
-        return ttft
-
-    print(json.dumps(asyncio.run(run())), flush=True)
-
-
-PROBE_TOKENS = 2  # output tokens of api_request's probe requests (how the engine side tells them apart)
-
-
-def _probe_client(url: str, count: int, prompt_len: int, seed: int, output_len: int = PROBE_TOKENS,
-                  gap: float = 0.0) -> None:
-    """The client process of ``api_request`` (and ``serve_cpu_pd``): one kept-alive connection;
-    ``count`` requests of ``prompt_len`` prompt and ``output_len`` output tokens, each sent
-    ``gap`` seconds after the last ended; prints each one's send time (``time.perf_counter``: the
-    system's monotonic clock, which the served process reads too) and TTFT as one JSON line."""
+def _one_at_a_time(url: str, prompt_len: int, output_len: int, seed: int, waits: list[float]
+                   ) -> list[tuple[float, float]]:
+    """Requests of ``prompt_len`` prompt and ``output_len`` output tokens (new prompts, ``seed``)
+    on one kept-alive connection, as ``bench`` at concurrency 1 keeps: request ``i`` is sent
+    ``waits[i]`` seconds after the last one ended. Each one's send time (``time.perf_counter``:
+    the system's monotonic clock, which the served process reads too) and TTFT."""
     import asyncio
 
     import httpx
@@ -157,21 +120,46 @@ def _probe_client(url: str, count: int, prompt_len: int, seed: int, output_len: 
     async def run() -> list[tuple[float, float]]:
         config = BenchConfig(base_url=url, max_concurrency=1, show_progress=False)
         model, vocab = await resolve_model(config, None)
-        specs = random_dataset(count, parse_range(str(prompt_len)), parse_range(str(output_len)), vocab, seed=seed)
+        specs = random_dataset(len(waits), parse_range(str(prompt_len)), parse_range(str(output_len)), vocab, seed=seed)
         out = []
         limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
         async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0)) as client:
-            t0 = time.perf_counter()
-            for spec in specs:
-                record = await send_request(client, f"{url}/v1/completions", config.headers(), model, spec, t0)
+            target, t0 = f"{url}/v1/completions", time.perf_counter()
+            for spec, wait in zip(specs, waits):
+                if wait:
+                    await asyncio.sleep(wait)
+                record = await send_request(client, target, config.headers(), model, spec, t0)
                 if not record.success:
-                    raise RuntimeError(f"the API request probe's request failed: {record.error}")
+                    raise RuntimeError(f"the API probe's request failed: {record.error}")
                 out.append((t0 + record.start, record.ttft))
-                if gap:
-                    await asyncio.sleep(gap)
         return out
 
-    print(json.dumps(asyncio.run(run())), flush=True)
+    return asyncio.run(run())
+
+
+def _wake_client(url: str, rounds: int, gaps: list[float]) -> None:
+    """The client process of ``api_wake``: after two warm-up requests, ``rounds`` times, for each
+    gap (0 first) in turn, waits that long after the last request's end, then sends one (16 prompt
+    tokens, 2 output tokens); prints the TTFTs by gap as one JSON line."""
+    order = [0.0, *gaps] * rounds
+    sent = _one_at_a_time(url, 16, 2, 3, [0.0, 0.0, *order])[2:]
+    ttft: dict[str, list[float]] = {str(g): [] for g in [0.0, *gaps]}
+    for gap, (_, t) in zip(order, sent):
+        ttft[str(gap)].append(t)
+    print(json.dumps(ttft), flush=True)
+
+
+PROBE_TOKENS = 2  # output tokens of api_request's probe requests (how the engine side tells them apart)
+
+
+def _probe(url: str, count: int, prompt_len: int, seed: int, output_len: int = PROBE_TOKENS,
+           gap: float = 0.0) -> list[tuple[float, float]]:
+    """``count`` requests from a client process of their own (:func:`_one_at_a_time`), each sent
+    ``gap`` seconds after the last ended: their send times and TTFTs."""
+    cmd = [sys.executable, "-m", "matrixinfer.sim.profile_api", "probe", url, str(count), str(prompt_len), str(seed),
+           str(output_len), str(gap)]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    return [(send, ttft) for send, ttft in json.loads(done.stdout.strip().splitlines()[-1])]
 
 
 def _client(url: str, streams: int, lengths: list[int]) -> None:
@@ -404,10 +392,7 @@ def profile_request(engine, prompt_lens: tuple[int, ...], loads: tuple[int, ...]
                     for i, n in enumerate(prompt_lens):
                         clock.reset()
                         handed.clear()
-                        cmd = [sys.executable, "-m", "matrixinfer.sim.profile_api", "probe", url, str(PROBES), str(n),
-                               str(6 + 100 * load + i)]
-                        done = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
-                        sent = json.loads(done.stdout.strip().splitlines()[-1])
+                        sent = _probe(url, PROBES, n, 6 + 100 * load + i)
                         probes = sorted(handed, key=handed.__getitem__)
                         if len(probes) == len(sent) and all(rid in clock.first_at for rid in probes):
                             ways_in, ways = [], []
@@ -441,6 +426,11 @@ def profile_request(engine, prompt_lens: tuple[int, ...], loads: tuple[int, ...]
 
 
 PREFILL_PROMPT = 256  # serve_cpu_prefill's prompt length (one chunk)
+
+
+def _cpu_ratio(cpu: float, steps: int, alone: float, alone_steps: int) -> float | None:
+    """Served CPU seconds per step over unserved (None where either run has no steps or time)."""
+    return (cpu / steps) / (alone / alone_steps) if cpu > 0 and steps and alone > 0 and alone_steps else None
 
 
 def _deployed_step(server, deployment: str, run) -> tuple[float, float, int]:
@@ -481,21 +471,17 @@ def _pd_lone(server, engine, tokens: int, gap: float) -> float | None:
     steps = alone_steps = 0
     for rnd in range(2):
         seed = 300 + 1000 * rnd + round(gap * 100)  # new prompts each run: no prefix cache hit
-        cmd = [sys.executable, "-m", "matrixinfer.sim.profile_api", "probe", server.url, "12", "16", str(seed),
-               str(tokens), str(gap)]
-        _, u, n = _deployed_step(server, "pd", partial(subprocess.run, cmd, check=True, capture_output=True,
-                                                         timeout=600))
+        _, u, n = _deployed_step(server, "pd", partial(_probe, server.url, 12, 16, seed, tokens, gap))
         cpu, steps = cpu + u, steps + n
         specs = random_dataset(12, parse_range("16"), parse_range(str(tokens)), vocab, seed=seed)
         if rnd == 0:
             _unserved(engine, specs, 1)  # warm-up
         u, n = _unserved(engine, specs, 1)
         alone, alone_steps = alone + u, alone_steps + n
-    return (cpu / steps) / (alone / alone_steps) if cpu > 0 and steps and alone > 0 and alone_steps else None
+    return _cpu_ratio(cpu, steps, alone, alone_steps)
 
 
-def profile_serve_wait(engine, streams: tuple[int, ...], tokens: int, table,
-                       deployments: tuple[str, ...] = ("colocated",)) -> Iterator[str]:
+def profile_serve_wait(engine, streams: tuple[int, ...], tokens: int, table, pd: bool = False) -> Iterator[str]:
     """Measure ``serve_wait``, ``serve_cpu`` (and ``serve_cpu_pd``), ``serve_gap`` and
     ``serve_cpu_prefill`` into ``table(name, axes)``. At each stream count, ``2 * streams`` (at
     least 16) requests of 16 prompt and ``tokens`` output tokens go from the ``bench`` client at
@@ -515,7 +501,7 @@ def profile_serve_wait(engine, streams: tuple[int, ...], tokens: int, table,
       the same engine served from a thread of this process came out 1.17-1.25x at one stream on
       the 2-core AMD EPYC VM (2026-12-01), where ``serve --colocated`` computed at 1.04-1.13x,
       as its served steps in the validation did.
-    - ``serve_cpu_pd`` (idle seconds; with ``"pd"`` in ``deployments``): the same for a real P/D
+    - ``serve_cpu_pd`` (idle seconds; with ``pd``): the same for a real P/D
       ``serve``'s decode worker (its own process; the router and the client beside it), lone
       requests each sent that long after the last ended (:data:`PD_IDLE`; with more streams, the
       worker decodes whatever the prefill worker has handed over so far, not the stream count).
@@ -533,11 +519,10 @@ def profile_serve_wait(engine, streams: tuple[int, ...], tokens: int, table,
 
     vocab = int(engine.model.config.vocab_size)
     model = ["--model", str(engine.model_path)]
-    servers = {}
+    servers = {"colocated": ServerProcess([*model, "--colocated"], timeout=300)}
     try:
-        for deployment in deployments:
-            servers[deployment] = ServerProcess([*model, "--colocated"] if deployment == "colocated" else model,
-                                                timeout=300)
+        if pd:
+            servers["pd"] = ServerProcess(model, timeout=300)
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "bench.json"
             for c in streams:
@@ -545,17 +530,15 @@ def profile_serve_wait(engine, streams: tuple[int, ...], tokens: int, table,
                 prompts = max(2 * c, 16)
                 # the bench's requests (its dataset, seed 0), as served
                 specs = random_dataset(prompts, parse_range("16"), parse_range(str(tokens)), vocab, seed=0)
-                at = {"colocated": servers["colocated"]} if "colocated" in servers else {}
-                served = {d: [0.0, 0.0, 0] for d in at}  # wall, CPU, steps
-                alone = gap = 0.0
-                alone_steps = gap_tokens = 0
+                server = servers["colocated"]
+                wall = cpu = alone = gap = 0.0
+                steps = alone_steps = gap_tokens = 0
                 for rnd in range(2):  # served, unserved, served, unserved: the machine moves between runs
-                    for d, server in at.items():
-                        if rnd == 0:
-                            _bench(server.url, prompts, 16, tokens, c, result, 0)
-                        w, u, n = _deployed_step(server, d, partial(_bench, server.url, prompts, 16, tokens, c,
-                                                                    result, 0))
-                        served[d] = [served[d][0] + w, served[d][1] + u, served[d][2] + n]
+                    if rnd == 0:
+                        _bench(server.url, prompts, 16, tokens, c, result, 0)
+                    w, u, n = _deployed_step(server, "colocated", partial(_bench, server.url, prompts, 16, tokens, c,
+                                                                          result, 0))
+                    wall, cpu, steps = wall + w, cpu + u, steps + n
                     backend = AsyncEngine(engine)
                     with _served(backend) as url:
                         _, _, _, clock = _served_run(engine, url, result, prompts, 16, tokens, c, (0, 0), backend,
@@ -565,18 +548,16 @@ def profile_serve_wait(engine, streams: tuple[int, ...], tokens: int, table,
                         _unserved(engine, specs, c)  # warm-up, as served
                     u, n = _unserved(engine, specs, c)
                     alone, alone_steps = alone + u, alone_steps + n
-                for d, (wall, cpu, steps) in served.items():
-                    if d == "colocated" and wall > 0:
-                        table("serve_wait", ("streams",)).add((c,), min(max(1.0 - cpu / wall, 0.0), 1.0))
-                    if cpu > 0 and steps and alone > 0 and alone_steps:
-                        table("serve_cpu", ("streams",)).add((c,), (cpu / steps) / (alone / alone_steps))
+                if wall > 0:
+                    table("serve_wait", ("streams",)).add((c,), min(max(1.0 - cpu / wall, 0.0), 1.0))
+                if (ratio := _cpu_ratio(cpu, steps, alone, alone_steps)) is not None:
+                    table("serve_cpu", ("streams",)).add((c,), ratio)
                 if gap_tokens:
                     table("serve_gap", ("streams",)).add((c,), gap / gap_tokens)
                 yield f"served engine x{c}"
-            if "pd" in servers:
+            if pd:
                 for gap in PD_IDLE:
-                    ratio = _pd_lone(servers["pd"], engine, tokens, gap)
-                    if ratio is not None:
+                    if (ratio := _pd_lone(servers["pd"], engine, tokens, gap)) is not None:
                         table("serve_cpu_pd", ("idle_s",)).add((gap,), ratio)
                     yield f"P/D decode after {gap:g} s idle"
             n = PREFILL_PROMPT
@@ -586,8 +567,8 @@ def profile_serve_wait(engine, streams: tuple[int, ...], tokens: int, table,
             _unserved(engine, random_dataset(6, parse_range(str(n)), parse_range("1"), vocab, seed=3), 1)
             alone, alone_steps = _unserved(engine, random_dataset(6, parse_range(str(n)), parse_range("1"), vocab,
                                                                   seed=4), 1)
-            if cpu > 0 and steps and alone > 0 and alone_steps:
-                table("serve_cpu_prefill", ("tokens",)).add((n,), (cpu / steps) / (alone / alone_steps))
+            if (ratio := _cpu_ratio(cpu, steps, alone, alone_steps)) is not None:
+                table("serve_cpu_prefill", ("tokens",)).add((n,), ratio)
             yield "served engine prefill"
     finally:
         for server in servers.values():
@@ -659,10 +640,11 @@ def profile_pd_request(model_path: Path, prompt_lens: tuple[int, ...], rounds: i
 
 
 if __name__ == "__main__":  # the api_token client: URL STREAMS LENGTH...; api_wake's: wake URL ROUNDS GAP...;
-    if sys.argv[1] == "wake":  # api_request's: probe URL COUNT PROMPT_LEN SEED
+    if sys.argv[1] == "wake":  # api_request's and serve_cpu_pd's: probe URL COUNT PROMPT_LEN SEED OUTPUT_LEN GAP
         _wake_client(sys.argv[2], int(sys.argv[3]), [float(g) for g in sys.argv[4:]])
-    elif sys.argv[1] == "probe":  # ... [OUTPUT_LEN GAP]
-        _probe_client(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
-                      *(int(sys.argv[6]), float(sys.argv[7])) if len(sys.argv) > 7 else ())
+    elif sys.argv[1] == "probe":
+        count, gap = int(sys.argv[3]), float(sys.argv[7])
+        print(json.dumps(_one_at_a_time(sys.argv[2], int(sys.argv[4]), int(sys.argv[6]), int(sys.argv[5]),
+                                        [0.0] + [gap] * (count - 1))), flush=True)
     else:
         _client(sys.argv[1], int(sys.argv[2]), [int(n) for n in sys.argv[3:]])

@@ -258,8 +258,8 @@ class Profiler:
                 for label in profile_request(serving, g.api_prompt, g.api_load or (0,), g.api_idle, g.api_idle_rounds,
                                              self.prof.table):
                     tick(label)
-                deployments = ("colocated", "pd") if g.pd_prompt else ("colocated",)  # pd: P/D is profiled
-                for label in profile_serve_wait(serving, g.api_streams, g.api_tokens, self.prof.table, deployments):
+                for label in profile_serve_wait(serving, g.api_streams, g.api_tokens, self.prof.table,
+                                                pd=bool(g.pd_prompt)):  # a P/D decode worker where P/D is profiled
                     tick(label)
             if g.pd_prompt:
                 for label in profile_pd_request(self.path, g.pd_prompt, g.pd_rounds, self.prof.table):
